@@ -1,0 +1,82 @@
+"""The ``llmtune`` command: ``train``, ``chat``, ``export``, ``version``.
+
+``llmtune train [config.yaml] [--key value ...] [key=value ...]`` takes LLaMA-Factory's keys (and the seed
+document's spellings); flags override the file. A user mistake prints one ``llmtune: error: ...`` line and
+exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from llmtune import __version__
+from llmtune.errors import LLMTuneError
+
+USAGE = """usage: llmtune <command> [config.yaml] [--key value ...]
+
+commands:
+  train     train or fine-tune a model (stages pt, sft, rm, ppo, dpo, kto)
+  chat      chat with a model (and its adapters) in the terminal; reads stdin line by line when piped
+  export    merge adapters and write a Hugging Face folder or a GGUF file
+  version   print the version
+Run `llmtune train --help` for the configuration keys."""
+
+
+def _version() -> int:
+    import torch
+
+    print(f"llmtune {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})")
+    return 0
+
+
+def _train(argv: list[str]) -> int:
+    from llmtune.config import config_help, parse_config
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help())
+        return 0
+    cfg = parse_config(argv, command="train")
+    from llmtune.train import run_train
+
+    run_train(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 1
+    command, rest = argv[0], argv[1:]
+    debug = os.environ.get("LLMTUNE_DEBUG") == "1"
+    try:
+        if command in ("version", "--version", "-V"):
+            return _version()
+        if command == "train":
+            return _train(rest)
+        if command == "chat":
+            from llmtune.chat import main as chat_main
+
+            return chat_main(rest)
+        if command == "export":
+            from llmtune.export import main as export_main
+
+            return export_main(rest)
+        from llmtune.errors import nearest
+
+        raise LLMTuneError(f"unknown command {command!r}; use train, chat, export or version."
+                           + nearest(command, ["train", "chat", "export", "version"]))
+    except LLMTuneError as e:
+        if debug:
+            raise
+        print(f"llmtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
