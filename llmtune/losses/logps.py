@@ -1,0 +1,260 @@
+"""Chunked vocabulary projection: next-token cross entropy, per-token and per-sequence log-probs, entropy.
+
+The model returns final hidden states ``(B, T, H)``; these functions project them to the vocabulary
+``rows`` at a time, take a float32 log-softmax per chunk and keep only what is needed (the label's
+log-prob and the log-sum-exp per row). A ``(B, T, V)`` float32 logits tensor is never materialised, in
+the forward pass or the backward pass: :class:`_ChunkedLabelLogps` is a custom autograd function that
+recomputes each chunk's logits in backward and accumulates the gradients of the hidden states and of
+the projection weight chunk by chunk.
+
+Conventions (Hugging Face causal-LM convention): ``labels`` are the input ids with ignored positions set
+to ``-100``; the hidden state at position ``t`` predicts ``labels[:, t + 1]`` (the shift is done here).
+
+Dtypes: the projection runs in the autocast dtype when autocast is on for the tensors' device (as
+``nn.Linear`` would), else in the promoted dtype of ``hidden`` and ``lm_head_weight`` (so bf16 weights
+give a bf16 matmul); the logits are then cast to float32 for the log-softmax (float64 stays float64, for
+exact tests). Outputs are float32 (float64 for float64 inputs); gradients come back in the dtypes of
+``hidden`` and ``lm_head_weight``.
+
+Source: the cross entropy / log-likelihood of a softmax language model (Bengio et al., 2003; Radford et
+al., 2018, eq. 1): ``log p(y_t | y_<t) = z_{t, y_t} - logsumexp_v z_{t, v}``, ``z = h W^T / temperature``;
+its gradient wrt the logits is ``onehot(y_t) - softmax(z_t)`` (divided by the temperature).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+IGNORE_INDEX = -100
+
+# Elements (rows x vocab) of one float32 logits chunk when ``chunk_size`` is None: 2**25 floats = 128 MiB.
+_AUTO_CHUNK_ELEMENTS = 2**25
+
+
+def _rows_per_chunk(chunk_size: Optional[int], vocab_size: int) -> int:
+    if chunk_size is None:
+        return max(1, _AUTO_CHUNK_ELEMENTS // max(1, vocab_size))
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    return int(chunk_size)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(n, H) x (V, H) -> (n, V)`` logits of one chunk in float32 (float64 for float64 inputs)."""
+    logits = h @ w.t()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
+class _ChunkedLabelLogps(torch.autograd.Function):
+    """Autograd function: ``(hidden (N, H), weight (V, H), targets (N,)) -> logps (N,)`` float32.
+
+    ``logps[i] = log_softmax(hidden[i] @ weight.T / temperature)[targets[i]]``, all targets valid
+    (0 <= target < V). Forward keeps ``(N,)`` log-sum-exps; backward recomputes logits per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows, temperature):  # noqa: D401
+        cdtype = _compute_dtype(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(cdtype)
+            n = hidden.shape[0]
+            odtype = torch.promote_types(cdtype, torch.float32)
+            out = torch.empty(n, dtype=odtype, device=hidden.device)
+            lse = torch.empty(n, dtype=odtype, device=hidden.device)
+            for s in range(0, n, rows):
+                logits = _chunk_logits(hidden[s : s + rows].to(cdtype), w, temperature)
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                lse[s : s + rows] = chunk_lse
+                out[s : s + rows] = logits.gather(1, targets[s : s + rows, None]).squeeze(1) - chunk_lse
+                del logits
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.rows, ctx.temperature, ctx.cdtype = rows, temperature, cdtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        rows, temperature, cdtype = ctx.rows, ctx.temperature, ctx.cdtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_out = grad_out.to(torch.promote_types(grad_out.dtype, torch.float32))
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(cdtype)
+            for s in range(0, hidden.shape[0], rows):
+                h = hidden[s : s + rows].to(cdtype)
+                logits = _chunk_logits(h, w, temperature)
+                # d logp / d z = onehot - softmax(z); scaled by the incoming gradient and 1/temperature.
+                g = torch.exp(logits.sub_(lse[s : s + rows, None]))  # softmax, in place
+                g.neg_()
+                g.scatter_add_(1, targets[s : s + rows, None], torch.ones_like(g[:, :1]))
+                g.mul_(grad_out[s : s + rows, None] / temperature)
+                g = g.to(cdtype)
+                if need_h:
+                    grad_h[s : s + rows] = (g @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w.add_((g.t() @ h).to(acc))
+                del logits, g
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, temperature):
+    """Shift, keep the rows whose next label is valid, project them in chunks.
+
+    Returns ``(logps (n_valid,) float32, valid (B, T) bool aligned with labels)``.
+    """
+    if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"expected hidden (B, T, H) and labels (B, T), got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+        )
+    b, t, hsize = hidden.shape
+    valid = labels != IGNORE_INDEX
+    valid[:, 0] = False  # the first token has no prediction
+    src = valid[:, 1:]  # rows t of hidden that predict a valid label t+1
+    h_sel = hidden[:, :-1][src]  # (n, H)
+    targets = labels[:, 1:][src]
+    vocab = lm_head_weight.shape[0]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ValueError(f"labels must be -100 or token ids in [0, {vocab}); got {int(targets.min())}..{int(targets.max())}")
+    rows = _rows_per_chunk(chunk_size, vocab)
+    logps = _ChunkedLabelLogps.apply(h_sel, lm_head_weight, targets, rows, float(temperature))
+    return logps, valid
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross entropy of a causal LM, projected to the vocabulary in chunks.
+
+    ``loss_sum = - sum_{b, t: labels[b, t+1] != -100} log softmax(hidden[b, t] @ W^T)[labels[b, t+1]]``
+    (position ``t`` predicts label ``t + 1``). Only rows with a valid next label are projected, so
+    prompt and padding tokens cost nothing.
+
+    Args:
+        hidden: ``(B, T, H)`` final hidden states, any float dtype.
+        lm_head_weight: ``(V, H)`` projection (``model.lm_head.weight``; tied to the embeddings or not),
+            any float dtype; bf16 under autocast is fine.
+        labels: ``(B, T)`` int64 token ids, ``-100`` where ignored (the usual HF labels).
+        chunk_size: rows of ``B*T`` per chunk; ``None`` picks ``2**25 // V`` (a 128 MiB float32 chunk).
+
+    Returns:
+        ``(loss_sum, num_tokens)``: a 0-dim float32 tensor (nats, summed, not averaged) and a 0-dim int64
+        tensor counting the label tokens. Divide by the token count of the whole optimizer step.
+        With no label token, ``loss_sum`` is 0 and still connected to the graph.
+
+    Raises:
+        ValueError: on mismatched shapes or label ids outside ``[0, V)``.
+
+    Source: maximum-likelihood language modelling (Radford et al., 2018, eq. 1); shift as in Hugging
+    Face's ``ForCausalLMLoss``.
+    """
+    logps, valid = _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, 1.0)
+    return -logps.sum(), valid.sum()
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: Optional[int] = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log-probabilities of the labels, aligned with ``labels``: ``(B, T)`` float32.
+
+    ``out[b, t] = log softmax(hidden[b, t-1] @ W^T / temperature)[labels[b, t]]`` where
+    ``labels[b, t] != -100`` and ``t >= 1``; ``0`` elsewhere (``out[:, 0]`` is always 0). The mask of the
+    returned values is therefore ``labels != -100`` with column 0 cleared, aligned with ``labels``.
+
+    Args:
+        hidden: ``(B, T, H)`` final hidden states; lm_head_weight ``(V, H)``; labels ``(B, T)`` int64.
+        chunk_size: rows per chunk (see :func:`causal_lm_loss`).
+        temperature: logits are divided by it (PPO scores samples at the sampling temperature).
+
+    Returns: ``(B, T)`` float32 log-probs (nats, <= 0), differentiable wrt hidden and weight.
+
+    Raises: ValueError on mismatched shapes or out-of-range label ids.
+
+    Source: softmax language model log-likelihood (see module docstring).
+    """
+    logps, valid = _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, temperature)
+    out = logps.new_zeros(labels.shape)
+    return out.masked_scatter(valid, logps)
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    average: bool = False,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Log-probability of each sequence's label tokens, ``(B,)`` float32.
+
+    ``sum_t logp[b, t]`` over label tokens (``labels != -100``, shifted as in :func:`token_logps`), or the
+    mean over them when ``average=True`` (IPO, ORPO, SimPO use length-averaged log-probs). A sequence with
+    no label token gets 0.
+
+    Args: as :func:`token_logps`; ``average``: divide by the number of label tokens of each sequence.
+
+    Returns: ``(B,)`` float32, differentiable.
+
+    Source: DPO's sequence log-likelihood ``log pi(y | x) = sum_t log pi(y_t | x, y_<t)`` (Rafailov et al.,
+    2023, eq. 7); averaged form as in IPO (Azar et al., 2023) / SimPO (Meng et al., 2024, eq. 4).
+    """
+    logps, valid = _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, 1.0)
+    total = logps.new_zeros(labels.shape).masked_scatter(valid, logps).sum(-1)
+    if average:
+        total = total / valid.sum(-1).clamp(min=1)
+    return total
+
+
+@torch.no_grad()
+def entropy_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Entropy of the next-token distribution at every position, ``(B, T)`` float32 nats (no gradient).
+
+    ``H[b, t] = logsumexp(z) - sum_v softmax(z)_v z_v`` with ``z = hidden[b, t] @ W^T / temperature``,
+    i.e. the entropy of the distribution that predicts token ``t + 1`` (NOT shifted: aligned with
+    ``hidden``). With ``mask`` ``(B, T)`` (bool or 0/1), only positions where it is nonzero are projected;
+    others are 0. Meant for logging (PPO's ``policy/entropy``); computed under ``torch.no_grad``.
+
+    Source: Shannon entropy of a softmax distribution.
+    """
+    b, t, _ = hidden.shape
+    sel = torch.ones(b, t, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    h_sel = hidden[sel]
+    rows = _rows_per_chunk(chunk_size, lm_head_weight.shape[0])
+    cdtype = _compute_dtype(hidden, lm_head_weight)
+    odtype = torch.promote_types(cdtype, torch.float32)
+    ent = torch.empty(h_sel.shape[0], dtype=odtype, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = lm_head_weight.to(cdtype)
+        for s in range(0, h_sel.shape[0], rows):
+            z = _chunk_logits(h_sel[s : s + rows].to(cdtype), w, temperature)
+            lse = torch.logsumexp(z, -1)
+            p = torch.softmax(z, -1)
+            ent[s : s + rows] = lse - (p * z).sum(-1)
+    return torch.zeros(b, t, dtype=odtype, device=hidden.device).masked_scatter(sel, ent)
