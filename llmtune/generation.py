@@ -26,6 +26,7 @@ __all__ = [
     "generate",
     "generate_steps",
     "process_logits",
+    "check_generation_args",
     "apply_repetition_penalty",
     "apply_temperature",
     "apply_top_k",
@@ -128,8 +129,14 @@ def process_logits(logits: torch.Tensor, seen: Optional[torch.Tensor] = None, *,
 # ---------------------------------------------------------------------------------------------------
 # the decoding loop
 # ---------------------------------------------------------------------------------------------------
-def _check_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                repetition_penalty: float, do_sample: bool) -> None:
+def check_generation_args(max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0,
+                          top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> None:
+    """Validate generation settings (see :func:`generate`).
+
+    Raises:
+        LLMTuneError: ``max_new_tokens < 0``, ``temperature <= 0`` while sampling, ``top_k < 0``,
+            ``top_p`` outside (0, 1], or ``repetition_penalty <= 0``; the message names the key.
+    """
     from llmtune.errors import LLMTuneError
 
     if max_new_tokens < 0:
@@ -188,7 +195,7 @@ def generate_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     The model runs under :func:`torch.inference_mode` and in eval mode (its training flag is restored
     when the iterator is exhausted or closed). Yielded tensors are ordinary (non-inference) tensors.
     """
-    _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample)
+    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
     device = next(model.parameters()).device

@@ -1,0 +1,304 @@
+"""``llmtune chat``: talk to a model (with its LoRA adapters) in the terminal.
+
+``llmtune chat [config.yaml] --model_name_or_path M [--adapter_name_or_path A1,A2] [--template T]
+[--device cuda:0] [--max_new_tokens 512] [--do_sample False] [--temperature T] [--top_p P] [--top_k K]
+[--repetition_penalty R] [--system S] [--quantization_bit 4] [--infer_dtype bfloat16]``
+
+Keys are LLaMA-Factory's (parsed by :func:`llmtune.config.parse_config`), and so are the defaults (sampling
+on, temperature 0.95, top_p 0.7, top_k 50, max_new_tokens 512). At a terminal: ``User: `` prompts, the reply
+streams after ``Assistant: ``, ``clear`` forgets the history, ``exit`` quits. With piped stdin: one prompt
+per line, each reply printed as ``Assistant: <reply>`` (history kept between lines), exit status 0 at the end.
+
+The template is ``--template``, else the one recorded by the llmtune run that wrote the adapter or model
+folder (``template`` in its ``training_args.yaml``), else the model's own ``chat_template``. Replies end
+at the tokenizer's eos ids or the template's end-of-turn ids (``<|im_end|>`` for ChatML).
+
+Source: LLaMA-Factory's ``llamafactory-cli chat`` (command-line behaviour and key names).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Optional, TextIO
+
+import torch
+
+from llmtune.errors import LLMTuneError, notice
+from llmtune.generation import chat_stop_ids, check_generation_args, encode_chat_prompt, stream_reply
+
+__all__ = ["main", "ChatSession", "resolve_device", "recorded_template", "load_chat_model", "run_chat"]
+
+WELCOME = "Welcome to llmtune chat. Type `clear` to forget the history, `exit` to quit."
+
+USAGE = """usage: llmtune chat [config.yaml] --model_name_or_path PATH [--key value ...]
+
+Chat with a model in the terminal (reads one prompt per line when stdin is piped).
+  --model_name_or_path   local folder, Hugging Face Hub id, .gguf file or an llmtune output folder
+  --adapter_name_or_path LoRA adapter folder(s), comma-separated, applied in order
+  --finetuning_type      lora (default), freeze or full
+  --template             chat template name (default: the one recorded by training, else the model's own)
+  --quantization_bit 4   load the base weights as NF4
+  --infer_dtype          auto, float32, bfloat16, float16
+  --device               cpu, cuda, cuda:0, ... (falls back to the CPU with a notice if absent)
+  --max_new_tokens 512  --do_sample True  --temperature 0.95  --top_p 0.7  --top_k 50
+  --repetition_penalty 1.0  --system "You are ..."
+Commands while chatting: `clear` (forget the history), `exit` (quit)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# setup helpers
+# ---------------------------------------------------------------------------------------------------
+def resolve_device(spec: Optional[str]) -> torch.device:
+    """The torch device to chat on.
+
+    Args:
+        spec: ``None`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``...
+
+    Returns:
+        the device; a device that does not exist here (``cuda:0`` on a CPU machine, ``cuda:3`` with two
+        GPUs) gives a one-line notice and the CPU.
+
+    Raises:
+        LLMTuneError: ``spec`` is not a device name torch understands.
+    """
+    if spec is None or str(spec).strip() == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(spec).strip())
+    except (RuntimeError, ValueError):
+        raise LLMTuneError(f"--device {spec!r} is not a device name; use cpu, cuda, cuda:0, ...") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n and (dev.index is None or dev.index < n):
+            return dev
+        where = "no CUDA device here" if n == 0 else f"only {n} CUDA device(s) here"
+        notice(f"--device {spec}: {where}; using the CPU")
+        return torch.device("cpu")
+    if dev.type == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return dev
+    notice(f"--device {spec}: not available here; using the CPU")
+    return torch.device("cpu")
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise LLMTuneError(f"{path}: cannot read it as YAML ({e}); fix or delete the file") from None
+    return data if isinstance(data, dict) else {}
+
+
+def recorded_template(*folders: Optional[str]) -> Optional[str]:
+    """The template name recorded by the llmtune run that wrote one of ``folders``.
+
+    Looks for ``training_args.yaml`` with a ``template`` key in each folder, the first folder first
+    (pass the last adapter before the base). Non-folders (Hub ids, ``.gguf`` files) and ``None`` are skipped.
+
+    Returns:
+        the template name (str) or ``None`` when nothing is recorded.
+
+    Raises:
+        LLMTuneError: a ``training_args.yaml`` exists but is not valid YAML.
+    """
+    for folder in folders:
+        if not folder:
+            continue
+        p = Path(folder)
+        f = p / "training_args.yaml"
+        if p.is_dir() and f.is_file():
+            name = _read_yaml(f).get("template")
+            if name:
+                return str(name)
+    return None
+
+
+def _split_adapters(value: Optional[str]) -> list[str]:
+    if not value:
+        return []
+    return [a.strip() for a in str(value).split(",") if a.strip()]
+
+
+def _has_tokenizer(folder: str) -> bool:
+    p = Path(folder)
+    return p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def load_chat_model(cfg: Any) -> tuple[torch.nn.Module, Any, Any]:
+    """Load ``(model, tokenizer, template)`` for chatting from a chat config.
+
+    Args:
+        cfg: an :class:`llmtune.config.TrainConfig` (``model_name_or_path``, ``adapter_name_or_path``,
+            ``finetuning_type``, ``template``, ``quantization_bit``/``quantization_type``/
+            ``double_quantization``, ``infer_dtype``, ``device``).
+
+    Returns:
+        the model (eval mode, on the resolved device, adapters merged), the tokenizer (from the last
+        adapter folder when it holds tokenizer files, else from the model) and the template
+        (``llmtune.data.templates.get_template``: ``--template``, else the recorded one, else the model's
+        own ``chat_template``).
+
+    Raises:
+        LLMTuneError: adapters with ``finetuning_type`` other than lora, or any loading error.
+    """
+    from llmtune.data.templates import get_template
+    from llmtune.models.loader import load_model
+    from llmtune.tokenizer import load_tokenizer
+
+    adapters = _split_adapters(cfg.adapter_name_or_path)
+    if adapters and cfg.finetuning_type != "lora":
+        raise LLMTuneError(f"--adapter_name_or_path needs --finetuning_type lora (got {cfg.finetuning_type!r}); "
+                           "a full or freeze fine-tune is loaded with --model_name_or_path <its output folder>")
+    device = resolve_device(cfg.device)
+    dtype = _DTYPES[cfg.infer_dtype]
+    if dtype == "float16" and device.type == "cpu":
+        notice("--infer_dtype float16: float16 arithmetic is very slow on the CPU; using float32")
+        dtype = "float32"
+    kw: dict[str, Any] = dict(dtype=dtype, device=str(device))
+    if adapters:
+        kw["adapter_name_or_path"] = ",".join(adapters)
+    if cfg.quantization_bit is not None:
+        kw.update(quantization_bit=cfg.quantization_bit, quantization_type=cfg.quantization_type,
+                  double_quantization=cfg.double_quantization)
+    model = load_model(cfg.model_name_or_path, **kw)
+    model.eval()
+    tok_source = adapters[-1] if adapters and _has_tokenizer(adapters[-1]) else cfg.model_name_or_path
+    tokenizer = load_tokenizer(tok_source)
+    name = cfg.template or recorded_template(*reversed(adapters), cfg.model_name_or_path)
+    template = get_template(name, tokenizer)
+    return model, tokenizer, template
+
+
+# ---------------------------------------------------------------------------------------------------
+# the conversation
+# ---------------------------------------------------------------------------------------------------
+class ChatSession:
+    """A conversation with a model: the history plus the generation settings.
+
+    Args:
+        model: a :class:`llmtune.models.transformer.Transformer` (eval mode).
+        tokenizer: an :class:`llmtune.tokenizer.Tokenizer`.
+        template: an ``llmtune.data.templates`` template or ``None`` (the tokenizer's ``chat_template``).
+        system: the system prompt (``None``: the template's default).
+        max_context: the most prompt tokens (``cutoff_len``); older turns are dropped, with a notice, to fit.
+        **gen: :func:`llmtune.generation.generate` settings (``max_new_tokens``, ``do_sample``,
+            ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``generator``).
+
+    ``history`` is a list of ``{"role", "content"}`` dicts (user and assistant turns).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, template: Any = None, system: Optional[str] = None,
+                 max_context: Optional[int] = None, **gen: Any) -> None:
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.system = system
+        self.max_context = max_context
+        self.gen = gen
+        self.history: list[dict] = []
+        self.stop_ids = chat_stop_ids(tokenizer, template)
+
+    def clear(self) -> None:
+        """Forget the history."""
+        self.history = []
+
+    def _fit(self, messages: list[dict]) -> list[dict]:
+        if not self.max_context:
+            return messages
+        dropped = False
+        while len(messages) > 1:
+            n = len(encode_chat_prompt(self.tokenizer, self.template, messages, system=self.system))
+            if n <= self.max_context:
+                break
+            messages = messages[2:] if len(messages) > 2 else messages[1:]
+            dropped = True
+        if dropped:
+            notice(f"the conversation is longer than cutoff_len ({self.max_context} tokens): "
+                   "the oldest turns were dropped (type `clear` to start afresh)")
+        return messages
+
+    def stream(self, query: str) -> Iterator[str]:
+        """Answer ``query`` (str) given the history; yield the reply's text pieces; record both turns."""
+        messages = self._fit(self.history + [{"role": "user", "content": query}])
+        pieces: list[str] = []
+        for piece in stream_reply(self.model, self.tokenizer, self.template, messages, system=self.system,
+                                  eos_token_ids=self.stop_ids, **self.gen):
+            pieces.append(piece)
+            yield piece
+        self.history = messages + [{"role": "assistant", "content": "".join(pieces)}]
+
+    def reply(self, query: str) -> str:
+        """The whole reply (str) to ``query``; see :meth:`stream`."""
+        return "".join(self.stream(query))
+
+
+def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: Optional[bool] = None) -> int:
+    """The chat loop; returns the exit status (0).
+
+    Interactive (a terminal): print the welcome line, prompt ``User: ``, stream the reply after
+    ``Assistant: ``; ``clear`` resets the history, ``exit`` (or end of input) quits. Otherwise one prompt per
+    line of ``stdin`` (empty lines skipped, ``clear``/``exit`` honoured), each reply printed as
+    ``Assistant: <reply>``.
+    """
+    if interactive is None:
+        interactive = stdin.isatty()
+    if interactive:
+        print(WELCOME, file=stdout, flush=True)
+    while True:
+        if interactive:
+            print("\nUser: ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            if interactive:
+                print(file=stdout, flush=True)
+            return 0
+        query = line.strip()
+        if not query:
+            continue
+        if query == "exit":
+            return 0
+        if query == "clear":
+            session.clear()
+            if interactive:
+                print("History has been removed.", file=stdout, flush=True)
+            continue
+        print("Assistant: ", end="", file=stdout, flush=True)
+        for piece in session.stream(query):
+            stdout.write(piece)
+            if interactive:
+                stdout.flush()
+        print(file=stdout, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    """``llmtune chat`` entry point (called by :mod:`llmtune.cli`); returns the exit status.
+
+    Raises:
+        LLMTuneError: a bad flag or value, a missing model, or a loading error (the CLI prints one line).
+    """
+    from llmtune.config import parse_config
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    cfg = parse_config(argv, command="chat")
+    gen: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                               repetition_penalty=cfg.repetition_penalty)
+    check_generation_args(**gen)  # a bad --temperature etc. fails before the model loads
+    model, tokenizer, template = load_chat_model(cfg)
+    if cfg.do_sample and cfg.is_set("seed"):
+        gen["generator"] = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    system = cfg.system if cfg.system is not None else cfg.default_system
+    session = ChatSession(model, tokenizer, template, system=system, max_context=cfg.cutoff_len, **gen)
+    try:
+        return run_chat(session, sys.stdin, sys.stdout)
+    except KeyboardInterrupt:
+        print(file=sys.stdout, flush=True)
+        return 0

@@ -1,0 +1,161 @@
+"""llmtune chat: device fallback, recorded template, the piped/interactive loop, and the real command."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtune.chat import ChatSession, main, recorded_template, resolve_device, run_chat
+from llmtune.errors import LLMTuneError
+from llmtune.generation import generate
+
+from test_generation import FakeTemplate, FakeTokenizer, tiny_pair
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _have(*modules: str) -> bool:
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in modules)
+    except ModuleNotFoundError:
+        return False
+
+
+# --- setup helpers ------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
+def test_missing_device_falls_back_to_cpu_with_one_notice(capsys):
+    assert resolve_device("cuda:0") == torch.device("cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llmtune: notice:") and "cuda:0" in err[0] and "CPU" in err[0]
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cpu")
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_device_name_is_a_user_error():
+    with pytest.raises(LLMTuneError, match="--device"):
+        resolve_device("gpu-please")
+
+
+def test_recorded_template_prefers_last_adapter(tmp_path):
+    base, a1, a2 = tmp_path / "base", tmp_path / "sft", tmp_path / "dpo"
+    for d in (base, a1, a2):
+        d.mkdir()
+    (base / "training_args.yaml").write_text("stage: pt\ntemplate: llama3\n")
+    (a1 / "training_args.yaml").write_text("stage: sft\ntemplate: qwen\n")
+    assert recorded_template(str(a2), str(a1), str(base)) == "qwen"
+    assert recorded_template(str(a2), str(base)) == "llama3"
+    assert recorded_template(str(a2), "HuggingFaceTB/SmolLM2-135M", None) is None
+    (a2 / "training_args.yaml").write_text("template: [unclosed\n")
+    with pytest.raises(LLMTuneError, match="training_args.yaml"):
+        recorded_template(str(a2))
+
+
+def test_bad_generation_flag_fails_before_loading():
+    with pytest.raises(LLMTuneError, match="temperature"):
+        main(["--model_name_or_path", "/nonexistent/model", "--temperature", "0"])
+    with pytest.raises(LLMTuneError, match="top_p"):
+        main(["--model_name_or_path", "/nonexistent/model", "--do_sample", "False", "--top_p", "1.5"])
+
+
+# --- the loop -----------------------------------------------------------------------------------
+def _session(**gen):
+    _, model = tiny_pair("llama")
+    tpl = FakeTemplate()
+    gen.setdefault("max_new_tokens", 6)
+    gen.setdefault("do_sample", False)
+    return ChatSession(model, FakeTokenizer(), tpl, **gen), model, tpl
+
+
+def _expected_reply(model, tok, tpl, messages, n):
+    ids = generate(model, torch.tensor([tpl.encode_prompt(messages)]), max_new_tokens=n,
+                   eos_token_ids=tpl.stop_token_ids + tok.eos_token_ids)[0].tolist()
+    ids = [i for i in ids if i not in tpl.stop_token_ids + tok.eos_token_ids]
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def test_piped_lines_answered_with_history_clear_and_exit():
+    session, model, tpl = _session()
+    tok = session.tokenizer
+    out = io.StringIO()
+    stdin = io.StringIO("hello\n\nhow are you\nclear\nagain\nexit\nnever answered\n")
+    assert run_chat(session, stdin, out, interactive=False) == 0
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and all(line.startswith("Assistant: ") for line in lines)
+    r1 = _expected_reply(model, tok, tpl, [{"role": "user", "content": "hello"}], 6)
+    hist = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": r1},
+            {"role": "user", "content": "how are you"}]
+    r2 = _expected_reply(model, tok, tpl, hist, 6)
+    r3 = _expected_reply(model, tok, tpl, [{"role": "user", "content": "again"}], 6)
+    assert lines == [f"Assistant: {r1}", f"Assistant: {r2}", f"Assistant: {r3}"]
+    assert session.history == [{"role": "user", "content": "again"}, {"role": "assistant", "content": r3}]
+
+
+def test_interactive_prompts_and_end_of_input():
+    session, _, _ = _session()
+    out = io.StringIO()
+    assert run_chat(session, io.StringIO("hi\nclear\n"), out, interactive=True) == 0
+    text = out.getvalue()
+    assert text.startswith("Welcome") and text.count("User: ") == 3 and text.count("Assistant: ") == 1
+    assert "History has been removed." in text and session.history == []
+
+
+def test_long_history_is_trimmed_to_max_context(capsys):
+    session, _, tpl = _session()
+    session.max_context = 30
+    for q in ("first question here", "second question here", "third question"):
+        session.reply(q)
+    assert "oldest turns were dropped" in capsys.readouterr().err
+    assert len(tpl.encode_prompt(session.history[:-1])) <= 30
+    assert session.history[-2] == {"role": "user", "content": "third question"}
+
+
+# --- the real command ---------------------------------------------------------------------------
+_needs_stack = pytest.mark.skipif(
+    not _have("llmtune.models.loader", "llmtune.tokenizer", "llmtune.data.templates"),
+    reason="needs load_model, load_tokenizer and get_template")
+
+
+def _run_cli(args, stdin_text, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "llmtune", "chat", *args], input=stdin_text, text=True,
+                          capture_output=True, timeout=timeout, cwd=str(REPO), env=env)
+
+
+@pytest.mark.real
+@_needs_stack
+def test_real_chat_answers_paris_and_exits_zero(real_model_path):
+    proc = _run_cli(["--model_name_or_path", str(real_model_path), "--do_sample", "False",
+                     "--max_new_tokens", "40"], "What is the capital of France?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout and proc.stdout.startswith("Assistant: ")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.real
+@_needs_stack
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_real_chat_seed_flags_cuda_device_notice(real_model_path):
+    """The seed's chat command shape: --finetuning_type lora --device cuda:0 (no GPU here), sampling on."""
+    proc = _run_cli(["--model_name_or_path", str(real_model_path), "--finetuning_type", "lora",
+                     "--device", "cuda:0", "--max_new_tokens", "40", "--seed", "0"],
+                    "What is the capital of France?\n")
+    assert proc.returncode == 0, proc.stderr
+    notices = [line for line in proc.stderr.splitlines() if "cuda:0" in line]
+    assert len(notices) == 1 and notices[0].startswith("llmtune: notice:")
+    assert "Paris" in proc.stdout
+
+
+@pytest.mark.real
+@_needs_stack
+def test_real_chat_bad_model_path_is_one_line_error(tmp_path):
+    proc = _run_cli(["--model_name_or_path", str(tmp_path / "missing")], "hi\n", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("llmtune: error:") and "Traceback" not in proc.stderr
