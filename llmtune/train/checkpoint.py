@@ -1,0 +1,303 @@
+"""Training checkpoints without pickles: safetensors for tensors, JSON for everything else.
+
+A checkpoint is a folder ``output_dir/checkpoint-<global_step>`` holding
+
+* ``trainable.safetensors``: the trainable parameters by their Hugging Face names (LoRA ``lora_A``/``lora_B``,
+  or every parameter for full fine-tuning), in their training dtype;
+* ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's per-parameter state tensors as
+  ``state.<param_index>.<key>`` and the rest of ``optimizer.state_dict()`` (param groups, scalars) as JSON;
+* ``scheduler.json``: ``LambdaLR.state_dict()`` (the lambdas themselves are rebuilt from the config);
+* ``rng_state.safetensors`` + ``rng_state.json``: torch CPU (and CUDA) generator states as uint8 tensors,
+  numpy's MT19937 key as uint32 plus its position, Python ``random``'s state as JSON;
+* ``scaler.json``: the fp16 ``GradScaler`` state (CUDA only);
+* ``trainer_state.json``: global step, epoch, step within the epoch, best metric, log history.
+
+It is written to ``output_dir/tmp-checkpoint-<step>`` and renamed when complete, so a killed run never
+leaves a half-written folder that looks like a checkpoint: :func:`latest_checkpoint` only considers names
+matching ``checkpoint-<digits>`` that hold ``trainer_state.json``.
+Format of the optimizer state: ``torch.optim.Optimizer.state_dict()``; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmtune.errors import LLMTuneError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+# -- discovery --------------------------------------------------------------------------------------
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints ``checkpoint-N`` in ``output_dir``, sorted by N ascending.
+
+    A folder counts only if its name matches ``checkpoint-<digits>`` exactly and it holds
+    ``trainer_state.json`` (written last): leftover ``tmp-checkpoint-N`` folders of a killed run are ignored.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for child in out.iterdir():
+        m = CHECKPOINT_RE.match(child.name)
+        if m and child.is_dir() and (child / TRAINER_STATE).is_file():
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
+    """The complete checkpoint with the highest step in ``output_dir``, or None."""
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(resume_from_checkpoint: Any, output_dir: str | os.PathLike) -> Optional[Path]:
+    """Turn the ``resume_from_checkpoint`` config value into a checkpoint folder (or None).
+
+    ``None``/``False``/``"false"``: no resume. ``True``/``"true"``: the latest complete ``checkpoint-N`` in
+    ``output_dir``. A path: that folder. Raises :class:`LLMTuneError` when the folder is missing or
+    incomplete, or when ``true`` finds no checkpoint.
+    """
+    value = resume_from_checkpoint
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "no", "none")):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "1")):
+        ckpt = latest_checkpoint(output_dir)
+        if ckpt is None:
+            raise LLMTuneError(
+                f"resume_from_checkpoint: true, but output_dir {output_dir} holds no complete checkpoint-N "
+                "folder; give the checkpoint folder's path, or remove resume_from_checkpoint to start afresh")
+        return ckpt
+    path = Path(str(value)).expanduser()
+    if not path.is_dir():
+        raise LLMTuneError(f"resume_from_checkpoint: folder {path} does not exist; give a checkpoint-N folder "
+                           "written by llmtune train, or true for the latest one in output_dir")
+    if not (path / TRAINER_STATE).is_file():
+        raise LLMTuneError(f"resume_from_checkpoint: {path} is not a complete llmtune checkpoint (no "
+                           f"{TRAINER_STATE}); pick another checkpoint-N folder")
+    return path
+
+
+# -- optimizer --------------------------------------------------------------------------------------
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return {"__tensor__": x.tolist(), "dtype": str(x.dtype).replace("torch.", "")}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    return x
+
+
+def _from_json(x: Any) -> Any:
+    if isinstance(x, dict) and "__tensor__" in x:
+        return torch.tensor(x["__tensor__"], dtype=getattr(torch, x["dtype"]))
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _from_json(v) for k, v in x.items()}
+    return x
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Write ``optimizer.state_dict()`` as ``optimizer.safetensors`` (state tensors) + ``optimizer.json``."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor) and val.dim() > 0:
+                tensors[f"state.{idx}.{key}"] = val.detach().contiguous().cpu()
+            elif isinstance(val, torch.Tensor):  # 0-d 'step' tensors: keep dtype, store as 1-element
+                tensors[f"state.{idx}.{key}"] = val.detach().reshape(1).cpu()
+                scalars.setdefault(str(idx), {})[key] = "0d"
+            else:
+                scalars.setdefault(str(idx), {})[key] = {"value": _jsonable(val)}
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    meta = {"param_groups": _jsonable(sd["param_groups"]), "scalars": scalars}
+    (folder / "optimizer.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore an optimizer written by :func:`save_optimizer` (tensors moved to each parameter's device)."""
+    meta = json.loads((folder / "optimizer.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[int, dict[str, Any]] = {}
+    for name, val in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = val
+    for idx, entries in meta["scalars"].items():
+        for key, spec in entries.items():
+            if spec == "0d":
+                state[int(idx)][key] = state[int(idx)][key].reshape(())
+            else:
+                state.setdefault(int(idx), {})[key] = _from_json(spec["value"])
+    groups = _from_json(meta["param_groups"])
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    current = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
+        raise LLMTuneError(f"resume_from_checkpoint: the optimizer state in {folder} does not match this "
+                           "run's trainable parameters (different finetuning_type, lora_target or lora_rank?); "
+                           "resume with the configuration the checkpoint was trained with")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- RNG --------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot of the torch (CPU + CUDA), numpy and Python ``random`` generators (tensors and plain data)."""
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def restore_rng_state(st: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_rng_state(st: dict[str, Any], folder: Path) -> None:
+    """Write a :func:`capture_rng_state` snapshot as ``rng_state.safetensors`` + ``rng_state.json``."""
+    kind, key, pos, has_gauss, cached = st["numpy"]
+    tensors = {"torch": st["torch"].clone(), "numpy_key": torch.from_numpy(np.asarray(key, dtype=np.uint32).copy())}
+    for i, s in enumerate(st.get("cuda", [])):
+        tensors[f"cuda.{i}"] = s.clone()
+    version, pstate, gauss = st["python"]
+    meta = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": list(pstate), "gauss_next": gauss},
+            "num_cuda": len(st.get("cuda", []))}
+    save_file(tensors, str(folder / "rng_state.safetensors"))
+    (folder / "rng_state.json").write_text(json.dumps(meta))
+
+
+def load_rng_state(folder: Path) -> dict[str, Any]:
+    """Read a snapshot written by :func:`save_rng_state` (pass it to :func:`restore_rng_state`)."""
+    tensors = load_file(str(folder / "rng_state.safetensors"))
+    meta = json.loads((folder / "rng_state.json").read_text())
+    n = meta["numpy"]
+    st = {"torch": tensors["torch"],
+          "numpy": (n["kind"], tensors["numpy_key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                    n["cached_gaussian"]),
+          "python": (meta["python"]["version"], tuple(meta["python"]["state"]), meta["python"]["gauss_next"])}
+    if meta.get("num_cuda"):
+        st["cuda"] = [tensors[f"cuda.{i}"] for i in range(meta["num_cuda"])]
+    return st
+
+
+# -- whole checkpoint -------------------------------------------------------------------------------
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of parameters with ``requires_grad`` (shared tensors once), detached, on the CPU."""
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p.detach().cpu().contiguous()
+    return out
+
+
+def load_trainable_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into the model's trainable parameters by name; :class:`LLMTuneError` on mismatch."""
+    params = dict(model.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    missing = sorted(n for n in wanted if n not in tensors and not _is_alias(model, n, tensors))
+    unknown = sorted(n for n in tensors if n not in params)
+    if missing or unknown:
+        raise LLMTuneError(
+            f"resume_from_checkpoint: {source} does not match this run's trainable parameters (missing "
+            f"{missing[:3]}, unexpected {unknown[:3]}); resume with the configuration it was trained with")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].device, params[name].dtype))
+
+
+def _is_alias(model: torch.nn.Module, name: str, tensors: dict) -> bool:
+    # a tied parameter saved under its other name
+    target = dict(model.named_parameters())[name]
+    return any(p is target and n in tensors for n, p in model.named_parameters(remove_duplicate=False))
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
+                    rng_state: dict[str, Any], scaler: Any = None) -> Path:
+    """Write ``output_dir/checkpoint-<step>`` atomically (temp folder, then rename); return its path.
+
+    An existing ``checkpoint-<step>`` (e.g. written again after a resume) is replaced only once the new
+    one is complete. See the module docstring for the files.
+    """
+    out = Path(output_dir)
+    final = out / f"checkpoint-{step}"
+    tmp = out / f"tmp-checkpoint-{step}"
+    if tmp.exists():  # our own half-written folder from a killed run
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
+    save_optimizer(optimizer, tmp)
+    (tmp / "scheduler.json").write_text(json.dumps(_jsonable(scheduler.state_dict())))
+    save_rng_state(rng_state, tmp)
+    if scaler is not None and scaler.is_enabled():
+        (tmp / "scaler.json").write_text(json.dumps(_jsonable(scaler.state_dict())))
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))  # written last
+    if final.exists():
+        old = out / f"tmp-old-checkpoint-{step}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    scaler: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore weights, optimizer, scheduler (and scaler) from ``folder``; return (trainer_state, rng_state).
+
+    The caller restores the RNG state (:func:`restore_rng_state`) right before the next step.
+    """
+    folder = Path(folder)
+    load_trainable_state_dict(model, load_file(str(folder / "trainable.safetensors")), str(folder))
+    load_optimizer(optimizer, folder)
+    scheduler.load_state_dict(_from_json(json.loads((folder / "scheduler.json").read_text())))
+    if scaler is not None and scaler.is_enabled() and (folder / "scaler.json").is_file():
+        scaler.load_state_dict(_from_json(json.loads((folder / "scaler.json").read_text())))
+    state = json.loads((folder / TRAINER_STATE).read_text())
+    return state, load_rng_state(folder)
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: Optional[int],
+                       keep: Optional[str] = None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond ``save_total_limit`` (never ``keep``, the best one).
+
+    Returns the deleted folders. ``None`` or ``<= 0`` keeps everything.
+    """
+    if not save_total_limit or save_total_limit <= 0:
+        return []
+    ckpts = list_checkpoints(output_dir)
+    deleted = []
+    excess = len(ckpts) - save_total_limit
+    for ck in ckpts:
+        if excess <= 0:
+            break
+        if keep is not None and Path(keep).resolve() == ck.resolve():
+            continue
+        shutil.rmtree(ck)
+        deleted.append(ck)
+        excess -= 1
+    return deleted

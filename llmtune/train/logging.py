@@ -1,0 +1,149 @@
+"""Training logs: a tqdm progress bar, ``output_dir/trainer_log.jsonl`` and optionally TensorBoard.
+
+``trainer_log.jsonl`` holds one JSON object per line with LLaMA-Factory's keys (``current_steps``,
+``total_steps``, ``loss``, ``lr``, ``epoch``, ``percentage``, ``elapsed_time``, ``remaining_time``,
+``throughput`` in input tokens per second) plus ``grad_norm``, ``eval_loss`` and each stage's metrics by
+TRL's names. Only the main process (rank 0) writes. No callbacks: the trainer calls :meth:`TrainLogger.log`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from llmtune.errors import LLMTuneError
+
+LOG_FILE = "trainer_log.jsonl"
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def resolve_report_to(report_to: Any) -> list[str]:
+    """Normalise ``report_to`` (``none``, ``tensorboard``, ``all``, a list) to a list of backends.
+
+    Only ``tensorboard`` is supported; ``all`` means tensorboard when it is installed. Raises
+    :class:`LLMTuneError` for any other backend, or when tensorboard is asked for but not installed.
+    """
+    if report_to is None:
+        return []
+    items = report_to if isinstance(report_to, (list, tuple)) else str(report_to).replace(",", " ").split()
+    items = [str(i).strip().lower() for i in items if str(i).strip()]
+    out = []
+    for item in items:
+        if item in ("none", "no", "false"):
+            continue
+        if item == "all":
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+                out.append("tensorboard")
+            except ImportError:
+                pass
+            continue
+        if item != "tensorboard":
+            raise LLMTuneError(f"report_to: {item!r} is not supported; use none or tensorboard")
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise LLMTuneError("report_to: tensorboard needs the tensorboard package; run `pip install "
+                               "tensorboard` or set report_to: none") from None
+        out.append("tensorboard")
+    return sorted(set(out))
+
+
+class TrainLogger:
+    """Writes log records to the progress bar, ``trainer_log.jsonl`` and TensorBoard (main process only).
+
+    Args:
+        output_dir: folder of ``trainer_log.jsonl`` (and TensorBoard's ``runs/``).
+        total_steps: optimizer steps of the whole run (for percentage and remaining time).
+        report_to: list from :func:`resolve_report_to`.
+        enabled: False on ranks other than 0.
+        resume_step: when resuming, keep the file's records up to this step and append after them;
+            None starts a new file.
+    """
+
+    def __init__(self, output_dir: str | Path, total_steps: int, report_to: list[str] = (), enabled: bool = True,
+                 resume_step: Optional[int] = None, initial_step: int = 0) -> None:
+        self.path = Path(output_dir) / LOG_FILE
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.start_time = time.time()
+        self.start_step = initial_step
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("current_steps", 0) <= resume_step:
+                    kept.append(line)
+        self.path.write_text("".join(k + "\n" for k in kept))
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))
+
+    def advance(self, n: int = 1) -> None:
+        """Move the progress bar by ``n`` optimizer steps."""
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, step: int, epoch: float, values: dict[str, Any], tokens_seen: int = 0) -> dict[str, Any]:
+        """Write one record for ``step``; returns it. ``values``: loss, lr, grad_norm, eval_* and metrics."""
+        elapsed = time.time() - self.start_time
+        done = max(step - self.start_step, 0)
+        remaining = elapsed / done * (self.total_steps - step) if done else 0.0
+        rec: dict[str, Any] = {"current_steps": step, "total_steps": self.total_steps}
+        for k, v in values.items():
+            rec[k] = float(v) if hasattr(v, "__float__") else v
+        rec.update({
+            "epoch": round(float(epoch), 4),
+            "percentage": round(step / self.total_steps * 100, 2) if self.total_steps else 100.0,
+            "elapsed_time": _hms(elapsed),
+            "remaining_time": _hms(remaining),
+            "throughput": round(tokens_seen / elapsed, 2) if elapsed > 0 else 0.0,
+        })
+        if not self.enabled:
+            return rec
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.bar is not None:
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()
+                     if k in ("loss", "eval_loss", "lr", "grad_norm")}
+            self.bar.set_postfix(shown, refresh=False)
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(("eval/" + k[5:]) if k.startswith("eval_") else "train/" + k, v, step)
+        return rec
+
+    def close(self) -> None:
+        """Close the progress bar and TensorBoard writer."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def read_log(output_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of ``output_dir/trainer_log.jsonl`` (empty list if absent)."""
+    path = Path(output_dir) / LOG_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

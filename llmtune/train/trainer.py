@@ -1,0 +1,567 @@
+"""The training loop: one explicit loop from the first batch to ``optimizer.step()``.
+
+Read :meth:`Trainer.train` top to bottom. Per optimizer step it
+
+1. takes the step's ``gradient_accumulation_steps`` micro-batches (the data order is a deterministic
+   function of ``seed`` and the epoch, so a resumed run sees the same batches);
+2. counts the step's items (loss tokens for pt/sft) over ALL micro-batches (and, distributed, all ranks);
+3. runs each micro-batch forward under autocast and back-propagates ``loss_sum / step_items``, so
+   accumulation gives exactly the gradient of one big batch (the 2024 gradient-accumulation bug is that
+   each micro-batch was averaged on its own);
+4. clips the gradient norm (``max_grad_norm``), steps AdamW and the LR schedule;
+5. logs, evaluates and saves checkpoints on their schedules.
+
+Distributed training (later: DDP/FSDP2 via ``torchrun``) touches only the small helpers ``_rank``,
+``_world_size``, ``_all_reduce_sum`` and ``_is_main``: each rank reads its own shard of the shuffled
+order, item counts are summed over ranks, rank 0 logs and saves.
+
+Sources: AdamW (Loshchilov & Hutter, 2019); schedules as in Hugging Face ``transformers.optimization``
+(linear / cosine with linear warm-up, Loshchilov & Hutter 2017 for cosine); mixed precision with
+``torch.autocast`` and ``GradScaler`` (Micikevicius et al., 2018).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from llmtune.errors import LLMTuneError, notice
+from llmtune.train import checkpoint as ckpt
+from llmtune.train.logging import TrainLogger, resolve_report_to
+from llmtune.train.stages import StageContext, get_stage, item_counter
+
+IGNORE_INDEX = -100
+
+#: defaults of the training keys (Hugging Face ``TrainingArguments`` defaults).
+DEFAULTS: dict[str, Any] = {
+    "stage": "sft", "output_dir": "output", "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
+    "gradient_accumulation_steps": 1, "learning_rate": 5e-5, "weight_decay": 0.0, "adam_beta1": 0.9,
+    "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "num_train_epochs": 3.0, "max_steps": -1,
+    "lr_scheduler_type": "linear", "warmup_ratio": 0.0, "warmup_steps": 0, "logging_steps": 500,
+    "save_steps": 500, "save_strategy": "steps", "save_total_limit": None, "eval_strategy": "no",
+    "eval_steps": None, "load_best_model_at_end": False, "metric_for_best_model": None,
+    "greater_is_better": None, "bf16": False, "fp16": False, "gradient_checkpointing": False, "seed": 42,
+    "report_to": "none", "plot_loss": False, "resume_from_checkpoint": None, "loraplus_lr_ratio": None,
+}
+
+
+def cfg(config: Any, name: str) -> Any:
+    """``config.<name>``, or ``config[name]`` for a dict, falling back to :data:`DEFAULTS` when None/absent."""
+    val = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+    return DEFAULTS.get(name) if val is None else val
+
+
+# -- distributed hooks (single process until issue 9) -----------------------------------------------
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _dist_ready() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if _dist_ready() else 1
+
+
+def _is_main() -> bool:
+    return _rank() == 0
+
+
+def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (identity in one process)."""
+    if _dist_ready():
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+    return value
+
+
+# -- seeds, precision, schedules --------------------------------------------------------------------
+def set_seed(seed: int) -> None:
+    """Seed Python ``random``, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bfloat16 matrix products natively (oneDNN AVX512-BF16/AMX or AVX512 core)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover - builds without oneDNN
+        return False
+
+
+def resolve_precision(bf16: bool, fp16: bool, device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype for the ``bf16``/``fp16`` flags on ``device_type`` (None = float32, no autocast).
+
+    ``fp16`` on a CPU: float16 arithmetic there is about 18x slower than float32, so bfloat16 autocast is
+    used where the CPU supports it (else float32), with one notice. Raises :class:`LLMTuneError` when
+    both flags are set.
+    """
+    if bf16 and fp16:
+        raise LLMTuneError("bf16 and fp16 are both true; set only one of them")
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        if device_type == "cpu":
+            if cpu_supports_bf16():
+                notice("fp16 on a CPU: float16 arithmetic is ~18x slower than float32 there; training with "
+                       "bfloat16 autocast instead (set bf16: true to silence this)")
+                return torch.bfloat16
+            notice("fp16 on a CPU: float16 arithmetic is ~18x slower than float32 there and this CPU lacks "
+                   "bfloat16 support; training in float32 instead (remove fp16 to silence this)")
+            return None
+        return torch.float16
+    return None
+
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+def lr_lambda(kind: str, num_warmup_steps: int, num_training_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate after ``step`` scheduler steps (torch ``LambdaLR`` form).
+
+    * ``linear``: ``step/warmup`` during warm-up, then ``max(0, (total-step)/(total-warmup))``;
+    * ``cosine``: warm-up, then ``max(0, 0.5 * (1 + cos(pi * progress)))``,
+      ``progress = (step-warmup)/(total-warmup)`` (half a cosine, as Hugging Face's default);
+    * ``constant``: 1; ``constant_with_warmup``: ``step/warmup`` then 1.
+
+    Raises :class:`LLMTuneError` for an unknown ``lr_scheduler_type``.
+    """
+    w, total = max(int(num_warmup_steps), 0), max(int(num_training_steps), 1)
+
+    def warm(step: int) -> Optional[float]:
+        return step / max(1, w) if step < w else None
+
+    if kind == "linear":
+        return lambda s: warm(s) if s < w else max(0.0, (total - s) / max(1, total - w))
+    if kind == "cosine":
+        return lambda s: warm(s) if s < w else max(
+            0.0, 0.5 * (1.0 + math.cos(math.pi * (s - w) / max(1, total - w))))
+    if kind == "constant":
+        return lambda s: 1.0
+    if kind == "constant_with_warmup":
+        return lambda s: warm(s) if s < w else 1.0
+    from llmtune.errors import nearest
+
+    raise LLMTuneError(f"lr_scheduler_type: {kind!r} is not supported (use one of {', '.join(SCHEDULERS)})."
+                       + nearest(kind, SCHEDULERS))
+
+
+def num_warmup_steps(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
+    """``warmup_steps`` when > 0, else ``ceil(warmup_ratio * total_steps)`` (Hugging Face's rule)."""
+    return int(warmup_steps) if warmup_steps and warmup_steps > 0 else math.ceil(float(warmup_ratio or 0) * total_steps)
+
+
+def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters in up to four groups.
+
+    Weight decay applies to matrices only (biases and norm weights, ``ndim < 2``, get none, as Hugging
+    Face's trainer does). ``loraplus_lr_ratio`` (LoRA+, Hayou et al. 2024): ``lora_B`` matrices get
+    ``learning_rate * ratio``. The fused implementation is used when every parameter is a float tensor on
+    a device that supports it, else the foreach one.
+    """
+    lr, wd = float(cfg(config, "learning_rate")), float(cfg(config, "weight_decay"))
+    ratio = cfg(config, "loraplus_lr_ratio")
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        g_lr = lr * float(ratio) if ratio and "lora_B" in name else lr
+        g_wd = wd if p.ndim >= 2 else 0.0
+        groups.setdefault((g_lr, g_wd), []).append(p)
+    if not groups:
+        raise LLMTuneError("no trainable parameters: check finetuning_type, lora_target and "
+                           "freeze_trainable_layers")
+    param_groups = [{"params": ps, "lr": g_lr, "weight_decay": g_wd} for (g_lr, g_wd), ps in groups.items()]
+    kwargs = dict(lr=lr, betas=(float(cfg(config, "adam_beta1")), float(cfg(config, "adam_beta2"))),
+                  eps=float(cfg(config, "adam_epsilon")))
+    try:
+        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
+
+
+def pad_collate(rows: Sequence[dict[str, Sequence[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad rows of ``input_ids, attention_mask, labels`` (and ``position_ids``) into int64 tensors.
+
+    Padding: ``pad_token_id`` for input ids, 0 for attention mask and positions, -100 for labels.
+    A minimal collator for pt/sft rows; the data package's collators are used when available.
+    """
+    t = max(len(r["input_ids"]) for r in rows)
+    pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+    out = {}
+    for key, pad in pads.items():
+        if key in rows[0]:
+            out[key] = torch.tensor([list(r[key]) + [pad] * (t - len(r[key])) for r in rows], dtype=torch.long)
+    return out
+
+
+class Trainer:
+    """Runs one stage's training loop on a model.
+
+    Args:
+        model: an ``llmtune.models.Transformer`` (or any module a stage accepts) with its trainable
+            parameters already chosen (LoRA / freeze / full).
+        config: the run's config (``llmtune.config.TrainConfig``, a dict or a namespace with
+            LLaMA-Factory key names; absent keys take Hugging Face's defaults, see :data:`DEFAULTS`).
+        train_dataset: a sequence of rows (dicts of lists of ints, see docs/internals.md "Data").
+        eval_dataset: optional sequence of rows for evaluation.
+        collator: ``list[row] -> dict[str, Tensor]``; default :func:`pad_collate`.
+        stage: a stage function; default ``STAGES[config.stage]``.
+        tokenizer: passed to stages in the context.
+
+    ``train()`` writes ``output_dir/trainer_log.jsonl`` and checkpoints; raises :class:`LLMTuneError` on
+    configuration mistakes. Not thread-safe; one Trainer per process.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: Any, train_dataset: Sequence[dict],
+                 eval_dataset: Optional[Sequence[dict]] = None, collator: Optional[Callable] = None,
+                 stage: Optional[Callable] = None, tokenizer: Any = None, ctx_extra: Optional[dict] = None) -> None:
+        self.model = model
+        self.config = config
+        self.train_dataset = train_dataset
+        self.collator = collator or pad_collate
+        self.stage_name = cfg(config, "stage")
+        self.stage = stage or get_stage(self.stage_name)
+        self.count_items = item_counter(self.stage_name) if stage is None else getattr(stage, "count_items", None)
+        self.output_dir = Path(cfg(config, "output_dir"))
+        self.device = next(model.parameters()).device
+        self.bs = int(cfg(config, "per_device_train_batch_size"))
+        self.eval_bs = int(cfg(config, "per_device_eval_batch_size"))
+        self.ga = int(cfg(config, "gradient_accumulation_steps"))
+        if self.bs < 1 or self.ga < 1:
+            raise LLMTuneError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+        self.seed = int(cfg(config, "seed"))
+        self.ctx = StageContext(config=config, tokenizer=tokenizer, extra=dict(ctx_extra or {}))
+
+        # evaluation: needs eval data; the seed's SFT asks for it without val_size -> notice and go on
+        self.eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None
+        self.eval_strategy = str(cfg(config, "eval_strategy")).lower()
+        if self.eval_strategy not in ("no", "steps", "epoch"):
+            raise LLMTuneError(f"eval_strategy: {self.eval_strategy!r} is not one of no, steps, epoch")
+        self.load_best = bool(cfg(config, "load_best_model_at_end"))
+        if self.eval_dataset is None and (self.eval_strategy != "no" or self.load_best):
+            notice(f"eval_strategy {self.eval_strategy!r}/load_best_model_at_end are set but there is no "
+                   "evaluation data (set val_size or eval_dataset); training without evaluation")
+            self.eval_strategy, self.load_best = "no", False
+        if self.load_best and self.eval_strategy == "no":
+            notice("load_best_model_at_end needs eval_strategy steps or epoch; ignoring it")
+            self.load_best = False
+        self.metric = str(cfg(config, "metric_for_best_model") or "eval_loss")
+        if not self.metric.startswith("eval_"):
+            self.metric = "eval_" + self.metric
+        gib = cfg(config, "greater_is_better")
+        self.greater_is_better = bool(gib) if gib is not None else not self.metric.endswith("loss")
+
+        # schedule lengths
+        self.micro_per_epoch = math.ceil(len(self._shard(list(range(len(train_dataset))))) / self.bs)
+        if self.micro_per_epoch == 0:
+            raise LLMTuneError("the training dataset is empty: check dataset, max_samples and val_size")
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.ga)
+        max_steps = int(cfg(config, "max_steps"))
+        epochs = float(cfg(config, "num_train_epochs"))
+        self.total_steps = max_steps if max_steps > 0 else math.ceil(epochs * self.steps_per_epoch)
+        if self.total_steps <= 0:
+            raise LLMTuneError("nothing to train: set num_train_epochs > 0 or max_steps > 0")
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.logging_steps = max(1, int(_steps(cfg(config, "logging_steps"), self.total_steps)))
+        self.save_strategy = str(cfg(config, "save_strategy")).lower()
+        self.save_steps = max(1, int(_steps(cfg(config, "save_steps"), self.total_steps)))
+        self.eval_steps = max(1, int(_steps(cfg(config, "eval_steps") or self.logging_steps, self.total_steps)))
+
+        # precision, optimizer, schedule
+        self.amp_dtype = resolve_precision(bool(cfg(config, "bf16")), bool(cfg(config, "fp16")), self.device.type)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
+        if cfg(config, "gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        self.optimizer = build_optimizer(model, config)
+        kind = str(cfg(config, "lr_scheduler_type"))
+        warm = num_warmup_steps(int(cfg(config, "warmup_steps")), float(cfg(config, "warmup_ratio")), self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(kind, warm, self.total_steps))
+        self.max_grad_norm = float(cfg(config, "max_grad_norm"))
+        self.report_to = resolve_report_to(cfg(config, "report_to"))
+
+        # state
+        self.global_step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.tokens_seen = 0
+        self.best_metric: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.best_state: Optional[dict[str, torch.Tensor]] = None
+        self.log_history: list[dict] = []
+        self._rng_at_step_start = ckpt.capture_rng_state()
+
+    # -- data -------------------------------------------------------------------------------------
+    def _shard(self, indices: list[int]) -> list[int]:
+        """This rank's share of an index order (every ``world_size``-th index)."""
+        return indices[_rank()::_world_size()]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The shuffled dataset order of ``epoch``: ``randperm`` from a generator seeded by ``seed + epoch``."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return self._shard(torch.randperm(len(self.train_dataset), generator=g).tolist())
+
+    def epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        """The optimizer steps of ``epoch``: each a list of micro-batches, each a list of row indices.
+
+        The last step of an epoch may hold fewer micro-batches (and the last micro-batch fewer rows).
+        """
+        order = self.epoch_order(epoch)
+        micro = [order[i:i + self.bs] for i in range(0, len(order), self.bs)]
+        return [micro[i:i + self.ga] for i in range(0, len(micro), self.ga)]
+
+    def collate(self, indices: list[int], dataset: Optional[Sequence[dict]] = None) -> dict[str, torch.Tensor]:
+        """Collate rows ``indices`` of ``dataset`` (default: the training set) onto the model's device."""
+        ds = self.train_dataset if dataset is None else dataset
+        batch = self.collator([ds[i] for i in indices])
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def autocast(self):
+        """``torch.autocast`` context for the configured precision (a no-op context for float32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def accumulate_gradients(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, dict]:
+        """Forward + backward all micro-batches of one optimizer step; gradients land in ``param.grad``.
+
+        Every micro-batch back-propagates ``loss_sum / step_items`` where ``step_items`` is the item count
+        of the whole step (all micro-batches, summed over ranks), so the accumulated gradient equals that
+        of the mean loss over the step's items. Returns ``(step_loss, step_items, metrics)``: the mean loss
+        as a float, the item count, and the micro-batch metrics averaged (unweighted).
+        """
+        counted: Optional[int] = None
+        if self.count_items is not None:
+            local = sum(int(self.count_items(b)) for b in micro_batches)
+            counted = int(_all_reduce_sum(torch.tensor(local, dtype=torch.long, device=self.device)).item())
+        denom = counted if counted else 1
+        loss_total = torch.zeros((), dtype=torch.float32, device=self.device)
+        items_seen = 0
+        metric_sums: dict[str, float] = {}
+        for batch in micro_batches:
+            with self.autocast():
+                loss_sum, n, metrics = self.stage(self.model, batch, self.ctx)
+            self.scaler.scale(loss_sum.float() / denom).backward()
+            loss_total += loss_sum.detach().float()
+            items_seen += int(n)
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+            if "attention_mask" in batch:
+                self.tokens_seen += int((batch["attention_mask"] > 0).sum())
+            else:
+                self.tokens_seen += int(batch["input_ids"].numel())
+        total_items = int(_all_reduce_sum(torch.tensor(items_seen, dtype=torch.long, device=self.device)).item())
+        if counted is not None and counted != total_items:
+            raise RuntimeError(f"stage {self.stage_name!r}: its item counter gave {counted} items but the "
+                               f"stage reported {total_items}")
+        if total_items == 0:
+            raise LLMTuneError("a training step holds no loss tokens (every label is -100): check cutoff_len "
+                               "(long prompts may be cut before the response) and train_on_prompt")
+        if counted is None:  # no counter: raw sums were back-propagated; divide the gradients now
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(total_items)
+        step_loss = float(_all_reduce_sum(loss_total).item()) / total_items
+        return step_loss, total_items, {k: v / len(micro_batches) for k, v in metric_sums.items()}
+
+    def optimizer_step(self) -> float:
+        """Unscale (fp16), clip to ``max_grad_norm``, step AdamW and the scheduler, zero the gradients.
+
+        Returns the gradient norm before clipping (L2 over all trainable parameters).
+        """
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Train to ``total_steps``; return LLaMA-Factory's train results (``train_loss``, runtime...).
+
+        Resumes from ``resume_from_checkpoint`` when set. Ctrl-C saves ``checkpoint-<step>`` (the last
+        completed step) and re-raises ``KeyboardInterrupt``.
+        """
+        resume = ckpt.resolve_resume(cfg(self.config, "resume_from_checkpoint"), self.output_dir)
+        if resume is not None:
+            self._load(resume)
+        if _is_main():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        logger = TrainLogger(self.output_dir, self.total_steps, self.report_to, enabled=_is_main(),
+                             resume_step=self.global_step if resume is not None else None,
+                             initial_step=self.global_step)
+        self.model.train()
+        start = time.time()
+        start_step = self.global_step
+        window_loss, window_steps, window_metrics = 0.0, 0, {}
+        loss_sum_all, steps_all = 0.0, 0
+        try:
+            while self.global_step < self.total_steps:
+                steps = self.epoch_steps(self.epoch)
+                while self.step_in_epoch < len(steps) and self.global_step < self.total_steps:
+                    self._rng_at_step_start = ckpt.capture_rng_state()
+                    self.ctx.global_step, self.ctx.training = self.global_step, True
+                    micro = [self.collate(ix) for ix in steps[self.step_in_epoch]]   # 1. pre-fetch the step
+                    loss, _, metrics = self.accumulate_gradients(micro)             # 2-3. count, fwd, bwd
+                    lr = self.scheduler.get_last_lr()[0]
+                    grad_norm = self.optimizer_step()                               # 4. clip, step
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    logger.advance()
+                    window_loss, window_steps = window_loss + loss, window_steps + 1
+                    loss_sum_all, steps_all = loss_sum_all + loss, steps_all + 1
+                    for k, v in metrics.items():
+                        window_metrics[k] = window_metrics.get(k, 0.0) + v
+                    end_of_epoch = self.step_in_epoch == len(steps)
+                    if self.global_step % self.logging_steps == 0 or self.global_step == self.total_steps:
+                        vals = {"loss": round(window_loss / window_steps, 6), "lr": lr, "grad_norm": grad_norm}
+                        vals.update({k: v / window_steps for k, v in window_metrics.items()})
+                        self.log_history.append(logger.log(self.global_step, self.epoch_float(), vals,
+                                                           self.tokens_seen))
+                        window_loss, window_steps, window_metrics = 0.0, 0, {}
+                    if (self.eval_strategy == "steps" and self.global_step % self.eval_steps == 0) or (
+                            self.eval_strategy == "epoch" and end_of_epoch):
+                        metrics_eval = self.evaluate()
+                        self.log_history.append(logger.log(self.global_step, self.epoch_float(), metrics_eval,
+                                                           self.tokens_seen))
+                        self._track_best(metrics_eval)
+                    if (self.save_strategy == "steps" and self.global_step % self.save_steps == 0) or (
+                            self.save_strategy == "epoch" and end_of_epoch):
+                        self.save_checkpoint()
+                if self.step_in_epoch >= len(steps):
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        except KeyboardInterrupt:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.global_step > start_step or resume is None:
+                path = self.save_checkpoint(rng_state=self._rng_at_step_start)
+                notice(f"interrupted: saved {path}; continue with resume_from_checkpoint: {path}")
+            logger.close()
+            raise
+        logger.close()
+        if self.load_best and self.best_state is not None:
+            ckpt.load_trainable_state_dict(self.model, self.best_state, f"best step {self.best_step}")
+            notice(f"loaded the best model (step {self.best_step}, {self.metric} = {self.best_metric:.4g})")
+        runtime = time.time() - start
+        done = self.global_step - start_step
+        results = {"epoch": round(self.epoch_float(), 4),
+                   "train_loss": loss_sum_all / steps_all if steps_all else float("nan"),
+                   "train_runtime": round(runtime, 4),
+                   "train_samples_per_second": round(done * self.bs * self.ga * _world_size() / runtime, 3) if runtime else 0.0,
+                   "train_steps_per_second": round(done / runtime, 3) if runtime else 0.0,
+                   "train_tokens_per_second": round(self.tokens_seen / runtime, 2) if runtime else 0.0}
+        return results
+
+    def epoch_float(self) -> float:
+        """Fractional epochs completed (``epoch + step_in_epoch / steps_per_epoch``)."""
+        return self.epoch + self.step_in_epoch / self.steps_per_epoch
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, dataset: Optional[Sequence[dict]] = None) -> dict[str, float]:
+        """Mean loss over all items of the eval set (``eval_loss``) plus the stage's metrics (``eval_*``).
+
+        The loss is ``sum(loss_sum) / sum(items)`` over every eval batch (and rank); metrics are averaged
+        weighted by each batch's items. The model is put back in training mode afterwards.
+        """
+        ds = self.eval_dataset if dataset is None else dataset
+        if ds is None:
+            raise LLMTuneError("evaluation needs eval data: set val_size or eval_dataset")
+        self.model.eval()
+        self.ctx.training = False
+        order = self._shard(list(range(len(ds))))
+        loss_total, items_total = 0.0, 0
+        metric_sums: dict[str, float] = {}
+        for i in range(0, len(order), self.eval_bs):
+            batch = self.collate(order[i:i + self.eval_bs], ds)
+            with self.autocast():
+                loss_sum, n, metrics = self.stage(self.model, batch, self.ctx)
+            loss_total += float(loss_sum)
+            items_total += int(n)
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * int(n)
+        sums = _all_reduce_sum(torch.tensor([loss_total, float(items_total)] + list(metric_sums.values()),
+                                            dtype=torch.float64, device=self.device)).tolist()
+        self.model.train()
+        self.ctx.training = True
+        items = max(sums[1], 1.0)
+        out = {"eval_loss": sums[0] / items}
+        out.update({f"eval_{k}": s / items for k, s in zip(metric_sums, sums[2:])})
+        return out
+
+    def _track_best(self, metrics: dict[str, float]) -> None:
+        if self.metric not in metrics:
+            raise LLMTuneError(f"metric_for_best_model: {self.metric!r} is not among the eval metrics "
+                               f"({', '.join(sorted(metrics))})")
+        value = metrics[self.metric]
+        better = self.best_metric is None or (value > self.best_metric if self.greater_is_better
+                                              else value < self.best_metric)
+        if better:
+            self.best_metric, self.best_step = value, self.global_step
+            if self.load_best:  # trainable weights only: small for LoRA
+                self.best_state = {k: v.clone() for k, v in ckpt.trainable_state_dict(self.model).items()}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The JSON trainer state saved in checkpoints (step, data position, best metric, log history)."""
+        return {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "total_steps": self.total_steps, "tokens_seen": self.tokens_seen, "best_metric": self.best_metric,
+                "best_global_step": self.best_step, "stage": self.stage_name, "seed": self.seed,
+                "per_device_train_batch_size": self.bs, "gradient_accumulation_steps": self.ga,
+                "world_size": _world_size(), "log_history": self.log_history}
+
+    def save_checkpoint(self, rng_state: Optional[dict] = None) -> Optional[Path]:
+        """Write ``output_dir/checkpoint-<global_step>`` (rank 0), rotate by ``save_total_limit``."""
+        if not _is_main():
+            return None
+        path = ckpt.save_checkpoint(self.output_dir, self.global_step, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, trainer_state=self.state_dict(),
+                                    rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler)
+        keep = self.output_dir / f"checkpoint-{self.best_step}" if self.best_step is not None else None
+        ckpt.rotate_checkpoints(self.output_dir, cfg(self.config, "save_total_limit"), keep=keep)
+        return path
+
+    def _load(self, folder: Path) -> None:
+        state, rng = ckpt.load_checkpoint(folder, model=self.model, optimizer=self.optimizer,
+                                          scheduler=self.scheduler, scaler=self.scaler)
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "seed"):
+            if state.get(key) is not None and state[key] != self.state_dict()[key]:
+                raise LLMTuneError(f"resume_from_checkpoint: {folder} was trained with {key} = {state[key]}, "
+                                   f"this run has {self.state_dict()[key]}; use the same value to resume")
+        self.global_step = int(state["global_step"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.best_metric, self.best_step = state.get("best_metric"), state.get("best_global_step")
+        self.log_history = list(state.get("log_history", []))
+        if self.global_step >= self.total_steps:
+            notice(f"resume_from_checkpoint: {folder} is already at step {self.global_step} of {self.total_steps}; "
+                   "nothing left to train (raise max_steps or num_train_epochs to train further)")
+        ckpt.restore_rng_state(rng)
+
+
+def _steps(value: Any, total: int) -> float:
+    """Hugging Face's rule: a value below 1 is a fraction of the total steps."""
+    value = float(value)
+    return math.ceil(value * total) if 0 < value < 1 else value
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON (helper for the ``*_results.json`` files)."""
+    path.write_text(json.dumps(data, indent=2) + "\n")
