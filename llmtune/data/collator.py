@@ -1,0 +1,152 @@
+"""Collators: lists of encoded rows (dicts of lists of ints) -> dicts of int64 tensors.
+
+Padding never changes a loss: padded ``labels`` are -100 and padded ``attention_mask`` entries are 0, so the
+pad id (any value) is never attended to nor predicted. ``position_ids`` count from 0 in every sequence (and in
+every packed segment: ``attention_mask`` holds segment ids 1, 2, ... then); padding positions get 0.
+
+* :class:`SFTCollator` (pt, sft, and the prompt+completion of any stage): right padding.
+* :class:`PairwiseCollator` (rm, dpo): chosen rows then rejected rows stacked, ``input_ids (2B, T)`` with
+  ``[:B]`` chosen and ``[B:]`` rejected.
+* :class:`KTOCollator`: the completion keys plus ``kl_input_ids, kl_attention_mask, kl_labels, kl_position_ids``
+  and ``kto_tags`` (bool tensor ``(B,)``).
+* :class:`LeftPadCollator` (generation, ppo prompts): left padding, so every prompt ends at the last column.
+* :class:`DPOMixCollator` (the seed's dpo + ``kto_alpha`` mix): pair rows as :class:`PairwiseCollator`
+  (keys present only when the batch has pairs) and ``sft_only`` rows as ``sft_input_ids, sft_attention_mask,
+  sft_labels, sft_position_ids`` (present only when it has such rows).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _positions(mask: Sequence[int]) -> list[int]:
+    out, prev, start = [], None, 0
+    for i, seg in enumerate(mask):
+        if seg != prev:
+            start, prev = i, seg
+        out.append(i - start if seg > 0 else 0)
+    return out
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False, length: Optional[int] = None) -> torch.Tensor:
+    t = length if length is not None else max((len(s) for s in seqs), default=0)
+    rows = [([value] * (t - len(s)) + list(s)) if left else (list(s) + [value] * (t - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(seqs), t)
+
+
+def _target_len(n: int, multiple: Optional[int]) -> int:
+    if multiple and n % multiple:
+        n += multiple - n % multiple
+    return n
+
+
+class SFTCollator:
+    """Right-padding collator for rows with ``input_ids, attention_mask[, labels][, position_ids]``.
+
+    Returns ``input_ids (B, T)``, ``attention_mask (B, T)`` (0 pad, else the row's segment ids),
+    ``labels (B, T)`` (-100 pad; only when rows have labels), ``position_ids (B, T)``; all int64.
+
+    Args:
+        pad_token_id: id written in padded ``input_ids`` (any value; it never affects a loss).
+        pad_to_multiple_of: round ``T`` up to a multiple of this.
+        prefix: key prefix to read (``"kl_"`` reads ``kl_input_ids`` ...); outputs use the same prefix.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None, prefix: str = "") -> None:
+        self.pad_token_id = int(pad_token_id)
+        self.multiple = pad_to_multiple_of
+        self.prefix = prefix
+
+    def __call__(self, rows: Sequence[dict], out_prefix: Optional[str] = None) -> dict:
+        p, o = self.prefix, self.prefix if out_prefix is None else out_prefix
+        ids = [r[p + "input_ids"] for r in rows]
+        masks = [r.get(p + "attention_mask") or [1] * len(r[p + "input_ids"]) for r in rows]
+        t = _target_len(max((len(s) for s in ids), default=0), self.multiple)
+        batch = {o + "input_ids": _pad(ids, self.pad_token_id, length=t),
+                 o + "attention_mask": _pad(masks, 0, length=t)}
+        if all(p + "labels" in r for r in rows):
+            batch[o + "labels"] = _pad([r[p + "labels"] for r in rows], IGNORE_INDEX, length=t)
+        pos = [r.get(p + "position_ids") or _positions(m) for r, m in zip(rows, masks)]
+        batch[o + "position_ids"] = _pad(pos, 0, length=t)
+        return batch
+
+
+class PairwiseCollator:
+    """Stack ``chosen_*`` rows then ``rejected_*`` rows: ``input_ids, attention_mask, labels, position_ids``
+    of shape ``(2B, T)`` int64, rows ``[:B]`` chosen and ``[B:]`` rejected (one shared ``T``)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None) -> None:
+        self.inner = SFTCollator(pad_token_id, pad_to_multiple_of)
+
+    def __call__(self, rows: Sequence[dict]) -> dict:
+        flat = [{k[len(side) + 1:]: v for k, v in r.items() if k.startswith(side + "_")}
+                for side in ("chosen", "rejected") for r in rows]
+        return self.inner(flat)
+
+
+class KTOCollator:
+    """KTO batches: completion ``input_ids, attention_mask, labels, position_ids`` ``(B, T)``, the mismatched
+    completions ``kl_input_ids, kl_attention_mask, kl_labels, kl_position_ids`` ``(B, T_kl)`` and
+    ``kto_tags`` bool ``(B,)`` (True = desirable)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None) -> None:
+        self.main = SFTCollator(pad_token_id, pad_to_multiple_of)
+        self.kl = SFTCollator(pad_token_id, pad_to_multiple_of, prefix="kl_")
+
+    def __call__(self, rows: Sequence[dict]) -> dict:
+        batch = self.main(rows)
+        batch.update(self.kl(rows))
+        batch["kto_tags"] = torch.tensor([bool(r["kto_tag"]) for r in rows], dtype=torch.bool)
+        return batch
+
+
+class LeftPadCollator:
+    """Left-padding collator for prompts (generation / ppo): ``input_ids, attention_mask, position_ids``
+    ``(B, T)`` int64, each prompt ending at column ``T - 1``."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None) -> None:
+        self.pad_token_id = int(pad_token_id)
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, rows: Sequence[dict]) -> dict:
+        ids = [r["input_ids"] for r in rows]
+        masks = [r.get("attention_mask") or [1] * len(r["input_ids"]) for r in rows]
+        t = _target_len(max((len(s) for s in ids), default=0), self.multiple)
+        return {"input_ids": _pad(ids, self.pad_token_id, left=True, length=t),
+                "attention_mask": _pad(masks, 0, left=True, length=t),
+                "position_ids": _pad([_positions(m) for m in masks], 0, left=True, length=t)}
+
+
+class DPOMixCollator:
+    """dpo batches mixing pairs and ``sft_only`` rows (the seed's ``--kto_alpha`` knowledge term): pairs as
+    :class:`PairwiseCollator`, sft rows as ``sft_input_ids, sft_attention_mask, sft_labels, sft_position_ids``;
+    each group's keys are present only when the batch holds such rows."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None) -> None:
+        self.pairs = PairwiseCollator(pad_token_id, pad_to_multiple_of)
+        self.sft = SFTCollator(pad_token_id, pad_to_multiple_of)
+
+    def __call__(self, rows: Sequence[dict]) -> dict:
+        pairs = [r for r in rows if not r.get("sft_only")]
+        sft = [r for r in rows if r.get("sft_only")]
+        batch = self.pairs(pairs) if pairs else {}
+        if sft:
+            batch.update(self.sft(sft, out_prefix="sft_"))
+        return batch
+
+
+def get_collator(stage: str, pad_token_id: Optional[int], pad_to_multiple_of: Optional[int] = None):
+    """The collator for ``stage`` (pt/sft -> SFT, rm -> pairwise, dpo -> DPO mix (plain pairwise batches when
+    no row is ``sft_only``), kto -> KTO, ppo -> left padding). ``pad_token_id`` None -> 0 (never seen by a loss)."""
+    pad = 0 if pad_token_id is None else int(pad_token_id)
+    stage = {"pretrain": "pt", "rlhf": "ppo"}.get(stage, stage)
+    table = {"pt": SFTCollator, "sft": SFTCollator, "rm": PairwiseCollator, "dpo": DPOMixCollator,
+             "kto": KTOCollator, "ppo": LeftPadCollator}
+    if stage not in table:
+        raise ValueError(f"unknown stage {stage!r}")
+    return table[stage](pad, pad_to_multiple_of)

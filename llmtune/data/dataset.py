@@ -1,0 +1,264 @@
+"""``get_dataset``: registry -> rows -> examples -> encoded rows for one stage, cached, split.
+
+Reads these keys from ``args`` (any object, or a dict; missing ones take the defaults shown):
+``dataset`` (comma-separated names or file paths), ``eval_dataset``, ``dataset_dir="data"``, ``cutoff_len=2048``,
+``train_on_prompt=False``, ``mask_history=False``, ``max_samples=None`` (per dataset, first rows),
+``val_size=0`` (fraction < 1 or a count; seeded split), ``seed=42``, ``packing=False`` / ``neat_packing``
+(sft), ``overwrite_cache=False``, ``data_cache_dir`` or ``cache_dir`` (default
+:func:`llmtune.data.cache.default_cache_dir`), ``kto_alpha`` (dpo: datasets without pairs become
+``sft_only`` rows). ``template``, ``tool_format``, ``default_system`` are applied by :func:`get_template`.
+``streaming`` and ``preprocessing_num_workers`` are ignored.
+
+Which data serves which stage: ``pt`` any text (a row's messages joined by newlines); ``sft`` rows with an
+answer (preference rows train on ``chosen``, KTO rows on the desirable ones, ranked lists on the best);
+``rm``/``dpo`` pairs (ranked lists give every ordered pair); ``kto`` labelled rows (a pair gives one
+desirable and one undesirable example); ``ppo`` any prompt.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from llmtune.data import cache
+from llmtune.data.encode import Encoder, pack_rows
+from llmtune.data.formats import Example, check_columns, convert, detect_format
+from llmtune.data.loaders import data_files, read_file
+from llmtune.data.registry import TYPE_STAGES, DatasetAttr, resolve
+from llmtune.errors import LLMTuneError, notice
+
+STAGE_ALIASES = {"pretrain": "pt", "rlhf": "ppo"}
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
+
+
+@dataclass
+class DatasetSplits:
+    """Encoded rows: ``train`` (list of row dicts) and ``eval`` (list, or None without eval data)."""
+
+    train: list
+    eval: Optional[list] = None
+
+
+def _get(args: Any, key: str, default: Any = None) -> Any:
+    if isinstance(args, dict):
+        val = args.get(key, default)
+    else:
+        val = getattr(args, key, default)
+    return default if val is None else val
+
+
+def _names(value: Any) -> list[str]:
+    if not value:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
+    """Load, convert, encode (cached) and split the datasets named by ``args.dataset`` for ``stage``.
+
+    Args:
+        args: config object or dict (keys in the module docstring).
+        tokenizer: llmtune ``Tokenizer`` (docs/internals.md).
+        template: from :func:`llmtune.data.templates.get_template`.
+        stage: ``pt``, ``sft``, ``rm``, ``ppo``, ``dpo``, ``kto`` (``pretrain``/``rlhf`` accepted).
+
+    Returns:
+        :class:`DatasetSplits` whose rows are dicts of lists of ints (plus ``kto_tag``/``sft_only`` bools), in
+        the formats of docs/internals.md.
+
+    Raises:
+        LLMTuneError: unknown dataset (nearest names), missing file, malformed JSON (file and line), missing
+            column, data that cannot serve ``stage``, empty dataset, every label masked, Hub unreachable.
+    """
+    stage = STAGE_ALIASES.get(stage, stage)
+    if stage not in STAGES:
+        raise LLMTuneError(f"stage: unknown stage {stage!r}; expected one of {', '.join(STAGES)}.")
+    names = _names(_get(args, "dataset"))
+    if not names:
+        raise LLMTuneError("dataset: required (a name from dataset_info.json in dataset_dir, or a path to a "
+                           ".json/.jsonl file; several joined by commas).")
+    train: list = []
+    for name in names:
+        train += _load_one(name, args, tokenizer, template, stage)
+    eval_rows: Optional[list] = None
+    eval_names = _names(_get(args, "eval_dataset"))
+    val_size = float(_get(args, "val_size", 0) or 0)
+    if eval_names:
+        eval_rows = []
+        for name in eval_names:
+            eval_rows += _load_one(name, args, tokenizer, template, stage)
+        if val_size:
+            notice("val_size is ignored because eval_dataset is set.")
+    elif val_size > 0:
+        n_val = int(round(val_size * len(train))) if val_size < 1 else int(val_size)
+        if n_val >= len(train) or n_val < 1:
+            raise LLMTuneError(f"val_size: {val_size} leaves no training or no evaluation rows out of "
+                               f"{len(train)}; use a fraction in (0, 1) or a smaller count.")
+        perm = list(range(len(train)))
+        random.Random(int(_get(args, "seed", 42))).shuffle(perm)
+        val_idx = set(perm[:n_val])
+        eval_rows = [train[i] for i in sorted(val_idx)]
+        train = [r for i, r in enumerate(train) if i not in val_idx]
+    if stage == "sft" and (_get(args, "packing", False) or _get(args, "neat_packing", False)):
+        cutoff = int(_get(args, "cutoff_len", 2048))
+        train = pack_rows(train, cutoff)
+        if eval_rows:
+            eval_rows = pack_rows(eval_rows, cutoff)
+    return DatasetSplits(train=train, eval=eval_rows)
+
+
+def _cache_dir(args: Any) -> Path:
+    d = _get(args, "data_cache_dir") or _get(args, "cache_dir")
+    return Path(d).expanduser() if d else cache.default_cache_dir()
+
+
+def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
+    attr = resolve(name, str(_get(args, "dataset_dir", "data")))
+    files = data_files(attr)
+    kto_alpha = _get(args, "kto_alpha")
+    mix_sft = stage == "dpo" and kto_alpha is not None and float(kto_alpha) > 0
+    opts = {"cutoff_len": int(_get(args, "cutoff_len", 2048)), "train_on_prompt": bool(_get(args, "train_on_prompt", False)),
+            "mask_history": bool(_get(args, "mask_history", False)), "mix_sft": mix_sft,
+            "max_samples": _get(args, "max_samples"), "seed": int(_get(args, "seed", 42))}
+    key = cache.cache_key({"attr": attr.fingerprint(), "files": cache.file_fingerprint(files), "stage": stage,
+                           "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+                           "template": cache.template_fingerprint(template), "opts": opts})
+    cdir = _cache_dir(args)
+    if not _get(args, "overwrite_cache", False):
+        hit = cache.load(cdir, attr.name, key)
+        if hit is not None:
+            _report(attr, hit["stats"], opts["cutoff_len"])
+            return hit["rows"]
+    raw: list[dict] = []
+    for f in files:
+        raw += read_file(f)
+    if not raw:
+        raise LLMTuneError(f"dataset {attr.name!r}: no rows in {', '.join(map(str, files))}.")
+    attr = detect_format(attr, raw)
+    check_columns(attr, raw, ", ".join(str(f) for f in files))
+    if attr.num_samples:
+        rng = random.Random(opts["seed"])
+        idx = list(range(len(raw)))
+        rng.shuffle(idx)
+        while len(idx) < attr.num_samples:
+            idx.append(rng.randrange(len(raw)))
+        raw = [raw[i] for i in idx[:attr.num_samples]]
+    if opts["max_samples"]:
+        raw = raw[:int(opts["max_samples"])]
+    examples, skipped = convert(attr, raw)
+    _check_type(attr, stage)
+    enc = Encoder(template, tokenizer, opts["cutoff_len"], opts["train_on_prompt"], opts["mask_history"])
+    rows, stats = _encode(attr, examples, enc, stage, mix_sft)
+    stats["malformed"] = skipped
+    stats["truncated"] = enc.truncated
+    stats["rows"] = len(raw)
+    if not rows:
+        raise LLMTuneError(f"dataset {attr.name!r}: no example left to train on for stage {stage} "
+                           f"({len(raw)} rows, {skipped} malformed, {stats.get('dropped', 0)} with every label "
+                           f"masked, e.g. by cutoff_len={opts['cutoff_len']}); check the data and its columns.")
+    cache.save(cdir, attr.name, key, rows, stats)
+    _report(attr, stats, opts["cutoff_len"])
+    return rows
+
+
+def _report(attr: DatasetAttr, stats: dict, cutoff_len: int) -> None:
+    if stats.get("malformed"):
+        notice(f"dataset {attr.name!r}: skipped {stats['malformed']} malformed row(s) (roles not alternating "
+               "user/assistant, or unknown role tags).")
+    if stats.get("truncated"):
+        notice(f"dataset {attr.name!r}: {stats['truncated']} example(s) longer than cutoff_len={cutoff_len} tokens "
+               "were truncated (keeping each kept answer's end-of-turn token); raise cutoff_len to keep them whole.")
+    if stats.get("dropped"):
+        notice(f"dataset {attr.name!r}: dropped {stats['dropped']} example(s) with no token left to train on.")
+    for msg in stats.get("notes", []):
+        notice(f"dataset {attr.name!r}: {msg}")
+
+
+def _check_type(attr: DatasetAttr, stage: str) -> None:
+    if attr.type_hint and stage not in TYPE_STAGES[attr.type_hint]:
+        notice(f"dataset {attr.name!r} is registered with type {attr.type_hint!r}, which does not usually serve "
+               f"stage {stage}; using it anyway.")
+
+
+def _document(ex: Example) -> str:
+    parts = [m["content"] for m in ex.prompt if m.get("content")]
+    if ex.responses:
+        parts.append(ex.responses[0]["content"])
+    return "\n".join(parts)
+
+
+def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, mix_sft: bool):
+    stats: dict = {"dropped": 0, "notes": []}
+    rows: list = []
+
+    def add(row):
+        if row is None:
+            stats["dropped"] += 1
+        else:
+            rows.append(row)
+
+    kinds = {ex.kind for ex in examples}
+    if stage == "pt":
+        return enc.encode_pretrain([_document(ex) for ex in examples]), stats
+    if stage == "ppo":
+        for ex in examples:
+            add(enc.encode_ppo(ex))
+        return rows, stats
+    if stage == "sft":
+        if kinds <= {"prompt"}:
+            raise LLMTuneError(f"dataset {attr.name!r} has no answers (no response/output column, or sharegpt "
+                               "conversations without an assistant turn); sft needs them (for plain text use "
+                               "stage pt).")
+        if kinds & {"pair", "ranked"}:
+            stats["notes"].append("preference rows: sft trains on the chosen (best) answer.")
+        if "kto" in kinds:
+            stats["notes"].append("KTO rows: sft trains on the desirable (kto_tag true) examples only.")
+        for ex in examples:
+            if ex.kind in ("sft", "pair", "ranked") or (ex.kind == "kto" and ex.kto_tag):
+                add(enc.encode_sft(ex))
+        return rows, stats
+    if stage in ("rm", "dpo"):
+        for ex in examples:
+            if ex.kind == "pair":
+                add(enc.encode_pair(ex, ex.responses[0], ex.responses[1]))
+            elif ex.kind == "ranked":
+                for i in range(len(ex.responses)):
+                    for j in range(i + 1, len(ex.responses)):
+                        add(enc.encode_pair(ex, ex.responses[i], ex.responses[j]))
+            elif ex.kind in ("sft", "kto") and mix_sft:
+                row = enc.encode_sft(ex) if (ex.kind == "sft" or ex.kto_tag) else None
+                if row is not None:
+                    row["sft_only"] = True
+                    rows.append(row)
+        if not rows and kinds & {"sft", "kto"} and not (kinds & {"pair", "ranked"}):
+            if stage == "dpo":
+                raise LLMTuneError(f"dataset {attr.name!r} has no chosen/rejected pairs; stage dpo uses such plain "
+                                   "sft rows only as the knowledge term of the seed's mix (set kto_alpha, e.g. "
+                                   "--kto_alpha 0.5, and give a preference dataset too).")
+            raise LLMTuneError(f"dataset {attr.name!r} has no chosen/rejected pairs (columns chosen/rejected with "
+                               "\"ranking\": true, or an output list ranked best first); stage rm needs them.")
+        if not rows and kinds <= {"prompt"}:
+            raise LLMTuneError(f"dataset {attr.name!r} has no answers; stage {stage} needs chosen/rejected pairs.")
+        return rows, stats
+    # kto
+    items: list[Example] = []
+    for ex in examples:
+        if ex.kind == "kto":
+            items.append(ex)
+        elif ex.kind in ("pair", "ranked"):
+            for k, resp in enumerate(ex.responses):
+                items.append(Example(prompt=ex.prompt, responses=[resp], kind="kto", system=ex.system,
+                                     tools=ex.tools, kto_tag=(k == 0)))
+    if not items:
+        raise LLMTuneError(f"dataset {attr.name!r} has no KTO labels (map a boolean column with "
+                           "\"columns\": {\"kto_tag\": \"label\"}) and no chosen/rejected pairs; stage kto needs "
+                           "desirable/undesirable examples.")
+    if kinds & {"pair", "ranked"}:
+        stats["notes"].append("preference rows split into one desirable and one undesirable KTO example each.")
+    for i, ex in enumerate(items):
+        add(enc.encode_kto(ex, items[(i + 1) % len(items)].responses[0]))
+    return rows, stats

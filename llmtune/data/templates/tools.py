@@ -1,0 +1,150 @@
+"""Tool (function-calling) text formats used by chat templates.
+
+A conversation with tools has three tool-related pieces of text:
+
+* the tool list, appended to the system message (``format_tools``);
+* a function call written by the assistant (``format_call``), from a message whose content is the JSON
+  ``{"name": ..., "arguments": {...}}`` (or a list of them for parallel calls), the sharegpt ``function_call``
+  role;
+* the tool's answer (``observation`` role), which the template itself wraps.
+
+Formats (facts from LLaMA-Factory's ``data/tool_utils.py``; the text is reproduced because the trained
+model must see exactly these strings):
+
+``default``
+    ``"You have access to the following tools:\\n> Tool Name: ...\\nTool Description: ...\\nTool Args:\\n  - x (type,
+    required): desc\\n\\nUse the following format if using a tool:..."``; a call is
+    ``"Action: NAME\\nAction Input: ARGS_JSON"``.
+``qwen``
+    Qwen2.5's ``# Tools`` block with one JSON object per tool inside ``<tools></tools>``; a call is
+    ``"<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>"``.
+``llama3``
+    Llama 3.1 JSON tool calling (``Cutting Knowledge Date``/``Today Date`` header, date fixed to the Llama 3.1
+    chat template's default ``26 Jul 2024`` so encodings are reproducible); a call is
+    ``{"name": ..., "parameters": ...}``.
+``mistral``
+    ``[AVAILABLE_TOOLS] [...][/AVAILABLE_TOOLS]``; a call is a JSON list of ``{"name", "arguments"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from llmtune.errors import LLMTuneError, nearest
+
+_DEFAULT_PROMPT = (
+    "You have access to the following tools:\n{tool_text}"
+    "Use the following format if using a tool:\n"
+    "```\n"
+    "Action: tool name (one of [{tool_names}])\n"
+    "Action Input: the input to the tool, in a JSON format representing the kwargs "
+    '(e.g. ```{{"input": "hello world", "num_beams": 5}}```)\n'
+    "```\n"
+)
+
+_QWEN_PROMPT = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tool_text}"
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, '
+    '"arguments": <args-json-object>}}\n</tool_call>'
+)
+
+_LLAMA3_PROMPT = (
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    "You have access to the following functions. To call a function, please respond with JSON for a function call. "
+    'Respond in the format {{"name": function name, "parameters": dictionary of argument name and its value}}. '
+    "Do not use variables.\n\n{tool_text}"
+)
+
+TOOL_FORMATS = ("default", "qwen", "llama3", "mistral")
+
+
+def _unwrap(tool: dict) -> dict:
+    return tool.get("function", {}) if tool.get("type") == "function" else tool
+
+
+def _wrap(tool: dict) -> dict:
+    return tool if tool.get("type") == "function" else {"type": "function", "function": tool}
+
+
+def parse_tools(tools: Any) -> list[dict]:
+    """Parse a tools value (JSON string, list or dict) into a list of tool dicts; ``""``/None -> ``[]``.
+
+    Raises:
+        ValueError: the string is not JSON (the caller names the dataset and row).
+    """
+    if tools is None or tools == "":
+        return []
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    if isinstance(tools, dict):
+        tools = [tools]
+    return list(tools)
+
+
+def format_tools(tools: list[dict], tool_format: str) -> str:
+    """Text describing ``tools`` (list of JSON-schema function dicts) in ``tool_format``; ``""`` if empty."""
+    if not tools:
+        return ""
+    check_tool_format(tool_format)
+    if tool_format == "default":
+        text, names = "", []
+        for tool in map(_unwrap, tools):
+            params = tool.get("parameters", {}) or {}
+            args = ""
+            for name, param in (params.get("properties", {}) or {}).items():
+                required = ", required" if name in params.get("required", []) else ""
+                enum = ", should be one of [{}]".format(", ".join(param["enum"])) if param.get("enum") else ""
+                items = (", where each item should be {}".format(param["items"].get("type", ""))
+                         if param.get("items") else "")
+                args += f"  - {name} ({param.get('type', '')}{required}): {param.get('description', '')}{enum}{items}\n"
+            text += f"> Tool Name: {tool['name']}\nTool Description: {tool.get('description', '')}\nTool Args:\n{args}\n"
+            names.append(tool["name"])
+        return _DEFAULT_PROMPT.format(tool_text=text, tool_names=", ".join(names))
+    if tool_format == "qwen":
+        text = "".join("\n" + json.dumps(_wrap(t), ensure_ascii=False) for t in tools)
+        return _QWEN_PROMPT.format(tool_text=text)
+    if tool_format == "llama3":
+        text = "".join(json.dumps(_wrap(t), indent=4, ensure_ascii=False) + "\n\n" for t in tools)
+        return _LLAMA3_PROMPT.format(tool_text=text)
+    return "[AVAILABLE_TOOLS] " + json.dumps([_wrap(t) for t in tools], ensure_ascii=False) + "[/AVAILABLE_TOOLS]"
+
+
+def format_call(content: str, tool_format: str) -> str:
+    """Text of an assistant function call whose ``content`` is ``{"name", "arguments"}`` JSON (or a list).
+
+    Raises:
+        ValueError: ``content`` is not such JSON (the caller names the dataset and row).
+    """
+    check_tool_format(tool_format)
+    calls = json.loads(content)
+    if not isinstance(calls, list):
+        calls = [calls]
+    pairs = [(c["name"], c.get("arguments", {})) for c in calls]
+    if tool_format == "default":
+        return "\n".join(f"Action: {n}\nAction Input: {json.dumps(a, ensure_ascii=False)}" for n, a in pairs)
+    if tool_format == "qwen":
+        return "\n".join("<tool_call>\n" + json.dumps({"name": n, "arguments": a}, ensure_ascii=False) + "\n</tool_call>"
+                         for n, a in pairs)
+    if tool_format == "llama3":
+        objs = [{"name": n, "parameters": a} for n, a in pairs]
+        return json.dumps(objs[0] if len(objs) == 1 else objs, ensure_ascii=False)
+    return json.dumps([{"name": n, "arguments": a} for n, a in pairs], ensure_ascii=False)
+
+
+def check_tool_format(name: str) -> None:
+    """Raise :class:`LLMTuneError` naming ``tool_format`` when ``name`` is not a known tool format."""
+    if name not in TOOL_FORMATS:
+        raise LLMTuneError(f"tool_format: unknown tool format {name!r}; known: {', '.join(TOOL_FORMATS)}."
+                           + nearest(name, TOOL_FORMATS))
+
+
+def _as_list(value: Any) -> list:
+    """``None`` -> ``[]``, an int -> ``[int]``, an iterable -> list (for ``eos_token_ids``)."""
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return list(value)
