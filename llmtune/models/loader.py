@@ -1,0 +1,394 @@
+"""Load a :class:`~llmtune.models.transformer.Transformer` from a Hugging Face folder, Hub id, GGUF file or
+an llmtune/PEFT LoRA output folder.
+
+Streaming load: the model is built on the ``meta`` device (no memory), then each parameter is replaced
+by the checkpoint tensor as it arrives from a memory-mapped safetensors file (or a dequantized GGUF
+tensor), cast to the target dtype on the way; peak memory is the final model plus about one tensor.
+With ``quantization_bit=4`` every tensor is first offered to ``llmtune.quant.place_quantized``.
+
+Formats: safetensors (https://github.com/huggingface/safetensors, header + raw little-endian data),
+``model.safetensors.index.json`` (``weight_map``: tensor name -> shard file), GGUF (see
+:mod:`llmtune.models.gguf`), PEFT ``adapter_config.json`` (``base_model_name_or_path``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from llmtune.errors import LLMTuneError, notice
+from llmtune.models.config import ModelConfig
+from llmtune.models.hub import is_hub_id, resolve_path
+from llmtune.models.transformer import Transformer, rope_inv_freq
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """``torch.dtype`` from a name (``float32|fp32|bfloat16|bf16|float16|fp16|auto``) or a ``torch.dtype``.
+
+    ``"auto"`` (or ``None``) is ``checkpoint_dtype`` (config.json ``torch_dtype``), float32 when absent.
+
+    Raises:
+        LLMTuneError: an unknown name or a non-floating torch dtype.
+    """
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise LLMTuneError(f"dtype {dtype}: not a floating-point dtype (use float32, bfloat16 or float16)")
+        return dtype
+    if dtype is None or str(dtype).lower() == "auto":
+        name = str(checkpoint_dtype or "float32").replace("torch.", "").lower()
+        return _DTYPES.get(name, torch.float32)
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in _DTYPES:
+        from llmtune.errors import nearest
+
+        raise LLMTuneError(f"dtype {dtype!r} is not known; use one of auto, float32, bfloat16 (bf16), "
+                           f"float16 (fp16).{nearest(key, list(_DTYPES) + ['auto'])}")
+    return _DTYPES[key]
+
+
+# -- adapter chains ---------------------------------------------------------------------------------
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """True for a folder with ``adapter_config.json`` and no ``config.json`` (a LoRA output folder)."""
+    p = Path(path)
+    return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
+def resolve_model_chain(path: str | os.PathLike) -> tuple[str, list[Path]]:
+    """Follow ``adapter_config.json``'s ``base_model_name_or_path`` from an adapter folder to the base model.
+
+    Args:
+        path: a model folder, ``.gguf`` file, Hub id, or a LoRA adapter folder (``adapter_config.json``
+            without ``config.json``), whose base may itself be an adapter folder.
+
+    Returns:
+        ``(base, adapters)``: ``base`` the base model (an absolute local path, or a Hub id when it is not a
+        local path), ``adapters`` the adapter folders (absolute) in the order they must be applied, root
+        first. For a non-adapter ``path``: ``(path, [])``. A relative ``base_model_name_or_path`` is taken
+        relative to the adapter folder (then to the working directory).
+
+    Raises:
+        LLMTuneError: unreadable ``adapter_config.json``, missing ``base_model_name_or_path``, or a cycle.
+    """
+    adapters: list[Path] = []
+    current = str(path)
+    while True:
+        p = Path(os.path.expanduser(current))
+        if not is_adapter_folder(p):
+            break
+        p = p.resolve()
+        if p in adapters:
+            raise LLMTuneError(f"{p}/adapter_config.json: base_model_name_or_path chain loops back to {p}")
+        adapters.append(p)
+        cfg_file = p / "adapter_config.json"
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise LLMTuneError(f"{cfg_file}: cannot read ({e})") from None
+        base = cfg.get("base_model_name_or_path")
+        if not base:
+            raise LLMTuneError(f"{cfg_file}: no base_model_name_or_path; pass the base model as "
+                               f"model_name_or_path and this folder as adapter_name_or_path")
+        base = os.path.expanduser(str(base))
+        if not os.path.isabs(base):
+            if (p / base).exists():
+                base = str((p / base).resolve())
+            elif Path(base).exists():
+                base = str(Path(base).resolve())
+        current = base
+    adapters.reverse()
+    p = Path(os.path.expanduser(current))
+    base_out = str(p.resolve()) if p.exists() else current
+    return base_out, adapters
+
+
+# -- tensor sources -------------------------------------------------------------------------------
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a model folder (from the shard index when there is one)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LLMTuneError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise LLMTuneError(f"{index} lists shard files that are missing: {', '.join(missing)}; "
+                               "download the complete checkpoint")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("adapter_model"))
+    if files:
+        return files
+    pickled = sorted(f.name for f in folder.iterdir()
+                     if f.suffix in (".bin", ".pt", ".pth", ".ckpt") or f.name.endswith(".bin.index.json"))
+    if pickled:
+        raise LLMTuneError(
+            f"{folder}: holds only pickled weights ({', '.join(pickled[:3])}); llmtune never unpickles "
+            "files (they can run arbitrary code). Convert once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out_folder, safe_serialization=True)")
+    raise LLMTuneError(f"{folder}: no model.safetensors (or sharded *.safetensors with "
+                       "model.safetensors.index.json) found; is this a model folder?")
+
+
+def _open_safetensors(file: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - SafetensorError for corrupt/truncated headers
+        raise LLMTuneError(f"{file}: not a valid safetensors file ({e}); the download is probably "
+                           "incomplete or corrupt: download it again") from None
+
+
+def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    out: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for file in files:
+        with _open_safetensors(file) as f:
+            for name in f.keys():
+                out[name] = (tuple(f.get_slice(name).get_shape()), file)
+    return out
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        with _open_safetensors(file) as f:
+            for name in f.keys():
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:  # noqa: BLE001
+                    raise LLMTuneError(f"{file}: tensor {name!r} cannot be read ({e}); the file is probably "
+                                       "truncated or corrupt: download it again") from None
+                yield name, tensor
+
+
+def _gguf_shapes(path: Path, cfg: dict) -> dict[str, tuple[tuple[int, ...], Path]]:
+    from llmtune.models.gguf import _reader, gguf_to_hf_name
+
+    out = {}
+    for t in _reader(path).tensors:
+        hf = gguf_to_hf_name(t.name)
+        if hf is not None:
+            out[hf] = (tuple(int(n) for n in reversed(t.shape.tolist())), path)
+    return out
+
+
+# -- the loader ------------------------------------------------------------------------------------
+
+def _check_tensors(model: Transformer, found: dict[str, tuple[tuple[int, ...], Path]], source: str) -> None:
+    """Raise one :class:`LLMTuneError` listing missing, unexpected and wrongly shaped tensors."""
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    tied = model.config.tie_word_embeddings
+    missing = [n for n in expected if n not in found and not (tied and n == "lm_head.weight")]
+    unexpected = [n for n in found if n not in expected and not n.endswith("rotary_emb.inv_freq")]
+    wrong = [f"{n} {found[n][0]} (model expects {expected[n]})" for n in expected
+             if n in found and found[n][0] != expected[n]]
+    if missing or unexpected or wrong:
+        parts = []
+
+        def _list(xs):
+            return ", ".join(xs[:8]) + (f" ... ({len(xs)} in all)" if len(xs) > 8 else "")
+
+        if missing:
+            parts.append(f"missing tensors: {_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {_list(unexpected)}")
+        if wrong:
+            parts.append(f"wrongly shaped tensors: {_list(wrong)}")
+        raise LLMTuneError(f"{source}: the checkpoint does not match its config.json: " + "; ".join(parts)
+                           + ". The checkpoint is incomplete or belongs to another model configuration")
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    prefix, _, leaf = name.rpartition(".")
+    module = model.get_submodule(prefix)
+    old = getattr(module, leaf)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
+
+
+def _quant_hook():
+    try:
+        from llmtune.quant import place_quantized
+    except ImportError:
+        raise LLMTuneError("quantization_bit: 4-bit quantization is not available in this llmtune install "
+                           "(llmtune.quant.place_quantized is missing); load without quantization_bit") from None
+    return place_quantized
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LLMTuneError(f"device {device!r} is not a valid torch device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        notice(f"device {device!r} does not exist on this machine; using the CPU")
+        return torch.device("cpu")
+    return dev
+
+
+def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) -> Transformer:
+    """Stream a plain checkpoint (folder of safetensors or a .gguf file) into a new Transformer."""
+    if path.is_file() and path.suffix == ".gguf":
+        from llmtune.models.gguf import gguf_config, iter_gguf_tensors
+
+        cfg_dict = gguf_config(path)
+        config = ModelConfig.from_hf_dict(cfg_dict, source=str(path))
+        found_fn = lambda model: _gguf_shapes(path, cfg_dict)  # noqa: E731
+        tensors = lambda: iter_gguf_tensors(path, cfg_dict)  # noqa: E731
+        source = str(path)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LLMTuneError(f"{path}: no config.json; a model folder needs config.json and safetensors "
+                               "weights (or pass a .gguf file, or a LoRA output folder with adapter_config.json)")
+        config = ModelConfig.from_file(path / "config.json")
+        files = _safetensors_files(path)
+        found_fn = lambda model: _safetensors_shapes(files)  # noqa: E731
+        tensors = lambda: _iter_safetensors(files)  # noqa: E731
+        source = str(path)
+    else:
+        raise LLMTuneError(f"model_name_or_path {str(path)!r}: a file that is not a .gguf model; give a model "
+                           "folder (config.json + safetensors) or a .gguf file")
+    target = parse_dtype(dtype, config.torch_dtype)
+    with torch.device("meta"):
+        model = Transformer(config)
+    _check_tensors(model, found_fn(model), source)
+    place_quantized = _quant_hook() if quantize else None
+    tied = config.tie_word_embeddings
+    for name, tensor in tensors():
+        if tied and name == "lm_head.weight":
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if place_quantized is not None and place_quantized(model, name, tensor.to(device), target, *quantize):
+            continue
+        _set_tensor(model, name, tensor.to(device=device, dtype=target))
+        del tensor
+    model.tie_weights()
+    model.inv_freq = rope_inv_freq(config).to(device)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise LLMTuneError(f"{source}: tensors were not loaded: {', '.join(left[:8])}")
+    model.name_or_path = str(path)
+    return model
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "cpu", revision: str | None = None,
+               adapter_name_or_path: str | os.PathLike | list | None = None, quantization_bit: int | None = None,
+               quantization_type: str = "nf4", double_quantization: bool = True) -> Transformer:
+    """Load a causal LM as an llmtune :class:`Transformer` (Llama, Mistral, Qwen2, Qwen3).
+
+    Args:
+        name_or_path: a local folder (``config.json`` + ``model.safetensors`` or shards with
+            ``model.safetensors.index.json``), a Hub repo id (downloaded with ``snapshot_download``), a
+            ``.gguf`` file (llama architecture; dequantized), or a LoRA output folder (``adapter_config.json``
+            without ``config.json``: its base is loaded, recursively, and the adapters merged).
+        dtype: ``torch.dtype`` or name: ``auto`` (config.json ``torch_dtype``; float32 for GGUF),
+            ``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``. Parameters are cast as loaded.
+        device: where parameters live (``cpu``, ``cuda``, ``cuda:N``; a missing GPU falls back to the CPU
+            with a notice).
+        revision: Hub revision (branch, tag, commit) for a Hub id.
+        adapter_name_or_path: LoRA adapter folder(s) (a list, or a comma-separated string) merged into the
+            model after loading. When an adapter's recorded chain (``base_model_name_or_path``, recursively)
+            roots at ``name_or_path``, the whole chain is applied, with a notice.
+        quantization_bit: ``None`` or ``4`` (QLoRA NF4/FP4 via ``llmtune.quant.place_quantized``).
+        quantization_type: ``nf4`` or ``fp4``.
+        double_quantization: quantize the absmax scales too (QLoRA's double quantization).
+
+    Returns:
+        the model in eval mode, with ``model.name_or_path`` the resolved local path (folder or .gguf file)
+        of the base model.
+
+    Raises:
+        LLMTuneError: missing path / Hub download failure; folder with only pickled weights; corrupt or
+            truncated safetensors; missing, unexpected or wrongly shaped tensors; unsupported architecture;
+            unknown dtype; unsupported quantization settings.
+    """
+    if quantization_bit is not None and int(quantization_bit) != 4:
+        raise LLMTuneError(f"quantization_bit {quantization_bit}: only 4-bit quantization (NF4/FP4, QLoRA) is "
+                           "supported; use quantization_bit: 4 or leave it unset")
+    if quantization_type not in ("nf4", "fp4"):
+        raise LLMTuneError(f"quantization_type {quantization_type!r}: use nf4 or fp4")
+    if not isinstance(dtype, torch.dtype) and dtype is not None:
+        parse_dtype(dtype)  # fail early on an unknown name, before any download
+    dev = _resolve_device(device)
+    quantize = (quantization_type, bool(double_quantization)) if quantization_bit else None
+
+    base, chain = resolve_model_chain(name_or_path)
+    if chain:
+        notice(f"{name_or_path} is a LoRA output folder: loading its base {base} and merging "
+               f"{len(chain)} adapter(s)")
+    base_path = resolve_path(base, revision)
+    if base_path.is_dir() and is_adapter_folder(base_path):  # a Hub adapter repo: follow it too
+        base2, chain2 = resolve_model_chain(base_path)
+        chain = chain2 + chain
+        base_path = resolve_path(base2, revision)
+
+    if adapter_name_or_path:
+        items = adapter_name_or_path if isinstance(adapter_name_or_path, (list, tuple)) else \
+            [a.strip() for a in str(adapter_name_or_path).split(",") if a.strip()]
+        for item in items:
+            local = resolve_path(item, revision=None, what="adapter_name_or_path")
+            if not (local / "adapter_config.json").is_file():
+                raise LLMTuneError(f"adapter_name_or_path {str(item)!r}: no adapter_config.json in {local}; "
+                                   "give a LoRA output folder")
+            root, sub = resolve_model_chain(local)
+            root_path = Path(root).resolve() if Path(root).exists() else None
+            if len(sub) > 1 and root_path is not None and root_path == base_path and not chain:
+                notice(f"adapter {item} was trained on top of {len(sub) - 1} other adapter(s) on this base; "
+                       "applying the whole recorded chain")
+                chain.extend(sub)
+            else:
+                chain.append(local)
+
+    if chain and quantize:
+        # Merging into 4-bit weights would lose the adapter: merge in the compute dtype, then quantize.
+        model = _load_base(base_path, dtype, dev, None)
+        _merge_chain(model, chain)
+        _quantize_in_place(model, parse_dtype(dtype, model.config.torch_dtype), quantize)
+    else:
+        model = _load_base(base_path, dtype, dev, quantize)
+        if chain:
+            _merge_chain(model, chain)
+    model.eval()
+    return model
+
+
+def _merge_chain(model: Transformer, chain: list[Path]) -> None:
+    """Apply and merge each LoRA adapter of ``chain`` in order (``llmtune.peft``)."""
+    try:
+        from llmtune.peft import load_adapter, merge_adapters
+    except ImportError:
+        raise LLMTuneError(f"{chain[0]}: loading LoRA adapters needs llmtune.peft, which is not available "
+                           "in this install") from None
+    for i, folder in enumerate(chain):
+        load_adapter(model, str(folder), adapter_name=f"chain{i}", is_trainable=False)
+        merge_adapters(model)
+
+
+def _quantize_in_place(model: Transformer, compute_dtype: torch.dtype, quantize: tuple) -> None:
+    place_quantized = _quant_hook()
+    for name, p in list(model.named_parameters()):
+        place_quantized(model, name, p.detach(), compute_dtype, *quantize)
+
+
+def is_gguf(name_or_path: str | os.PathLike) -> bool:
+    """True when ``name_or_path`` names a ``.gguf`` file."""
+    return str(name_or_path).lower().endswith(".gguf")
+
+
+__all__ = ["load_model", "resolve_model_chain", "parse_dtype", "is_adapter_folder", "is_hub_id", "is_gguf"]
