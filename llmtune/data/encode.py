@@ -2,7 +2,9 @@
 
 Masking: prompt tokens get label -100 (unless ``train_on_prompt``), every assistant turn of a conversation is
 trained (only the last one with ``mask_history``), and each response keeps its end-of-turn token (the
-template's ``stop_token_ids[0]``), which is trained.
+template's ``stop_token_ids[0]``), which is trained. The trained tokens of a turn are exactly the answer and
+its end-of-turn token: text a template writes after that token (ChatML's ``"\n"``) belongs to the next
+prompt (label -100) and is left out after the last turn, so every sequence ends with the stop token.
 
 Truncation to ``cutoff_len`` (per turn, in order; the last turn first with ``mask_history``): the budget is
 split between a turn's prompt and response by LLaMA-Factory's rule (``infer_seqlen``: a response shorter than
@@ -47,7 +49,9 @@ def cut_prompt(ids: list[int], n: int) -> list[int]:
 
 
 def cut_response(ids: list[int], n: int, stop_ids: list[int]) -> list[int]:
-    """Keep ``n`` tokens of a response: its head plus its end-of-turn tail (from the last stop token on)."""
+    """Keep ``n`` tokens of a response: its head plus its end-of-turn tail (from the last stop token on).
+
+    ``ids`` is ``list[int]``; ``stop_ids`` the template's end-of-turn ids."""
     if n >= len(ids):
         return list(ids)
     if n <= 0:
@@ -78,7 +82,18 @@ class Encoder:
         self.truncated = 0
 
     def _turns(self, ex: Example, response: dict):
-        return self.template.encode_turns(list(ex.prompt) + [response], ex.system or None, ex.tools or None)
+        """Template turns, each response ending exactly at its end-of-turn token: what a template writes after
+        it (ChatML's ``"\\n"``) is moved to the next prompt (untrained), and dropped after the last turn."""
+        pairs = self.template.encode_turns(list(ex.prompt) + [response], ex.system or None, ex.tools or None)
+        stops = set(self.stop_ids)
+        out, carry = [], []
+        for src, tgt in pairs:
+            pos = next((i for i in range(len(tgt) - 1, -1, -1) if tgt[i] in stops), None)
+            rest = [] if pos is None else tgt[pos + 1:]
+            tgt = tgt if pos is None else tgt[:pos + 1]
+            out.append((carry + src, tgt))
+            carry = rest
+        return out
 
     def encode_sft(self, ex: Example, response: Optional[dict] = None) -> Optional[dict]:
         """``input_ids, attention_mask, labels`` of a conversation (``response`` overrides the last answer)."""
