@@ -3,9 +3,15 @@
 The model returns final hidden states ``(B, T, H)``; these functions project them to the vocabulary
 ``rows`` at a time, take a float32 log-softmax per chunk and keep only what is needed (the label's
 log-prob and the log-sum-exp per row). A ``(B, T, V)`` float32 logits tensor is never materialised, in
-the forward pass or the backward pass: :class:`_ChunkedLabelLogps` is a custom autograd function that
-recomputes each chunk's logits in backward and accumulates the gradients of the hidden states and of
-the projection weight chunk by chunk.
+the forward pass or the backward pass, by two custom autograd functions:
+
+- :class:`_ChunkedLabelLogps` (per-token log-probs, any downstream use such as DPO): backward recomputes
+  each chunk's logits and accumulates the gradients of the hidden states and of the weight chunk by chunk;
+- :class:`_ChunkedNLLSum` (the summed cross entropy of ``causal_lm_loss``): since the output is a plain
+  sum, each chunk's gradients are computed in forward right after its loss (no recomputation) and
+  backward only scales them.
+
+Only rows whose next label is valid are projected, so prompt and padding tokens cost nothing.
 
 Conventions (Hugging Face causal-LM convention): ``labels`` are the input ids with ignored positions set
 to ``-100``; the hidden state at position ``t`` predicts ``labels[:, t + 1]`` (the shift is done here).
@@ -57,11 +63,18 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch
     return logits
 
 
+def _onehot_minus_softmax_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """In place on a chunk's float logits ``(n, V)``: ``onehot(targets) - softmax(logits)`` (d logp / d z)."""
+    g = logits.sub_(lse[:, None]).exp_().neg_()
+    return g.scatter_add_(1, targets[:, None], torch.ones_like(g[:, :1]))
+
+
 class _ChunkedLabelLogps(torch.autograd.Function):
     """Autograd function: ``(hidden (N, H), weight (V, H), targets (N,)) -> logps (N,)`` float32.
 
     ``logps[i] = log_softmax(hidden[i] @ weight.T / temperature)[targets[i]]``, all targets valid
-    (0 <= target < V). Forward keeps ``(N,)`` log-sum-exps; backward recomputes logits per chunk.
+    (0 <= target < V). Forward keeps ``(N,)`` log-sum-exps; backward recomputes logits per chunk (the
+    incoming gradient differs per row, e.g. DPO's per-sequence weights, so it cannot be folded earlier).
     """
 
     @staticmethod
@@ -74,10 +87,11 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             out = torch.empty(n, dtype=odtype, device=hidden.device)
             lse = torch.empty(n, dtype=odtype, device=hidden.device)
             for s in range(0, n, rows):
+                tgt = targets[s : s + rows, None]
                 logits = _chunk_logits(hidden[s : s + rows].to(cdtype), w, temperature)
-                chunk_lse = torch.logsumexp(logits, dim=-1)
-                lse[s : s + rows] = chunk_lse
-                out[s : s + rows] = logits.gather(1, targets[s : s + rows, None]).squeeze(1) - chunk_lse
+                lp = torch.log_softmax(logits, dim=-1).gather(1, tgt).squeeze(1)
+                out[s : s + rows] = lp
+                lse[s : s + rows] = logits.gather(1, tgt).squeeze(1) - lp
                 del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.rows, ctx.temperature, ctx.cdtype = rows, temperature, cdtype
@@ -97,12 +111,8 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             for s in range(0, hidden.shape[0], rows):
                 h = hidden[s : s + rows].to(cdtype)
                 logits = _chunk_logits(h, w, temperature)
-                # d logp / d z = onehot - softmax(z); scaled by the incoming gradient and 1/temperature.
-                g = torch.exp(logits.sub_(lse[s : s + rows, None]))  # softmax, in place
-                g.neg_()
-                g.scatter_add_(1, targets[s : s + rows, None], torch.ones_like(g[:, :1]))
-                g.mul_(grad_out[s : s + rows, None] / temperature)
-                g = g.to(cdtype)
+                g = _onehot_minus_softmax_(logits, targets[s : s + rows], lse[s : s + rows])
+                g = g.mul_(grad_out[s : s + rows, None] / temperature).to(cdtype)
                 if need_h:
                     grad_h[s : s + rows] = (g @ w).to(hidden.dtype)
                 if need_w:
@@ -113,10 +123,60 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-def _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, temperature):
-    """Shift, keep the rows whose next label is valid, project them in chunks.
+class _ChunkedNLLSum(torch.autograd.Function):
+    """Autograd function: ``(hidden (N, H), weight (V, H), targets (N,)) -> -sum_i logps[i]`` (0-dim).
 
-    Returns ``(logps (n_valid,) float32, valid (B, T) bool aligned with labels)``.
+    The output is a plain sum, so d loss / d logits is known in forward: each chunk's gradients wrt
+    ``hidden`` and ``weight`` are computed right after its loss and kept; backward only scales them by
+    the incoming scalar. This saves the logits recomputation (3 matmuls per chunk instead of 4), at the
+    cost of holding ``grad_hidden`` ``(N, H)`` and ``grad_weight`` ``(V, H)`` from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):  # noqa: D401
+        cdtype = _compute_dtype(hidden, weight)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        odtype = torch.promote_types(cdtype, torch.float32)
+        total = torch.zeros((), dtype=odtype, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(cdtype)
+            for s in range(0, hidden.shape[0], rows):
+                tgt = targets[s : s + rows, None]
+                h = hidden[s : s + rows].to(cdtype)
+                logits = _chunk_logits(h, w, 1.0)
+                logp = torch.log_softmax(logits, dim=-1)
+                del logits
+                total -= logp.gather(1, tgt).sum()
+                if need_h or need_w:
+                    # d(-logp_target)/dz = softmax - onehot
+                    g = logp.exp_().scatter_add_(1, tgt, torch.full_like(logp[:, :1], -1.0)).to(cdtype)
+                    if need_h:
+                        grad_h[s : s + rows] = (g @ w).to(hidden.dtype)
+                    if need_w:
+                        grad_w.add_((g.t() @ h).to(acc))
+                    del g
+                del logp
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.need = (need_h, need_w)
+        ctx.wdtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        need_h, need_w = ctx.need
+        gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
+        gw = (grad_w * grad_out.to(grad_w.dtype)).to(ctx.wdtype) if need_w else None
+        return gh, gw, None, None
+
+
+def _select_label_rows(hidden, lm_head_weight, labels, chunk_size):
+    """Shift and keep the rows of ``hidden`` whose next label is valid.
+
+    Returns ``(h_sel (n, H), targets (n,), rows_per_chunk, valid (B, T) bool aligned with labels)``.
     """
     if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
         raise ValueError(
@@ -131,7 +191,12 @@ def _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, temperature):
     vocab = lm_head_weight.shape[0]
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
         raise ValueError(f"labels must be -100 or token ids in [0, {vocab}); got {int(targets.min())}..{int(targets.max())}")
-    rows = _rows_per_chunk(chunk_size, vocab)
+    return h_sel, targets, _rows_per_chunk(chunk_size, vocab), valid
+
+
+def _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, temperature):
+    """Per-token log-probs of the valid labels: ``(logps (n_valid,), valid (B, T) bool aligned with labels)``."""
+    h_sel, targets, rows, valid = _select_label_rows(hidden, lm_head_weight, labels, chunk_size)
     logps = _ChunkedLabelLogps.apply(h_sel, lm_head_weight, targets, rows, float(temperature))
     return logps, valid
 
@@ -166,8 +231,8 @@ def causal_lm_loss(
     Source: maximum-likelihood language modelling (Radford et al., 2018, eq. 1); shift as in Hugging
     Face's ``ForCausalLMLoss``.
     """
-    logps, valid = _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, 1.0)
-    return -logps.sum(), valid.sum()
+    h_sel, targets, rows, valid = _select_label_rows(hidden, lm_head_weight, labels, chunk_size)
+    return _ChunkedNLLSum.apply(h_sel, lm_head_weight, targets, rows), valid.sum()
 
 
 def token_logps(
