@@ -407,3 +407,11 @@ def test_pad_id_never_changes_the_loss():
                                                  ignore_index=-100)
 
     assert torch.equal(loss(0), loss(63))
+
+
+def test_default_system_and_tool_format_from_args(tmp_path, tok):
+    d = write_dir(tmp_path, {"x": {"file_name": "x.json"}}, {"x.json": SFT_ROWS[:1]})
+    row = get_dataset(args(d, "x", tmp_path, default_system="Be kind."), tok, get_template("chatml", tok), "sft").train[0]
+    assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\n")
+    row = get_dataset(args(d, "x", tmp_path, default_system="Be kind."), tok, get_template(None, tok), "sft").train[0]
+    assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\n")

@@ -6,8 +6,9 @@ Reads these keys from ``args`` (any object, or a dict; missing ones take the def
 ``val_size=0`` (fraction < 1 or a count; seeded split), ``seed=42``, ``packing=False`` / ``neat_packing``
 (sft), ``overwrite_cache=False``, ``data_cache_dir`` or ``cache_dir`` (default
 :func:`llmtune.data.cache.default_cache_dir`), ``kto_alpha`` (dpo: datasets without pairs become
-``sft_only`` rows). ``template``, ``tool_format``, ``default_system`` are applied by :func:`get_template`.
-``streaming`` and ``preprocessing_num_workers`` are ignored.
+``sft_only`` rows).
+``tool_format`` and ``default_system``, when set and the given template differs, rebuild the template with
+them. ``streaming`` and ``preprocessing_num_workers`` are ignored.
 
 Which data serves which stage: ``pt`` any text (a row's messages joined by newlines); ``sft`` rows with an
 answer (preference rows train on ``chosen``, KTO rows on the desirable ones, ranked lists on the best);
@@ -75,6 +76,7 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
             column, data that cannot serve ``stage``, empty dataset, every label masked, Hub unreachable.
     """
     stage = STAGE_ALIASES.get(stage, stage)
+    template = _with_overrides(template, args)
     if stage not in STAGES:
         raise LLMTuneError(f"stage: unknown stage {stage!r}; expected one of {', '.join(STAGES)}.")
     names = _names(_get(args, "dataset"))
@@ -109,6 +111,19 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
         if eval_rows:
             eval_rows = pack_rows(eval_rows, cutoff)
     return DatasetSplits(train=train, eval=eval_rows)
+
+
+def _with_overrides(template, args: Any):
+    """Apply ``tool_format`` / ``default_system`` from ``args`` when the template was built without them."""
+    tool_format, default_system = _get(args, "tool_format"), _get(args, "default_system")
+    if (tool_format is None or tool_format == template.tool_format) and \
+            (default_system is None or default_system == template.default_system):
+        return template
+    from llmtune.data.templates import get_template
+
+    return get_template(template.name, template.tokenizer, tool_format=tool_format or template.tool_format,
+                        default_system=default_system if default_system is not None else template.default_system,
+                        enable_thinking=not (template.name == "qwen3" and template.thought_words is None))
 
 
 def _cache_dir(args: Any) -> Path:
