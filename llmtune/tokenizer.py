@@ -112,8 +112,10 @@ class Tokenizer:
         return [self.backend.id_to_token(int(i)) for i in ids]
 
     @property
-    def all_special_ids(self) -> list[int]:
-        """Ids of all special added tokens (control tokens)."""
+    def added_special_ids(self) -> list[int]:
+        """Ids of all added tokens marked special (control tokens such as ``<|im_start|>``; the ones
+        ``decode(..., skip_special_tokens=True)`` drops). A superset of transformers' ``all_special_ids``,
+        which lists only the named bos/eos/unk/pad/additional tokens."""
         return sorted(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
 
     # -- text <-> ids ------------------------------------------------------------------------------
