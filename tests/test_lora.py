@@ -220,6 +220,21 @@ def test_lora_target_names_and_errors():
     assert isinstance(model.lm_head, LoraLinear)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_weight_attribute_includes_adapters(use_dora):
+    """Losses project with F.linear(h, model.lm_head.weight): a LoRA-wrapped lm_head must still apply."""
+    model = tiny_model()
+    apply_lora(model, lora_rank=4, lora_target="lm_head,q_proj", use_dora=use_dora)
+    randomize(model)
+    h = torch.randn(2, 5, 32)
+    torch.testing.assert_close(nn.functional.linear(h, model.lm_head.weight), model.lm_head(h),
+                               atol=1e-5, rtol=1e-5)
+    nn.functional.linear(h, model.lm_head.weight).sum().backward()
+    assert model.lm_head.lora_B["default"].weight.grad.abs().sum() > 0
+    with disable_adapters(model):
+        assert model.lm_head.weight is model.lm_head.base_layer.weight
+
+
 def test_disable_adapters_gives_base():
     model = tiny_model()
     ref = logits(model, IDS)

@@ -107,8 +107,10 @@ class LoraLinear(nn.Module):
     rsLoRA), ``use_dora``; ``active_adapters`` (list of names), ``adapters_disabled`` (bool),
     ``merged_adapters`` (names merged into ``base_layer.weight`` in place).
 
-    Attribute access that is not found here falls through to ``base_layer`` (``weight``, ``bias``).
-    Note ``self.weight`` is the *base* weight: code must call the module, not read its weight.
+    Attribute access that is not found here falls through to ``base_layer`` (``bias``, ...). ``weight``
+    is :meth:`effective_weight` (base plus active adapters, differentiable), so code that projects with
+    ``F.linear(h, module.weight)`` (chunked losses on ``lm_head``) still sees the adapters; the base
+    weight itself is ``base_layer.weight``.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -139,6 +141,35 @@ class LoraLinear(nn.Module):
             if name == "base_layer":
                 raise
             return getattr(self.base_layer, name)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer applies now: ``(out, in)`` (see :meth:`effective_weight`)."""
+        return self.effective_weight()
+
+    def effective_weight(self) -> torch.Tensor:
+        """Dense ``(out, in)`` weight equal to what ``forward`` applies, differentiable w.r.t. the adapters.
+
+        The base weight (``dequantize()`` for a quantized base) when adapters are disabled, merged or
+        absent; else ``W0 + sum s B A`` (DoRA: rows scaled by ``m / ||W0 + s B A||`` with the norm detached)
+        in the adapters' dtype. Materialises one weight-sized tensor: meant for ``lm_head``-style use.
+        """
+        w0 = base_weight(self.base_layer)
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        if self.adapters_disabled or self.merged_adapters or not names:
+            return w0
+        dtype = self.lora_A[names[0]].weight.dtype
+        w0 = w0.to(dtype)
+        w = w0
+        for name in names:
+            delta = self.delta_weight(name)
+            if self.use_dora[name]:
+                norm = self._weight_norm(w0, delta.detach()).detach()
+                w = w + (self.lora_magnitude_vector[name] / norm - 1)[:, None] * w0 \
+                    + (self.lora_magnitude_vector[name] / norm)[:, None] * delta
+            else:
+                w = w + delta
+        return w
 
     # -- adapters ---------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
