@@ -85,38 +85,31 @@ def _export_state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
 
 
 def _bnb4_state(model: torch.nn.Module, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors in bitsandbytes' NF4 layout: decoder-layer linear weights quantized, the rest in
-    ``compute_dtype``."""
-    try:
-        from llmtune.quant import bnb_tensors_from_weight
-    except ImportError:
-        raise LLMTuneError("export_quantization_bit: 4 needs llmtune.quant's bitsandbytes helpers, which are not "
-                           "available in this install") from None
+    """All tensors in bitsandbytes' NF4 layout: decoder-layer linear weights quantized (NF4, block 64, double
+    quantization; from the weight cast to ``compute_dtype``, as transformers + bitsandbytes quantize a model
+    loaded in that dtype), the rest (embeddings, norms, lm_head) in ``compute_dtype``."""
+    from llmtune.quant import Linear4bit
+    from llmtune.quant.bnb import bnb_tensors_from_linear4bit
+
     out: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    for name, mod in model.named_modules():
+        if name.startswith("model.layers.") and isinstance(mod, torch.nn.Linear):
+            q = Linear4bit.from_float(mod.weight.detach().to(compute_dtype), mod.bias, compute_dtype=compute_dtype,
+                                      quant_type="nf4", double_quant=True)
+            out.update(bnb_tensors_from_linear4bit(q, name))
+            done.update({f"{name}.weight", f"{name}.bias"})
     for name, t in _export_state(model, compute_dtype).items():
-        if name.startswith("model.layers.") and name.endswith("_proj.weight") and t.ndim == 2:
-            prefix = name[: -len(".weight")]
-            out.update(bnb_tensors_from_weight(prefix, t.detach().float(), compute_dtype=compute_dtype))
-        else:
+        if name not in done:
             out[name] = t.detach().to(compute_dtype if t.is_floating_point() else t.dtype)
     return out
 
 
 def _quantization_config(compute_dtype: torch.dtype) -> dict[str, Any]:
     """``config.json: quantization_config`` of a bitsandbytes NF4 checkpoint (transformers' BitsAndBytesConfig)."""
-    return {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": True,
-        "bnb_4bit_compute_dtype": _DTYPE_NAMES[compute_dtype],
-        "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": ["lm_head"],
-        "llm_int8_threshold": 6.0,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-    }
+    from llmtune.quant.bnb import bnb_quantization_config
+
+    return bnb_quantization_config("nf4", True, compute_dtype)
 
 
 def _eos_list(*items: Any) -> list[int]:
@@ -237,18 +230,28 @@ def _same_path(a: Any, b: Any) -> bool:
 
 
 def _recorded_chain(folder: Path) -> tuple[str, list[Path]]:
-    """``(root_base, chain)`` recorded by an adapter folder: ``llmtune_parent_adapters`` (parents, root
-    first) when present, else ``base_model_name_or_path`` followed recursively through adapter folders."""
+    """``(root_base, chain)`` recorded by an adapter folder, chain root first and ending with ``folder``.
+
+    llmtune's trainer writes ``base_model_name_or_path`` = the root base actually loaded and
+    ``llmtune_parent_adapters`` = the earlier adapters in merge order; an adapter without that key whose
+    ``base_model_name_or_path`` is another adapter folder is followed recursively (PEFT-style chains).
+    """
     from llmtune.models.loader import resolve_model_chain
 
     cfg = _read_json(folder / "adapter_config.json")
     parents = cfg.get("llmtune_parent_adapters")
     if parents:
         chain = [Path(os.path.expanduser(str(p))).resolve() for p in parents]
-        root_cfg = chain[0] / "adapter_config.json"
-        root = _read_json(root_cfg).get("base_model_name_or_path") if root_cfg.is_file() else None
-        return str(root) if root else "", chain + [folder.resolve()]
+        return str(cfg.get("base_model_name_or_path") or ""), chain + [folder.resolve()]
     return resolve_model_chain(folder)
+
+
+def _model_chain(path: str) -> tuple[str, list[Path]]:
+    from llmtune.models.loader import is_adapter_folder
+
+    if is_adapter_folder(os.path.expanduser(path)):
+        return _recorded_chain(Path(os.path.expanduser(path)))
+    return path, []
 
 
 def resolve_adapters(model_name_or_path: str, adapter_name_or_path: Optional[str]) -> tuple[str, list[Path]]:
@@ -267,9 +270,9 @@ def resolve_adapters(model_name_or_path: str, adapter_name_or_path: Optional[str
     Raises:
         LLMTuneError: an adapter path without ``adapter_config.json``.
     """
-    from llmtune.models.loader import is_adapter_folder, resolve_model_chain
+    from llmtune.models.loader import is_adapter_folder
 
-    base, chain = resolve_model_chain(model_name_or_path)
+    base, chain = _model_chain(model_name_or_path)
     if chain:
         notice(f"model_name_or_path {model_name_or_path} is a LoRA output folder: exporting its base {base} "
                f"with {len(chain)} adapter(s) merged")
@@ -287,7 +290,8 @@ def resolve_adapters(model_name_or_path: str, adapter_name_or_path: Optional[str
             chain.extend(sub)
             continue
         recorded = _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
-        if recorded and not _same_path(recorded, base) and not (chain and _same_path(recorded, chain[-1])):
+        if (recorded and not _same_path(recorded, base) and not (chain and _same_path(recorded, chain[-1]))
+                and not (len(sub) > 1 and _same_path(root, base))):
             if is_adapter_folder(os.path.expanduser(str(recorded))):
                 notice(f"adapter {item} was trained on top of adapter {recorded}, whose chain does not root at "
                        f"{base}; applying {item} alone")
@@ -502,8 +506,10 @@ def export(config: Any) -> Path:
             _write_gguf_export(model, tmp, cfg.gguf_type, tokenizer, stop_ids, base)
         else:
             base_gen = None
-            if Path(base).is_dir() and (Path(base) / "generation_config.json").is_file():
-                base_gen = _read_json(Path(base) / "generation_config.json")
+            for folder in [*reversed(adapters), Path(base)]:
+                if folder.is_dir() and (folder / "generation_config.json").is_file():
+                    base_gen = _read_json(folder / "generation_config.json")
+                    break
             save_hf_folder(model, tmp, dtype=out_dtype, export_size=float(cfg.export_size), tokenizer=tokenizer,
                            stop_token_ids=stop_ids, quantization_bit=cfg.export_quantization_bit,
                            base_generation_config=base_gen)

@@ -189,12 +189,18 @@ def test_gguf_export_reimports(tiny, tmp_path, gguf_type):
         assert torch.equal(ours[k], v), k
 
 
-def test_adapter_chain_recorded_by_parent_is_applied(tiny, tmp_path, capsys):
-    # adapter2 trained on base+lora1 records lora1's folder as its base: the whole chain applies
+@pytest.mark.parametrize("record", ["llmtune_parent_adapters", "base_is_parent_folder"])
+def test_adapter_chain_recorded_by_parent_is_applied(tiny, tmp_path, capsys, record):
+    # adapter2 was trained on base + lora1: exporting base + adapter2 applies the whole chain
     root = tmp_path
     merged1 = transformers.LlamaForCausalLM.from_pretrained(str(tiny["base"]), dtype=torch.float32)
     merged1 = peft.PeftModel.from_pretrained(merged1, str(tiny["lora"])).merge_and_unload()
-    ref2 = _make_adapter(tiny["base"], root / "lora2", seed=5, base_record=tiny["lora"], reference_model=merged1)
+    if record == "base_is_parent_folder":  # PEFT style: base_model_name_or_path is the parent adapter
+        ref2 = _make_adapter(tiny["base"], root / "lora2", seed=5, base_record=tiny["lora"], reference_model=merged1)
+    else:  # llmtune's trainer: root base + the parents in merge order
+        ref2 = _make_adapter(tiny["base"], root / "lora2", seed=5, base_record=tiny["base"], reference_model=merged1)
+        f = root / "lora2" / "adapter_config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "llmtune_parent_adapters": [str(tiny["lora"])]}))
     with torch.no_grad():
         ref_logits = ref2(input_ids=tiny["ids"]).logits
     out = root / "out"
@@ -202,6 +208,38 @@ def test_adapter_chain_recorded_by_parent_is_applied(tiny, tmp_path, capsys):
             "export_dir": str(out), "infer_dtype": "float32"})
     assert "whole recorded chain" in capsys.readouterr().err
     torch.testing.assert_close(_hf_logits(out, tiny["ids"]), ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_export_4bit_bitsandbytes_layout(tiny, tmp_path):
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    out = tmp_path / "q4"
+    export({"model_name_or_path": str(tiny["base"]), "adapter_name_or_path": str(tiny["lora"]),
+            "export_dir": str(out), "export_quantization_bit": 4, "infer_dtype": "float32"})
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "bitsandbytes" and q["load_in_4bit"] is True
+    assert q["bnb_4bit_quant_type"] == "nf4" and q["bnb_4bit_use_double_quant"] is True
+    assert q["bnb_4bit_compute_dtype"] == "float32"
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    n4 = 0
+    for name, mod in m.named_modules():
+        if hasattr(mod, "weight") and hasattr(mod.weight, "quant_state") and mod.weight.quant_state is not None:
+            n4 += 1
+            got = bnb_f.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
+            ref = tiny["ref_state"][name + ".weight"]
+            # NF4 bound (QLoRA): each value is within half the largest gap between NF4 codes
+            # ((-0.6961928 - (-1)) / 2) times its block's absmax (block 64), plus <= 2% absmax error
+            # from double quantization
+            amax = ref.reshape(-1, 64).abs().amax(1, keepdim=True).expand(-1, 64).reshape(ref.shape)
+            assert bool(((got - ref).abs() <= amax * (0.1519036 + 0.02) + 1e-6).all()), name
+            # bitsandbytes' own quantization of the merged weight: the same codes almost everywhere (the
+            # double-quantized absmax may differ in its last bits and flip a few near-ties)
+            qw, st = bnb_f.quantize_4bit(ref, blocksize=64, quant_type="nf4", compress_statistics=True)
+            same = ((got - bnb_f.dequantize_4bit(qw, st).float()).abs() <= 1e-3 * amax + 1e-6).float().mean()
+            assert same > 0.98, (name, same)
+    assert n4 == 2 * 7
+    with torch.no_grad():
+        err = (m(input_ids=tiny["ids"]).logits - tiny["ref_logits"]).abs().max().item()
+    print(f"bnb nf4 export: max |logit error| = {err:.3g}")
 
 
 def test_adapter_for_other_base_that_fits_is_applied_with_notice(tiny, tmp_path, capsys):
