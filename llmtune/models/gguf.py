@@ -58,6 +58,8 @@ _GLOBAL_TENSORS = {
 }
 #: tensors llama.cpp adds that have no Hugging Face parameter (rope_freqs: see :func:`gguf_config`).
 _SKIPPED_TENSORS = {"rope_freqs.weight"}
+#: rows dequantized at once (keeps temporaries of the 49k-row embedding small).
+_CHUNK_ROWS = 4096
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
@@ -80,6 +82,11 @@ def _cached_reader(path: str, mtime_ns: int, size: int):
     except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct.error/... on corrupt files
         raise LLMTuneError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
                            "re-download it or convert the model again with llama.cpp") from None
+
+
+def release_readers() -> None:
+    """Drop the cached GGUF readers (their parsed metadata holds ~150 MB for a 49k-token vocabulary)."""
+    _cached_reader.cache_clear()
 
 
 def _field_value(field) -> Any:
@@ -212,7 +219,14 @@ def _dequantize(t) -> np.ndarray:
         arr = np.asarray(t.data).astype(np.float32)
     else:
         try:
-            arr = quants.dequantize(t.data, t.tensor_type)
+            data = t.data
+            if data.ndim == 2 and data.shape[0] > _CHUNK_ROWS:  # bound the dequantizer's temporaries
+                first = quants.dequantize(data[:1], t.tensor_type)
+                arr = np.empty((data.shape[0], first.shape[-1]), dtype=np.float32)
+                for i in range(0, data.shape[0], _CHUNK_ROWS):
+                    arr[i:i + _CHUNK_ROWS] = quants.dequantize(data[i:i + _CHUNK_ROWS], t.tensor_type)
+            else:
+                arr = quants.dequantize(data, t.tensor_type)
         except NotImplementedError:
             raise LLMTuneError(f"GGUF tensor {t.name}: quantization type {t.tensor_type.name} cannot be "
                                "dequantized by the installed gguf package; upgrade it (pip install -U gguf)"

@@ -145,35 +145,84 @@ def _safetensors_files(folder: Path) -> list[Path]:
                        "model.safetensors.index.json) found; is this a model folder?")
 
 
-def _open_safetensors(file: Path):
-    from safetensors import safe_open
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
+
+def _read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """Parse a safetensors header: ``({name: {dtype, shape, data_offsets}}, data_start)``.
+
+    Format (safetensors spec): 8-byte little-endian header length N, N bytes of JSON, then the raw
+    little-endian tensor data; ``data_offsets`` are ``[begin, end)`` byte offsets into that data.
+
+    Raises:
+        LLMTuneError: unreadable, malformed or truncated file (named).
+    """
+    bad = (f"{file}: not a valid safetensors file (%s); the download is probably incomplete or corrupt: "
+           "download it again")
     try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as e:  # noqa: BLE001 - SafetensorError for corrupt/truncated headers
-        raise LLMTuneError(f"{file}: not a valid safetensors file ({e}); the download is probably "
-                           "incomplete or corrupt: download it again") from None
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LLMTuneError(bad % "file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > 100_000_000:
+                raise LLMTuneError(bad % f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise LLMTuneError(f"{file}: cannot be read ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LLMTuneError(bad % "header is not JSON") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            dtype = _ST_DTYPES[info["dtype"]]
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+        except (KeyError, TypeError, ValueError):
+            raise LLMTuneError(bad % f"tensor {name!r} has a malformed entry") from None
+        if end - begin != numel * dtype.itemsize:
+            raise LLMTuneError(bad % f"tensor {name!r} has {end - begin} bytes for shape {info['shape']}")
+        if data_start + end > size:
+            raise LLMTuneError(bad % f"truncated: tensor {name!r} ends at byte {data_start + end}, the file "
+                               f"has {size}")
+    return header, data_start
 
 
 def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
     out: dict[str, tuple[tuple[int, ...], Path]] = {}
     for file in files:
-        with _open_safetensors(file) as f:
-            for name in f.keys():
-                out[name] = (tuple(f.get_slice(name).get_shape()), file)
+        header, _ = _read_safetensors_header(file)
+        for name, info in header.items():
+            out[name] = (tuple(int(d) for d in info["shape"]), file)
     return out
 
 
 def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` in file order, each read with one ``readinto`` into a fresh CPU tensor.
+
+    Plain reads instead of a memory map: mapped file pages would count in the process's resident memory
+    until the file is closed, so peak RSS would be model + whole checkpoint instead of model + one tensor.
+    """
     for file in files:
-        with _open_safetensors(file) as f:
-            for name in f.keys():
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:  # noqa: BLE001
-                    raise LLMTuneError(f"{file}: tensor {name!r} cannot be read ({e}); the file is probably "
-                                       "truncated or corrupt: download it again") from None
-                yield name, tensor
+        header, data_start = _read_safetensors_header(file)
+        order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        with open(file, "rb") as f:
+            for name, info in order:
+                begin, end = info["data_offsets"]
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(data_start + begin)
+                if f.readinto(memoryview(buf.numpy())) != end - begin:
+                    raise LLMTuneError(f"{file}: tensor {name!r} is truncated; download the file again")
+                dtype = _ST_DTYPES[info["dtype"]]
+                yield name, buf.view(dtype).reshape([int(d) for d in info["shape"]])
 
 
 def _gguf_shapes(path: Path, cfg: dict) -> dict[str, tuple[tuple[int, ...], Path]]:
@@ -283,6 +332,10 @@ def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) 
     if left:
         raise LLMTuneError(f"{source}: tensors were not loaded: {', '.join(left[:8])}")
     model.name_or_path = str(path)
+    if path.suffix == ".gguf":
+        from llmtune.models.gguf import release_readers
+
+        release_readers()
     return model
 
 
