@@ -195,10 +195,18 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
 
     # trainable parameters (LoRA init depends on the seed only), then the loop
     set_seed(cfg.seed)
-    apply_finetuning_type(model, cfg)
+    from llmtune.train.stages_pref import reference_extra
+    from llmtune.train.stages_rm import prepare_reward_model, value_head_only
+
+    head_only = value_head_only(model, cfg)  # rm with the seed's `--lora_target value`: the value head alone
+    if not head_only:
+        apply_finetuning_type(model, cfg)
+    if cfg.stage == "rm":
+        prepare_reward_model(model, cfg, head_only)  # model.v_head, trainable
+    extra = reference_extra(model, cfg, device)  # dpo/kto reference when not LoRA (frozen copy / ref_model)
     results: dict[str, Any] = {}
     trainer = Trainer(model, cfg, train_rows if cfg.do_train else (eval_rows or train_rows), eval_rows,
-                      collator=_collator(cfg, tokenizer, cfg.stage), tokenizer=tokenizer)
+                      collator=_collator(cfg, tokenizer, cfg.stage), tokenizer=tokenizer, ctx_extra=extra)
     if cfg.do_train:
         train_results = trainer.train()
         results.update(train_results)
@@ -253,7 +261,14 @@ def _recorded_template(*folders: str) -> Optional[str]:
 
 
 def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: list[str]) -> None:
-    """Write the trained adapter (PEFT format) or the full model (safetensors + config.json) to ``out``."""
+    """Write the trained adapter (PEFT format) or the full model (safetensors + config.json) to ``out``;
+    a reward model's value head goes to ``value_head.safetensors`` (alone when it was trained alone)."""
+    if getattr(model, "v_head", None) is not None:
+        from llmtune.models.value_head import save_value_head
+
+        save_value_head(model, out)
+        if getattr(model, "value_head_only", False):
+            return
     if cfg.finetuning_type == "lora":
         from llmtune.peft import save_adapter
 
@@ -265,7 +280,7 @@ def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: 
     dtype = torch.bfloat16 if (cfg.bf16 or cfg.fp16) else torch.float32
     tensors, seen = {}, {}
     for name, t in model.state_dict(keep_vars=False).items():
-        if id(t) in seen or (name == "lm_head.weight" and model.config.tie_word_embeddings):
+        if id(t) in seen or (name == "lm_head.weight" and model.config.tie_word_embeddings) or name.startswith("v_head."):
             continue
         seen[id(t)] = name
         tensors[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()

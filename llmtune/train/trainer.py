@@ -352,6 +352,7 @@ class Trainer:
         loss_total = torch.zeros((), dtype=torch.float32, device=self.device)
         items_seen = 0
         metric_sums: dict[str, float] = {}
+        metric_counts: dict[str, int] = {}  # a metric may be absent from a micro-batch (kto: no desirable row)
         for batch in micro_batches:
             with self.autocast():
                 loss_sum, n, metrics = self.stage(self.model, batch, self.ctx)
@@ -360,10 +361,13 @@ class Trainer:
             items_seen += int(n)
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+                metric_counts[k] = metric_counts.get(k, 0) + 1
             if "attention_mask" in batch:
                 self.tokens_seen += int((batch["attention_mask"] > 0).sum())
-            else:
+            elif "input_ids" in batch:
                 self.tokens_seen += int(batch["input_ids"].numel())
+            if "sft_attention_mask" in batch:  # dpo + kto_alpha: the plain SFT rows of the batch
+                self.tokens_seen += int((batch["sft_attention_mask"] > 0).sum())
         total_items = int(_all_reduce_sum(torch.tensor(items_seen, dtype=torch.long, device=self.device)).item())
         if counted is not None and counted != total_items:
             raise RuntimeError(f"stage {self.stage_name!r}: its item counter gave {counted} items but the "
@@ -376,7 +380,7 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.div_(total_items)
         step_loss = float(_all_reduce_sum(loss_total).item()) / total_items
-        return step_loss, total_items, {k: v / len(micro_batches) for k, v in metric_sums.items()}
+        return step_loss, total_items, {k: v / metric_counts[k] for k, v in metric_sums.items()}
 
     def optimizer_step(self) -> float:
         """Unscale (fp16), clip to ``max_grad_norm``, step AdamW and the scheduler, zero the gradients.

@@ -1,0 +1,107 @@
+"""Stage ``kto``: Kahneman-Tversky Optimization on examples labelled desirable / undesirable.
+
+Source: Ethayarajh et al., 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8, as TRL's
+``KTOTrainer`` implements it (:func:`llmtune.losses.kto_loss`).
+
+Batch (``llmtune.data.collator.KTOCollator``): the completions ``input_ids, attention_mask, labels,
+position_ids`` ``(B, T)``, the mismatched pairs (prompt ``i`` with completion ``i+1``) ``kl_input_ids,
+kl_attention_mask, kl_labels, kl_position_ids`` ``(B, T_kl)``, and ``kto_tags`` bool ``(B,)`` (True =
+desirable). A paired dataset reaches this stage already split by the data layer into one desirable and one
+undesirable example per pair.
+
+Per step: policy log-probs of the completions (with gradient) and of the KL pairs (without: ``z0`` is
+detached, as in TRL); reference log-probs of both in ONE stacked no-grad forward (``ctx.extra["ref_model"]``
+or the policy with its LoRA adapters disabled, see :mod:`llmtune.train.stages_pref`);
+``z0 = clamp(mean_i (logp_pi(y'_i|x_i) - logp_ref(y'_i|x_i)), 0)``. With several processes
+(``torch.distributed`` initialised) the mean is over the KL pairs of ALL ranks (sum and count all-reduced,
+:func:`global_kl_mean`), as TRL gathers them.
+
+Keys: ``pref_beta`` (beta), ``kto_chosen_weight`` (lambda_D), ``kto_rejected_weight`` (lambda_U).
+Items are examples. Metrics (TRL's names): ``rewards/chosen`` / ``rewards/rejected`` (mean ``beta * r`` over the
+desirable / undesirable examples present; a key is absent from a micro-batch without such examples),
+``kl`` (the ``z0`` used), ``logps/chosen``, ``logps/rejected`` (summed policy log-probs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmtune.losses import kto_loss, sequence_logps
+from llmtune.train.stages import ITEM_COUNTERS, STAGES, StageContext
+from llmtune.train.stages_pref import _opt, reference_logps
+
+IGNORE_INDEX = -100
+
+
+def global_kl_mean(diff: torch.Tensor) -> torch.Tensor:
+    """Mean of ``diff`` ``(N,)`` over every rank's entries (plain mean in one process); 0-dim float32.
+
+    The distributed hook of KTO's reference point: ``all_reduce`` of ``[sum, count]`` when
+    ``torch.distributed`` is initialised, so every rank uses the same ``z0``.
+    """
+    stats = torch.stack([diff.detach().float().sum(), torch.tensor(float(diff.numel()), device=diff.device)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)
+    return stats[0] / stats[1].clamp(min=1.0)
+
+
+def _stack(a: dict, b: dict) -> dict:
+    """Stack two right-padded batches ``(B1, T1)``, ``(B2, T2)`` to ``(B1 + B2, max T)`` (pad: id 0, mask 0,
+    label -100, position 0)."""
+    t = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    pads = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+    out = {}
+    for key, val in pads.items():
+        if a.get(key) is None or b.get(key) is None:
+            continue
+        out[key] = torch.cat([F.pad(x[key], (0, t - x[key].shape[1]), value=val) for x in (a, b)])
+    return out
+
+
+def count_kto_items(batch: dict) -> int:
+    """Items of a kto batch: its examples (``input_ids.shape[0]``)."""
+    return int(batch["input_ids"].shape[0])
+
+
+def kto_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[torch.Tensor, int, dict]:
+    """Stage ``kto``: ``(model, batch, ctx) -> (loss_sum, num_items, metrics)``, see the module docstring.
+
+    Returns: ``loss_sum`` float32 scalar summed over the ``B`` examples, ``num_items = B``, TRL's metrics.
+    Raises: nothing beyond :func:`llmtune.losses.kto_loss` (shape mismatches).
+    """
+    cfg = ctx.config
+    beta = float(_opt(cfg, "pref_beta", 0.1))
+    weight = model.lm_head.weight
+    main = {k: batch.get(k) for k in ("input_ids", "attention_mask", "labels", "position_ids")}
+    kl = {k: batch.get("kl_" + k) for k in ("input_ids", "attention_mask", "labels", "position_ids")}
+    b = main["input_ids"].shape[0]
+
+    hidden = model(main["input_ids"], attention_mask=main["attention_mask"], position_ids=main["position_ids"])
+    policy = sequence_logps(hidden, weight, main["labels"])                                  # (B,) with grad
+    with torch.no_grad():
+        kl_hidden = model(kl["input_ids"], attention_mask=kl["attention_mask"], position_ids=kl["position_ids"])
+        policy_kl = sequence_logps(kl_hidden, weight, kl["labels"])                          # (B,) no grad
+    both = _stack(main, kl)
+    ref = reference_logps(model, ctx, both["input_ids"], both.get("attention_mask"), both.get("position_ids"),
+                          both["labels"])
+    ref_main, ref_kl = ref[:b], ref[b:]
+    z0 = global_kl_mean(policy_kl - ref_kl)
+    tags = batch["kto_tags"].bool()
+    losses, rewards, z0 = kto_loss(policy, ref_main, policy_kl, ref_kl, tags, beta,
+                                   float(_opt(cfg, "kto_chosen_weight", 1.0)),
+                                   float(_opt(cfg, "kto_rejected_weight", 1.0)), kl=z0)
+    metrics: dict[str, Any] = {"kl": z0.float()}
+    if tags.any():
+        metrics["rewards/chosen"] = rewards[tags].float().mean()
+        metrics["logps/chosen"] = policy[tags].detach().mean()
+    if (~tags).any():
+        metrics["rewards/rejected"] = rewards[~tags].float().mean()
+        metrics["logps/rejected"] = policy[~tags].detach().mean()
+    return losses.float().sum(), b, metrics
+
+
+STAGES["kto"] = kto_stage
+ITEM_COUNTERS["kto"] = count_kto_items

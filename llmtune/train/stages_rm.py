@@ -1,0 +1,172 @@
+"""Stage ``rm``: a reward model, a scalar value head on the language model, trained on preference pairs.
+
+Source: Ouyang et al., 2022, eq. 1 (Bradley-Terry loss on the score of the last token; per pair, the
+1/C(K,2) factor replaced by the trainer's division by the pairs of the step); Ziegler et al., 2019 (the
+value head); checkpoint layout of TRL / LLaMA-Factory (``value_head.safetensors``, keys
+``v_head.summary.weight`` ``(1, H)`` and ``v_head.summary.bias`` ``(1,)``).
+
+Batch (``PairwiseCollator``): ``input_ids, attention_mask, position_ids`` ``(2B, T)``, rows ``[:B]`` chosen,
+``[B:]`` rejected. Score of a sequence = ``model.v_head`` at its last non-padding token
+(:func:`llmtune.losses.value_head_scores`); loss per pair ``-log sigmoid(s_w - s_l)``; items = pairs;
+metrics ``accuracy`` (fraction of pairs with ``s_w > s_l``; ``eval_accuracy`` in evaluation),
+``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (mean scores).
+
+What is trained (:func:`prepare_reward_model`): LoRA adapters + the value head (``finetuning_type lora``),
+everything (``full``), the chosen layers + head (``freeze``), or the value head ALONE on the frozen model when
+``lora_target`` names only ``value`` (the seed's ``--lora_target value``: no module has that name; a notice
+says so). The output folder then holds ``value_head.safetensors`` and no adapter, with ``llmtune.json``
+recording ``base_model_name_or_path`` and ``parent_adapters``: :func:`load_reward_model` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from llmtune.errors import LLMTuneError, notice
+from llmtune.losses import reward_loss, value_head_scores
+from llmtune.models.value_head import VALUE_HEAD_FILE, add_value_head, load_value_head
+from llmtune.train.stages import ITEM_COUNTERS, STAGES, StageContext
+
+#: ``lora_target`` names meaning "the value head" (the seed writes ``value``)
+VALUE_HEAD_NAMES = ("value", "v_head", "value_head")
+
+
+def _lora_names(config: Any) -> list[str]:
+    val = getattr(config, "lora_target", None) if not isinstance(config, dict) else config.get("lora_target")
+    if isinstance(val, (list, tuple)):
+        return [str(v).strip() for v in val if str(v).strip()]
+    return [v.strip() for v in str(val or "").split(",") if v.strip()]
+
+
+def value_head_only(model: torch.nn.Module, config: Any) -> bool:
+    """True when a ``stage: rm`` + ``finetuning_type: lora`` run's ``lora_target`` names only the value head
+    (``value``, as the seed writes it): then the value head is trained alone on the frozen model.
+
+    Raises:
+        LLMTuneError: ``value`` mixed with module names (the value head is always trained in stage rm).
+    """
+    get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    if get("stage") != "rm" or (get("finetuning_type") or "lora") != "lora":
+        return False
+    names = _lora_names(config)
+    heads = [n for n in names if n.lower() in VALUE_HEAD_NAMES]
+    if not heads:
+        return False
+    if len(heads) != len(names):
+        others = [n for n in names if n.lower() not in VALUE_HEAD_NAMES]
+        raise LLMTuneError(f"lora_target: {heads[0]!r} names the value head, which stage rm always trains; remove "
+                           f"it and keep the module names ({','.join(others)})")
+    return True
+
+
+def _module_names(model: torch.nn.Module) -> list[str]:
+    from llmtune.peft.lora import _linear_modules
+
+    return sorted({p.rsplit(".", 1)[-1] for p in _linear_modules(model) if ".layers." in p or p.startswith("layers.")})
+
+
+def prepare_reward_model(model: torch.nn.Module, config: Any, head_only: bool) -> torch.nn.Module:
+    """Attach a fresh trainable float32 ``model.v_head`` (call after the trainable parameters are chosen).
+
+    ``head_only`` (from :func:`value_head_only`): freeze every other parameter, mark
+    ``model.value_head_only = True`` (the run then saves the head without an adapter) and print one notice
+    naming the model's module names. Returns the value head.
+    """
+    if head_only:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        names = ", ".join(_module_names(model)) or "none"
+        notice(f"lora_target value: no module is named 'value' (this model's modules: {names}); training the "
+               "reward model's value head alone on the frozen model (use lora_target all to also train LoRA "
+               "adapters)")
+    head = add_value_head(model, torch.float32)
+    model.value_head_only = bool(head_only)
+    return head
+
+
+def count_pairs(batch: dict) -> int:
+    """Items of an rm batch: its pairs (``input_ids.shape[0] // 2``)."""
+    return int(batch["input_ids"].shape[0] // 2)
+
+
+def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                    position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reward ``(N,)`` float32 of each sequence: ``model.v_head`` at its last non-padding token.
+
+    Raises: LLMTuneError when the model has no value head.
+    """
+    if getattr(model, "v_head", None) is None:
+        raise LLMTuneError("stage rm needs a value head (model.v_head): call "
+                           "llmtune.train.stages_rm.prepare_reward_model(model, config, head_only=False)")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    return value_head_scores(model.v_head(hidden), attention_mask)
+
+
+def rm_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[torch.Tensor, int, dict]:
+    """Stage ``rm``: ``(model, batch, ctx) -> (loss_sum, num_items, metrics)``, see the module docstring.
+
+    Returns: ``loss_sum`` float32 (sum of Bradley-Terry losses over the ``B`` pairs), ``B``, metrics.
+    """
+    scores = sequence_scores(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+    b = scores.shape[0] // 2
+    chosen, rejected = scores[:b], scores[b:]
+    losses = reward_loss(chosen, rejected)
+    c, r = chosen.detach(), rejected.detach()
+    metrics = {"accuracy": (c > r).float().mean(), "rewards/chosen": c.mean(), "rewards/rejected": r.mean(),
+               "rewards/margins": (c - r).mean()}
+    return losses.sum(), b, metrics
+
+
+def load_reward_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype] = "auto",
+                      device: str = "cpu") -> torch.nn.Module:
+    """Load the output folder of an ``rm`` run as a model with ``model.v_head`` (for PPO's reward model).
+
+    * LoRA output (``adapter_config.json``): its base (recursively, parents merged) with the adapter merged;
+    * full output (``config.json``): that model;
+    * value-head-only output (``llmtune.json`` without weights): ``base_model_name_or_path`` with the
+      recorded ``parent_adapters`` merged;
+    then ``value_head.safetensors`` is read into ``model.v_head`` (float32). Returns the model in eval mode
+    with ``requires_grad`` off.
+
+    Raises:
+        LLMTuneError: no ``value_head.safetensors`` in ``path``, or nothing to find the base model from.
+    """
+    from llmtune.models.loader import load_model, resolve_model_chain
+
+    folder = Path(os.path.expanduser(str(path)))
+    if not (folder / VALUE_HEAD_FILE).is_file():
+        raise LLMTuneError(f"{folder}: no {VALUE_HEAD_FILE}; a reward model must be the output folder of an "
+                           "`llmtune train --stage rm` run")
+    if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        model = load_model(folder, dtype=dtype, device=device)
+    else:
+        meta_file = folder / "llmtune.json"
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            base = meta["base_model_name_or_path"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise LLMTuneError(f"{folder}: holds a value head but neither weights nor an llmtune.json naming "
+                               "base_model_name_or_path; cannot tell which model it scores") from None
+        parents = [str(p) for p in meta.get("parent_adapters") or []]
+        if parents and resolve_model_chain(parents[-1]) == (str(base), [Path(p) for p in parents]):
+            model = load_model(parents[-1], dtype=dtype, device=device)
+        else:
+            model = load_model(base, dtype=dtype, device=device,
+                               adapter_name_or_path=",".join(parents) if parents else None)
+    load_value_head(model, folder)
+    model.v_head.to(next(model.parameters()).device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+STAGES["rm"] = rm_stage
+ITEM_COUNTERS["rm"] = count_pairs
