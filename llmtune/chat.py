@@ -5,7 +5,8 @@
 [--repetition_penalty R] [--system S] [--quantization_bit 4] [--infer_dtype bfloat16]``
 
 Keys are LLaMA-Factory's (parsed by :func:`llmtune.config.parse_config`), and so are the defaults (sampling
-on, temperature 0.95, top_p 0.7, top_k 50, max_new_tokens 512). At a terminal: ``User: `` prompts, the reply
+on, temperature 0.95, top_p 0.7, top_k 50, max_new_tokens 512); sampling is seeded with ``seed`` (default 42),
+so a session is reproducible. At a terminal: ``User: `` prompts, the reply
 streams after ``Assistant: ``, ``clear`` forgets the history, ``exit`` quits. With piped stdin: one prompt
 per line, each reply printed as ``Assistant: <reply>`` (history kept between lines), exit status 0 at the end.
 
@@ -293,7 +294,7 @@ def main(argv: list[str]) -> int:
                                repetition_penalty=cfg.repetition_penalty)
     check_generation_args(**gen)  # a bad --temperature etc. fails before the model loads
     model, tokenizer, template = load_chat_model(cfg)
-    if cfg.do_sample and cfg.is_set("seed"):
+    if cfg.do_sample:  # seeded (``seed``, default 42): the same question gets the same answer
         gen["generator"] = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     system = cfg.system if cfg.system is not None else cfg.default_system
     session = ChatSession(model, tokenizer, template, system=system, max_context=cfg.cutoff_len, **gen)
