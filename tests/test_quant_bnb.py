@@ -194,3 +194,16 @@ def test_transformers_loads_our_export_and_we_load_theirs(tmp_path):
             assert torch.equal(other.weight, mod.weight) and torch.equal(other.absmax, mod.absmax)
     with torch.no_grad():
         torch.testing.assert_close(back.lm_head(back(ids)), got, rtol=0, atol=0)
+
+    # and the loader reads such a *-bnb-4bit folder directly (config.json quantization_config detected)
+    from llmtune.models.loader import load_model
+
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    save_file({k: v for k, v in theirs.items() if not k.endswith("inv_freq")}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text((out / "config.json").read_text())
+    loaded = load_model(folder, dtype="float32")
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, Linear4bit)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.lm_head(loaded(ids)), ref, rtol=1e-4, atol=1e-4)

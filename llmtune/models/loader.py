@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -238,9 +239,23 @@ def _gguf_shapes(path: Path, cfg: dict) -> dict[str, tuple[tuple[int, ...], Path
 
 # -- the loader ------------------------------------------------------------------------------------
 
-def _check_tensors(model: Transformer, found: dict[str, tuple[tuple[int, ...], Path]], source: str) -> None:
-    """Raise one :class:`LLMTuneError` listing missing, unexpected and wrongly shaped tensors."""
+_BNB_COMPANION = re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)$")
+_LAYER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+
+
+def _check_tensors(model: Transformer, found: dict[str, tuple[tuple[int, ...], Path]], source: str,
+                   bnb_4bit: bool = False) -> None:
+    """Raise one :class:`LLMTuneError` listing missing, unexpected and wrongly shaped tensors.
+
+    With ``bnb_4bit`` (a bitsandbytes 4-bit checkpoint) the packed decoder-layer linear weights and their
+    ``weight.absmax/quant_map/...`` companions are exempt from the shape check.
+    """
+    if bnb_4bit:
+        found = {n: (() if _LAYER_LINEAR.match(n) else v[0], v[1]) for n, v in found.items()
+                 if not _BNB_COMPANION.search(n)}
     expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    if bnb_4bit:
+        expected = {n: (() if _LAYER_LINEAR.match(n) else shape) for n, shape in expected.items()}
     tied = model.config.tie_word_embeddings
     missing = [n for n in expected if n not in found and not (tied and n == "lm_head.weight")]
     unexpected = [n for n in found if n not in expected and not n.endswith("rotary_emb.inv_freq")]
@@ -289,6 +304,20 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _bnb_placer_factory(raw_config: dict):
+    """For a pre-quantized bitsandbytes 4-bit checkpoint (``*-bnb-4bit``), a ``(model, dtype) -> placer``
+    factory that reads its packed layers into ``Linear4bit`` modules; None for any other checkpoint."""
+    q = raw_config.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "bitsandbytes":
+        return None
+    from llmtune.quant.bnb import BnbPlacer, is_bnb_4bit_config
+
+    if not is_bnb_4bit_config(raw_config):
+        raise LLMTuneError("config.json: this is a bitsandbytes 8-bit checkpoint; llmtune reads 4-bit "
+                           "(NF4/FP4) bitsandbytes checkpoints only. Use the unquantized model instead")
+    return lambda model, dtype: BnbPlacer(model, dtype)
+
+
 def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) -> Transformer:
     """Stream a plain checkpoint (folder of safetensors or a .gguf file) into a new Transformer."""
     if path.is_file() and path.suffix == ".gguf":
@@ -296,6 +325,7 @@ def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) 
 
         cfg_dict = gguf_config(path)
         config = ModelConfig.from_hf_dict(cfg_dict, source=str(path))
+        bnb_4bit = None
         found_fn = lambda model: _gguf_shapes(path, cfg_dict)  # noqa: E731
         tensors = lambda: iter_gguf_tensors(path, cfg_dict)  # noqa: E731
         source = str(path)
@@ -304,6 +334,7 @@ def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) 
             raise LLMTuneError(f"{path}: no config.json; a model folder needs config.json and safetensors "
                                "weights (or pass a .gguf file, or a LoRA output folder with adapter_config.json)")
         config = ModelConfig.from_file(path / "config.json")
+        bnb_4bit = _bnb_placer_factory(config.raw)
         files = _safetensors_files(path)
         found_fn = lambda model: _safetensors_shapes(files)  # noqa: E731
         tensors = lambda: _iter_safetensors(files)  # noqa: E731
@@ -314,18 +345,23 @@ def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) 
     target = parse_dtype(dtype, config.torch_dtype)
     with torch.device("meta"):
         model = Transformer(config)
-    _check_tensors(model, found_fn(model), source)
+    _check_tensors(model, found_fn(model), source, bnb_4bit=bnb_4bit is not None)
     place_quantized = _quant_hook() if quantize else None
+    placer = bnb_4bit(model, target) if bnb_4bit is not None else None
     tied = config.tie_word_embeddings
     for name, tensor in tensors():
         if tied and name == "lm_head.weight":
             continue
         if name.endswith("rotary_emb.inv_freq"):
             continue
+        if placer is not None and placer.place(name, tensor.to(device)):
+            continue
         if place_quantized is not None and place_quantized(model, name, tensor.to(device), target, *quantize):
             continue
         _set_tensor(model, name, tensor.to(device=device, dtype=target))
         del tensor
+    if placer is not None:
+        placer.finish()
     model.tie_weights()
     model.inv_freq = rope_inv_freq(config).to(device)
     left = [n for n, p in model.named_parameters() if p.is_meta]
