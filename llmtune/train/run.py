@@ -156,7 +156,7 @@ def _collator(cfg: Any, tokenizer: Any, stage: str):
     except ImportError:
         coll = None
     if coll is not None and hasattr(coll, "get_collator"):
-        return coll.get_collator(stage, tokenizer=tokenizer, pad_token_id=pad)
+        return coll.get_collator(stage, pad)
     return lambda rows: pad_collate(rows, pad)
 
 
@@ -171,6 +171,10 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
         KeyboardInterrupt: Ctrl-C, after saving ``checkpoint-<step>`` in ``output_dir``.
     """
     cfg = as_config(config)
+    if cfg.stage == "ppo":  # PPO's loop (rollouts, reward model) is its own: llmtune/train/ppo.py
+        from llmtune.train.ppo import run_ppo
+
+        return run_ppo(cfg)
     out = prepare_output_dir(cfg)
     from llmtune.data import get_dataset
     from llmtune.data.templates import get_template
