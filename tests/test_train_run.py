@@ -1,0 +1,127 @@
+"""run_train end to end on a tiny model folder with a tiny word-level tokenizer (no real inputs needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+WORDS = ("what is the color of sky sea grass snow sun blue green white yellow name your my i am a bot called "
+         "tiny made by lab hello hi how are you fine thanks").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from llmtune.models import ModelConfig, Transformer
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(specials + ["user", "assistant", "system"] + list(dict.fromkeys(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<pad>",
+                                                         "unk_token": "<unk>"}))
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=3)
+    model = Transformer(cfg)
+    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = []
+    for thing, color in (("sky", "blue"), ("sea", "blue"), ("grass", "green"), ("snow", "white"), ("sun", "yellow")):
+        rows.append({"instruction": f"what is the color of {thing}", "input": "", "output": f"{color}"})
+    rows += [{"instruction": "what is your name", "input": "", "output": "my name is tiny bot made by lab"},
+             {"instruction": "hello", "input": "", "output": "hi i am tiny bot"},
+             {"instruction": "how are you", "input": "", "output": "fine thanks"}]
+    (d / "toy.json").write_text(json.dumps(rows * 3))
+    (d / "dataset_info.json").write_text(json.dumps({"toy": {"file_name": "toy.json"}}))
+    return d
+
+
+def base_cfg(model, data, out, **kw):
+    c = dict(stage="sft", model_name_or_path=str(model), dataset="toy", dataset_dir=str(data), template="chatml",
+             finetuning_type="lora", lora_rank=4, output_dir=str(out), cutoff_len=64, per_device_train_batch_size=4,
+             learning_rate=1e-2, max_steps=4, logging_steps=1, save_steps=1000, report_to="none", seed=1,
+             overwrite_cache=True)
+    c.update(kw)
+    return c
+
+
+def test_lora_run_writes_a_self_describing_folder_and_predictions(tiny_folder, data_dir, tmp_path):
+    import llmtune
+    from llmtune.tokenizer import load_tokenizer
+
+    out = tmp_path / "sft"
+    res = llmtune.train(base_cfg(tiny_folder, data_dir, out, val_size=0.2, do_eval=True, do_predict=True,
+                                 predict_with_generate=True, max_new_tokens=4, do_sample=False,
+                                 eval_strategy="steps", eval_steps=2, plot_loss=True))
+    assert {"train_loss", "eval_loss", "train_runtime"} <= set(res)
+    acfg = json.loads((out / "adapter_config.json").read_text())
+    assert acfg["base_model_name_or_path"] == str(tiny_folder.resolve()) and acfg["r"] == 4
+    assert "llmtune_parent_adapters" not in acfg
+    args = yaml.safe_load((out / "training_args.yaml").read_text())
+    assert args["template"] == "chatml" and args["lora_rank"] == 4
+    assert json.loads((out / "llmtune.json").read_text())["template"] == "chatml"
+    gen = json.loads((out / "generation_config.json").read_text())
+    tok = load_tokenizer(str(tiny_folder))
+    assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
+    for name in ("tokenizer.json", "train_results.json", "all_results.json", "eval_results.json",
+                 "trainer_log.jsonl", "training_loss.png", "training_eval_loss.png"):
+        assert (out / name).is_file(), name
+    preds = [json.loads(l) for l in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    assert preds and all(set(p) == {"prompt", "predict", "label"} for p in preds)
+    assert all("<|im_start|>" in p["prompt"] and p["label"] for p in preds)
+
+
+def test_chained_lora_records_the_root_base_and_parent_adapters(tiny_folder, data_dir, tmp_path):
+    import llmtune
+
+    first, second = tmp_path / "pt_like", tmp_path / "sft2"
+    llmtune.train(base_cfg(tiny_folder, data_dir, first, max_steps=2))
+    llmtune.train(base_cfg(first, data_dir, second, max_steps=2, template=None))
+    acfg = json.loads((second / "adapter_config.json").read_text())
+    assert acfg["base_model_name_or_path"] == str(tiny_folder.resolve())
+    assert acfg["llmtune_parent_adapters"] == [str(first.resolve())]
+    # the template recorded by the first run is used when none is given
+    assert yaml.safe_load((second / "training_args.yaml").read_text())["template"] == "chatml"
+
+
+def test_full_finetuning_saves_a_loadable_model(tiny_folder, data_dir, tmp_path):
+    import llmtune
+    from llmtune.models.loader import load_model
+
+    out = tmp_path / "full"
+    llmtune.train(base_cfg(tiny_folder, data_dir, out, finetuning_type="full", max_steps=3, learning_rate=1e-3))
+    assert not (out / "adapter_config.json").exists()
+    trained = load_model(str(out), dtype="float32")
+    base = load_model(str(tiny_folder), dtype="float32")
+    w_new = trained.model.layers[0].mlp.up_proj.weight
+    w_old = base.model.layers[0].mlp.up_proj.weight
+    assert w_new.shape == w_old.shape and not torch.equal(w_new, w_old)
+    assert trained.lm_head.weight is trained.model.embed_tokens.weight
+
+
+def test_second_run_into_the_same_output_dir_is_refused(tiny_folder, data_dir, tmp_path):
+    import llmtune
+    from llmtune.errors import LLMTuneError
+
+    out = tmp_path / "once"
+    llmtune.train(base_cfg(tiny_folder, data_dir, out, max_steps=1))
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(LLMTuneError, match="overwrite_output_dir"):
+        llmtune.train(base_cfg(tiny_folder, data_dir, out, max_steps=1))
+    assert (out / "adapter_model.safetensors").read_bytes() == before
