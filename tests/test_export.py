@@ -310,3 +310,18 @@ def test_cli_export_end_to_end(tiny, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("llmtune: error: export_dir") and "Traceback" not in r.stderr
+
+
+def test_reward_model_value_head_is_copied(tiny, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny["lora"], rm)
+    head = {"v_head.summary.weight": torch.randn(1, 64), "v_head.summary.bias": torch.randn(1)}
+    save_file(head, str(rm / "value_head.safetensors"))
+    out = tmp_path / "out"
+    export({"model_name_or_path": str(tiny["base"]), "adapter_name_or_path": str(rm), "export_dir": str(out)})
+    assert (out / "value_head.safetensors").read_bytes() == (rm / "value_head.safetensors").read_bytes()
+    assert "value head" in capsys.readouterr().err
