@@ -28,3 +28,44 @@ def shared_data_dir():
     from shared_inputs import data_dir
 
     return data_dir()
+
+
+@pytest.fixture(scope="session")
+def _hf_real_model(real_model_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(real_model_path.parent), gguf_file=real_model_path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_real_model_copy(_hf_real_model):
+    """A function returning a fresh deep copy of transformers' own float32 import of the real GGUF model.
+
+    transformers' GGUF import is the slowest step of the real-model tests, so it runs once per session;
+    each caller gets its own copy (peft wraps models in place).
+    """
+    import copy
+
+    return lambda: copy.deepcopy(_hf_real_model)
+
+
+@pytest.fixture(scope="session")
+def hf_real_tokenizer(real_model_path):
+    """transformers' tokenizer built from the real GGUF file (read-only use)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(real_model_path.parent), gguf_file=real_model_path.name)
+
+
+@pytest.fixture(scope="session")
+def _llmtune_real_model(real_model_path):
+    from llmtune.models.loader import load_model
+
+    return load_model(real_model_path, dtype="float32").eval()
+
+
+@pytest.fixture(scope="session")
+def real_model_copy(_llmtune_real_model):
+    """A function returning a fresh deep copy of llmtune's float32 load of the real GGUF model."""
+    import copy
+
+    return lambda: copy.deepcopy(_llmtune_real_model)

@@ -21,20 +21,19 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @pytest.fixture(scope="module")
-def real(real_model_path, tmp_path_factory):
+def real(real_model_path, tmp_path_factory, hf_real_model_copy, hf_real_tokenizer):
     from llmtune.export import export
 
     root = tmp_path_factory.mktemp("real_export")
-    gguf_dir, gguf_name = str(real_model_path.parent), real_model_path.name
     torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    base = hf_real_model_copy()
     pm = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)
     pm.save_pretrained(str(root / "lora"))
-    tok = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    tok = hf_real_tokenizer
     ids = torch.tensor([tok("The capital of France is Paris. The capital of Italy is")["input_ids"]])
     pm.eval()
     with torch.no_grad():

@@ -146,12 +146,9 @@ def test_corrupt_gguf(tmp_path):
 # -- the real model ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def hf_gguf_reference(real_model_path):
-    """transformers' own GGUF import of the real model (float32), loaded once for this module."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(real_model_path.parent), gguf_file=real_model_path.name,
-                                                dtype=torch.float32).eval()
+def hf_gguf_reference(hf_real_model_copy):
+    """transformers' own GGUF import of the real model (float32; one load per session, see conftest)."""
+    return hf_real_model_copy()
 
 
 @pytest.mark.real

@@ -17,9 +17,8 @@ warnings.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def models(real_model_path):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(real_model_path.parent), gguf_file=real_model_path.name, dtype=torch.float32).eval()
+def models(real_model_path, hf_real_model_copy):
+    hf = hf_real_model_copy()
     try:
         from llmtune.models.loader import load_model
     except ImportError:

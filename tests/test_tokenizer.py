@@ -34,11 +34,9 @@ def test_enough_strings():
 # -- the real model's GGUF tokenizer vs transformers' GGUF tokenizer -----------------------------------
 
 @pytest.fixture(scope="module")
-def real_pair(real_model_path):
-    from transformers import AutoTokenizer
-
+def real_pair(real_model_path, hf_real_tokenizer):
     ours = load_tokenizer(real_model_path)
-    theirs = AutoTokenizer.from_pretrained(str(real_model_path.parent), gguf_file=real_model_path.name)
+    theirs = hf_real_tokenizer
     return ours, theirs
 
 
