@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+_REPO = Path(__file__).resolve().parents[1]
+# `python -m pytest` from the repo root puts the root on sys.path, where the folder kernels/ (installed as
+# llmtune.kernels) would shadow PyPI's `kernels` package that bitsandbytes tries to import. llmtune itself is
+# imported from its installation (pip install -e .), so the root is not needed there.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
