@@ -169,13 +169,26 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
     Raises:
         LLMTuneError: any configuration or data mistake (one message naming the key/file/flag).
         KeyboardInterrupt: Ctrl-C, after saving ``checkpoint-<step>`` in ``output_dir``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` set) the process group lives for the call
+    (``llmtune.train.distributed.distributed_session``): every rank trains its data shard, rank 0 writes.
     """
     cfg = as_config(config)
+    from llmtune.train.distributed import distributed_session
+
+    with distributed_session(cfg):
+        return _run_train(cfg)
+
+
+def _run_train(cfg: Any) -> dict[str, Any]:
+    from llmtune.train.distributed import barrier, gather_full_state_dict
+
     if cfg.stage == "ppo":  # PPO's loop (rollouts, reward model) is its own: llmtune/train/ppo.py
         from llmtune.train.ppo import run_ppo
 
         return run_ppo(cfg)
     out = prepare_output_dir(cfg)
+    barrier()  # every rank has checked output_dir before rank 0 writes into it
     from llmtune.data import get_dataset
     from llmtune.data.templates import get_template
     from llmtune.models.loader import load_model
@@ -214,8 +227,9 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
     if cfg.do_train:
         train_results = trainer.train()
         results.update(train_results)
+        full_state = gather_full_state_dict(model)  # FSDP2: a collective on every rank; None otherwise
         if _is_main():
-            save_model(model, out, cfg, base, parents)
+            save_model(model, out, cfg, base, parents, state_dict=full_state)
             write_json(out / "train_results.json", train_results)
     if _is_main():
         save_metadata(out, cfg, tokenizer, template, base, parents)
@@ -264,9 +278,11 @@ def _recorded_template(*folders: str) -> Optional[str]:
     return None
 
 
-def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: list[str]) -> None:
+def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: list[str],
+               state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write the trained adapter (PEFT format) or the full model (safetensors + config.json) to ``out``;
-    a reward model's value head goes to ``value_head.safetensors`` (alone when it was trained alone)."""
+    a reward model's value head goes to ``value_head.safetensors`` (alone when it was trained alone).
+    ``state_dict``: the gathered full weights of an FSDP2-sharded model (else ``model.state_dict()``)."""
     if getattr(model, "v_head", None) is not None:
         from llmtune.models.value_head import save_value_head
 
@@ -283,7 +299,7 @@ def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: 
 
     dtype = torch.bfloat16 if (cfg.bf16 or cfg.fp16) else torch.float32
     tensors, seen = {}, {}
-    for name, t in model.state_dict(keep_vars=False).items():
+    for name, t in (state_dict if state_dict is not None else model.state_dict(keep_vars=False)).items():
         if id(t) in seen or (name == "lm_head.weight" and model.config.tie_word_embeddings) or name.startswith("v_head."):
             continue
         seen[id(t)] = name

@@ -35,6 +35,7 @@ import torch
 
 from llmtune.errors import LLMTuneError, notice
 from llmtune.train import checkpoint as ckpt
+from llmtune.train import distributed as dist_hooks
 from llmtune.train.logging import TrainLogger, resolve_report_to
 from llmtune.train.stages import StageContext, get_stage, item_counter
 
@@ -286,6 +287,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
         if cfg(config, "gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
+        self.model = model = dist_hooks.wrap_model(model, config)  # DDP / FSDP2 under torchrun, else as is
         self.optimizer = build_optimizer(model, config)
         kind = str(cfg(config, "lr_scheduler_type"))
         warm = num_warmup_steps(int(cfg(config, "warmup_steps")), float(cfg(config, "warmup_ratio")), self.total_steps)
@@ -305,9 +307,10 @@ class Trainer:
         self._rng_at_step_start = ckpt.capture_rng_state()
 
     # -- data -------------------------------------------------------------------------------------
-    def _shard(self, indices: list[int]) -> list[int]:
-        """This rank's share of an index order (every ``world_size``-th index)."""
-        return indices[_rank()::_world_size()]
+    def _shard(self, indices: list[int], pad: bool = True) -> list[int]:
+        """This rank's share of an index order (every ``world_size``-th index; padded so that every rank
+        gets as many, see ``distributed.shard_indices``)."""
+        return dist_hooks.shard_indices(indices, _rank(), _world_size(), pad=pad)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The shuffled dataset order of ``epoch``: ``randperm`` from a generator seeded by ``seed + epoch``."""
@@ -353,7 +356,8 @@ class Trainer:
         items_seen = 0
         metric_sums: dict[str, float] = {}
         metric_counts: dict[str, int] = {}  # a metric may be absent from a micro-batch (kto: no desirable row)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
+            dist_hooks.set_gradient_sync(self.model, i == len(micro_batches) - 1)  # reduce once per step
             with self.autocast():
                 loss_sum, n, metrics = self.stage(self.model, batch, self.ctx)
             self.scaler.scale(loss_sum.float() / denom).backward()
@@ -390,7 +394,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+        grad_norm = dist_hooks.clip_grad_norm(params, limit)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -461,7 +465,7 @@ class Trainer:
             raise
         logger.close()
         if self.load_best and self.best_state is not None:
-            ckpt.load_trainable_state_dict(self.model, self.best_state, f"best step {self.best_step}")
+            ckpt.load_trainable_state_dict(dist_hooks.unwrap(self.model), self.best_state, f"best step {self.best_step}")
             notice(f"loaded the best model (step {self.best_step}, {self.metric} = {self.best_metric:.4g})")
         runtime = time.time() - start
         done = self.global_step - start_step
@@ -490,7 +494,7 @@ class Trainer:
             raise LLMTuneError("evaluation needs eval data: set val_size or eval_dataset")
         self.model.eval()
         self.ctx.training = False
-        order = self._shard(list(range(len(ds))))
+        order = self._shard(list(range(len(ds))), pad=dist_hooks.is_fsdp(self.model))  # FSDP: same batch count
         loss_total, items_total = 0.0, 0
         metric_sums: dict[str, float] = {}
         for i in range(0, len(order), self.eval_bs):
@@ -520,7 +524,8 @@ class Trainer:
         if better:
             self.best_metric, self.best_step = value, self.global_step
             if self.load_best:  # trainable weights only: small for LoRA
-                self.best_state = {k: v.clone() for k, v in ckpt.trainable_state_dict(self.model).items()}
+                self.best_state = {k: v.clone() for k, v in
+                                   ckpt.trainable_state_dict(dist_hooks.unwrap(self.model)).items()}
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -532,19 +537,26 @@ class Trainer:
                 "world_size": _world_size(), "log_history": self.log_history}
 
     def save_checkpoint(self, rng_state: Optional[dict] = None) -> Optional[Path]:
-        """Write ``output_dir/checkpoint-<global_step>`` (rank 0), rotate by ``save_total_limit``."""
+        """Write ``output_dir/checkpoint-<global_step>`` (rank 0; FSDP2: every rank its shards), rotate by
+        ``save_total_limit``."""
+        if dist_hooks.is_fsdp(self.model):
+            path = dist_hooks.save_fsdp_checkpoint(self, rng_state or ckpt.capture_rng_state())
         if not _is_main():
             return None
-        path = ckpt.save_checkpoint(self.output_dir, self.global_step, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, trainer_state=self.state_dict(),
-                                    rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler)
+        if not dist_hooks.is_fsdp(self.model):
+            path = ckpt.save_checkpoint(self.output_dir, self.global_step, model=dist_hooks.unwrap(self.model), optimizer=self.optimizer,
+                                        scheduler=self.scheduler, trainer_state=self.state_dict(),
+                                        rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler)
         keep = self.output_dir / f"checkpoint-{self.best_step}" if self.best_step is not None else None
         ckpt.rotate_checkpoints(self.output_dir, cfg(self.config, "save_total_limit"), keep=keep)
         return path
 
     def _load(self, folder: Path) -> None:
-        state, rng = ckpt.load_checkpoint(folder, model=self.model, optimizer=self.optimizer,
-                                          scheduler=self.scheduler, scaler=self.scaler)
+        if dist_hooks.is_fsdp(self.model) or dist_hooks.is_fsdp_checkpoint(folder):
+            state, rng = dist_hooks.load_fsdp_checkpoint(self, folder)
+        else:
+            state, rng = ckpt.load_checkpoint(folder, model=dist_hooks.unwrap(self.model), optimizer=self.optimizer,
+                                              scheduler=self.scheduler, scaler=self.scaler)
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "seed"):
             if state.get(key) is not None and state[key] != self.state_dict()[key]:
                 raise LLMTuneError(f"resume_from_checkpoint: {folder} was trained with {key} = {state[key]}, "

@@ -1,0 +1,501 @@
+"""Scale-out with PyTorch's own engine: ``torchrun`` + ``torch.distributed`` + DDP or FSDP2.
+
+There is no launcher here. ``torchrun --nproc_per_node N -m llmtune train config.yaml`` (or any launcher
+that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) starts N copies of
+the same command; :func:`distributed_session` turns them into one process group and the trainer's small
+helpers (``_rank``, ``_world_size``, ``_all_reduce_sum``, ``_is_main`` in ``trainer.py``) do the rest:
+
+* **process group**: ``gloo`` on the CPU, ``nccl`` on CUDA (device ``cuda:LOCAL_RANK``), timeout
+  ``ddp_timeout`` seconds (Hugging Face's key; default 1800). A collective that does not complete within
+  that time (a rank died or hangs) raises on the surviving ranks, and :func:`distributed_session` turns
+  the error into one :class:`LLMTuneError` message; the CLI exits non-zero.
+* **data**: every rank computes the same epoch order (``randperm`` seeded by ``seed + epoch``) and takes
+  every ``world_size``-th index (:func:`shard_indices`); the order is padded with its first indices to a
+  multiple of the world size (as ``torch.utils.data.DistributedSampler`` does) so every rank runs the
+  same number of steps and no collective waits forever.
+* **loss normalisation**: the trainer back-propagates ``loss_sum / step_items`` with ``step_items`` summed
+  over all micro-batches and all ranks. DDP would then average (divide by the world size); we register a
+  communication hook that SUMS instead (:func:`sum_allreduce_hook`), and FSDP2 gets
+  ``set_gradient_divide_factor(1.0)``. So N ranks x batch b give exactly the gradient of one rank x batch
+  N*b (tested to 1e-5).
+* **strategies** (:func:`wrap_model`): DDP (default; only ``requires_grad`` parameters enter its reducer,
+  so with LoRA only the adapters are all-reduced) or FSDP2 ``fully_shard`` (``fsdp: full_shard`` in the
+  config, full fine-tuning): every decoder layer is sharded, then the root; ``bf16`` gives FSDP2's
+  ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``.
+* **outputs**: rank 0 alone logs, plots and writes the final adapter/model; with FSDP2 every rank takes
+  part in gathering the full state dict (:func:`gather_full_state_dict`) and rank 0 writes it.
+* **checkpoints**: DDP ones are the single-process format (rank 0 writes the unwrapped model's trainable
+  tensors). FSDP2 ones are sharded: :func:`save_fsdp_checkpoint` writes each rank's shards of the model
+  and optimizer with ``torch.distributed.checkpoint`` in its safetensors storage (no pickles, also for
+  the metadata), and resumes on the same number of ranks.
+
+Sources: PyTorch documentation of ``torch.distributed`` (``init_process_group``), ``torchrun``,
+``DistributedDataParallel`` (DDP communication hooks), FSDP2 (``torch.distributed.fsdp.fully_shard``),
+``torch.distributed.checkpoint`` (``state_dict.get_state_dict``, ``HuggingFaceStorageWriter``); ZeRO
+(Rajbhandari et al., 2020) for the memory arithmetic in docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from llmtune.errors import LLMTuneError, notice
+
+#: environment variables torchrun sets for every worker
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: tokens accepted in the ``fsdp`` config value (Hugging Face ``TrainingArguments.fsdp`` spellings)
+FSDP_TOKENS = ("full_shard", "shard_grad_op", "auto_wrap", "offload")
+FSDP_DIR = "fsdp_shards"
+
+
+# -- process group --------------------------------------------------------------------------------
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    val = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+    return default if val is None else val
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when unset), as torchrun sets it."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise LLMTuneError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer; launch with "
+                           "torchrun --nproc_per_node N -m llmtune train ...") from None
+
+
+def is_initialized() -> bool:
+    """True when a default ``torch.distributed`` process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(config: Any = None) -> bool:
+    """Create the default process group from torchrun's environment; return True when this call created it.
+
+    Nothing happens (returns False) when ``WORLD_SIZE`` is unset or 1, or when a group already exists
+    (a caller that initialised its own keeps it). Backend: ``nccl`` when CUDA is available and the
+    config's ``device`` is not ``cpu``, else ``gloo``; with CUDA the current device becomes
+    ``cuda:LOCAL_RANK``. Timeout: ``ddp_timeout`` seconds (default 1800).
+
+    Raises:
+        LLMTuneError: ``WORLD_SIZE`` is set but ``RANK``/``MASTER_ADDR``/``MASTER_PORT`` are missing (not
+        launched by torchrun), or ``ddp_timeout`` is not a positive number.
+    """
+    if is_initialized() or env_world_size() <= 1:
+        return False
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise LLMTuneError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} is not; "
+                           "start distributed runs with torchrun --nproc_per_node N -m llmtune train ... "
+                           "(or unset WORLD_SIZE for one process)")
+    timeout = float(_get(config, "ddp_timeout", 1800))
+    if timeout <= 0:
+        raise LLMTuneError(f"ddp_timeout: {timeout} must be a positive number of seconds")
+    device = str(_get(config, "device", "") or "")
+    use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    kwargs: dict[str, Any] = {}
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout), **kwargs)
+    return True
+
+
+def destroy_distributed() -> None:
+    """Destroy the default process group if one exists."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 without one)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when distributed, else nothing."""
+    if is_initialized():
+        dist.barrier()
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(s in text for s in (
+        "gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset", "Timed out", "timed out",
+        "ProcessGroup", "Socket Timeout"))
+
+
+@contextlib.contextmanager
+def distributed_session(config: Any = None) -> Iterator[bool]:
+    """Context of one (possibly distributed) run: :func:`init_distributed` on entry, destroy on exit.
+
+    Yields True when distributed. A failed collective (another rank died, or did not answer within
+    ``ddp_timeout`` seconds) is re-raised as :class:`LLMTuneError` with one message naming this rank, the
+    timeout and what to check, so the CLI prints it and exits non-zero instead of hanging or dumping a
+    C++ trace.
+    """
+    created = init_distributed(config)
+    try:
+        yield is_initialized()
+    except LLMTuneError:
+        raise
+    except Exception as err:
+        if is_initialized() and _is_collective_failure(err):
+            timeout = _get(config, "ddp_timeout", 1800)
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            created = False  # destroying a broken group can block; the process is ending anyway
+            raise LLMTuneError(
+                f"rank {rank()} of {world_size()}: a collective operation with the other ranks failed "
+                f"({type(err).__name__}: {first}). Another rank probably died or hung (its own log shows why) "
+                f"or did not answer within ddp_timeout = {timeout} s; fix that rank's error, or raise "
+                "ddp_timeout if a rank is just slow (e.g. loading or saving a large model)") from err
+        raise
+    finally:
+        if created:
+            destroy_distributed()
+
+
+# -- data -----------------------------------------------------------------------------------------
+def shard_indices(indices: list[int], rank_: int, world: int, pad: bool = True) -> list[int]:
+    """This rank's share of an index order: ``indices[rank::world]`` after padding.
+
+    With ``pad`` the order is first extended by its own first indices (wrapping around) to a multiple of
+    ``world``, as ``torch.utils.data.DistributedSampler(drop_last=False)`` does, so every rank gets
+    ``ceil(len / world)`` indices and runs the same number of steps. The padded rows are seen twice in
+    that epoch. ``world == 1`` returns ``indices`` unchanged.
+    """
+    if world <= 1:
+        return list(indices)
+    indices = list(indices)
+    if pad and indices and len(indices) % world:
+        extra = world - len(indices) % world
+        indices += (indices * (extra // len(indices) + 1))[:extra]
+    return indices[rank_::world]
+
+
+# -- strategies -----------------------------------------------------------------------------------
+def fsdp_options(config: Any) -> Optional[dict[str, Any]]:
+    """Parse the ``fsdp`` config value (Hugging Face spellings, space separated) or return None (DDP).
+
+    ``full_shard`` (ZeRO-3: parameters, gradients, optimizer state sharded; parameters re-gathered for
+    backward), ``shard_grad_op`` (ZeRO-2-like: parameters kept gathered between forward and backward),
+    ``offload`` (parameters, gradients and optimizer state on the CPU: FSDP2 ``CPUOffloadPolicy``),
+    ``auto_wrap`` (accepted; every decoder layer is always its own FSDP unit). Empty / ``false`` -> None.
+
+    Raises:
+        LLMTuneError: an unknown token (e.g. ``hybrid_shard``), naming the accepted ones.
+    """
+    raw = _get(config, "fsdp", None)
+    if raw in (None, False, "", []):
+        return None
+    tokens = raw if isinstance(raw, (list, tuple)) else str(raw).replace(",", " ").split()
+    tokens = [str(t).strip().lower() for t in tokens if str(t).strip()]
+    if not tokens or tokens in (["false"], ["no"], ["none"]):
+        return None
+    bad = [t for t in tokens if t not in FSDP_TOKENS]
+    if bad:
+        from llmtune.errors import nearest
+
+        raise LLMTuneError(f"fsdp: {bad[0]!r} is not supported (use one of: {', '.join(FSDP_TOKENS)}, space "
+                           "separated, e.g. fsdp: full_shard)." + nearest(bad[0], FSDP_TOKENS))
+    if "full_shard" not in tokens and "shard_grad_op" not in tokens:
+        tokens.append("full_shard")
+    return {"reshard_after_forward": "shard_grad_op" not in tokens, "offload": "offload" in tokens}
+
+
+def choose_strategy(model: torch.nn.Module, config: Any) -> str:
+    """``"fsdp"`` when ``fsdp`` is set and the run is full fine-tuning, else ``"ddp"``.
+
+    ``fsdp`` with LoRA/freeze tuning or a 4-bit model prints a notice and uses DDP: the trainable
+    parameters there are small and replicating them is cheaper than sharding.
+    """
+    if fsdp_options(config) is None:
+        return "ddp"
+    finetuning = str(_get(config, "finetuning_type", "full"))
+    quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    frozen = any(not p.requires_grad for p in model.parameters())
+    if finetuning != "full" or quantized or frozen:
+        if rank() == 0:
+            notice(f"fsdp: {_get(config, 'fsdp')!r} shards full fine-tuning; this run trains "
+                   f"{'a 4-bit model' if quantized else finetuning} parameters, so it uses DDP instead "
+                   "(remove fsdp to silence this)")
+        return "ddp"
+    return "fsdp"
+
+
+class DDPModel(torch.nn.parallel.DistributedDataParallel):
+    """``DistributedDataParallel`` that forwards unknown attributes to the wrapped model.
+
+    Stages call ``model(input_ids, ...)`` (through DDP, so its reducer is prepared) and read
+    ``model.lm_head``, ``model.config``, ``model.v_head``...; those resolve on ``model.module``.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def sum_allreduce_hook(state, bucket):  # no annotations: DDP checks them (and they would be strings here)
+    """DDP communication hook: all-reduce a gradient bucket with SUM (DDP's default divides by world size).
+
+    ``state``: a process group or None (the default group); ``bucket``: ``dist.GradBucket``; returns a
+    ``torch.futures.Future`` of the summed flat gradient tensor.
+
+    The trainer already divides every loss by the item count of the whole step over all ranks, so the
+    plain sum of the ranks' gradients is the gradient of the global batch.
+    """
+    group = state if state is not None else dist.group.WORLD
+    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def wrap_model(model: torch.nn.Module, config: Any) -> torch.nn.Module:
+    """Wrap ``model`` for the running process group: :class:`DDPModel` or FSDP2 (in place); unchanged
+    without a process group.
+
+    DDP: ``broadcast_buffers=False`` (the model's buffers are RoPE tables computed identically on every
+    rank; broadcasting them would add a collective to every forward, evaluation included), the
+    :func:`sum_allreduce_hook`. FSDP2: see :func:`apply_fsdp`. Call before building the optimizer (FSDP2
+    replaces the parameters by sharded ``DTensor`` ones).
+    """
+    if not is_initialized() or isinstance(model, DDPModel) or is_fsdp(model):
+        return model
+    if choose_strategy(model, config) == "fsdp":
+        return apply_fsdp(model, config)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise LLMTuneError("no trainable parameters: check finetuning_type, lora_target and freeze_trainable_layers")
+    device = next(model.parameters()).device
+    import inspect
+
+    sync_kw = ("forward_sync_buffers" if "forward_sync_buffers" in
+               inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters else "broadcast_buffers")
+    ddp = DDPModel(model, device_ids=[device.index] if device.type == "cuda" else None, **{sync_kw: False})
+    ddp.register_comm_hook(None, sum_allreduce_hook)
+    return ddp
+
+
+def apply_fsdp(model: torch.nn.Module, config: Any) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` every decoder layer (``model.model.layers[i]``), then the root; in place.
+
+    Gradients are SUMMED over ranks (``set_gradient_divide_factor(1.0)`` with sum-only reductions, so
+    gloo works too). ``bf16`` -> ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``
+    (sharded master weights stay float32); ``fp16`` on CUDA -> float16 parameters, float32 reduction.
+    Returns the same module object (now an ``FSDPModule``).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    opts = fsdp_options(config) or {"reshard_after_forward": True, "offload": False}
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size(),))
+    param_dtype = None
+    if _get(config, "bf16", False):
+        param_dtype = torch.bfloat16
+    elif _get(config, "fp16", False) and device.type == "cuda":
+        param_dtype = torch.float16
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    offload = CPUOffloadPolicy() if opts["offload"] else OffloadPolicy()
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise LLMTuneError("fsdp: the model has no decoder layers at model.layers; FSDP2 here supports the "
+                           "llmtune Transformer (remove fsdp to train with DDP)")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=opts["reshard_after_forward"], **kw)
+    fully_shard(model, **kw)
+    for mod in model.modules():
+        if hasattr(mod, "set_gradient_divide_factor"):
+            mod.set_gradient_divide_factor(1.0)
+            mod.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """True when ``model`` has been through FSDP2 ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside a DDP wrapper (FSDP2 modules are the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """Whether the next forward+backward all-reduces gradients (False for all but the last micro-batch
+    of a step: gradient accumulation then communicates once per optimizer step). No-op for plain models."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = sync
+    elif is_fsdp(model):
+        model.set_requires_gradient_sync(sync)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` returning a Python float, also for FSDP2 ``DTensor`` gradients
+    (the norm is then reduced over the shards of all ranks). Units: L2 norm of all gradients."""
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# -- saving ---------------------------------------------------------------------------------------
+def gather_full_state_dict(model: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """The full (unsharded) CPU state dict of an FSDP2 model on rank 0, ``{}`` on other ranks; None for a
+    model that is not FSDP2. A collective: every rank must call it.
+
+    Uses ``torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True,
+    cpu_offload=True)``; keys are the model's Hugging Face names.
+    """
+    if not is_fsdp(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                ) -> tuple[dict[str, torch.Tensor], list, dict[str, str]]:
+    """``{"model.<fqn>": DTensor, "optim.<fqn>.<key>": tensor}``, the optimizer's param groups, and the
+    aliases left out (tied weights: ``lm_head.weight`` -> ``model.embed_tokens.weight``)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    flat: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in msd.items():
+        local = v.to_local() if hasattr(v, "to_local") else v
+        key = (local.data_ptr(), tuple(local.shape), local.dtype) if local.numel() else ("empty", k)
+        if key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        flat[f"model.{k}"] = v
+    for fqn, st in osd["state"].items():
+        for key, val in st.items():
+            if not isinstance(val, torch.Tensor):
+                val = torch.tensor(val)
+            flat[f"optim.{fqn}.{key}"] = val
+    return flat, osd["param_groups"], aliases
+
+
+def save_fsdp_checkpoint(trainer: Any, rng_state: dict[str, Any]) -> Optional[Path]:
+    """Write ``output_dir/checkpoint-<step>`` of an FSDP2 run (every rank calls it; rank 0 returns the path).
+
+    Layout: ``fsdp_shards/`` (``torch.distributed.checkpoint`` safetensors storage, one file per rank
+    holding its shards of the model and AdamW state, the shard offsets in the safetensors metadata),
+    ``optimizer.json`` (param groups), ``scheduler.json``, ``rng_state.*`` per rank
+    (``rank<r>/`` for r > 0), and ``trainer_state.json`` written last by rank 0 after a barrier, then the
+    folder is renamed from ``tmp-checkpoint-<step>`` (atomic, as single-process checkpoints).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    from llmtune.train import checkpoint as ckpt
+
+    out, step, r = Path(trainer.output_dir), trainer.global_step, rank()
+    tmp, final = out / f"tmp-checkpoint-{step}", out / f"checkpoint-{step}"
+    if r == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    flat, groups, _ = _flat_state(trainer.model, trainer.optimizer)
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / FSDP_DIR), save_distributed=True))
+    rng_dir = tmp if r == 0 else tmp / f"rank{r}"
+    rng_dir.mkdir(exist_ok=True)
+    ckpt.save_rng_state(rng_state, rng_dir)
+    barrier()
+    if r == 0:
+        (tmp / "optimizer.json").write_text(json.dumps(ckpt._jsonable(groups), indent=1))
+        (tmp / "scheduler.json").write_text(json.dumps(ckpt._jsonable(trainer.scheduler.state_dict())))
+        if trainer.scaler is not None and trainer.scaler.is_enabled():
+            (tmp / "scaler.json").write_text(json.dumps(ckpt._jsonable(trainer.scaler.state_dict())))
+        state = dict(trainer.state_dict(), strategy="fsdp")
+        (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=1))  # written last
+        if final.exists():
+            old = out / f"tmp-old-checkpoint-{step}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    barrier()
+    return final if r == 0 else None
+
+
+def is_fsdp_checkpoint(folder: Path) -> bool:
+    """True when ``folder`` was written by :func:`save_fsdp_checkpoint`."""
+    return (Path(folder) / FSDP_DIR).is_dir()
+
+
+def load_fsdp_checkpoint(trainer: Any, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore an FSDP2 checkpoint into ``trainer.model``/``optimizer``/``scheduler``; return
+    ``(trainer_state, rng_state)`` like ``checkpoint.load_checkpoint``. Every rank calls it.
+
+    Raises:
+        LLMTuneError: the checkpoint was written with a different number of ranks, or the model is not
+        sharded with FSDP2 (resume an ``fsdp`` checkpoint with the same ``fsdp`` setting).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from llmtune.train import checkpoint as ckpt
+
+    folder = Path(folder)
+    state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
+    saved_world = int(state.get("world_size", 1))
+    if not is_fsdp(trainer.model):
+        raise LLMTuneError(f"resume_from_checkpoint: {folder} is a sharded FSDP checkpoint; resume it with the same "
+                           f"fsdp setting and torchrun --nproc_per_node {saved_world}")
+    if saved_world != world_size():
+        raise LLMTuneError(f"resume_from_checkpoint: {folder} was written by {saved_world} ranks, this run has "
+                           f"{world_size()}; resume with torchrun --nproc_per_node {saved_world}")
+    flat, _, aliases = _flat_state(trainer.model, trainer.optimizer)
+    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(folder / FSDP_DIR)))
+    msd = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    msd.update({alias: msd[kept] for alias, kept in aliases.items()})
+    osd_state: dict[str, dict[str, Any]] = {}
+    for k, v in flat.items():
+        if k.startswith("optim."):
+            fqn, key = k[len("optim."):].rsplit(".", 1)
+            osd_state.setdefault(fqn, {})[key] = v
+    groups = ckpt._from_json(json.loads((folder / "optimizer.json").read_text()))
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=msd,
+                   optim_state_dict={"state": osd_state, "param_groups": groups})
+    trainer.scheduler.load_state_dict(ckpt._from_json(json.loads((folder / "scheduler.json").read_text())))
+    if trainer.scaler is not None and trainer.scaler.is_enabled() and (folder / "scaler.json").is_file():
+        trainer.scaler.load_state_dict(ckpt._from_json(json.loads((folder / "scaler.json").read_text())))
+    r = rank()
+    rng_dir = folder if r == 0 else folder / f"rank{r}"
+    return state, ckpt.load_rng_state(rng_dir if rng_dir.is_dir() else folder)
