@@ -145,3 +145,65 @@ def test_real_chat_bad_model_path_is_one_line_error(tmp_path):
     proc = _run_cli(["--model_name_or_path", str(tmp_path / "missing")], "hi\n", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("llmtune: error:") and "Traceback" not in proc.stderr
+
+
+# --- end to end on a tiny saved model with a PEFT adapter -----------------------------------------
+def _tiny_chatml_folder(root: Path):
+    """A tiny Llama folder (transformers' save_pretrained) with a char-level tokenizer knowing ChatML tokens."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
+
+    chars = list("abcdefghijklmnopqrstuvwxyz ?\n")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {c: i for i, c in enumerate(chars + specials)}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    raw.decoder = decoders.Fuse()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>",
+                                               additional_special_tokens=specials[1:])
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=112,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   initializer_range=0.15, eos_token_id=vocab["<|endoftext|>"])
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(root, safe_serialization=True)
+    tok.save_pretrained(root)
+    return hf, tok
+
+
+def test_chat_main_with_adapter_and_recorded_template_matches_peft(tmp_path, monkeypatch, capsys):
+    """`llmtune chat --model_name_or_path base --adapter_name_or_path lora` (template recorded in the adapter's
+    training_args.yaml) answers like transformers' greedy generate on the peft-merged model with a hand-written
+    ChatML prompt."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(4)  # a model whose reply ends with a stop token after 10 tokens
+    base, adapter = tmp_path / "base", tmp_path / "lora"
+    hf, tok = _tiny_chatml_folder(base)
+    hf.name_or_path = str(base)  # as after from_pretrained(base); peft records it as the adapter's base
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                           init_lora_weights=False)
+    pm = peft.get_peft_model(hf, lcfg)
+    pm.save_pretrained(adapter)
+    (adapter / "training_args.yaml").write_text("stage: sft\nfinetuning_type: lora\ntemplate: chatml\n")
+    merged = pm.merge_and_unload().eval()
+
+    prompt = "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|im_start|>"), tok.eos_token_id]
+    with torch.no_grad():
+        ref = merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              eos_token_id=stop, pad_token_id=stop[0])[0, ids.shape[1]:].tolist()
+    ref = [t for t in ref if t not in stop]
+    expected = tok.decode(ref, skip_special_tokens=True)
+    assert 3 <= len(ref) < 12  # a reply long enough to compare, ended by a stop token
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello world\n"))
+    rc = main(["--model_name_or_path", str(base), "--adapter_name_or_path", str(adapter),
+               "--do_sample", "False", "--max_new_tokens", "12"])
+    assert rc == 0
+    assert capsys.readouterr().out == f"Assistant: {expected}\n"
+
+
+def test_adapter_with_full_finetuning_type_is_an_error(tmp_path):
+    with pytest.raises(LLMTuneError, match="finetuning_type"):
+        main(["--model_name_or_path", str(tmp_path), "--adapter_name_or_path", str(tmp_path),
+              "--finetuning_type", "full"])
