@@ -118,6 +118,31 @@ def test_fsdp_option_parsing():
         fsdp_options({"fsdp": "hybrid_shard"})
 
 
+def test_world_size_without_torchrun_variables_is_a_clear_error(monkeypatch):
+    from llmtune.errors import LLMTuneError
+    from llmtune.train.distributed import init_distributed
+
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LLMTuneError, match="WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT.*torchrun"):
+        init_distributed({"ddp_timeout": 30})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed({}) is False  # one process: no process group
+
+
+def test_fsdp_with_lora_falls_back_to_ddp_with_a_notice(capsys):
+    from llmtune.peft import apply_lora
+    from llmtune.train.distributed import choose_strategy
+
+    model = tiny_model()
+    assert choose_strategy(model, {"fsdp": "full_shard", "finetuning_type": "full"}) == "fsdp"
+    assert choose_strategy(model, {"finetuning_type": "full"}) == "ddp"
+    apply_lora(model, lora_rank=2)
+    assert choose_strategy(model, {"fsdp": "full_shard", "finetuning_type": "lora"}) == "ddp"
+    assert "uses DDP instead" in capsys.readouterr().err
+
+
 # -- DDP: 2 ranks x batch 2 == 1 rank x batch 4 ----------------------------------------------------
 def _ddp_worker(rank, init_file, tmp, _unused=None):
     _init(rank, init_file)

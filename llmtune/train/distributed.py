@@ -271,9 +271,10 @@ def wrap_model(model: torch.nn.Module, config: Any) -> torch.nn.Module:
     """Wrap ``model`` for the running process group: :class:`DDPModel` or FSDP2 (in place); unchanged
     without a process group.
 
-    DDP: ``broadcast_buffers=False`` (the model's buffers are RoPE tables computed identically on every
-    rank; broadcasting them would add a collective to every forward, evaluation included), the
-    :func:`sum_allreduce_hook`. FSDP2: see :func:`apply_fsdp`. Call before building the optimizer (FSDP2
+    DDP: ``gradient_as_bucket_view`` (gradients are views into the all-reduce buckets, no second copy),
+    no buffer sync in forward (``broadcast_buffers=False``; the model's buffers are RoPE tables computed
+    identically on every rank; syncing them would add a collective to every forward, evaluation
+    included), and the :func:`sum_allreduce_hook`. FSDP2: see :func:`apply_fsdp`. Call before building the optimizer (FSDP2
     replaces the parameters by sharded ``DTensor`` ones).
     """
     if not is_initialized() or isinstance(model, DDPModel) or is_fsdp(model):
@@ -287,7 +288,8 @@ def wrap_model(model: torch.nn.Module, config: Any) -> torch.nn.Module:
 
     sync_kw = ("forward_sync_buffers" if "forward_sync_buffers" in
                inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters else "broadcast_buffers")
-    ddp = DDPModel(model, device_ids=[device.index] if device.type == "cuda" else None, **{sync_kw: False})
+    ddp = DDPModel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                   gradient_as_bucket_view=True, **{sync_kw: False})  # grads live in the buckets: no 2nd copy
     ddp.register_comm_hook(None, sum_allreduce_hook)
     return ddp
 

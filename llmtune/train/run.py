@@ -181,9 +181,12 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
 
 
 def _run_train(cfg: Any) -> dict[str, Any]:
-    from llmtune.train.distributed import barrier, gather_full_state_dict
+    from llmtune.train.distributed import barrier, gather_full_state_dict, world_size
 
     if cfg.stage == "ppo":  # PPO's loop (rollouts, reward model) is its own: llmtune/train/ppo.py
+        if world_size() > 1:
+            raise LLMTuneError("stage ppo runs in one process (its rollout loop is not distributed yet); start it "
+                               "with llmtune train (not torchrun), or scale pt/sft/rm/dpo/kto with torchrun")
         from llmtune.train.ppo import run_ppo
 
         return run_ppo(cfg)
