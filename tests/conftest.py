@@ -2,8 +2,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Set before torch starts OpenMP: idle OpenMP threads sleep instead of spinning, so test subprocesses (the CLI,
+# torchrun ranks) that share the 2 CI cores do not slow each other down by an order of magnitude.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 _REPO = Path(__file__).resolve().parents[1]
 # `python -m pytest` from the repo root puts the root on sys.path, where the folder kernels/ (installed as
