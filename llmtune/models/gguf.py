@@ -64,8 +64,8 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
 def _reader(path: str | Path):
-    """A (cached) ``gguf.GGUFReader`` for ``path``; parsing the metadata of a 49k-token vocabulary takes
-    seconds, so the loader and the tokenizer share one reader per file version."""
+    """A (cached) GGUF reader for ``path`` (:class:`llmtune.models.gguf_fast.FastGGUFReader`, the interface of
+    ``gguf.GGUFReader`` that llmtune uses); the loader and the tokenizer share one reader per file version."""
     path = Path(path)
     if not path.is_file():
         raise LLMTuneError(f"{path}: no such GGUF file")
@@ -75,10 +75,10 @@ def _reader(path: str | Path):
 
 @functools.lru_cache(maxsize=2)
 def _cached_reader(path: str, mtime_ns: int, size: int):
-    import gguf
+    from llmtune.models.gguf_fast import FastGGUFReader
 
     try:
-        return gguf.GGUFReader(path, "r")
+        return FastGGUFReader(path)
     except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct.error/... on corrupt files
         raise LLMTuneError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
                            "re-download it or convert the model again with llama.cpp") from None
