@@ -333,6 +333,50 @@ def _read_head(folder: Path, hidden_size: int, device: Any) -> nn.Module:
     return head.requires_grad_(False).eval()
 
 
+def check_reward_folder(cfg: Any, base: str, parents: Sequence[str]) -> Path:
+    """Check ``reward_model`` before any weights are loaded; return the folder.
+
+    Checks: it is set and is a folder with ``value_head.safetensors``; ``reward_model_type`` is lora or full;
+    for lora, the policy is a LoRA policy and the base recorded by the rm run (``llmtune.json``, else
+    ``adapter_config.json``: root base + merged adapter chain) is the policy's ``base`` + ``parents``.
+
+    Raises: :class:`LLMTuneError` naming the key and the folder, saying how to fix it.
+    """
+    from llmtune.models.value_head import VALUE_HEAD_FILE
+
+    if not cfg.reward_model:
+        raise LLMTuneError("stage ppo needs a reward model: set reward_model (seed: --rm_path) to the output_dir of "
+                           "an `llmtune train --stage rm` run, or call llmtune.train.ppo.train_ppo(config, "
+                           "reward_fn=...) with a Python reward function")
+    folder = Path(str(cfg.reward_model)).expanduser()
+    if not folder.is_dir():
+        raise LLMTuneError(f"reward_model: {folder} is not a folder; give the output_dir of an "
+                           "`llmtune train --stage rm` run")
+    if not (folder / VALUE_HEAD_FILE).is_file():
+        raise LLMTuneError(f"reward_model: {folder} has no {VALUE_HEAD_FILE}; point reward_model (seed: --rm_path) "
+                           "at the output_dir of an `llmtune train --stage rm` run")
+    kind = str(cfg.reward_model_type).lower()
+    if kind not in ("lora", "full"):
+        raise LLMTuneError(f"reward_model_type: {cfg.reward_model_type!r} is not supported; use lora (an rm-stage "
+                           "output on the policy's base) or full (a separate model folder)")
+    if kind == "lora":
+        if cfg.finetuning_type != "lora":
+            raise LLMTuneError(f"reward_model_type lora shares the policy's weights, which finetuning_type "
+                               f"{cfg.finetuning_type} changes; use finetuning_type: lora or reward_model_type: full")
+        record = _run_record(folder)
+        if record is not None:
+            rm_base, rm_parents = record
+            same = _same_path(rm_base, base) and len(rm_parents) == len(parents) and all(
+                _same_path(a, b) for a, b in zip(rm_parents, parents))
+            if not same:
+                raise LLMTuneError(
+                    f"reward_model: {folder} was trained on {_describe(rm_base, rm_parents)} but the policy is "
+                    f"{_describe(base, parents)}; a reward_model_type lora reward model must be trained from the "
+                    "same model_name_or_path as the policy (or set reward_model_type: full to load it as its own "
+                    "model)")
+    return folder
+
+
 def load_reward_model(policy: nn.Module, cfg: Any, base: str, parents: Sequence[str],
                       reward_fn: Optional[RewardFn] = None, tokenizer: Any = None) -> RewardModel:
     """Build the reward model of a PPO run from ``reward_model`` / ``reward_model_type`` (or ``reward_fn``).
@@ -354,22 +398,13 @@ def load_reward_model(policy: nn.Module, cfg: Any, base: str, parents: Sequence[
     """
     if reward_fn is not None:
         return RewardModel("fn", fn=reward_fn, tokenizer=tokenizer)
-    if not cfg.reward_model:
-        raise LLMTuneError("stage ppo needs a reward model: set reward_model (seed: --rm_path) to the output_dir of "
-                           "an `llmtune train --stage rm` run, or call llmtune.train.ppo.train_ppo(config, "
-                           "reward_fn=...) with a Python reward function")
-    folder = Path(str(cfg.reward_model)).expanduser()
-    if not folder.is_dir():
-        raise LLMTuneError(f"reward_model: {folder} is not a folder; give the output_dir of an "
-                           "`llmtune train --stage rm` run")
-    kind = str(cfg.reward_model_type).lower()
+    folder = check_reward_folder(cfg, base, parents)
     device = next(policy.parameters()).device
     hidden = policy.config.hidden_size
-    if kind == "full":
+    if str(cfg.reward_model_type).lower() == "full":
         from llmtune.models.loader import load_model
         from llmtune.models.value_head import load_value_head
 
-        _read_head(folder, hidden, device)  # clear message for a missing head before loading weights
         rm = load_model(str(folder), dtype=next(policy.parameters()).dtype, device=device,
                         adapter_name_or_path=cfg.reward_model_adapters)
         if rm.config.vocab_size != policy.config.vocab_size:
@@ -378,22 +413,6 @@ def load_reward_model(policy: nn.Module, cfg: Any, base: str, parents: Sequence[
         load_value_head(rm, folder)
         rm.requires_grad_(False).eval()
         return RewardModel("full", model=rm)
-    if kind != "lora":
-        raise LLMTuneError(f"reward_model_type: {cfg.reward_model_type!r} is not supported; use lora (an rm-stage "
-                           "output on the policy's base) or full (a separate model folder)")
-    if cfg.finetuning_type != "lora":
-        raise LLMTuneError(f"reward_model_type lora shares the policy's weights, which finetuning_type "
-                           f"{cfg.finetuning_type} changes; use finetuning_type: lora or reward_model_type: full")
-    record = _run_record(folder)
-    if record is not None:
-        rm_base, rm_parents = record
-        same = _same_path(rm_base, base) and len(rm_parents) == len(parents) and all(
-            _same_path(a, b) for a, b in zip(rm_parents, parents))
-        if not same:
-            raise LLMTuneError(
-                f"reward_model: {folder} was trained on {_describe(rm_base, rm_parents)} but the policy is "
-                f"{_describe(base, parents)}; a reward_model_type lora reward model must be trained from the same "
-                "model_name_or_path as the policy (or set reward_model_type: full to load it as its own model)")
     head = _read_head(folder, hidden, device)
     if (folder / "adapter_config.json").is_file():
         from llmtune import peft
@@ -684,11 +703,13 @@ def train_ppo(config: Any, reward_fn: Optional[RewardFn] = None) -> dict[str, An
         cfg = cfg.replace(stage="ppo")
     if cfg.resume_from_checkpoint not in (None, False):
         raise LLMTuneError("resume_from_checkpoint is not supported for stage ppo yet; start a new run")
+    base, parents = adapter_chain(cfg)
+    if reward_fn is None:
+        check_reward_folder(cfg, base, parents)  # a wrong reward model fails before any weights are loaded
     out = prepare_output_dir(cfg)
     set_seed(cfg.seed)
     device = _device(cfg)
 
-    base, parents = adapter_chain(cfg)
     model = load_model(cfg.model_name_or_path, dtype=load_dtype(cfg, device.split(":")[0]), device=device,
                        adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
                        quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)
@@ -739,4 +760,4 @@ def run_ppo(cfg: Any) -> dict[str, Any]:
 
 
 __all__ = ["Rollout", "sample_responses", "response_labels", "policy_forward", "RunningMoments", "RewardModel",
-           "load_reward_model", "PPOTrainer", "train_ppo", "run_ppo"]
+           "check_reward_folder", "load_reward_model", "PPOTrainer", "train_ppo", "run_ppo"]
