@@ -230,19 +230,11 @@ def _same_path(a: Any, b: Any) -> bool:
 
 
 def _recorded_chain(folder: Path) -> tuple[str, list[Path]]:
-    """``(root_base, chain)`` recorded by an adapter folder, chain root first and ending with ``folder``.
-
-    llmtune's trainer writes ``base_model_name_or_path`` = the root base actually loaded and
-    ``llmtune_parent_adapters`` = the earlier adapters in merge order; an adapter without that key whose
-    ``base_model_name_or_path`` is another adapter folder is followed recursively (PEFT-style chains).
-    """
+    """``(root_base, chain)`` recorded by an adapter folder, chain root first and ending with ``folder``
+    (``llmtune_parent_adapters`` expanded recursively, PEFT-style ``base_model_name_or_path`` chains followed:
+    :func:`llmtune.models.loader.resolve_model_chain`)."""
     from llmtune.models.loader import resolve_model_chain
 
-    cfg = _read_json(folder / "adapter_config.json")
-    parents = cfg.get("llmtune_parent_adapters")
-    if parents:
-        chain = [Path(os.path.expanduser(str(p))).resolve() for p in parents]
-        return str(cfg.get("base_model_name_or_path") or ""), chain + [folder.resolve()]
     return resolve_model_chain(folder)
 
 

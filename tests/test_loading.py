@@ -245,6 +245,20 @@ def test_resolve_model_chain_relative_and_recursive(checkpoints, tmp_path):
     assert resolve_model_chain("owner/repo") == ("owner/repo", [])
 
 
+def test_resolve_model_chain_follows_llmtune_parent_records(checkpoints, tmp_path):
+    """llmtune's trainer records the root base plus the parent adapters of each run (each run only its direct
+    parent): the chain of pt -> sft -> dpo runs expands to all three, root first (the seed's chat/export)."""
+    base = _copy(checkpoints["llama"][0], tmp_path / "base")
+    pt = _adapter(tmp_path / "pretrain_output", str(base))
+    sft = _adapter(tmp_path / "sft_output", str(base))
+    dpo = _adapter(tmp_path / "dpo_output", str(base))
+    for folder, parents in ((sft, [pt]), (dpo, [sft])):
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        cfg["llmtune_parent_adapters"] = [str(p) for p in parents]
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    assert resolve_model_chain(dpo) == (str(base.resolve()), [pt.resolve(), sft.resolve(), dpo.resolve()])
+
+
 def test_resolve_model_chain_errors(tmp_path):
     a = _adapter(tmp_path / "a", str(tmp_path / "b"))
     _adapter(tmp_path / "b", str(a))

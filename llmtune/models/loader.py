@@ -76,20 +76,24 @@ def resolve_model_chain(path: str | os.PathLike) -> tuple[str, list[Path]]:
     Returns:
         ``(base, adapters)``: ``base`` the base model (an absolute local path, or a Hub id when it is not a
         local path), ``adapters`` the adapter folders (absolute) in the order they must be applied, root
-        first. For a non-adapter ``path``: ``(path, [])``. A relative ``base_model_name_or_path`` is taken
+        first. An adapter trained by llmtune on top of earlier adapters lists them (root first) under
+        ``llmtune_parent_adapters``; those are expanded recursively and applied before it. For a non-adapter ``path``: ``(path, [])``. A relative ``base_model_name_or_path`` is taken
         relative to the adapter folder (then to the working directory).
 
     Raises:
         LLMTuneError: unreadable ``adapter_config.json``, missing ``base_model_name_or_path``, or a cycle.
     """
+    return _resolve_chain(str(path), ())
+
+
+def _resolve_chain(current: str, seen: tuple) -> tuple[str, list[Path]]:
     adapters: list[Path] = []
-    current = str(path)
     while True:
         p = Path(os.path.expanduser(current))
         if not is_adapter_folder(p):
             break
         p = p.resolve()
-        if p in adapters:
+        if p in adapters or p in seen:
             raise LLMTuneError(f"{p}/adapter_config.json: base_model_name_or_path chain loops back to {p}")
         adapters.append(p)
         cfg_file = p / "adapter_config.json"
@@ -107,6 +111,16 @@ def resolve_model_chain(path: str | os.PathLike) -> tuple[str, list[Path]]:
                 base = str((p / base).resolve())
             elif Path(base).exists():
                 base = str(Path(base).resolve())
+        parents = cfg.get("llmtune_parent_adapters")
+        if parents:
+            # an llmtune run trained on top of earlier adapters records them (root first) and the root base:
+            # expand each parent's own record too, so the whole chain is applied in training order
+            chain: list[Path] = []
+            for parent in parents:
+                _, sub = _resolve_chain(str(parent), seen + tuple(adapters))
+                chain.extend(a for a in sub if a not in chain)
+            adapters = chain + [a for a in reversed(adapters) if a not in chain]
+            adapters.reverse()
         current = base
     adapters.reverse()
     p = Path(os.path.expanduser(current))
