@@ -5,6 +5,10 @@ from pathlib import Path
 # Set before torch starts OpenMP: idle OpenMP threads sleep instead of spinning, so test subprocesses (the CLI,
 # torchrun ranks) that share the 2 CI cores do not slow each other down by an order of magnitude.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Without a GPU the Triton kernels are tested under Triton's interpreter, which must be switched on before
+# anything (transformers, bitsandbytes, torch._inductor) imports triton.
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
