@@ -103,3 +103,25 @@ def ctx(**kw):
 
 def logsig(x):
     return F.logsigmoid(torch.as_tensor(x, dtype=torch.float64))
+
+
+def run_llmtune(args, tmp_path, timeout=900):
+    """``python -m llmtune <args>`` in ``tmp_path`` with its own dataset cache; asserts exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LLMTUNE_CACHE=str(tmp_path / ".cache"), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "llmtune"] + [str(a) for a in args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"llmtune {' '.join(map(str, args))}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def train_log(folder):
+    """The step entries (with a loss) of ``trainer_log.jsonl``, and the eval entries."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(folder) / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r], [r for r in rows if any(k.startswith("eval_") for k in r)]

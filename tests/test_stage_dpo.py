@@ -226,3 +226,25 @@ def test_unknown_pref_loss_is_one_clear_error(setup):
         run(model, batch, pref_loss="sigmoidd")
     with pytest.raises(LLMTuneError, match="pref_loss"):
         reference_extra(model, types.SimpleNamespace(stage="dpo", pref_loss="dpo", ref_model=None))
+
+
+@pytest.mark.real
+def test_real_dpo_lora_sigmoid_learns_the_demo_pairs(real_model_path, shared_data_dir, tmp_path):
+    """llmtune train --stage dpo on the real GGUF and dpo_en_demo: late steps prefer chosen (acc > 0.5, margin > 0)."""
+    from pref_helpers import run_llmtune, train_log
+
+    out = tmp_path / "dpo"
+    run_llmtune(["train", "--stage", "dpo", "--model_name_or_path", real_model_path, "--dataset", "dpo_en_demo",
+                 "--dataset_dir", shared_data_dir, "--template", "chatml", "--finetuning_type", "lora",
+                 "--lora_target", "all", "--lora_rank", "8", "--lora_alpha", "16", "--cutoff_len", "64",
+                 "--max_samples", "12", "--per_device_train_batch_size", "2", "--learning_rate", "5e-4",
+                 "--lr_scheduler_type", "constant", "--max_steps", "12", "--logging_steps", "1", "--bf16", "true",
+                 "--pref_beta", "0.1", "--pref_loss", "sigmoid", "--seed", "0", "--save_steps", "1000",
+                 "--output_dir", out], tmp_path)
+    steps, _ = train_log(out)
+    last = steps[-4:]
+    acc = sum(e["rewards/accuracies"] for e in last) / len(last)
+    margin = sum(e["rewards/margins"] for e in last) / len(last)
+    print(f"dpo last-4-step rewards/accuracies {acc:.3f}, rewards/margins {margin:.4f}")
+    assert acc > 0.5 and margin > 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "llmtune.json").is_file()

@@ -132,3 +132,24 @@ def test_kto_data_errors_and_pair_split(tmp_path, tok):
     assert [r["kto_tag"] for r in rows] == [True, False]
     good = t.encode("good")
     assert rows[0]["input_ids"][-len(good) - 1:-1] == good
+
+
+@pytest.mark.real
+def test_real_kto_separates_desirable_from_undesirable(real_model_path, shared_data_dir, tmp_path):
+    """llmtune train --stage kto on the real GGUF and kto_en_demo: late rewards/chosen > rewards/rejected."""
+    from pref_helpers import run_llmtune, train_log
+
+    out = tmp_path / "kto"
+    run_llmtune(["train", "--stage", "kto", "--model_name_or_path", real_model_path, "--dataset", "kto_en_demo",
+                 "--dataset_dir", shared_data_dir, "--template", "chatml", "--finetuning_type", "lora",
+                 "--lora_target", "all", "--lora_rank", "8", "--lora_alpha", "16", "--cutoff_len", "64",
+                 "--max_samples", "16", "--per_device_train_batch_size", "4", "--learning_rate", "5e-4",
+                 "--lr_scheduler_type", "constant", "--max_steps", "12", "--logging_steps", "1", "--bf16", "true",
+                 "--pref_beta", "0.1", "--seed", "0", "--save_steps", "1000", "--output_dir", out], tmp_path)
+    steps, _ = train_log(out)
+    late = [e for e in steps[-4:] if "rewards/chosen" in e and "rewards/rejected" in e]
+    chosen = sum(e["rewards/chosen"] for e in late) / len(late)
+    rejected = sum(e["rewards/rejected"] for e in late) / len(late)
+    print(f"kto last steps rewards/chosen {chosen:.4f} rewards/rejected {rejected:.4f} kl {steps[-1]['kl']:.4f}")
+    assert late and chosen > rejected
+    assert all("kl" in e for e in steps)
