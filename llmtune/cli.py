@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return chat_main(rest)
         if command == "export":
+            if any(a in ("-h", "--help") for a in rest):
+                from llmtune.config import config_help
+
+                print("usage: llmtune export [config.yaml] --model_name_or_path M [--adapter_name_or_path A,...] "
+                      "--export_dir DIR [--export_size GB] [--export_format safetensors|gguf] [--gguf_type f16] "
+                      "[--export_quantization_bit 4] [--infer_dtype auto|float32|float16|bfloat16]\n")
+                print(config_help())
+                return 0
             from llmtune.export import main as export_main
 
             return export_main(rest)

@@ -224,6 +224,9 @@ IGNORED_KEYS = {
     "export_device", "export_hub_model_id", "adapter_folder", "offload_folder",
 }
 
+#: the value of a ``--flag`` given with no value: true for a boolean key, an error for any other
+BARE_FLAG = object()
+
 _SEED_COMMENT_HINT = ("a lone ' ' argument: the command still has the seed document's inline '\\  # comment' "
                       "line endings, which no shell can run; remove the '# ...' comments (keep the '\\' at "
                       "the very end of each line) and run it again")
@@ -306,6 +309,12 @@ def _normalise_key(raw: str, source: str, notices: list[str]) -> Optional[str]:
 
 
 def _apply(values: dict[str, Any], key: str, value: Any, source: str, explicit: set) -> None:
+    if value is BARE_FLAG:
+        is_bool = key in ("load_in_4bit", "load_in_8bit") or _base_type(_TYPES[key])[0] is bool
+        if not is_bool:
+            raise LLMTuneError(f"{source}: needs a value (--{key} VALUE); a flag alone means true only for "
+                               "true/false keys")
+        value = True
     if key == "load_in_4bit":
         if _coerce("double_quantization", value, source):  # a boolean
             values["quantization_bit"] = 4
@@ -368,7 +377,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
             if nxt is not None and nxt.strip() == "":
                 raise LLMTuneError(f"the value of --{body} is {nxt!r}: {_SEED_COMMENT_HINT}")
             if nxt is None or (nxt.startswith("--") and len(nxt) > 2):
-                pairs.append((body, True))
+                pairs.append((body, BARE_FLAG))
                 i += 1
             else:
                 pairs.append((body, nxt))
@@ -471,6 +480,8 @@ def validate(cfg: TrainConfig, command: str = "train") -> None:
         raise LLMTuneError(f"save_strategy: {cfg.save_strategy!r} is not one of no, steps, epoch")
     if cfg.report_to not in ("none", "tensorboard", "all"):
         raise LLMTuneError(f"report_to: {cfg.report_to!r} is not supported; use none or tensorboard")
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise LLMTuneError(f"max_samples: must be at least 1, got {cfg.max_samples} (leave it unset for all samples)")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "cutoff_len", "lora_rank"):
         if getattr(cfg, key) < 1:

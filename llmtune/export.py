@@ -37,6 +37,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
+from llmtune.fileio import make_public_dir
 from llmtune.errors import LLMTuneError, notice
 
 #: bytes in one GB of ``export_size`` (transformers parses "5GB" as 5 * 10**9 bytes).
@@ -147,7 +148,7 @@ def save_hf_folder(model: torch.nn.Module, out_dir: Union[str, Path], *, dtype: 
     Raises:
         LLMTuneError: ``export_size`` not positive, unsupported dtype.
     """
-    from safetensors.torch import save_file
+    from llmtune.fileio import save_tensors
 
     out_dir = Path(out_dir)
     if not export_size or export_size <= 0:
@@ -169,7 +170,7 @@ def save_hf_folder(model: torch.nn.Module, out_dir: Union[str, Path], *, dtype: 
     weight_map: dict[str, str] = {}
     for group, fname in zip(groups, names):
         tensors = {n: state[n].detach().to(out_dtype(state[n])).contiguous().clone() for n in group}
-        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
+        save_tensors(tensors, str(out_dir / fname), metadata={"format": "pt"})
         files.append(out_dir / fname)
         weight_map.update({n: fname for n in group})
         del tensors
@@ -493,6 +494,7 @@ def export(config: Any) -> Path:
 
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=str(export_dir.parent)))
+    make_public_dir(tmp)
     try:
         if fmt == "gguf":
             _write_gguf_export(model, tmp, cfg.gguf_type, tokenizer, stop_ids, base)

@@ -73,3 +73,22 @@ def test_cli_error_is_one_line_without_traceback():
 def test_cli_version():
     r = subprocess.run([sys.executable, "-m", "llmtune", "version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("llmtune ")
+
+
+def test_flag_without_value_is_true_only_for_booleans():
+    cfg = parse_config([*BASE, "--bf16", "--plot_loss"])
+    assert cfg.bf16 is True and cfg.plot_loss is True
+    with pytest.raises(LLMTuneError, match="needs a value"):
+        parse_config(["--model_name_or_path", "m", "--dataset", "d", "--output_dir"])
+    with pytest.raises(LLMTuneError, match="needs a value"):
+        parse_config([*BASE, "--template", "--max_steps", "2"])
+
+
+def test_max_samples_must_be_positive():
+    with pytest.raises(LLMTuneError, match="max_samples"):
+        parse_config([*BASE, "--max_samples", "0"])
+
+
+def test_export_help():
+    r = subprocess.run([sys.executable, "-m", "llmtune", "export", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "export_dir" in r.stdout

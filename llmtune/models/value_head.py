@@ -48,10 +48,10 @@ def value_head_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_value_head(model: nn.Module, out_dir: str | Path) -> Path:
     """Write ``value_head.safetensors`` into ``out_dir``; returns its path."""
-    from safetensors.torch import save_file
+    from llmtune.fileio import save_tensors
 
     path = Path(out_dir) / VALUE_HEAD_FILE
-    save_file(value_head_state_dict(model), str(path), metadata={"format": "pt"})
+    save_tensors(value_head_state_dict(model), str(path), metadata={"format": "pt"})
     return path
 
 

@@ -71,7 +71,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     Raises:
         LLMTuneError: unknown adapter name.
     """
-    from safetensors.torch import save_file
+    from llmtune.fileio import save_tensors
 
     if adapter_name not in list_adapters(model):
         raise LLMTuneError(f"save_adapter: no adapter named {adapter_name!r}; the model has: "
@@ -108,7 +108,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     }
     if extra_config:
         config.update(extra_config)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_tensors(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
 

@@ -30,7 +30,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from llmtune.fileio import save_tensors
 
 from llmtune.errors import LLMTuneError
 
@@ -123,7 +125,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
                 scalars.setdefault(str(idx), {})[key] = "0d"
             else:
                 scalars.setdefault(str(idx), {})[key] = {"value": _jsonable(val)}
-    save_file(tensors, str(folder / "optimizer.safetensors"))
+    save_tensors(tensors, str(folder / "optimizer.safetensors"))
     meta = {"param_groups": _jsonable(sd["param_groups"]), "scalars": scalars}
     (folder / "optimizer.json").write_text(json.dumps(meta, indent=1))
 
@@ -182,7 +184,7 @@ def save_rng_state(st: dict[str, Any], folder: Path) -> None:
     meta = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "python": {"version": version, "state": list(pstate), "gauss_next": gauss},
             "num_cuda": len(st.get("cuda", []))}
-    save_file(tensors, str(folder / "rng_state.safetensors"))
+    save_tensors(tensors, str(folder / "rng_state.safetensors"))
     (folder / "rng_state.json").write_text(json.dumps(meta))
 
 
@@ -246,7 +248,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
     if tmp.exists():  # our own half-written folder from a killed run
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
+    save_tensors(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
     save_optimizer(optimizer, tmp)
     (tmp / "scheduler.json").write_text(json.dumps(_jsonable(scheduler.state_dict())))
     save_rng_state(rng_state, tmp)

@@ -176,8 +176,19 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
     cfg = as_config(config)
     from llmtune.train.distributed import distributed_session
 
-    with distributed_session(cfg):
-        return _run_train(cfg)
+    out = Path(str(cfg.output_dir)).expanduser() if cfg.output_dir else None
+    existed = out is not None and out.exists()
+    try:
+        with distributed_session(cfg):
+            return _run_train(cfg)
+    except BaseException:
+        # a run that failed before writing anything leaves no empty output_dir behind (a later run may use it)
+        if out is not None and not existed and out.is_dir() and not any(out.iterdir()):
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def _run_train(cfg: Any) -> dict[str, Any]:
@@ -298,7 +309,7 @@ def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: 
         save_adapter(model, out, base_model_name_or_path=base,
                      extra_config={"llmtune_parent_adapters": parents} if parents else None)
         return
-    from safetensors.torch import save_file
+    from llmtune.fileio import save_tensors
 
     dtype = torch.bfloat16 if (cfg.bf16 or cfg.fp16) else torch.float32
     tensors, seen = {}, {}
@@ -307,7 +318,7 @@ def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: 
             continue
         seen[id(t)] = name
         tensors[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf = model.config.to_hf_dict()
     hf["torch_dtype"] = str(dtype).replace("torch.", "")
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
