@@ -255,8 +255,15 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
     if scaler is not None and scaler.is_enabled():
         (tmp / "scaler.json").write_text(json.dumps(_jsonable(scaler.state_dict())))
     (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))  # written last
+    publish_checkpoint(tmp, final)
+    return final
+
+
+def publish_checkpoint(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``final`` (an existing ``final`` is moved aside first and removed
+    only after the rename), so a run killed at any moment never leaves a half checkpoint named ``checkpoint-N``."""
     if final.exists():
-        old = out / f"tmp-old-checkpoint-{step}"
+        old = final.parent / f"tmp-old-{final.name}"
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
@@ -264,7 +271,6 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    return final
 
 
 def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

@@ -439,15 +439,7 @@ def save_fsdp_checkpoint(trainer: Any, rng_state: dict[str, Any]) -> Optional[Pa
             (tmp / "scaler.json").write_text(json.dumps(ckpt._jsonable(trainer.scaler.state_dict())))
         state = dict(trainer.state_dict(), strategy="fsdp")
         (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=1))  # written last
-        if final.exists():
-            old = out / f"tmp-old-checkpoint-{step}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        ckpt.publish_checkpoint(tmp, final)
     barrier()
     return final if r == 0 else None
 
