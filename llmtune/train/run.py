@@ -127,6 +127,12 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
     ``freeze`` (``apply_freeze``) or ``full`` (everything, in float32)."""
     from llmtune import peft
 
+    if cfg.finetuning_type != "lora":
+        lora_keys = [k for k in ("lora_target", "lora_rank", "lora_alpha", "use_dora", "use_rslora")
+                     if hasattr(cfg, "is_set") and cfg.is_set(k)]
+        if lora_keys:
+            notice(f"{', '.join(lora_keys)} only apply to finetuning_type lora; finetuning_type is "
+                   f"{cfg.finetuning_type}, so they are ignored")
     if cfg.finetuning_type == "lora":
         peft.apply_lora(model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         lora_target=cfg.lora_target, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
