@@ -29,7 +29,7 @@ import contextlib
 import copy
 import math
 import re
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -294,17 +294,27 @@ class LoraLinear(nn.Module):
             w0 = w_base.float()
             for name in reversed(self.merged_adapters):  # start from the unmerged weight
                 w0 = self._unmerge_one(w0, name)
-            w = w0.clone()
-            for name in names:
-                if name not in self.lora_A:
-                    raise LLMTuneError(f"no adapter named {name!r} (have: {', '.join(self.lora_A) or 'none'})")
-                delta = self.delta_weight(name, dtype=torch.float32)
-                if self.use_dora[name]:
-                    norm = self._weight_norm(w0, delta)
-                    w = (self.lora_magnitude_vector[name].float() / norm)[:, None] * (w + delta)
-                else:
-                    w = w + delta
+            w = self._add_adapter(w0.clone(), w0, names)
         return w.to(out_dtype)
+
+    def _add_adapter(self, w: torch.Tensor, w0: torch.Tensor, names: list[str],
+                     on_merged: Optional[Callable[[str, Optional[torch.Tensor]], None]] = None) -> torch.Tensor:
+        """``w`` (float32, (out, in)) with adapters ``names`` applied in order: ``w + delta`` for LoRA,
+        ``m / ||w0 + delta|| * (w + delta)`` for DoRA (``w0`` the unmerged base, Liu et al. 2024 eq. 5).
+        ``on_merged(name, dora_norm_or_None)`` is called after each adapter."""
+        for name in names:
+            if name not in self.lora_A:
+                raise LLMTuneError(f"no adapter named {name!r} (have: {', '.join(self.lora_A) or 'none'})")
+            delta = self.delta_weight(name, dtype=torch.float32)
+            norm = None
+            if self.use_dora[name]:
+                norm = self._weight_norm(w0, delta)
+                w = (self.lora_magnitude_vector[name].float() / norm)[:, None] * (w + delta)
+            else:
+                w = w + delta
+            if on_merged is not None:
+                on_merged(name, norm)
+        return w
 
     def _unmerge_one(self, w: torch.Tensor, name: str) -> torch.Tensor:
         delta = self.delta_weight(name, dtype=torch.float32)
@@ -330,18 +340,12 @@ class LoraLinear(nn.Module):
             w0 = weight.float()
             for name in reversed(self.merged_adapters):
                 w0 = self._unmerge_one(w0, name)
-            w = weight.float()
-            for name in names:
-                if name not in self.lora_A:
-                    raise LLMTuneError(f"no adapter named {name!r} (have: {', '.join(self.lora_A) or 'none'})")
-                delta = self.delta_weight(name, dtype=torch.float32)
-                if self.use_dora[name]:
-                    norm = self._weight_norm(w0, delta)
+            def record(name: str, norm: Optional[torch.Tensor]) -> None:
+                if norm is not None:
                     self._dora_merge_norms[name] = norm
-                    w = (self.lora_magnitude_vector[name].float() / norm)[:, None] * (w + delta)
-                else:
-                    w = w + delta
                 self.merged_adapters.append(name)
+
+            w = self._add_adapter(weight.float(), w0, names, record)
             weight.copy_(w.to(weight.dtype))
 
     def unmerge(self) -> None:
