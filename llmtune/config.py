@@ -63,6 +63,7 @@ class TrainConfig:
     use_rslora: bool = False
     use_dora: bool = False
     loraplus_lr_ratio: Optional[float] = None
+    value_head_lr: Optional[float] = None
     create_new_adapter: bool = False
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: str = "all"

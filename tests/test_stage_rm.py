@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import types
 
 import pytest
@@ -155,24 +154,24 @@ def test_real_rm_lora_learns_the_training_pairs(real_model_path, shared_data_dir
 
 
 @pytest.mark.real
-@pytest.mark.skipif(not os.environ.get("LLMTUNE_LONG_TESTS"), reason="35 min on 2 shared CPU cores; set "
-                    "LLMTUNE_LONG_TESTS=1 (measured eval_accuracy 0.51 with these settings: see the report)")
-@pytest.mark.xfail(reason="1 epoch over 200 pairs does not generalise to held-out pairs (measured 0.51; value head "
-                          "alone 0.56); needs more epochs than CI can afford", strict=False)
-def test_real_rm_lora_ranks_held_out_pairs(real_model_path, shared_data_dir, tmp_path):
-    """llmtune train --stage rm (LoRA + value head) on dpo_en_demo at cutoff_len 256: eval_accuracy over 100
-    held-out pairs (val_size 100, evaluated at the end) above 0.6; the folder holds adapter + value head."""
+def test_real_rm_ranks_held_out_pairs(real_model_path, shared_data_dir, tmp_path):
+    """llmtune train --stage rm on dpo_en_demo at cutoff_len 256, 100 held-out pairs (val_size 100, seed 0),
+    three epochs over the other 200: eval_accuracy above 0.6 and eval_loss below log 2 (chance).
+
+    Recipe (chosen with a feature probe, see docs/losses.md): the last 2 decoder layers trained
+    (finetuning_type freeze) at 1e-4 and the fresh value head at value_head_lr 3e-3. Measured here: 0.61,
+    0.64, 0.63 after epochs 1-3 (about 4.5 min on 2 cores)."""
     from pref_helpers import run_llmtune
 
     out = tmp_path / "rm"
     run_llmtune(["train", "--stage", "rm", "--model_name_or_path", real_model_path, "--dataset", "dpo_en_demo",
-                 "--dataset_dir", shared_data_dir, "--template", "chatml", "--finetuning_type", "lora",
-                 "--lora_target", "all", "--lora_rank", "16", "--lora_alpha", "32", "--cutoff_len", "256",
-                 "--val_size", "100", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "20",
-                 "--learning_rate", "3e-4", "--lr_scheduler_type", "cosine", "--warmup_steps", "2",
-                 "--num_train_epochs", "1", "--logging_steps", "5", "--bf16", "true", "--seed", "0",
+                 "--dataset_dir", shared_data_dir, "--template", "chatml", "--finetuning_type", "freeze",
+                 "--freeze_trainable_layers", "2", "--cutoff_len", "256", "--val_size", "100",
+                 "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "20",
+                 "--learning_rate", "1e-4", "--value_head_lr", "3e-3", "--lr_scheduler_type", "cosine",
+                 "--num_train_epochs", "3", "--logging_steps", "5", "--bf16", "true", "--seed", "0",
                  "--save_steps", "1000", "--do_eval", "true", "--output_dir", out], tmp_path, timeout=1800)
     ev = json.loads((out / "eval_results.json").read_text())
     print(f"rm eval_accuracy {ev['eval_accuracy']:.3f} eval_loss {ev['eval_loss']:.4f} on 100 held-out pairs")
-    assert ev["eval_accuracy"] > 0.6
-    assert (out / "adapter_model.safetensors").is_file() and (out / "value_head.safetensors").is_file()
+    assert ev["eval_accuracy"] > 0.6 and ev["eval_loss"] < math.log(2)
+    assert (out / "value_head.safetensors").is_file() and (out / "model.safetensors").is_file()

@@ -372,6 +372,21 @@ def test_loraplus_gives_lora_b_a_higher_lr(tmp_path):
     assert by_param[id(m.bias)]["weight_decay"] == 0.0 and by_param[id(m.lora_A)]["weight_decay"] == 0.1
 
 
+def test_value_head_lr_applies_to_the_value_head_only(tmp_path):
+    from llmtune.models.value_head import add_value_head
+    from llmtune.train.trainer import build_optimizer
+
+    m = tiny_model()
+    add_value_head(m, torch.float32)
+    opt = build_optimizer(m, config(tmp_path, learning_rate=1e-4, value_head_lr=3e-3))
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(m.v_head.summary.weight)] == pytest.approx(3e-3)
+    assert by_param[id(m.v_head.summary.bias)] == pytest.approx(3e-3)
+    assert {by_param[id(p)] for n, p in m.named_parameters() if not n.startswith("v_head.")} == {1e-4}
+    with pytest.raises(LLMTuneError, match="value_head_lr"):
+        build_optimizer(m, config(tmp_path, value_head_lr=0))
+
+
 def test_plot_loss_writes_pngs(tmp_path):
     from llmtune.train.plotting import plot_loss
 

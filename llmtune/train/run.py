@@ -127,6 +127,9 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
     ``freeze`` (``apply_freeze``) or ``full`` (everything, in float32)."""
     from llmtune import peft
 
+    if cfg.stage not in ("rm", "ppo") and getattr(cfg, "value_head_lr", None) is not None:
+        notice(f"value_head_lr only applies to stages rm and ppo (the value head's learning rate); stage is "
+               f"{cfg.stage}, so it is ignored")
     if cfg.finetuning_type != "lora":
         lora_keys = [k for k in ("lora_target", "lora_rank", "lora_alpha", "use_dora", "use_rslora")
                      if hasattr(cfg, "is_set") and cfg.is_set(k)]

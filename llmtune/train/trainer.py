@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_steps": None, "load_best_model_at_end": False, "metric_for_best_model": None,
     "greater_is_better": None, "bf16": False, "fp16": False, "gradient_checkpointing": False, "seed": 42,
     "report_to": "none", "plot_loss": False, "resume_from_checkpoint": None, "loraplus_lr_ratio": None,
+    "value_head_lr": None,
 }
 
 
@@ -164,15 +165,25 @@ def num_warmup_steps(warmup_steps: int, warmup_ratio: float, total_steps: int) -
 
 
 def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters in up to four groups.
+    """AdamW over the trainable parameters, grouped by learning rate and weight decay.
 
     Weight decay applies to matrices only (biases and norm weights, ``ndim < 2``, get none, as Hugging
     Face's trainer does). ``loraplus_lr_ratio`` (LoRA+, Hayou et al. 2024): ``lora_B`` matrices get
-    ``learning_rate * ratio``. The fused implementation is used when every parameter is a float tensor on
-    a device that supports it, else the foreach one.
+    ``learning_rate * ratio``. ``value_head_lr`` (stages rm and ppo; llmtune's own key, unset = no change):
+    the freshly initialised value head (``v_head.*``) gets this learning rate instead (a new head trained at
+    the small rate suited to pretrained weights barely moves in a few hundred steps). The fused
+    implementation is used when every parameter is a float tensor on a device that supports it, else the
+    foreach one.
+
+    Raises:
+        LLMTuneError: no trainable parameters; ``value_head_lr`` not positive.
     """
     lr, wd = float(cfg(config, "learning_rate")), float(cfg(config, "weight_decay"))
     ratio = cfg(config, "loraplus_lr_ratio")
+    head_lr = cfg(config, "value_head_lr")
+    if head_lr is not None and float(head_lr) <= 0:
+        raise LLMTuneError(f"value_head_lr: {head_lr} must be a positive learning rate (or unset to use "
+                           f"learning_rate)")
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     seen = set()
     for name, p in model.named_parameters():
@@ -180,6 +191,8 @@ def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.AdamW:
             continue
         seen.add(id(p))
         g_lr = lr * float(ratio) if ratio and "lora_B" in name else lr
+        if head_lr is not None and name.startswith("v_head."):
+            g_lr = float(head_lr)
         g_wd = wd if p.ndim >= 2 else 0.0
         groups.setdefault((g_lr, g_wd), []).append(p)
     if not groups:
