@@ -125,3 +125,17 @@ def test_second_run_into_the_same_output_dir_is_refused(tiny_folder, data_dir, t
     with pytest.raises(LLMTuneError, match="overwrite_output_dir"):
         llmtune.train(base_cfg(tiny_folder, data_dir, out, max_steps=1))
     assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_bad_lora_target_fails_before_the_data_is_read(tiny_folder, data_dir, tmp_path, monkeypatch):
+    import llmtune
+    import llmtune.data
+    from llmtune.errors import LLMTuneError
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was read before lora_target was checked")
+
+    monkeypatch.setattr(llmtune.data, "get_dataset", no_data)
+    with pytest.raises(LLMTuneError, match="lora_target.*q_proj"):
+        llmtune.train(base_cfg(tiny_folder, data_dir, tmp_path / "o", lora_target="qproj"))
+    assert not (tmp_path / "o").exists()

@@ -225,6 +225,13 @@ def _run_train(cfg: Any) -> dict[str, Any]:
     model = load_model(cfg.model_name_or_path, dtype=load_dtype(cfg, device.split(":")[0]), device=device,
                        adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
                        quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)
+    from llmtune.train.stages_rm import value_head_only
+
+    head_only = value_head_only(model, cfg)  # rm with the seed's `--lora_target value`: the value head alone
+    if cfg.finetuning_type == "lora" and not head_only:  # a bad lora_target fails before the data is read
+        from llmtune.peft.lora import select_lora_targets
+
+        select_lora_targets(model, cfg.lora_target)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     template_name = cfg.template or _recorded_template(cfg.model_name_or_path, *reversed(parents))
     template = get_template(template_name, tokenizer)
@@ -236,9 +243,8 @@ def _run_train(cfg: Any) -> dict[str, Any]:
     # trainable parameters (LoRA init depends on the seed only), then the loop
     set_seed(cfg.seed)
     from llmtune.train.stages_pref import reference_extra
-    from llmtune.train.stages_rm import prepare_reward_model, value_head_only
+    from llmtune.train.stages_rm import prepare_reward_model
 
-    head_only = value_head_only(model, cfg)  # rm with the seed's `--lora_target value`: the value head alone
     if not head_only:
         apply_finetuning_type(model, cfg)
     if cfg.stage == "rm":
