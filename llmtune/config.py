@@ -489,6 +489,11 @@ def validate(cfg: TrainConfig, command: str = "train") -> None:
             raise LLMTuneError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
     if cfg.learning_rate < 0:
         raise LLMTuneError(f"learning_rate: must be >= 0, got {cfg.learning_rate}")
+    if cfg.value_head_lr is not None and cfg.value_head_lr <= 0:
+        raise LLMTuneError(f"value_head_lr: must be > 0, got {cfg.value_head_lr} (leave it unset to use "
+                           "learning_rate)")
+    if command == "train" and cfg.bf16 and cfg.fp16:
+        raise LLMTuneError("bf16 and fp16 are both true; set only one of them")
     if cfg.infer_dtype not in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"):
         raise LLMTuneError(f"infer_dtype: {cfg.infer_dtype!r} is not one of auto, float32, float16, bfloat16")
     if command in ("train", "chat", "export") and not cfg.model_name_or_path:

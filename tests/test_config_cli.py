@@ -84,6 +84,14 @@ def test_flag_without_value_is_true_only_for_booleans():
         parse_config([*BASE, "--template", "--max_steps", "2"])
 
 
+def test_precision_and_value_head_lr_are_checked_when_the_config_is_read():
+    with pytest.raises(LLMTuneError, match="bf16 and fp16"):
+        parse_config([*BASE, "--bf16", "true", "--fp16", "true"])
+    with pytest.raises(LLMTuneError, match="value_head_lr"):
+        parse_config([*BASE, "--value_head_lr", "0"])
+    assert parse_config([*BASE, "--value_head_lr", "3e-3"]).value_head_lr == pytest.approx(3e-3)
+
+
 def test_max_samples_must_be_positive():
     with pytest.raises(LLMTuneError, match="max_samples"):
         parse_config([*BASE, "--max_samples", "0"])
