@@ -7,7 +7,6 @@ Each spawn costs an interpreter start and a torch import per rank, so every work
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import os
@@ -22,31 +21,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tiny_helpers import VOCAB, rows, tiny_model
 
-from llmtune.models import ModelConfig, Transformer
+from llmtune.models import Transformer
 from llmtune.train.distributed import fsdp_options, shard_indices
 from llmtune.train.logging import read_log
 
-VOCAB = 61
 WORLD = 2
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return Transformer(cfg).float()
-
-
-def rows(lengths, seed=0, prompt=2):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(1, VOCAB, (n,), generator=g).tolist()
-        labels = [-100] * min(prompt, n - 2) + ids[min(prompt, n - 2):]
-        out.append({"input_ids": ids, "attention_mask": [1] * n, "labels": labels})
-    return out
 
 
 #: different lengths -> different loss-token counts per rank (a per-rank mean would be wrong)

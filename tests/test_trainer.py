@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import random
 import types
@@ -13,31 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_helpers import VOCAB, rows, tiny_model
 
 from llmtune.errors import LLMTuneError
-from llmtune.models import ModelConfig, Transformer
 from llmtune.train import checkpoint as ckpt
 from llmtune.train.logging import read_log
 from llmtune.train.trainer import Trainer, lr_lambda, resolve_precision
-
-VOCAB = 61
-
-
-def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return Transformer(cfg).float()
-
-
-def rows(lengths, seed=0, prompt=2):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(1, VOCAB, (n,), generator=g).tolist()
-        labels = [-100] * min(prompt, n - 2) + ids[min(prompt, n - 2):]
-        out.append({"input_ids": ids, "attention_mask": [1] * n, "labels": labels})
-    return out
 
 
 def config(tmp_path, **kw):
