@@ -49,6 +49,21 @@ def test_overwrite_output_dir_clears_old_checkpoints_and_log(tmp_path, capsys):
     assert "overwrite_output_dir" in capsys.readouterr().err
 
 
+def test_overwrite_output_dir_removes_the_previous_runs_files_and_keeps_the_users(tmp_path):
+    out = tmp_path / "out"
+    previous_run(out)
+    old = ["model.safetensors", "model-00001-of-00002.safetensors", "eval_results.json", "value_head.safetensors",
+           "training_loss.png", "adapter_config.json"]
+    for name in old:
+        (out / name).write_bytes(b"old")
+    (out / "my_notes.txt").write_text("keep me")
+    (out / "data").mkdir()
+    (out / "data" / "eval_results.json").write_text("{}")
+    prepare_output_dir(cfg(tmp_path, overwrite_output_dir=True))
+    assert not any((out / name).exists() for name in old + ["adapter_model.safetensors"])
+    assert (out / "my_notes.txt").read_text() == "keep me" and (out / "data" / "eval_results.json").is_file()
+
+
 def test_resume_accepts_a_non_empty_output_dir(tmp_path):
     out = tmp_path / "out"
     previous_run(out)

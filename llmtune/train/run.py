@@ -16,6 +16,7 @@ The output folder describes itself (DESIGN.md "Outputs describe themselves"):
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import shutil
@@ -43,12 +44,21 @@ def as_config(config: Any):
     return parse_config(config, command="train")
 
 
+#: file names (glob patterns) a training run writes into ``output_dir``; ``overwrite_output_dir`` removes these
+RUN_OUTPUTS = (LOG_FILE, "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
+               "model-*-of-*.safetensors", "model.safetensors.index.json", "value_head.safetensors", "config.json",
+               "generation_config.json", "train_results.json", "eval_results.json", "all_results.json",
+               "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "training_*.png",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
 def prepare_output_dir(cfg: Any) -> Path:
     """Apply the output-folder rules and return the folder (created).
 
     A non-empty ``output_dir`` (e.g. holding an earlier run) is an error unless ``overwrite_output_dir``
-    (then earlier ``checkpoint-*`` folders and ``trainer_log.jsonl`` are removed, other files are replaced
-    as the run writes them) or ``resume_from_checkpoint`` is set. Nothing is touched when it raises.
+    (then the files and ``checkpoint-*`` folders a run writes, :data:`RUN_OUTPUTS`, are removed first, so a
+    LoRA run over a full run leaves no stale ``model.safetensors``; other files are kept) or
+    ``resume_from_checkpoint`` is set. Nothing is touched when it raises.
 
     Raises:
         LLMTuneError: ``output_dir`` is a file, is the model folder itself, or holds a previous run.
@@ -73,7 +83,8 @@ def prepare_output_dir(cfg: Any) -> Path:
             for p in out.iterdir():
                 if p.is_dir() and (ckpt.CHECKPOINT_RE.match(p.name) or p.name.startswith("tmp-checkpoint-")):
                     shutil.rmtree(p)
-            (out / LOG_FILE).unlink(missing_ok=True)
+                elif p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_OUTPUTS):
+                    p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
