@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -487,11 +488,11 @@ def validate(cfg: TrainConfig, command: str = "train") -> None:
                 "cutoff_len", "lora_rank"):
         if getattr(cfg, key) < 1:
             raise LLMTuneError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
-    if cfg.learning_rate < 0:
-        raise LLMTuneError(f"learning_rate: must be >= 0, got {cfg.learning_rate}")
-    if cfg.value_head_lr is not None and cfg.value_head_lr <= 0:
-        raise LLMTuneError(f"value_head_lr: must be > 0, got {cfg.value_head_lr} (leave it unset to use "
-                           "learning_rate)")
+    if not math.isfinite(cfg.learning_rate) or cfg.learning_rate < 0:
+        raise LLMTuneError(f"learning_rate: must be a finite number >= 0, got {cfg.learning_rate}")
+    if cfg.value_head_lr is not None and not (math.isfinite(cfg.value_head_lr) and cfg.value_head_lr > 0):
+        raise LLMTuneError(f"value_head_lr: must be a finite number > 0, got {cfg.value_head_lr} (leave it unset "
+                           "to use learning_rate)")
     if command == "train" and cfg.bf16 and cfg.fp16:
         raise LLMTuneError("bf16 and fp16 are both true; set only one of them")
     if cfg.infer_dtype not in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"):

@@ -87,8 +87,11 @@ def test_flag_without_value_is_true_only_for_booleans():
 def test_precision_and_value_head_lr_are_checked_when_the_config_is_read():
     with pytest.raises(LLMTuneError, match="bf16 and fp16"):
         parse_config([*BASE, "--bf16", "true", "--fp16", "true"])
-    with pytest.raises(LLMTuneError, match="value_head_lr"):
-        parse_config([*BASE, "--value_head_lr", "0"])
+    for bad in ("0", "-1e-3", "nan", "inf"):
+        with pytest.raises(LLMTuneError, match="value_head_lr"):
+            parse_config([*BASE, "--value_head_lr", bad])
+    with pytest.raises(LLMTuneError, match="learning_rate"):
+        parse_config([*BASE, "--learning_rate", "nan"])
     assert parse_config([*BASE, "--value_head_lr", "3e-3"]).value_head_lr == pytest.approx(3e-3)
 
 

@@ -145,8 +145,9 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
         lora_keys = [k for k in ("lora_target", "lora_rank", "lora_alpha", "use_dora", "use_rslora")
                      if hasattr(cfg, "is_set") and cfg.is_set(k)]
         if lora_keys:
-            notice(f"{', '.join(lora_keys)} only apply to finetuning_type lora; finetuning_type is "
-                   f"{cfg.finetuning_type}, so they are ignored")
+            one = len(lora_keys) == 1
+            notice(f"{', '.join(lora_keys)} only appl{'ies' if one else 'y'} to finetuning_type lora; "
+                   f"finetuning_type is {cfg.finetuning_type}, so {'it is' if one else 'they are'} ignored")
     if cfg.finetuning_type == "lora":
         peft.apply_lora(model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         lora_target=cfg.lora_target, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
