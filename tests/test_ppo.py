@@ -251,6 +251,24 @@ def test_reward_model_without_value_head_is_a_clear_error(tmp_path):
         load_reward_model(model, rm_cfg(None), "b", [])
 
 
+def test_full_weights_reward_model_given_as_lora_is_loaded_as_full(tmp_path, capsys):
+    """An rm run with finetuning_type freeze/full writes model.safetensors + config.json, no adapter: with the
+    default reward_model_type lora its trained layers would be dropped, so it is loaded as full (notice)."""
+    from safetensors.torch import save_file
+
+    trained = tiny_model(3)
+    rm = tmp_path / "rm_freeze"
+    save_head(rm)
+    sd = {k: v for k, v in trained.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(rm / "model.safetensors"))
+    (rm / "config.json").write_text(json.dumps(trained.config.to_hf_dict()))
+    reward = load_reward_model(lora_model(), rm_cfg(rm), str(tmp_path / "base"), [])
+    assert reward.kind == "full" and "reward_model_type: full" in capsys.readouterr().err
+    for name, p in reward.model.named_parameters():
+        if not name.startswith("v_head."):
+            assert torch.equal(p, trained.state_dict()[name]), name
+
+
 def test_reward_model_on_another_base_is_a_clear_error(tmp_path):
     model = lora_model()
     (tmp_path / "base").mkdir()

@@ -336,7 +336,9 @@ def _read_head(folder: Path, hidden_size: int, device: Any) -> nn.Module:
 def check_reward_folder(cfg: Any, base: str, parents: Sequence[str]) -> Path:
     """Check ``reward_model`` before any weights are loaded; return the folder.
 
-    Checks: it is set and is a folder with ``value_head.safetensors``; ``reward_model_type`` is lora or full;
+    Checks: it is set and is a folder with ``value_head.safetensors``; ``reward_model_type`` is lora or full
+    (lora with a folder of full weights and no adapter, the output of a freeze/full rm run, becomes full, with a
+    notice, since its trained layers would otherwise be dropped);
     for lora, the policy is a LoRA policy and the base recorded by the rm run (``llmtune.json``, else
     ``adapter_config.json``: root base + merged adapter chain) is the policy's ``base`` + ``parents``.
 
@@ -356,6 +358,11 @@ def check_reward_folder(cfg: Any, base: str, parents: Sequence[str]) -> Path:
         raise LLMTuneError(f"reward_model: {folder} has no {VALUE_HEAD_FILE}; point reward_model (seed: --rm_path) "
                            "at the output_dir of an `llmtune train --stage rm` run")
     kind = str(cfg.reward_model_type).lower()
+    full_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    if kind == "lora" and full_weights and not (folder / "adapter_config.json").is_file():
+        notice(f"reward_model: {folder} holds full weights (an rm run with finetuning_type freeze or full), not a "
+               "LoRA adapter; loading it as reward_model_type: full")
+        cfg.reward_model_type = kind = "full"
     if kind not in ("lora", "full"):
         raise LLMTuneError(f"reward_model_type: {cfg.reward_model_type!r} is not supported; use lora (an rm-stage "
                            "output on the policy's base) or full (a separate model folder)")
