@@ -376,6 +376,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
                 i += 1
                 continue
             nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt == "":
+                raise LLMTuneError(f"--{body}: the value is empty; give one (--{body} VALUE) or leave the key out "
+                                   "for its default")
             if nxt is not None and nxt.strip() == "":
                 raise LLMTuneError(f"the value of --{body} is {nxt!r}: {_SEED_COMMENT_HINT}")
             if nxt is None or (nxt.startswith("--") and len(nxt) > 2):

@@ -93,6 +93,8 @@ def test_precision_and_value_head_lr_are_checked_when_the_config_is_read():
     with pytest.raises(LLMTuneError, match="learning_rate"):
         parse_config([*BASE, "--learning_rate", "nan"])
     assert parse_config([*BASE, "--value_head_lr", "3e-3"]).value_head_lr == pytest.approx(3e-3)
+    with pytest.raises(LLMTuneError, match="--value_head_lr: the value is empty"):
+        parse_config([*BASE, "--value_head_lr", ""])
 
 
 def test_max_samples_must_be_positive():

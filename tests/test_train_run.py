@@ -139,3 +139,12 @@ def test_bad_lora_target_fails_before_the_data_is_read(tiny_folder, data_dir, tm
     with pytest.raises(LLMTuneError, match="lora_target.*q_proj"):
         llmtune.train(base_cfg(tiny_folder, data_dir, tmp_path / "o", lora_target="qproj"))
     assert not (tmp_path / "o").exists()
+
+
+def test_val_size_without_any_evaluation_gets_a_notice(tiny_folder, data_dir, tmp_path, capsys):
+    import llmtune
+
+    llmtune.train(base_cfg(tiny_folder, data_dir, tmp_path / "o", val_size=0.25, max_steps=1))
+    err = capsys.readouterr().err
+    assert "nothing evaluates them" in err and "do_eval" in err
+    assert not (tmp_path / "o" / "eval_results.json").exists()

@@ -251,6 +251,9 @@ def _run_train(cfg: Any) -> dict[str, Any]:
     # data (the data code raises LLMTuneError for e.g. a dataset whose every label is masked)
     splits = get_dataset(cfg, tokenizer, template, cfg.stage)
     train_rows, eval_rows = splits.train, splits.eval
+    if eval_rows and cfg.do_train and not cfg.do_eval and cfg.eval_strategy == "no":
+        notice(f"{len(eval_rows)} evaluation rows (val_size / eval_dataset) are set aside but nothing evaluates "
+               "them; set do_eval: true (after training) or eval_strategy: steps/epoch (during training)")
 
     # trainable parameters (LoRA init depends on the seed only), then the loop
     set_seed(cfg.seed)
