@@ -86,3 +86,15 @@ def test_llmtune_train_is_callable_after_submodule_imports():
     assert callable(llmtune.train)
     with pytest.raises(LLMTuneError, match="model_name_or_path"):
         llmtune.train({"stage": "sft", "dataset": "x", "output_dir": "o"})
+
+
+def test_output_dir_that_the_run_reads_is_refused_even_with_overwrite(tmp_path):
+    out = tmp_path / "out"
+    previous_run(out)
+    before = snapshot(out)
+    for key in ("adapter_name_or_path", "model_name_or_path"):
+        with pytest.raises(LLMTuneError, match=f"the {key} folder"):
+            prepare_output_dir(cfg(tmp_path, overwrite_output_dir=True, **{key: f"{tmp_path / 'x'},{out}"
+                                                                             if key == "adapter_name_or_path"
+                                                                             else str(out)}))
+    assert snapshot(out) == before

@@ -61,14 +61,20 @@ def prepare_output_dir(cfg: Any) -> Path:
     ``resume_from_checkpoint`` is set. Nothing is touched when it raises.
 
     Raises:
-        LLMTuneError: ``output_dir`` is a file, is the model folder itself, or holds a previous run.
+        LLMTuneError: ``output_dir`` is a file, is a folder the run reads (``model_name_or_path``,
+            ``adapter_name_or_path``, ``ref_model``, ``reward_model`` and their adapters), or holds a previous run.
     """
     out = Path(str(cfg.output_dir)).expanduser()
     if out.exists() and not out.is_dir():
         raise LLMTuneError(f"output_dir: {out} is a file; give a folder path")
-    model_path = Path(str(cfg.model_name_or_path)).expanduser()
-    if out.exists() and model_path.exists() and out.resolve() == model_path.resolve():
-        raise LLMTuneError(f"output_dir: {out} is the model_name_or_path folder; write to a new folder")
+    if out.exists():
+        for key in ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters", "reward_model",
+                    "reward_model_adapters"):
+            for item in str(getattr(cfg, key, None) or "").split(","):
+                src = Path(item.strip()).expanduser() if item.strip() else None
+                if src is not None and src.exists() and src.resolve() == out.resolve():
+                    raise LLMTuneError(f"output_dir: {out} is the {key} folder, which this run reads; write to a "
+                                       "new folder")
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint not in (
         None, False) else None
     if out.is_dir() and any(out.iterdir()) and resume is None:
