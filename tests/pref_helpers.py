@@ -8,17 +8,7 @@ import types
 
 import torch
 import torch.nn.functional as F
-
-from llmtune.models import ModelConfig, Transformer
-
-VOCAB = 61
-
-
-def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return Transformer(cfg).float()
+from tiny_helpers import VOCAB, tiny_model  # noqa: F401  (re-exported to the stage tests)
 
 
 def lora_pair(seed: int = 0, rank: int = 4):
