@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from llmtune.constants import IGNORE_INDEX
+
 
 
 def _positions(mask: Sequence[int]) -> list[int]:

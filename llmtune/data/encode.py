@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+from llmtune.constants import IGNORE_INDEX
 from llmtune.data.formats import Example
 
-IGNORE_INDEX = -100
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:

@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from llmtune.constants import IGNORE_INDEX
 from llmtune.errors import LLMTuneError, notice
 from llmtune.losses import (
     AdaptiveKLController,
@@ -56,7 +57,6 @@ from llmtune.losses import (
     whiten,
 )
 
-IGNORE_INDEX = -100
 #: ``reward_fn(prompts, responses) -> one float per response`` (decoded text; see :func:`train_ppo`)
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 

@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from llmtune.constants import IGNORE_INDEX
+
 
 
 @dataclass

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmtune.constants import IGNORE_INDEX
 from llmtune.losses import kto_loss, sequence_logps
 from llmtune.train.stages import ITEM_COUNTERS, STAGES, StageContext
 from llmtune.train.stages_pref import _opt, reference_logps
 
-IGNORE_INDEX = -100
 
 
 def global_kl_mean(diff: torch.Tensor) -> torch.Tensor:

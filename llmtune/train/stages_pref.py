@@ -38,11 +38,11 @@ from typing import Any, Optional
 
 import torch
 
+from llmtune.constants import IGNORE_INDEX
 from llmtune.errors import LLMTuneError, nearest, notice
 from llmtune.losses import DPO_LOSS_TYPES, dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from llmtune.train.stages import ITEM_COUNTERS, STAGES, StageContext
 
-IGNORE_INDEX = -100
 #: every ``pref_loss`` value stage dpo accepts
 PREF_LOSSES = DPO_LOSS_TYPES + ("orpo", "simpo")
 #: losses that need no reference model

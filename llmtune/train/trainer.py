@@ -33,13 +33,13 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from llmtune.constants import IGNORE_INDEX
 from llmtune.errors import LLMTuneError, notice
 from llmtune.train import checkpoint as ckpt
 from llmtune.train import distributed as dist_hooks
 from llmtune.train.logging import TrainLogger, resolve_report_to
 from llmtune.train.stages import StageContext, get_stage, item_counter
 
-IGNORE_INDEX = -100
 
 #: defaults of the training keys (Hugging Face ``TrainingArguments`` defaults).
 DEFAULTS: dict[str, Any] = {
