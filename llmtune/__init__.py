@@ -18,7 +18,7 @@ _LAZY = {
     "Transformer": "llmtune.models.transformer",
     "ModelConfig": "llmtune.models.config",
     "KVCache": "llmtune.models.transformer",
-    "load_model": "llmtune.models.loader",
+    "load_model": "llmtune.runs",
     "load_tokenizer": "llmtune.tokenizer",
     "Tokenizer": "llmtune.tokenizer",
     "generate": "llmtune.generation",

@@ -27,6 +27,7 @@ import torch
 
 from llmtune.errors import LLMTuneError, notice
 from llmtune.generation import chat_stop_ids, check_generation_args, encode_chat_prompt, stream_reply
+from llmtune.runs import load_model, recorded_template
 
 __all__ = ["main", "ChatSession", "resolve_device", "recorded_template", "load_chat_model", "run_chat"]
 
@@ -84,40 +85,6 @@ def resolve_device(spec: Optional[str]) -> torch.device:
     return torch.device("cpu")
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise LLMTuneError(f"{path}: cannot read it as YAML ({e}); fix or delete the file") from None
-    return data if isinstance(data, dict) else {}
-
-
-def recorded_template(*folders: Optional[str]) -> Optional[str]:
-    """The template name recorded by the llmtune run that wrote one of ``folders``.
-
-    Looks for ``training_args.yaml`` with a ``template`` key in each folder, the first folder first
-    (pass the last adapter before the base). Non-folders (Hub ids, ``.gguf`` files) and ``None`` are skipped.
-
-    Returns:
-        the template name (str) or ``None`` when nothing is recorded.
-
-    Raises:
-        LLMTuneError: a ``training_args.yaml`` exists but is not valid YAML.
-    """
-    for folder in folders:
-        if not folder:
-            continue
-        p = Path(folder)
-        f = p / "training_args.yaml"
-        if p.is_dir() and f.is_file():
-            name = _read_yaml(f).get("template")
-            if name:
-                return str(name)
-    return None
-
-
 def _split_adapters(value: Optional[str]) -> list[str]:
     if not value:
         return []
@@ -151,7 +118,6 @@ def load_chat_model(cfg: Any) -> tuple[torch.nn.Module, Any, Any]:
         LLMTuneError: adapters with ``finetuning_type`` other than lora, or any loading error.
     """
     from llmtune.data.templates import get_template
-    from llmtune.models.loader import load_model
     from llmtune.tokenizer import load_tokenizer
 
     adapters = _split_adapters(cfg.adapter_name_or_path)
@@ -173,7 +139,7 @@ def load_chat_model(cfg: Any) -> tuple[torch.nn.Module, Any, Any]:
     model.eval()
     tok_source = adapters[-1] if adapters and _has_tokenizer(adapters[-1]) else cfg.model_name_or_path
     tokenizer = load_tokenizer(tok_source)
-    name = cfg.template or recorded_template(*reversed(adapters), cfg.model_name_or_path)
+    name = cfg.template or recorded_template(*reversed(model.adapter_chain.parents), cfg.model_name_or_path)
     template = get_template(name, tokenizer)
     return model, tokenizer, template
 

@@ -37,8 +37,9 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from llmtune.fileio import make_public_dir
 from llmtune.errors import LLMTuneError, notice
+from llmtune.fileio import make_public_dir
+from llmtune.runs import apply_chain, read_training_args, recorded_template, resolve_chain
 
 #: bytes in one GB of ``export_size`` (transformers parses "5GB" as 5 * 10**9 bytes).
 GB = 10**9
@@ -77,8 +78,9 @@ def shard_file_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _export_state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's tensors to write, HF names, tied ``lm_head.weight`` dropped (not yet cast)."""
+def _export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors to write, HF names, tied ``lm_head.weight`` dropped; not cast here (each shard is
+    cast as it is written, so the whole model is never held twice)."""
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
@@ -100,7 +102,7 @@ def _bnb4_state(model: torch.nn.Module, compute_dtype: torch.dtype) -> dict[str,
                                       quant_type="nf4", double_quant=True)
             out.update(bnb_tensors_from_linear4bit(q, name))
             done.update({f"{name}.weight", f"{name}.bias"})
-    for name, t in _export_state(model, compute_dtype).items():
+    for name, t in _export_state(model).items():
         if name not in done:
             out[name] = t.detach().to(compute_dtype if t.is_floating_point() else t.dtype)
     return out
@@ -158,7 +160,7 @@ def save_hf_folder(model: torch.nn.Module, out_dir: Union[str, Path], *, dtype: 
     if quantization_bit:
         state = _bnb4_state(model, dtype)
     else:
-        state = _export_state(model, dtype)
+        state = _export_state(model)
 
     def out_dtype(t: torch.Tensor) -> torch.dtype:
         return dtype if (t.is_floating_point() and not quantization_bit) else t.dtype
@@ -221,80 +223,6 @@ def _read_json(path: Path) -> dict:
         raise LLMTuneError(f"{path}: cannot read ({e})") from None
 
 
-def _same_path(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return False
-    pa, pb = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return str(a).rstrip("/") == str(b).rstrip("/")
-
-
-def _recorded_chain(folder: Path) -> tuple[str, list[Path]]:
-    """``(root_base, chain)`` recorded by an adapter folder, chain root first and ending with ``folder``
-    (``llmtune_parent_adapters`` expanded recursively, PEFT-style ``base_model_name_or_path`` chains followed:
-    :func:`llmtune.models.loader.resolve_model_chain`)."""
-    from llmtune.models.loader import resolve_model_chain
-
-    return resolve_model_chain(folder)
-
-
-def _model_chain(path: str) -> tuple[str, list[Path]]:
-    from llmtune.models.loader import is_adapter_folder
-
-    if is_adapter_folder(os.path.expanduser(path)):
-        return _recorded_chain(Path(os.path.expanduser(path)))
-    return path, []
-
-
-def resolve_adapters(model_name_or_path: str, adapter_name_or_path: Optional[str]) -> tuple[str, list[Path]]:
-    """Decide the base model and the adapter folders to merge, in order.
-
-    * ``model_name_or_path`` may itself be an llmtune LoRA output folder: its recorded base is used and its
-      chain goes first.
-    * ``adapter_name_or_path`` a comma list: applied in the given order.
-    * a single adapter folder whose recorded chain (``llmtune_parent_adapters`` or ``base_model_name_or_path``
-      through parent adapter folders) roots at the given base: the whole chain, with a one-line notice.
-    * an adapter recorded against another base: a one-line notice (it is applied if its tensors fit).
-
-    Returns:
-        ``(base, adapters)`` with absolute adapter folders.
-
-    Raises:
-        LLMTuneError: an adapter path without ``adapter_config.json``.
-    """
-    from llmtune.models.loader import is_adapter_folder
-
-    base, chain = _model_chain(model_name_or_path)
-    if chain:
-        notice(f"model_name_or_path {model_name_or_path} is a LoRA output folder: exporting its base {base} "
-               f"with {len(chain)} adapter(s) merged")
-    items = [a.strip() for a in str(adapter_name_or_path or "").split(",") if a.strip()]
-    for item in items:
-        folder = Path(os.path.expanduser(item))
-        if not (folder / "adapter_config.json").is_file():
-            raise LLMTuneError(f"adapter_name_or_path: {item!r} has no adapter_config.json; give the output folder "
-                               "of a LoRA training run (or leave adapter_name_or_path unset)")
-        folder = folder.resolve()
-        root, sub = _recorded_chain(folder)
-        if len(items) == 1 and not chain and len(sub) > 1 and _same_path(root, base):
-            notice(f"adapter {item} was trained on top of {len(sub) - 1} other adapter(s) on this base "
-                   f"({', '.join(p.name for p in sub[:-1])}); applying the whole recorded chain")
-            chain.extend(sub)
-            continue
-        recorded = _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
-        if (recorded and not _same_path(recorded, base) and not (chain and _same_path(recorded, chain[-1]))
-                and not (len(sub) > 1 and _same_path(root, base))):
-            if is_adapter_folder(os.path.expanduser(str(recorded))):
-                notice(f"adapter {item} was trained on top of adapter {recorded}, whose chain does not root at "
-                       f"{base}; applying {item} alone")
-            else:
-                notice(f"adapter {item} was trained on base {recorded}, not {base}; applying it because its "
-                       "tensor shapes fit")
-        chain.append(folder)
-    return base, chain
-
-
 def _adapter_weights_file(folder: Path) -> Path:
     f = folder / "adapter_model.safetensors"
     if f.is_file():
@@ -355,16 +283,14 @@ def check_adapter_fits(model: torch.nn.Module, folder: Union[str, Path]) -> None
 
 def merge_chain(model: torch.nn.Module, adapters: Sequence[Path]) -> torch.nn.Module:
     """Load and merge each adapter of ``adapters`` into ``model`` in order (float32 math in the model's
-    dtype, which :func:`export` makes float32). Each adapter is checked by :func:`check_adapter_fits` first.
+    dtype, which :func:`export` makes float32), each checked by :func:`check_adapter_fits` first
+    (:func:`llmtune.runs.apply_chain`).
 
     Returns the model with plain ``nn.Linear`` layers (no LoRA wrappers).
     """
-    from llmtune.peft import load_adapter, merge_adapters
-
     for i, folder in enumerate(adapters):
         check_adapter_fits(model, folder)
-        load_adapter(model, str(folder), adapter_name=f"export{i}", is_trainable=False)
-        merge_adapters(model)
+        apply_chain(model, [folder], prefix=f"export{i}_")
     return model
 
 
@@ -382,33 +308,6 @@ def _checkpoint_dtype(base: str) -> torch.dtype:
         raw = _read_json(cfg_file)
         name = raw.get("torch_dtype") or raw.get("dtype")
     return parse_dtype("auto", name)
-
-
-def _yaml_template(folder: Path) -> Optional[str]:
-    """The ``template`` recorded in an output folder's ``training_args.yaml`` (None when absent)."""
-    f = folder / "training_args.yaml"
-    if not f.is_file():
-        return None
-    try:
-        import yaml
-
-        data = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
-    except Exception:  # noqa: BLE001 - an unreadable record only loses the default
-        return None
-    return data.get("template") if isinstance(data, dict) else None
-
-
-def _yaml_value(folder: Path, key: str) -> Any:
-    f = folder / "training_args.yaml"
-    if not f.is_file():
-        return None
-    try:
-        import yaml
-
-        data = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
-    except Exception:  # noqa: BLE001
-        return None
-    return data.get(key) if isinstance(data, dict) else None
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -470,11 +369,12 @@ def export(config: Any) -> Path:
                                             if a.strip()]
     _check_export_dir(export_dir, cfg.overwrite_export_dir, protected)
 
-    from llmtune.models.loader import is_gguf, load_model, parse_dtype
+    from llmtune.models.loader import load_model, parse_dtype
 
-    base, adapters = resolve_adapters(cfg.model_name_or_path, cfg.adapter_name_or_path)
+    chain = resolve_chain(cfg.model_name_or_path, cfg.adapter_name_or_path)
+    base, adapters = chain.base, list(chain.adapters)
     _check_export_dir(export_dir, cfg.overwrite_export_dir, [base, *adapters])
-    trained_4bit = cfg.quantization_bit or any(_yaml_value(a, "quantization_bit") for a in adapters)
+    trained_4bit = cfg.quantization_bit or any(read_training_args(a).get("quantization_bit") for a in adapters)
     if trained_4bit:
         notice("quantization_bit: export merges the adapter into the full-precision base (loaded without "
                "4-bit quantization), as LLaMA-Factory does")
@@ -526,7 +426,7 @@ def _tokenizer_and_stops(cfg: Any, base: str, adapters: Sequence[Path]) -> tuple
     from llmtune.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(source))
-    name = cfg.template or next((t for t in (_yaml_template(a) for a in reversed(adapters)) if t), None)
+    name = cfg.template or recorded_template(*reversed(adapters))
     from llmtune.data.templates import get_template
 
     template = get_template(name, tokenizer)
@@ -596,5 +496,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-__all__ = ["export", "main", "save_hf_folder", "plan_shards", "shard_file_names", "resolve_adapters",
+__all__ = ["export", "main", "save_hf_folder", "plan_shards", "shard_file_names",
            "check_adapter_fits", "merge_chain", "GB"]

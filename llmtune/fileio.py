@@ -39,3 +39,10 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
 def make_public_dir(folder: str | Path) -> None:
     """Give ``folder`` (e.g. from ``tempfile.mkdtemp``, mode 0700) the permissions the umask allows (0755)."""
     os.chmod(folder, 0o777 & ~_umask())
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as indented JSON with a final newline (the ``*_results.json`` and metadata files)."""
+    import json
+
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")

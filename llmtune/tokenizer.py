@@ -281,7 +281,7 @@ def _load_folder(folder: Path) -> Tokenizer:
 
     tj = folder / "tokenizer.json"
     if not tj.is_file():
-        from llmtune.models.loader import is_adapter_folder, resolve_model_chain
+        from llmtune.runs import is_adapter_folder, resolve_model_chain
 
         if is_adapter_folder(folder):  # an adapter folder without tokenizer files: use its base's
             base, _ = resolve_model_chain(folder)

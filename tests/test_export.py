@@ -250,6 +250,20 @@ def test_adapter_for_other_base_that_fits_is_applied_with_notice(tiny, tmp_path,
     assert "/somewhere/else/model" in capsys.readouterr().err
 
 
+def test_a_copy_of_the_base_at_another_path_is_the_same_base(tiny, tmp_path, capsys):
+    # the adapter records tiny["base"]; a byte-identical copy elsewhere is the same base: no notice
+    import shutil
+
+    copy = tmp_path / "base_copy"
+    shutil.copytree(tiny["base"], copy)
+    out = tmp_path / "out"
+    export({"model_name_or_path": str(copy), "adapter_name_or_path": str(tiny["lora"]), "export_dir": str(out),
+            "infer_dtype": "float32"})
+    err = capsys.readouterr().err
+    assert "was trained on base" not in err, err
+    torch.testing.assert_close(_hf_logits(out, tiny["ids"]), tiny["ref_logits"], atol=1e-5, rtol=1e-5)
+
+
 def test_adapter_that_does_not_fit_is_refused(tiny, tmp_path):
     other = _make_base(tmp_path / "wide", hidden=96)
     lora = tmp_path / "lora_wide"

@@ -13,7 +13,8 @@ import torch
 
 from fixtures.tiny_models import VOCAB, save_hf_model
 from llmtune.errors import LLMTuneError
-from llmtune.models.loader import load_model, parse_dtype, resolve_model_chain
+from llmtune.models.loader import load_model, parse_dtype
+from llmtune.runs import resolve_model_chain, same_base
 
 KINDS = ["llama", "qwen2", "qwen3", "mistral"]
 
@@ -272,19 +273,44 @@ def test_resolve_model_chain_errors(tmp_path):
 
 
 def test_load_adapter_folder_merges_chain_in_order(checkpoints, tmp_path, monkeypatch):
+    from llmtune import peft, runs
+
     calls = []
-    fake = types.ModuleType("llmtune.peft")
-    fake.load_adapter = lambda model, d, adapter_name="default", is_trainable=False: calls.append(
-        ("load", Path(d).name, is_trainable))
-    fake.merge_adapters = lambda model: calls.append(("merge",))
-    monkeypatch.setitem(sys.modules, "llmtune.peft", fake)
+    monkeypatch.setattr(peft, "load_adapter", lambda model, d, adapter_name="default", is_trainable=False:
+                        calls.append(("load", Path(d).name, is_trainable)))
+    monkeypatch.setattr(peft, "merge_adapters", lambda model: calls.append(("merge",)))
     base = _copy(checkpoints["qwen2"][0], tmp_path / "base")
     a1 = _adapter(tmp_path / "sft_out", str(base))
     a2 = _adapter(tmp_path / "dpo_out", str(a1))
-    model = load_model(a2)
+    model = runs.load_model(a2)
     assert model.name_or_path == str(base.resolve())
     assert calls == [("load", "sft_out", False), ("merge",), ("load", "dpo_out", False), ("merge",)]
+    assert model.adapter_chain == runs.AdapterChain(str(base.resolve()), (a1.resolve(), a2.resolve()))
     # the seed's chat: base + the last adapter of a chain rooted at that base -> the whole chain
     calls.clear()
-    load_model(base, adapter_name_or_path=str(a2))
+    model = runs.load_model(base, adapter_name_or_path=str(a2))
     assert [c[1] for c in calls if c[0] == "load"] == ["sft_out", "dpo_out"]
+    assert model.adapter_chain.adapters == (a1.resolve(), a2.resolve())  # the chain applied is the one recorded
+    # ... also when the base is given at another path with the same weights (compared by content)
+    calls.clear()
+    copy = _copy(base, tmp_path / "elsewhere")
+    runs.load_model(copy, adapter_name_or_path=str(a2))
+    assert [c[1] for c in calls if c[0] == "load"] == ["sft_out", "dpo_out"]
+
+
+def test_weights_loader_refuses_an_adapter_folder_with_a_pointer(checkpoints, tmp_path):
+    base = _copy(checkpoints["qwen2"][0], tmp_path / "base")
+    a1 = _adapter(tmp_path / "sft_out", str(base))
+    with pytest.raises(LLMTuneError, match="LoRA output folder.*llmtune.load_model"):
+        load_model(a1)
+
+
+def test_same_base_compares_weight_bytes_not_paths(checkpoints, tmp_path):
+    base = _copy(checkpoints["llama"][0], tmp_path / "base")
+    copy = _copy(base, tmp_path / "copy")
+    assert same_base(base, copy) and same_base(str(base) + "/", base)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert not same_base(base, copy)
+    assert not same_base(base, tmp_path / "missing") and same_base("owner/repo", "owner/repo")

@@ -159,11 +159,11 @@ def test_dora_gradients_match_peft(tmp_path):
 def test_adapter_config_is_peft_loadable(tmp_path):
     _, ours = pair()
     apply_lora(ours, lora_rank=4, use_rslora=True, lora_dropout=0.1, additional_target="norm")
-    save_adapter(ours, tmp_path, base_model_name_or_path=str(tmp_path), extra_config={"llmtune_parent_adapters": ["/a"]})
+    save_adapter(ours, tmp_path, base_model_name_or_path=str(tmp_path))
     cfg = LoraConfig.from_pretrained(str(tmp_path))
     assert cfg.r == 4 and cfg.lora_alpha == 8 and cfg.use_rslora and cfg.lora_dropout == 0.1
     assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert cfg.modules_to_save == ["norm"]
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     assert raw["base_model_name_or_path"] == str(tmp_path.resolve())
-    assert raw["llmtune_parent_adapters"] == ["/a"]  # extra keys are kept (peft ignores unknown keys)
+    assert not [k for k in raw if k.startswith("llmtune")]  # llmtune's own record lives in llmtune.json

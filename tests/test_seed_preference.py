@@ -109,21 +109,28 @@ def test_seed_rm_command_trains_the_value_head_alone(workdir, real_model_path):
     entries = [e for e in log_entries(out) if "loss" in e]
     assert len(entries) >= 1 and all("accuracy" in e for e in entries)
 
-    # PPO's view of it: the SFT model (base + sft adapter) with the trained head on top
+    # PPO's view of it: the SFT model (base + sft adapter) with the trained head on top, built the way a PPO
+    # run builds its reward model (llmtune.train.ppo.load_reward_model on the policy)
+    import types
+
     from safetensors.torch import load_file
 
-    from llmtune.losses import value_head_scores
-    from llmtune.models.loader import load_model
-    from llmtune.train.stages_rm import load_reward_model
+    from llmtune.peft import apply_lora
+    from llmtune.runs import load_model
+    from llmtune.train.ppo import load_reward_model
 
-    rm = load_reward_model(out, dtype=torch.float32)
-    sft = load_model(workdir / "sft_output", dtype=torch.float32)
+    policy = load_model(workdir / "sft_output", dtype=torch.float32)
     head = load_file(str(out / "value_head.safetensors"))
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        got = value_head_scores(rm.v_head(rm(ids, attention_mask=mask)), mask)
-        h = sft(ids, attention_mask=mask)[0, -1]
+        h = policy(ids, attention_mask=mask)[0, -1]
+    apply_lora(policy, lora_rank=4, lora_target="q_proj")  # the PPO policy's own trainable adapter
+    cfg = types.SimpleNamespace(reward_model=str(out), reward_model_type="lora", finetuning_type="lora",
+                                reward_model_adapters=None)
+    rm = load_reward_model(policy, cfg, policy.adapter_chain.base, policy.adapter_chain.parents)
+    assert rm.kind == "base"
+    got = rm.score(policy, types.SimpleNamespace(input_ids=ids, attention_mask=mask))
     want = h @ head["v_head.summary.weight"][0] + head["v_head.summary.bias"][0]
     torch.testing.assert_close(got[0], want, atol=1e-4, rtol=1e-4)
 

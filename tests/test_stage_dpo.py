@@ -43,7 +43,7 @@ def run(model, batch, **kw):
 
 def test_lora_reference_is_the_base_model(setup):
     from llmtune.peft import disable_adapters
-    from llmtune.train.stages_pref import reference_logps
+    from llmtune.train.stages.pref import reference_logps
 
     model, batch, lp = setup
     ref = reference_logps(model, ctx(), batch["input_ids"], batch["attention_mask"], batch["position_ids"],
@@ -92,7 +92,7 @@ def test_hinge_ipo_kto_pair(setup):
 
 
 def test_orpo_and_simpo_are_reference_free(setup, monkeypatch):
-    from llmtune.train import stages_pref
+    from llmtune.train.stages import pref as stages_pref
 
     model, batch, lp = setup
     monkeypatch.setattr(stages_pref, "reference_logps", lambda *a, **k: pytest.fail("reference forward"))
@@ -120,7 +120,7 @@ def test_one_stacked_forward_equals_separate_forwards(setup):
     """The (2B, T) stacked batch (padding to the longer side) gives the loss of chosen and rejected run apart."""
     from llmtune.data.collator import SFTCollator
     from llmtune.losses import sequence_logps
-    from llmtune.train.stages_pref import reference_logps
+    from llmtune.train.stages.pref import reference_logps
 
     model, batch, _ = setup
     rows = pair_rows(B)
@@ -186,7 +186,7 @@ def test_gradient_accumulation_gives_the_big_batch_gradient(tmp_path):
 
 
 def test_full_finetuning_reference_is_a_frozen_copy_of_the_initial_model(capsys):
-    from llmtune.train.stages_pref import reference_extra
+    from llmtune.train.stages.pref import reference_extra
 
     model = tiny_model(1)
     init = copy.deepcopy(model)
@@ -210,7 +210,7 @@ def test_full_finetuning_reference_is_a_frozen_copy_of_the_initial_model(capsys)
 
 
 def test_orpo_needs_no_reference_and_lora_needs_no_copy():
-    from llmtune.train.stages_pref import reference_extra
+    from llmtune.train.stages.pref import reference_extra
 
     _, model = lora_pair(0)
     assert reference_extra(model, types.SimpleNamespace(stage="dpo", pref_loss="sigmoid", ref_model=None)) == {}
@@ -219,7 +219,7 @@ def test_orpo_needs_no_reference_and_lora_needs_no_copy():
 
 
 def test_unknown_pref_loss_is_one_clear_error(setup):
-    from llmtune.train.stages_pref import reference_extra
+    from llmtune.train.stages.pref import reference_extra
 
     model, batch, _ = setup
     with pytest.raises(LLMTuneError, match=r"pref_loss: 'sigmoidd'.*sigmoid, hinge, ipo, kto_pair, orpo, simpo"):

@@ -84,7 +84,7 @@ def test_metrics_absent_when_a_batch_lacks_one_kind():
 def test_global_kl_mean_all_reduces_over_ranks(tmp_path):
     import torch.distributed as dist
 
-    from llmtune.train.stages_kto import global_kl_mean
+    from llmtune.train.stages.kto import global_kl_mean
 
     x = torch.tensor([0.5, -1.0, 2.0])
     assert math.isclose(float(global_kl_mean(x)), 0.5, abs_tol=1e-7)

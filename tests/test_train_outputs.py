@@ -8,7 +8,7 @@ import pytest
 
 from llmtune.config import parse_config
 from llmtune.errors import LLMTuneError
-from llmtune.train.run import prepare_output_dir
+from llmtune.train.outputs import prepare_output_dir
 
 
 def cfg(tmp_path, **kw):

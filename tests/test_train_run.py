@@ -95,9 +95,23 @@ def test_chained_lora_records_the_root_base_and_parent_adapters(tiny_folder, dat
     llmtune.train(base_cfg(first, data_dir, second, max_steps=2, template=None))
     acfg = json.loads((second / "adapter_config.json").read_text())
     assert acfg["base_model_name_or_path"] == str(tiny_folder.resolve())
-    assert acfg["llmtune_parent_adapters"] == [str(first.resolve())]
+    assert not [k for k in acfg if k.startswith("llmtune")]  # llmtune's record is kept out of PEFT's file
+    meta = json.loads((second / "llmtune.json").read_text())
+    assert meta["base_model_name_or_path"] == str(tiny_folder.resolve())
+    assert meta["parent_adapters"] == [str(first.resolve())]
     # the template recorded by the first run is used when none is given
     assert yaml.safe_load((second / "training_args.yaml").read_text())["template"] == "chatml"
+    # peft reads our adapter without a warning about keys it does not know
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_folder))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft.PeftModel.from_pretrained(hf_base, str(second))
+    unknown = [str(w.message) for w in caught if "nexpected" in str(w.message) or "llmtune" in str(w.message)]
+    assert not unknown, unknown
 
 
 def test_full_finetuning_saves_a_loadable_model(tiny_folder, data_dir, tmp_path):

@@ -16,7 +16,9 @@ from tiny_helpers import VOCAB, rows, tiny_model
 from llmtune.errors import LLMTuneError
 from llmtune.train import checkpoint as ckpt
 from llmtune.train.logging import read_log
-from llmtune.train.trainer import Trainer, lr_lambda, resolve_precision
+from llmtune.train.optim import lr_lambda
+from llmtune.train.precision import resolve_precision
+from llmtune.train.trainer import Trainer
 
 
 def config(tmp_path, **kw):
@@ -76,7 +78,7 @@ def test_gradient_accumulation_equals_big_batch_and_hand_gradient(tmp_path):
 
 
 def test_stage_without_item_counter_gives_same_gradient(tmp_path):
-    from llmtune.train.stages import causal_lm_stage
+    from llmtune.train.stages.causal_lm import causal_lm_stage
 
     data = rows([6, 12, 9, 15])
     base = tiny_model()
@@ -104,7 +106,7 @@ class NoisyStage:
     """sft loss times a factor drawn from torch, numpy and Python RNGs: resume must restore all three."""
 
     def __init__(self, interrupt_at_call=None):
-        from llmtune.train.stages import causal_lm_stage
+        from llmtune.train.stages.causal_lm import causal_lm_stage
 
         self.inner, self.calls, self.interrupt_at = causal_lm_stage, 0, interrupt_at_call
 
@@ -206,13 +208,13 @@ def test_unknown_scheduler_is_a_clear_error():
 
 # -- precision --------------------------------------------------------------------------------------
 def test_fp16_on_cpu_gives_one_notice_and_bf16_or_float32(capsys, monkeypatch):
-    import llmtune.train.trainer as tmod
+    import llmtune.train.precision as precision
 
-    monkeypatch.setattr(tmod, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
     assert resolve_precision(False, True, "cpu") is torch.bfloat16
     err = capsys.readouterr().err
     assert err.count("llmtune: notice:") == 1 and "fp16" in err and "bfloat16" in err
-    monkeypatch.setattr(tmod, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
     assert resolve_precision(False, True, "cpu") is None
     assert capsys.readouterr().err.count("llmtune: notice:") == 1
     assert resolve_precision(True, False, "cpu") is torch.bfloat16
@@ -338,7 +340,7 @@ def test_resume_errors_are_clear(tmp_path):
 
 
 def test_loraplus_gives_lora_b_a_higher_lr(tmp_path):
-    from llmtune.train.trainer import build_optimizer
+    from llmtune.train.optim import build_optimizer
 
     m = torch.nn.Module()
     m.lora_A = torch.nn.Parameter(torch.zeros(2, 3))
@@ -353,7 +355,7 @@ def test_loraplus_gives_lora_b_a_higher_lr(tmp_path):
 
 def test_value_head_lr_applies_to_the_value_head_only(tmp_path):
     from llmtune.models.value_head import add_value_head
-    from llmtune.train.trainer import build_optimizer
+    from llmtune.train.optim import build_optimizer
 
     m = tiny_model()
     add_value_head(m, torch.float32)

@@ -24,7 +24,6 @@ import torch
 from llmtune.constants import IGNORE_INDEX
 
 
-
 def _positions(mask: Sequence[int]) -> list[int]:
     out, prev, start = [], None, 0
     for i, seg in enumerate(mask):
@@ -151,3 +150,19 @@ def get_collator(stage: str, pad_token_id: Optional[int], pad_to_multiple_of: Op
     if stage not in table:
         raise ValueError(f"unknown stage {stage!r}")
     return table[stage](pad, pad_to_multiple_of)
+
+
+def pad_collate(rows: Sequence[dict[str, Sequence[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad rows of ``input_ids, attention_mask, labels`` (and ``position_ids``) into int64 tensors.
+
+    Padding: ``pad_token_id`` for input ids, 0 for attention mask and positions, -100 for labels.
+    A minimal collator for pt/sft rows (the :class:`~llmtune.train.trainer.Trainer`'s default);
+    :func:`get_collator` gives each stage's own.
+    """
+    t = max(len(r["input_ids"]) for r in rows)
+    pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+    out = {}
+    for key, pad in pads.items():
+        if key in rows[0]:
+            out[key] = torch.tensor([list(r[key]) + [pad] * (t - len(r[key])) for r in rows], dtype=torch.long)
+    return out

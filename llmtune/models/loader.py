@@ -1,5 +1,6 @@
-"""Load a :class:`~llmtune.models.transformer.Transformer` from a Hugging Face folder, Hub id, GGUF file or
-an llmtune/PEFT LoRA output folder.
+"""Load a :class:`~llmtune.models.transformer.Transformer`'s weights from a Hugging Face folder, Hub id or GGUF
+file. Adapters are not this module's business: :func:`llmtune.runs.load_model` resolves a LoRA output folder's
+chain and merges it (``llmtune.load_model`` is that function).
 
 Streaming load: the model is built on the ``meta`` device (no memory), then each parameter is replaced
 by the checkpoint tensor as it arrives from a memory-mapped safetensors file (or a dequantized GGUF
@@ -8,7 +9,7 @@ With ``quantization_bit=4`` every tensor is first offered to ``llmtune.quant.pla
 
 Formats: safetensors (https://github.com/huggingface/safetensors, header + raw little-endian data),
 ``model.safetensors.index.json`` (``weight_map``: tensor name -> shard file), GGUF (see
-:mod:`llmtune.models.gguf`), PEFT ``adapter_config.json`` (``base_model_name_or_path``).
+:mod:`llmtune.models.gguf`).
 """
 
 from __future__ import annotations
@@ -56,76 +57,6 @@ def parse_dtype(dtype: str | torch.dtype | None, checkpoint_dtype: str | None = 
         raise LLMTuneError(f"dtype {dtype!r} is not known; use one of auto, float32, bfloat16 (bf16), "
                            f"float16 (fp16).{nearest(key, list(_DTYPES) + ['auto'])}")
     return _DTYPES[key]
-
-
-# -- adapter chains ---------------------------------------------------------------------------------
-
-def is_adapter_folder(path: str | os.PathLike) -> bool:
-    """True for a folder with ``adapter_config.json`` and no ``config.json`` (a LoRA output folder)."""
-    p = Path(path)
-    return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
-
-
-def resolve_model_chain(path: str | os.PathLike) -> tuple[str, list[Path]]:
-    """Follow ``adapter_config.json``'s ``base_model_name_or_path`` from an adapter folder to the base model.
-
-    Args:
-        path: a model folder, ``.gguf`` file, Hub id, or a LoRA adapter folder (``adapter_config.json``
-            without ``config.json``), whose base may itself be an adapter folder.
-
-    Returns:
-        ``(base, adapters)``: ``base`` the base model (an absolute local path, or a Hub id when it is not a
-        local path), ``adapters`` the adapter folders (absolute) in the order they must be applied, root
-        first. An adapter trained by llmtune on top of earlier adapters lists them (root first) under
-        ``llmtune_parent_adapters``; those are expanded recursively and applied before it. For a non-adapter ``path``: ``(path, [])``. A relative ``base_model_name_or_path`` is taken
-        relative to the adapter folder (then to the working directory).
-
-    Raises:
-        LLMTuneError: unreadable ``adapter_config.json``, missing ``base_model_name_or_path``, or a cycle.
-    """
-    return _resolve_chain(str(path), ())
-
-
-def _resolve_chain(current: str, seen: tuple) -> tuple[str, list[Path]]:
-    adapters: list[Path] = []
-    while True:
-        p = Path(os.path.expanduser(current))
-        if not is_adapter_folder(p):
-            break
-        p = p.resolve()
-        if p in adapters or p in seen:
-            raise LLMTuneError(f"{p}/adapter_config.json: base_model_name_or_path chain loops back to {p}")
-        adapters.append(p)
-        cfg_file = p / "adapter_config.json"
-        try:
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise LLMTuneError(f"{cfg_file}: cannot read ({e})") from None
-        base = cfg.get("base_model_name_or_path")
-        if not base:
-            raise LLMTuneError(f"{cfg_file}: no base_model_name_or_path; pass the base model as "
-                               f"model_name_or_path and this folder as adapter_name_or_path")
-        base = os.path.expanduser(str(base))
-        if not os.path.isabs(base):
-            if (p / base).exists():
-                base = str((p / base).resolve())
-            elif Path(base).exists():
-                base = str(Path(base).resolve())
-        parents = cfg.get("llmtune_parent_adapters")
-        if parents:
-            # an llmtune run trained on top of earlier adapters records them (root first) and the root base:
-            # expand each parent's own record too, so the whole chain is applied in training order
-            chain: list[Path] = []
-            for parent in parents:
-                _, sub = _resolve_chain(str(parent), seen + tuple(adapters))
-                chain.extend(a for a in sub if a not in chain)
-            adapters = chain + [a for a in reversed(adapters) if a not in chain]
-            adapters.reverse()
-        current = base
-    adapters.reverse()
-    p = Path(os.path.expanduser(current))
-    base_out = str(p.resolve()) if p.exists() else current
-    return base_out, adapters
 
 
 # -- tensor sources -------------------------------------------------------------------------------
@@ -389,104 +320,72 @@ def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) 
     return model
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "cpu", revision: str | None = None,
-               adapter_name_or_path: str | os.PathLike | list | None = None, quantization_bit: int | None = None,
-               quantization_type: str = "nf4", double_quantization: bool = True) -> Transformer:
-    """Load a causal LM as an llmtune :class:`Transformer` (Llama, Mistral, Qwen2, Qwen3).
-
-    Args:
-        name_or_path: a local folder (``config.json`` + ``model.safetensors`` or shards with
-            ``model.safetensors.index.json``), a Hub repo id (downloaded with ``snapshot_download``), a
-            ``.gguf`` file (llama architecture; dequantized), or a LoRA output folder (``adapter_config.json``
-            without ``config.json``: its base is loaded, recursively, and the adapters merged).
-        dtype: ``torch.dtype`` or name: ``auto`` (config.json ``torch_dtype``; float32 for GGUF),
-            ``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``. Parameters are cast as loaded.
-        device: where parameters live (``cpu``, ``cuda``, ``cuda:N``; a missing GPU falls back to the CPU
-            with a notice).
-        revision: Hub revision (branch, tag, commit) for a Hub id.
-        adapter_name_or_path: LoRA adapter folder(s) (a list, or a comma-separated string) merged into the
-            model after loading. When an adapter's recorded chain (``base_model_name_or_path``, recursively)
-            roots at ``name_or_path``, the whole chain is applied, with a notice.
-        quantization_bit: ``None`` or ``4`` (QLoRA NF4/FP4 via ``llmtune.quant.place_quantized``).
-        quantization_type: ``nf4`` or ``fp4``.
-        double_quantization: quantize the absmax scales too (QLoRA's double quantization).
-
-    Returns:
-        the model in eval mode, with ``model.name_or_path`` the resolved local path (folder or .gguf file)
-        of the base model.
+def check_quantization(quantization_bit: int | None, quantization_type: str = "nf4") -> None:
+    """Refuse quantization settings the loader cannot honour.
 
     Raises:
-        LLMTuneError: missing path / Hub download failure; folder with only pickled weights; corrupt or
-            truncated safetensors; missing, unexpected or wrongly shaped tensors; unsupported architecture;
-            unknown dtype; unsupported quantization settings.
+        LLMTuneError: ``quantization_bit`` other than None/4, or ``quantization_type`` other than nf4/fp4.
     """
     if quantization_bit is not None and int(quantization_bit) != 4:
         raise LLMTuneError(f"quantization_bit {quantization_bit}: only 4-bit quantization (NF4/FP4, QLoRA) is "
                            "supported; use quantization_bit: 4 or leave it unset")
     if quantization_type not in ("nf4", "fp4"):
         raise LLMTuneError(f"quantization_type {quantization_type!r}: use nf4 or fp4")
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "cpu", revision: str | None = None, quantization_bit: int | None = None,
+               quantization_type: str = "nf4", double_quantization: bool = True) -> Transformer:
+    """Load a causal LM's weights as an llmtune :class:`Transformer` (Llama, Mistral, Qwen2, Qwen3).
+
+    Args:
+        name_or_path: a local folder (``config.json`` + ``model.safetensors`` or shards with
+            ``model.safetensors.index.json``), a Hub repo id (downloaded with ``snapshot_download``), or a
+            ``.gguf`` file (llama architecture; dequantized). A LoRA output folder is
+            :func:`llmtune.runs.load_model`'s (it merges the adapter chain).
+        dtype: ``torch.dtype`` or name: ``auto`` (config.json ``torch_dtype``; float32 for GGUF),
+            ``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``. Parameters are cast as loaded.
+        device: where parameters live (``cpu``, ``cuda``, ``cuda:N``; a missing GPU falls back to the CPU
+            with a notice).
+        revision: Hub revision (branch, tag, commit) for a Hub id.
+        quantization_bit: ``None`` or ``4`` (QLoRA NF4/FP4 via ``llmtune.quant.place_quantized``).
+        quantization_type: ``nf4`` or ``fp4``.
+        double_quantization: quantize the absmax scales too (QLoRA's double quantization).
+
+    Returns:
+        the model in eval mode, with ``model.name_or_path`` the resolved local path (folder or .gguf file).
+
+    Raises:
+        LLMTuneError: missing path / Hub download failure; a LoRA output folder; folder with only pickled
+            weights; corrupt or truncated safetensors; missing, unexpected or wrongly shaped tensors;
+            unsupported architecture; unknown dtype; unsupported quantization settings.
+    """
+    check_quantization(quantization_bit, quantization_type)
     if not isinstance(dtype, torch.dtype) and dtype is not None:
         parse_dtype(dtype)  # fail early on an unknown name, before any download
     dev = _resolve_device(device)
     quantize = (quantization_type, bool(double_quantization)) if quantization_bit else None
-
-    base, chain = resolve_model_chain(name_or_path)
-    if chain:
-        notice(f"{name_or_path} is a LoRA output folder: loading its base {base} and merging "
-               f"{len(chain)} adapter(s)")
-    base_path = resolve_path(base, revision)
-    if base_path.is_dir() and is_adapter_folder(base_path):  # a Hub adapter repo: follow it too
-        base2, chain2 = resolve_model_chain(base_path)
-        chain = chain2 + chain
-        base_path = resolve_path(base2, revision)
-
-    if adapter_name_or_path:
-        items = adapter_name_or_path if isinstance(adapter_name_or_path, (list, tuple)) else \
-            [a.strip() for a in str(adapter_name_or_path).split(",") if a.strip()]
-        for item in items:
-            local = resolve_path(item, revision=None, what="adapter_name_or_path")
-            if not (local / "adapter_config.json").is_file():
-                raise LLMTuneError(f"adapter_name_or_path {str(item)!r}: no adapter_config.json in {local}; "
-                                   "give a LoRA output folder")
-            root, sub = resolve_model_chain(local)
-            root_path = Path(root).resolve() if Path(root).exists() else None
-            if len(sub) > 1 and root_path is not None and root_path == base_path and not chain:
-                notice(f"adapter {item} was trained on top of {len(sub) - 1} other adapter(s) on this base; "
-                       "applying the whole recorded chain")
-                chain.extend(sub)
-            else:
-                chain.append(local)
-
-    if chain and quantize:
-        # Merging into 4-bit weights would lose the adapter: merge in the compute dtype, then quantize.
-        model = _load_base(base_path, dtype, dev, None)
-        _merge_chain(model, chain)
-        _quantize_in_place(model, parse_dtype(dtype, model.config.torch_dtype), quantize)
-    else:
-        model = _load_base(base_path, dtype, dev, quantize)
-        if chain:
-            _merge_chain(model, chain)
+    path = resolve_path(name_or_path, revision)
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise LLMTuneError(f"{name_or_path} is a LoRA output folder (adapter_config.json, no config.json); load "
+                           "it with llmtune.load_model (llmtune.runs.load_model), which merges its adapter chain")
+    model = _load_base(path, dtype, dev, quantize)
     model.eval()
     return model
 
 
-def _merge_chain(model: Transformer, chain: list[Path]) -> None:
-    """Apply and merge each LoRA adapter of ``chain`` in order (``llmtune.peft``)."""
-    try:
-        from llmtune.peft import load_adapter, merge_adapters
-    except ImportError:
-        raise LLMTuneError(f"{chain[0]}: loading LoRA adapters needs llmtune.peft, which is not available "
-                           "in this install") from None
-    for i, folder in enumerate(chain):
-        load_adapter(model, str(folder), adapter_name=f"chain{i}", is_trainable=False)
-        merge_adapters(model)
+def quantize_model(model: Transformer, compute_dtype: torch.dtype, quantization_type: str = "nf4",
+                   double_quantization: bool = True) -> Transformer:
+    """Quantize a loaded model's decoder-layer linear weights in place (``llmtune.quant.place_quantized`` on
+    every parameter, as the streaming load does); returns ``model``.
 
-
-def _quantize_in_place(model: Transformer, compute_dtype: torch.dtype, quantize: tuple) -> None:
+    Raises:
+        LLMTuneError: 4-bit quantization is not available in this install.
+    """
     place_quantized = _quant_hook()
     for name, p in list(model.named_parameters()):
-        place_quantized(model, name, p.detach(), compute_dtype, *quantize)
+        place_quantized(model, name, p.detach(), compute_dtype, quantization_type, bool(double_quantization))
+    return model
 
 
 def is_gguf(name_or_path: str | os.PathLike) -> bool:
@@ -494,4 +393,4 @@ def is_gguf(name_or_path: str | os.PathLike) -> bool:
     return str(name_or_path).lower().endswith(".gguf")
 
 
-__all__ = ["load_model", "resolve_model_chain", "parse_dtype", "is_adapter_folder", "is_hub_id", "is_gguf"]
+__all__ = ["load_model", "check_quantization", "quantize_model", "parse_dtype", "is_hub_id", "is_gguf"]

@@ -18,13 +18,7 @@ import torch
 from torch import nn
 
 from llmtune.errors import LLMTuneError
-from llmtune.peft.lora import (
-    _adapter_targets,
-    adapter_parameters,
-    inject_lora,
-    list_adapters,
-    lora_state_dict,
-)
+from llmtune.peft.adapters import adapter_parameters, adapter_targets, inject_lora, list_adapters, lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,7 +47,7 @@ def _base_path(base_model_name_or_path: Optional[str]) -> Optional[str]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: Optional[str],
-                 adapter_name: str = "default", extra_config: Optional[dict] = None) -> Path:
+                 adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` of ``model`` to ``out_dir`` in PEFT's format.
 
     Args:
@@ -63,7 +57,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         base_model_name_or_path: the base model; a local path is recorded as an absolute path (so
             ``chat``/``export``/chained stages find the base from anywhere), a Hub id as given.
         adapter_name: which adapter.
-        extra_config: extra keys merged into ``adapter_config.json``.
+
+    ``adapter_config.json`` holds PEFT's ``LoraConfig`` fields only (peft warns about any other key); llmtune's
+    own record of a run goes beside it in ``llmtune.json`` (:mod:`llmtune.runs`).
 
     Returns:
         ``Path(out_dir)``. Tensors are saved contiguous in their current dtype (float32 when upcast).
@@ -106,8 +102,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "alpha_pattern": {},
         "lora_bias": False,
     }
-    if extra_config:
-        config.update(extra_config)
     save_tensors(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
@@ -184,7 +178,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     except LLMTuneError as e:
         raise LLMTuneError(f"adapter {d}: {e}") from None
     model.lora_config[adapter_name]["base_model_name_or_path"] = cfg.get("base_model_name_or_path")
-    params = _adapter_targets(model, adapter_name)
+    params = adapter_targets(model, adapter_name)
     seen = set()
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmtune.train.run import run_train
-from llmtune.train.stages import ITEM_COUNTERS, STAGES, StageContext, get_stage
+from llmtune.train.setup import run_train
+from llmtune.train.stages import ITEM_COUNTERS, STAGES, Stage, StageContext, get_stage
 from llmtune.train.trainer import Trainer
 
 
@@ -27,7 +27,7 @@ def train(config: Any) -> dict[str, Any]:
     return run_train(config)
 
 
-__all__ = ["train", "run_train", "Trainer", "STAGES", "ITEM_COUNTERS", "StageContext", "get_stage"]
+__all__ = ["train", "run_train", "Trainer", "STAGES", "ITEM_COUNTERS", "Stage", "StageContext", "get_stage"]
 
 
 class _CallableModule(__import__("types").ModuleType):

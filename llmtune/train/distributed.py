@@ -3,7 +3,7 @@
 There is no launcher here. ``torchrun --nproc_per_node N -m llmtune train config.yaml`` (or any launcher
 that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) starts N copies of
 the same command; :func:`distributed_session` turns them into one process group and the trainer's small
-helpers (``_rank``, ``_world_size``, ``_all_reduce_sum``, ``_is_main`` in ``trainer.py``) do the rest:
+helpers (:func:`rank`, :func:`world_size`, :func:`all_reduce_sum`, :func:`is_main`) do the rest:
 
 * **process group**: ``gloo`` on the CPU, ``nccl`` on CUDA (device ``cuda:LOCAL_RANK``), timeout
   ``ddp_timeout`` seconds (Hugging Face's key; default 1800). A collective that does not complete within
@@ -124,6 +124,19 @@ def rank() -> int:
 def world_size() -> int:
     """Number of processes in the default group (1 without one)."""
     return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (the process that logs and writes files), and in a single process."""
+    return rank() == 0
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over ranks (a new tensor; the identity in one process)."""
+    if is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
 
 
 def barrier() -> None:

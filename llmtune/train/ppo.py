@@ -409,8 +409,8 @@ def load_reward_model(policy: nn.Module, cfg: Any, base: str, parents: Sequence[
     device = next(policy.parameters()).device
     hidden = policy.config.hidden_size
     if str(cfg.reward_model_type).lower() == "full":
-        from llmtune.models.loader import load_model
         from llmtune.models.value_head import load_value_head
+        from llmtune.runs import load_model
 
         rm = load_model(str(folder), dtype=next(policy.parameters()).dtype, device=device,
                         adapter_name_or_path=cfg.reward_model_adapters)
@@ -456,7 +456,8 @@ class PPOTrainer:
                  tokenizer: Any, stop_token_ids: Sequence[int], ref_model: Optional[nn.Module] = None) -> None:
         from llmtune.data.collator import get_collator
         from llmtune.train.logging import resolve_report_to
-        from llmtune.train.trainer import build_optimizer, lr_lambda, num_warmup_steps, resolve_precision
+        from llmtune.train.optim import build_optimizer, lr_lambda, num_warmup_steps
+        from llmtune.train.precision import resolve_precision
 
         self.model, self.cfg, self.prompts, self.reward = model, config, prompts, reward
         self.tokenizer, self.ref_model = tokenizer, ref_model
@@ -693,35 +694,39 @@ def train_ppo(config: Any, reward_fn: Optional[RewardFn] = None) -> dict[str, An
     Raises:
         LLMTuneError: any configuration, data or reward-model mistake (one message naming the key/file).
     """
+    from llmtune.config import parse_config
     from llmtune.data import get_dataset
     from llmtune.data.templates import get_template
+    from llmtune.fileio import write_json
     from llmtune.generation import chat_stop_ids
-    from llmtune.models.loader import load_model
     from llmtune.models.value_head import add_value_head, save_value_head
+    from llmtune.runs import load_model, recorded_template, resolve_chain, save_metadata
     from llmtune.tokenizer import load_tokenizer
-    from llmtune.train.run import (_device, _recorded_template, adapter_chain, apply_finetuning_type, as_config,
-                                   load_dtype, prepare_output_dir, save_metadata, save_model)
-    from llmtune.train.trainer import set_seed, write_json
+    from llmtune.train.finetuning import apply_finetuning_type
+    from llmtune.train.outputs import prepare_output_dir, save_model
+    from llmtune.train.precision import load_dtype, train_device
+    from llmtune.train.seed import set_seed
 
     if isinstance(config, dict):
         config = {**config, "stage": "ppo"}
-    cfg = as_config(config)
+    cfg = parse_config(config, command="train")
     if cfg.stage != "ppo":
         cfg = cfg.replace(stage="ppo")
     if cfg.resume_from_checkpoint not in (None, False):
         raise LLMTuneError("resume_from_checkpoint is not supported for stage ppo yet; start a new run")
-    base, parents = adapter_chain(cfg)
+    chain = resolve_chain(cfg.model_name_or_path, cfg.adapter_name_or_path)
+    base, parents = chain.base, chain.parents
     if reward_fn is None:
         check_reward_folder(cfg, base, parents)  # a wrong reward model fails before any weights are loaded
     out = prepare_output_dir(cfg)
     set_seed(cfg.seed)
-    device = _device(cfg)
+    device = train_device(cfg)
 
     model = load_model(cfg.model_name_or_path, dtype=load_dtype(cfg, device.split(":")[0]), device=device,
                        adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
                        quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    template = get_template(cfg.template or _recorded_template(cfg.model_name_or_path, *reversed(parents)),
+    template = get_template(cfg.template or recorded_template(cfg.model_name_or_path, *reversed(parents)),
                             tokenizer)
     prompts = get_dataset(cfg, tokenizer, template, "ppo").train
 

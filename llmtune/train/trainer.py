@@ -11,9 +11,10 @@ Read :meth:`Trainer.train` top to bottom. Per optimizer step it
 4. clips the gradient norm (``max_grad_norm``), steps AdamW and the LR schedule;
 5. logs, evaluates and saves checkpoints on their schedules.
 
-Distributed training (later: DDP/FSDP2 via ``torchrun``) touches only the small helpers ``_rank``,
-``_world_size``, ``_all_reduce_sum`` and ``_is_main``: each rank reads its own shard of the shuffled
-order, item counts are summed over ranks, rank 0 logs and saves.
+Distributed training (DDP/FSDP2 under ``torchrun``, :mod:`llmtune.train.distributed`) touches only
+``rank``, ``world_size``, ``all_reduce_sum`` and ``is_main`` here: each rank reads its own shard of the
+shuffled order, item counts are summed over ranks, rank 0 logs and saves. The optimizer and schedule come
+from :mod:`llmtune.train.optim`, the autocast dtype from :mod:`llmtune.train.precision`.
 
 Sources: AdamW (Loshchilov & Hutter, 2019); schedules as in Hugging Face ``transformers.optimization``
 (linear / cosine with linear warm-up, Loshchilov & Hutter 2017 for cosine); mixed precision with
@@ -23,23 +24,22 @@ Sources: AdamW (Loshchilov & Hutter, 2019); schedules as in Hugging Face ``trans
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
-from llmtune.constants import IGNORE_INDEX
+from llmtune.data.collator import pad_collate
 from llmtune.errors import LLMTuneError, notice
 from llmtune.train import checkpoint as ckpt
 from llmtune.train import distributed as dist_hooks
+from llmtune.train.distributed import all_reduce_sum, is_main, rank, world_size
 from llmtune.train.logging import TrainLogger, resolve_report_to
+from llmtune.train.optim import build_optimizer, lr_lambda, num_warmup_steps
+from llmtune.train.precision import resolve_precision
 from llmtune.train.stages import StageContext, get_stage, item_counter
-
 
 #: defaults of the training keys (Hugging Face ``TrainingArguments`` defaults).
 DEFAULTS: dict[str, Any] = {
@@ -59,167 +59,6 @@ def cfg(config: Any, name: str) -> Any:
     """``config.<name>``, or ``config[name]`` for a dict, falling back to :data:`DEFAULTS` when None/absent."""
     val = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
     return DEFAULTS.get(name) if val is None else val
-
-
-# -- distributed hooks (single process until issue 9) -----------------------------------------------
-def _dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _dist_ready() else 0
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if _dist_ready() else 1
-
-
-def _is_main() -> bool:
-    return _rank() == 0
-
-
-def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (identity in one process)."""
-    if _dist_ready():
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-    return value
-
-
-# -- seeds, precision, schedules --------------------------------------------------------------------
-def set_seed(seed: int) -> None:
-    """Seed Python ``random``, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU runs bfloat16 matrix products natively (oneDNN AVX512-BF16/AMX or AVX512 core)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # pragma: no cover - builds without oneDNN
-        return False
-
-
-def resolve_precision(bf16: bool, fp16: bool, device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype for the ``bf16``/``fp16`` flags on ``device_type`` (None = float32, no autocast).
-
-    ``fp16`` on a CPU: float16 arithmetic there is about 18x slower than float32, so bfloat16 autocast is
-    used where the CPU supports it (else float32), with one notice. Raises :class:`LLMTuneError` when
-    both flags are set.
-    """
-    if bf16 and fp16:
-        raise LLMTuneError("bf16 and fp16 are both true; set only one of them")
-    if bf16:
-        return torch.bfloat16
-    if fp16:
-        if device_type == "cpu":
-            if cpu_supports_bf16():
-                notice("fp16 on a CPU: float16 arithmetic is ~18x slower than float32 there; training with "
-                       "bfloat16 autocast instead (set bf16: true to silence this)")
-                return torch.bfloat16
-            notice("fp16 on a CPU: float16 arithmetic is ~18x slower than float32 there and this CPU lacks "
-                   "bfloat16 support; training in float32 instead (remove fp16 to silence this)")
-            return None
-        return torch.float16
-    return None
-
-
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-
-
-def lr_lambda(kind: str, num_warmup_steps: int, num_training_steps: int) -> Callable[[int], float]:
-    """Multiplier of the base learning rate after ``step`` scheduler steps (torch ``LambdaLR`` form).
-
-    * ``linear``: ``step/warmup`` during warm-up, then ``max(0, (total-step)/(total-warmup))``;
-    * ``cosine``: warm-up, then ``max(0, 0.5 * (1 + cos(pi * progress)))``,
-      ``progress = (step-warmup)/(total-warmup)`` (half a cosine, as Hugging Face's default);
-    * ``constant``: 1; ``constant_with_warmup``: ``step/warmup`` then 1.
-
-    Raises :class:`LLMTuneError` for an unknown ``lr_scheduler_type``.
-    """
-    w, total = max(int(num_warmup_steps), 0), max(int(num_training_steps), 1)
-
-    def warm(step: int) -> Optional[float]:
-        return step / max(1, w) if step < w else None
-
-    if kind == "linear":
-        return lambda s: warm(s) if s < w else max(0.0, (total - s) / max(1, total - w))
-    if kind == "cosine":
-        return lambda s: warm(s) if s < w else max(
-            0.0, 0.5 * (1.0 + math.cos(math.pi * (s - w) / max(1, total - w))))
-    if kind == "constant":
-        return lambda s: 1.0
-    if kind == "constant_with_warmup":
-        return lambda s: warm(s) if s < w else 1.0
-    from llmtune.errors import nearest
-
-    raise LLMTuneError(f"lr_scheduler_type: {kind!r} is not supported (use one of {', '.join(SCHEDULERS)})."
-                       + nearest(kind, SCHEDULERS))
-
-
-def num_warmup_steps(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
-    """``warmup_steps`` when > 0, else ``ceil(warmup_ratio * total_steps)`` (Hugging Face's rule)."""
-    return int(warmup_steps) if warmup_steps and warmup_steps > 0 else math.ceil(float(warmup_ratio or 0) * total_steps)
-
-
-def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, grouped by learning rate and weight decay.
-
-    Weight decay applies to matrices only (biases and norm weights, ``ndim < 2``, get none, as Hugging
-    Face's trainer does). ``loraplus_lr_ratio`` (LoRA+, Hayou et al. 2024): ``lora_B`` matrices get
-    ``learning_rate * ratio``. ``value_head_lr`` (stages rm and ppo; llmtune's own key, unset = no change):
-    the freshly initialised value head (``v_head.*``) gets this learning rate instead (a new head trained at
-    the small rate suited to pretrained weights barely moves in a few hundred steps). The fused
-    implementation is used when every parameter is a float tensor on a device that supports it, else the
-    foreach one.
-
-    Raises:
-        LLMTuneError: no trainable parameters; ``value_head_lr`` not positive.
-    """
-    lr, wd = float(cfg(config, "learning_rate")), float(cfg(config, "weight_decay"))
-    ratio = cfg(config, "loraplus_lr_ratio")
-    head_lr = cfg(config, "value_head_lr")
-    if head_lr is not None and float(head_lr) <= 0:
-        raise LLMTuneError(f"value_head_lr: {head_lr} must be a positive learning rate (or unset to use "
-                           f"learning_rate)")
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-    seen = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        g_lr = lr * float(ratio) if ratio and "lora_B" in name else lr
-        if head_lr is not None and name.startswith("v_head."):
-            g_lr = float(head_lr)
-        g_wd = wd if p.ndim >= 2 else 0.0
-        groups.setdefault((g_lr, g_wd), []).append(p)
-    if not groups:
-        raise LLMTuneError("no trainable parameters: check finetuning_type, lora_target and "
-                           "freeze_trainable_layers")
-    param_groups = [{"params": ps, "lr": g_lr, "weight_decay": g_wd} for (g_lr, g_wd), ps in groups.items()]
-    kwargs = dict(lr=lr, betas=(float(cfg(config, "adam_beta1")), float(cfg(config, "adam_beta2"))),
-                  eps=float(cfg(config, "adam_epsilon")))
-    try:
-        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
-
-
-def pad_collate(rows: Sequence[dict[str, Sequence[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad rows of ``input_ids, attention_mask, labels`` (and ``position_ids``) into int64 tensors.
-
-    Padding: ``pad_token_id`` for input ids, 0 for attention mask and positions, -100 for labels.
-    A minimal collator for pt/sft rows; the data package's collators are used when available.
-    """
-    t = max(len(r["input_ids"]) for r in rows)
-    pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
-    out = {}
-    for key, pad in pads.items():
-        if key in rows[0]:
-            out[key] = torch.tensor([list(r[key]) + [pad] * (t - len(r[key])) for r in rows], dtype=torch.long)
-    return out
 
 
 class Trainer:
@@ -323,7 +162,7 @@ class Trainer:
     def _shard(self, indices: list[int], pad: bool = True) -> list[int]:
         """This rank's share of an index order (every ``world_size``-th index; padded so that every rank
         gets as many, see ``distributed.shard_indices``)."""
-        return dist_hooks.shard_indices(indices, _rank(), _world_size(), pad=pad)
+        return dist_hooks.shard_indices(indices, rank(), world_size(), pad=pad)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The shuffled dataset order of ``epoch``: ``randperm`` from a generator seeded by ``seed + epoch``."""
@@ -363,7 +202,7 @@ class Trainer:
         counted: Optional[int] = None
         if self.count_items is not None:
             local = sum(int(self.count_items(b)) for b in micro_batches)
-            counted = int(_all_reduce_sum(torch.tensor(local, dtype=torch.long, device=self.device)).item())
+            counted = int(all_reduce_sum(torch.tensor(local, dtype=torch.long, device=self.device)).item())
         denom = counted if counted else 1
         loss_total = torch.zeros((), dtype=torch.float32, device=self.device)
         items_seen = 0
@@ -385,7 +224,7 @@ class Trainer:
                 self.tokens_seen += int(batch["input_ids"].numel())
             if "sft_attention_mask" in batch:  # dpo + kto_alpha: the plain SFT rows of the batch
                 self.tokens_seen += int((batch["sft_attention_mask"] > 0).sum())
-        total_items = int(_all_reduce_sum(torch.tensor(items_seen, dtype=torch.long, device=self.device)).item())
+        total_items = int(all_reduce_sum(torch.tensor(items_seen, dtype=torch.long, device=self.device)).item())
         if counted is not None and counted != total_items:
             raise RuntimeError(f"stage {self.stage_name!r}: its item counter gave {counted} items but the "
                                f"stage reported {total_items}")
@@ -396,7 +235,7 @@ class Trainer:
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.div_(total_items)
-        step_loss = float(_all_reduce_sum(loss_total).item()) / total_items
+        step_loss = float(all_reduce_sum(loss_total).item()) / total_items
         return step_loss, total_items, {k: v / metric_counts[k] for k, v in metric_sums.items()}
 
     def optimizer_step(self) -> float:
@@ -424,9 +263,9 @@ class Trainer:
         resume = ckpt.resolve_resume(cfg(self.config, "resume_from_checkpoint"), self.output_dir)
         if resume is not None:
             self._load(resume)
-        if _is_main():
+        if is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        logger = TrainLogger(self.output_dir, self.total_steps, self.report_to, enabled=_is_main(),
+        logger = TrainLogger(self.output_dir, self.total_steps, self.report_to, enabled=is_main(),
                              resume_step=self.global_step if resume is not None else None,
                              initial_step=self.global_step)
         self.model.train()
@@ -485,7 +324,7 @@ class Trainer:
         results = {"epoch": round(self.epoch_float(), 4),
                    "train_loss": loss_sum_all / steps_all if steps_all else float("nan"),
                    "train_runtime": round(runtime, 4),
-                   "train_samples_per_second": round(done * self.bs * self.ga * _world_size() / runtime, 3) if runtime else 0.0,
+                   "train_samples_per_second": round(done * self.bs * self.ga * world_size() / runtime, 3) if runtime else 0.0,
                    "train_steps_per_second": round(done / runtime, 3) if runtime else 0.0,
                    "train_tokens_per_second": round(self.tokens_seen / runtime, 2) if runtime else 0.0}
         return results
@@ -518,7 +357,7 @@ class Trainer:
             items_total += int(n)
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * int(n)
-        sums = _all_reduce_sum(torch.tensor([loss_total, float(items_total)] + list(metric_sums.values()),
+        sums = all_reduce_sum(torch.tensor([loss_total, float(items_total)] + list(metric_sums.values()),
                                             dtype=torch.float64, device=self.device)).tolist()
         self.model.train()
         self.ctx.training = True
@@ -547,14 +386,14 @@ class Trainer:
                 "total_steps": self.total_steps, "tokens_seen": self.tokens_seen, "best_metric": self.best_metric,
                 "best_global_step": self.best_step, "stage": self.stage_name, "seed": self.seed,
                 "per_device_train_batch_size": self.bs, "gradient_accumulation_steps": self.ga,
-                "world_size": _world_size(), "log_history": self.log_history}
+                "world_size": world_size(), "log_history": self.log_history}
 
     def save_checkpoint(self, rng_state: Optional[dict] = None) -> Optional[Path]:
         """Write ``output_dir/checkpoint-<global_step>`` (rank 0; FSDP2: every rank its shards), rotate by
         ``save_total_limit``."""
         if dist_hooks.is_fsdp(self.model):
             path = dist_hooks.save_fsdp_checkpoint(self, rng_state or ckpt.capture_rng_state())
-        if not _is_main():
+        if not is_main():
             return None
         if not dist_hooks.is_fsdp(self.model):
             path = ckpt.save_checkpoint(self.output_dir, self.global_step, model=dist_hooks.unwrap(self.model), optimizer=self.optimizer,
@@ -590,7 +429,3 @@ def _steps(value: Any, total: int) -> float:
     value = float(value)
     return math.ceil(value * total) if 0 < value < 1 else value
 
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as indented JSON (helper for the ``*_results.json`` files)."""
-    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -11,7 +11,7 @@ undesirable example per pair.
 
 Per step: policy log-probs of the completions (with gradient) and of the KL pairs (without: ``z0`` is
 detached, as in TRL); reference log-probs of both in ONE stacked no-grad forward (``ctx.extra["ref_model"]``
-or the policy with its LoRA adapters disabled, see :mod:`llmtune.train.stages_pref`);
+or the policy with its LoRA adapters disabled, see :mod:`llmtune.train.stages.pref`);
 ``z0 = clamp(mean_i (logp_pi(y'_i|x_i) - logp_ref(y'_i|x_i)), 0)``. With several processes
 (``torch.distributed`` initialised) the mean is over the KL pairs of ALL ranks (sum and count all-reduced,
 :func:`global_kl_mean`), as TRL gathers them.
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from llmtune.constants import IGNORE_INDEX
 from llmtune.losses import kto_loss, sequence_logps
-from llmtune.train.stages import ITEM_COUNTERS, STAGES, StageContext
-from llmtune.train.stages_pref import _opt, reference_logps
+from llmtune.train.stages.base import StageContext
+from llmtune.train.stages.pref import _opt, reference_logps
 
 
 
@@ -102,6 +102,3 @@ def kto_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
         metrics["logps/rejected"] = policy[~tags].detach().mean()
     return losses.float().sum(), b, metrics
 
-
-STAGES["kto"] = kto_stage
-ITEM_COUNTERS["kto"] = count_kto_items

@@ -41,7 +41,8 @@ import torch
 from llmtune.constants import IGNORE_INDEX
 from llmtune.errors import LLMTuneError, nearest, notice
 from llmtune.losses import DPO_LOSS_TYPES, dpo_loss, orpo_loss, sequence_logps, simpo_loss
-from llmtune.train.stages import ITEM_COUNTERS, STAGES, StageContext
+from llmtune.peft import disable_adapters, lora_layers
+from llmtune.train.stages.base import StageContext
 
 #: every ``pref_loss`` value stage dpo accepts
 PREF_LOSSES = DPO_LOSS_TYPES + ("orpo", "simpo")
@@ -66,8 +67,6 @@ def check_pref_loss(name: str) -> str:
 # -- reference model ---------------------------------------------------------------------------------------
 def has_lora(model: torch.nn.Module) -> bool:
     """True when ``model`` holds LoRA layers (then the reference is the model with adapters disabled)."""
-    from llmtune.peft.lora import lora_layers
-
     return next(iter(lora_layers(model)), None) is not None
 
 
@@ -94,7 +93,7 @@ def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] =
     """Set up the reference policy of stages dpo/kto; returns ``{"ref_model": module}`` or ``{}``.
 
     * ``ref_model`` set (a path, with optional ``ref_model_adapters``): loaded with
-      :func:`llmtune.models.loader.load_model`, frozen, in the policy's dtype;
+      :func:`llmtune.runs.load_model`, frozen, in the policy's dtype;
     * otherwise with LoRA: ``{}`` (the stage disables the adapters: no second copy);
     * otherwise (full / freeze fine-tuning): a frozen copy of the initial model, with a notice giving its
       memory in MiB.
@@ -111,7 +110,7 @@ def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] =
         return {}
     ref_path = _opt(config, "ref_model", None)
     if ref_path:
-        from llmtune.models.loader import load_model
+        from llmtune.runs import load_model
 
         frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
         dtype = frozen[0] if frozen else torch.float32   # the base's dtype (LoRA/freeze), float32 for full
@@ -150,8 +149,6 @@ def reference_logps(model: torch.nn.Module, ctx: StageContext, input_ids: torch.
     The reference is :func:`reference_model` or, for a LoRA model, ``model`` under
     :func:`llmtune.peft.disable_adapters` (the base weights the adapters were added to).
     """
-    from llmtune.peft import disable_adapters
-
     ref = reference_model(model, ctx)
     with torch.no_grad():
         if ref is not None:
@@ -234,6 +231,3 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
         raise LLMTuneError("stage dpo: a batch holds neither chosen/rejected pairs nor SFT rows; check dataset")
     return loss_sum, items, metrics
 
-
-STAGES["dpo"] = dpo_stage
-ITEM_COUNTERS["dpo"] = count_dpo_items

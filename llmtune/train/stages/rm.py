@@ -15,22 +15,21 @@ What is trained (:func:`prepare_reward_model`): LoRA adapters + the value head (
 everything (``full``), the chosen layers + head (``freeze``), or the value head ALONE on the frozen model when
 ``lora_target`` names only ``value`` (the seed's ``--lora_target value``: no module has that name; a notice
 says so). The output folder then holds ``value_head.safetensors`` and no adapter, with ``llmtune.json``
-recording ``base_model_name_or_path`` and ``parent_adapters``: :func:`load_reward_model` rebuilds it.
+recording ``base_model_name_or_path`` and ``parent_adapters`` (PPO's reward model,
+:func:`llmtune.train.ppo.load_reward_model`, rebuilds it).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
 from llmtune.errors import LLMTuneError, notice
 from llmtune.losses import reward_loss, value_head_scores
-from llmtune.models.value_head import VALUE_HEAD_FILE, add_value_head, load_value_head
-from llmtune.train.stages import ITEM_COUNTERS, STAGES, StageContext
+from llmtune.models.value_head import add_value_head
+from llmtune.peft.targets import linear_modules
+from llmtune.train.stages.base import StageContext
 
 #: ``lora_target`` names meaning "the value head" (the seed writes ``value``)
 VALUE_HEAD_NAMES = ("value", "v_head", "value_head")
@@ -65,9 +64,7 @@ def value_head_only(model: torch.nn.Module, config: Any) -> bool:
 
 
 def _module_names(model: torch.nn.Module) -> list[str]:
-    from llmtune.peft.lora import _linear_modules
-
-    return sorted({p.rsplit(".", 1)[-1] for p in _linear_modules(model) if ".layers." in p or p.startswith("layers.")})
+    return sorted({p.rsplit(".", 1)[-1] for p in linear_modules(model) if ".layers." in p or p.startswith("layers.")})
 
 
 def prepare_reward_model(model: torch.nn.Module, config: Any, head_only: bool) -> torch.nn.Module:
@@ -102,7 +99,7 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     """
     if getattr(model, "v_head", None) is None:
         raise LLMTuneError("stage rm needs a value head (model.v_head): call "
-                           "llmtune.train.stages_rm.prepare_reward_model(model, config, head_only=False)")
+                           "llmtune.train.stages.rm.prepare_reward_model(model, config, head_only=False)")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -122,51 +119,3 @@ def rm_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[to
     metrics = {"accuracy": (c > r).float().mean(), "rewards/chosen": c.mean(), "rewards/rejected": r.mean(),
                "rewards/margins": (c - r).mean()}
     return losses.sum(), b, metrics
-
-
-def load_reward_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype] = "auto",
-                      device: str = "cpu") -> torch.nn.Module:
-    """Load the output folder of an ``rm`` run as a model with ``model.v_head`` (for PPO's reward model).
-
-    * LoRA output (``adapter_config.json``): its base (recursively, parents merged) with the adapter merged;
-    * full output (``config.json``): that model;
-    * value-head-only output (``llmtune.json`` without weights): ``base_model_name_or_path`` with the
-      recorded ``parent_adapters`` merged;
-    then ``value_head.safetensors`` is read into ``model.v_head`` (float32). Returns the model in eval mode
-    with ``requires_grad`` off.
-
-    Raises:
-        LLMTuneError: no ``value_head.safetensors`` in ``path``, or nothing to find the base model from.
-    """
-    from llmtune.models.loader import load_model, resolve_model_chain
-
-    folder = Path(os.path.expanduser(str(path)))
-    if not (folder / VALUE_HEAD_FILE).is_file():
-        raise LLMTuneError(f"{folder}: no {VALUE_HEAD_FILE}; a reward model must be the output folder of an "
-                           "`llmtune train --stage rm` run")
-    if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
-        model = load_model(folder, dtype=dtype, device=device)
-    else:
-        meta_file = folder / "llmtune.json"
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            base = meta["base_model_name_or_path"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise LLMTuneError(f"{folder}: holds a value head but neither weights nor an llmtune.json naming "
-                               "base_model_name_or_path; cannot tell which model it scores") from None
-        parents = [str(p) for p in meta.get("parent_adapters") or []]
-        if parents and resolve_model_chain(parents[-1]) == (str(base), [Path(p) for p in parents]):
-            model = load_model(parents[-1], dtype=dtype, device=device)
-        else:
-            model = load_model(base, dtype=dtype, device=device,
-                               adapter_name_or_path=",".join(parents) if parents else None)
-    load_value_head(model, folder)
-    model.v_head.to(next(model.parameters()).device)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-STAGES["rm"] = rm_stage
-ITEM_COUNTERS["rm"] = count_pairs

@@ -1,0 +1,410 @@
+"""Run folders: what an llmtune output folder records, and which adapters apply to which base.
+
+An llmtune output folder describes itself (DESIGN.md, "Outputs describe themselves"):
+
+* ``training_args.yaml``: the run's full config, with the template actually used;
+* ``llmtune.json``: ``llmtune_version``, ``stage``, ``finetuning_type``, ``template``,
+  ``base_model_name_or_path`` (the root base actually loaded, absolute) and ``parent_adapters`` (the adapter
+  folders merged into it before this run, root first, absolute): llmtune's own record, kept OUT of PEFT's
+  ``adapter_config.json`` so that peft reads our adapters without warnings. Folders written before this
+  record existed carry the parents as ``llmtune_parent_adapters`` in ``adapter_config.json``; it is still read;
+* for a LoRA run, the adapter in PEFT's format (``adapter_config.json`` with ``base_model_name_or_path``).
+
+An **adapter chain** (:class:`AdapterChain`) is a base model plus the adapters to merge into it, in order.
+:func:`resolve_chain` decides it from ``model_name_or_path`` and ``adapter_name_or_path`` for every command
+(train, chat, export, the reference and reward models); :func:`load_model` loads the base weights
+(:func:`llmtune.models.loader.load_model`) and merges the chain (:mod:`llmtune.peft`), and records on the
+model the chain it applied (``model.adapter_chain``), which a training run then writes into ``llmtune.json``.
+
+Two bases are the same base when they are the same path or hold the same weights (:func:`same_base`: a
+SHA-256 of the weight files' bytes; for a ``.gguf`` file its first 16 MiB and its size; cached per process).
+
+Formats: PEFT's ``adapter_config.json`` (``base_model_name_or_path``); YAML for ``training_args.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from llmtune import peft
+from llmtune.errors import LLMTuneError, notice
+from llmtune.fileio import write_json
+from llmtune.models import loader
+from llmtune.models.hub import is_hub_id, resolve_path
+
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_RECORD = "llmtune.json"
+TRAINING_ARGS = "training_args.yaml"
+#: where folders written by earlier llmtune versions recorded the parent adapters (in ``adapter_config.json``)
+LEGACY_PARENTS_KEY = "llmtune_parent_adapters"
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class AdapterChain:
+    """A base model and the LoRA adapters merged into it, in order.
+
+    Attributes:
+        base: the root base model: an absolute local path (folder or ``.gguf`` file), or a Hub id.
+        adapters: absolute adapter folders, root first (empty: the base alone).
+    """
+
+    base: str
+    adapters: tuple[Path, ...] = ()
+
+    @property
+    def parents(self) -> list[str]:
+        """The adapters as strings (what ``llmtune.json`` records as ``parent_adapters``)."""
+        return [str(a) for a in self.adapters]
+
+
+# -- reading records -------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LLMTuneError(f"{path}: cannot read ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def is_adapter_folder(path: PathLike) -> bool:
+    """True for a folder with ``adapter_config.json`` and no ``config.json`` (a LoRA output folder)."""
+    p = Path(os.path.expanduser(str(path)))
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
+
+
+def read_run_record(folder: PathLike) -> dict:
+    """The ``llmtune.json`` of an output folder as a dict (``{}`` when absent).
+
+    Raises:
+        LLMTuneError: the file exists but is not JSON.
+    """
+    f = Path(os.path.expanduser(str(folder))) / RUN_RECORD
+    return _read_json(f) if f.is_file() else {}
+
+
+def read_training_args(folder: Optional[PathLike]) -> dict:
+    """The ``training_args.yaml`` of an output folder as a dict (``{}`` when absent or not a folder).
+
+    Raises:
+        LLMTuneError: the file exists but is not valid YAML.
+    """
+    import yaml
+
+    if not folder:
+        return {}
+    f = Path(os.path.expanduser(str(folder))) / TRAINING_ARGS
+    if not f.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise LLMTuneError(f"{f}: cannot read it as YAML ({e}); fix or delete the file") from None
+    return data if isinstance(data, dict) else {}
+
+
+def recorded_template(*folders: Optional[PathLike]) -> Optional[str]:
+    """The template recorded in ``training_args.yaml`` of the first of ``folders`` that records one.
+
+    Pass the last adapter first. Non-folders (Hub ids, ``.gguf`` files) and ``None`` are skipped.
+
+    Raises:
+        LLMTuneError: a ``training_args.yaml`` exists but is not valid YAML.
+    """
+    for folder in folders:
+        name = read_training_args(folder).get("template")
+        if name:
+            return str(name)
+    return None
+
+
+def _recorded_parents(folder: Path, adapter_cfg: dict) -> list[str]:
+    """The parent adapters recorded for an adapter folder: ``llmtune.json``, else the legacy key."""
+    record = read_run_record(folder)
+    if "parent_adapters" in record:
+        return [str(p) for p in record.get("parent_adapters") or []]
+    return [str(p) for p in adapter_cfg.get(LEGACY_PARENTS_KEY) or []]
+
+
+# -- resolving chains ------------------------------------------------------------------------------
+
+def resolve_model_chain(path: PathLike) -> tuple[str, list[Path]]:
+    """Follow an adapter folder's ``base_model_name_or_path`` (recursively) to the root base model.
+
+    Args:
+        path: a model folder, ``.gguf`` file, Hub id, or a LoRA adapter folder (``adapter_config.json``
+            without ``config.json``), whose base may itself be an adapter folder.
+
+    Returns:
+        ``(base, adapters)``: the root base (an absolute local path, or the name as given when it is not a
+        local path) and the adapter folders (absolute) in the order they must be applied, root first. An
+        adapter trained by llmtune on top of earlier adapters lists them in its ``llmtune.json``
+        (``parent_adapters``; older folders: ``llmtune_parent_adapters`` in ``adapter_config.json``); each is
+        expanded recursively and applied before it. A relative ``base_model_name_or_path`` is taken relative
+        to the adapter folder, then to the working directory. For a non-adapter ``path``: ``(path, [])``.
+
+    Raises:
+        LLMTuneError: unreadable ``adapter_config.json``, missing ``base_model_name_or_path``, or a cycle.
+    """
+    return _resolve(str(path), ())
+
+
+def _resolve(current: str, seen: tuple) -> tuple[str, list[Path]]:
+    adapters: list[Path] = []
+    while True:
+        p = Path(os.path.expanduser(current))
+        if not is_adapter_folder(p):
+            break
+        p = p.resolve()
+        if p in adapters or p in seen:
+            raise LLMTuneError(f"{p}/{ADAPTER_CONFIG}: base_model_name_or_path chain loops back to {p}")
+        adapters.append(p)
+        cfg = _read_json(p / ADAPTER_CONFIG)
+        base = cfg.get("base_model_name_or_path")
+        if not base:
+            raise LLMTuneError(f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; pass the base model as "
+                               f"model_name_or_path and this folder as adapter_name_or_path")
+        base = os.path.expanduser(str(base))
+        if not os.path.isabs(base):
+            if (p / base).exists():
+                base = str((p / base).resolve())
+            elif Path(base).exists():
+                base = str(Path(base).resolve())
+        parents = _recorded_parents(p, cfg)
+        if parents:
+            # an llmtune run on top of earlier adapters records them (root first) and the root base: expand
+            # each parent's own record too, so the whole chain is applied in training order
+            chain: list[Path] = []
+            for parent in parents:
+                _, sub = _resolve(parent, seen + tuple(adapters))
+                chain.extend(a for a in sub if a not in chain)
+            adapters = chain + [a for a in reversed(adapters) if a not in chain]
+            adapters.reverse()
+        current = base
+    adapters.reverse()
+    p = Path(os.path.expanduser(current))
+    return (str(p.resolve()) if p.exists() else current), adapters
+
+
+def _split(value: Union[None, str, Sequence[Any]]) -> list[str]:
+    if not value:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [a.strip() for a in str(value).split(",") if a.strip()]
+
+
+def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None, str, Sequence[Any]] = None,
+                  ) -> AdapterChain:
+    """The one rule deciding which adapters apply to which base, for every command.
+
+    * ``model_name_or_path`` may be a LoRA output folder: its recorded root base is the base and its chain
+      goes first (one notice).
+    * ``adapter_name_or_path`` (a comma list or a list) is applied in the given order, each folder as is;
+    * except that the first adapter, given on a plain base, whose own recorded chain roots at that base (same
+      path or same weights, :func:`same_base`) brings its whole chain (the seed's chat and export give only
+      the last adapter of pt -> sft -> dpo), with a notice naming the adapters added;
+    * an adapter recorded against another base gets a notice (it is applied; its tensor shapes are checked
+      when it is loaded).
+
+    Returns:
+        the :class:`AdapterChain` (absolute adapter folders).
+
+    Raises:
+        LLMTuneError: an adapter path that does not exist or has no ``adapter_config.json``; the errors of
+            :func:`resolve_model_chain`.
+    """
+    base, chain = resolve_model_chain(model_name_or_path)
+    if chain:
+        notice(f"model_name_or_path {model_name_or_path} is a LoRA output folder: using its base {base} with "
+               f"{len(chain)} adapter(s) merged")
+    for item in _split(adapter_name_or_path):
+        local = resolve_path(item, revision=None, what="adapter_name_or_path")
+        if not (local / ADAPTER_CONFIG).is_file():
+            raise LLMTuneError(f"adapter_name_or_path: {item!r} has no {ADAPTER_CONFIG} (in {local}); give the "
+                               "output folder of a LoRA training run (or leave adapter_name_or_path unset)")
+        root, sub = resolve_model_chain(local)
+        if len(sub) > 1 and not chain and same_base(root, base):
+            notice(f"adapter {item} was trained on top of {len(sub) - 1} other adapter(s) on this base "
+                   f"({', '.join(p.name for p in sub[:-1])}); applying the whole recorded chain")
+            chain.extend(sub)
+            continue
+        recorded = _read_json(local / ADAPTER_CONFIG).get("base_model_name_or_path")
+        if (recorded and not same_base(recorded, base) and not (chain and _same_path(recorded, chain[-1]))
+                and not (len(sub) > 1 and same_base(root, base))):
+            if is_adapter_folder(os.path.expanduser(str(recorded))):
+                notice(f"adapter {item} was trained on top of adapter {recorded}, whose chain does not root at "
+                       f"{base}; applying {item} alone")
+            else:
+                notice(f"adapter {item} was trained on base {recorded}, not {base}; applying it because its "
+                       "tensor shapes fit")
+        chain.append(local.resolve())
+    return AdapterChain(base, tuple(chain))
+
+
+# -- same base -------------------------------------------------------------------------------------
+
+_FINGERPRINTS: dict[tuple, str] = {}
+_GGUF_HEAD = 16 * 2**20
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    pa, pb = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return str(a).rstrip("/") == str(b).rstrip("/")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_model"))
+
+
+def base_fingerprint(path: PathLike) -> Optional[str]:
+    """A SHA-256 hex digest of a local base model's weights (None when ``path`` is not a local model).
+
+    A folder: the names and bytes of its ``*.safetensors`` weight files; a ``.gguf`` file: its size and first
+    16 MiB (header, metadata and the first tensors). Cached per process by path, size and mtime.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        return None
+    files = _weight_files(p.resolve())
+    if not files:
+        return None
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name if p.is_dir() else ''}:{size}\n".encode())
+            with open(f, "rb") as fh:
+                left = min(size, _GGUF_HEAD) if f.suffix == ".gguf" else size
+                while left > 0:
+                    block = fh.read(min(left, 2**22))
+                    if not block:
+                        break
+                    h.update(block)
+                    left -= len(block)
+        _FINGERPRINTS[key] = h.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+def same_base(a: Any, b: Any) -> bool:
+    """True when ``a`` and ``b`` name the same base model: the same path (or Hub id), or local models whose
+    weight files have the same size and bytes (:func:`base_fingerprint`)."""
+    if a is None or b is None:
+        return False
+    if _same_path(a, b):
+        return True
+    pa, pb = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
+    if not (pa.exists() and pb.exists()) or pa.is_file() != pb.is_file():
+        return False
+    sizes = [sorted(f.stat().st_size for f in _weight_files(p.resolve())) for p in (pa, pb)]
+    if sizes[0] != sizes[1] or not sizes[0]:
+        return False
+    return base_fingerprint(pa) == base_fingerprint(pb)
+
+
+# -- applying chains -------------------------------------------------------------------------------
+
+def apply_chain(model: torch.nn.Module, adapters: Sequence[PathLike], prefix: str = "chain") -> torch.nn.Module:
+    """Load and merge each adapter folder of ``adapters`` into ``model``, in order (:mod:`llmtune.peft`).
+
+    Returns ``model`` with plain ``nn.Linear`` layers again (the merged weights).
+
+    Raises:
+        LLMTuneError: from :func:`llmtune.peft.load_adapter` (missing files, shapes that do not fit).
+    """
+    for i, folder in enumerate(adapters):
+        peft.load_adapter(model, str(folder), adapter_name=f"{prefix}{i}", is_trainable=False)
+        peft.merge_adapters(model)
+    return model
+
+
+def load_model(name_or_path: PathLike, dtype: Union[str, torch.dtype] = "auto", device: Union[str, torch.device] = "cpu",
+               revision: Optional[str] = None, adapter_name_or_path: Union[None, str, Sequence[Any]] = None,
+               quantization_bit: Optional[int] = None, quantization_type: str = "nf4",
+               double_quantization: bool = True) -> torch.nn.Module:
+    """Load a model with its adapter chain merged: what ``llmtune.load_model`` and every command use.
+
+    Args:
+        name_or_path: a model folder, Hub id, ``.gguf`` file, or an llmtune/PEFT LoRA output folder (its
+            base is loaded and its recorded chain merged).
+        adapter_name_or_path: adapter folder(s) to merge after it (comma list or list; see
+            :func:`resolve_chain` for the whole-chain rule).
+        dtype, device, revision, quantization_bit, quantization_type, double_quantization: as
+            :func:`llmtune.models.loader.load_model`. With adapters and ``quantization_bit``, the adapters
+            are merged in the compute dtype first, then the merged weights quantized (merging into 4-bit
+            weights would lose the adapter).
+
+    Returns:
+        the model in eval mode; ``model.name_or_path`` the resolved base, ``model.adapter_chain`` the
+        :class:`AdapterChain` that was applied.
+
+    Raises:
+        LLMTuneError: everything :func:`resolve_chain`, the loader and :func:`apply_chain` raise.
+    """
+    loader.check_quantization(quantization_bit, quantization_type)
+    chain = resolve_chain(name_or_path, adapter_name_or_path)
+    base_path = resolve_path(chain.base, revision)
+    if is_adapter_folder(base_path):  # a Hub adapter repo: follow its own record too
+        base2, chain2 = resolve_model_chain(base_path)
+        chain = AdapterChain(base2, tuple(chain2) + chain.adapters)
+        base_path = resolve_path(base2, revision)
+    if chain.adapters and quantization_bit:
+        model = loader.load_model(base_path, dtype=dtype, device=device, revision=revision)
+        apply_chain(model, chain.adapters)
+        loader.quantize_model(model, loader.parse_dtype(dtype, model.config.torch_dtype), quantization_type,
+                              double_quantization)
+    else:
+        model = loader.load_model(base_path, dtype=dtype, device=device, revision=revision,
+                                  quantization_bit=quantization_bit, quantization_type=quantization_type,
+                                  double_quantization=double_quantization)
+        apply_chain(model, chain.adapters)
+    model.eval()
+    model.adapter_chain = chain
+    return model
+
+
+# -- writing records -------------------------------------------------------------------------------
+
+def save_metadata(out: Path, cfg: Any, tokenizer: Any, template: Any, base: str, parents: Sequence[str]) -> None:
+    """Write a run's record into ``out``: ``training_args.yaml`` (``cfg.to_dict()`` with the template used),
+    ``llmtune.json`` (stage, finetuning type, template, ``base_model_name_or_path``, ``parent_adapters``),
+    the tokenizer files and ``generation_config.json`` (its ``eos_token_id`` lists the tokenizer's eos ids
+    and the template's end-of-turn ids; sampling keys from ``cfg``)."""
+    import yaml
+
+    from llmtune import __version__
+
+    args = cfg.to_dict()
+    args["template"] = template.name
+    (out / TRAINING_ARGS).write_text(yaml.safe_dump(args, sort_keys=False, allow_unicode=True))
+    meta = {"llmtune_version": __version__, "stage": cfg.stage, "finetuning_type": cfg.finetuning_type,
+            "template": template.name, "base_model_name_or_path": base, "parent_adapters": list(parents)}
+    write_json(out / RUN_RECORD, meta)
+    tokenizer.save_pretrained(str(out))
+    eos = list(dict.fromkeys(list(getattr(tokenizer, "eos_token_ids", None) or
+                                  ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
+                             + list(template.stop_token_ids or [])))
+    gen = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos,
+           "pad_token_id": tokenizer.pad_token_id, "do_sample": bool(cfg.do_sample),
+           "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+           "max_new_tokens": cfg.max_new_tokens, "repetition_penalty": cfg.repetition_penalty}
+    write_json(out / "generation_config.json", gen)
+
+
+__all__ = ["AdapterChain", "is_adapter_folder", "read_run_record", "read_training_args", "recorded_template",
+           "resolve_model_chain", "resolve_chain", "base_fingerprint", "same_base", "apply_chain", "load_model",
+           "save_metadata"]

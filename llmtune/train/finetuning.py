@@ -1,0 +1,49 @@
+"""Which parameters a run trains: ``finetuning_type`` lora, freeze or full (LLaMA-Factory's keys)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmtune import peft
+from llmtune.errors import LLMTuneError, notice
+
+
+def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
+    """Choose the trainable parameters: ``lora`` (``llmtune.peft.apply_lora`` with the ``lora_*`` keys),
+    ``freeze`` (``apply_freeze``) or ``full`` (everything, in float32). Trainable parameters end in float32
+    whatever the base dtype. Keys that do not apply to the chosen type get one notice.
+
+    Raises:
+        LLMTuneError: ``full`` on a 4-bit quantized model; the errors of ``apply_lora``/``apply_freeze``.
+    """
+    if cfg.stage not in ("rm", "ppo") and getattr(cfg, "value_head_lr", None) is not None:
+        notice(f"value_head_lr only applies to stages rm and ppo (the value head's learning rate); stage is "
+               f"{cfg.stage}, so it is ignored")
+    if cfg.finetuning_type != "lora":
+        lora_keys = [k for k in ("lora_target", "lora_rank", "lora_alpha", "use_dora", "use_rslora")
+                     if hasattr(cfg, "is_set") and cfg.is_set(k)]
+        if lora_keys:
+            one = len(lora_keys) == 1
+            notice(f"{', '.join(lora_keys)} only appl{'ies' if one else 'y'} to finetuning_type lora; "
+                   f"finetuning_type is {cfg.finetuning_type}, so {'it is' if one else 'they are'} ignored")
+    if cfg.finetuning_type == "lora":
+        peft.apply_lora(model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        lora_target=cfg.lora_target, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+                        additional_target=cfg.additional_target)
+    elif cfg.finetuning_type == "freeze":
+        peft.apply_freeze(model, freeze_trainable_layers=cfg.freeze_trainable_layers,
+                          freeze_trainable_modules=cfg.freeze_trainable_modules,
+                          freeze_extra_modules=getattr(cfg, "freeze_extra_modules", None))
+    else:
+        if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+            raise LLMTuneError("finetuning_type: full cannot train 4-bit quantized weights; use finetuning_type: "
+                               "lora (QLoRA) or remove quantization_bit")
+        for p in model.parameters():
+            p.requires_grad_(True)
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+    for p in model.parameters():  # trainable parameters in float32 whatever the base dtype
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()

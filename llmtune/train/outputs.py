@@ -1,0 +1,149 @@
+"""A training run's output folder: the rules for reusing one, and what the run writes into it.
+
+:func:`prepare_output_dir` applies the output-folder rules before anything is loaded; :func:`save_model` writes
+the trained adapter (PEFT format), the full model (``model.safetensors`` + ``config.json`` with Hugging Face
+names) or a reward model's value head; :func:`write_predictions` writes ``generated_predictions.jsonl``. The
+run's record (``training_args.yaml``, ``llmtune.json``, tokenizer, ``generation_config.json``) is
+:func:`llmtune.runs.save_metadata`'s.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from llmtune.constants import IGNORE_INDEX
+from llmtune.errors import LLMTuneError, notice
+from llmtune.fileio import save_tensors
+from llmtune.generation import chat_stop_ids, generate
+from llmtune.models.value_head import save_value_head
+from llmtune.peft import save_adapter
+from llmtune.train import checkpoint as ckpt
+from llmtune.train.distributed import is_main
+from llmtune.train.logging import LOG_FILE
+
+#: file names (glob patterns) a training run writes into ``output_dir``; ``overwrite_output_dir`` removes these
+RUN_OUTPUTS = (LOG_FILE, "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
+               "model-*-of-*.safetensors", "model.safetensors.index.json", "value_head.safetensors", "config.json",
+               "generation_config.json", "train_results.json", "eval_results.json", "all_results.json",
+               "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "training_*.png",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+
+def prepare_output_dir(cfg: Any) -> Path:
+    """Apply the output-folder rules and return the folder (created).
+
+    A non-empty ``output_dir`` (e.g. holding an earlier run) is an error unless ``overwrite_output_dir``
+    (then the files and ``checkpoint-*`` folders a run writes, :data:`RUN_OUTPUTS`, are removed first, so a
+    LoRA run over a full run leaves no stale ``model.safetensors``; other files are kept) or
+    ``resume_from_checkpoint`` is set. Nothing is touched when it raises.
+
+    Raises:
+        LLMTuneError: ``output_dir`` is a file, is a folder the run reads (``model_name_or_path``,
+            ``adapter_name_or_path``, ``ref_model``, ``reward_model`` and their adapters), or holds a previous run.
+    """
+    out = Path(str(cfg.output_dir)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LLMTuneError(f"output_dir: {out} is a file; give a folder path")
+    if out.exists():
+        for key in ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters", "reward_model",
+                    "reward_model_adapters"):
+            for item in str(getattr(cfg, key, None) or "").split(","):
+                src = Path(item.strip()).expanduser() if item.strip() else None
+                if src is not None and src.exists() and src.resolve() == out.resolve():
+                    raise LLMTuneError(f"output_dir: {out} is the {key} folder, which this run reads; write to a "
+                                       "new folder")
+    resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint not in (
+        None, False) else None
+    if out.is_dir() and any(out.iterdir()) and resume is None:
+        if not cfg.overwrite_output_dir:
+            found = sorted(p.name for p in out.iterdir())[:4]
+            raise LLMTuneError(
+                f"output_dir: {out} is not empty (holds {', '.join(found)}...), probably a previous run; choose a "
+                "new output_dir, set overwrite_output_dir: true to replace it, or resume_from_checkpoint: true to "
+                "continue it")
+        if is_main():
+            notice(f"overwrite_output_dir: replacing the previous run in {out}")
+            for p in out.iterdir():
+                if p.is_dir() and (ckpt.CHECKPOINT_RE.match(p.name) or p.name.startswith("tmp-checkpoint-")):
+                    shutil.rmtree(p)
+                elif p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_OUTPUTS):
+                    p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+
+def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: Optional[list[str]] = None,
+               state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write the trained adapter (PEFT format) or the full model (safetensors + config.json) to ``out``;
+    a reward model's value head goes to ``value_head.safetensors`` (alone when it was trained alone).
+
+    ``base``: the root base, written as the adapter's ``base_model_name_or_path``. ``parents`` (the adapters
+    merged before this run) are not written here: :func:`llmtune.runs.save_metadata` records them in
+    ``llmtune.json``, outside PEFT's ``adapter_config.json``. ``state_dict``: the gathered full weights of an
+    FSDP2-sharded model (else ``model.state_dict()``)."""
+    if getattr(model, "v_head", None) is not None:
+        save_value_head(model, out)
+        if getattr(model, "value_head_only", False):
+            return
+    if cfg.finetuning_type == "lora":
+        save_adapter(model, out, base_model_name_or_path=base)
+        return
+    dtype = torch.bfloat16 if (cfg.bf16 or cfg.fp16) else torch.float32
+    tensors, seen = {}, {}
+    for name, t in (state_dict if state_dict is not None else model.state_dict(keep_vars=False)).items():
+        if id(t) in seen or (name == "lm_head.weight" and model.config.tie_word_embeddings) or name.startswith("v_head."):
+            continue
+        seen[id(t)] = name
+        tensors[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+    save_tensors(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf = model.config.to_hf_dict()
+    hf["torch_dtype"] = str(dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+
+
+
+@torch.no_grad()
+def write_predictions(model: torch.nn.Module, tokenizer: Any, template: Any, rows: Any, path: Path, cfg: Any,
+                      batch_size: Optional[int] = None) -> int:
+    """Generate a reply to each row's prompt and write ``{"prompt", "predict", "label"}`` JSON lines.
+
+    The prompt is the row's tokens before its first label token; the label is the decoded label tokens.
+    Generation uses ``llmtune.generation.generate`` with the config's sampling keys and the template's
+    stop ids. Returns the number of rows written.
+    """
+    stop = chat_stop_ids(tokenizer, template)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bs = batch_size or cfg.per_device_eval_batch_size
+    model.eval()
+    device = next(model.parameters()).device
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(0, len(rows), bs):
+            prompts, labels = [], []
+            for row in (rows[j] for j in range(i, min(i + bs, len(rows)))):
+                lab = list(row["labels"])
+                first = next((k for k, v in enumerate(lab) if v != IGNORE_INDEX), len(lab))
+                prompts.append(list(row["input_ids"][:first]))
+                labels.append([v for v in lab if v != IGNORE_INDEX])
+            t = max(len(p) for p in prompts)
+            ids = torch.tensor([[pad] * (t - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (t - len(p)) + [1] * len(p) for p in prompts], device=device)
+            tokens, lengths = generate(model, ids, mask, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                       repetition_penalty=cfg.repetition_penalty, eos_token_ids=stop,
+                                       pad_token_id=pad, return_lengths=True)
+            for p, lab, tok, ln in zip(prompts, labels, tokens.tolist(), lengths.tolist()):
+                rec = {"prompt": tokenizer.decode(p, skip_special_tokens=False),
+                       "predict": tokenizer.decode(tok[:ln], skip_special_tokens=True),
+                       "label": tokenizer.decode(lab, skip_special_tokens=True)}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+    return n

@@ -1,0 +1,70 @@
+"""Devices and dtypes of a training run: where it runs, the dtype the base is loaded in, the autocast dtype.
+
+Sources: mixed precision with ``torch.autocast`` and ``GradScaler`` (Micikevicius et al., 2018); oneDNN's
+bfloat16 support query for the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from llmtune.errors import LLMTuneError, notice
+
+
+def train_device(config: Any) -> str:
+    """The device of a run: ``config.device`` when set, else ``cuda`` when available, else ``cpu``."""
+    if getattr(config, "device", None):
+        return str(config.device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bfloat16 matrix products natively (oneDNN AVX512-BF16/AMX or AVX512 core)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover - builds without oneDNN
+        return False
+
+
+def load_dtype(config: Any, device_type: str) -> torch.dtype:
+    """The dtype to load the base model in.
+
+    Full fine-tuning: float32 (the trained weights are float32; bf16/fp16 then mean autocast). LoRA/freeze:
+    bfloat16 for ``bf16`` (and for ``fp16`` on a CPU that supports bfloat16), float16 for ``fp16`` on CUDA,
+    else float32; the trainable parameters are upcast to float32 by ``apply_lora``/``apply_freeze``.
+    """
+    if config.finetuning_type == "full":
+        return torch.float32
+    if config.bf16:
+        return torch.bfloat16
+    if config.fp16:
+        if device_type == "cpu":
+            return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        return torch.float16
+    return torch.float32
+
+
+def resolve_precision(bf16: bool, fp16: bool, device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype for the ``bf16``/``fp16`` flags on ``device_type`` (None = float32, no autocast).
+
+    ``fp16`` on a CPU: float16 arithmetic there is about 18x slower than float32, so bfloat16 autocast is
+    used where the CPU supports it (else float32), with one notice. Raises :class:`LLMTuneError` when
+    both flags are set.
+    """
+    if bf16 and fp16:
+        raise LLMTuneError("bf16 and fp16 are both true; set only one of them")
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        if device_type == "cpu":
+            if cpu_supports_bf16():
+                notice("fp16 on a CPU: float16 arithmetic is ~18x slower than float32 there; training with "
+                       "bfloat16 autocast instead (set bf16: true to silence this)")
+                return torch.bfloat16
+            notice("fp16 on a CPU: float16 arithmetic is ~18x slower than float32 there and this CPU lacks "
+                   "bfloat16 support; training in float32 instead (remove fp16 to silence this)")
+            return None
+        return torch.float16
+    return None

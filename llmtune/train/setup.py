@@ -1,0 +1,201 @@
+"""``llmtune train``: one setup path for every stage, read top to bottom in :func:`run_train`.
+
+config -> output folder -> model (base + adapter chain, 4-bit, then the trainable parameters) ->
+tokenizer/template -> data -> stage -> :class:`~llmtune.train.trainer.Trainer` -> outputs. Each step is one
+small function below, in that order. An online stage (ppo) runs its own loop: the stage table hands it the
+config (:data:`llmtune.train.stages.STAGES`).
+
+What the output folder holds (DESIGN.md "Outputs describe themselves"):
+
+* the adapter (``adapter_model.safetensors`` + ``adapter_config.json`` in PEFT's format, with
+  ``base_model_name_or_path`` the absolute path of the root base actually loaded), or the full model
+  (``model.safetensors`` + ``config.json`` with Hugging Face names) (:func:`llmtune.train.outputs.save_model`);
+* ``training_args.yaml`` (the full config, with the template actually used), ``llmtune.json`` (template,
+  stage, finetuning type, base, and the adapter chain that was merged under this run), the tokenizer files,
+  ``generation_config.json`` (:func:`llmtune.runs.save_metadata`);
+* ``trainer_log.jsonl``, ``training_loss.png`` (``plot_loss``), ``train_results.json``,
+  ``eval_results.json``, ``all_results.json`` as LLaMA-Factory writes them, and
+  ``generated_predictions.jsonl`` for ``do_predict`` + ``predict_with_generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+from llmtune import runs
+from llmtune.config import parse_config
+from llmtune.data import get_dataset
+from llmtune.data.collator import get_collator
+from llmtune.data.templates import get_template
+from llmtune.errors import notice
+from llmtune.fileio import write_json
+from llmtune.peft.targets import select_lora_targets
+from llmtune.tokenizer import load_tokenizer
+from llmtune.train.distributed import barrier, distributed_session, gather_full_state_dict, is_main, unwrap
+from llmtune.train.finetuning import apply_finetuning_type
+from llmtune.train.outputs import prepare_output_dir, save_model, write_predictions
+from llmtune.train.plotting import plot_loss
+from llmtune.train.precision import load_dtype, train_device
+from llmtune.train.seed import set_seed
+from llmtune.train.stages import Stage, stage_info
+from llmtune.train.stages.pref import reference_extra
+from llmtune.train.stages.rm import prepare_reward_model, value_head_only
+from llmtune.train.trainer import Trainer
+
+
+def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
+    """Run one ``llmtune train`` job and return its results (LLaMA-Factory's ``all_results.json`` dict).
+
+    Args:
+        config: an ``llmtune.config.TrainConfig``, a dict of LLaMA-Factory keys, or a YAML path.
+
+    Raises:
+        LLMTuneError: any configuration or data mistake (one message naming the key/file/flag).
+        KeyboardInterrupt: Ctrl-C, after saving ``checkpoint-<step>`` in ``output_dir``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` set) the process group lives for the call
+    (``llmtune.train.distributed.distributed_session``): every rank trains its data shard, rank 0 writes.
+    """
+    cfg = parse_config(config, command="train")                          # 1. the config, validated
+    with _no_empty_output_dir_left(cfg), distributed_session(cfg):
+        stage = stage_info(cfg.stage)
+        if stage.online:                                                  # ppo: rollouts in its own loop
+            return stage.run(cfg)
+        out = prepare_output_dir(cfg)                                     # 2. the output folder
+        barrier()  # every rank has checked output_dir before rank 0 writes into it
+        set_seed(cfg.seed)
+        model = load_base_model(cfg)                                      # 3. base + adapter chain (+ 4-bit)
+        head_only = check_trainable_targets(model, cfg)                   #    (a bad lora_target fails here)
+        tokenizer, template = load_tokenizer_and_template(cfg, model.adapter_chain)   # 4. tokenizer, template
+        train_rows, eval_rows = load_data(cfg, tokenizer, template)       # 5. data
+        set_seed(cfg.seed)  # LoRA init depends on the seed only
+        extra = prepare_stage(model, cfg, head_only)                      # 6. trainable params, head, reference
+        trainer = build_trainer(model, cfg, stage, tokenizer, train_rows, eval_rows, extra)   # 7. the loop
+        return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
+
+
+@contextlib.contextmanager
+def _no_empty_output_dir_left(cfg: Any) -> Iterator[None]:
+    """A run that fails before writing anything leaves no empty ``output_dir`` behind (a later run may use it)."""
+    out = Path(str(cfg.output_dir)).expanduser() if cfg.output_dir else None
+    existed = out is not None and out.exists()
+    try:
+        yield
+    except BaseException:
+        if out is not None and not existed and out.is_dir() and not any(out.iterdir()):
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def load_base_model(cfg: Any) -> torch.nn.Module:
+    """Step 3: the base model with its adapter chain merged (a LoRA output folder as ``model_name_or_path``
+    loads its base and merges the chain; ``adapter_name_or_path`` adds adapters), in the dtype the
+    fine-tuning type needs (:func:`llmtune.train.precision.load_dtype`), 4-bit when ``quantization_bit``.
+    ``model.adapter_chain`` is the chain applied: the one the outputs record."""
+    device = train_device(cfg)
+    return runs.load_model(cfg.model_name_or_path, dtype=load_dtype(cfg, device.split(":")[0]), device=device,
+                           adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
+                           quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)
+
+
+def check_trainable_targets(model: torch.nn.Module, cfg: Any) -> bool:
+    """Check ``lora_target`` against the model before the data is read; returns True when stage rm trains the
+    value head alone (the seed's ``--lora_target value``).
+
+    Raises:
+        LLMTuneError: a ``lora_target`` naming no module of the model.
+    """
+    head_only = value_head_only(model, cfg)
+    if cfg.finetuning_type == "lora" and not head_only:
+        select_lora_targets(model, cfg.lora_target)
+    return head_only
+
+
+def load_tokenizer_and_template(cfg: Any, chain: runs.AdapterChain) -> tuple[Any, Any]:
+    """Step 4: the tokenizer of ``model_name_or_path`` and the template: ``template``, else the one recorded
+    by the last run of the chain (chained stages), else the model's own ``chat_template``."""
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    name = cfg.template or runs.recorded_template(cfg.model_name_or_path, *reversed(chain.parents))
+    return tokenizer, get_template(name, tokenizer)
+
+
+def load_data(cfg: Any, tokenizer: Any, template: Any) -> tuple[Sequence[dict], Optional[Sequence[dict]]]:
+    """Step 5: ``(train_rows, eval_rows)`` of the stage (``llmtune.data.get_dataset``), with a notice when
+    evaluation rows are set aside but nothing evaluates them."""
+    splits = get_dataset(cfg, tokenizer, template, cfg.stage)
+    if splits.eval and cfg.do_train and not cfg.do_eval and cfg.eval_strategy == "no":
+        notice(f"{len(splits.eval)} evaluation rows (val_size / eval_dataset) are set aside but nothing evaluates "
+               "them; set do_eval: true (after training) or eval_strategy: steps/epoch (during training)")
+    return splits.train, splits.eval
+
+
+def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool) -> dict:
+    """Step 6: choose the trainable parameters (``finetuning_type``), add the reward model's value head
+    (stage rm) and set up the reference policy (dpo/kto without LoRA: a frozen copy or ``ref_model``).
+    Returns the stage context's ``extra`` dict."""
+    if not head_only:
+        apply_finetuning_type(model, cfg)
+    if cfg.stage == "rm":
+        prepare_reward_model(model, cfg, head_only)  # model.v_head, trainable
+    return reference_extra(model, cfg, train_device(cfg))
+
+
+def build_trainer(model: torch.nn.Module, cfg: Any, stage: Stage, tokenizer: Any, train_rows: Sequence[dict],
+                  eval_rows: Optional[Sequence[dict]], extra: dict) -> Trainer:
+    """Step 7: the :class:`Trainer` with the stage's loss and collator (an evaluation-only run evaluates its
+    eval rows, else the training rows)."""
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    rows = train_rows if cfg.do_train else (eval_rows or train_rows)
+    return Trainer(model, cfg, rows, eval_rows, collator=get_collator(stage.collator, pad), tokenizer=tokenizer,
+                   ctx_extra=extra)
+
+
+def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, template: Any,
+                        eval_rows: Optional[Sequence[dict]], train_rows: Sequence[dict]) -> dict[str, Any]:
+    """Step 8: train (``do_train``), save the model and the run's record, evaluate (``do_eval``), write
+    predictions (``do_predict``), ``all_results.json`` and the loss plots. Rank 0 alone writes."""
+    model = unwrap(trainer.model)  # the user's model (DDP wraps it)
+    chain = model.adapter_chain
+    results: dict[str, Any] = {}
+    if cfg.do_train:
+        train_results = trainer.train()
+        results.update(train_results)
+        full_state = gather_full_state_dict(model)  # FSDP2: a collective on every rank; None otherwise
+        if is_main():
+            save_model(model, out, cfg, chain.base, chain.parents, state_dict=full_state)
+            write_json(out / "train_results.json", train_results)
+    if is_main():
+        runs.save_metadata(out, cfg, tokenizer, template, chain.base, chain.parents)
+    if cfg.do_eval:
+        if trainer.eval_dataset is None:
+            notice("do_eval: there is no evaluation data (set val_size or eval_dataset); skipping evaluation")
+        else:
+            ev = trainer.evaluate()
+            ev["perplexity"] = math.exp(min(ev["eval_loss"], 700.0)) if cfg.stage in ("pt", "sft") else None
+            ev = {k: v for k, v in ev.items() if v is not None}
+            results.update(ev)
+            if is_main():
+                write_json(out / "eval_results.json", ev)
+    if cfg.do_predict:
+        rows = eval_rows if eval_rows else (None if cfg.do_train else train_rows)
+        if not cfg.predict_with_generate:
+            notice("do_predict without predict_with_generate: nothing to predict; set predict_with_generate: true")
+        elif rows is None:
+            notice("do_predict: there is no evaluation data (set val_size or eval_dataset); skipping predictions")
+        elif cfg.stage not in ("pt", "sft"):
+            notice(f"do_predict: predictions are written for stage sft only, not {cfg.stage}; skipping")
+        elif is_main():
+            write_predictions(model, tokenizer, template, rows, out / "generated_predictions.jsonl", cfg)
+    if is_main():
+        write_json(out / "all_results.json", results)
+        if cfg.plot_loss:
+            plot_loss(out)
+    return results
