@@ -6,14 +6,11 @@ and include sizes that are not multiples of the tile or quantization block sizes
 each call (no fixed seed beyond the autouse one, which differs per parametrisation via the shape).
 """
 
+import importlib
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined (llmtune.kernels imports triton lazily)
-
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -21,23 +18,33 @@ from llmtune.kernels import nf4 as K  # noqa: E402
 from llmtune.quant.nf4 import quantize_4bit  # noqa: E402
 
 
+def _set_env(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _force_triton():
-    old = os.environ.get("LLMTUNE_FORCE_TRITON")
+    """Run the Triton kernels on CPU tensors under Triton's interpreter for this module, then restore the
+    environment (conftest sets TRITON_INTERPRET=1 on machines without a GPU; on a GPU machine it is set here
+    and the kernels re-defined for the interpreter, then re-defined again for the GPU afterwards)."""
+    old = {k: os.environ.get(k) for k in ("LLMTUNE_FORCE_TRITON", "TRITON_INTERPRET")}
     os.environ["LLMTUNE_FORCE_TRITON"] = "1"
+    os.environ["TRITON_INTERPRET"] = "1"
     from llmtune.kernels import _nf4_triton
 
-    # If another test imported the Triton module before TRITON_INTERPRET was set, its kernels were compiled
-    # for a GPU: re-define them for the interpreter.
+    # Kernels defined while TRITON_INTERPRET was unset were compiled for a GPU: re-define them.
     from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(_nf4_triton._dequant_kernel, InterpretedFunction):
         importlib.reload(_nf4_triton)
     yield
-    if old is None:
-        os.environ.pop("LLMTUNE_FORCE_TRITON", None)
-    else:
-        os.environ["LLMTUNE_FORCE_TRITON"] = old
+    for name, value in old.items():
+        _set_env(name, value)
+    if old["TRITON_INTERPRET"] != "1":
+        importlib.reload(_nf4_triton)
 
 
 def _weight(n, k, quant_type="nf4", double_quant=True):
@@ -107,11 +114,19 @@ def test_grad_input_kernel(m, n, k, dtype):
     _close(K.matmul_4bit_grad_input_ref(g, packed, absmax, code, k, 64), want, dtype)
 
 
-def test_dispatch_picks_kernel_by_m():
+def test_dispatch_picks_kernel_by_m(monkeypatch):
+    from llmtune.kernels import _nf4_triton
+
+    ran = []
+    for name in ("matmul_4bit_small_m_triton", "matmul_4bit_tiled_triton"):
+        real = getattr(_nf4_triton, name)
+        monkeypatch.setattr(_nf4_triton, name, lambda *a, _real=real, _name=name, **k: ran.append(_name) or _real(*a, **k))
     packed, absmax, code, w64 = _weight(40, 64)
-    for m in (K.SMALL_M, K.SMALL_M + 1):
+    for m, kernel in ((K.SMALL_M, "matmul_4bit_small_m_triton"), (K.SMALL_M + 1, "matmul_4bit_tiled_triton")):
+        ran.clear()
         x = torch.randn(m, 64)
         _close(K.matmul_4bit(x, packed, absmax, code, 40, 64), x.double() @ w64.t(), torch.float32)
+        assert ran == [kernel], (m, ran)
 
 
 def test_linear4bit_through_kernels_forward_backward():

@@ -341,9 +341,13 @@ def test_upcast_bf16_base():
     out = model(IDS)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(logits(model, IDS), ref, atol=2e-2, rtol=0)  # lm_head copy runs in f32
-    model.lm_head(out).float().logsumexp(-1).sum().backward()
-    assert q.lora_A["default"].weight.grad is None or q.lora_A["default"].weight.grad.dtype == torch.float32
-    assert q.lora_B["default"].weight.grad is not None
+    with torch.no_grad():  # B starts at zero, which would make A's gradient zero: give B values first
+        q.lora_B["default"].weight.normal_(0, 0.1)
+    model.lm_head(model(IDS)).float().logsumexp(-1).sum().backward()
+    for w in (q.lora_A["default"].weight, q.lora_B["default"].weight,
+              model.lm_head.modules_to_save["default"].weight):
+        assert w.grad is not None and w.grad.dtype == torch.float32
+        assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
     apply_lora(m2 := tiny_model().to(torch.bfloat16), lora_rank=4, upcast=False)
     assert m2.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
 
