@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from llmtune import peft
+from llmtune import __version__, peft
 from llmtune.errors import LLMTuneError, notice
 from llmtune.fileio import write_json
 from llmtune.models import loader
@@ -385,8 +385,6 @@ def save_metadata(out: Path, cfg: Any, tokenizer: Any, template: Any, base: str,
     the tokenizer files and ``generation_config.json`` (its ``eos_token_id`` lists the tokenizer's eos ids
     and the template's end-of-turn ids; sampling keys from ``cfg``)."""
     import yaml
-
-    from llmtune import __version__
 
     args = cfg.to_dict()
     args["template"] = template.name

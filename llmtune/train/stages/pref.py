@@ -42,6 +42,7 @@ from llmtune.constants import IGNORE_INDEX
 from llmtune.errors import LLMTuneError, nearest, notice
 from llmtune.losses import DPO_LOSS_TYPES, dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from llmtune.peft import disable_adapters, lora_layers
+from llmtune.runs import load_model
 from llmtune.train.stages.base import StageContext
 
 #: every ``pref_loss`` value stage dpo accepts
@@ -110,8 +111,6 @@ def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] =
         return {}
     ref_path = _opt(config, "ref_model", None)
     if ref_path:
-        from llmtune.runs import load_model
-
         frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
         dtype = frozen[0] if frozen else torch.float32   # the base's dtype (LoRA/freeze), float32 for full
         ref = load_model(ref_path, dtype=dtype, device=device or str(next(model.parameters()).device),
