@@ -35,7 +35,6 @@ RUN_OUTPUTS = (LOG_FILE, "adapter_config.json", "adapter_model.safetensors", "mo
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-
 def prepare_output_dir(cfg: Any) -> Path:
     """Apply the output-folder rules and return the folder (created).
 
@@ -79,15 +78,14 @@ def prepare_output_dir(cfg: Any) -> Path:
     return out
 
 
-
 def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: Optional[list[str]] = None,
                state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write the trained adapter (PEFT format) or the full model (safetensors + config.json) to ``out``;
     a reward model's value head goes to ``value_head.safetensors`` (alone when it was trained alone).
 
-    ``base``: the root base, written as the adapter's ``base_model_name_or_path``. ``parents`` (the adapters
-    merged before this run) are not written here: :func:`llmtune.runs.save_metadata` records them in
-    ``llmtune.json``, outside PEFT's ``adapter_config.json``. ``state_dict``: the gathered full weights of an
+    ``base``: the root base, written as the adapter's ``base_model_name_or_path``. ``parents`` is accepted for
+    callers that pass the whole chain but not written here: :func:`llmtune.runs.save_metadata` records the
+    parent adapters in ``llmtune.json``, outside PEFT's ``adapter_config.json``. ``state_dict``: the gathered full weights of an
     FSDP2-sharded model (else ``model.state_dict()``)."""
     if getattr(model, "v_head", None) is not None:
         save_value_head(model, out)
@@ -107,7 +105,6 @@ def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: 
     hf = model.config.to_hf_dict()
     hf["torch_dtype"] = str(dtype).replace("torch.", "")
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-
 
 
 @torch.no_grad()

@@ -170,7 +170,7 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
         results.update(train_results)
         full_state = gather_full_state_dict(model)  # FSDP2: a collective on every rank; None otherwise
         if is_main():
-            save_model(model, out, cfg, chain.base, chain.parents, state_dict=full_state)
+            save_model(model, out, cfg, chain.base, state_dict=full_state)
             write_json(out / "train_results.json", train_results)
     if is_main():
         runs.save_metadata(out, cfg, tokenizer, template, chain.base, chain.parents)
