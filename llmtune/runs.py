@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
+import yaml
 
 from llmtune import __version__, peft
 from llmtune.errors import LLMTuneError, notice
@@ -98,8 +99,6 @@ def read_training_args(folder: Optional[PathLike]) -> dict:
     Raises:
         LLMTuneError: the file exists but is not valid YAML.
     """
-    import yaml
-
     if not folder:
         return {}
     f = Path(os.path.expanduser(str(folder))) / TRAINING_ARGS
@@ -384,8 +383,6 @@ def save_metadata(out: Path, cfg: Any, tokenizer: Any, template: Any, base: str,
     ``llmtune.json`` (stage, finetuning type, template, ``base_model_name_or_path``, ``parent_adapters``),
     the tokenizer files and ``generation_config.json`` (its ``eos_token_id`` lists the tokenizer's eos ids
     and the template's end-of-turn ids; sampling keys from ``cfg``)."""
-    import yaml
-
     args = cfg.to_dict()
     args["template"] = template.name
     (out / TRAINING_ARGS).write_text(yaml.safe_dump(args, sort_keys=False, allow_unicode=True))

@@ -72,7 +72,7 @@ class Trainer:
         train_dataset: a sequence of rows (dicts of lists of ints, see docs/internals.md "Data").
         eval_dataset: optional sequence of rows for evaluation.
         collator: ``list[row] -> dict[str, Tensor]``; default :func:`pad_collate`.
-        stage: a stage function; default ``STAGES[config.stage]``.
+        stage: a loss function; default the ``loss`` of ``STAGES[config.stage]`` (``llmtune.train.stages``).
         tokenizer: passed to stages in the context.
 
     ``train()`` writes ``output_dir/trainer_log.jsonl`` and checkpoints; raises :class:`LLMTuneError` on
