@@ -48,7 +48,7 @@ def test_sft_lora_learns_identity_and_keeps_general_answers(trained, real_model_
 
     from llmtune.data.templates import get_template
     from llmtune.generation import generate_reply
-    from llmtune.models.loader import load_model
+    from llmtune.runs import load_model
     from llmtune.tokenizer import load_tokenizer
 
     out = trained
