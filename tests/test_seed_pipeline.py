@@ -98,7 +98,9 @@ def test_sft_starts_from_the_pretrain_output(chain):
     cfg = json.loads((root / "sft_output" / "adapter_config.json").read_text())
     assert Path(cfg["base_model_name_or_path"]).name.endswith(".gguf")
     assert (root / "sft_output" / "adapter_model.safetensors").is_file()
-    assert "pretrain_output" in json.dumps(cfg)  # the chain is recorded
+    meta = json.loads((root / "sft_output" / "llmtune.json").read_text())
+    assert [Path(p).name for p in meta["parent_adapters"]] == ["pretrain_output"]  # the chain is recorded
+    assert "pretrain_output" not in json.dumps(cfg)  # in llmtune.json, not in PEFT's adapter_config.json
 
 
 def test_seed_chat_command(chain):
