@@ -108,18 +108,27 @@ def test_bnpo_accumulates_as_the_mean_of_micro_batch_means():
                                atol=1e-6, rtol=1e-5)
 
 
-def test_masked_positions_have_no_effect():
+@pytest.mark.parametrize("junk_value", [37.0, float("inf"), float("nan")])
+def test_masked_positions_have_no_effect(junk_value):
     logps, old, ref, adv, mask = batch(3)
-    junk = torch.where(mask.bool(), torch.zeros_like(logps), torch.full_like(logps, 37.0))
+    junk = torch.where(mask.bool(), torch.zeros_like(logps), torch.full_like(logps, junk_value))
+    ent = torch.rand(N, C, dtype=torch.float64)
     for lt in ("grpo", "bnpo", "dr_grpo", "dapo"):
         for level in ("token", "sequence"):
-            a = call(logps.float(), old.float(), ref.float(), adv.float(), mask, lt, beta=0.1, level=level)
-            b = call((logps + junk).float(), (old - junk).float(), (ref + 2 * junk).float(), adv.float(), mask, lt,
-                     beta=0.1, level=level)
+            a_in = logps.float().requires_grad_()
+            a = call(a_in, old.float(), ref.float(), adv.float(), mask, lt, beta=0.1, level=level,
+                     entropies=ent.float())
+            b_in = (logps + junk).float().requires_grad_()
+            b = call(b_in, (old - junk).float(), (ref + 2 * junk).float(), adv.float(), mask, lt, beta=0.1,
+                     level=level, entropies=(ent + junk).float())
             assert a[1] == b[1]
             torch.testing.assert_close(a[0], b[0])
             for k in a[2]:
                 torch.testing.assert_close(a[2][k], b[2][k])
+            a[0].backward()
+            b[0].backward()
+            torch.testing.assert_close(a_in.grad, b_in.grad)
+            assert (b_in.grad[~mask.bool()] == 0).all()
 
 
 def test_on_policy_ratio_is_one_and_gradient_is_the_policy_gradient():

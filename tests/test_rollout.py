@@ -104,6 +104,29 @@ def test_greedy_rollout_matches_transformers_generate():
             out = hf.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                               max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert ro.completions()[i] == out[0, len(p):].tolist()
+    # transformers' own left-padded batch gives the same tokens
+    with torch.no_grad():
+        out = hf.generate(input_ids=ro.prompt_ids, attention_mask=ro.attention_mask[:, :ro.prompt_len],
+                          max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out[:, ro.prompt_len:], ro.completion_ids)
+
+
+def test_sampled_logps_match_transformers_forward():
+    pytest.importorskip("transformers")
+    from test_generation import tiny_pair
+
+    hf, ours = tiny_pair("qwen2")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (3, 8)]
+    ro = generate_rollouts(ours, prompts, max_new_tokens=10, temperature=0.8, top_p=0.9, eos_token_ids=[7, 11],
+                           num_return_sequences=3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pos = (ro.attention_mask.cumsum(1) - 1).clamp(min=0)
+        logits = hf(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits.double()
+    p, c = ro.prompt_len, ro.completion_mask.shape[1]
+    lp = torch.log_softmax(logits[:, p - 1:p + c - 1] / 0.8, dim=-1)
+    ref = lp.gather(2, ro.completion_ids[:, :, None]).squeeze(2) * ro.completion_mask
+    torch.testing.assert_close(ro.logps.double(), ref, atol=1e-4, rtol=1e-4)
 
 
 

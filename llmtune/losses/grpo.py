@@ -131,14 +131,13 @@ def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps:
     ``loss = sum over the step's micro-batches (and ranks) of loss_sum / sum of num_items``; each variant maps
     onto it so that accumulation gives exactly the variant's loss of the whole step:
 
-    ============ ============================================== ================== =====================================
-    loss_type    loss of a micro-batch (TRL)                    loss_sum           num_items
-    ============ ============================================== ================== =====================================
-    ``grpo``     mean_i (sum_t m l / |o_i|)  (eq. 3)            sum_i sum_t m l/|o_i|  N (completions): a mean over them
-    ``bnpo``     sum m l / sum m  (local tokens)                sum m l / sum m    1: the mean over micro-batches
-    ``dr_grpo``  sum m l / (N max_completion_length)  (Dr.)     sum m l / L_max    N
-    ``dapo``     sum m l / tokens of the whole step  (DAPO)     sum m l            sum m (completion tokens)
-    ============ ============================================== ================== =====================================
+    - ``grpo`` (DeepSeekMath eq. 3, ``mean_i (sum_t m_it l_it / |o_i|)``): ``loss_sum = sum_i sum_t m l / |o_i|``,
+      ``num_items = N`` (completions), so the step's loss is the mean over all its completions;
+    - ``bnpo`` (``sum m l / sum m`` over the micro-batch's tokens): ``loss_sum`` = that mean, ``num_items = 1``,
+      so the step's loss is the mean of the micro-batch means;
+    - ``dr_grpo`` (Dr. GRPO, ``sum m l / (N L_max)``): ``loss_sum = sum m l / L_max``, ``num_items = N``;
+    - ``dapo`` (DAPO eq. 8, ``sum m l`` over the tokens of the whole step): ``loss_sum = sum m l``,
+      ``num_items = sum m`` (completion tokens).
 
     ``grpo``, ``bnpo`` and ``dr_grpo`` equal TRL's loss averaged over equal-sized micro-batches (TRL divides each
     by the number of accumulation steps); ``dapo`` equals TRL's ``dapo`` whose normaliser is the step's token count.
@@ -197,11 +196,13 @@ def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps:
         raise ValueError(f"advantages {tuple(advantages.shape)} must be (N,) = ({n},) or (N, C)")
 
     logps = logps.float()
-    mask = completion_mask.to(logps.dtype)
+    keep = completion_mask.bool()
+    mask = keep.to(logps.dtype)
     old = logps.detach() if old_logps is None else old_logps.to(logps.dtype)
     adv = advantages.to(logps.dtype)
     adv = adv[:, None] if adv.dim() == 1 else adv
-    log_ratio = logps - old
+    # masked positions may hold anything (even inf/NaN): select, so neither the value nor the gradient sees them
+    log_ratio = torch.where(keep, logps - old, 0.0)
     if importance_sampling_level == "sequence":
         log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]  # (N, 1)
     else:
@@ -211,11 +212,11 @@ def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps:
     per_token = -torch.min(ratio * adv, clipped * adv)
     metrics: dict[str, torch.Tensor] = {}
     if beta > 0:
-        d = ref_logps.to(logps.dtype) - logps
+        d = torch.where(keep, ref_logps.to(logps.dtype) - logps, 0.0)
         kl = torch.exp(d) - d - 1.0
         per_token = per_token + beta * kl
         metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1.0)).detach()
-    per_token = per_token.expand_as(mask) * mask
+    per_token = torch.where(keep, per_token.expand_as(mask), 0.0)
 
     if loss_type == "grpo":
         loss_sum = (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
@@ -241,5 +242,5 @@ def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps:
         metrics["clip_ratio/high_mean"] = avg(high)
         metrics["clip_ratio/region_mean"] = avg(region)
         if entropies is not None:
-            metrics["entropy"] = (entropies.float() * mask).sum() / mask.sum().clamp(min=1.0)
+            metrics["entropy"] = torch.where(keep, entropies.float(), 0.0).sum() / mask.sum().clamp(min=1.0)
     return loss_sum, num_items, metrics
