@@ -137,7 +137,13 @@ class KVCache:
 
         Copies the filled positions of the kept rows into new buffers of the same capacity.
         """
-        self.layers = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.layers]
+        def keep(buf: torch.Tensor, filled: int) -> torch.Tensor:
+            out = buf.new_empty((index.shape[0],) + tuple(buf.shape[1:]))
+            out[:, :, :filled] = buf[index, :, :filled]
+            return out
+
+        self.layers = [None if kv is None else (keep(kv[0], n), keep(kv[1], n))
+                       for kv, n in zip(self.layers, self.lengths)]
 
 
 class Attention(nn.Module):
