@@ -179,7 +179,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}
     runs = existing.get("runs", []) if isinstance(existing, dict) else []
-    runs = [r for r in runs if not (r.get("model") == label and r.get("dtype") == args.dtype)] + [result]
+    same = ("model", "dtype", "prompts", "generations", "new_tokens", "stop_ids")
+    runs = [r for r in runs if any(r.get(k) != result[k] for k in same)] + [result]  # replace the same setting
     out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     print(f"wrote {out}")
 
