@@ -42,6 +42,7 @@ __all__ = [
     "load_reward_funcs",
     "parse_reward_weights",
     "compute_rewards",
+    "reward_metrics",
 ]
 
 #: ``fn(prompts, completions, **columns) -> list[float | None]`` (TRL's reward-function convention).
@@ -398,3 +399,37 @@ def compute_rewards(funcs: Sequence[tuple[str, RewardFunc]], weights: Optional[S
     rewards = (per_func * wt).nansum(dim=1)
     rewards[torch.isnan(per_func).all(dim=1)] = math.nan
     return rewards, per_func
+
+
+def _nanstd(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Standard deviation ignoring NaN, Bessel-corrected; NaN with fewer than two values (TRL's ``nanstd``)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim)
+    var = torch.nansum((x - mean) ** 2, dim=dim) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, var.sqrt(), torch.full_like(var, math.nan))
+
+
+def reward_metrics(rewards: torch.Tensor, per_func: torch.Tensor, names: Sequence[str],
+                   num_generations: int) -> dict[str, float]:
+    """Reward statistics of a step under TRL's ``GRPOTrainer`` metric names.
+
+    Args:
+        rewards: ``(N,)`` from :func:`compute_rewards` (NaN = unscorable); per_func: ``(N, F)``; names: ``F``
+            function names; num_generations: ``G`` (groups are consecutive rows). Pass all ranks' rows.
+
+    Returns:
+        ``reward`` (mean over scorable completions), ``reward_std`` (their standard deviation, Bessel-corrected),
+        ``rewards/<name>/mean`` and ``rewards/<name>/std`` (over the completions the function scored; NaN when it
+        scored none), ``frac_reward_zero_std`` (share of completions whose group's rewards all agree).
+    """
+    out = {"reward": float(torch.nanmean(rewards)), "reward_std": float(_nanstd(rewards.reshape(-1), dim=0))}
+    for j, name in enumerate(names):
+        out[f"rewards/{name}/mean"] = float(torch.nanmean(per_func[:, j]))
+        out[f"rewards/{name}/std"] = float(_nanstd(per_func[:, j], dim=0))
+    if num_generations > 1:
+        std = _nanstd(rewards.reshape(-1, num_generations), dim=1)
+        zero = torch.isclose(std, torch.zeros_like(std))
+    else:
+        zero = torch.ones(rewards.numel(), dtype=torch.bool)
+    out["frac_reward_zero_std"] = float(zero.float().mean())
+    return out

@@ -24,7 +24,7 @@ from torch import nn
 from llmtune.errors import LLMTuneError
 from llmtune.generation import check_generation_args, new_kv_cache, process_logits
 
-__all__ = ["Rollout", "generate_rollouts"]
+__all__ = ["Rollout", "generate_rollouts", "completion_metrics"]
 
 
 @dataclass
@@ -218,3 +218,28 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
         logps = logps * completion_mask
     return Rollout(input_ids=input_ids, attention_mask=attention_mask, prompt_len=p,
                    completion_mask=completion_mask, logps=logps, truncated=~stopped, completion_lengths=lengths)
+
+
+def completion_metrics(completion_lengths: torch.Tensor, truncated: torch.Tensor) -> dict[str, float]:
+    """Length statistics of a step's completions under TRL's ``GRPOTrainer`` metric names.
+
+    Args:
+        completion_lengths: ``(N,)`` int tokens per completion (stop token included); pass all ranks' values
+            (gathered) for the step's statistics.
+        truncated: ``(N,)`` bool, True for completions without a stop token.
+
+    Returns:
+        ``completions/mean_length``, ``/min_length``, ``/max_length`` over all completions;
+        ``completions/clipped_ratio`` the share of truncated ones; ``completions/mean_terminated_length``,
+        ``/min_terminated_length``, ``/max_terminated_length`` over completions that stopped (0 when none did).
+    """
+    lengths = completion_lengths.float()
+    term = lengths[~truncated.bool()]
+    if term.numel() == 0:
+        term = lengths.new_zeros(1)
+    return {"completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(truncated.float().mean()),
+            "completions/mean_terminated_length": float(term.mean()),
+            "completions/min_terminated_length": float(term.min()),
+            "completions/max_terminated_length": float(term.max())}

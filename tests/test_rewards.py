@@ -4,6 +4,7 @@ sums with None (hand-computed, TRL's nansum convention), and one clear error per
 from __future__ import annotations
 
 import math
+import statistics
 import textwrap
 
 import pytest
@@ -199,3 +200,20 @@ def test_misbehaving_reward_functions_get_one_clear_error(user_file):
     out, _ = compute_rewards([("t", lambda prompts, completions, **kw: [torch.tensor(0.5), True])], None,
                              ["p", "p"], ["a", "b"])
     assert out.tolist() == [0.5, 1.0]
+
+
+def test_reward_metrics_hand_case():
+    from llmtune.rewards import reward_metrics
+
+    nan = math.nan
+    per = torch.tensor([[1.0, nan], [1.0, 0.5], [0.0, nan], [1.0, nan]])
+    rewards = torch.tensor([1.0, 1.5, 0.0, 1.0])
+    m = reward_metrics(rewards, per, ["acc", "fmt"], num_generations=2)
+    assert m["reward"] == pytest.approx(3.5 / 4)
+    assert m["reward_std"] == pytest.approx(statistics.stdev([1.0, 1.5, 0.0, 1.0]))
+    assert m["rewards/acc/mean"] == pytest.approx(0.75)
+    assert m["rewards/acc/std"] == pytest.approx(statistics.stdev([1.0, 1.0, 0.0, 1.0]))
+    assert m["rewards/fmt/mean"] == 0.5 and math.isnan(m["rewards/fmt/std"])
+    assert m["frac_reward_zero_std"] == 0.0  # groups (1, 1.5) and (0, 1) both vary
+    m = reward_metrics(torch.tensor([2.0, 2.0, 0.0, 1.0]), per, ["acc", "fmt"], num_generations=2)
+    assert m["frac_reward_zero_std"] == 0.5

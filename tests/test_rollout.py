@@ -199,3 +199,28 @@ def test_bad_settings_raise(kw, match):
         generate_rollouts(tiny_model(), prompts_of([2]), **kw)
     with pytest.raises(LLMTuneError, match="prompt 1 is empty"):
         generate_rollouts(tiny_model(), [[1], []], max_new_tokens=2)
+
+
+def test_completion_metrics_hand_case():
+    from llmtune.rollout import completion_metrics
+
+    m = completion_metrics(torch.tensor([3, 8, 5, 8]), torch.tensor([False, True, False, True]))
+    assert m == {"completions/mean_length": 6.0, "completions/min_length": 3.0, "completions/max_length": 8.0,
+                 "completions/clipped_ratio": 0.5, "completions/mean_terminated_length": 4.0,
+                 "completions/min_terminated_length": 3.0, "completions/max_terminated_length": 5.0}
+    m = completion_metrics(torch.tensor([4, 4]), torch.tensor([True, True]))
+    assert m["completions/mean_terminated_length"] == 0.0 and m["completions/clipped_ratio"] == 1.0
+
+
+def test_rollout_with_lora_model_matches_generate():
+    from llmtune.peft import apply_lora
+
+    model = tiny_model()
+    model = apply_lora(model, lora_rank=4, lora_target="all")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a non-zero adapter, so it takes part
+    prompts = prompts_of([2, 5])
+    ro = generate_rollouts(model, prompts, max_new_tokens=6, do_sample=False)
+    for i, p in enumerate(prompts):
+        assert ro.completions()[i] == generate(model, torch.tensor([p]), max_new_tokens=6)[0].tolist()
