@@ -105,8 +105,9 @@ def build_model(name: str, dtype: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny", help="tiny (random init), real (the shared SmolLM2 GGUF under $LLMTUNE_SHARED, "
-                    "default ../shared) or a path")
+    ap.add_argument("--model", default="tiny",
+                    help="tiny (random init), real (the shared SmolLM2 GGUF under $LLMTUNE_SHARED, default "
+                    "../shared) or a path")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--generations", type=int, default=4)
@@ -166,7 +167,7 @@ def main() -> None:
     base = results[0]["tok_s"]
     for r in results:
         r["speedup_vs_first"] = r["tok_s"] / base
-    print(f"\n| path | tokens | s | tok/s | speed-up |\n|---|---|---|---|---|")
+    print("\n| path | tokens | s | tok/s | speed-up |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r['path']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.1f} | {r['speedup_vs_first']:.2f}x |")
     result = {"model": label, "dtype": args.dtype, "prompts": args.prompts, "generations": args.generations,

@@ -53,7 +53,8 @@ def test_accuracy_reward_against_gsm8k_style_solutions():
 
 
 def test_format_rewards():
-    comps = ["<think>a\nb</think>\n<answer>4</answer>", "<answer>4</answer>", "<think>x</think><answer>4</answer> extra",
+    comps = ["<think>a\nb</think>\n<answer>4</answer>", "<answer>4</answer>",
+             "<think>x</think><answer>4</answer> extra",
              "  <think></think><answer></answer>  "]
     assert format_reward([""] * 4, comps) == [1.0, 0.0, 0.0, 1.0]
     boxed = make_format_reward(r".*\\boxed\{.+\}", name="boxed")
