@@ -159,7 +159,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps:
 
     Returns:
         ``(loss_sum, num_items, metrics)``: ``loss_sum`` a 0-dim float32 tensor (differentiable through
-        ``logps``), ``num_items`` an int (see the table; :func:`grpo_num_items` gives it from the mask), and
+        ``logps``), ``num_items`` an int (see the list above; :func:`grpo_num_items` gives it from the mask), and
         ``metrics`` 0-dim detached tensors averaged over the micro-batch with TRL's names: ``clip_ratio/low_mean``
         (share of tokens, or sequences for GSPO, with ratio < 1 - epsilon and A < 0), ``clip_ratio/high_mean``
         (ratio > 1 + epsilon_high and A > 0), ``clip_ratio/region_mean`` (either), ``kl`` (masked mean of
