@@ -26,6 +26,7 @@ from typing import Any, Optional, Union
 import torch
 
 from llmtune.errors import LLMTuneError, notice
+from llmtune.kernels import set_enabled as set_kernels_enabled
 from llmtune.train import checkpoint as ckpt
 from llmtune.train.logging import LOG_FILE
 from llmtune.train.trainer import Trainer, _is_main, cpu_supports_bf16, pad_collate, set_seed, write_json
@@ -237,6 +238,7 @@ def _run_train(cfg: Any) -> dict[str, Any]:
 
     set_seed(cfg.seed)
     device = _device(cfg)
+    set_kernels_enabled(cfg.use_kernels)  # Triton kernels on CUDA (llmtune.kernels); off: PyTorch references
 
     # model: the base (a LoRA output folder as model_name_or_path loads its base and merges the chain)
     base, parents = adapter_chain(cfg)
