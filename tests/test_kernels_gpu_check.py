@@ -1,0 +1,59 @@
+"""The prepared GPU check (benchmarks/gpu_check.py) runs end to end in its CPU dry run, so it is known to
+work before it meets a GPU: every section produces results, the JSON has the documented layout, and the
+table renders. (Timings of a dry run mean nothing; nothing here asserts on them.)"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_check", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_dry_run(tmp_path, capsys):
+    gc = _module()
+    out = tmp_path / "gpu.json"
+    assert gc.main(["--dry-run", "--budget", "900", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["dry_run"] is True
+    kt = res["kernel_tests"]
+    assert kt["status"] == "ok" and kt["collected"] and kt["collected"] >= 20, kt.get("tail")
+    nf = res["nf4"]
+    assert nf["status"] == "ok", nf
+    assert {r["M"] for r in nf["matmul"]} >= {1, 2, 4, 8, 16}
+    tr = res["train"]
+    ok = [r for r in tr["runs"] if r["status"] == "ok"]
+    assert len(ok) == len(tr["runs"]), [r for r in tr["runs"] if r["status"] != "ok"]
+    kinds = {(r["model"], r["impl"], r["method"]) for r in ok}
+    for model in ("Llama-3.1-8B", "Qwen3-8B"):
+        assert {(model, "llmtune", "lora"), (model, "transformers+peft", "lora"), (model, "llmtune", "qlora")} <= kinds
+    assert all(r["loss"] == r["loss"] and 4.0 < r["loss"] < 7.0 for r in ok)  # ~ln(256) on random tokens
+    assert tr["ratios"] and {t["target"][:4] for t in res["targets"]} == {"LoRA", "8B Q", "NF4 "}
+    printed = capsys.readouterr().out
+    assert "### Training steps" in printed and "### Targets" in printed
+
+
+def test_gpu_check_guards_a_failing_section(tmp_path, monkeypatch):
+    """One section raising is recorded and the others still run and are saved."""
+    gc = _module()
+
+    def boom(*a, **k):
+        raise RuntimeError("planted failure")
+    monkeypatch.setattr(gc, "section_nf4", boom)
+    monkeypatch.setattr(gc, "section_kernel_tests", lambda dry, budget: {"status": "ok", "passed": 1})
+    out = tmp_path / "gpu.json"
+    assert gc.main(["--dry-run", "--sections", "nf4,tests", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["nf4"]["status"] == "error" and "planted failure" in res["nf4"]["error"]
+    assert res["kernel_tests"]["status"] == "ok"
