@@ -164,7 +164,7 @@ def section_kernel_tests(dry: bool, budget: Budget) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TEST_FILES]
     if dry:
         cmd.append("--collect-only")
-    timeout = max(10.0, min(120.0, budget.left() - 150.0)) if not dry else 60.0
+    timeout = max(10.0, min(100.0, budget.left() - 160.0)) if not dry else 60.0
     t = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
@@ -205,9 +205,10 @@ def section_nf4(dry: bool, budget: Budget, dev: str) -> dict:
         ("8B q/o 4096x4096", 4096, 4096), ("8B up 14336x4096", 14336, 4096), ("8B down 4096x14336", 4096, 14336)]
     decode_ms = [1, 2, 4, 8, 16]
     train_ms = [64] if dry else [2048, 4096]
+    t_section = time.monotonic()
     for name, n, k in shapes:
-        if budget.left() < 60 and not dry:
-            res["note"] = f"stopped before {name}: time budget"
+        if not dry and (budget.left() < 120 or time.monotonic() - t_section > 40):
+            res["note"] = f"stopped before {name}: time budget (the training steps need the rest)"
             break
         w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
         packed, st = quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
@@ -379,55 +380,61 @@ def section_train(dry: bool, budget: Budget, dev: str) -> dict:
                         "was built (weights + activations + optimizer state)")
     plan = [("Llama-3.1-8B", LLAMA31_8B), ("Qwen3-8B", QWEN3_8B)]
     builds = [("llmtune", "lora"), ("transformers+peft", "lora"), ("llmtune", "qlora")]
-    # seconds one model build + its steps take at full depth on an H200 (estimate; cut layers when short)
-    est_full = 40.0
-    for model_name, base in plan:
-        for impl, method in builds:
-            left = budget.left()
-            full = base["num_hidden_layers"]
-            layers = None
-            if not dry and left < 20:
-                res["runs"].append({"model": model_name, "impl": impl, "method": method, "status": "skipped",
-                                    "reason": f"time budget ({left:.0f} s left)"})
-                continue
-            if not dry and left < est_full * 1.5:
-                layers = max(2, min(full, int(full * left / (est_full * 3))))
-            cfg = _config(base, dry, layers)
-            n_layers = cfg["num_hidden_layers"]
-            label = {"model": model_name, "impl": impl, "method": method, "layers": n_layers,
-                     "full_layers": full if not dry else n_layers}
-            model = None
-            try:
-                _free(dev)
-                t0 = time.monotonic()
-                build = _build_llmtune if impl == "llmtune" else _build_hf
-                model, loss_fn = build(cfg, dev, method == "qlora")
-                _free(dev)
-                build_s = time.monotonic() - t0
-                variants = [(seq, True) for seq in seqs]
-                if impl == "llmtune" and method == "lora":
-                    variants.append((seqs[0], False))  # kernels off: what the Triton kernels bring
-                for seq, kernels in variants:
-                    if not dry and budget.left() < 10:
-                        res["runs"].append({**label, "seq": seq, "status": "skipped", "reason": "time budget"})
-                        continue
-                    set_enabled(kernels)
-                    _peak_reset(dev)
-                    try:
-                        r = _steps(model, loss_fn, seq, cfg["vocab_size"], dev, warmup, steps)
-                        res["runs"].append({**label, "seq": seq, "kernels": kernels if impl == "llmtune" else None,
-                                            "status": "ok", **r, "peak_GiB": _peak_gib(dev),
-                                            "build_s": round(build_s, 1)})
-                    except (getattr(torch, "OutOfMemoryError", MemoryError), MemoryError) as e:
-                        res["runs"].append({**label, "seq": seq, "status": "oom", "reason": str(e)[:300]})
-                    finally:
-                        set_enabled(None)
-            except Exception as e:  # noqa: BLE001 (recorded; the next build runs)
-                res["runs"].append({**label, "status": "error", "reason": f"{type(e).__name__}: {e}"[:500],
-                                    "traceback": traceback.format_exc()[-2000:]})
-            finally:
-                del model
-                _free(dev)
+    jobs = [(m, b, i, meth) for m, b in plan for i, meth in builds]
+    # seconds one build + its steps take at full depth (a guess for an H200, raised to what is measured);
+    # when the budget left cannot give each remaining job that much, the layer count of the next model is
+    # cut to fit (one count for all three builds of a model, so that llmtune and transformers+peft compare)
+    est_full = 30.0
+    layers_of: dict[str, Optional[int]] = {}
+    for j, (model_name, base, impl, method) in enumerate(jobs):
+        left = budget.left()
+        full = base["num_hidden_layers"]
+        if not dry and left < 20:
+            res["runs"].append({"model": model_name, "impl": impl, "method": method, "status": "skipped",
+                                "reason": f"time budget ({left:.0f} s left)"})
+            continue
+        if model_name not in layers_of:
+            share = (left - 10) / (len(jobs) - j)
+            layers_of[model_name] = None if dry or share >= est_full else max(2, min(full, int(full * share / est_full)))
+        layers = layers_of[model_name]
+        cfg = _config(base, dry, layers)
+        n_layers = cfg["num_hidden_layers"]
+        label = {"model": model_name, "impl": impl, "method": method, "layers": n_layers,
+                 "full_layers": full if not dry else n_layers}
+        model = loss_fn = None
+        t0 = time.monotonic()
+        try:
+            _free(dev)
+            build = _build_llmtune if impl == "llmtune" else _build_hf
+            model, loss_fn = build(cfg, dev, method == "qlora")
+            _free(dev)
+            build_s = time.monotonic() - t0
+            variants = [(seq, True) for seq in seqs]
+            if impl == "llmtune" and method == "lora":
+                variants.append((seqs[0], False))  # kernels off: what the Triton kernels bring
+            for seq, kernels in variants:
+                if not dry and budget.left() < 10:
+                    res["runs"].append({**label, "seq": seq, "status": "skipped", "reason": "time budget"})
+                    continue
+                set_enabled(kernels)
+                _peak_reset(dev)
+                try:
+                    r = _steps(model, loss_fn, seq, cfg["vocab_size"], dev, warmup, steps)
+                    res["runs"].append({**label, "seq": seq, "kernels": kernels if impl == "llmtune" else None,
+                                        "status": "ok", **r, "peak_GiB": _peak_gib(dev),
+                                        "build_s": round(build_s, 1)})
+                except (getattr(torch, "OutOfMemoryError", MemoryError), MemoryError) as e:
+                    res["runs"].append({**label, "seq": seq, "status": "oom", "reason": str(e)[:300]})
+                finally:
+                    set_enabled(None)
+        except Exception as e:  # noqa: BLE001 (recorded; the next build runs)
+            res["runs"].append({**label, "status": "error", "reason": f"{type(e).__name__}: {e}"[:500],
+                                "traceback": traceback.format_exc()[-2000:]})
+        finally:
+            model = loss_fn = None  # the closure holds the model too: both go before the next build
+            _free(dev)
+            if not dry:
+                est_full = max(est_full, (time.monotonic() - t0) * full / n_layers)
     # llmtune / transformers+peft tokens/s, same model, method, seq
     ratios = []
     for r in res["runs"]:

@@ -74,7 +74,8 @@ class _RoPEFunction(torch.autograd.Function):
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of ``q (B, Hq, T, D)`` and ``k (B, Hk, T, D)`` (D even) with ``cos``/``sin``
-    ``(B|1, T, D)`` or ``(T, D)``: the Triton kernel on CUDA (in place when no gradient is needed),
+    ``(B|1, T, D)`` or ``(T, D)``: the Triton kernel on CUDA (in place, overwriting q and k, when neither
+    requires grad, e.g. in generation),
     :func:`apply_rope_ref` elsewhere. Returns ``(q_rot, k_rot)`` of the shapes and dtypes of q and k.
 
     Raises ValueError on mismatched shapes or an odd head_dim."""
@@ -83,7 +84,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     if not (use_triton(q) and q.dtype == k.dtype and not cos.requires_grad and not sin.requires_grad):
         return apply_rope_ref(q, k, cos, sin)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+    if q.requires_grad or k.requires_grad:  # autograd may need the inputs' history: new tensors
         return _RoPEFunction.apply(q, k, cos, sin)
     from llmtune.kernels import _fused_triton as T
 
