@@ -27,7 +27,8 @@ through the PyTorch references, tiny Llama/Qwen3 configs), so the script is know
 a GPU (CI runs it: ``tests/test_kernels_gpu_check.py``).
 
 Usage: ``bash benchmarks/gpu_check.sh`` or ``python benchmarks/gpu_check.py [--dry-run] [--budget S]
-[--out PATH] [--sections tests,nf4,train]``.
+[--out PATH] [--sections tests,nf4,train] [--copy-to DIR]``. Besides the JSON, the printed table is written
+next to it (``gpu.md``); ``--copy-to`` copies both into a folder (e.g. one that a remote runner returns).
 """
 
 from __future__ import annotations
@@ -556,6 +557,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 270; dry 120)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu.json; dry: gpu_dryrun.json)")
     ap.add_argument("--sections", default="tests,nf4,train", help="comma list of tests, nf4, train")
+    ap.add_argument("--copy-to", default=None, help="also copy the JSON and the table (.md) into this folder")
     args = ap.parse_args(argv)
 
     import torch
@@ -599,8 +601,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "traceback": traceback.format_exc()[-3000:]}
         save()
     save()
-    print(render(results))
-    print(f"\ngpu_check: results in {out}")
+    try:
+        table = render(results)
+    except Exception as e:  # noqa: BLE001 (the JSON is saved already)
+        table = f"(table failed: {type(e).__name__}: {e})"
+    print(table)
+    out.with_suffix(".md").write_text(table + "\n")
+    if args.copy_to:
+        import shutil
+
+        dest = Path(args.copy_to)
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out, dest / out.name)
+        shutil.copy(out.with_suffix(".md"), dest / out.with_suffix(".md").name)
+    print(f"\ngpu_check: results in {out} and {out.with_suffix('.md')}")
     return 0
 
 

@@ -2,7 +2,8 @@
 # The prepared GPU check of issue 18 (see benchmarks/gpu_check.py): compiled kernel tests, NF4 speed, and
 # LoRA/QLoRA training steps against transformers+peft. Needs only torch, triton, transformers and peft; no
 # Hub access. Installs llmtune from this checkout (--no-deps, offline), then runs the check; under 5 minutes
-# on one H200. Results: benchmarks/results/gpu.json and a table on stdout. Extra arguments go to gpu_check.py.
+# on one H200. Results: benchmarks/results/gpu.json, gpu.md and the table on stdout. Extra arguments go to
+# gpu_check.py, e.g. `bash benchmarks/gpu_check.sh --copy-to "$OUT"` to copy the results into a folder.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -24,7 +24,8 @@ def _module():
 def test_gpu_check_dry_run(tmp_path, capsys):
     gc = _module()
     out = tmp_path / "gpu.json"
-    assert gc.main(["--dry-run", "--budget", "900", "--out", str(out)]) == 0
+    assert gc.main(["--dry-run", "--budget", "900", "--out", str(out), "--copy-to", str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "gpu.json").exists() and "### Targets" in (tmp_path / "copy" / "gpu.md").read_text()
     res = json.loads(out.read_text())
     assert res["meta"]["dry_run"] is True
     kt = res["kernel_tests"]
