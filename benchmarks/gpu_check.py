@@ -165,6 +165,11 @@ def section_kernel_tests(dry: bool, budget: Budget) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TEST_FILES]
     if dry:
         cmd.append("--collect-only")
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("xdist") is not None:  # compiling the kernels is CPU work: spread it
+            cmd += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
     timeout = max(10.0, min(100.0, budget.left() - 160.0)) if not dry else 60.0
     t = time.monotonic()
     try:
