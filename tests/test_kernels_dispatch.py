@@ -244,3 +244,47 @@ def test_cpu_model_never_launches_triton(monkeypatch):
         loss.backward()
     finally:
         dispatch.set_enabled(None)
+
+
+def test_kernels_with_gradient_checkpointing_and_lora(forced):
+    """Recomputed layers (non-reentrant checkpointing) and LoRA (frozen norms, q/k without grad in some layers)."""
+    from llmtune.losses import causal_lm_loss
+    from llmtune.peft import apply_lora
+
+    model = _tiny_qwen3()
+    apply_lora(model, lora_rank=4, lora_alpha=8, lora_target="q_proj,v_proj,up_proj")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # B = 0 at init would hide errors in the LoRA branch
+    ref_model = copy.deepcopy(model)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, 67, (2, 7), device=DEV)
+    loss, _ = causal_lm_loss(model(ids), model.lm_head.weight, ids)
+    loss.backward()
+    assert forced["_RoPEFunction"] >= 2 and forced["_RMSNormFunction"] >= 9
+    dispatch.set_enabled(False)
+    loss_ref, _ = causal_lm_loss(ref_model(ids), ref_model.lm_head.weight, ids)
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    grads = dict(ref_model.named_parameters())
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    for name in trained:
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grads[name].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_generation_with_kernels_matches_reference(forced):
+    """Greedy generation with the KV cache: RoPE rotates in place (no grad), RMSNorm/SwiGLU under inference_mode."""
+    from llmtune.generation import generate
+
+    model = _tiny_qwen3().eval()
+    prompt = torch.randint(1, 67, (2, 4), device=DEV)
+    mask = torch.ones_like(prompt)
+    mask[1, 0] = 0  # left padding
+    out = generate(model, prompt, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert forced.get("_RoPEFunction", 0) == 0  # no grad needed: the in-place path, not the autograd function
+    dispatch.set_enabled(False)
+    ref = generate(model, prompt, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)
