@@ -170,7 +170,7 @@ def section_kernel_tests(dry: bool, budget: Budget) -> dict:
 
         if importlib.util.find_spec("xdist") is not None:  # compiling the kernels is CPU work: spread it
             cmd += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
-    timeout = max(10.0, min(100.0, budget.left() - 160.0)) if not dry else 60.0
+    timeout = max(10.0, min(90.0, budget.left() - 170.0)) if not dry else 60.0
     t = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
@@ -373,7 +373,7 @@ def section_train(dry: bool, budget: Budget, dev: str) -> dict:
 
     res: dict[str, Any] = {"status": "ok", "runs": [], "notes": []}
     seqs = [32] if dry else [1024, 2048]
-    warmup, steps = (0, 1) if dry else (2, 3)
+    warmup, steps = (0, 1) if dry else (1, 3)
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is not None:
@@ -388,10 +388,10 @@ def section_train(dry: bool, budget: Budget, dev: str) -> dict:
     builds = [("llmtune", "lora"), ("transformers+peft", "lora"), ("llmtune", "qlora")]
     jobs = [(m, b, i, meth) for m, b in plan for i, meth in builds]
     # seconds one build + its steps take at full depth (a guess for an H200, raised to what is measured);
-    # when the budget left cannot give each remaining job that much, the layer count of the next model is
-    # cut to fit (one count for all three builds of a model, so that llmtune and transformers+peft compare)
+    # when the budget left cannot give each remaining job that much, the layer count is cut to fit (one
+    # count for the LoRA pair of a model, so that llmtune and transformers+peft compare; QLoRA decides anew)
     est_full = 30.0
-    layers_of: dict[str, Optional[int]] = {}
+    layers_of: dict[tuple[str, str], Optional[int]] = {}
     for j, (model_name, base, impl, method) in enumerate(jobs):
         left = budget.left()
         full = base["num_hidden_layers"]
@@ -399,10 +399,11 @@ def section_train(dry: bool, budget: Budget, dev: str) -> dict:
             res["runs"].append({"model": model_name, "impl": impl, "method": method, "status": "skipped",
                                 "reason": f"time budget ({left:.0f} s left)"})
             continue
-        if model_name not in layers_of:
+        group = (model_name, method)
+        if group not in layers_of:
             share = (left - 10) / (len(jobs) - j)
-            layers_of[model_name] = None if dry or share >= est_full else max(2, min(full, int(full * share / est_full)))
-        layers = layers_of[model_name]
+            layers_of[group] = None if dry or share >= est_full else max(2, min(full, int(full * share / est_full)))
+        layers = layers_of[group]
         cfg = _config(base, dry, layers)
         n_layers = cfg["num_hidden_layers"]
         label = {"model": model_name, "impl": impl, "method": method, "layers": n_layers,
@@ -416,8 +417,8 @@ def section_train(dry: bool, budget: Budget, dev: str) -> dict:
             _free(dev)
             build_s = time.monotonic() - t0
             variants = [(seq, True) for seq in seqs]
-            if impl == "llmtune" and method == "lora":
-                variants.append((seqs[0], False))  # kernels off: what the Triton kernels bring
+            if impl == "llmtune" and method == "lora" and j == 0:
+                variants.append((seqs[0], False))  # kernels off (first model only): what the kernels bring
             for seq, kernels in variants:
                 if not dry and budget.left() < 10:
                     res["runs"].append({**label, "seq": seq, "status": "skipped", "reason": "time budget"})
@@ -559,7 +560,7 @@ def render(results: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (a few seconds)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 270; dry 120)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 275; dry 120)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu.json; dry: gpu_dryrun.json)")
     ap.add_argument("--sections", default="tests,nf4,train", help="comma list of tests, nf4, train")
     ap.add_argument("--copy-to", default=None, help="also copy the JSON and the table (.md) into this folder")
@@ -572,7 +573,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if dev == "cpu" and not dry:
         print("gpu_check: no CUDA device; running the dry run instead (tiny shapes on the CPU)")
         dry = True
-    budget = Budget(args.budget if args.budget is not None else (120.0 if dry else 270.0))
+    budget = Budget(args.budget if args.budget is not None else (120.0 if dry else 275.0))
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / ("gpu_dryrun.json" if dry else "gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"meta": {
