@@ -4,4 +4,14 @@ Import as ``llmtune.kernels.<module>``, never as a top-level ``kernels`` (that n
 PyPI package). Triton is optional and imported only when a kernel is first launched on a CUDA tensor.
 
 * ``nf4``: 4-bit (NF4/FP4) dequantization, fused matmuls and the input gradient (see docs/quantization.md).
+* ``rmsnorm``: RMSNorm forward/backward (also Qwen3's per-head q/k norm).
+* ``rope``: rotary embedding of q and k (rotate-half), forward/backward.
+* ``swiglu``: ``silu(gate) * up`` forward/backward.
+* ``cross_entropy``: fused linear cross entropy and label log-probs (logits never stored).
+* ``dispatch``: the switch (:func:`set_enabled`, env ``LLMTUNE_KERNELS=0``, config key ``use_kernels``) and
+  the rule: Triton on CUDA when installed and enabled, the PyTorch reference elsewhere.
 """
+
+from llmtune.kernels.dispatch import is_enabled, set_enabled, triton_available, use_triton
+
+__all__ = ["is_enabled", "set_enabled", "triton_available", "use_triton"]

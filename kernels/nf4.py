@@ -40,8 +40,11 @@ def triton_available() -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether a kernel on tensor ``t`` runs in Triton: CUDA tensors, or any tensor when
-    ``LLMTUNE_FORCE_TRITON=1`` (interpreter tests); never when Triton is not installed."""
-    if not triton_available():
+    ``LLMTUNE_FORCE_TRITON=1`` (interpreter tests); never when Triton is not installed or kernels are
+    switched off (``llmtune.kernels.set_enabled(False)``, ``LLMTUNE_KERNELS=0``)."""
+    from llmtune.kernels.dispatch import is_enabled
+
+    if not triton_available() or not is_enabled():
         return False
     return t.is_cuda or os.environ.get("LLMTUNE_FORCE_TRITON", "") == "1"
 

@@ -118,6 +118,7 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    use_kernels: bool = True  # llmtune's own: fused Triton kernels on CUDA when triton is installed
     seed: int = 42
     report_to: str = "none"
     plot_loss: bool = False

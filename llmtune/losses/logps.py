@@ -33,8 +33,14 @@ from typing import Optional
 
 import torch
 
+<<<<<<< HEAD
 from llmtune.constants import IGNORE_INDEX
 
+=======
+from llmtune.kernels.dispatch import use_triton
+
+IGNORE_INDEX = -100
+>>>>>>> kernels
 
 # Elements (rows x vocab) of one float32 logits chunk when ``chunk_size`` is None: 2**25 floats = 128 MiB.
 _AUTO_CHUNK_ELEMENTS = 2**25
@@ -198,6 +204,10 @@ def _select_label_rows(hidden, lm_head_weight, labels, chunk_size):
 def _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, temperature):
     """Per-token log-probs of the valid labels: ``(logps (n_valid,), valid (B, T) bool aligned with labels)``."""
     h_sel, targets, rows, valid = _select_label_rows(hidden, lm_head_weight, labels, chunk_size)
+    if use_triton(h_sel):  # CUDA + Triton + kernels on: the softmax of each chunk in one Triton kernel
+        from llmtune.kernels.cross_entropy import fused_linear_logps
+
+        return fused_linear_logps(h_sel, lm_head_weight, targets, chunk_size=rows, temperature=temperature), valid
     logps = _ChunkedLabelLogps.apply(h_sel, lm_head_weight, targets, rows, float(temperature))
     return logps, valid
 
@@ -233,6 +243,10 @@ def causal_lm_loss(
     Face's ``ForCausalLMLoss``.
     """
     h_sel, targets, rows, valid = _select_label_rows(hidden, lm_head_weight, labels, chunk_size)
+    if use_triton(h_sel):  # CUDA + Triton + kernels on: fused linear cross entropy (llmtune.kernels)
+        from llmtune.kernels.cross_entropy import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(h_sel, lm_head_weight, targets, chunk_size=rows)[0], valid.sum()
     return _ChunkedNLLSum.apply(h_sel, lm_head_weight, targets, rows), valid.sum()
 
 

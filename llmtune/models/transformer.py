@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llmtune.kernels import use_triton as _use_kernels
 from llmtune.models.config import ModelConfig
 
 
@@ -36,6 +37,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_kernels(x):  # CUDA + Triton + kernels on: fused forward/backward (llmtune.kernels.rmsnorm)
+            from llmtune.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -176,9 +181,14 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if _use_kernels(q):  # fused rotation of q and k (llmtune.kernels.rope)
+            from llmtune.kernels.rope import apply_rope
+
+            q, k = apply_rope(q, k, cos, sin)
+        else:
+            cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if self.num_kv_heads != self.num_heads:
@@ -203,6 +213,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_kernels(x):  # fused silu(gate) * up (llmtune.kernels.swiglu)
+            from llmtune.kernels.swiglu import swiglu
+
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from llmtune.constants import IGNORE_INDEX
 from llmtune.errors import LLMTuneError, notice
+from llmtune.kernels import set_enabled as set_kernels_enabled
 from llmtune.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -721,6 +722,7 @@ def train_ppo(config: Any, reward_fn: Optional[RewardFn] = None) -> dict[str, An
     out = prepare_output_dir(cfg)
     set_seed(cfg.seed)
     device = train_device(cfg)
+    set_kernels_enabled(cfg.use_kernels)  # Triton kernels on CUDA (llmtune.kernels); off: PyTorch references
 
     model = load_model(cfg.model_name_or_path, dtype=load_dtype(cfg, device.split(":")[0]), device=device,
                        adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,

@@ -34,6 +34,7 @@ from llmtune.data.collator import get_collator
 from llmtune.data.templates import get_template
 from llmtune.errors import notice
 from llmtune.fileio import write_json
+from llmtune.kernels import set_enabled as set_kernels_enabled
 from llmtune.peft.targets import select_lora_targets
 from llmtune.tokenizer import load_tokenizer
 from llmtune.train.distributed import barrier, distributed_session, gather_full_state_dict, is_main, unwrap
@@ -101,6 +102,7 @@ def load_base_model(cfg: Any) -> torch.nn.Module:
     fine-tuning type needs (:func:`llmtune.train.precision.load_dtype`), 4-bit when ``quantization_bit``.
     ``model.adapter_chain`` is the chain applied: the one the outputs record."""
     device = train_device(cfg)
+    set_kernels_enabled(cfg.use_kernels)  # Triton kernels on CUDA (llmtune.kernels); off: PyTorch references
     return runs.load_model(cfg.model_name_or_path, dtype=load_dtype(cfg, device.split(":")[0]), device=device,
                            adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
                            quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)
