@@ -33,14 +33,8 @@ from typing import Optional
 
 import torch
 
-<<<<<<< HEAD
 from llmtune.constants import IGNORE_INDEX
-
-=======
 from llmtune.kernels.dispatch import use_triton
-
-IGNORE_INDEX = -100
->>>>>>> kernels
 
 # Elements (rows x vocab) of one float32 logits chunk when ``chunk_size`` is None: 2**25 floats = 128 MiB.
 _AUTO_CHUNK_ELEMENTS = 2**25
