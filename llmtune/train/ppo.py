@@ -647,7 +647,8 @@ class PPOTrainer:
         """
         from llmtune.train.logging import TrainLogger
 
-        logger = TrainLogger(output_dir, self.total_steps, self.report_to)
+        logger = TrainLogger(output_dir, self.total_steps, self.report_to,
+                             progress=not getattr(self.cfg, "disable_tqdm", False))
         logging_steps = max(1, int(self.cfg.logging_steps if self.cfg.logging_steps >= 1
                                    else math.ceil(self.cfg.logging_steps * self.total_steps)))
         start = time.time()
@@ -736,6 +737,9 @@ def train_ppo(config: Any, reward_fn: Optional[RewardFn] = None) -> dict[str, An
     add_value_head(model)  # the critic: trainable, float32, on the policy's backbone
     trainer = PPOTrainer(model, cfg, prompts, reward, tokenizer, chat_stop_ids(tokenizer, template),
                          ref_model=ref_model)
+    from llmtune.train.checkpoint import clear_for_overwrite
+
+    clear_for_overwrite(cfg, out)  # everything is loaded and checked: only now clear an earlier run
     results = trainer.train(out)
 
     if cfg.finetuning_type == "lora":

@@ -16,10 +16,8 @@ The output folder describes itself (DESIGN.md "Outputs describe themselves"):
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -45,20 +43,17 @@ def as_config(config: Any):
 
 
 #: file names (glob patterns) a training run writes into ``output_dir``; ``overwrite_output_dir`` removes these
-RUN_OUTPUTS = (LOG_FILE, "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
-               "model-*-of-*.safetensors", "model.safetensors.index.json", "value_head.safetensors", "config.json",
-               "generation_config.json", "train_results.json", "eval_results.json", "all_results.json",
-               "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "training_*.png",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+RUN_OUTPUTS = ckpt.RUN_OUTPUTS
 
 
 def prepare_output_dir(cfg: Any) -> Path:
     """Apply the output-folder rules and return the folder (created).
 
     A non-empty ``output_dir`` (e.g. holding an earlier run) is an error unless ``overwrite_output_dir``
-    (then the files and ``checkpoint-*`` folders a run writes, :data:`RUN_OUTPUTS`, are removed first, so a
+    (then the files and ``checkpoint-*`` folders a run writes, :data:`RUN_OUTPUTS`, are removed later, so a
     LoRA run over a full run leaves no stale ``model.safetensors``; other files are kept) or
-    ``resume_from_checkpoint`` is set. Nothing is touched when it raises.
+    ``resume_from_checkpoint`` is set. Nothing is removed here: the caller calls
+    ``checkpoint.clear_for_overwrite`` once the model, adapters and data have loaded.
 
     Raises:
         LLMTuneError: ``output_dir`` is a file, is a folder the run reads (``model_name_or_path``,
@@ -77,20 +72,15 @@ def prepare_output_dir(cfg: Any) -> Path:
                                        "new folder")
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint not in (
         None, False) else None
-    if out.is_dir() and any(out.iterdir()) and resume is None:
-        if not cfg.overwrite_output_dir:
-            found = sorted(p.name for p in out.iterdir())[:4]
-            raise LLMTuneError(
-                f"output_dir: {out} is not empty (holds {', '.join(found)}...), probably a previous run; choose a "
-                "new output_dir, set overwrite_output_dir: true to replace it, or resume_from_checkpoint: true to "
-                "continue it")
-        if _is_main():
-            notice(f"overwrite_output_dir: replacing the previous run in {out}")
-            for p in out.iterdir():
-                if p.is_dir() and (ckpt.CHECKPOINT_RE.match(p.name) or p.name.startswith("tmp-checkpoint-")):
-                    shutil.rmtree(p)
-                elif p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_OUTPUTS):
-                    p.unlink()
+    from llmtune.locks import LOCK_NAME
+
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    if entries and resume is None and not cfg.overwrite_output_dir:
+        raise LLMTuneError(
+            f"output_dir: {out} is not empty (holds {', '.join(entries[:4])}...), probably a previous run; choose "
+            "a new output_dir, set overwrite_output_dir: true to replace it, or resume_from_checkpoint: true to "
+            "continue it")
+    # overwrite_output_dir: nothing is removed here; ckpt.clear_for_overwrite runs once model and data are loaded
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -205,8 +195,10 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
 
     out = Path(str(cfg.output_dir)).expanduser() if cfg.output_dir else None
     existed = out is not None and out.exists()
+    from llmtune.locks import lock_output
+
     try:
-        with distributed_session(cfg):
+        with distributed_session(cfg), lock_output(out, "output_dir"):  # one run per output_dir at a time
             return _run_train(cfg)
     except BaseException:
         # a run that failed before writing anything leaves no empty output_dir behind (a later run may use it)
@@ -274,6 +266,8 @@ def _run_train(cfg: Any) -> dict[str, Any]:
     results: dict[str, Any] = {}
     trainer = Trainer(model, cfg, train_rows if cfg.do_train else (eval_rows or train_rows), eval_rows,
                       collator=_collator(cfg, tokenizer, cfg.stage), tokenizer=tokenizer, ctx_extra=extra)
+    if _is_main():  # everything is checked (config, model, adapters, data, optimizer): only now clear the old run
+        ckpt.clear_for_overwrite(cfg, out)
     if cfg.do_train:
         train_results = trainer.train()
         results.update(train_results)
@@ -333,6 +327,9 @@ def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: 
     """Write the trained adapter (PEFT format) or the full model (safetensors + config.json) to ``out``;
     a reward model's value head goes to ``value_head.safetensors`` (alone when it was trained alone).
     ``state_dict``: the gathered full weights of an FSDP2-sharded model (else ``model.state_dict()``)."""
+    from llmtune.train.guard import check_weights_finite
+
+    check_weights_finite((state_dict if state_dict is not None else model.state_dict()).items(), "the final model")
     if getattr(model, "v_head", None) is not None:
         from llmtune.models.value_head import save_value_head
 
