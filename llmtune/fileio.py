@@ -39,3 +39,31 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
 def make_public_dir(folder: str | Path) -> None:
     """Give ``folder`` (e.g. from ``tempfile.mkdtemp``, mode 0700) the permissions the umask allows (0755)."""
     os.chmod(folder, 0o777 & ~_umask())
+
+
+def read_text(path: str | Path, what: str = "", fix: str = "save it as UTF-8") -> str:
+    """The text of ``path`` decoded as UTF-8 (a leading BOM dropped), or one :class:`LLMTuneError`.
+
+    Args:
+        path: the file. what: the config key or role naming it in the message (``dataset 'x'``,
+            ``dataset_info.json``, ``tokenizer config``). fix: how to fix bytes that are not UTF-8.
+
+    Raises:
+        LLMTuneError: bytes that are not UTF-8 (message: file, byte offset, the bytes, ``fix``); an unreadable
+            file (missing, a folder, permission denied).
+    """
+    from llmtune.errors import LLMTuneError
+
+    path = Path(path)
+    label = f"{what}: " if what else ""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise LLMTuneError(f"{label}cannot read {path} ({err.strerror or type(err).__name__}); check the path and "
+                           "its permissions") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise LLMTuneError(f"{label}{path} is not UTF-8 text: byte {err.start} (line {line}) is "
+                           f"{raw[err.start:err.start + 4]!r}; {fix}") from None
