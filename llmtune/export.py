@@ -450,6 +450,9 @@ def export(config: Any) -> Path:
     """
     from llmtune.config import parse_config
 
+    if not isinstance(config, (dict, str, Path, list, tuple)) and type(config).__name__ != "TrainConfig":
+        raise LLMTuneError(f"export: expected a config dict, a YAML path or a TrainConfig, got "
+                           f"{type(config).__name__} {config!r:.60}")
     cfg = parse_config(config, command="export")
     fmt = (cfg.export_format or "safetensors").lower()
     if fmt not in ("safetensors", "gguf"):

@@ -99,6 +99,8 @@ def _resolve_chain(current: str, seen: tuple) -> tuple[str, list[Path]]:
         cfg_file = p / "adapter_config.json"
         try:
             cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise LLMTuneError(f"{cfg_file}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
         except (OSError, json.JSONDecodeError) as e:
             raise LLMTuneError(f"{cfg_file}: cannot read ({e})") from None
         base = cfg.get("base_model_name_or_path")

@@ -37,8 +37,9 @@ def as_config(config: Any):
     """A validated ``llmtune.config.TrainConfig`` from a TrainConfig, a dict, or a YAML path."""
     from llmtune.config import TrainConfig, parse_config
 
-    if isinstance(config, TrainConfig):
-        return parse_config(config, command="train")
+    if not isinstance(config, (TrainConfig, dict, str, Path, list, tuple)):
+        raise LLMTuneError(f"train: expected a config dict, a YAML path or a TrainConfig, got "
+                           f"{type(config).__name__} {config!r:.60}; e.g. llmtune.train({{'stage': 'sft', ...}})")
     return parse_config(config, command="train")
 
 
