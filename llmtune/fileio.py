@@ -26,14 +26,37 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
     """Write ``tensors`` (name -> contiguous tensor) to the safetensors file ``path`` with umask permissions.
 
     Format: the safetensors specification (8-byte header length, JSON header, raw little-endian data).
-    Raises whatever ``safetensors.torch.save_file`` raises (e.g. for non-contiguous or shared tensors).
+    Written to a temporary name in the same folder and renamed, so ``path`` is never a truncated file.
+    Raises ``OSError`` (errno, file name) for an I/O failure such as a full disk, else whatever
+    ``safetensors.torch.save_file`` raises (e.g. for non-contiguous or shared tensors).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)  # a full disk or a kill never leaves a truncated file under the real name
+    except BaseException as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if type(err).__name__ == "SafetensorError" and "os error" in str(err):
+            raise _as_os_error(err, path) from None
+        raise
     return path
+
+
+def _as_os_error(err: BaseException, path: Path) -> OSError:
+    """safetensors' I/O error (``... (os error 28)``) as the ``OSError`` it wraps, naming ``path``."""
+    import errno
+    import re
+
+    m = re.search(r"os error (\d+)", str(err))
+    code = int(m.group(1)) if m else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
 
 
 def make_public_dir(folder: str | Path) -> None:
