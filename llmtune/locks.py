@@ -71,31 +71,52 @@ class FolderLock:
         if real in FolderLock._held:
             self._nested = True
             return self
-        try:
-            if not self.folder.exists():
+        if not self.folder.exists():
+            try:
                 self.folder.mkdir(parents=True)
                 self._created_folder = True
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (0 if fcntl else os.O_EXCL), 0o644)
-        except FileExistsError:  # no fcntl: an O_EXCL file exists
-            holder = self._holder()
-            if holder is not None and _pid_alive(holder):
-                raise self._busy(holder) from None
-            self.path.unlink(missing_ok=True)  # its holder is dead: take it over
-            return self.acquire()
-        except OSError as err:
-            raise LLMTuneError(f"{self.key}: cannot write to {self.folder} ({err.strerror}); choose a folder you "
-                               "can write to, or free space on its disk") from None
-        if fcntl is not None:
+            except FileExistsError:  # another run created it first: the lock below decides
+                pass
+            except OSError as err:
+                raise self._unwritable(err) from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (0 if fcntl else os.O_EXCL), 0o644)
+            except FileExistsError:  # no fcntl: an O_EXCL file exists
+                holder = self._holder()
+                if holder is not None and _pid_alive(holder):
+                    raise self._busy(holder) from None
+                self.path.unlink(missing_ok=True)  # its holder is dead: take it over
+                continue
+            except OSError as err:
+                raise self._unwritable(err) from None
+            if fcntl is None:
+                break
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
                 raise self._busy(self._holder()) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+            try:  # the holder may have released and unlinked the file between our open and flock: retry
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
         self._fd = fd
         FolderLock._held[real] = self
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        except OSError as err:  # e.g. a full disk: undo everything, one line
+            self.release()
+            raise self._unwritable(err) from None
         return self
+
+    def _unwritable(self, err: OSError) -> LLMTuneError:
+        return LLMTuneError(f"{self.key}: cannot write to {self.folder} ({err.strerror}); choose a folder you can "
+                            "write to, or free space on its disk")
 
     def _holder(self) -> Optional[int]:
         try:
