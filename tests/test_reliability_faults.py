@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability_helpers import cli_env, make_data_dir, make_model_folder, run_subprocess, train_args, tree_hash
+from reliability_helpers import cli_env, make_data_dir, make_model_folder, train_args, tree_hash
 
 #: runs the CLI, SIGKILLing itself inside the Nth checkpoint save ("save") or right after optimizer step N ("step")
 DRIVER = r"""
@@ -68,18 +68,30 @@ def _driver(mode: str, at: int, args: list[str]) -> subprocess.CompletedProcess:
                           env=cli_env(), timeout=300)
 
 
+def _train_in_process(args: list[str]) -> int:
+    """``llmtune train`` in this process with one thread, as the subprocesses run (OMP_NUM_THREADS=1), so the
+    float reductions happen in the same order; saves the ~2 s import of a subprocess."""
+    import torch
+
+    from llmtune.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(["train", *args])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(inputs):
     out = inputs["root"] / "reference"
-    proc = run_subprocess(["train", *_args(inputs, out)])
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert _train_in_process(_args(inputs, out)) == 0
     return _log(out)
 
 
 def _resume_and_compare(inputs, out: Path, reference: list) -> None:
-    proc = run_subprocess(["train", *_args(inputs, out, resume_from_checkpoint=True)])
-    err = proc.stderr.decode()
-    assert proc.returncode == 0, err[-2000:]
+    assert _train_in_process(_args(inputs, out, resume_from_checkpoint=True)) == 0
     assert _log(out) == reference  # same losses and gradient norms, to the last digit
     assert not list(out.glob("tmp-*")), "leftover temporary checkpoint folders"
     assert not (out / ".llmtune.lock").exists()
@@ -102,7 +114,7 @@ def test_kill_during_a_checkpoint_save_leaves_no_half_checkpoint_and_resumes(inp
     _resume_and_compare(inputs, out, reference)  # also: tmp-checkpoint-6 is cleaned at the start
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_kill_at_a_random_moment_then_resume_gives_identical_losses(inputs, reference, tmp_path, seed):
     out = tmp_path / "out"
     rng = random.Random(seed)
@@ -162,7 +174,7 @@ def test_a_second_run_on_a_held_output_dir_is_refused_and_a_dead_holders_lock_is
 
 def test_two_real_runs_started_together_one_wins_one_is_refused(inputs, tmp_path):
     out = tmp_path / "out"
-    args = ["train", *_args(inputs, out, max_steps=30, save_steps=1000)]
+    args = ["train", *_args(inputs, out, max_steps=12, save_steps=1000)]
     procs = [subprocess.Popen([sys.executable, "-m", "llmtune", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=cli_env()) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
@@ -173,7 +185,7 @@ def test_two_real_runs_started_together_one_wins_one_is_refused(inputs, tmp_path
     loser = next(err for rc, err in results if rc == 2)
     assert "llmtune: error:" in loser and "Traceback" not in loser
     assert ("in use by process" in loser) or ("not empty" in loser)
-    assert len(_log(out)) == 30  # one run's log, not two interleaved
+    assert len(_log(out)) == 12  # one run's log, not two interleaved
 
 
 def test_a_second_export_into_a_held_export_dir_is_refused(inputs, tmp_path, capsys):
@@ -229,10 +241,9 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_folder(inp
 def test_a_full_disk_then_resume_from_the_last_complete_checkpoint(inputs, reference, small_tmpfs, capsys):
     """A checkpoint that no longer fits stops the run naming the last complete one; with space freed, resuming
     from it reproduces the reference losses."""
-    from llmtune.cli import main
+    import llmtune.train.checkpoint as ck
 
     out = small_tmpfs / "out"
-    import llmtune.train.checkpoint as ck
 
     calls = [0]
     orig = ck.save_optimizer
@@ -243,16 +254,11 @@ def test_a_full_disk_then_resume_from_the_last_complete_checkpoint(inputs, refer
             _fill(small_tmpfs, leave_pages=0)
         return orig(*a, **k)
 
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the reference subprocess (OMP_NUM_THREADS=1): same reduction order
     ck.save_optimizer = fill_then_save
     try:
-        rc = main(["train", *_args(inputs, out)])
+        rc = _train_in_process(_args(inputs, out))
     finally:
         ck.save_optimizer = orig
-        torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert rc == 2 and "No space left on device" in err and str(out / "checkpoint-3") in err, err[-2000:]
     assert not list(out.glob("tmp-*"))

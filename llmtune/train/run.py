@@ -25,7 +25,6 @@ import torch
 
 from llmtune.errors import LLMTuneError, notice
 from llmtune.train import checkpoint as ckpt
-from llmtune.train.logging import LOG_FILE
 from llmtune.train.trainer import Trainer, _is_main, cpu_supports_bf16, pad_collate, set_seed, write_json
 
 #: files that mark a folder as the output of an earlier run

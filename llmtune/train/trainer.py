@@ -23,7 +23,6 @@ Sources: AdamW (Loshchilov & Hutter, 2019); schedules as in Hugging Face ``trans
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
