@@ -468,4 +468,33 @@ def test_bad_input_in_a_real_subprocess(name, build, stdin, ctx):
 
 
 def test_the_table_holds_at_least_100_bad_inputs():
-    assert len(CASES) + len(API_CASES) + len(SUBPROCESS_CASES) >= 100
+    assert len(CASES) + len(API_CASES) + len(SUBPROCESS_CASES) + len(REAL_CASES) >= 100
+
+
+# -- a few cases with the real model (SmolLM2-135M GGUF): the errors come after a real model load -------------
+REAL_CASES = [
+    ("real-train-data-not-utf8", lambda c, m: c.train(model=m, template="smollm2",
+                                                      data=data_with(c, "toy.json", b'[{"instruction": "' + BAD_UTF8 + b'"}]'))),
+    ("real-train-overwrite-with-typo-keeps-the-run", lambda c, m: c.train(model=m, template="smollm2", dataset="toyy",
+                                                                          out=c.copy("ckpt_run", "out"),
+                                                                          overwrite_output_dir=True)),
+    ("real-chat-stdin-not-utf8", lambda c, m: _no_template(c.chat(model=m, stdin=b"hi\n" + BAD_UTF8 + b"\n"))),
+    ("real-export-into-a-folder-with-files", lambda c, m: c.export(model=m, adapter=False,
+                                                                   export_dir=_write(c.tmp / "e" / "x.txt", "mine").parent)),
+]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name,build", REAL_CASES, ids=[c[0] for c in REAL_CASES])
+def test_bad_input_with_the_real_model(name, build, ctx, capsys, monkeypatch, real_model_path):
+    from llmtune.cli import main
+
+    argv = [str(a) for a in build(ctx, real_model_path)]
+    before = _watch(ctx)
+    if ctx.stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(ctx.stdin), encoding="utf-8"))
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert len([x for x in err.splitlines() if x.startswith("llmtune: error:")]) == 1 and "Traceback" not in err
+    assert _watch(ctx) == before

@@ -615,7 +615,11 @@ class PPOTrainer:
                     stats["vl"].append(float(vl.detach()))
                     stats["cf"].append(float(clipfrac))
                 stats["gn"].append(float(torch.nn.utils.clip_grad_norm_(params, limit)))
-                self.optimizer.step()
+                from llmtune.train.guard import nonfinite_step  # NaN/inf: stop (naming the step) or skip
+
+                if not nonfinite_step(self.global_step + 1, stats["pl"][-1] + stats["vl"][-1], stats["gn"][-1],
+                                      c.output_dir, getattr(c, "nonfinite_policy", "stop")):
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
         return {"ppo/loss/policy": mean(stats["pl"]), "ppo/loss/value": mean(stats["vl"]),
