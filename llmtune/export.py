@@ -628,3 +628,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 __all__ = ["export", "main", "save_hf_folder", "plan_shards", "shard_file_names", "resolve_adapters",
            "check_adapter_fits", "merge_chain", "GB"]
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """Makes ``llmtune.export(config)`` work even after ``import llmtune.export`` has bound the attribute
+    ``llmtune.export`` to this module (Python binds a package's submodules as attributes on import)."""
+
+    def __call__(self, config: Any) -> Path:
+        return export(config)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule
