@@ -306,6 +306,8 @@ CASES: list = [
     ("resume-truncated-trainer-state", lambda c: c.train(out=ckpt_out(c, "trainer_state.json", truncate=0.5), resume_from_checkpoint=True)),
     ("resume-trainer-state-not-utf8", lambda c: c.train(out=ckpt_out(c, "trainer_state.json", b'{"global_step": 2, "x": "' + BAD_UTF8 + b'"}'), resume_from_checkpoint=True)),
     ("resume-trainer-state-not-object", lambda c: c.train(out=ckpt_out(c, "trainer_state.json", "[1, 2]"), resume_from_checkpoint=True)),
+    ("resume-trainer-state-no-epoch", lambda c: c.train(out=ckpt_out(c, "trainer_state.json", {"global_step": 2}), resume_from_checkpoint=True)),
+    ("resume-optimizer-json-missing", lambda c: c.train(out=ckpt_out(c, "optimizer.json", remove=True), resume_from_checkpoint=True)),
     ("resume-rng-state-missing", lambda c: c.train(out=ckpt_out(c, "rng_state.safetensors", remove=True), resume_from_checkpoint=True)),
     ("resume-trainable-truncated", lambda c: c.train(out=ckpt_out(c, "trainable.safetensors", truncate=0.5), resume_from_checkpoint=True)),
     ("resume-optimizer-json-invalid", lambda c: c.train(out=ckpt_out(c, "optimizer.json", "{"), resume_from_checkpoint=True)),

@@ -421,9 +421,12 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     """
     folder = Path(folder)
     state = read_checkpoint_json(folder / TRAINER_STATE)  # first: a truncated state fails before any copy
-    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+    missing = [k for k in ("global_step", "epoch", "step_in_epoch")
+               if not isinstance(state, dict) or not isinstance(state.get(k), int) or isinstance(state.get(k), bool)]
+    if missing or not isinstance(state.get("log_history", []), list):
         raise LLMTuneError(f"resume_from_checkpoint: {folder / TRAINER_STATE} is not an llmtune trainer state "
-                           "(no integer global_step); resume from another checkpoint-N folder")
+                           f"(no integer {', '.join(missing) or 'log_history list'}); resume from another "
+                           "checkpoint-N folder")
     load_trainable_state_dict(model, read_checkpoint_tensors(folder / "trainable.safetensors"), str(folder))
     with checkpoint_file_errors(folder / "optimizer.safetensors"):
         load_optimizer(optimizer, folder)
