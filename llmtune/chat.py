@@ -217,10 +217,21 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: O
         interactive = stdin.isatty()
     if interactive:
         print(WELCOME, file=stdout, flush=True)
+    lineno = 0
     while True:
         if interactive:
             print("\nUser: ", end="", file=stdout, flush=True)
-        line = stdin.readline()
+        lineno += 1
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError as err:
+            raise LLMTuneError(f"standard input: line {lineno} is not UTF-8 text (byte {err.start} of the chunk read "
+                               f"is {err.object[err.start:err.start + 4]!r}); send UTF-8 (e.g. iconv -t utf-8)") from None
+        try:  # a C/POSIX locale decodes stdin with surrogateescape: undecodable bytes arrive as lone surrogates
+            line.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise LLMTuneError(f"standard input: line {lineno} is not UTF-8 text (character {err.start} is an "
+                               "undecodable byte); send UTF-8 (e.g. iconv -t utf-8)") from None
         if not line:
             if interactive:
                 print(file=stdout, flush=True)

@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llmtune: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or vanished folder while writing: one line, no traceback
+        if debug:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"llmtune: error: {where}{e.strerror or e} (errno {e.errno}); free space on that disk or choose a "
+              "folder you can write to", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("llmtune: interrupted", file=sys.stderr)
         return 130

@@ -100,6 +100,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     optim: str = "adamw_torch"
     max_grad_norm: float = 1.0
+    nonfinite_policy: str = "stop"  # stop|skip: a step with a non-finite loss/grad-norm stops the run, or is skipped
     num_train_epochs: float = 3.0
     max_steps: int = -1
     lr_scheduler_type: str = "linear"

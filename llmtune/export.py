@@ -324,7 +324,9 @@ def _check_export_dir(export_dir: Path, overwrite: bool, protected: Sequence[Uni
         if pp.exists() and (export_dir.resolve() == pp.resolve() or pp.resolve().is_relative_to(export_dir.resolve())):
             raise LLMTuneError(f"export_dir: {export_dir} holds the model or adapter being exported ({p}); "
                                "choose another folder")
-    if export_dir.is_dir() and any(export_dir.iterdir()) and not overwrite:
+    from llmtune.locks import LOCK_NAME
+
+    if export_dir.is_dir() and any(p.name != LOCK_NAME for p in export_dir.iterdir()) and not overwrite:
         raise LLMTuneError(f"export_dir: {export_dir} already holds files; choose an empty or new folder, or pass "
                            "--overwrite_export_dir True to replace its contents")
 
@@ -347,6 +349,9 @@ def export(config: Any) -> Path:
     """
     from llmtune.config import parse_config
 
+    if not isinstance(config, (dict, str, Path, list, tuple)) and type(config).__name__ != "TrainConfig":
+        raise LLMTuneError(f"export: expected a config dict, a YAML path or a TrainConfig, got "
+                           f"{type(config).__name__} {config!r:.60}")
     cfg = parse_config(config, command="export")
     fmt = (cfg.export_format or "safetensors").lower()
     if fmt not in ("safetensors", "gguf"):
@@ -368,8 +373,14 @@ def export(config: Any) -> Path:
     protected = [cfg.model_name_or_path] + [a.strip() for a in str(cfg.adapter_name_or_path or "").split(",")
                                             if a.strip()]
     _check_export_dir(export_dir, cfg.overwrite_export_dir, protected)
+    from llmtune.locks import lock_output
 
-    from llmtune.models.loader import load_model, parse_dtype
+    with lock_output(export_dir, "export_dir"):  # one export per folder at a time (llmtune.locks)
+        return _export(cfg, fmt, export_dir)
+
+
+def _export(cfg: Any, fmt: str, export_dir: Path) -> Path:
+    from llmtune.models.loader import is_gguf, load_model, parse_dtype
 
     chain = resolve_chain(cfg.model_name_or_path, cfg.adapter_name_or_path)
     base, adapters = chain.base, list(chain.adapters)
@@ -470,16 +481,35 @@ def _write_gguf_export(model: torch.nn.Module, out_dir: Path, gguf_type: str, to
     return path
 
 
+#: file names (glob patterns) an export of ours writes; ``overwrite_export_dir`` replaces only these
+EXPORT_OUTPUTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "model-*.gguf",
+                  "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "chat_template.jinja", "value_head.safetensors")
+
+
 def _move_into_place(tmp: Path, export_dir: Path) -> None:
-    """Rename the finished temporary folder to ``export_dir`` (the old contents, when overwriting, go last)."""
-    old = None
-    if export_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.old-", dir=str(export_dir.parent)))
-        os.rmdir(old)
-        os.rename(export_dir, old)
-    os.rename(tmp, export_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Publish the finished temporary folder as ``export_dir``: a rename when ``export_dir`` is new or empty;
+    when overwriting, each new file is renamed in (``os.replace``) and the earlier export's files that the
+    new one does not have (e.g. other shards, :data:`EXPORT_OUTPUTS`) are removed; any other file is kept."""
+    import fnmatch
+
+    from llmtune.locks import LOCK_NAME
+    from llmtune.train.checkpoint import fsync_dir, fsync_tree
+
+    fsync_tree(tmp)
+    if not export_dir.exists():
+        os.rename(tmp, export_dir)
+        fsync_dir(export_dir.parent)
+        return
+    new = {p.name for p in tmp.iterdir()}
+    for p in sorted(tmp.iterdir()):
+        os.replace(p, export_dir / p.name)
+    for p in export_dir.iterdir():
+        if p.is_file() and p.name not in new and p.name != LOCK_NAME and any(
+                fnmatch.fnmatchcase(p.name, pat) for pat in EXPORT_OUTPUTS):
+            p.unlink()
+    fsync_dir(export_dir)
+    os.rmdir(tmp)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -498,3 +528,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 __all__ = ["export", "main", "save_hf_folder", "plan_shards", "shard_file_names",
            "check_adapter_fits", "merge_chain", "GB"]
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """Makes ``llmtune.export(config)`` work even after ``import llmtune.export`` has bound the attribute
+    ``llmtune.export`` to this module (Python binds a package's submodules as attributes on import)."""
+
+    def __call__(self, config: Any) -> Path:
+        return export(config)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

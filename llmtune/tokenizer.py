@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -160,10 +162,13 @@ class Tokenizer:
         Returns:
             the rendered string, or its token ids (no special tokens added) with ``tokenize=True``.
 
+        Rendering is bounded (:func:`render_bounded`): :data:`RENDER_SECONDS` of time, :data:`RENDER_MAX_CHARS`
+        of output, ``range`` up to :data:`RENDER_MAX_RANGE` items; ``include``/``import``/``extends`` refused.
+
         Raises:
-            LLMTuneError: the tokenizer has no chat template, or the template raised an error.
+            LLMTuneError: the tokenizer has no chat template, or the template failed or passed a limit (one
+                line naming the file the template came from).
         """
-        import jinja2
 
         template = chat_template or self.chat_template
         if isinstance(template, list):  # [{"name": ..., "template": ...}] (named templates)
@@ -174,11 +179,13 @@ class Tokenizer:
                                "--template (e.g. chatml, llama3, qwen)")
         context = {k: getattr(self, k) for k in _SPECIAL_KEYS if getattr(self, k) is not None}
         context.update(kwargs)
+        source = getattr(self, "chat_template_source", None) or self.name_or_path
         try:
-            text = _compile_template(template).render(messages=messages, tools=tools,
-                                                      add_generation_prompt=add_generation_prompt, **context)
-        except jinja2.TemplateError as e:
-            raise LLMTuneError(f"chat template of {self.name_or_path}: {e}") from None
+            compiled = _compile_template(template)
+        except LLMTuneError as e:
+            raise LLMTuneError(f"{source}: {e}") from None
+        text = render_bounded(compiled, source, messages=messages, tools=tools,
+                              add_generation_prompt=add_generation_prompt, **context)
         if tokenize:
             return self.encode(text, add_special_tokens=False)
         return text
@@ -220,11 +227,110 @@ class Tokenizer:
                 f"eos={self.eos_token!r}, pad={self.pad_token!r}, eos_token_ids={self.eos_token_ids})")
 
 
+#: limits of one chat-template rendering (a real template renders a conversation in milliseconds)
+RENDER_SECONDS = 5.0
+RENDER_MAX_CHARS = 8_000_000
+RENDER_MAX_RANGE = 100_000
+
+
+class TemplateLimitError(Exception):
+    """A chat template ran past :data:`RENDER_SECONDS` or :data:`RENDER_MAX_CHARS`, or used a refused feature."""
+
+
+_render_state = threading.local()
+
+
+def _tick() -> None:
+    deadline = getattr(_render_state, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise TemplateLimitError(f"rendering took over {RENDER_SECONDS:g} s (a loop that does not end?)")
+
+
+def _bounded_env_class():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """jinja2's immutable sandbox plus a deadline checked on every call, attribute and item access and
+        loop step over ``range``, a size cap on ``*`` / ``**`` results and on ``range``."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call(self, __context, __obj, *args, **kwargs):  # noqa: N807 - jinja2's signature
+            _tick()
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def getattr(self, obj, attribute):
+            _tick()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            _tick()
+            return super().getitem(obj, argument)
+
+        def call_binop(self, context, operator, left, right):
+            _tick()
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise TemplateLimitError(f"the power {left!r} ** {right!r} is too large")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_MAX_CHARS:
+                        raise TemplateLimitError(f"a repeated sequence of {len(seq) * n} items is too large")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox
+
+
+def _bounded_range(*args):
+    r = range(*args)
+    if len(r) > RENDER_MAX_RANGE:
+        raise TemplateLimitError(f"range() of {len(r)} items is too large (limit {RENDER_MAX_RANGE})")
+
+    def steps():
+        for i in r:
+            _tick()
+            yield i
+
+    return steps()
+
+
+def render_bounded(compiled, source: str, **context: Any) -> str:
+    """Render a compiled chat template within :data:`RENDER_SECONDS` and :data:`RENDER_MAX_CHARS`.
+
+    Raises:
+        LLMTuneError: any failure (the template's own ``raise_exception``, a limit, an error inside the
+            template), as one line naming ``source`` (the file the template came from).
+    """
+    import jinja2
+
+    _render_state.deadline = time.monotonic() + RENDER_SECONDS
+    size, parts = 0, []
+    try:
+        for piece in compiled.generate(**context):
+            size += len(piece)
+            if size > RENDER_MAX_CHARS:
+                raise TemplateLimitError(f"the output passed {RENDER_MAX_CHARS} characters")
+            _tick()
+            parts.append(piece)
+    except TemplateLimitError as e:
+        raise LLMTuneError(f"chat template of {source}: {e}; fix the template or choose a built-in one with "
+                           "--template (e.g. chatml, llama3, qwen)") from None
+    except jinja2.TemplateError as e:
+        raise LLMTuneError(f"chat template of {source}: {e}") from None
+    except RecursionError:
+        raise LLMTuneError(f"chat template of {source}: recursion too deep; fix the template or choose a "
+                           "built-in one with --template") from None
+    except Exception as e:  # noqa: BLE001 - any error raised inside a user's template: one line
+        raise LLMTuneError(f"chat template of {source}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                           "; fix the template or choose a built-in one with --template") from None
+    finally:
+        _render_state.deadline = None
+    return "".join(parts)
+
+
 @lru_cache(maxsize=16)
 def _compile_template(template: str):
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class _Generation(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}`` (assistant-mask markers) render their body unchanged."""
@@ -248,15 +354,25 @@ def _compile_template(template: str):
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = _bounded_env_class()(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.globals["range"] = _bounded_range
+    try:
+        tree = env.parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise LLMTuneError(f"chat_template: Jinja syntax error at line {e.lineno}: {e.message}") from None
+    for node in tree.find_all((jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport,
+                               jinja2.nodes.Extends)):
+        raise LLMTuneError(f"chat_template: line {node.lineno} uses {type(node).__name__.lower()}, which a chat "
+                           "template may not do (it must be one self-contained template); inline that part")
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise LLMTuneError(f"chat_template: Jinja syntax error at line {e.lineno}: {e.message}") from None
+    except RecursionError:
+        raise LLMTuneError("chat_template: the template nests too deeply to compile") from None
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -264,16 +380,27 @@ def _compile_template(template: str):
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
+    from llmtune.fileio import read_text
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "tokenizer", "re-save it as UTF-8 (or copy it again from the model)"))
     except json.JSONDecodeError as e:
-        raise LLMTuneError(f"{path}: not valid JSON ({e})") from None
+        raise LLMTuneError(f"{path}: not valid JSON ({e.msg} at byte {e.pos}); copy the file again from the "
+                           "model's source") from None
+    if not isinstance(data, dict):
+        raise LLMTuneError(f"{path}: expected a JSON object, found {type(data).__name__}; copy the file again from "
+                           "the model's source")
+    return data
 
 
 def _eos_list(value: Any) -> list[int]:
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+    try:
+        return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+    except (TypeError, ValueError):
+        raise LLMTuneError(f"eos_token_id: {value!r} in the model's generation_config.json/config.json is not a "
+                           "token id or a list of ids; fix that file") from None
 
 
 def _load_folder(folder: Path) -> Tokenizer:
@@ -296,16 +423,23 @@ def _load_folder(folder: Path) -> Tokenizer:
     stm = _read_json(folder / "special_tokens_map.json")
     specials = {k: _token_str(cfg.get(k)) or _token_str(stm.get(k)) for k in _SPECIAL_KEYS}
     template = cfg.get("chat_template")
+    source = folder / "tokenizer_config.json"
     if (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        from llmtune.fileio import read_text
+
+        source = folder / "chat_template.jinja"
+        template = read_text(source, "chat template", "re-save it as UTF-8")
     elif not template and (folder / "chat_template.json").is_file():
-        template = _read_json(folder / "chat_template.json").get("chat_template")
+        source = folder / "chat_template.json"
+        template = _read_json(source).get("chat_template")
     gen = _read_json(folder / "generation_config.json")
     gen_eos = gen.get("eos_token_id") if gen else _read_json(folder / "config.json").get("eos_token_id")
-    return Tokenizer(backend, **specials, add_bos_token=cfg.get("add_bos_token", False),
-                     add_eos_token=cfg.get("add_eos_token", False), chat_template=template,
-                     model_max_length=cfg.get("model_max_length"), generation_eos_token_ids=_eos_list(gen_eos),
-                     name_or_path=str(folder))
+    tok = Tokenizer(backend, **specials, add_bos_token=cfg.get("add_bos_token", False),
+                    add_eos_token=cfg.get("add_eos_token", False), chat_template=template,
+                    model_max_length=cfg.get("model_max_length"), generation_eos_token_ids=_eos_list(gen_eos),
+                    name_or_path=str(folder))
+    tok.chat_template_source = str(source)  # named in template errors
+    return tok
 
 
 @lru_cache(maxsize=1)

@@ -284,8 +284,11 @@ def test_non_empty_export_dir_is_refused_then_overwritten_on_request(tiny, tmp_p
     with pytest.raises(LLMTuneError, match="overwrite_export_dir"):
         export(args)
     assert (out / "keep.txt").read_text() == "user data" and len(os.listdir(out)) == 1
+    (out / "model-00001-of-00002.safetensors").write_text("an earlier export's shard")
     export({**args, "overwrite_export_dir": True})
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # issue 15: overwriting replaces only what an export writes (a stale shard goes); the user's file stays
+    assert (out / "keep.txt").read_text() == "user data" and (out / "model.safetensors").is_file()
+    assert not (out / "model-00001-of-00002.safetensors").exists() and not (out / ".llmtune.lock").exists()
 
 
 def test_bad_gguf_type_is_refused(tiny, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from llmtune.config import parse_config
 from llmtune.errors import LLMTuneError
+from llmtune.train.checkpoint import clear_for_overwrite
 from llmtune.train.outputs import prepare_output_dir
 
 
@@ -44,7 +45,11 @@ def test_output_dir_with_a_previous_run_is_an_error_and_nothing_is_touched(tmp_p
 def test_overwrite_output_dir_clears_old_checkpoints_and_log(tmp_path, capsys):
     out = tmp_path / "out"
     previous_run(out)
-    prepare_output_dir(cfg(tmp_path, overwrite_output_dir=True))
+    c = cfg(tmp_path, overwrite_output_dir=True)
+    before = snapshot(out)
+    prepare_output_dir(c)
+    assert snapshot(out) == before  # issue 15: nothing is removed before the model and data have loaded
+    clear_for_overwrite(c, out)
     assert not (out / "checkpoint-5").exists() and not (out / "trainer_log.jsonl").exists()
     assert "overwrite_output_dir" in capsys.readouterr().err
 
@@ -59,7 +64,9 @@ def test_overwrite_output_dir_removes_the_previous_runs_files_and_keeps_the_user
     (out / "my_notes.txt").write_text("keep me")
     (out / "data").mkdir()
     (out / "data" / "eval_results.json").write_text("{}")
-    prepare_output_dir(cfg(tmp_path, overwrite_output_dir=True))
+    c = cfg(tmp_path, overwrite_output_dir=True)
+    prepare_output_dir(c)
+    clear_for_overwrite(c, out)
     assert not any((out / name).exists() for name in old + ["adapter_model.safetensors"])
     assert (out / "my_notes.txt").read_text() == "keep me" and (out / "data" / "eval_results.json").is_file()
 

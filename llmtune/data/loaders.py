@@ -10,12 +10,14 @@ name order, concatenated). Hub datasets (``hf_hub_url``) are fetched with
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
 from llmtune.data.registry import DATA_SUFFIXES, DatasetAttr
 from llmtune.errors import LLMTuneError
+from llmtune.fileio import read_text
 
 
 def data_files(attr: DatasetAttr) -> list[Path]:
@@ -87,24 +89,31 @@ def read_file(path: Path) -> list[dict]:
     """Rows of one data file as a list of dicts (see the module docstring for the formats).
 
     Raises:
-        LLMTuneError: malformed JSON (file and line), a JSON file that is not a list of objects, parquet
-            without pyarrow.
+        LLMTuneError: bytes that are not UTF-8 (file, byte offset), malformed JSON (file and line), a JSON file
+            that is not a list of objects, malformed CSV, parquet without pyarrow or damaged.
     """
     suffix = path.suffix.lower()
+    if suffix in (".txt", ".csv", ".json", ".jsonl"):
+        text = read_text(path, "dataset", "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or remove "
+                         "those bytes")
     if suffix == ".txt":
-        with open(path, encoding="utf-8") as fh:
-            return [{"text": line.rstrip("\n")} for line in fh if line.strip()]
+        return [{"text": line.rstrip("\r")} for line in text.split("\n") if line.strip()]
     if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            return [dict(r) for r in csv.DictReader(fh)]
+        try:
+            return [dict(r) for r in csv.DictReader(io.StringIO(text, newline=""))]
+        except csv.Error as err:
+            raise LLMTuneError(f"{path}: invalid CSV ({err}); fix the file or convert it to .jsonl.") from None
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
             raise LLMTuneError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow), or convert "
                                "the file to .jsonl.") from err
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors for a damaged file: one line naming it
+            raise LLMTuneError(f"{path}: not a readable parquet file ({str(err).splitlines()[0][:160]}); replace "
+                               "it or convert it to .jsonl.") from None
     if suffix == ".json":
         try:
             data = json.loads(text)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from llmtune.fileio import read_text
 from llmtune.errors import LLMTuneError, nearest, notice
 
 KNOWN_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "load_from",
@@ -83,13 +84,14 @@ def load_registry(dataset_dir: str) -> Optional[dict]:
     """Read ``dataset_dir/dataset_info.json``; None when the file does not exist.
 
     Raises:
-        LLMTuneError: the file is not valid JSON (file and line named) or not an object.
+        LLMTuneError: the file is not UTF-8 (byte offset named), not valid JSON (file and line named) or not
+            an object.
     """
     path = Path(dataset_dir) / "dataset_info.json"
     if not path.is_file():
         return None
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(read_text(path, "dataset_dir", "re-save dataset_info.json as UTF-8"))
     except json.JSONDecodeError as err:
         raise LLMTuneError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from err
     if not isinstance(info, dict):

@@ -179,10 +179,20 @@ def _select_label_rows(hidden, lm_head_weight, labels, chunk_size):
 
     Returns ``(h_sel (n, H), targets (n,), rows_per_chunk, valid (B, T) bool aligned with labels)``.
     """
+    if not all(isinstance(x, torch.Tensor) for x in (hidden, lm_head_weight, labels)):
+        raise ValueError("expected tensors hidden (B, T, H), lm_head_weight (V, H) and labels (B, T); got "
+                         f"{type(hidden).__name__}, {type(lm_head_weight).__name__}, {type(labels).__name__}")
     if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
         raise ValueError(
             f"expected hidden (B, T, H) and labels (B, T), got {tuple(hidden.shape)} and {tuple(labels.shape)}"
         )
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"expected lm_head_weight (V, H) with H = {hidden.shape[2]} (hidden's last size), got "
+                         f"{tuple(lm_head_weight.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids (int64, -100 ignored), got dtype {labels.dtype}")
+    if not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden must be a float tensor, got dtype {hidden.dtype}")
     b, t, hsize = hidden.shape
     valid = labels != IGNORE_INDEX
     valid[:, 0] = False  # the first token has no prediction
@@ -228,10 +238,14 @@ def causal_lm_loss(
     Returns:
         ``(loss_sum, num_tokens)``: a 0-dim float32 tensor (nats, summed, not averaged) and a 0-dim int64
         tensor counting the label tokens. Divide by the token count of the whole optimizer step.
-        With no label token, ``loss_sum`` is 0 and still connected to the graph.
+        With no label token (every label -100, or only the first one set), it returns ``(0., 0)``:
+        ``loss_sum`` is 0 and still connected to the graph (a zero gradient) and ``num_tokens`` is 0, so a
+        caller must not divide by it unguarded: the trainer refuses a training step with no label token and
+        evaluation divides by ``max(items, 1)``.
 
     Raises:
-        ValueError: on mismatched shapes or label ids outside ``[0, V)``.
+        ValueError: on mismatched shapes (hidden ``(B, T, H)``, weight ``(V, H)``, labels ``(B, T)``),
+            non-integer labels, or label ids outside ``[0, V)``.
 
     Source: maximum-likelihood language modelling (Radford et al., 2018, eq. 1); shift as in Hugging
     Face's ``ForCausalLMLoss``.

@@ -146,7 +146,9 @@ class ModelConfig:
         """Read ``config.json`` at ``path``; raises :class:`LLMTuneError` on a missing or malformed file."""
         path = Path(path)
         try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
+            from llmtune.fileio import read_text
+
+            cfg = json.loads(read_text(path, "config.json", "re-save it as UTF-8 (or copy it again from the model)"))
         except FileNotFoundError:
             raise LLMTuneError(f"{path}: no such file") from None
         except json.JSONDecodeError as e:

@@ -287,6 +287,19 @@ def build_attention_mask(attention_mask: torch.Tensor, q_len: int, sliding_windo
     return allowed[:, None]
 
 
+def _notice_past_max_positions(position_ids: torch.Tensor, limit: int) -> bool:
+    """One notice (returns True) when a position id reaches ``max_position_embeddings`` (the model was not
+    trained there, so its outputs degrade); only called when the sequence itself is longer than the limit."""
+    top = int(position_ids.max()) + 1
+    if top <= limit:
+        return False
+    from llmtune.errors import notice
+
+    notice(f"a sequence reaches position {top}, past the model's max_position_embeddings {limit}: outputs past it "
+           "are unreliable; lower cutoff_len (training) or max_new_tokens / the prompt length (chat)")
+    return True
+
+
 class Transformer(nn.Module):
     """Decoder-only causal LM with Hugging Face parameter names (``model.*``, ``lm_head``).
 
@@ -368,6 +381,8 @@ class Transformer(nn.Module):
                 position_ids = positions_from_mask(attention_mask)[:, past:]
             else:
                 position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        if past + t > self.config.max_position_embeddings and not getattr(self, "_positions_noticed", False):
+            self._positions_noticed = _notice_past_max_positions(position_ids, self.config.max_position_embeddings)
         needs_mask = attention_mask is not None and bool((attention_mask != 1).any())
         window = self.config.sliding_window
         if window is not None and past + t <= window:

@@ -180,7 +180,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
     model.lora_config[adapter_name]["base_model_name_or_path"] = cfg.get("base_model_name_or_path")
     params = adapter_targets(model, adapter_name)
     seen = set()
-    with safe_open(str(weights), framework="pt") as f:
+    try:
+        handle = safe_open(str(weights), framework="pt")
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged file: one line naming it
+        raise LLMTuneError(f"{weights}: not a readable safetensors file ({str(e).splitlines()[0][:160]}); copy the "
+                           "adapter again or retrain it") from None
+    with handle as f:
         for key in f.keys():
             name = key
             if name not in params:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from llmtune.fileio import save_tensors
+from llmtune.fileio import finite_or_none, save_tensors, strict_dumps  # noqa: F401 (re-exported)
 
 from llmtune.errors import LLMTuneError
 
@@ -223,6 +223,12 @@ def load_trainable_state_dict(model: torch.nn.Module, tensors: dict[str, torch.T
         raise LLMTuneError(
             f"resume_from_checkpoint: {source} does not match this run's trainable parameters (missing "
             f"{missing[:3]}, unexpected {unknown[:3]}); resume with the configuration it was trained with")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise LLMTuneError(
+                f"resume_from_checkpoint: {source} holds {name} with shape {tuple(t.shape)}, this run's is "
+                f"{tuple(params[name].shape)} (another lora_rank or model?); resume with the configuration it "
+                "was trained with")
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t.to(params[name].device, params[name].dtype))
@@ -237,26 +243,144 @@ def _is_alias(model: torch.nn.Module, name: str, tensors: dict) -> bool:
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
                     rng_state: dict[str, Any], scaler: Any = None) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically (temp folder, then rename); return its path.
+    """Write ``output_dir/checkpoint-<step>`` atomically (temp folder, fsync, then rename); return its path.
 
     An existing ``checkpoint-<step>`` (e.g. written again after a resume) is replaced only once the new
-    one is complete. See the module docstring for the files.
+    one is complete. Every file and the folder are flushed to disk (``fsync``) before the rename, and the
+    parent folder after it, so a power loss never publishes a checkpoint whose files are still in the page
+    cache. See the module docstring for the files.
+
+    Raises:
+        LLMTuneError: the trainable weights hold NaN/inf (nothing is written); the disk is full or the folder
+            is read-only (the temporary folder is removed; the message names the last complete checkpoint).
     """
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
     tmp = out / f"tmp-checkpoint-{step}"
-    if tmp.exists():  # our own half-written folder from a killed run
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_tensors(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
-    save_optimizer(optimizer, tmp)
-    (tmp / "scheduler.json").write_text(json.dumps(_jsonable(scheduler.state_dict())))
-    save_rng_state(rng_state, tmp)
-    if scaler is not None and scaler.is_enabled():
-        (tmp / "scaler.json").write_text(json.dumps(_jsonable(scaler.state_dict())))
-    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))  # written last
-    publish_checkpoint(tmp, final)
+    weights = trainable_state_dict(model)
+    bad = next((n for n, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise LLMTuneError(f"step {step}: the trained weights hold NaN/inf ({bad}), so no checkpoint is saved; "
+                           f"the last finite checkpoint is {last_checkpoint_text(out)}; lower learning_rate or "
+                           "set max_grad_norm, then resume from it")
+    try:
+        if tmp.exists():  # our own half-written folder from a killed run
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_tensors(weights, str(tmp / "trainable.safetensors"))
+        save_optimizer(optimizer, tmp)
+        (tmp / "scheduler.json").write_text(json.dumps(_jsonable(scheduler.state_dict())))
+        save_rng_state(rng_state, tmp)
+        if scaler is not None and scaler.is_enabled():
+            (tmp / "scaler.json").write_text(json.dumps(_jsonable(scaler.state_dict())))
+        (tmp / TRAINER_STATE).write_text(strict_dumps(trainer_state, indent=1))  # written last
+        fsync_tree(tmp)
+        publish_checkpoint(tmp, final)
+        fsync_dir(out)
+    except Exception as err:  # noqa: BLE001 - disk full, read-only folder, quota: one line, no tmp left
+        if not _is_io_error(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LLMTuneError(f"output_dir: could not write checkpoint-{step} in {out} ({_io_reason(err)}); free "
+                           f"space on its disk or make it writable, then resume from the last complete "
+                           f"checkpoint, {last_checkpoint_text(out)}") from None
     return final
+
+
+def _is_io_error(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return True
+    return type(err).__name__ == "SafetensorError" and ("IoError" in str(err) or "os error" in str(err).lower())
+
+
+def _io_reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err)
+    for word, reason in (("StorageFull", "No space left on device"), ("No space", "No space left on device"),
+                         ("ReadOnly", "Read-only file system"), ("Read-only", "Read-only file system"),
+                         ("PermissionDenied", "Permission denied"), ("QuotaExceeded", "Disk quota exceeded")):
+        if word in text:
+            return reason
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def last_checkpoint_text(output_dir: str | os.PathLike) -> str:
+    """``"<path>"`` of the newest complete checkpoint in ``output_dir``, or a phrase saying there is none."""
+    last = latest_checkpoint(output_dir)
+    return str(last) if last is not None else "none (no checkpoint was saved yet)"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """``fsync`` every file under ``folder``, then the folder itself (before it is published by a rename)."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(folder)
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove ``tmp-checkpoint-N`` / ``tmp-old-checkpoint-N`` folders left by a run killed while saving.
+
+    Called at the start of a run (the caller holds the folder's lock, :mod:`llmtune.locks`, so no other
+    run is writing them). Returns the removed folders.
+    """
+    out = Path(output_dir)
+    gone = []
+    if out.is_dir():
+        for p in out.iterdir():
+            if p.is_dir() and (p.name.startswith("tmp-checkpoint-") or p.name.startswith("tmp-old-checkpoint-")):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
+#: file names (glob patterns) a training run of ours writes into ``output_dir``
+RUN_OUTPUTS = ("trainer_log.jsonl", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
+               "model-*-of-*.safetensors", "model.safetensors.index.json", "value_head.safetensors", "config.json",
+               "generation_config.json", "train_results.json", "eval_results.json", "all_results.json",
+               "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "training_*.png",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def clear_previous_run(output_dir: str | os.PathLike, patterns: tuple = RUN_OUTPUTS) -> list[str]:
+    """Remove what an earlier run of ours wrote in ``output_dir`` (``overwrite_output_dir``), nothing else.
+
+    Removed: files whose names match ``patterns`` (:data:`RUN_OUTPUTS`), ``checkpoint-N`` folders holding
+    ``trainer_state.json`` and ``tmp-checkpoint-N`` leftovers. Any other file or folder is kept. Call it
+    only once the config, model, adapters and data have all been checked (so a typo never costs a run),
+    while holding the folder's lock. Returns the removed names.
+    """
+    import fnmatch
+
+    out = Path(output_dir)
+    removed = []
+    if not out.is_dir():
+        return removed
+    for p in sorted(out.iterdir()):
+        if p.is_dir() and ((CHECKPOINT_RE.match(p.name) and (p / TRAINER_STATE).is_file())
+                           or p.name.startswith("tmp-checkpoint-") or p.name.startswith("tmp-old-checkpoint-")):
+            shutil.rmtree(p)
+            removed.append(p.name)
+        elif p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns):
+            p.unlink()
+            removed.append(p.name)
+    return removed
 
 
 def publish_checkpoint(tmp: Path, final: Path) -> None:
@@ -280,18 +404,75 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     The caller restores the RNG state (:func:`restore_rng_state`) right before the next step.
     """
     folder = Path(folder)
-    load_trainable_state_dict(model, load_file(str(folder / "trainable.safetensors")), str(folder))
-    load_optimizer(optimizer, folder)
-    scheduler.load_state_dict(_from_json(json.loads((folder / "scheduler.json").read_text())))
+    state = read_checkpoint_json(folder / TRAINER_STATE)  # first: a truncated state fails before any copy
+    missing = [k for k in ("global_step", "epoch", "step_in_epoch")
+               if not isinstance(state, dict) or not isinstance(state.get(k), int) or isinstance(state.get(k), bool)]
+    if missing or not isinstance(state.get("log_history", []), list):
+        raise LLMTuneError(f"resume_from_checkpoint: {folder / TRAINER_STATE} is not an llmtune trainer state "
+                           f"(no integer {', '.join(missing) or 'log_history list'}); resume from another "
+                           "checkpoint-N folder")
+    load_trainable_state_dict(model, read_checkpoint_tensors(folder / "trainable.safetensors"), str(folder))
+    with checkpoint_file_errors(folder / "optimizer.safetensors"):
+        load_optimizer(optimizer, folder)
+    with checkpoint_file_errors(folder / "scheduler.json"):
+        scheduler.load_state_dict(_from_json(read_checkpoint_json(folder / "scheduler.json")))
     if scaler is not None and scaler.is_enabled() and (folder / "scaler.json").is_file():
-        scaler.load_state_dict(_from_json(json.loads((folder / "scaler.json").read_text())))
-    state = json.loads((folder / TRAINER_STATE).read_text())
-    return state, load_rng_state(folder)
+        scaler.load_state_dict(_from_json(read_checkpoint_json(folder / "scaler.json")))
+    with checkpoint_file_errors(folder / "rng_state.safetensors"):
+        rng = load_rng_state(folder)
+    return state, rng
+
+
+def _broken(path: Path, why: str) -> LLMTuneError:
+    return LLMTuneError(f"resume_from_checkpoint: {path} is damaged ({why}); resume from an earlier "
+                        f"checkpoint-N folder in {path.parent.parent}, or start afresh without resume_from_checkpoint")
+
+
+def read_checkpoint_json(path: Path) -> Any:
+    """A checkpoint's JSON file; :class:`LLMTuneError` naming the file (and byte offset) when it is missing,
+    truncated, not UTF-8 or not JSON."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise _broken(path, err.strerror or "unreadable") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise _broken(path, f"bytes that are not UTF-8 at byte {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise _broken(path, f"invalid JSON at byte {err.pos} of {len(raw)}: {err.msg}") from None
+
+
+def read_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """``safetensors`` ``load_file`` with a damaged or missing file turned into one :class:`LLMTuneError`."""
+    with checkpoint_file_errors(path):
+        return load_file(str(path))
+
+
+class checkpoint_file_errors:
+    """Context manager: any error while reading ``path`` (truncated safetensors, bad JSON, missing key)
+    becomes one :class:`LLMTuneError` naming it; an :class:`LLMTuneError` passes through unchanged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None or isinstance(err, (LLMTuneError, KeyboardInterrupt)) or not isinstance(err, Exception):
+            return False
+        why = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        if isinstance(err, FileNotFoundError):
+            why = "missing"
+        raise _broken(self.path, why) from None
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: Optional[int],
                        keep: Optional[str] = None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond ``save_total_limit`` (never ``keep``, the best one).
+    """Delete the oldest complete checkpoints beyond ``save_total_limit`` (never ``keep``, the best one, and
+    never the newest one: checkpoints are only written with finite weights, so the newest is the newest
+    finite checkpoint).
 
     Returns the deleted folders. ``None`` or ``<= 0`` keeps everything.
     """
@@ -300,7 +481,7 @@ def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: Optional
     ckpts = list_checkpoints(output_dir)
     deleted = []
     excess = len(ckpts) - save_total_limit
-    for ck in ckpts:
+    for ck in ckpts[:-1]:
         if excess <= 0:
             break
         if keep is not None and Path(keep).resolve() == ck.resolve():
@@ -309,3 +490,20 @@ def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: Optional
         deleted.append(ck)
         excess -= 1
     return deleted
+
+
+def clear_for_overwrite(cfg: Any, output_dir: str | os.PathLike) -> list[str]:
+    """With ``overwrite_output_dir`` (and no ``resume_from_checkpoint``), :func:`clear_previous_run` with a
+    notice naming the folder; otherwise nothing. Called by ``run_train`` after the model, tokenizer, data,
+    stage and Trainer are built (so any mistake in them has already been reported) and before training."""
+    if not getattr(cfg, "overwrite_output_dir", False):
+        return []
+    if resolve_resume(getattr(cfg, "resume_from_checkpoint", None), output_dir) is not None:
+        return []
+    removed = clear_previous_run(output_dir)
+    if removed:
+        from llmtune.errors import notice
+
+        notice(f"overwrite_output_dir: removed the previous run's files in {output_dir} ({len(removed)} files and "
+               "checkpoint folders; other files are kept)")
+    return removed

@@ -451,7 +451,8 @@ def save_fsdp_checkpoint(trainer: Any, rng_state: dict[str, Any]) -> Optional[Pa
         if trainer.scaler is not None and trainer.scaler.is_enabled():
             (tmp / "scaler.json").write_text(json.dumps(ckpt._jsonable(trainer.scaler.state_dict())))
         state = dict(trainer.state_dict(), strategy="fsdp")
-        (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=1))  # written last
+        (tmp / ckpt.TRAINER_STATE).write_text(ckpt.strict_dumps(state, indent=1))  # written last, strict JSON
+        ckpt.fsync_tree(tmp)
         ckpt.publish_checkpoint(tmp, final)
     barrier()
     return final if r == 0 else None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llmtune.errors import LLMTuneError
+from llmtune.fileio import strict_dumps
 
 LOG_FILE = "trainer_log.jsonl"
 
@@ -65,10 +66,11 @@ class TrainLogger:
         enabled: False on ranks other than 0.
         resume_step: when resuming, keep the file's records up to this step and append after them;
             None starts a new file.
+        progress: show the tqdm progress bar (False for ``disable_tqdm: true``).
     """
 
     def __init__(self, output_dir: str | Path, total_steps: int, report_to: list[str] = (), enabled: bool = True,
-                 resume_step: Optional[int] = None, initial_step: int = 0) -> None:
+                 resume_step: Optional[int] = None, initial_step: int = 0, progress: bool = True) -> None:
         self.path = Path(output_dir) / LOG_FILE
         self.total_steps = total_steps
         self.enabled = enabled
@@ -81,7 +83,7 @@ class TrainLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
@@ -89,9 +91,12 @@ class TrainLogger:
                 if rec.get("current_steps", 0) <= resume_step:
                     kept.append(line)
         self.path.write_text("".join(k + "\n" for k in kept))
-        from tqdm.auto import tqdm
+        if not progress:
+            self.bar = None
+        else:
+            from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -120,7 +125,7 @@ class TrainLogger:
         if not self.enabled:
             return rec
         with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(strict_dumps(rec) + "\n")  # strict JSON: a NaN/inf value is written as null
         if self.bar is not None:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()
                      if k in ("loss", "eval_loss", "lr", "grad_norm")}

@@ -9,9 +9,7 @@ run's record (``training_args.yaml``, ``llmtune.json``, tokenizer, ``generation_
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,23 +23,21 @@ from llmtune.models.value_head import save_value_head
 from llmtune.peft import save_adapter
 from llmtune.train import checkpoint as ckpt
 from llmtune.train.distributed import is_main
+from llmtune.train.guard import check_weights_finite
 from llmtune.train.logging import LOG_FILE
 
-#: file names (glob patterns) a training run writes into ``output_dir``; ``overwrite_output_dir`` removes these
-RUN_OUTPUTS = (LOG_FILE, "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
-               "model-*-of-*.safetensors", "model.safetensors.index.json", "value_head.safetensors", "config.json",
-               "generation_config.json", "train_results.json", "eval_results.json", "all_results.json",
-               "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "training_*.png",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+#: file names (glob patterns) a training run writes into ``output_dir`` (defined with the code that removes them)
+RUN_OUTPUTS = ckpt.RUN_OUTPUTS
 
 
 def prepare_output_dir(cfg: Any) -> Path:
     """Apply the output-folder rules and return the folder (created).
 
     A non-empty ``output_dir`` (e.g. holding an earlier run) is an error unless ``overwrite_output_dir``
-    (then the files and ``checkpoint-*`` folders a run writes, :data:`RUN_OUTPUTS`, are removed first, so a
+    (then the files and ``checkpoint-*`` folders a run writes, :data:`RUN_OUTPUTS`, are removed later, so a
     LoRA run over a full run leaves no stale ``model.safetensors``; other files are kept) or
-    ``resume_from_checkpoint`` is set. Nothing is touched when it raises.
+    ``resume_from_checkpoint`` is set. Nothing is removed here: the setup path calls
+    ``checkpoint.clear_for_overwrite`` once the model, adapters and data have loaded.
 
     Raises:
         LLMTuneError: ``output_dir`` is a file, is a folder the run reads (``model_name_or_path``,
@@ -60,20 +56,15 @@ def prepare_output_dir(cfg: Any) -> Path:
                                        "new folder")
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint not in (
         None, False) else None
-    if out.is_dir() and any(out.iterdir()) and resume is None:
-        if not cfg.overwrite_output_dir:
-            found = sorted(p.name for p in out.iterdir())[:4]
-            raise LLMTuneError(
-                f"output_dir: {out} is not empty (holds {', '.join(found)}...), probably a previous run; choose a "
-                "new output_dir, set overwrite_output_dir: true to replace it, or resume_from_checkpoint: true to "
-                "continue it")
-        if is_main():
-            notice(f"overwrite_output_dir: replacing the previous run in {out}")
-            for p in out.iterdir():
-                if p.is_dir() and (ckpt.CHECKPOINT_RE.match(p.name) or p.name.startswith("tmp-checkpoint-")):
-                    shutil.rmtree(p)
-                elif p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_OUTPUTS):
-                    p.unlink()
+    from llmtune.locks import LOCK_NAME
+
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    if entries and resume is None and not cfg.overwrite_output_dir:
+        raise LLMTuneError(
+            f"output_dir: {out} is not empty (holds {', '.join(entries[:4])}...), probably a previous run; choose "
+            "a new output_dir, set overwrite_output_dir: true to replace it, or resume_from_checkpoint: true to "
+            "continue it")
+    # overwrite_output_dir: nothing is removed here; ckpt.clear_for_overwrite runs once model and data are loaded
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -86,7 +77,11 @@ def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: 
     ``base``: the root base, written as the adapter's ``base_model_name_or_path``. ``parents`` is accepted for
     callers that pass the whole chain but not written here: :func:`llmtune.runs.save_metadata` records the
     parent adapters in ``llmtune.json``, outside PEFT's ``adapter_config.json``. ``state_dict``: the gathered full weights of an
-    FSDP2-sharded model (else ``model.state_dict()``)."""
+    FSDP2-sharded model (else ``model.state_dict()``).
+
+    Raises:
+        LLMTuneError: a weight holds NaN/inf (a diverged run's weights are never saved as its output)."""
+    check_weights_finite((state_dict if state_dict is not None else model.state_dict()).items(), "the final model")
     if getattr(model, "v_head", None) is not None:
         save_value_head(model, out)
         if getattr(model, "value_head_only", False):

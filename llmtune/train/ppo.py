@@ -617,7 +617,11 @@ class PPOTrainer:
                     stats["vl"].append(float(vl.detach()))
                     stats["cf"].append(float(clipfrac))
                 stats["gn"].append(float(torch.nn.utils.clip_grad_norm_(params, limit)))
-                self.optimizer.step()
+                from llmtune.train.guard import nonfinite_step  # NaN/inf: stop (naming the step) or skip
+
+                if not nonfinite_step(self.global_step + 1, stats["pl"][-1] + stats["vl"][-1], stats["gn"][-1],
+                                      c.output_dir, getattr(c, "nonfinite_policy", "stop")):
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
         return {"ppo/loss/policy": mean(stats["pl"]), "ppo/loss/value": mean(stats["vl"]),
@@ -649,7 +653,8 @@ class PPOTrainer:
         """
         from llmtune.train.logging import TrainLogger
 
-        logger = TrainLogger(output_dir, self.total_steps, self.report_to)
+        logger = TrainLogger(output_dir, self.total_steps, self.report_to,
+                             progress=not getattr(self.cfg, "disable_tqdm", False))
         logging_steps = max(1, int(self.cfg.logging_steps if self.cfg.logging_steps >= 1
                                    else math.ceil(self.cfg.logging_steps * self.total_steps)))
         start = time.time()
@@ -743,6 +748,9 @@ def train_ppo(config: Any, reward_fn: Optional[RewardFn] = None) -> dict[str, An
     add_value_head(model)  # the critic: trainable, float32, on the policy's backbone
     trainer = PPOTrainer(model, cfg, prompts, reward, tokenizer, chat_stop_ids(tokenizer, template),
                          ref_model=ref_model)
+    from llmtune.train.checkpoint import clear_for_overwrite
+
+    clear_for_overwrite(cfg, out)  # everything is loaded and checked: only now clear an earlier run
     results = trainer.train(out)
 
     if cfg.finetuning_type == "lora":

@@ -37,6 +37,8 @@ from llmtune.fileio import write_json
 from llmtune.kernels import set_enabled as set_kernels_enabled
 from llmtune.peft.targets import select_lora_targets
 from llmtune.tokenizer import load_tokenizer
+from llmtune.locks import lock_output
+from llmtune.train.checkpoint import clear_for_overwrite
 from llmtune.train.distributed import barrier, distributed_session, gather_full_state_dict, is_main, unwrap
 from llmtune.train.finetuning import apply_finetuning_type
 from llmtune.train.outputs import prepare_output_dir, save_model, write_predictions
@@ -63,7 +65,8 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
     (``llmtune.train.distributed.distributed_session``): every rank trains its data shard, rank 0 writes.
     """
     cfg = parse_config(config, command="train")                          # 1. the config, validated
-    with _no_empty_output_dir_left(cfg), distributed_session(cfg):
+    out_dir = Path(str(cfg.output_dir)).expanduser()
+    with _no_empty_output_dir_left(cfg), distributed_session(cfg), lock_output(out_dir, "output_dir"):
         stage = stage_info(cfg.stage)
         if stage.online:                                                  # ppo: rollouts in its own loop
             return stage.run(cfg)
@@ -77,6 +80,8 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
         set_seed(cfg.seed)  # LoRA init depends on the seed only
         extra = prepare_stage(model, cfg, head_only)                      # 6. trainable params, head, reference
         trainer = build_trainer(model, cfg, stage, tokenizer, train_rows, eval_rows, extra)   # 7. the loop
+        if is_main():  # all checked (config, model, adapters, data, optimizer): only now clear an old run
+            clear_for_overwrite(cfg, out)
         return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
 
 

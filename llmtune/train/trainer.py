@@ -36,6 +36,7 @@ from llmtune.errors import LLMTuneError, notice
 from llmtune.train import checkpoint as ckpt
 from llmtune.train import distributed as dist_hooks
 from llmtune.train.distributed import all_reduce_sum, is_main, rank, world_size
+from llmtune.train import guard
 from llmtune.train.logging import TrainLogger, resolve_report_to
 from llmtune.train.optim import build_optimizer, lr_lambda, num_warmup_steps
 from llmtune.train.precision import resolve_precision
@@ -145,6 +146,7 @@ class Trainer:
         warm = num_warmup_steps(int(cfg(config, "warmup_steps")), float(cfg(config, "warmup_ratio")), self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(kind, warm, self.total_steps))
         self.max_grad_norm = float(cfg(config, "max_grad_norm"))
+        guard.check_policy(cfg(config, "nonfinite_policy"))
         self.report_to = resolve_report_to(cfg(config, "report_to"))
 
         # state
@@ -238,16 +240,21 @@ class Trainer:
         step_loss = float(all_reduce_sum(loss_total).item()) / total_items
         return step_loss, total_items, {k: v / metric_counts[k] for k, v in metric_sums.items()}
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, loss: Optional[float] = None) -> float:
         """Unscale (fp16), clip to ``max_grad_norm``, step AdamW and the scheduler, zero the gradients.
 
-        Returns the gradient norm before clipping (L2 over all trainable parameters).
+        Returns the gradient norm before clipping (L2 over all trainable parameters). A non-finite ``loss``
+        or gradient norm stops the run or skips the step (``nonfinite_policy``, :mod:`llmtune.train.guard`).
         """
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = dist_hooks.clip_grad_norm(params, limit)
-        self.scaler.step(self.optimizer)
+        if guard.nonfinite_step(self.global_step + 1, loss, grad_norm, self.output_dir,
+                                cfg(self.config, "nonfinite_policy") or "stop", self.scaler.is_enabled()):
+            self.optimizer.zero_grad(set_to_none=True)  # skip: the weights never see this step
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -260,6 +267,8 @@ class Trainer:
         Resumes from ``resume_from_checkpoint`` when set. Ctrl-C saves ``checkpoint-<step>`` (the last
         completed step) and re-raises ``KeyboardInterrupt``.
         """
+        if _is_main():  # tmp-checkpoint-N of a run killed while saving (the caller holds output_dir's lock)
+            ckpt.remove_stale_temporaries(self.output_dir)
         resume = ckpt.resolve_resume(cfg(self.config, "resume_from_checkpoint"), self.output_dir)
         if resume is not None:
             self._load(resume)
@@ -267,7 +276,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         logger = TrainLogger(self.output_dir, self.total_steps, self.report_to, enabled=is_main(),
                              resume_step=self.global_step if resume is not None else None,
-                             initial_step=self.global_step)
+                             initial_step=self.global_step, progress=not cfg(self.config, "disable_tqdm"))
         self.model.train()
         start = time.time()
         start_step = self.global_step
@@ -282,7 +291,7 @@ class Trainer:
                     micro = [self.collate(ix) for ix in steps[self.step_in_epoch]]   # 1. pre-fetch the step
                     loss, _, metrics = self.accumulate_gradients(micro)             # 2-3. count, fwd, bwd
                     lr = self.scheduler.get_last_lr()[0]
-                    grad_norm = self.optimizer_step()                               # 4. clip, step
+                    grad_norm = self.optimizer_step(loss)                           # 4. clip, step
                     self.global_step += 1
                     self.step_in_epoch += 1
                     logger.advance()

@@ -43,6 +43,8 @@ class JinjaTemplate:
     def _render(self, chat: list[dict], generation: bool) -> str:
         try:
             return self.tokenizer.apply_chat_template(chat, add_generation_prompt=generation, tokenize=False)
+        except LLMTuneError:  # already one line naming the template's file (bounded rendering, tokenizer.py)
+            raise
         except Exception as err:  # noqa: BLE001 - any template error is the user's model/template choice
             raise LLMTuneError(f"template: the model's own chat_template failed to render a conversation ({err}); "
                                "set template to a built-in name (e.g. chatml, llama3, qwen).") from err

@@ -1,0 +1,502 @@
+"""Table-driven bad inputs (issue 15): every one gives exit status 2, exactly one ``llmtune: error:`` line, no
+traceback, and leaves every file the user had byte-for-byte unchanged (no new folder either).
+
+The CLI cases run ``llmtune.cli.main([...])`` in-process (an import costs ~2 s per subprocess); a handful run
+as true subprocesses at the end. Python-API cases assert an ``LLMTuneError`` (or ``ValueError``) with a
+one-line message. Reference: the issue's own list of found problems; each case states the input it breaks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from reliability_helpers import make_data_dir, make_model_folder, run_subprocess, train_args, tree_hash
+
+CONFIG_BRANCH = pytest.mark.xfail(reason="config branch", strict=False)
+BAD_UTF8 = b"\xff\xfe\xc3\x28"
+
+
+# -- shared inputs (built once) ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from llmtune.cli import main
+
+    root = tmp_path_factory.mktemp("world")
+    model = make_model_folder(root / "model")
+    data = make_data_dir(root / "data")
+    adapter = root / "adapter"
+    ckpt_run = root / "ckpt_run"
+    with _quiet():
+        assert main(train_args(model, data, adapter, max_steps=2)) == 0
+        assert main(train_args(model, data, ckpt_run, max_steps=2, save_steps=2)) == 0
+    return {"root": root, "model": model, "data": data, "adapter": adapter, "ckpt_run": ckpt_run}
+
+
+class _quiet:
+    def __enter__(self):
+        self._err, self._out = sys.stderr, sys.stdout
+        sys.stderr = sys.stdout = io.StringIO()
+
+    def __exit__(self, *a):
+        sys.stderr, sys.stdout = self._err, self._out
+
+
+@dataclass
+class Ctx:
+    """What a case builder gets: the shared inputs and a private folder ``tmp`` for its copies."""
+    world: dict
+    tmp: Path
+    monkeypatch: Any
+    stdin: Optional[bytes] = None
+    extra_watch: list = field(default_factory=list)
+
+    def copy(self, key: str, name: Optional[str] = None) -> Path:
+        dst = self.tmp / (name or key)
+        shutil.copytree(self.world[key], dst)
+        return dst
+
+    @property
+    def model(self):
+        return self.world["model"]
+
+    @property
+    def data(self):
+        return self.world["data"]
+
+    @property
+    def adapter(self):
+        return self.world["adapter"]
+
+    @property
+    def out(self):
+        return self.tmp / "out"
+
+    def train(self, **kw) -> list[str]:
+        kw.setdefault("model", self.model)
+        kw.setdefault("data", self.data)
+        kw.setdefault("out", self.out)
+        return train_args(kw.pop("model"), kw.pop("data"), kw.pop("out"), **kw)
+
+    def chat(self, *extra, model=None, stdin=b"hello\n") -> list[str]:
+        self.stdin = stdin
+        return ["chat", "--model_name_or_path", str(model or self.model), "--template", "chatml",
+                "--max_new_tokens", "3", *map(str, extra)]
+
+    def export(self, *extra, model=None, adapter=None, export_dir=None) -> list[str]:
+        words = ["export", "--model_name_or_path", str(model or self.model),
+                 "--export_dir", str(export_dir or self.tmp / "exported")]
+        if adapter is not False:
+            words += ["--adapter_name_or_path", str(adapter or self.adapter)]
+        return words + list(map(str, extra))
+
+
+# -- builders for broken copies ---------------------------------------------------------------------
+def _write(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+
+
+def data_with(ctx: Ctx, file: str, content, info: Optional[dict] = None) -> Path:
+    d = ctx.copy("data")
+    _write(d / file, content)
+    if info is not None:
+        _write(d / "dataset_info.json", info)
+    return d
+
+
+def model_with(ctx: Ctx, file: str, content=None, remove: bool = False, truncate: Optional[float] = None,
+               tokconfig: Optional[dict] = None) -> Path:
+    m = ctx.copy("model")
+    if remove:
+        (m / file).unlink()
+    elif truncate is not None:
+        _truncate(m / file, truncate)
+    elif tokconfig is not None:
+        cfg = json.loads((m / "tokenizer_config.json").read_text())
+        cfg.update(tokconfig)
+        _write(m / "tokenizer_config.json", cfg)
+    else:
+        _write(m / file, content)
+    return m
+
+
+def template(ctx: Ctx, text: str) -> Path:
+    return model_with(ctx, "tokenizer_config.json", tokconfig={"chat_template": text})
+
+
+def adapter_with(ctx: Ctx, file: str, content=None, truncate: Optional[float] = None) -> Path:
+    a = ctx.copy("adapter")
+    if truncate is not None:
+        _truncate(a / file, truncate)
+    else:
+        _write(a / file, content)
+    return a
+
+
+def ckpt_out(ctx: Ctx, file: Optional[str] = None, content=None, truncate: Optional[float] = None,
+             remove: bool = False) -> Path:
+    """A copy of an output folder holding checkpoint-2, optionally with one checkpoint file damaged."""
+    out = ctx.copy("ckpt_run", "out")
+    if file is not None:
+        f = out / "checkpoint-2" / file
+        if remove:
+            f.unlink()
+        elif truncate is not None:
+            _truncate(f, truncate)
+        else:
+            _write(f, content)
+    return out
+
+
+def ro_folder(ctx: Ctx) -> Path:
+    """A read-only tmpfs folder (root ignores chmod); skips when mounting is not allowed."""
+    d = ctx.tmp / "ro"
+    d.mkdir()
+    rc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(d)], capture_output=True).returncode
+    if rc != 0:
+        if os.geteuid() != 0:
+            d.chmod(0o555)
+            return d
+        pytest.skip("cannot mount a read-only tmpfs here (needs root with mount rights)")
+    ctx.monkeypatch.setattr(Ctx, "_mounts", getattr(Ctx, "_mounts", []) + [d], raising=False)
+    return d
+
+
+NESTED = "{% for i in range(90000) %}{% for j in range(90000) %}{% endfor %}{% endfor %}"
+SOME_TEMPLATES = {
+    "include": "{% include 'other.jinja' %}",
+    "import": "{% import 'macros.jinja' as m %}{{ m.x() }}",
+    "extends": "{% extends 'base.jinja' %}",
+    "huge_range": "{% for i in range(10**10) %}x{% endfor %}",
+    "huge_repeat": "{{ 'x' * 10**10 }}",
+    "huge_output": "{% for i in range(90000) %}{{ 'abcdefghij' * 1000 }}{% endfor %}",
+    "nested_loops": NESTED,
+    "raise_exception": "{{ raise_exception('only user and assistant roles are supported') }}",
+    "syntax_error": "{% for m in messages %}{{ m.content }",
+    "type_error": "{{ messages[0]['content'] + 1 }}",
+    "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "attribute_escape": "{{ messages.__class__.__mro__[1].__subclasses__() }}",
+}
+
+
+# -- the table --------------------------------------------------------------------------------------
+def _t(**kw):
+    return lambda c: c.train(**kw)
+
+
+CASES: list = [
+    # ---- train: keys, values, flags ----
+    ("train-unknown-key", _t(foo=1)),
+    ("train-misspelled-key", _t(learning_rat=1e-3)),
+    ("train-bad-stage", _t(stage="sftt")),
+    ("train-bad-finetuning-type", _t(finetuning_type="lorra")),
+    ("train-lr-not-a-number", _t(learning_rate="abc")),
+    ("train-lr-nan", _t(learning_rate="nan")),
+    ("train-lr-inf", _t(learning_rate="inf")),
+    ("train-batch-size-0", _t(per_device_train_batch_size=0)),
+    ("train-grad-accum-0", _t(gradient_accumulation_steps=0)),
+    ("train-bad-scheduler", _t(lr_scheduler_type="cosin")),
+    ("train-lora-rank-0", _t(lora_rank=0)),
+    ("train-bad-lora-target", _t(lora_target="not_a_module")),
+    ("train-bad-template", _t(template="not_a_template")),
+    ("train-bf16-and-fp16", _t(bf16=True, fp16=True)),
+    ("train-bad-eval-strategy", _t(eval_strategy="sometimes")),
+    ("train-nothing-to-train", _t(num_train_epochs=0, max_steps=-1)),
+    ("train-bad-nonfinite-policy", _t(nonfinite_policy="explode")),
+    ("train-bad-report-to", _t(report_to="wandbb")),
+    ("train-lone-space-argument", lambda c: c.train() + [" "]),
+    ("train-bad-quantization-bit", _t(quantization_bit=3)),
+    ("train-bad-save-strategy", _t(save_strategy="sometimes")),
+    ("train-bool-not-bool", _t(do_train="maybe")),
+    ("train-int-not-int", _t(max_steps="ten")),
+    ("train-bad-cutoff-len", _t(cutoff_len="long")),
+    ("train-missing-yaml", lambda c: ["train", str(c.tmp / "missing.yaml")]),
+    ("train-yaml-syntax", lambda c: ["train", str(_write(c.tmp / "c.yaml", "stage: sft\n  bad: [\n"))]),
+    ("train-yaml-not-mapping", lambda c: ["train", str(_write(c.tmp / "c.yaml", "- a\n- b\n"))]),
+    ("train-yaml-unknown-key", lambda c: ["train", str(_write(c.tmp / "c.yaml", "stage: sft\nlearnin_rate: 1\n"))]),
+    pytest.param("train-yaml-not-utf8", lambda c: ["train", str(_write(c.tmp / "c.yaml", b"stage: sft\n# " + BAD_UTF8))],
+                 marks=CONFIG_BRANCH),
+    pytest.param("train-lora-alpha-0", _t(lora_alpha=0), marks=CONFIG_BRANCH),
+    pytest.param("train-lora-alpha-negative", _t(lora_alpha=-8), marks=CONFIG_BRANCH),
+    pytest.param("train-save-steps-0", _t(save_steps=0), marks=CONFIG_BRANCH),
+    pytest.param("train-logging-steps-negative", _t(logging_steps=-1), marks=CONFIG_BRANCH),
+    pytest.param("train-warmup-ratio-negative", _t(warmup_ratio=-0.1), marks=CONFIG_BRANCH),
+    pytest.param("train-warmup-steps-negative", _t(warmup_steps=-5), marks=CONFIG_BRANCH),
+    pytest.param("train-weight-decay-negative", _t(weight_decay=-0.1), marks=CONFIG_BRANCH),
+    pytest.param("train-adam-beta1-2", _t(adam_beta1=2), marks=CONFIG_BRANCH),
+    pytest.param("train-adam-beta2-1", _t(adam_beta2=1.0), marks=CONFIG_BRANCH),
+    pytest.param("train-adam-epsilon-negative", _t(adam_epsilon=-1), marks=CONFIG_BRANCH),
+    pytest.param("train-adam-epsilon-0", _t(adam_epsilon=0), marks=CONFIG_BRANCH),
+    # ---- train: paths and output folder ----
+    ("train-missing-model", lambda c: c.train(model=c.tmp / "no_model")),
+    ("train-missing-dataset", _t(dataset="nope")),
+    ("train-missing-dataset-dir", lambda c: c.train(data=c.tmp / "no_data")),
+    ("train-output-dir-is-file", lambda c: c.train(out=_write(c.tmp / "out.txt", "hi"))),
+    ("train-output-dir-is-model", lambda c: c.train(model=c.copy("model"), out=c.tmp / "model")),
+    ("train-output-dir-not-empty", lambda c: c.train(out=c.copy("adapter", "out"))),
+    ("train-overwrite-with-typo-in-dataset", lambda c: c.train(out=c.copy("ckpt_run", "out"), dataset="toyy",
+                                                               overwrite_output_dir=True)),
+    ("train-overwrite-with-bad-model", lambda c: c.train(out=c.copy("ckpt_run", "out"), model=c.tmp / "nope",
+                                                         overwrite_output_dir=True)),
+    ("train-overwrite-with-bad-lora-target", lambda c: c.train(out=c.copy("ckpt_run", "out"), lora_target="zz",
+                                                               overwrite_output_dir=True)),
+    ("train-resume-nothing-there", _t(resume_from_checkpoint=True)),
+    ("train-resume-missing-folder", lambda c: c.train(resume_from_checkpoint=c.tmp / "checkpoint-9")),
+    ("train-read-only-output", lambda c: c.train(out=ro_folder(c) / "out")),
+    # ---- train: data files ----
+    ("data-json-not-utf8", lambda c: c.train(data=data_with(c, "toy.json", b'[{"instruction": "hi ' + BAD_UTF8 + b'", "output": "x"}]'))),
+    ("data-jsonl-not-utf8", lambda c: c.train(data=data_with(c, "t.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "' + BAD_UTF8 + b'"}\n', {"toy": {"file_name": "t.jsonl"}}))),
+    ("data-txt-not-utf8", lambda c: c.train(stage="pt", dataset="toy_text", data=data_with(c, "toy.txt", b"hello\n" + BAD_UTF8 + b"\n"))),
+    ("data-csv-not-utf8", lambda c: c.train(data=data_with(c, "t.csv", b"instruction,output\nhi," + BAD_UTF8 + b"\n", {"toy": {"file_name": "t.csv"}}))),
+    ("data-info-not-utf8", lambda c: c.train(data=data_with(c, "dataset_info.json", b'{"toy": {"file_name": "toy.json"}} ' + BAD_UTF8))),
+    ("data-info-invalid-json", lambda c: c.train(data=data_with(c, "dataset_info.json", '{"toy": {"file_name": '))),
+    ("data-info-a-list", lambda c: c.train(data=data_with(c, "dataset_info.json", [1, 2]))),
+    ("data-json-invalid", lambda c: c.train(data=data_with(c, "toy.json", '[{"instruction": "a", '))),
+    ("data-json-not-objects", lambda c: c.train(data=data_with(c, "toy.json", [1, 2, 3]))),
+    ("data-jsonl-line-not-object", lambda c: c.train(data=data_with(c, "t.jsonl", '{"instruction": "a", "output": "b"}\n[1]\n', {"toy": {"file_name": "t.jsonl"}}))),
+    ("data-file-missing", lambda c: c.train(data=data_with(c, "dataset_info.json", {"toy": {"file_name": "gone.json"}}))),
+    ("data-column-missing", lambda c: c.train(data=data_with(c, "dataset_info.json", {"toy": {"file_name": "toy.json", "columns": {"prompt": "question", "response": "answer"}}}))),
+    ("data-empty-list", lambda c: c.train(data=data_with(c, "toy.json", []))),
+    ("data-bad-formatting", lambda c: c.train(data=data_with(c, "dataset_info.json", {"toy": {"file_name": "toy.json", "formatting": "weird"}}))),
+    ("data-every-label-cut", _t(cutoff_len=1)),
+    ("data-parquet-damaged", lambda c: c.train(data=data_with(c, "t.parquet", b"PAR1 not really", {"toy": {"file_name": "t.parquet"}}))),
+    ("data-info-entry-not-object", lambda c: c.train(data=data_with(c, "dataset_info.json", {"toy": "toy.json"}))),
+    # ---- train: model folder and tokenizer ----
+    ("model-tokenizer-config-not-utf8", lambda c: c.train(model=model_with(c, "tokenizer_config.json", b'{"eos_token": "' + BAD_UTF8 + b'"}'))),
+    ("model-tokenizer-config-invalid", lambda c: c.train(model=model_with(c, "tokenizer_config.json", '{"eos_token": '))),
+    ("model-tokenizer-config-a-list", lambda c: c.train(model=model_with(c, "tokenizer_config.json", "[]"))),
+    ("model-tokenizer-json-corrupt", lambda c: c.train(model=model_with(c, "tokenizer.json", truncate=0.5))),
+    ("model-tokenizer-json-missing", lambda c: c.train(model=model_with(c, "tokenizer.json", remove=True))),
+    ("model-config-invalid", lambda c: c.train(model=model_with(c, "config.json", '{"hidden_size": '))),
+    ("model-config-not-utf8", lambda c: c.train(model=model_with(c, "config.json", b'{"a": "' + BAD_UTF8 + b'"}'))),
+    ("model-weights-truncated", lambda c: c.train(model=model_with(c, "model.safetensors", truncate=0.5))),
+    ("model-weights-missing", lambda c: c.train(model=model_with(c, "model.safetensors", remove=True))),
+    ("model-chat-template-jinja-not-utf8", lambda c: c.train(template=None, model=model_with(c, "chat_template.jinja", b"{{ '" + BAD_UTF8 + b"' }}"))),
+    ("model-generation-eos-garbage", lambda c: c.train(model=model_with(c, "generation_config.json", {"eos_token_id": "abc"}))),
+] + [
+    (f"train-template-{name}", (lambda t: lambda c: c.train(template=None, model=template(c, t)))(text))
+    for name, text in SOME_TEMPLATES.items()
+] + [
+    # ---- train: adapters and resume ----
+    ("train-adapter-missing", lambda c: c.train(adapter_name_or_path=c.tmp / "no_adapter")),
+    ("train-adapter-truncated", lambda c: c.train(adapter_name_or_path=adapter_with(c, "adapter_model.safetensors", truncate=0.6))),
+    ("train-adapter-config-invalid", lambda c: c.train(adapter_name_or_path=adapter_with(c, "adapter_config.json", '{"r": '))),
+    ("resume-other-adapter-shape", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, lora_rank=8)),
+    ("resume-corrupt-optimizer", lambda c: c.train(out=ckpt_out(c, "optimizer.safetensors", truncate=0.5), resume_from_checkpoint=True)),
+    ("resume-garbage-optimizer", lambda c: c.train(out=ckpt_out(c, "optimizer.safetensors", b"\x00" * 64), resume_from_checkpoint=True)),
+    ("resume-truncated-trainer-state", lambda c: c.train(out=ckpt_out(c, "trainer_state.json", truncate=0.5), resume_from_checkpoint=True)),
+    ("resume-trainer-state-not-utf8", lambda c: c.train(out=ckpt_out(c, "trainer_state.json", b'{"global_step": 2, "x": "' + BAD_UTF8 + b'"}'), resume_from_checkpoint=True)),
+    ("resume-trainer-state-not-object", lambda c: c.train(out=ckpt_out(c, "trainer_state.json", "[1, 2]"), resume_from_checkpoint=True)),
+    ("resume-trainer-state-no-epoch", lambda c: c.train(out=ckpt_out(c, "trainer_state.json", {"global_step": 2}), resume_from_checkpoint=True)),
+    ("resume-optimizer-json-missing", lambda c: c.train(out=ckpt_out(c, "optimizer.json", remove=True), resume_from_checkpoint=True)),
+    ("resume-rng-state-missing", lambda c: c.train(out=ckpt_out(c, "rng_state.safetensors", remove=True), resume_from_checkpoint=True)),
+    ("resume-trainable-truncated", lambda c: c.train(out=ckpt_out(c, "trainable.safetensors", truncate=0.5), resume_from_checkpoint=True)),
+    ("resume-optimizer-json-invalid", lambda c: c.train(out=ckpt_out(c, "optimizer.json", "{"), resume_from_checkpoint=True)),
+    ("resume-scheduler-json-invalid", lambda c: c.train(out=ckpt_out(c, "scheduler.json", "{"), resume_from_checkpoint=True)),
+    ("resume-other-batch-size", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, per_device_train_batch_size=2)),
+    ("resume-other-finetuning-type", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, finetuning_type="freeze")),
+    ("resume-path-not-a-checkpoint", lambda c: c.train(resume_from_checkpoint=c.copy("adapter", "somewhere"))),
+    # ---- chat ----
+    ("chat-missing-model", lambda c: c.chat(model=c.tmp / "none")),
+    ("chat-truncated-adapter", lambda c: c.chat("--adapter_name_or_path", adapter_with(c, "adapter_model.safetensors", truncate=0.6))),
+    ("chat-adapter-config-not-utf8", lambda c: c.chat("--adapter_name_or_path", adapter_with(c, "adapter_config.json", b'{"r": 4, "x": "' + BAD_UTF8 + b'"}'))),
+    ("chat-stdin-not-utf8", lambda c: c.chat(stdin=b"hello\n" + BAD_UTF8 + b" there\n")),
+    ("chat-negative-temperature", lambda c: c.chat("--do_sample", "true", "--temperature", "-1")),
+    ("chat-top-p-2", lambda c: c.chat("--do_sample", "true", "--top_p", "2")),
+    ("chat-bad-infer-dtype", lambda c: c.chat("--infer_dtype", "float8")),
+    ("chat-unknown-flag", lambda c: c.chat("--temprature", "1")),
+    ("chat-adapter-with-full", lambda c: c.chat("--adapter_name_or_path", c.adapter, "--finetuning_type", "full")),
+    ("chat-bad-template", lambda c: c.chat("--template", "nonexistent")),
+    ("chat-tokenizer-config-not-utf8", lambda c: c.chat(model=model_with(c, "tokenizer_config.json", b'{"eos_token": "' + BAD_UTF8 + b'"}'))),
+    ("chat-repetition-penalty-0", lambda c: c.chat("--repetition_penalty", "0")),
+    ("chat-template-include", lambda c: _no_template(c.chat(model=template(c, SOME_TEMPLATES["include"])))),
+] + [
+    (f"chat-template-{name}", (lambda t: lambda c: _no_template(c.chat(model=template(c, t)))) (SOME_TEMPLATES[name]))
+    for name in ("nested_loops", "huge_range", "raise_exception", "syntax_error", "recursion")
+] + [
+    # ---- export ----
+    ("export-missing-export-dir-key", lambda c: ["export", "--model_name_or_path", str(c.model)]),
+    ("export-dir-not-empty", lambda c: c.export(export_dir=_write(c.tmp / "exp" / "notes.txt", "mine").parent)),
+    ("export-dir-is-file", lambda c: c.export(export_dir=_write(c.tmp / "exp.txt", "mine"))),
+    ("export-size-0", lambda c: c.export("--export_size", 0)),
+    ("export-bad-format", lambda c: c.export("--export_format", "onnx")),
+    ("export-bad-gguf-type", lambda c: c.export("--export_format", "gguf", "--gguf_type", "q2_k_xl")),
+    ("export-truncated-adapter", lambda c: c.export(adapter=adapter_with(c, "adapter_model.safetensors", truncate=0.6))),
+    ("export-adapter-config-invalid", lambda c: c.export(adapter=adapter_with(c, "adapter_config.json", "{"))),
+    ("export-dir-is-model", lambda c: c.export(model=c.copy("model"), adapter=False, export_dir=c.tmp / "model")),
+    ("export-bad-quantization-bit", lambda c: c.export("--export_quantization_bit", 3)),
+    ("export-missing-model", lambda c: c.export(model=c.tmp / "none", adapter=False)),
+    ("export-tokenizer-config-not-utf8", lambda c: c.export(model=model_with(c, "tokenizer_config.json", b'{"eos_token": "' + BAD_UTF8 + b'"}'), adapter=False)),
+    ("export-unknown-flag", lambda c: c.export("--exportdir", "x")),
+    ("export-read-only-dir", lambda c: c.export(export_dir=ro_folder(c) / "exp")),
+    ("export-overwrite-with-bad-adapter", lambda c: c.export("--overwrite_export_dir", "true", export_dir=_write(c.tmp / "exp" / "notes.txt", "mine").parent, adapter=c.tmp / "nope")),
+    ("export-template-include", lambda c: c.export(model=template(c, SOME_TEMPLATES["include"]), adapter=False)),
+    ("cli-unknown-command", lambda c: ["trian"]),
+]
+
+
+def _no_template(words: list[str]) -> list[str]:
+    """Chat words without ``--template chatml`` (so the model's own template is used)."""
+    i = words.index("--template")
+    return words[:i] + words[i + 2:]
+
+
+def _loss(*shapes, labels_dtype="long"):
+    import torch
+
+    from llmtune.losses import causal_lm_loss
+
+    h, w, lab = shapes
+    labels = torch.zeros(lab, dtype=getattr(torch, labels_dtype))
+    return causal_lm_loss(torch.randn(h), torch.randn(w), labels)
+
+
+API_CASES = [
+    ("api-train-int", lambda c: __import__("llmtune").train(42)),
+    ("api-train-none", lambda c: __import__("llmtune").train(None)),
+    ("api-train-missing-model-key", lambda c: __import__("llmtune").train({"stage": "sft", "dataset": "toy"})),
+    ("api-train-missing-yaml", lambda c: __import__("llmtune").train(str(c.tmp / "nope.yaml"))),
+    ("api-train-unknown-key", lambda c: __import__("llmtune").train({"stage": "sft", "lerning_rate": 1})),
+    ("api-export-int", lambda c: __import__("llmtune").export(42)),
+    ("api-loss-hidden-2d", lambda c: _loss((2, 5), (10, 8), (2, 5))),
+    ("api-loss-weight-mismatch", lambda c: _loss((2, 5, 8), (10, 7), (2, 5))),
+    ("api-loss-labels-shape", lambda c: _loss((2, 5, 8), (10, 8), (2, 4))),
+    ("api-loss-float-labels", lambda c: _loss((2, 5, 8), (10, 8), (2, 5), labels_dtype="float32")),
+    ("api-loss-not-tensors", lambda c: __import__("llmtune").losses.causal_lm_loss([1], [2], [3])),
+    ("api-load-tokenizer-not-utf8", lambda c: __import__("llmtune").load_tokenizer(str(model_with(c, "tokenizer_config.json", b'{"x": "' + BAD_UTF8 + b'"}')))),
+    ("api-load-model-missing", lambda c: __import__("llmtune").load_model(str(c.tmp / "none"))),
+    ("api-apply-template-include", lambda c: __import__("llmtune").load_tokenizer(str(template(c, SOME_TEMPLATES["include"]))).apply_chat_template([{"role": "user", "content": "hi"}])),
+]
+
+
+# -- running ----------------------------------------------------------------------------------------
+def _watch(ctx: Ctx) -> dict:
+    w = ctx.world
+    return {"tmp": tree_hash(ctx.tmp), "model": tree_hash(w["model"]), "data": tree_hash(w["data"]),
+            "adapter": tree_hash(w["adapter"]), "ckpt_run": tree_hash(w["ckpt_run"])}
+
+
+def _cleanup_mounts(ctx):
+    for d in getattr(Ctx, "_mounts", []):
+        subprocess.run(["umount", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def ctx(world, tmp_path, monkeypatch):
+    import llmtune.tokenizer as tk
+
+    monkeypatch.setattr(tk, "RENDER_SECONDS", 0.5)  # the nested-loop templates hit the deadline quickly
+    monkeypatch.delenv("LLMTUNE_DEBUG", raising=False)
+    c = Ctx(world=world, tmp=tmp_path / "case", monkeypatch=monkeypatch)
+    c.tmp.mkdir()
+    yield c
+    _cleanup_mounts(c)
+    Ctx._mounts = []
+
+
+def _ids(cases):
+    return [c.values[0] if hasattr(c, "values") else c[0] for c in cases]
+
+
+@pytest.mark.parametrize("name,build", CASES, ids=_ids(CASES))
+def test_bad_cli_input_is_one_line_exit_2_and_nothing_changes(name, build, ctx, capsys, monkeypatch):
+    from llmtune.cli import main
+
+    argv = [str(a) for a in build(ctx)]
+    before = _watch(ctx)
+    if ctx.stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(ctx.stdin), encoding="utf-8"))
+    rc = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("llmtune: error:")]
+    if os.environ.get("RELIABILITY_SHOW"):
+        print(f"\n[{name}] rc={rc} {errors}", file=sys.__stderr__)
+    assert rc == 2, f"{name}: exit {rc}\n{err[-2000:]}"
+    assert len(errors) == 1, err[-2000:]
+    assert "Traceback" not in err
+    assert _watch(ctx) == before, f"{name}: files changed"
+
+
+@pytest.mark.parametrize("name,call", API_CASES, ids=_ids(API_CASES))
+def test_bad_python_api_input_raises_one_clear_error(name, call, ctx):
+    from llmtune.errors import LLMTuneError
+
+    before = {k: v for k, v in _watch(ctx).items() if k != "tmp"}  # the case's own copies are made inside
+    with pytest.raises((LLMTuneError, ValueError)) as err:
+        call(ctx)
+    msg = str(err.value)
+    assert msg and "\n" not in msg.strip(), msg
+    assert {k: v for k, v in _watch(ctx).items() if k != "tmp"} == before
+
+
+# -- a few true subprocesses: exit status and stderr as a user sees them ---------------------------------
+SUBPROCESS_CASES = [
+    ("sub-unknown-key", lambda c: c.train(foo=1), None),
+    ("sub-data-not-utf8", lambda c: c.train(data=data_with(c, "toy.json", b'[{"instruction": "' + BAD_UTF8 + b'"}]')), None),
+    ("sub-chat-stdin-not-utf8", lambda c: c.chat(), b"hi\n" + BAD_UTF8 + b"\n"),
+    ("sub-resume-truncated-state", lambda c: c.train(out=ckpt_out(c, "trainer_state.json", truncate=0.3), resume_from_checkpoint=True), None),
+]
+
+
+@pytest.mark.parametrize("name,build,stdin", SUBPROCESS_CASES, ids=[c[0] for c in SUBPROCESS_CASES])
+def test_bad_input_in_a_real_subprocess(name, build, stdin, ctx):
+    argv = [str(a) for a in build(ctx)]
+    before = _watch(ctx)
+    proc = run_subprocess(argv, stdin=stdin if stdin is not None else ctx.stdin)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err[-2000:]
+    assert len([x for x in err.splitlines() if x.startswith("llmtune: error:")]) == 1, err[-2000:]
+    assert "Traceback" not in err
+    assert _watch(ctx) == before
+
+
+def test_the_table_holds_at_least_100_bad_inputs():
+    assert len(CASES) + len(API_CASES) + len(SUBPROCESS_CASES) + len(REAL_CASES) >= 100
+
+
+# -- a few cases with the real model (SmolLM2-135M GGUF): the errors come after a real model load -------------
+REAL_CASES = [
+    ("real-train-data-not-utf8", lambda c, m: c.train(model=m, template="smollm2",
+                                                      data=data_with(c, "toy.json", b'[{"instruction": "' + BAD_UTF8 + b'"}]'))),
+    ("real-train-overwrite-with-typo-keeps-the-run", lambda c, m: c.train(model=m, template="smollm2", dataset="toyy",
+                                                                          out=c.copy("ckpt_run", "out"),
+                                                                          overwrite_output_dir=True)),
+    ("real-chat-stdin-not-utf8", lambda c, m: _no_template(c.chat(model=m, stdin=b"hi\n" + BAD_UTF8 + b"\n"))),
+    ("real-export-into-a-folder-with-files", lambda c, m: c.export(model=m, adapter=False,
+                                                                   export_dir=_write(c.tmp / "e" / "x.txt", "mine").parent)),
+]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name,build", REAL_CASES, ids=[c[0] for c in REAL_CASES])
+def test_bad_input_with_the_real_model(name, build, ctx, capsys, monkeypatch, real_model_path):
+    from llmtune.cli import main
+
+    argv = [str(a) for a in build(ctx, real_model_path)]
+    before = _watch(ctx)
+    if ctx.stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(ctx.stdin), encoding="utf-8"))
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert len([x for x in err.splitlines() if x.startswith("llmtune: error:")]) == 1 and "Traceback" not in err
+    assert _watch(ctx) == before
