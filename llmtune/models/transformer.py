@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llmtune.models.config import ModelConfig
+from llmtune.models.moe import SparseMoeBlock, collect_aux_loss
 
 
 class RMSNorm(nn.Module):
@@ -174,7 +175,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        # mixture of experts (Qwen2-MoE / Qwen3-MoE): a sparse block in the layers the config names
+        self.mlp = SparseMoeBlock(config) if config.is_moe_layer(layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -254,6 +256,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False
+        #: MoE models: the load-balancing loss of the last forward without a KV cache (llmtune.models.moe)
+        self.aux_loss: Optional[torch.Tensor] = None
 
     # -- switches -------------------------------------------------------------------------------
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
@@ -333,6 +337,9 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache)
         x = self.model.norm(x)
+        if self.config.num_experts:  # MoE: the load-balancing loss, for training (not while decoding)
+            aux = collect_aux_loss([layer.mlp for layer in self.model.layers], attention_mask)
+            self.aux_loss = aux if cache is None else None
         if cache is not None:
             return x, cache
         return x
