@@ -95,7 +95,11 @@ def causal_lm_stage(model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx:
     hidden = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                    position_ids=batch.get("position_ids"))
     loss_sum, num_tokens = causal_lm_loss(hidden, model.lm_head.weight, batch["labels"])
-    return loss_sum, num_tokens, {}
+    # mixture of experts: + moe_aux_loss_coef * load-balancing loss (llmtune.models.moe), logged as aux_loss
+    from llmtune.models.moe import add_aux_loss
+
+    loss_sum, metrics = add_aux_loss(model, loss_sum, num_tokens, ctx.config)
+    return loss_sum, num_tokens, metrics
 
 
 #: stage name -> stage function; other stages (rm, dpo, kto, ppo) add themselves here.
