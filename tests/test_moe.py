@@ -125,3 +125,247 @@ def test_balanced_router_gives_top_k():
     probs = torch.full((8, 4), 0.25)
     top = torch.tensor([[0, 1], [2, 3]] * 4)
     assert abs(load_balancing_loss([(probs, top)], 4).item() - 2.0) < 1e-6
+
+
+# -- expert compute ---------------------------------------------------------------------------------
+
+def _naive_experts(x, experts, top, weights):
+    """Reference: a loop over tokens and their chosen experts, in float64."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for n in range(x.shape[0]):
+        for j in range(top.shape[1]):
+            e = experts[int(top[n, j])]
+            xn = x[n].double()
+            h = torch.nn.functional.silu(xn @ e.gate_proj.weight.double().T) * (xn @ e.up_proj.weight.double().T)
+            out[n] += float(weights[n, j]) * (h @ e.down_proj.weight.double().T)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_grouped_expert_compute_equals_a_per_token_loop(k):
+    from llmtune.models.moe import ExpertMLP, experts_forward
+
+    torch.manual_seed(0)
+    experts = torch.nn.ModuleList(ExpertMLP(24, 12) for _ in range(5))
+    x = torch.randn(37, 24)
+    logits = torch.randn(37, 5)
+    logits[:, 4] -= 100.0  # expert 4 gets no token: it must still work (empty batch)
+    weights, top = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+    got = experts_forward(x, experts, top, weights, grouped=False)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got.double(), _naive_experts(x, experts, top, weights), atol=1e-5, rtol=1e-5)
+
+
+def test_model_config_round_trips_through_transformers():
+    from llmtune.models import ModelConfig
+
+    for _, family, extra in SETTINGS:
+        hf = hf_config(family, **extra)
+        ours = ModelConfig.from_hf_dict(hf.to_dict())
+        back = tf.AutoConfig.for_model(**{k: v for k, v in ours.to_hf_dict().items() if k != "model_type"},
+                                       model_type=family)
+        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef"):
+            assert getattr(back, key) == getattr(hf, key), key
+        if family == "qwen2_moe":
+            assert back.shared_expert_intermediate_size == hf.shared_expert_intermediate_size
+            assert back.qkv_bias is True
+        assert ModelConfig.from_hf_dict(ours.to_hf_dict()) == ours
+
+
+# -- LoRA / QLoRA on experts ------------------------------------------------------------------------
+
+def _randomize_lora_b(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("sid", ["q2_top2", "q3_top2_norm"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad_ckpt"])
+def test_lora_step_gives_gradients_on_every_adapter_including_experts(checkpoints, sid, checkpointing):
+    from llmtune.peft import apply_lora
+    from llmtune.train.stages import StageContext, causal_lm_stage
+
+    folder, _ = checkpoints[sid]
+    model = load_model(folder, dtype="float32")
+    apply_lora(model, lora_rank=4, lora_target="all")
+    _randomize_lora_b(model)  # B = 0 at init would make every lora_A gradient zero
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".mlp.experts.3.down_proj.lora_A" in n for n in names)
+    assert any(".mlp.experts.0.gate_proj.lora_B" in n for n in names)
+    assert not any(".mlp.gate." in n or "shared_expert_gate" in n for n in names)  # routers stay frozen
+    if sid.startswith("q2"):
+        assert any("shared_expert.up_proj.lora_A" in n for n in names)
+    model.train()
+    model.gradient_checkpointing_enable(checkpointing)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, VOCAB, (4, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    cfg = type("C", (), {"moe_aux_loss_coef": 0.5})()
+    loss_sum, n, metrics = causal_lm_stage(model, batch, StageContext(config=cfg))
+    assert "aux_loss" in metrics and math.isfinite(float(metrics["aux_loss"]))
+    (loss_sum / n).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_aux_loss_weight_enters_the_stage_loss(checkpoints):
+    from llmtune.train.stages import StageContext, causal_lm_loss, causal_lm_stage
+
+    folder, _ = checkpoints["q3_top1"]
+    model = load_model(folder, dtype="float32")
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        plain, n = causal_lm_loss(model(ids), model.lm_head.weight, ids)
+        aux = model.aux_loss
+        for coef, expect in ((None, model.config.router_aux_loss_coef), (0.25, 0.25), (0.0, 0.0)):
+            cfg = type("C", (), {"moe_aux_loss_coef": coef})()
+            loss_sum, n2, metrics = causal_lm_stage(model, batch, StageContext(config=cfg))
+            assert int(n2) == int(n)
+            torch.testing.assert_close(loss_sum, plain + expect * aux * n)
+            torch.testing.assert_close(metrics["aux_loss"], aux)
+
+
+def test_qlora_quantizes_expert_projections_and_trains(checkpoints, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from llmtune.peft import apply_lora
+    from llmtune.quant import Linear4bit
+
+    folder, _ = checkpoints["q2_top2"]
+    model = load_model(folder, dtype="float32", quantization_bit=4)
+    block = model.model.layers[0].mlp
+    assert isinstance(block.experts[2].up_proj, Linear4bit)
+    assert isinstance(block.shared_expert.down_proj, Linear4bit)
+    assert type(block.gate) is torch.nn.Linear and type(block.shared_expert_gate) is torch.nn.Linear
+    # reference: transformers' model holding the dequantized NF4 weights gives the same logits
+    sd = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear4bit):
+            sd[name + ".weight"] = mod.dequantize().float().contiguous()
+            if mod.bias is not None:
+                sd[name + ".bias"] = mod.bias.detach().float().contiguous()
+    for name, p in model.named_parameters():
+        sd.setdefault(name, p.detach().contiguous())
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    deq = tmp_path / "dequantized"
+    deq.mkdir()
+    shutil.copy(folder / "config.json", deq / "config.json")
+    save_file({k: sd[k] for k in names}, str(deq / "model.safetensors"))
+    ref = tf.AutoModelForCausalLM.from_pretrained(deq, dtype=torch.float32).eval()
+    ids, mask = _batch(False)
+    real = mask.bool()
+    with torch.no_grad():
+        ours = model.lm_head(model(ids, attention_mask=mask))
+    theirs = _hf(ref, ids, mask).logits
+    assert (ours[real] - theirs[real]).abs().max().item() <= 1e-4
+    apply_lora(model, lora_rank=4, lora_target="all")
+    _randomize_lora_b(model)
+    model.train()
+    hidden = model(ids, attention_mask=mask)
+    (model.lm_head(hidden)[real].float().logsumexp(-1).mean() + model.aux_loss).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any("experts.1.gate_proj.lora_A" in n for n in grads)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+
+
+def test_peft_loads_our_expert_adapter_onto_transformers(checkpoints, tmp_path):
+    """PEFT (test-only) applies our adapter file to transformers' Qwen3-MoE (whose experts are fused 3-D
+    parameters: PEFT remaps the per-expert names) and gives the same logits, and our merge equals it."""
+    peft = pytest.importorskip("peft")
+    from llmtune.peft import apply_lora, merge_adapters, save_adapter
+
+    folder, _ = checkpoints["q3_top2_norm"]
+    model = load_model(folder, dtype="float32")
+    apply_lora(model, lora_rank=4, lora_alpha=8, lora_target="all")
+    _randomize_lora_b(model)
+    save_adapter(model, tmp_path / "adapter", str(folder))
+    acfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= set(acfg["target_modules"])
+    assert "gate" not in acfg["target_modules"]
+    ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(ref, str(tmp_path / "adapter")).eval()
+    model.eval()
+    ids, mask = _batch(True)
+    real = mask.bool()
+    with torch.no_grad():
+        ours = model.lm_head(model(ids, attention_mask=mask))
+        theirs = _hf(pm, ids, mask).logits
+        assert (ours[real] - theirs[real]).abs().max().item() <= 1e-5
+        merge_adapters(model)
+        merged = model.lm_head(model(ids, attention_mask=mask))
+    assert type(model.model.layers[0].mlp.experts[1].up_proj) is torch.nn.Linear
+    assert (merged[real] - theirs[real]).abs().max().item() <= 1e-5
+
+
+# -- end to end through the CLI ---------------------------------------------------------------------
+
+WORDS = ("what is the color of sky sea grass snow sun blue green white yellow name your my i am a bot called "
+         "tiny made by lab hello hi how are you fine thanks").split()
+
+
+def test_cli_sft_and_export_on_a_tiny_moe_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    base = tmp_path / "base"
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(specials + ["user", "assistant", "system"] + list(dict.fromkeys(WORDS)))}
+    ref = make_hf("qwen2_moe", num_experts_per_tok=2, shared_expert_intermediate_size=24, eos_token_id=3,
+                  bos_token_id=None, pad_token_id=0, decoder_sparse_step=1, mlp_only_layers=[2])
+    assert VOCAB >= len(vocab)
+    ref.save_pretrained(base, safe_serialization=True)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.save(str(base / "tokenizer.json"))
+    (base / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<pad>",
+                                                            "unk_token": "<unk>"}))
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"instruction": f"what is the color of {t}", "input": "", "output": c}
+            for t, c in (("sky", "blue"), ("sea", "blue"), ("grass", "green"), ("snow", "white"))]
+    (data / "toy.json").write_text(json.dumps(rows * 4))
+    (data / "dataset_info.json").write_text(json.dumps({"toy": {"file_name": "toy.json"}}))
+    out, exp = tmp_path / "sft", tmp_path / "exported"
+    train = [sys.executable, "-m", "llmtune", "train", "--stage", "sft", "--model_name_or_path", str(base),
+             "--dataset", "toy", "--dataset_dir", str(data), "--template", "chatml", "--finetuning_type", "lora",
+             "--lora_target", "all", "--lora_rank", "4", "--output_dir", str(out), "--cutoff_len", "32",
+             "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--max_steps", "3",
+             "--logging_steps", "1", "--report_to", "none", "--moe_aux_loss_coef", "0.01"]
+    r = subprocess.run(train, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert any("aux_loss" in row and math.isfinite(row["aux_loss"]) for row in logs)
+    acfg = json.loads((out / "adapter_config.json").read_text())
+    assert "gate" not in acfg["target_modules"] and "shared_expert_gate" not in acfg["target_modules"]
+    r = subprocess.run([sys.executable, "-m", "llmtune", "export", "--model_name_or_path", str(base),
+                        "--adapter_name_or_path", str(out), "--export_dir", str(exp), "--infer_dtype", "float32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the exported folder is a plain Qwen2-MoE checkpoint: transformers reads it and agrees with our merge
+    ours = load_model(base, dtype="float32", adapter_name_or_path=str(out))
+    theirs = tf.AutoModelForCausalLM.from_pretrained(exp, dtype=torch.float32).eval()
+    assert theirs.config.model_type == "qwen2_moe" and theirs.config.mlp_only_layers == [2]
+    ids = torch.tensor([[vocab["what"], vocab["is"], vocab["the"], vocab["color"], vocab["of"], vocab["sky"]]])
+    with torch.no_grad():
+        a = ours.lm_head(ours(ids))
+        b = theirs(input_ids=ids).logits
+    assert (a - b).abs().max().item() <= 1e-5
+    trained = load_model(exp, dtype="float32")
+    assert not torch.equal(trained.model.layers[0].mlp.experts[0].down_proj.weight,
+                           load_model(base, dtype="float32").model.layers[0].mlp.experts[0].down_proj.weight)
