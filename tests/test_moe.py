@@ -369,3 +369,66 @@ def test_cli_sft_and_export_on_a_tiny_moe_folder(tmp_path):
     trained = load_model(exp, dtype="float32")
     assert not torch.equal(trained.model.layers[0].mlp.experts[0].down_proj.weight,
                            load_model(base, dtype="float32").model.layers[0].mlp.experts[0].down_proj.weight)
+
+
+# -- GGUF -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sid", ["q2_top2", "q3_top2_norm"])
+def test_gguf_export_and_import_of_moe_tensors(checkpoints, sid, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
+
+    from llmtune.models.gguf import gguf_tensor_names, read_gguf_metadata
+    from llmtune.models.gguf_writer import write_gguf
+
+    folder, ref = checkpoints[sid]
+    model = load_model(folder, dtype="float32")
+    arch = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[model.config.family]
+    path = write_gguf(model, tmp_path / "m.gguf", "f32")
+    # every tensor name is one of the gguf package's names for this architecture
+    allowed = {TENSOR_NAMES[t] for t in MODEL_TENSORS[{"qwen2moe": MODEL_ARCH.QWEN2MOE,
+                                                      "qwen3moe": MODEL_ARCH.QWEN3MOE}[arch]]}
+    names = gguf_tensor_names(path)
+    for name in names:
+        base = name.rsplit(".", 1)[0]
+        parts = base.split(".")
+        templ = "blk.{bid}." + ".".join(parts[2:]) if parts[0] == "blk" else base
+        assert templ in allowed, name
+    assert "blk.1.ffn_gate_exps.weight" in names and "blk.0.ffn_gate_inp.weight" in names
+    assert ("blk.0.ffn_up_shexp.weight" in names) == (arch == "qwen2moe")
+    meta = read_gguf_metadata(path)
+    k = gguf.Keys.LLM
+    assert meta[k.EXPERT_COUNT.format(arch=arch)] == 4
+    assert meta[k.EXPERT_USED_COUNT.format(arch=arch)] == 2
+    assert meta[k.EXPERT_FEED_FORWARD_LENGTH.format(arch=arch)] == 16
+    # our import gives the same model back; transformers' GGUF loader (its tensor mapping; its config
+    # mapping lacks expert_feed_forward_length, so the config is given) reads the same weights
+    back = load_model(path, dtype="float32")
+    assert back.config.num_experts == 4 and back.config.norm_topk_prob == model.config.norm_topk_prob
+    ids, mask = _batch(False)
+    real = mask.bool()
+    with torch.no_grad():
+        ours = model.lm_head(model(ids, attention_mask=mask))
+        again = back.lm_head(back(ids, attention_mask=mask))
+    assert (ours[real] - again[real]).abs().max().item() <= 1e-5
+    theirs_model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=ref.config,
+                                                           dtype=torch.float32).eval()
+    theirs = _hf(theirs_model, ids, mask).logits
+    assert (ours[real] - theirs[real]).abs().max().item() <= 1e-5
+
+
+def test_gguf_q8_0_moe_and_refusals(checkpoints, tmp_path):
+    from llmtune.errors import LLMTuneError
+    from llmtune.models.gguf_writer import write_gguf
+
+    model = load_model(checkpoints["q3_top2_norm"][0], dtype="float32")
+    path = write_gguf(model, tmp_path / "q8.gguf", "q8_0")
+    back = load_model(path, dtype="float32")
+    w0 = model.model.layers[2].mlp.experts[3].down_proj.weight
+    w1 = back.model.layers[2].mlp.experts[3].down_proj.weight
+    # Q8_0: 32-value blocks, absmax / 127 scale: error at most half a step per block
+    assert (w0 - w1).abs().max() <= w0.abs().max() / 127 * 0.5 + 1e-6
+    torch.testing.assert_close(back.model.layers[0].mlp.gate.weight, model.model.layers[0].mlp.gate.weight)  # F32
+    for sid in ("q2_step2_mlponly", "q3_top1"):
+        with pytest.raises(LLMTuneError, match="export_format gguf"):
+            write_gguf(load_model(checkpoints[sid][0], dtype="float32"), tmp_path / f"{sid}.gguf", "f32")
