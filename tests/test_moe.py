@@ -156,6 +156,29 @@ def test_grouped_expert_compute_equals_a_per_token_loop(k):
     torch.testing.assert_close(got.double(), _naive_experts(x, experts, top, weights), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+def test_grouped_mm_path_equals_the_sorted_loop_with_gradients():
+    """The torch._grouped_mm path (llmtune picks it on CUDA + bfloat16; forced here on the CPU in float32)."""
+    import llmtune.models.moe as moe
+
+    torch.manual_seed(1)
+    experts = torch.nn.ModuleList(moe.ExpertMLP(24, 16) for _ in range(5))
+    x = torch.randn(29, 24, requires_grad=True)
+    logits = torch.randn(29, 5)
+    logits[:, 2] -= 100.0
+    weights, top = torch.topk(torch.softmax(logits, -1), 2, dim=-1)
+    ref = _naive_experts(x.detach(), experts, top, weights)
+    outs, grads = [], []
+    for grouped in (True, False):
+        y = moe.experts_forward(x, experts, top, weights, grouped=grouped)
+        assert not moe._GROUPED_MM_FAILED
+        outs.append(y)
+        grads.append(torch.autograd.grad(y.square().sum(), [x, experts[0].up_proj.weight, experts[4].down_proj.weight]))
+    torch.testing.assert_close(outs[0].detach().double(), ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_model_config_round_trips_through_transformers():
     from llmtune.models import ModelConfig
 
