@@ -118,6 +118,23 @@ def test_aux_loss_without_padding_and_with_labels(checkpoints):
     assert abs((ce + ref.config.router_aux_loss_coef * model.aux_loss).item() - out.loss.item()) <= 1e-5
 
 
+def test_kv_cache_decoding_equals_full_forward(checkpoints):
+    folder, _ = checkpoints["q2_top2"]
+    model = load_model(folder, dtype="float32")
+    ids, mask = _batch(left=True)
+    with torch.no_grad():
+        full = model.lm_head(model(ids, attention_mask=mask))
+        hidden, cache = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        assert model.aux_loss is None  # not computed while decoding
+        steps = [model.lm_head(hidden)]
+        for t in range(6, 10):
+            hidden, cache = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache)
+            steps.append(model.lm_head(hidden))
+    inc = torch.cat(steps, dim=1)
+    real = mask.bool()
+    assert (inc[real] - full[real]).abs().max().item() <= 1e-5
+
+
 def test_balanced_router_gives_top_k():
     """Hand-computed case: a uniform router gives f_e = k / E and P_e = 1 / E, so E * sum f_e P_e = k."""
     from llmtune.models.moe import load_balancing_loss

@@ -229,12 +229,13 @@ def load_balancing_loss(router_states: Sequence[tuple[torch.Tensor, torch.Tensor
     return num_experts * torch.sum((count / rows) * (prob_sum / rows))
 
 
-def collect_aux_loss(blocks: Sequence[nn.Module], attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def collect_aux_loss(blocks: Sequence[nn.Module], attention_mask: Optional[torch.Tensor], compute: bool = True
+                     ) -> Optional[torch.Tensor]:
     """The load-balancing loss of the last forward of ``blocks`` (the layers' ``mlp`` modules; those that are
-    not :class:`SparseMoeBlock` are skipped); None when no MoE block ran.
+    not :class:`SparseMoeBlock` are skipped); None when no MoE block ran or ``compute`` is False.
 
     Reads and clears every block's ``router_state``. ``attention_mask`` ``(B, T)`` as given to the forward
-    (None: every row counts).
+    (None: every row counts); ``compute=False`` (decoding with a KV cache) only clears.
     """
     states, num_experts = [], 0
     for m in blocks:
@@ -242,7 +243,7 @@ def collect_aux_loss(blocks: Sequence[nn.Module], attention_mask: Optional[torch
             states.append(m.router_state)
             num_experts = m.num_experts
             m.router_state = None
-    if not states:
+    if not states or not compute:
         return None
     return load_balancing_loss(states, num_experts, attention_mask)
 

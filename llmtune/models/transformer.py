@@ -338,8 +338,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache)
         x = self.model.norm(x)
         if self.config.num_experts:  # MoE: the load-balancing loss, for training (not while decoding)
-            aux = collect_aux_loss([layer.mlp for layer in self.model.layers], attention_mask)
-            self.aux_loss = aux if cache is None else None
+            self.aux_loss = collect_aux_loss([layer.mlp for layer in self.model.layers], attention_mask,
+                                             compute=cache is None)
         if cache is not None:
             return x, cache
         return x
