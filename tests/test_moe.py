@@ -256,6 +256,18 @@ def test_lora_step_gives_gradients_on_every_adapter_including_experts(checkpoint
             assert p.grad.abs().sum() > 0, name
 
 
+def test_router_is_a_lora_target_only_when_named(checkpoints):
+    from llmtune.peft.lora import select_lora_targets
+
+    model = load_model(checkpoints["q2_top2"][0], dtype="float32")
+    paths, names = select_lora_targets(model, "all")
+    assert "model.layers.0.mlp.experts.3.up_proj" in paths and "model.layers.0.mlp.shared_expert.down_proj" in paths
+    assert not any(p.endswith(".mlp.gate") or p.endswith("shared_expert_gate") for p in paths)
+    assert "gate" not in names and "shared_expert_gate" not in names
+    paths, _ = select_lora_targets(model, "gate")
+    assert paths == [f"model.layers.{i}.mlp.gate" for i in range(3)]
+
+
 def test_aux_loss_weight_enters_the_stage_loss(checkpoints):
     from llmtune.train.stages import StageContext, causal_lm_loss, causal_lm_stage
 
@@ -472,3 +484,16 @@ def test_gguf_q8_0_moe_and_refusals(checkpoints, tmp_path):
     for sid in ("q2_step2_mlponly", "q3_top1"):
         with pytest.raises(LLMTuneError, match="export_format gguf"):
             write_gguf(load_model(checkpoints[sid][0], dtype="float32"), tmp_path / f"{sid}.gguf", "f32")
+
+
+def test_bad_moe_config_keys_give_clear_errors():
+    from llmtune.errors import LLMTuneError
+    from llmtune.models import ModelConfig
+
+    good = hf_config("qwen3_moe", num_experts_per_tok=2).to_dict()
+    for change, match in (({"num_local_experts": None, "num_experts": None}, "num_experts"),
+                          ({"moe_intermediate_size": None}, "moe_intermediate_size"),
+                          ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
+                          ({"mlp_only_layers": 3}, "mlp_only_layers")):
+        with pytest.raises(LLMTuneError, match=match):
+            ModelConfig.from_hf_dict({**good, **change})
