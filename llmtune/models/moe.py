@@ -31,6 +31,7 @@ Qwen3 technical report (2025); transformers' ``modeling_qwen2_moe.py`` / ``model
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Sequence
 
 import torch
@@ -279,3 +280,32 @@ def add_aux_loss(model: nn.Module, loss_sum: torch.Tensor, num_items: Any, confi
     if coef:
         loss_sum = loss_sum + coef * aux.to(loss_sum.dtype) * num_items
     return loss_sum, {"aux_loss": aux.detach()}
+
+
+_FUSED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+def split_fused_experts(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Per-expert tensors from transformers 5's fused in-memory expert layout (a model's ``state_dict()``).
+
+    ``<layer>.mlp.experts.gate_up_proj`` ``(E, 2I, H)`` (rows ``[:I]`` the gate, ``[I:]`` the up projection, as
+    transformers' ``Qwen2MoeExperts.forward`` chunks them) becomes ``<layer>.mlp.experts.{e}.gate_proj.weight``
+    and ``.up_proj.weight`` ``(I, H)``; ``<layer>.mlp.experts.down_proj`` ``(E, H, I)`` becomes
+    ``.{e}.down_proj.weight``. Any other name is returned unchanged as ``[(name, tensor)]``.
+
+    Raises:
+        ValueError: a fused name whose tensor is not 3-D (or whose gate_up rows are odd).
+    """
+    m = _FUSED.match(name)
+    if m is None:
+        return [(name, tensor)]
+    if tensor.ndim != 3 or (m.group("kind") == "gate_up_proj" and tensor.shape[1] % 2):
+        raise ValueError(f"{name}: expected a 3-D fused expert tensor, got shape {tuple(tensor.shape)}")
+    prefix, out = m.group("prefix"), []
+    for e in range(tensor.shape[0]):
+        if m.group("kind") == "gate_up_proj":
+            gate, up = tensor[e].chunk(2, dim=0)
+            out += [(f"{prefix}.{e}.gate_proj.weight", gate), (f"{prefix}.{e}.up_proj.weight", up)]
+        else:
+            out.append((f"{prefix}.{e}.down_proj.weight", tensor[e]))
+    return out
