@@ -83,9 +83,14 @@ def _plain_linear(m: nn.Module) -> bool:
 
 
 def _can_group(x: torch.Tensor, experts: Sequence[ExpertMLP]) -> bool:
-    """True when ``torch._grouped_mm`` can run every expert at once: CUDA, bfloat16, plain bias-free
-    ``nn.Linear`` projections (no LoRA wrapper, no 4-bit layer), widths that are multiples of 8."""
+    """True when llmtune runs every expert at once with ``torch._grouped_mm``: CUDA, bfloat16, no autograd
+    (inference, evaluation, reference-model forwards: in training the stacked weights would be kept for the
+    backward, a second copy of every expert), at least as many token rows as experts (decoding a few tokens
+    touches only their experts), plain bias-free ``nn.Linear`` projections (no LoRA wrapper, no 4-bit
+    layer) and widths that are multiples of 8."""
     if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if torch.is_grad_enabled() or x.shape[0] < len(experts):
         return False
     for e in experts:
         if not (_plain_linear(e.gate_proj) and _plain_linear(e.up_proj) and _plain_linear(e.down_proj)):
@@ -120,9 +125,9 @@ def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
 
     The ``N * k`` assignments are sorted by expert id (stable, so each token's contributions are added in
     expert order as the reference does), the rows gathered once, each expert applied to all of its rows in
-    one call (experts with no rows are called on an empty batch, so every expert and adapter takes part in
-    the graph and gets a (zero) gradient, as DDP requires), and the weighted outputs summed back per token
-    with ``index_add``. With ``grouped`` (default: when :func:`_can_group` holds) the experts run as
+    one call (with autograd on, experts with no rows are called on an empty batch, so every expert and adapter
+    takes part in the graph and gets a (zero) gradient, as DDP requires; without autograd they are skipped),
+    and the weighted outputs summed back per token with ``index_add``. With ``grouped`` (default: when :func:`_can_group` holds) the experts run as
     ``torch._grouped_mm`` products instead of the per-expert loop.
 
     Args:
@@ -154,8 +159,11 @@ def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
             _GROUPED_MM_FAILED = True  # e.g. an unsupported GPU: use the sorted loop from now on
             out_rows = None
     if out_rows is None:
-        pieces = rows.split(counts.tolist())
-        out_rows = torch.cat([experts[e](pieces[e]) for e in range(num_experts)])
+        sizes = counts.tolist()
+        pieces = rows.split(sizes)
+        every = torch.is_grad_enabled()
+        outs = [experts[e](pieces[e]) for e in range(num_experts) if every or sizes[e]]
+        out_rows = torch.cat(outs) if outs else rows
     out_rows = out_rows * top_weights.reshape(-1)[order, None].to(out_rows.dtype)
     out = torch.zeros_like(x)
     return out.index_add_(0, token, out_rows.to(x.dtype))
