@@ -390,10 +390,8 @@ WORDS = ("what is the color of sky sea grass snow sun blue green white yellow na
          "tiny made by lab hello hi how are you fine thanks").split()
 
 
-def test_cli_sft_and_export_on_a_tiny_moe_folder(tmp_path):
-    import subprocess
-    import sys
-
+def _tiny_moe_run_inputs(tmp_path):
+    """A tiny Qwen2-MoE folder (transformers' save_pretrained + a word-level ChatML tokenizer) and a dataset."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     base = tmp_path / "base"
@@ -415,6 +413,14 @@ def test_cli_sft_and_export_on_a_tiny_moe_folder(tmp_path):
             for t, c in (("sky", "blue"), ("sea", "blue"), ("grass", "green"), ("snow", "white"))]
     (data / "toy.json").write_text(json.dumps(rows * 4))
     (data / "dataset_info.json").write_text(json.dumps({"toy": {"file_name": "toy.json"}}))
+    return base, data, vocab
+
+
+def test_cli_sft_and_export_on_a_tiny_moe_folder(tmp_path):
+    import subprocess
+    import sys
+
+    base, data, vocab = _tiny_moe_run_inputs(tmp_path)
     out, exp = tmp_path / "sft", tmp_path / "exported"
     train = [sys.executable, "-m", "llmtune", "train", "--stage", "sft", "--model_name_or_path", str(base),
              "--dataset", "toy", "--dataset_dir", str(data), "--template", "chatml", "--finetuning_type", "lora",
@@ -519,3 +525,33 @@ def test_bad_moe_config_keys_give_clear_errors():
                           ({"mlp_only_layers": 3}, "mlp_only_layers")):
         with pytest.raises(LLMTuneError, match=match):
             ModelConfig.from_hf_dict({**good, **change})
+
+
+def test_torchrun_ddp_lora_on_a_tiny_moe(tmp_path):
+    """Two gloo ranks (torchrun, DDP) train LoRA on every expert: DDP needs every adapter in each step's graph
+    (an expert without tokens on a rank is called on an empty batch), the run completes and experts train."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    base, data, _ = _tiny_moe_run_inputs(tmp_path)
+    out = tmp_path / "ddp"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "llmtune", "train", "--stage", "sft", "--model_name_or_path", str(base), "--dataset", "toy",
+           "--dataset_dir", str(data), "--template", "chatml", "--finetuning_type", "lora", "--lora_rank", "4",
+           "--cutoff_len", "32", "--per_device_train_batch_size", "1", "--max_steps", "2", "--logging_steps", "1",
+           "--learning_rate", "1e-2", "--output_dir", str(out), "--ddp_timeout", "300", "--report_to", "none"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert any(".experts.3.down_proj.lora_B." in k for k in adapter)
+    assert any(".experts." in k and ".lora_B." in k and v.abs().max() > 0 for k, v in adapter.items())
