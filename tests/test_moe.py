@@ -193,6 +193,8 @@ def test_grouped_expert_compute_equals_a_per_token_loop(k):
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # inference skips the experts no token chose
         torch.testing.assert_close(experts_forward(x, experts, top, weights).double(), ref, atol=1e-5, rtol=1e-5)
+    got.sum().backward()  # in training the expert no token chose still gets a (zero) gradient: DDP needs it
+    assert experts[4].down_proj.weight.grad is not None and not experts[4].down_proj.weight.grad.any()
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
