@@ -559,7 +559,6 @@ def test_torchrun_ddp_lora_on_a_tiny_moe(tmp_path):
     """Two gloo ranks (torchrun, DDP) train LoRA on every expert: DDP needs every adapter in each step's graph
     (an expert without tokens on a rank is called on an empty batch), the run completes and experts train."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -567,13 +566,11 @@ def test_torchrun_ddp_lora_on_a_tiny_moe(tmp_path):
 
     base, data, _ = _tiny_moe_run_inputs(tmp_path)
     out = tmp_path / "ddp"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    # --standalone: torchrun picks a free port itself (no race with other jobs for a port chosen here)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "llmtune", "train", "--stage", "sft", "--model_name_or_path", str(base), "--dataset", "toy",
            "--dataset_dir", str(data), "--template", "chatml", "--finetuning_type", "lora", "--lora_rank", "4",
            "--cutoff_len", "32", "--per_device_train_batch_size", "1", "--max_steps", "2", "--logging_steps", "1",
