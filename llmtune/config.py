@@ -53,6 +53,7 @@ class TrainConfig:
     quantization_type: str = "nf4"
     double_quantization: bool = True
     device: Optional[str] = None
+    moe_aux_loss_coef: Optional[float] = None  # MoE load-balancing loss weight (None: config.json router_aux_loss_coef)
 
     # -- fine-tuning method ----------------------------------------------------------------------
     finetuning_type: str = "lora"
@@ -222,7 +223,7 @@ IGNORED_KEYS = {
     "interleave_probs", "preprocessing_batch_size", "dataloader_pin_memory", "remove_unused_columns",
     "logging_dir", "run_name", "push_to_hub", "hub_model_id", "deepspeed", "ddp_backend", "local_rank",
     "tf32", "disable_gradient_checkpointing", "use_reentrant_gc", "shift_attn", "rope_scaling",
-    "moe_aux_loss_coef", "infer_backend", "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager",
+    "infer_backend", "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager",
     "save_safetensors", "ignore_pad_token_for_loss", "log_level", "logging_first_step", "eval_on_start",
     "dataloader_persistent_workers", "use_llama_pro", "pissa_init", "pissa_convert", "pissa_iter",
     "export_device", "export_hub_model_id", "adapter_folder", "offload_folder",

@@ -20,14 +20,20 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}
+                "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+#: the mixture-of-experts keys of Qwen2-MoE / Qwen3-MoE ``config.json`` (Hugging Face names)
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+            "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
 
 
 @dataclass
 class ModelConfig:
-    """Architecture hyper-parameters of a decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3).
+    """Architecture hyper-parameters of a decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3, and the
+    Qwen2-MoE / Qwen3-MoE mixtures of experts).
 
     Attributes follow Hugging Face ``config.json`` names. Family differences:
 
@@ -37,6 +43,12 @@ class ModelConfig:
     * ``tie_word_embeddings``: ``lm_head.weight`` is ``model.embed_tokens.weight``.
     * ``rope_scaling``: ``None`` or a dict with ``rope_type`` in ``default``, ``linear``, ``llama3``.
     * ``sliding_window``: Mistral's attention window in tokens (``None`` = full causal attention).
+    * Mixture of experts (``num_experts > 0``; :mod:`llmtune.models.moe`): layer ``i`` has a sparse MoE block
+      instead of the dense MLP when ``i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0``; each
+      token goes to ``num_experts_per_tok`` of ``num_experts`` SwiGLU experts of width
+      ``moe_intermediate_size`` (softmax routing, renormalised over the chosen ones when ``norm_topk_prob``);
+      ``shared_expert_intermediate_size > 0`` adds Qwen2-MoE's always-on shared expert with its sigmoid gate.
+      ``router_aux_loss_coef`` weighs the load-balancing loss in training.
     """
 
     architecture: str = "LlamaForCausalLM"
@@ -62,6 +74,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
     #: the original config.json dict (kept so export can write it back with few changes)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -72,11 +92,26 @@ class ModelConfig:
             raise LLMTuneError(
                 f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.num_experts:
+            if self.moe_intermediate_size is None:
+                self.moe_intermediate_size = self.intermediate_size
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise LLMTuneError(f"config: num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 "
+                                   f"and num_experts ({self.num_experts})")
+            if self.decoder_sparse_step < 1:
+                raise LLMTuneError(f"config: decoder_sparse_step ({self.decoder_sparse_step}) must be >= 1")
 
     @property
     def family(self) -> str:
-        """``llama``, ``mistral``, ``qwen2`` or ``qwen3``."""
+        """``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen2_moe`` or ``qwen3_moe``."""
         return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """True when decoder layer ``layer_idx`` has a sparse MoE block (Qwen2-MoE / Qwen3-MoE rule:
+        ``num_experts > 0``, ``layer_idx`` not in ``mlp_only_layers`` and ``(layer_idx + 1) %
+        decoder_sparse_step == 0``), False for a dense MLP."""
+        return (self.num_experts > 0 and layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -127,15 +162,19 @@ class ModelConfig:
         kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", family in ()))
         if family == "qwen2":
             kw["qkv_bias"] = True
-        elif family in ("llama", "qwen3"):
+        elif family == "qwen2_moe":
+            kw["qkv_bias"] = bool(cfg.get("qkv_bias", True))
+        elif family in ("llama", "qwen3", "qwen3_moe"):
             kw["attention_bias"] = bool(cfg.get("attention_bias", False))
-            kw["mlp_bias"] = bool(cfg.get("mlp_bias", False))
-        if family == "qwen3":
+            kw["mlp_bias"] = bool(cfg.get("mlp_bias", False)) and family != "qwen3_moe"
+        if family in ("qwen3", "qwen3_moe"):
             kw["qk_norm"] = True
         if family == "mistral":
             kw["sliding_window"] = cfg.get("sliding_window")
-        if family == "qwen2" and cfg.get("use_sliding_window"):
+        if family in ("qwen2", "qwen2_moe") and cfg.get("use_sliding_window"):
             kw["sliding_window"] = cfg.get("sliding_window")
+        if family in ("qwen2_moe", "qwen3_moe"):
+            kw.update(_moe_kwargs(cfg, family, source))
         hidden_act = kw.get("hidden_act", "silu")
         if hidden_act not in ("silu", "swish"):
             raise LLMTuneError(f"{source}: hidden_act {hidden_act!r} is not supported (only silu)")
@@ -168,8 +207,16 @@ class ModelConfig:
             rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
             tie_word_embeddings=self.tie_word_embeddings,
         )
-        if model_type in ("llama", "qwen3"):
+        if model_type in ("llama", "qwen3", "qwen3_moe"):
             out["attention_bias"] = self.attention_bias
+        if model_type == "qwen2_moe":
+            out["qkv_bias"] = self.qkv_bias
+        if model_type in ("qwen2_moe", "qwen3_moe"):
+            out.update({k: getattr(self, k) for k in MOE_KEYS})
+            out["mlp_only_layers"] = list(self.mlp_only_layers)
+            out.pop("num_local_experts", None)
+            if model_type == "qwen3_moe":
+                out.pop("shared_expert_intermediate_size")
         if model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
         if model_type == "mistral" or self.sliding_window is not None:
@@ -183,3 +230,34 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+
+def _moe_kwargs(cfg: dict[str, Any], family: str, source: str) -> dict[str, Any]:
+    """The :class:`ModelConfig` MoE fields from a ``qwen2_moe`` / ``qwen3_moe`` ``config.json`` dict.
+
+    Defaults where a key is absent are transformers' ``Qwen2MoeConfig`` / ``Qwen3MoeConfig`` defaults.
+
+    Raises:
+        LLMTuneError: ``num_experts`` or ``moe_intermediate_size`` missing, or ``mlp_only_layers`` not a list.
+    """
+    out: dict[str, Any] = {}
+    cfg = dict(cfg)
+    if cfg.get("num_experts") is None and cfg.get("num_local_experts") is not None:
+        cfg["num_experts"] = cfg["num_local_experts"]  # transformers 5 writes Qwen3-MoE's count under this name
+    for key in ("num_experts", "moe_intermediate_size"):
+        if cfg.get(key) is None:
+            raise LLMTuneError(f"{source}: missing key {key!r} (required for model_type {family})")
+        out[key] = int(cfg[key])
+    out["num_experts_per_tok"] = int(cfg.get("num_experts_per_tok") or (4 if family == "qwen2_moe" else 8))
+    out["norm_topk_prob"] = bool(cfg.get("norm_topk_prob", False))
+    out["decoder_sparse_step"] = int(cfg.get("decoder_sparse_step") or 1)
+    layers = cfg.get("mlp_only_layers") or []
+    if not isinstance(layers, list):
+        raise LLMTuneError(f"{source}: mlp_only_layers must be a list of layer indices, got {layers!r}")
+    out["mlp_only_layers"] = [int(i) for i in layers]
+    coef = cfg.get("router_aux_loss_coef")
+    out["router_aux_loss_coef"] = 0.001 if coef is None else float(coef)
+    if family == "qwen2_moe":
+        shared = cfg.get("shared_expert_intermediate_size")
+        out["shared_expert_intermediate_size"] = 5632 if shared is None else int(shared)
+    return out

@@ -22,8 +22,21 @@ import torch
 
 from llmtune.errors import LLMTuneError
 
-#: GGUF ``general.architecture`` values we import (llama.cpp writes Llama, Mistral and SmolLM as "llama").
-SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+#: GGUF ``general.architecture`` values we import (llama.cpp writes Llama, Mistral and SmolLM as "llama";
+#: Qwen's mixtures of experts as "qwen2moe" / "qwen3moe").
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe")
+
+#: GGUF MoE architecture -> (Hugging Face architecture, model_type, llama.cpp's fixed ``norm_topk_prob``).
+MOE_GGUF_ARCHITECTURES = {"qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe", False),
+                          "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe", True)}
+#: ``{arch}.<key>`` -> Hugging Face config key, for the MoE architectures (llama.cpp's ``LLM_KV_*`` names).
+_MOE_CONFIG_KEYS = {
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+    "attention.key_length": "head_dim",
+}
 
 #: ``{arch}.<key>`` -> Hugging Face config key.
 _CONFIG_KEYS = {
@@ -51,6 +64,18 @@ _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+#: MoE tensors (gguf ``MODEL_TENSORS[QWEN2MOE / QWEN3MOE]``) and Qwen3's q/k norms, after ``blk.N.``.
+_MOE_LAYER_TENSORS = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+#: stacked expert tensors ``(num_experts, out, in)`` -> the per-expert projection name.
+EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -144,7 +169,8 @@ def _llama3_rope_scaling(rope_freqs: np.ndarray, config: dict) -> dict:
 
 
 def gguf_config(path: str | Path) -> dict[str, Any]:
-    """A Hugging Face ``config.json`` dict (LlamaForCausalLM) from a GGUF file's ``llama.*`` metadata.
+    """A Hugging Face ``config.json`` dict (LlamaForCausalLM, or Qwen2MoeForCausalLM / Qwen3MoeForCausalLM for
+    ``qwen2moe`` / ``qwen3moe`` files, see :func:`_moe_config`) from a GGUF file's ``{arch}.*`` metadata.
 
     Mapping (as transformers' GGUF loader does): ``llama.context_length -> max_position_embeddings``,
     ``block_count -> num_hidden_layers``, ``feed_forward_length -> intermediate_size``,
@@ -152,10 +178,13 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     ``rope.freq_base -> rope_theta``, ``attention.head_count(_kv) -> num_(key_value_)heads``,
     ``attention.layer_norm_rms_epsilon -> rms_norm_eps``; ``tie_word_embeddings`` is true when the file
     has no ``output.weight``; ``bos/eos/pad_token_id`` come from ``tokenizer.ggml.*``; rope scaling from
-    ``llama.rope.scaling.*`` (linear) or the ``rope_freqs`` tensor (Llama 3.1).
+    ``llama.rope.scaling.*`` (linear) or the ``rope_freqs`` tensor (Llama 3.1). MoE files add
+    ``expert_count -> num_experts``, ``expert_used_count -> num_experts_per_tok``,
+    ``expert_feed_forward_length -> moe_intermediate_size``, ``expert_shared_feed_forward_length ->
+    shared_expert_intermediate_size``, ``attention.key_length -> head_dim``.
 
     Raises:
-        LLMTuneError: missing/corrupt file, or ``general.architecture`` is not ``llama``.
+        LLMTuneError: missing/corrupt file, or ``general.architecture`` is not a supported one.
     """
     reader = _reader(path)
     meta = {k: f for k, f in reader.fields.items()}
@@ -163,11 +192,14 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise LLMTuneError(
             f"{path}: GGUF architecture {arch!r} is not supported; llmtune imports GGUF files of "
-            f"architecture {', '.join(SUPPORTED_GGUF_ARCHITECTURES)} (Llama, Mistral, SmolLM). For other "
-            "models use the Hugging Face safetensors checkpoint")
+            f"architecture {', '.join(SUPPORTED_GGUF_ARCHITECTURES)} (Llama, Mistral, SmolLM, Qwen2-MoE, "
+            "Qwen3-MoE). For other models use the Hugging Face safetensors checkpoint")
     cfg: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
                            "torch_dtype": "float32"}
-    for key, hf_key in _CONFIG_KEYS.items():
+    keys = dict(_CONFIG_KEYS)
+    if arch in MOE_GGUF_ARCHITECTURES:
+        keys.update(_MOE_CONFIG_KEYS)
+    for key, hf_key in keys.items():
         if f"{arch}.{key}" in meta:
             cfg[hf_key] = _field_value(meta[f"{arch}.{key}"])
     if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in meta:
@@ -178,6 +210,8 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
     names = {t.name for t in reader.tensors}
     cfg["tie_word_embeddings"] = "output.weight" not in names
+    if arch in MOE_GGUF_ARCHITECTURES:
+        cfg.update(_moe_config(path, arch, meta, reader, cfg))
     for hf_key, gg in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                        ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{gg}" in meta:
@@ -193,6 +227,56 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         cfg["rope_scaling"] = _llama3_rope_scaling(_dequantize(t), cfg)
     return cfg
+
+
+def _moe_config(path, arch: str, meta: dict, reader, cfg: dict) -> dict[str, Any]:
+    """The Hugging Face keys of a ``qwen2moe`` / ``qwen3moe`` GGUF file beyond the llama ones.
+
+    llama.cpp's Qwen MoE graphs put a sparse block in every layer (``decoder_sparse_step 1``, no
+    ``mlp_only_layers``) and fix the top-k renormalisation (off for qwen2moe, on for qwen3moe) unless
+    ``{arch}.expert_weights_norm`` says otherwise; q/k/v biases are present when the file holds them.
+
+    Raises:
+        LLMTuneError: ``expert_count`` / ``expert_feed_forward_length`` missing.
+    """
+    hf_arch, model_type, norm = MOE_GGUF_ARCHITECTURES[arch]
+    names = {t.name for t in reader.tensors}
+    out: dict[str, Any] = {"architectures": [hf_arch], "model_type": model_type, "decoder_sparse_step": 1,
+                           "mlp_only_layers": []}
+    for key in ("num_experts", "moe_intermediate_size"):
+        if key not in cfg:
+            raise LLMTuneError(f"{path}: GGUF metadata lacks the {arch}.* key for {key}; the file is incomplete")
+    key = f"{arch}.expert_weights_norm"
+    out["norm_topk_prob"] = bool(_field_value(meta[key])) if key in meta else norm
+    cfg.setdefault("num_experts_per_tok", 1)
+    if model_type == "qwen2_moe":
+        out["qkv_bias"] = "blk.0.attn_q.bias" in names
+        if "shared_expert_intermediate_size" not in cfg:
+            shexp = next((t for t in reader.tensors if t.name.endswith(".ffn_up_shexp.weight")), None)
+            out["shared_expert_intermediate_size"] = int(shexp.shape[-1]) if shexp is not None else 0
+    else:
+        out["attention_bias"] = "blk.0.attn_q.bias" in names
+    return out
+
+
+def hf_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Hugging Face parameter name -> shape for every weight of a GGUF file, as :func:`iter_gguf_tensors`
+    yields them (a stacked ``ffn_*_exps`` tensor gives one ``mlp.experts.{e}.*_proj.weight`` per expert)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for t in _reader(path).tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        m = _BLOCK.match(t.name)
+        if m and m.group(2) in EXPERT_TENSORS:
+            for e in range(shape[0]):
+                out[f"model.layers.{m.group(1)}.mlp.experts.{e}.{EXPERT_TENSORS[m.group(2)]}.{m.group(3)}"] = shape[1:]
+            continue
+        hf = gguf_to_hf_name(t.name)
+        if hf is None:
+            continue
+        if hf.endswith("mlp.shared_expert_gate.weight") and len(shape) == 1:
+            shape = (1,) + shape
+        out[hf] = shape
+    return out
 
 
 def reverse_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -249,6 +333,8 @@ def gguf_to_hf_name(name: str) -> str | None:
     m = _BLOCK.match(name)
     if m and m.group(2) in _LAYER_TENSORS:
         return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in _MOE_LAYER_TENSORS:
+        return f"model.layers.{m.group(1)}.{_MOE_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
     base, _, suffix = name.rpartition(".")
     if base in _GLOBAL_TENSORS:
         return f"{_GLOBAL_TENSORS[base]}.{suffix}"
@@ -261,8 +347,12 @@ def iter_gguf_tensors(path: str | Path, config: dict[str, Any] | None = None
     """Yield ``(hf_name, tensor)`` for every weight of a llama GGUF file, one at a time.
 
     Each tensor is dequantized to float32 (``gguf.quants.dequantize``), shaped as the Hugging Face
-    parameter (``(out_features, in_features)`` for linear weights) and, for ``attn_q``/``attn_k``, has
-    llama.cpp's row permutation undone (:func:`reverse_permute`). The caller casts it.
+    parameter (``(out_features, in_features)`` for linear weights) and, for ``attn_q``/``attn_k`` of the
+    llama architecture, has llama.cpp's row permutation undone (:func:`reverse_permute`; the Qwen
+    architectures use the rotate-half layout and are not permuted). A stacked expert tensor
+    ``ffn_{gate,up,down}_exps`` ``(num_experts, out, in)`` is yielded as one ``mlp.experts.{e}.*_proj.weight``
+    per expert; ``ffn_gate_inp_shexp`` ``(hidden,)`` as ``mlp.shared_expert_gate.weight`` ``(1, hidden)``.
+    The caller casts it.
 
     Args:
         path: the ``.gguf`` file.
@@ -274,13 +364,24 @@ def iter_gguf_tensors(path: str | Path, config: dict[str, Any] | None = None
     config = config or gguf_config(path)
     reader = _reader(path)
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    permuted = config.get("model_type", "llama") == "llama"
     for t in reader.tensors:
+        m = _BLOCK.match(t.name)
+        if m and m.group(2) in EXPERT_TENSORS:  # stacked experts -> one tensor per expert
+            stacked = torch.from_numpy(np.ascontiguousarray(_dequantize(t)))
+            proj = EXPERT_TENSORS[m.group(2)]
+            for e in range(stacked.shape[0]):
+                yield f"model.layers.{m.group(1)}.mlp.experts.{e}.{proj}.{m.group(3)}", stacked[e].clone()
+            del stacked
+            continue
         hf = gguf_to_hf_name(t.name)
         if hf is None:
             continue
         w = torch.from_numpy(np.ascontiguousarray(_dequantize(t)))
-        if hf.endswith("self_attn.q_proj.weight") or hf.endswith("self_attn.q_proj.bias"):
+        if hf.endswith("mlp.shared_expert_gate.weight") and w.ndim == 1:
+            w = w[None]
+        if permuted and (hf.endswith("self_attn.q_proj.weight") or hf.endswith("self_attn.q_proj.bias")):
             w = reverse_permute(w, n_head)
-        elif hf.endswith("self_attn.k_proj.weight") or hf.endswith("self_attn.k_proj.bias"):
+        elif permuted and (hf.endswith("self_attn.k_proj.weight") or hf.endswith("self_attn.k_proj.bias")):
             w = reverse_permute(w, n_kv)
         yield hf, w

@@ -7,8 +7,11 @@ Sources: the GGUF specification (ggml ``docs/gguf.md``: metadata keys ``general.
 ``gguf.quants.quantize`` (the package's reference implementation of ggml's Q8_0 / Q4_0 / Q4_1 blocks).
 
 Supported architectures: Llama-family models (Llama, Mistral without sliding window, SmolLM; written as
-GGUF architecture ``llama``, which is what llama.cpp itself writes for them). Qwen2/Qwen3 are refused with a
-clear message (their GGUF layouts differ and are not implemented).
+GGUF architecture ``llama``, which is what llama.cpp itself writes for them), and Qwen2-MoE / Qwen3-MoE
+(``qwen2moe`` / ``qwen3moe``: experts stacked into ``ffn_{gate,up,down}_exps`` ``(num_experts, out, in)``,
+router ``ffn_gate_inp`` and shared-expert tensors ``ffn_*_shexp``, ``ffn_gate_inp_shexp``; q/k not permuted,
+as llama.cpp's Qwen graphs use the rotate-half RoPE layout). Dense Qwen2/Qwen3 are refused with a clear
+message (their GGUF layouts are not implemented here).
 
 Public API: :data:`GGUF_TYPES`, :func:`permute`, :func:`hf_to_gguf_name`, :func:`tokenizer_fields_from_json`,
 :func:`write_gguf`.
@@ -50,6 +53,21 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+#: MoE and Qwen3 names (gguf ``MODEL_TENSORS[QWEN2MOE / QWEN3MOE]``), after ``model.layers.N.`` / ``blk.N.``.
+_MOE_LAYER_NAMES = {
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+#: Hugging Face family -> GGUF ``general.architecture`` of the MoE models.
+MOE_GGUF_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+#: tensors llama.cpp's converter keeps in F32 whatever the file type (the routers).
+_F32_TENSORS = ("ffn_gate_inp", "ffn_gate_inp_shexp")
 
 #: tokenizer.ggml.token_type values (llama.cpp ``llama_token_type``).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5
@@ -85,6 +103,8 @@ def hf_to_gguf_name(name: str) -> str:
     m = _LAYER.match(name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in _MOE_LAYER_NAMES:
+        return f"blk.{m.group(1)}.{_MOE_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     base, _, suffix = name.rpartition(".")
     if base in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[base]}.{suffix}"
@@ -191,7 +211,10 @@ def write_gguf(model: torch.nn.Module, path: str | Path, gguf_type: str = "f16",
 
         raise LLMTuneError(f"gguf_type: {gguf_type!r} is not supported; choose one of {', '.join(GGUF_TYPES)}."
                            + nearest(key, GGUF_TYPES))
-    if cfg.family not in ("llama", "mistral") or cfg.qkv_bias or cfg.qk_norm:
+    moe_arch = MOE_GGUF_ARCH.get(cfg.family)
+    if moe_arch is not None:
+        _check_moe_exportable(cfg)
+    elif cfg.family not in ("llama", "mistral") or cfg.qkv_bias or cfg.qk_norm:
         raise LLMTuneError(f"export_format gguf: architecture {cfg.architecture} is not supported by llmtune's "
                            "GGUF writer (Llama, Mistral and SmolLM are); export safetensors and convert with "
                            "llama.cpp's convert_hf_to_gguf.py")
@@ -204,7 +227,7 @@ def write_gguf(model: torch.nn.Module, path: str | Path, gguf_type: str = "f16",
                            "llmtune's GGUF writer; export safetensors and convert with llama.cpp")
     qtype_name, file_type = GGUF_TYPES[key]
     path = Path(path)
-    arch = "llama"
+    arch = moe_arch or "llama"
     w = gguf.GGUFWriter(str(path), arch)
     w.add_type("model")
     if name:
@@ -225,6 +248,12 @@ def write_gguf(model: torch.nn.Module, path: str | Path, gguf_type: str = "f16",
     if scaling.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
+    if moe_arch is not None:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if cfg.shared_expert_intermediate_size:
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -251,16 +280,18 @@ def write_gguf(model: torch.nn.Module, path: str | Path, gguf_type: str = "f16",
 
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     tied = cfg.tie_word_embeddings
-    for hf_name, t in model.state_dict().items():
+    for hf_name, t in _stack_experts(model.state_dict()):
         if tied and hf_name == "lm_head.weight":
             continue
-        gg_name = hf_to_gguf_name(hf_name)
+        gg_name = hf_name if hf_name.startswith("blk.") else hf_to_gguf_name(hf_name)
         t = t.detach().to(torch.float32)
-        if ".self_attn.q_proj." in hf_name:
+        if moe_arch is None and ".self_attn.q_proj." in hf_name:
             t = permute(t, n_head)
-        elif ".self_attn.k_proj." in hf_name:
+        elif moe_arch is None and ".self_attn.k_proj." in hf_name:
             t = permute(t, n_kv)
-        if t.ndim == 1:
+        if ".ffn_gate_inp_shexp." in gg_name:
+            t = t.reshape(-1)  # llama.cpp stores the shared-expert gate as a vector
+        if t.ndim == 1 or gg_name.split(".")[-2] in _F32_TENSORS:
             arr, raw = t.cpu().numpy(), None
         else:
             arr, raw = _quantize(gg_name, t, qtype_name)
@@ -270,6 +301,52 @@ def write_gguf(model: torch.nn.Module, path: str | Path, gguf_type: str = "f16",
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _check_moe_exportable(cfg) -> None:
+    """Refuse MoE settings that llama.cpp's ``qwen2moe`` / ``qwen3moe`` graphs cannot express.
+
+    llama.cpp puts a sparse block in every layer and fixes the top-k renormalisation (off for qwen2moe, on
+    for qwen3moe); its qwen2moe graph always has the shared expert.
+
+    Raises:
+        LLMTuneError: ``mlp_only_layers``, ``decoder_sparse_step != 1``, the other ``norm_topk_prob``, a
+            Qwen2-MoE without shared expert, a sliding window, or rope scaling.
+    """
+    problems = []
+    if cfg.mlp_only_layers or cfg.decoder_sparse_step != 1:
+        problems.append("dense layers among the MoE layers (mlp_only_layers / decoder_sparse_step)")
+    if cfg.norm_topk_prob != (cfg.family == "qwen3_moe"):
+        problems.append(f"norm_topk_prob {cfg.norm_topk_prob} (llama.cpp's {MOE_GGUF_ARCH[cfg.family]} fixes it "
+                        f"to {cfg.family == 'qwen3_moe'})")
+    if cfg.family == "qwen2_moe" and not cfg.shared_expert_intermediate_size:
+        problems.append("no shared expert")
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:
+        problems.append("a sliding attention window")
+    if (cfg.rope_scaling or {}).get("rope_type") not in (None, "default"):
+        problems.append("rope scaling")
+    if problems:
+        raise LLMTuneError(f"export_format gguf: this {cfg.architecture} has " + "; ".join(problems)
+                           + ", which llama.cpp's GGUF graph for it cannot express; export safetensors instead")
+
+
+def _stack_experts(state_dict: dict[str, torch.Tensor]) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of ``state_dict`` in order, with each layer's per-expert projections
+    ``model.layers.N.mlp.experts.{e}.{gate,up,down}_proj.weight`` replaced, where expert 0's appears, by one
+    stacked ``(num_experts, out, in)`` tensor named ``blk.N.ffn_{gate,up,down}_exps.weight``."""
+    groups: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, t in state_dict.items():
+        m = _EXPERT.match(name)
+        if m:
+            groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+    for name, t in state_dict.items():
+        m = _EXPERT.match(name)
+        if m is None:
+            yield name, t
+        elif m.group(2) == "0":
+            experts = groups[(m.group(1), m.group(3))]
+            yield (f"blk.{m.group(1)}.ffn_{m.group(3)}_exps.weight",
+                   torch.stack([experts[e].detach().to(torch.float32) for e in range(len(experts))]))
 
 
 def read_tokenizer_json(path: str | Path) -> dict:

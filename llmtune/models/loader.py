@@ -172,14 +172,9 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _gguf_shapes(path: Path, cfg: dict) -> dict[str, tuple[tuple[int, ...], Path]]:
-    from llmtune.models.gguf import _reader, gguf_to_hf_name
+    from llmtune.models.gguf import hf_tensor_shapes
 
-    out = {}
-    for t in _reader(path).tensors:
-        hf = gguf_to_hf_name(t.name)
-        if hf is not None:
-            out[hf] = (tuple(int(n) for n in reversed(t.shape.tolist())), path)
-    return out
+    return {name: (shape, path) for name, shape in hf_tensor_shapes(path).items()}
 
 
 # -- the loader ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llmtune.kernels import use_triton as _use_kernels
 from llmtune.models.config import ModelConfig
+from llmtune.models.moe import SparseMoeBlock, collect_aux_loss
 
 
 class RMSNorm(nn.Module):
@@ -226,7 +227,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        # mixture of experts (Qwen2-MoE / Qwen3-MoE): a sparse block in the layers the config names
+        self.mlp = SparseMoeBlock(config) if config.is_moe_layer(layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -319,6 +321,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False
+        #: MoE models: the load-balancing loss of the last forward without a KV cache (llmtune.models.moe)
+        self.aux_loss: Optional[torch.Tensor] = None
 
     # -- switches -------------------------------------------------------------------------------
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
@@ -400,6 +404,9 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache)
         x = self.model.norm(x)
+        if self.config.num_experts:  # MoE: the load-balancing loss, for training (not while decoding)
+            self.aux_loss = collect_aux_loss([layer.mlp for layer in self.model.layers], attention_mask,
+                                             compute=cache is None)
         if cache is not None:
             return x, cache
         return x

@@ -16,6 +16,8 @@ from llmtune.errors import LLMTuneError, nearest
 from llmtune.peft.layers import LoraLinear, ModulesToSave, is_linear_like
 
 _LAYER_RE = re.compile(r"(^|\.)layers\.\d+\.")
+#: MoE routers (``mlp.gate``, Qwen2-MoE's ``mlp.shared_expert_gate``): left out of ``all``, trained only if named
+_ROUTER_RE = re.compile(r"\.mlp\.(gate|shared_expert_gate)$")
 
 
 def as_names(value: Union[str, Sequence[str], None]) -> list[str]:
@@ -55,7 +57,7 @@ def select_lora_targets(model: nn.Module, lora_target: Union[str, Sequence[str]]
     Args:
         model: the model.
         lora_target: ``"all"`` / ``"all-linear"`` (every linear layer inside the decoder layers, so not
-            ``lm_head`` nor a value head), or module names as a comma-separated string or a list; a name
+            ``lm_head`` nor a value head, nor a MoE router ``mlp.gate`` / ``mlp.shared_expert_gate``), or module names as a comma-separated string or a list; a name
             matches a module whose path equals it or ends with ``"." + name`` (PEFT's rule), e.g.
             ``q_proj`` or ``self_attn.q_proj``.
         regex: treat a string ``lora_target`` as a regular expression that must match a whole path
@@ -81,7 +83,7 @@ def select_lora_targets(model: nn.Module, lora_target: Union[str, Sequence[str]]
     if not names:
         raise LLMTuneError(f"lora_target is empty; use 'all' or names from: {', '.join(valid)}")
     if any(n.lower() in ("all", "all-linear") for n in names):
-        paths = [p for p in linears if _LAYER_RE.search(p)]
+        paths = [p for p in linears if _LAYER_RE.search(p) and not _ROUTER_RE.search(p)]
         return paths, sorted({p.rsplit(".", 1)[-1] for p in paths})
     paths: list[str] = []
     all_paths = [p for p, _ in model.named_modules()]

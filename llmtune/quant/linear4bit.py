@@ -199,7 +199,8 @@ class Linear4bit(nn.Module):
 
 #: Decoder-layer linear names the loader hook quantizes (HF checkpoint names).
 _QUANT_NAME = re.compile(
-    r"^(?P<module>model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj))\.(?P<kind>weight|bias)$")
+    r"^(?P<module>model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|"
+    r"mlp\.(?:experts\.\d+\.|shared_expert\.)?(?:gate|up|down)_proj))\.(?P<kind>weight|bias)$")
 
 
 def place_quantized(model: nn.Module, name: str, tensor: torch.Tensor, compute_dtype: torch.dtype,

@@ -12,6 +12,7 @@ import torch
 
 from llmtune.constants import IGNORE_INDEX
 from llmtune.losses import causal_lm_loss
+from llmtune.models.moe import add_aux_loss
 from llmtune.train.stages.base import StageContext
 
 
@@ -31,4 +32,6 @@ def causal_lm_stage(model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx:
     hidden = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                    position_ids=batch.get("position_ids"))
     loss_sum, num_tokens = causal_lm_loss(hidden, model.lm_head.weight, batch["labels"])
-    return loss_sum, num_tokens, {}
+    # mixture of experts: + moe_aux_loss_coef * load-balancing loss (llmtune.models.moe), logged as aux_loss
+    loss_sum, metrics = add_aux_loss(model, loss_sum, num_tokens, ctx.config)
+    return loss_sum, num_tokens, metrics
