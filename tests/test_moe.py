@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from llmtune import runs as llmtune_runs
 from llmtune.models.loader import load_model
 
 tf = pytest.importorskip("transformers")
@@ -251,7 +252,8 @@ def _randomize_lora_b(model, seed=3):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad_ckpt"])
 def test_lora_step_gives_gradients_on_every_adapter_including_experts(checkpoints, sid, checkpointing):
     from llmtune.peft import apply_lora
-    from llmtune.train.stages import StageContext, causal_lm_stage
+    from llmtune.train.stages import StageContext
+    from llmtune.train.stages.causal_lm import causal_lm_stage
 
     folder, _ = checkpoints[sid]
     model = load_model(folder, dtype="float32")
@@ -281,7 +283,7 @@ def test_lora_step_gives_gradients_on_every_adapter_including_experts(checkpoint
 
 
 def test_router_is_a_lora_target_only_when_named(checkpoints):
-    from llmtune.peft.lora import select_lora_targets
+    from llmtune.peft.targets import select_lora_targets
 
     model = load_model(checkpoints["q2_top2"][0], dtype="float32")
     paths, names = select_lora_targets(model, "all")
@@ -293,7 +295,9 @@ def test_router_is_a_lora_target_only_when_named(checkpoints):
 
 
 def test_aux_loss_weight_enters_the_stage_loss(checkpoints):
-    from llmtune.train.stages import StageContext, causal_lm_loss, causal_lm_stage
+    from llmtune.losses import causal_lm_loss
+    from llmtune.train.stages import StageContext
+    from llmtune.train.stages.causal_lm import causal_lm_stage
 
     folder, _ = checkpoints["q3_top1"]
     model = load_model(folder, dtype="float32")
@@ -466,7 +470,7 @@ def test_cli_sft_and_export_on_a_tiny_moe_folder(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     # the exported folder is a plain Qwen2-MoE checkpoint: transformers reads it and agrees with our merge
-    ours = load_model(base, dtype="float32", adapter_name_or_path=str(out))
+    ours = llmtune_runs.load_model(base, dtype="float32", adapter_name_or_path=str(out))
     theirs = tf.AutoModelForCausalLM.from_pretrained(exp, dtype=torch.float32).eval()
     assert theirs.config.model_type == "qwen2_moe" and theirs.config.mlp_only_layers == [2]
     ids = torch.tensor([[vocab["what"], vocab["is"], vocab["the"], vocab["color"], vocab["of"], vocab["sky"]]])

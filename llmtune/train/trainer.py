@@ -267,7 +267,7 @@ class Trainer:
         Resumes from ``resume_from_checkpoint`` when set. Ctrl-C saves ``checkpoint-<step>`` (the last
         completed step) and re-raises ``KeyboardInterrupt``.
         """
-        if _is_main():  # tmp-checkpoint-N of a run killed while saving (the caller holds output_dir's lock)
+        if is_main():  # tmp-checkpoint-N of a run killed while saving (the caller holds output_dir's lock)
             ckpt.remove_stale_temporaries(self.output_dir)
         resume = ckpt.resolve_resume(cfg(self.config, "resume_from_checkpoint"), self.output_dir)
         if resume is not None:
