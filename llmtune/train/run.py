@@ -37,10 +37,8 @@ RUN_MARKERS = ("trainer_log.jsonl", "training_args.yaml", "adapter_model.safeten
 
 def as_config(config: Any):
     """A validated ``llmtune.config.TrainConfig`` from a TrainConfig, a dict, or a YAML path."""
-    from llmtune.config import TrainConfig, parse_config
+    from llmtune.config import parse_config
 
-    if isinstance(config, TrainConfig):
-        return parse_config(config, command="train")
     return parse_config(config, command="train")
 
 
@@ -70,7 +68,7 @@ def prepare_output_dir(cfg: Any) -> Path:
     if out.exists():
         for key in ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters", "reward_model",
                     "reward_model_adapters"):
-            for item in str(getattr(cfg, key, None) or "").split(","):
+            for item in str(getattr(cfg, key) or "").split(","):
                 src = Path(item.strip()).expanduser() if item.strip() else None
                 if src is not None and src.exists() and src.resolve() == out.resolve():
                     raise LLMTuneError(f"output_dir: {out} is the {key} folder, which this run reads; write to a "
@@ -96,7 +94,7 @@ def prepare_output_dir(cfg: Any) -> Path:
 
 
 def _device(cfg: Any) -> str:
-    if getattr(cfg, "device", None):
+    if cfg.device:
         return str(cfg.device)
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -144,12 +142,12 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
     ``freeze`` (``apply_freeze``) or ``full`` (everything, in float32)."""
     from llmtune import peft
 
-    if cfg.stage not in ("rm", "ppo") and getattr(cfg, "value_head_lr", None) is not None:
+    if cfg.stage not in ("rm", "ppo") and cfg.value_head_lr is not None:
         notice(f"value_head_lr only applies to stages rm and ppo (the value head's learning rate); stage is "
                f"{cfg.stage}, so it is ignored")
     if cfg.finetuning_type != "lora":
         lora_keys = [k for k in ("lora_target", "lora_rank", "lora_alpha", "use_dora", "use_rslora")
-                     if hasattr(cfg, "is_set") and cfg.is_set(k)]
+                     if cfg.is_set(k)]
         if lora_keys:
             one = len(lora_keys) == 1
             notice(f"{', '.join(lora_keys)} only appl{'ies' if one else 'y'} to finetuning_type lora; "
@@ -161,7 +159,7 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
     elif cfg.finetuning_type == "freeze":
         peft.apply_freeze(model, freeze_trainable_layers=cfg.freeze_trainable_layers,
                           freeze_trainable_modules=cfg.freeze_trainable_modules,
-                          freeze_extra_modules=getattr(cfg, "freeze_extra_modules", None))
+                          freeze_extra_modules=cfg.freeze_extra_modules)
     else:
         if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
             raise LLMTuneError("finetuning_type: full cannot train 4-bit quantized weights; use finetuning_type: "
