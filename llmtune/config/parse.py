@@ -173,14 +173,18 @@ def parse_config(source: Union[list[str], tuple, dict, str, Path, TrainConfig, N
         LLMTuneError: ``source`` of another type, an unknown key (nearest ones suggested), a value of the wrong
             type, an invalid choice or range, a missing required key, an unreadable config file.
     """
-    if isinstance(source, TrainConfig):
-        cfg = source.replace(**overrides)
-        validate(cfg, command)
-        return cfg
     values: dict[str, Any] = {}
     explicit: set = set()
     notices: list[str] = []
     layers: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(source, TrainConfig):
+        for raw_key, value in overrides.items():
+            key = _normalise_key(str(raw_key), "arguments", notices)
+            if key is not None:
+                _apply(values, key, value, "arguments", explicit)
+        cfg = source.replace(**values)   # a new, re-checked config
+        validate(cfg, command)
+        return cfg
     if source is None:
         pass
     elif isinstance(source, (str, Path)):

@@ -47,9 +47,10 @@ def as_train_config(config: Any) -> Any:
 
     Raises: :class:`LLMTuneError` for a bad key or value, or a ``config`` of another type.
     """
-    from llmtune.config import TrainConfig, parse_config
+    from llmtune.config import TrainConfig, parse_config, validate
 
     if isinstance(config, TrainConfig):
+        validate(config, "trainer")   # reads only: output_dir is set, values still allowed
         return config
     if isinstance(config, dict):
         return parse_config(config, command="trainer")
