@@ -16,11 +16,11 @@ from llmtune.errors import LLMTuneError
 USAGE = """usage: llmtune <command> [config.yaml] [--key value ...]
 
 commands:
-  train     train or fine-tune a model (stages pt, sft, rm, ppo, dpo, kto)
+  train     train or fine-tune a model (stages pt, sft, rm, dpo, kto, ppo, grpo)
   chat      chat with a model (and its adapters) in the terminal; reads stdin line by line when piped
   export    merge adapters and write a Hugging Face folder or a GGUF file
   version   print the version
-Run `llmtune train --help` for the configuration keys."""
+Run `llmtune <command> --help` for its keys, `llmtune train --help WORD` for the keys about WORD."""
 
 
 def _version() -> int:
@@ -30,12 +30,19 @@ def _version() -> int:
     return 0
 
 
-def _train(argv: list[str]) -> int:
-    from llmtune.config import config_help, parse_config
+def _help_request(argv: list[str]) -> tuple[bool, str | None]:
+    """``(asked, keyword)`` for ``--help`` / ``-h`` in ``argv``; the word after it (not a flag) is a keyword."""
+    for i, word in enumerate(argv):
+        if word in ("-h", "--help"):
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            return True, nxt if nxt and not nxt.startswith("-") and not nxt.endswith((".yaml", ".yml", ".json")) \
+                else None
+    return False, None
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(config_help())
-        return 0
+
+def _train(argv: list[str]) -> int:
+    from llmtune.config import parse_config
+
     cfg = parse_config(argv, command="train")
     from llmtune.train import run_train
 
@@ -54,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in ("version", "--version", "-V"):
             return _version()
+        if command in ("train", "chat", "export"):
+            asked, keyword = _help_request(rest)
+            if asked:   # generated from the config's own key descriptions
+                from llmtune.config import config_help
+
+                print(config_help(command, keyword))
+                return 0
         if command == "train":
             return _train(rest)
         if command == "chat":
@@ -61,14 +75,6 @@ def main(argv: list[str] | None = None) -> int:
 
             return chat_main(rest)
         if command == "export":
-            if any(a in ("-h", "--help") for a in rest):
-                from llmtune.config import config_help
-
-                print("usage: llmtune export [config.yaml] --model_name_or_path M [--adapter_name_or_path A,...] "
-                      "--export_dir DIR [--export_size GB] [--export_format safetensors|gguf] [--gguf_type f16] "
-                      "[--export_quantization_bit 4] [--infer_dtype auto|float32|float16|bfloat16]\n")
-                print(config_help())
-                return 0
             from llmtune.export import main as export_main
 
             return export_main(rest)

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import copy
-import types
 
 import torch
 import torch.nn.functional as F
 from tiny_helpers import VOCAB, tiny_model  # noqa: F401  (re-exported to the stage tests)
+from config_helpers import make_config
 
 
 def lora_pair(seed: int = 0, rank: int = 4):
@@ -88,7 +88,7 @@ def ctx(**kw):
                 simpo_gamma=0.5, kto_alpha=None, kto_chosen_weight=1.0, kto_rejected_weight=1.0)
     extra = kw.pop("extra", {})
     base.update(kw)
-    return StageContext(config=types.SimpleNamespace(**base), extra=extra)
+    return StageContext(config=make_config(**base), extra=extra)
 
 
 def logsig(x):

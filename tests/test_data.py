@@ -204,7 +204,7 @@ def test_every_label_masked_error(tmp_path, tok):
     d = write_dir(tmp_path, {"x": {"file_name": "x.json"}},
                   {"x.json": [{"instruction": "a long prompt here", "output": "b"}]})
     with pytest.raises(LLMTuneError, match="'x': no example left to train on"):
-        get_dataset(args(d, "x", tmp_path, cutoff_len=0), tok, get_template("chatml", tok), "sft")
+        get_dataset(args(d, "x", tmp_path, cutoff_len=1), tok, get_template("chatml", tok), "sft")
 
 
 def test_file_types_and_path_dataset(tmp_path, tok):

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from tiny_helpers import VOCAB, rows, tiny_model
 from llmtune.models import Transformer
 from llmtune.train.distributed import fsdp_options, shard_indices
 from llmtune.train.logging import read_log
+from config_helpers import make_config
 
 WORLD = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def config(out, **kw):
                 learning_rate=1e-3, max_steps=4, logging_steps=1, save_steps=1000, seed=7,
                 lr_scheduler_type="constant", report_to="none", finetuning_type="full")
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return make_config(**base)
 
 
 def rel(a, b):
@@ -92,12 +92,12 @@ def test_shard_indices_pads_to_equal_shards_like_distributed_sampler():
 def test_fsdp_option_parsing():
     from llmtune.errors import LLMTuneError
 
-    assert fsdp_options({"fsdp": None}) is None and fsdp_options({"fsdp": ""}) is None
-    assert fsdp_options({"fsdp": "full_shard auto_wrap"}) == {"reshard_after_forward": True, "offload": False}
-    assert fsdp_options({"fsdp": "shard_grad_op"}) == {"reshard_after_forward": False, "offload": False}
-    assert fsdp_options({"fsdp": "full_shard offload"})["offload"] is True
-    with pytest.raises(LLMTuneError, match="fsdp: 'hybrid_shard'"):
-        fsdp_options({"fsdp": "hybrid_shard"})
+    assert fsdp_options(make_config(fsdp=None)) is None and fsdp_options(make_config(fsdp="")) is None
+    assert fsdp_options(make_config(fsdp="full_shard auto_wrap")) == {"reshard_after_forward": True, "offload": False}
+    assert fsdp_options(make_config(fsdp="shard_grad_op")) == {"reshard_after_forward": False, "offload": False}
+    assert fsdp_options(make_config(fsdp="full_shard,offload"))["offload"] is True
+    with pytest.raises(LLMTuneError, match="fsdp: 'hybrid_shard'"):   # refused when the config is built
+        make_config(fsdp="hybrid_shard")
 
 
 def test_world_size_without_torchrun_variables_is_a_clear_error(monkeypatch):
@@ -108,9 +108,9 @@ def test_world_size_without_torchrun_variables_is_a_clear_error(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(LLMTuneError, match="WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT.*torchrun"):
-        init_distributed({"ddp_timeout": 30})
+        init_distributed(make_config(ddp_timeout=30))
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert init_distributed({}) is False  # one process: no process group
+    assert init_distributed(make_config()) is False  # one process: no process group
 
 
 def test_fsdp_with_lora_falls_back_to_ddp_with_a_notice(capsys):
@@ -118,10 +118,10 @@ def test_fsdp_with_lora_falls_back_to_ddp_with_a_notice(capsys):
     from llmtune.train.distributed import choose_strategy
 
     model = tiny_model()
-    assert choose_strategy(model, {"fsdp": "full_shard", "finetuning_type": "full"}) == "fsdp"
-    assert choose_strategy(model, {"finetuning_type": "full"}) == "ddp"
+    assert choose_strategy(model, make_config(fsdp="full_shard", finetuning_type="full")) == "fsdp"
+    assert choose_strategy(model, make_config(finetuning_type="full")) == "ddp"
     apply_lora(model, lora_rank=2)
-    assert choose_strategy(model, {"fsdp": "full_shard", "finetuning_type": "lora"}) == "ddp"
+    assert choose_strategy(model, make_config(fsdp="full_shard", finetuning_type="lora")) == "ddp"
     assert "uses DDP instead" in capsys.readouterr().err
 
 

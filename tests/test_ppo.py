@@ -8,7 +8,6 @@ response tokens, running score normalisation, one PPO step, and the reward-model
 from __future__ import annotations
 
 import json
-import types
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from llmtune.models import ModelConfig, Transformer
 from llmtune.models.value_head import ValueHead, add_value_head
 from llmtune.train.ppo import (PPOTrainer, RewardModel, RunningMoments, load_reward_model, policy_forward,
                                sample_responses)
+from config_helpers import make_config
 
 VOCAB = 53
 PAD = 0
@@ -234,7 +234,7 @@ def rm_cfg(folder, **kw):
     base = dict(reward_model=str(folder) if folder else None, reward_model_type="lora", reward_model_adapters=None,
                 finetuning_type="lora")
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return make_config(**base)
 
 
 def test_reward_model_without_value_head_is_a_clear_error(tmp_path):

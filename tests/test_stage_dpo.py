@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import types
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from llmtune.data.collator import get_collator
 from llmtune.errors import LLMTuneError
 from llmtune.train.stages import get_stage, item_counter
 from pref_helpers import ctx, logsig, lora_pair, pair_rows, ref_seq_logps, sft_rows, tiny_model
+from config_helpers import make_config
 
 B = 4
 
@@ -172,7 +172,7 @@ def test_gradient_accumulation_gives_the_big_batch_gradient(tmp_path):
     grads = []
     for bs, ga in ((6, 1), (3, 2)):
         _, model = lora_pair(0)
-        cfg = types.SimpleNamespace(stage="dpo", output_dir=str(tmp_path / f"o{bs}"), per_device_train_batch_size=bs,
+        cfg = make_config(stage="dpo", output_dir=str(tmp_path / f"o{bs}"), per_device_train_batch_size=bs,
                                     gradient_accumulation_steps=ga, max_steps=1, learning_rate=0.0, kto_alpha=0.5,
                                     pref_beta=0.2, report_to="none", seed=3)
         t = Trainer(model, cfg, rows, collator=get_collator("dpo", 0))
@@ -190,7 +190,7 @@ def test_full_finetuning_reference_is_a_frozen_copy_of_the_initial_model(capsys)
 
     model = tiny_model(1)
     init = copy.deepcopy(model)
-    cfg = types.SimpleNamespace(stage="dpo", pref_loss="sigmoid", finetuning_type="full", ref_model=None)
+    cfg = make_config(stage="dpo", pref_loss="sigmoid", finetuning_type="full", ref_model=None)
     extra = reference_extra(model, cfg)
     err = capsys.readouterr().err
     assert "frozen copy" in err and "MiB" in err
@@ -213,9 +213,9 @@ def test_orpo_needs_no_reference_and_lora_needs_no_copy():
     from llmtune.train.stages.pref import reference_extra
 
     _, model = lora_pair(0)
-    assert reference_extra(model, types.SimpleNamespace(stage="dpo", pref_loss="sigmoid", ref_model=None)) == {}
+    assert reference_extra(model, make_config(stage="dpo", pref_loss="sigmoid", ref_model=None)) == {}
     full = tiny_model(0)
-    assert reference_extra(full, types.SimpleNamespace(stage="dpo", pref_loss="orpo", ref_model=None)) == {}
+    assert reference_extra(full, make_config(stage="dpo", pref_loss="orpo", ref_model=None)) == {}
 
 
 def test_unknown_pref_loss_is_one_clear_error(setup):
@@ -225,7 +225,7 @@ def test_unknown_pref_loss_is_one_clear_error(setup):
     with pytest.raises(LLMTuneError, match=r"pref_loss: 'sigmoidd'.*sigmoid, hinge, ipo, kto_pair, orpo, simpo"):
         run(model, batch, pref_loss="sigmoidd")
     with pytest.raises(LLMTuneError, match="pref_loss"):
-        reference_extra(model, types.SimpleNamespace(stage="dpo", pref_loss="dpo", ref_model=None))
+        reference_extra(model, make_config(stage="dpo", pref_loss="dpo", ref_model=None))
 
 
 @pytest.mark.real

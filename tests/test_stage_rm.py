@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import types
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from llmtune.errors import LLMTuneError
 from llmtune.train.stages import get_stage, item_counter
 from llmtune.train.stages.rm import prepare_reward_model, value_head_only
 from pref_helpers import ctx, lora_pair, pair_rows, tiny_model
+from config_helpers import make_config
 
 B = 4
 
@@ -52,7 +52,7 @@ def test_rm_stage_scores_last_token_and_bradley_terry():
 
 def test_lora_target_value_trains_the_value_head_alone(capsys):
     model = tiny_model(0)
-    cfg = types.SimpleNamespace(stage="rm", finetuning_type="lora", lora_target="value")
+    cfg = make_config(stage="rm", finetuning_type="lora", lora_target="value")
     assert value_head_only(model, cfg)
     prepare_reward_model(model, cfg, head_only=True)
     err = capsys.readouterr().err
@@ -61,10 +61,10 @@ def test_lora_target_value_trains_the_value_head_alone(capsys):
         assert name in err
     trainable = [k for k, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["v_head.summary.weight", "v_head.summary.bias"]
-    assert not value_head_only(model, types.SimpleNamespace(stage="rm", finetuning_type="lora", lora_target="all"))
-    assert not value_head_only(model, types.SimpleNamespace(stage="dpo", finetuning_type="lora", lora_target="value"))
+    assert not value_head_only(model, make_config(stage="rm", finetuning_type="lora", lora_target="all"))
+    assert not value_head_only(model, make_config(stage="dpo", finetuning_type="lora", lora_target="value"))
     with pytest.raises(LLMTuneError, match="lora_target: 'value'.*q_proj"):
-        value_head_only(model, types.SimpleNamespace(stage="rm", finetuning_type="lora", lora_target="q_proj,value"))
+        value_head_only(model, make_config(stage="rm", finetuning_type="lora", lora_target="q_proj,value"))
 
 
 def test_trained_head_only_model_changes_only_the_head(tmp_path):
@@ -72,9 +72,9 @@ def test_trained_head_only_model_changes_only_the_head(tmp_path):
 
     model = tiny_model(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prepare_reward_model(model, {}, head_only=True)
+    prepare_reward_model(model, make_config(), head_only=True)
     head0 = model.v_head.summary.weight.detach().clone()
-    cfg = types.SimpleNamespace(stage="rm", output_dir=str(tmp_path / "o"), per_device_train_batch_size=4,
+    cfg = make_config(stage="rm", output_dir=str(tmp_path / "o"), per_device_train_batch_size=4,
                                 max_steps=2, learning_rate=1e-2, report_to="none", save_steps=1000)
     Trainer(model, cfg, pair_rows(8), collator=get_collator("rm", 0)).train()
     after = model.state_dict()
@@ -90,8 +90,8 @@ def test_save_model_writes_the_value_head_and_keeps_it_out_of_full_weights(tmp_p
     model = tiny_model(0)
     for p in model.parameters():
         p.requires_grad_(True)
-    prepare_reward_model(model, {}, head_only=False)
-    cfg = types.SimpleNamespace(finetuning_type="full", bf16=False, fp16=False)
+    prepare_reward_model(model, make_config(), head_only=False)
+    cfg = make_config(finetuning_type="full", bf16=False, fp16=False)
     save_model(model, tmp_path, cfg, "base", [])
     head = load_file(str(tmp_path / "value_head.safetensors"))
     assert set(head) == {"v_head.summary.weight", "v_head.summary.bias"}
@@ -100,7 +100,7 @@ def test_save_model_writes_the_value_head_and_keeps_it_out_of_full_weights(tmp_p
     only = tmp_path / "only"
     only.mkdir()
     model.value_head_only = True
-    save_model(model, only, types.SimpleNamespace(finetuning_type="lora", bf16=False, fp16=False), "base", [])
+    save_model(model, only, make_config(finetuning_type="lora", bf16=False, fp16=False), "base", [])
     assert sorted(p.name for p in only.iterdir()) == ["value_head.safetensors"]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import types
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from llmtune.train.logging import read_log
 from llmtune.train.optim import lr_lambda
 from llmtune.train.precision import resolve_precision
 from llmtune.train.trainer import Trainer
+from config_helpers import make_config
 
 
 def config(tmp_path, **kw):
@@ -26,7 +26,7 @@ def config(tmp_path, **kw):
                 gradient_accumulation_steps=1, learning_rate=1e-2, max_steps=4, logging_steps=1,
                 save_steps=1000, seed=7, lr_scheduler_type="constant", report_to="none")
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return make_config(**base)
 
 
 def grads(model):

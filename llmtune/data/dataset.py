@@ -1,12 +1,11 @@
 """``get_dataset``: registry -> rows -> examples -> encoded rows for one stage, cached, split.
 
-Reads these keys from ``args`` (any object, or a dict; missing ones take the defaults shown):
-``dataset`` (comma-separated names or file paths), ``eval_dataset``, ``dataset_dir="data"``, ``cutoff_len=2048``,
-``train_on_prompt=False``, ``mask_history=False``, ``max_samples=None`` (per dataset, first rows),
-``val_size=0`` (fraction < 1 or a count; seeded split), ``seed=42``, ``packing=False`` / ``neat_packing``
-(sft), ``overwrite_cache=False``, ``data_cache_dir`` or ``cache_dir`` (default
-:func:`llmtune.data.cache.default_cache_dir`), ``kto_alpha`` (dpo: datasets without pairs become
-``sft_only`` rows).
+Reads these keys of the run's :class:`llmtune.config.TrainConfig` (defaults and meanings there):
+``dataset`` (comma-separated names or file paths), ``eval_dataset``, ``dataset_dir``, ``cutoff_len``,
+``train_on_prompt``, ``mask_history``, ``max_samples`` (per dataset, first rows), ``val_size`` (fraction < 1 or
+a count; seeded split), ``seed``, ``packing`` / ``neat_packing`` (sft), ``overwrite_cache``, ``data_cache_dir``
+or ``cache_dir`` (default :func:`llmtune.data.cache.default_cache_dir`), ``kto_alpha`` (dpo: datasets without
+pairs become ``sft_only`` rows).
 ``tool_format`` and ``default_system``, when set and the given template differs, rebuild the template with
 them. ``streaming`` and ``preprocessing_num_workers`` are ignored.
 
@@ -42,12 +41,12 @@ class DatasetSplits:
     eval: Optional[list] = None
 
 
-def _get(args: Any, key: str, default: Any = None) -> Any:
-    if isinstance(args, dict):
-        val = args.get(key, default)
-    else:
-        val = getattr(args, key, default)
-    return default if val is None else val
+def as_config(args: Any) -> Any:
+    """``args`` if it is a :class:`llmtune.config.TrainConfig`, else a dict of keys built into one (no key is
+    required). Raises :class:`LLMTuneError` for a bad key or value."""
+    from llmtune.config import TrainConfig, parse_config
+
+    return args if isinstance(args, TrainConfig) else parse_config(args, command=None)
 
 
 def _names(value: Any) -> list[str]:
@@ -62,7 +61,7 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
     """Load, convert, encode (cached) and split the datasets named by ``args.dataset`` for ``stage``.
 
     Args:
-        args: config object or dict (keys in the module docstring).
+        args: the run's TrainConfig, or a dict of its keys (keys in the module docstring).
         tokenizer: llmtune ``Tokenizer`` (docs/internals.md).
         template: from :func:`llmtune.data.templates.get_template`.
         stage: ``pt``, ``sft``, ``rm``, ``ppo``, ``dpo``, ``kto`` (``pretrain``/``rlhf`` accepted).
@@ -75,11 +74,12 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
         LLMTuneError: unknown dataset (nearest names), missing file, malformed JSON (file and line), missing
             column, data that cannot serve ``stage``, empty dataset, every label masked, Hub unreachable.
     """
+    args = as_config(args)
     stage = STAGE_ALIASES.get(stage, stage)
     template = _with_overrides(template, args)
     if stage not in STAGES:
         raise LLMTuneError(f"stage: unknown stage {stage!r}; expected one of {', '.join(STAGES)}.")
-    names = _names(_get(args, "dataset"))
+    names = _names(args.dataset)
     if not names:
         raise LLMTuneError("dataset: required (a name from dataset_info.json in dataset_dir, or a path to a "
                            ".json/.jsonl file; several joined by commas).")
@@ -87,8 +87,8 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
     for name in names:
         train += _load_one(name, args, tokenizer, template, stage)
     eval_rows: Optional[list] = None
-    eval_names = _names(_get(args, "eval_dataset"))
-    val_size = float(_get(args, "val_size", 0) or 0)
+    eval_names = _names(args.eval_dataset)
+    val_size = float(args.val_size)
     if eval_names:
         eval_rows = []
         for name in eval_names:
@@ -101,12 +101,12 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
             raise LLMTuneError(f"val_size: {val_size} leaves no training or no evaluation rows out of "
                                f"{len(train)}; use a fraction in (0, 1) or a smaller count.")
         perm = list(range(len(train)))
-        random.Random(int(_get(args, "seed", 42))).shuffle(perm)
+        random.Random(args.seed).shuffle(perm)
         val_idx = set(perm[:n_val])
         eval_rows = [train[i] for i in sorted(val_idx)]
         train = [r for i, r in enumerate(train) if i not in val_idx]
-    if stage == "sft" and (_get(args, "packing", False) or _get(args, "neat_packing", False)):
-        cutoff = int(_get(args, "cutoff_len", 2048))
+    if stage == "sft" and (args.packing or args.neat_packing):
+        cutoff = args.cutoff_len
         train = pack_rows(train, cutoff)
         if eval_rows:
             eval_rows = pack_rows(eval_rows, cutoff)
@@ -115,7 +115,7 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
 
 def _with_overrides(template, args: Any):
     """Apply ``tool_format`` / ``default_system`` from ``args`` when the template was built without them."""
-    tool_format, default_system = _get(args, "tool_format"), _get(args, "default_system")
+    tool_format, default_system = args.tool_format, args.default_system
     if (tool_format is None or tool_format == template.tool_format) and \
             (default_system is None or default_system == template.default_system):
         return template
@@ -127,23 +127,22 @@ def _with_overrides(template, args: Any):
 
 
 def _cache_dir(args: Any) -> Path:
-    d = _get(args, "data_cache_dir") or _get(args, "cache_dir")
+    d = args.data_cache_dir or args.cache_dir
     return Path(d).expanduser() if d else cache.default_cache_dir()
 
 
 def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
-    attr = resolve(name, str(_get(args, "dataset_dir", "data")))
+    attr = resolve(name, args.dataset_dir)
     files = data_files(attr)
-    kto_alpha = _get(args, "kto_alpha")
+    kto_alpha = args.kto_alpha
     mix_sft = stage == "dpo" and kto_alpha is not None and float(kto_alpha) > 0
-    opts = {"cutoff_len": int(_get(args, "cutoff_len", 2048)), "train_on_prompt": bool(_get(args, "train_on_prompt", False)),
-            "mask_history": bool(_get(args, "mask_history", False)), "mix_sft": mix_sft,
-            "max_samples": _get(args, "max_samples"), "seed": int(_get(args, "seed", 42))}
+    opts = {"cutoff_len": args.cutoff_len, "train_on_prompt": args.train_on_prompt,
+            "mask_history": args.mask_history, "mix_sft": mix_sft, "max_samples": args.max_samples, "seed": args.seed}
     key = cache.cache_key({"attr": attr.fingerprint(), "files": cache.file_fingerprint(files), "stage": stage,
                            "tokenizer": cache.tokenizer_fingerprint(tokenizer),
                            "template": cache.template_fingerprint(template), "opts": opts})
     cdir = _cache_dir(args)
-    if not _get(args, "overwrite_cache", False):
+    if not args.overwrite_cache:
         hit = cache.load(cdir, attr.name, key)
         if hit is not None:
             _report(attr, hit["stats"], opts["cutoff_len"])

@@ -71,8 +71,8 @@ class Encoder:
     ``self.truncated`` counts examples longer than ``cutoff_len``.
     """
 
-    def __init__(self, template, tokenizer, cutoff_len: int = 2048, train_on_prompt: bool = False,
-                 mask_history: bool = False) -> None:
+    def __init__(self, template, tokenizer, cutoff_len: int, train_on_prompt: bool = False,
+                 mask_history: bool = False) -> None:   # cutoff_len: the config's (default in llmtune.config)
         self.template = template
         self.tokenizer = tokenizer
         self.cutoff_len = int(cutoff_len)

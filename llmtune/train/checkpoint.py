@@ -498,7 +498,7 @@ def clear_for_overwrite(cfg: Any, output_dir: str | os.PathLike) -> list[str]:
     stage and Trainer are built (so any mistake in them has already been reported) and before training."""
     if not getattr(cfg, "overwrite_output_dir", False):
         return []
-    if resolve_resume(getattr(cfg, "resume_from_checkpoint", None), output_dir) is not None:
+    if resolve_resume(cfg.resume_from_checkpoint, output_dir) is not None:
         return []
     removed = clear_previous_run(output_dir)
     if removed:

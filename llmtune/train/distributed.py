@@ -58,11 +58,6 @@ FSDP_DIR = "fsdp_shards"
 
 
 # -- process group --------------------------------------------------------------------------------
-def _get(config: Any, name: str, default: Any = None) -> Any:
-    val = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-    return default if val is None else val
-
-
 def env_world_size() -> int:
     """``WORLD_SIZE`` from the environment (1 when unset), as torchrun sets it."""
     try:
@@ -96,10 +91,14 @@ def init_distributed(config: Any = None) -> bool:
         raise LLMTuneError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} is not; "
                            "start distributed runs with torchrun --nproc_per_node N -m llmtune train ... "
                            "(or unset WORLD_SIZE for one process)")
-    timeout = float(_get(config, "ddp_timeout", 1800))
+    if config is None:
+        from llmtune.config import TrainConfig
+
+        config = TrainConfig()   # the defaults (ddp_timeout 1800 s)
+    timeout = float(config.ddp_timeout)
     if timeout <= 0:
         raise LLMTuneError(f"ddp_timeout: {timeout} must be a positive number of seconds")
-    device = str(_get(config, "device", "") or "")
+    device = str(config.device or "")
     use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     kwargs: dict[str, Any] = {}
@@ -170,7 +169,7 @@ def distributed_session(config: Any = None) -> Iterator[bool]:
         raise
     except Exception as err:
         if is_initialized() and _is_collective_failure(err):
-            timeout = _get(config, "ddp_timeout", 1800)
+            timeout = config.ddp_timeout if config is not None else "the default"
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             created = False  # destroying a broken group can block; the process is ending anyway
             raise LLMTuneError(
@@ -214,7 +213,7 @@ def fsdp_options(config: Any) -> Optional[dict[str, Any]]:
     Raises:
         LLMTuneError: an unknown token (e.g. ``hybrid_shard``), naming the accepted ones.
     """
-    raw = _get(config, "fsdp", None)
+    raw = config.fsdp
     if raw in (None, False, "", []):
         return None
     tokens = raw if isinstance(raw, (list, tuple)) else str(raw).replace(",", " ").split()
@@ -240,12 +239,12 @@ def choose_strategy(model: torch.nn.Module, config: Any) -> str:
     """
     if fsdp_options(config) is None:
         return "ddp"
-    finetuning = str(_get(config, "finetuning_type", "full"))
+    finetuning = config.finetuning_type
     quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
     frozen = any(not p.requires_grad for p in model.parameters())
     if finetuning != "full" or quantized or frozen:
         if rank() == 0:
-            notice(f"fsdp: {_get(config, 'fsdp')!r} shards full fine-tuning; this run trains "
+            notice(f"fsdp: {config.fsdp!r} shards full fine-tuning; this run trains "
                    f"{'a 4-bit model' if quantized else finetuning} parameters, so it uses DDP instead "
                    "(remove fsdp to silence this)")
         return "ddp"
@@ -322,9 +321,9 @@ def apply_fsdp(model: torch.nn.Module, config: Any) -> torch.nn.Module:
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (world_size(),))
     param_dtype = None
-    if _get(config, "bf16", False):
+    if config.bf16:
         param_dtype = torch.bfloat16
-    elif _get(config, "fp16", False) and device.type == "cuda":
+    elif config.fp16 and device.type == "cuda":
         param_dtype = torch.float16
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     offload = CPUOffloadPolicy() if opts["offload"] else OffloadPolicy()

@@ -18,12 +18,12 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
     Raises:
         LLMTuneError: ``full`` on a 4-bit quantized model; the errors of ``apply_lora``/``apply_freeze``.
     """
-    if cfg.stage not in ("rm", "ppo") and getattr(cfg, "value_head_lr", None) is not None:
+    if cfg.stage not in ("rm", "ppo") and cfg.value_head_lr is not None:
         notice(f"value_head_lr only applies to stages rm and ppo (the value head's learning rate); stage is "
                f"{cfg.stage}, so it is ignored")
     if cfg.finetuning_type != "lora":
         lora_keys = [k for k in ("lora_target", "lora_rank", "lora_alpha", "use_dora", "use_rslora")
-                     if hasattr(cfg, "is_set") and cfg.is_set(k)]
+                     if cfg.is_set(k)]
         if lora_keys:
             one = len(lora_keys) == 1
             notice(f"{', '.join(lora_keys)} only appl{'ies' if one else 'y'} to finetuning_type lora; "
@@ -35,7 +35,7 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
     elif cfg.finetuning_type == "freeze":
         peft.apply_freeze(model, freeze_trainable_layers=cfg.freeze_trainable_layers,
                           freeze_trainable_modules=cfg.freeze_trainable_modules,
-                          freeze_extra_modules=getattr(cfg, "freeze_extra_modules", None))
+                          freeze_extra_modules=cfg.freeze_extra_modules)
     else:
         if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
             raise LLMTuneError("finetuning_type: full cannot train 4-bit quantized weights; use finetuning_type: "

@@ -11,15 +11,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from llmtune.config.keys import SCHEDULERS  # the allowed names live in the config
 from llmtune.errors import LLMTuneError, nearest
-
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-
-#: the optimizer keys and their Hugging Face ``TrainingArguments`` defaults (used when a key is absent)
-OPTIMIZER_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5, "weight_decay": 0.0, "adam_beta1": 0.9,
-                                      "adam_beta2": 0.999, "adam_epsilon": 1e-8, "loraplus_lr_ratio": None,
-                                      "value_head_lr": None}
-
 
 def lr_lambda(kind: str, num_warmup_steps: int, num_training_steps: int) -> Callable[[int], float]:
     """Multiplier of the base learning rate after ``step`` scheduler steps (torch ``LambdaLR`` form).
@@ -54,15 +47,10 @@ def num_warmup_steps(warmup_steps: int, warmup_ratio: float, total_steps: int) -
     return int(warmup_steps) if warmup_steps and warmup_steps > 0 else math.ceil(float(warmup_ratio or 0) * total_steps)
 
 
-def _key(config: Any, name: str) -> Any:
-    val = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-    return OPTIMIZER_DEFAULTS[name] if val is None else val
-
-
 def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, grouped by learning rate and weight decay.
 
-    Keys read from ``config`` (absent: :data:`OPTIMIZER_DEFAULTS`): ``learning_rate``, ``weight_decay``,
+    Keys read from ``config`` (an ``llmtune.config.TrainConfig``): ``learning_rate``, ``weight_decay``,
     ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``, ``loraplus_lr_ratio``, ``value_head_lr``.
     Weight decay applies to matrices only (biases and norm weights, ``ndim < 2``, get none, as Hugging
     Face's trainer does). ``loraplus_lr_ratio`` (LoRA+, Hayou et al. 2024): ``lora_B`` matrices get
@@ -75,9 +63,9 @@ def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.AdamW:
     Raises:
         LLMTuneError: no trainable parameters; ``value_head_lr`` not positive.
     """
-    lr, wd = float(_key(config, "learning_rate")), float(_key(config, "weight_decay"))
-    ratio = _key(config, "loraplus_lr_ratio")
-    head_lr = _key(config, "value_head_lr")
+    lr, wd = float(config.learning_rate), float(config.weight_decay)
+    ratio = config.loraplus_lr_ratio
+    head_lr = config.value_head_lr
     if head_lr is not None and float(head_lr) <= 0:
         raise LLMTuneError(f"value_head_lr: {head_lr} must be a positive learning rate (or unset to use "
                            f"learning_rate)")
@@ -96,8 +84,8 @@ def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.AdamW:
         raise LLMTuneError("no trainable parameters: check finetuning_type, lora_target and "
                            "freeze_trainable_layers")
     param_groups = [{"params": ps, "lr": g_lr, "weight_decay": g_wd} for (g_lr, g_wd), ps in groups.items()]
-    kwargs = dict(lr=lr, betas=(float(_key(config, "adam_beta1")), float(_key(config, "adam_beta2"))),
-                  eps=float(_key(config, "adam_epsilon")))
+    kwargs = dict(lr=lr, betas=(float(config.adam_beta1), float(config.adam_beta2)),
+                  eps=float(config.adam_epsilon))
     try:
         return torch.optim.AdamW(param_groups, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):

@@ -49,7 +49,7 @@ def prepare_output_dir(cfg: Any) -> Path:
     if out.exists():
         for key in ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters", "reward_model",
                     "reward_model_adapters"):
-            for item in str(getattr(cfg, key, None) or "").split(","):
+            for item in str(getattr(cfg, key) or "").split(","):
                 src = Path(item.strip()).expanduser() if item.strip() else None
                 if src is not None and src.exists() and src.resolve() == out.resolve():
                     raise LLMTuneError(f"output_dir: {out} is the {key} folder, which this run reads; write to a "

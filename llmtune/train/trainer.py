@@ -42,24 +42,23 @@ from llmtune.train.optim import build_optimizer, lr_lambda, num_warmup_steps
 from llmtune.train.precision import resolve_precision
 from llmtune.train.stages import StageContext, get_stage, item_counter
 
-#: defaults of the training keys (Hugging Face ``TrainingArguments`` defaults).
-DEFAULTS: dict[str, Any] = {
-    "stage": "sft", "output_dir": "output", "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
-    "gradient_accumulation_steps": 1, "learning_rate": 5e-5, "weight_decay": 0.0, "adam_beta1": 0.9,
-    "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "num_train_epochs": 3.0, "max_steps": -1,
-    "lr_scheduler_type": "linear", "warmup_ratio": 0.0, "warmup_steps": 0, "logging_steps": 500,
-    "save_steps": 500, "save_strategy": "steps", "save_total_limit": None, "eval_strategy": "no",
-    "eval_steps": None, "load_best_model_at_end": False, "metric_for_best_model": None,
-    "greater_is_better": None, "bf16": False, "fp16": False, "gradient_checkpointing": False, "seed": 42,
-    "report_to": "none", "plot_loss": False, "resume_from_checkpoint": None, "loraplus_lr_ratio": None,
-    "value_head_lr": None,
-}
 
+def as_train_config(config: Any) -> Any:
+    """The run's :class:`llmtune.config.TrainConfig`: ``config`` itself, or a dict of keys built with
+    ``parse_config(config, command="trainer")`` (the same defaults as ``llmtune.train``).
 
-def cfg(config: Any, name: str) -> Any:
-    """``config.<name>``, or ``config[name]`` for a dict, falling back to :data:`DEFAULTS` when None/absent."""
-    val = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-    return DEFAULTS.get(name) if val is None else val
+    Raises: :class:`LLMTuneError` for a bad key or value, or a ``config`` of another type.
+    """
+    from llmtune.config import TrainConfig, parse_config, validate
+
+    if isinstance(config, TrainConfig):
+        validate(config, "trainer")   # reads only: output_dir is set, values still allowed
+        return config
+    if isinstance(config, dict):
+        return parse_config(config, command="trainer")
+    raise LLMTuneError(f"Trainer config: got {type(config).__name__}; pass an llmtune.config.TrainConfig or a dict "
+                       "of LLaMA-Factory keys")
+
 
 
 class Trainer:
@@ -68,8 +67,8 @@ class Trainer:
     Args:
         model: an ``llmtune.models.Transformer`` (or any module a stage accepts) with its trainable
             parameters already chosen (LoRA / freeze / full).
-        config: the run's config (``llmtune.config.TrainConfig``, a dict or a namespace with
-            LLaMA-Factory key names; absent keys take Hugging Face's defaults, see :data:`DEFAULTS`).
+        config: the run's ``llmtune.config.TrainConfig``, or a dict of LLaMA-Factory keys (built with
+            :func:`as_train_config`: the same defaults as ``llmtune.train``).
         train_dataset: a sequence of rows (dicts of lists of ints, see docs/internals.md "Data").
         eval_dataset: optional sequence of rows for evaluation.
         collator: ``list[row] -> dict[str, Tensor]``; default :func:`pad_collate`.
@@ -84,28 +83,26 @@ class Trainer:
                  eval_dataset: Optional[Sequence[dict]] = None, collator: Optional[Callable] = None,
                  stage: Optional[Callable] = None, tokenizer: Any = None, ctx_extra: Optional[dict] = None) -> None:
         self.model = model
-        self.config = config
+        self.config = config = as_train_config(config)
         self.train_dataset = train_dataset
         self.collator = collator or pad_collate
-        self.stage_name = cfg(config, "stage")
+        self.stage_name = config.stage
         self.stage = stage or get_stage(self.stage_name)
         self.count_items = item_counter(self.stage_name) if stage is None else getattr(stage, "count_items", None)
-        self.output_dir = Path(cfg(config, "output_dir"))
+        self.output_dir = Path(config.output_dir)
         self.device = next(model.parameters()).device
-        self.bs = int(cfg(config, "per_device_train_batch_size"))
-        self.eval_bs = int(cfg(config, "per_device_eval_batch_size"))
-        self.ga = int(cfg(config, "gradient_accumulation_steps"))
+        self.bs = int(config.per_device_train_batch_size)
+        self.eval_bs = int(config.per_device_eval_batch_size)
+        self.ga = int(config.gradient_accumulation_steps)
         if self.bs < 1 or self.ga < 1:
             raise LLMTuneError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
-        self.seed = int(cfg(config, "seed"))
+        self.seed = int(config.seed)
         self.ctx = StageContext(config=config, tokenizer=tokenizer, extra=dict(ctx_extra or {}))
 
         # evaluation: needs eval data; the seed's SFT asks for it without val_size -> notice and go on
         self.eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None
-        self.eval_strategy = str(cfg(config, "eval_strategy")).lower()
-        if self.eval_strategy not in ("no", "steps", "epoch"):
-            raise LLMTuneError(f"eval_strategy: {self.eval_strategy!r} is not one of no, steps, epoch")
-        self.load_best = bool(cfg(config, "load_best_model_at_end"))
+        self.eval_strategy = config.eval_strategy   # one of no, steps, epoch (checked by the config)
+        self.load_best = bool(config.load_best_model_at_end)
         if self.eval_dataset is None and (self.eval_strategy != "no" or self.load_best):
             notice(f"eval_strategy {self.eval_strategy!r}/load_best_model_at_end are set but there is no "
                    "evaluation data (set val_size or eval_dataset); training without evaluation")
@@ -113,10 +110,10 @@ class Trainer:
         if self.load_best and self.eval_strategy == "no":
             notice("load_best_model_at_end needs eval_strategy steps or epoch; ignoring it")
             self.load_best = False
-        self.metric = str(cfg(config, "metric_for_best_model") or "eval_loss")
+        self.metric = str(config.metric_for_best_model or "eval_loss")
         if not self.metric.startswith("eval_"):
             self.metric = "eval_" + self.metric
-        gib = cfg(config, "greater_is_better")
+        gib = config.greater_is_better
         self.greater_is_better = bool(gib) if gib is not None else not self.metric.endswith("loss")
 
         # schedule lengths
@@ -124,30 +121,30 @@ class Trainer:
         if self.micro_per_epoch == 0:
             raise LLMTuneError("the training dataset is empty: check dataset, max_samples and val_size")
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.ga)
-        max_steps = int(cfg(config, "max_steps"))
-        epochs = float(cfg(config, "num_train_epochs"))
+        max_steps = int(config.max_steps)
+        epochs = float(config.num_train_epochs)
         self.total_steps = max_steps if max_steps > 0 else math.ceil(epochs * self.steps_per_epoch)
         if self.total_steps <= 0:
             raise LLMTuneError("nothing to train: set num_train_epochs > 0 or max_steps > 0")
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.logging_steps = max(1, int(_steps(cfg(config, "logging_steps"), self.total_steps)))
-        self.save_strategy = str(cfg(config, "save_strategy")).lower()
-        self.save_steps = max(1, int(_steps(cfg(config, "save_steps"), self.total_steps)))
-        self.eval_steps = max(1, int(_steps(cfg(config, "eval_steps") or self.logging_steps, self.total_steps)))
+        self.logging_steps = max(1, int(_steps(config.logging_steps, self.total_steps)))
+        self.save_strategy = config.save_strategy
+        self.save_steps = max(1, int(_steps(config.save_steps, self.total_steps)))
+        self.eval_steps = max(1, int(_steps(config.eval_steps or self.logging_steps, self.total_steps)))
 
         # precision, optimizer, schedule
-        self.amp_dtype = resolve_precision(bool(cfg(config, "bf16")), bool(cfg(config, "fp16")), self.device.type)
+        self.amp_dtype = resolve_precision(bool(config.bf16), bool(config.fp16), self.device.type)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
-        if cfg(config, "gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
+        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         self.model = model = dist_hooks.wrap_model(model, config)  # DDP / FSDP2 under torchrun, else as is
         self.optimizer = build_optimizer(model, config)
-        kind = str(cfg(config, "lr_scheduler_type"))
-        warm = num_warmup_steps(int(cfg(config, "warmup_steps")), float(cfg(config, "warmup_ratio")), self.total_steps)
+        kind = str(config.lr_scheduler_type)
+        warm = num_warmup_steps(int(config.warmup_steps), float(config.warmup_ratio), self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(kind, warm, self.total_steps))
-        self.max_grad_norm = float(cfg(config, "max_grad_norm"))
-        guard.check_policy(cfg(config, "nonfinite_policy"))
-        self.report_to = resolve_report_to(cfg(config, "report_to"))
+        self.max_grad_norm = float(config.max_grad_norm)
+        guard.check_policy(config.nonfinite_policy)
+        self.report_to = resolve_report_to(config.report_to)
 
         # state
         self.global_step = 0
@@ -251,7 +248,7 @@ class Trainer:
         limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = dist_hooks.clip_grad_norm(params, limit)
         if guard.nonfinite_step(self.global_step + 1, loss, grad_norm, self.output_dir,
-                                cfg(self.config, "nonfinite_policy") or "stop", self.scaler.is_enabled()):
+                                self.config.nonfinite_policy, self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)  # skip: the weights never see this step
         else:
             self.scaler.step(self.optimizer)
@@ -269,14 +266,14 @@ class Trainer:
         """
         if is_main():  # tmp-checkpoint-N of a run killed while saving (the caller holds output_dir's lock)
             ckpt.remove_stale_temporaries(self.output_dir)
-        resume = ckpt.resolve_resume(cfg(self.config, "resume_from_checkpoint"), self.output_dir)
+        resume = ckpt.resolve_resume(self.config.resume_from_checkpoint, self.output_dir)
         if resume is not None:
             self._load(resume)
         if is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
         logger = TrainLogger(self.output_dir, self.total_steps, self.report_to, enabled=is_main(),
                              resume_step=self.global_step if resume is not None else None,
-                             initial_step=self.global_step, progress=not cfg(self.config, "disable_tqdm"))
+                             initial_step=self.global_step, progress=not self.config.disable_tqdm)
         self.model.train()
         start = time.time()
         start_step = self.global_step
@@ -409,7 +406,7 @@ class Trainer:
                                         scheduler=self.scheduler, trainer_state=self.state_dict(),
                                         rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler)
         keep = self.output_dir / f"checkpoint-{self.best_step}" if self.best_step is not None else None
-        ckpt.rotate_checkpoints(self.output_dir, cfg(self.config, "save_total_limit"), keep=keep)
+        ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, keep=keep)
         return path
 
     def _load(self, folder: Path) -> None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from llmtune.constants import IGNORE_INDEX
 from llmtune.losses import kto_loss, sequence_logps
 from llmtune.train.stages.base import StageContext
-from llmtune.train.stages.pref import _opt, reference_logps
+from llmtune.train.stages.pref import reference_logps
 
 
 
@@ -73,7 +73,7 @@ def kto_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
     Raises: nothing beyond :func:`llmtune.losses.kto_loss` (shape mismatches).
     """
     cfg = ctx.config
-    beta = float(_opt(cfg, "pref_beta", 0.1))
+    beta = float(cfg.pref_beta)
     weight = model.lm_head.weight
     main = {k: batch.get(k) for k in ("input_ids", "attention_mask", "labels", "position_ids")}
     kl = {k: batch.get("kl_" + k) for k in ("input_ids", "attention_mask", "labels", "position_ids")}
@@ -91,8 +91,8 @@ def kto_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
     z0 = global_kl_mean(policy_kl - ref_kl)
     tags = batch["kto_tags"].bool()
     losses, rewards, z0 = kto_loss(policy, ref_main, policy_kl, ref_kl, tags, beta,
-                                   float(_opt(cfg, "kto_chosen_weight", 1.0)),
-                                   float(_opt(cfg, "kto_rejected_weight", 1.0)), kl=z0)
+                                   float(cfg.kto_chosen_weight),
+                                   float(cfg.kto_rejected_weight), kl=z0)
     metrics: dict[str, Any] = {"kl": z0.float()}
     if tags.any():
         metrics["rewards/chosen"] = rewards[tags].float().mean()

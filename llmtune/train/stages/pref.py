@@ -51,12 +51,6 @@ PREF_LOSSES = DPO_LOSS_TYPES + ("orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")
 
 
-def _opt(config: Any, name: str, default: Any) -> Any:
-    """``config.name`` (or ``config[name]``), ``default`` when absent or None."""
-    val = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-    return default if val is None else val
-
-
 def check_pref_loss(name: str) -> str:
     """Validate ``pref_loss``; returns it. Raises :class:`LLMTuneError` naming the valid values."""
     if name not in PREF_LOSSES:
@@ -84,10 +78,10 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def needs_reference(config: Any) -> bool:
     """True for stage kto, and for stage dpo unless ``pref_loss`` is reference-free (orpo, simpo)."""
-    stage = _opt(config, "stage", "")
+    stage = config.stage
     if stage == "kto":
         return True
-    return stage == "dpo" and _opt(config, "pref_loss", "sigmoid") not in REFERENCE_FREE
+    return stage == "dpo" and config.pref_loss not in REFERENCE_FREE
 
 
 def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] = None) -> dict:
@@ -103,18 +97,18 @@ def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] =
 
     Raises: LLMTuneError from the loader (bad ``ref_model`` path) or for an unknown ``pref_loss``.
     """
-    if _opt(config, "stage", "") == "dpo":
-        check_pref_loss(_opt(config, "pref_loss", "sigmoid"))
+    if config.stage == "dpo":
+        check_pref_loss(config.pref_loss)
     if not needs_reference(config):
-        if _opt(config, "ref_model", None):
-            notice(f"ref_model is ignored: pref_loss {_opt(config, 'pref_loss', 'sigmoid')} needs no reference model")
+        if config.ref_model:
+            notice(f"ref_model is ignored: pref_loss {config.pref_loss} needs no reference model")
         return {}
-    ref_path = _opt(config, "ref_model", None)
+    ref_path = config.ref_model
     if ref_path:
         frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
         dtype = frozen[0] if frozen else torch.float32   # the base's dtype (LoRA/freeze), float32 for full
         ref = load_model(ref_path, dtype=dtype, device=device or str(next(model.parameters()).device),
-                         adapter_name_or_path=_opt(config, "ref_model_adapters", None))
+                         adapter_name_or_path=config.ref_model_adapters)
         ref.eval()
         for p in ref.parameters():
             p.requires_grad_(False)
@@ -123,7 +117,7 @@ def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] =
         return {}
     ref = frozen_copy(model)
     mib = sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20
-    notice(f"stage {_opt(config, 'stage', '')} with finetuning_type {_opt(config, 'finetuning_type', 'full')}: the "
+    notice(f"stage {config.stage} with finetuning_type {config.finetuning_type}: the "
            f"reference model is a frozen copy of the initial model ({mib:.0f} MiB more memory); use "
            "finetuning_type lora to get it for free (adapters disabled) or set ref_model")
     return {"ref_model": ref}
@@ -180,9 +174,9 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
     or ``dpo_label_smoothing`` outside [0, 0.5).
     """
     cfg = ctx.config
-    loss_type = check_pref_loss(_opt(cfg, "pref_loss", "sigmoid"))
-    beta = float(_opt(cfg, "pref_beta", 0.1))
-    ftx = float(_opt(cfg, "pref_ftx", 0.0))
+    loss_type = check_pref_loss(cfg.pref_loss)
+    beta = float(cfg.pref_beta)
+    ftx = float(cfg.pref_ftx)
     weight = model.lm_head.weight
     loss_sum = torch.zeros((), dtype=torch.float32, device=weight.device)
     metrics: dict[str, Any] = {}
@@ -199,7 +193,7 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
             losses = losses - avgs[:b]                                      # L_SFT + lambda L_OR
             used = avgs
         elif loss_type == "simpo":
-            losses, cr, rr = simpo_loss(avgs[:b], avgs[b:], beta, float(_opt(cfg, "simpo_gamma", 0.5)))
+            losses, cr, rr = simpo_loss(avgs[:b], avgs[b:], beta, float(cfg.simpo_gamma))
             used = avgs
         else:
             ref = reference_logps(model, ctx, ids, mask, pos, labels)      # ONE reference forward too
@@ -209,7 +203,7 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
             else:
                 used = sums
             losses, cr, rr = dpo_loss(used[:b], used[b:], ref[:b], ref[b:], beta, loss_type,
-                                      float(_opt(cfg, "dpo_label_smoothing", 0.0)))
+                                      float(cfg.dpo_label_smoothing))
         if ftx > 0 and loss_type != "orpo":
             losses = losses - ftx * avgs[:b]
         loss_sum = loss_sum + losses.float().sum()
@@ -219,7 +213,7 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
                         "rewards/accuracies": (cr > rr).float().mean(), "rewards/margins": (cr - rr).mean(),
                         "logps/chosen": used[:b].detach().mean(), "logps/rejected": used[b:].detach().mean()})
     if "sft_input_ids" in batch:
-        alpha = float(_opt(cfg, "kto_alpha", 0.0) or 0.0)
+        alpha = float(cfg.kto_alpha or 0.0)
         hidden = model(batch["sft_input_ids"], attention_mask=batch.get("sft_attention_mask"),
                        position_ids=batch.get("sft_position_ids"))
         nll = -sequence_logps(hidden, weight, batch["sft_labels"], average=True)   # (S,) mean NLL per example

@@ -36,10 +36,7 @@ VALUE_HEAD_NAMES = ("value", "v_head", "value_head")
 
 
 def _lora_names(config: Any) -> list[str]:
-    val = getattr(config, "lora_target", None) if not isinstance(config, dict) else config.get("lora_target")
-    if isinstance(val, (list, tuple)):
-        return [str(v).strip() for v in val if str(v).strip()]
-    return [v.strip() for v in str(val or "").split(",") if v.strip()]
+    return [v.strip() for v in str(config.lora_target or "").split(",") if v.strip()]
 
 
 def value_head_only(model: torch.nn.Module, config: Any) -> bool:
@@ -49,8 +46,7 @@ def value_head_only(model: torch.nn.Module, config: Any) -> bool:
     Raises:
         LLMTuneError: ``value`` mixed with module names (the value head is always trained in stage rm).
     """
-    get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
-    if get("stage") != "rm" or (get("finetuning_type") or "lora") != "lora":
+    if config.stage != "rm" or config.finetuning_type != "lora":
         return False
     names = _lora_names(config)
     heads = [n for n in names if n.lower() in VALUE_HEAD_NAMES]

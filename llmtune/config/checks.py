@@ -1,0 +1,241 @@
+"""Building and checking a :class:`~llmtune.config.keys.TrainConfig`: types, normalisation, limits, relations.
+
+:func:`build` runs once while a config is constructed (``TrainConfig.__post_init__``): it converts each value
+to its field type, normalises it (value aliases such as stage ``pretrain`` -> ``pt``, lower-case choices,
+``packing`` unset -> true for stage pt) and then calls :func:`check_values`. :func:`check_values` and
+:func:`validate` only read: they never change the config they are given.
+
+Every refusal is one :class:`llmtune.errors.LLMTuneError` naming the key, the bad value and what to use.
+Refused because they would make training a no-op or mean something else (issue 15): ``lora_alpha <= 0``,
+``save_steps <= 0`` with ``save_strategy steps``, negative ``logging_steps``/``warmup_*``/``weight_decay``,
+``warmup_ratio > 1``, Adam betas outside [0, 1), ``adam_epsilon <= 0``, ``max_grad_norm < 0``,
+``lora_dropout`` outside [0, 1), ``val_size`` neither a fraction in [0, 1) nor a whole count, ``temperature
+<= 0`` while sampling, ``top_p`` outside (0, 1], grpo with ``num_generations < 2`` or a batch that is not a
+whole number of groups, NaN/inf numbers, and every value outside a key's ``choices``.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from typing import Any, Union
+
+from llmtune.config.keys import BOOL_WORDS, KEYS, TrainConfig
+from llmtune.errors import LLMTuneError, nearest
+
+#: key -> its annotated type (``Optional[int]`` etc.)
+TYPES: dict[str, Any] = {name: tp for name, tp in typing.get_type_hints(TrainConfig).items() if name in KEYS}
+
+#: the keys each command needs, with what to give
+REQUIRED = {
+    "model_name_or_path": "a local folder, a Hugging Face Hub id, a .gguf file, or the output folder of an "
+                          "earlier llmtune run",
+    "dataset": "a name from dataset_info.json in dataset_dir, or a path to a .json/.jsonl file; several joined "
+               "with commas",
+    "output_dir": "the folder to write the adapter or model, logs and checkpoints to",
+    "export_dir": "the folder to write the merged model to",
+}
+#: commands parse_config knows: "train", "chat", "export" (the CLI's), "trainer" (a Trainer built in Python:
+#: only output_dir is needed) and None (no key required: a config for data or stage helpers)
+COMMANDS = ("train", "chat", "export", "trainer", None)
+
+
+def base_type(tp: Any) -> tuple[Any, bool]:
+    """``(underlying type, optional?)`` of a field annotation (``Optional[int]`` -> ``(int, True)``)."""
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(key: str, value: Any, source: str) -> Any:
+    """Convert ``value`` (often a string from the command line or YAML) to the type of key ``key``.
+
+    ``None``/``"none"``/``"null"``/``"~"`` give None for an optional key. Booleans accept true/false, yes/no,
+    on/off, 1/0. Lists become comma-joined strings for string keys.
+
+    Raises: :class:`LLMTuneError` naming ``source`` and ``key`` when the value does not convert.
+    """
+    tp, optional = base_type(TYPES[key])
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+        if optional or tp is str:
+            return None if optional else value
+        raise LLMTuneError(f"{source}: {key} needs a value of type {tp.__name__}, got {value!r}")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+                return BOOL_WORDS[value.strip().lower()]
+        elif tp is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, (float, str)) and not isinstance(value, bool):
+                number = float(str(value).strip())
+                if number.is_integer():
+                    return int(number)
+        elif tp is float:
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                return float(value)
+        elif tp is str:
+            if isinstance(value, (list, tuple)):
+                return ",".join(str(v) for v in value)
+            if isinstance(value, (str, int, float, bool)):
+                return str(value)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    want = "true/false" if tp is bool else {int: "a whole number", float: "a number", str: "text"}.get(tp, tp)
+    raise LLMTuneError(f"{source}: {key} expects {want}, got {value!r}")
+
+
+def build(cfg: TrainConfig) -> None:
+    """Convert, normalise and check a config being constructed (called by ``TrainConfig.__post_init__``).
+
+    Raises: :class:`LLMTuneError` naming the first bad key.
+    """
+    for name in KEYS:
+        value = coerce(name, getattr(cfg, name), name)
+        meta = KEYS[name].metadata
+        if meta["choices"] and isinstance(value, str):
+            value = _normalise_choice(name, value, meta)
+        object.__setattr__(cfg, name, value)
+    if cfg.packing is None:           # LLaMA-Factory: packing defaults to true for pre-training only
+        cfg.packing = cfg.stage == "pt"
+    check_values(cfg)
+
+
+def _normalise_choice(name: str, value: str, meta: dict) -> Any:
+    words = [w for w in value.replace(",", " ").split()] if meta["multi"] else [value]
+    out = []
+    for word in words:
+        w = word.strip().lower()
+        w = meta["value_aliases"].get(w, w)
+        out.append(w)
+    if name == "fsdp" and (not out or out in (["false"], ["no"], ["none"])):
+        return None
+    if name == "report_to" and not out:
+        return "none"
+    return (" " if name == "fsdp" else ",").join(out) if meta["multi"] else out[0]
+
+
+def _bounds_text(meta: dict) -> str:
+    lo = f"[{meta['ge']:g}" if meta["ge"] is not None else f"({meta['gt']:g}" if meta["gt"] is not None else None
+    hi = f"{meta['le']:g}]" if meta["le"] is not None else f"{meta['lt']:g})" if meta["lt"] is not None else None
+    if lo and hi:
+        return f"in {lo}, {hi}"
+    if lo:
+        return (">= " if lo[0] == "[" else "> ") + lo[1:]
+    return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+
+
+def _refuse(name: str, value: Any, rule: str, hint: str = "") -> LLMTuneError:
+    return LLMTuneError(f"{name}: {value!r} is not allowed; it must be {rule}" + (f" ({hint})" if hint else ""))
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Check every key's allowed values and bounds and the relations between keys; changes nothing.
+
+    Raises: :class:`LLMTuneError` naming the first bad key, its value and what to use.
+    """
+    for name, f in KEYS.items():
+        value, meta = getattr(cfg, name), f.metadata
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _refuse(name, value, "a finite number", meta["hint"])
+        choices = meta["choices"]
+        if choices:
+            words = value.split("," if name != "fsdp" else " ") if meta["multi"] else [value]
+            for word in words:
+                if word not in choices:
+                    extra = f"; {meta['hint']}" if meta["hint"] else ""
+                    raise LLMTuneError(f"{name}: {word!r} is not one of {', '.join(map(str, choices))}{extra}."
+                                       + nearest(str(word), [str(c) for c in choices]))
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and any(
+                meta[b] is not None for b in ("ge", "gt", "le", "lt")):
+            ok = ((meta["ge"] is None or value >= meta["ge"]) and (meta["gt"] is None or value > meta["gt"])
+                  and (meta["le"] is None or value <= meta["le"]) and (meta["lt"] is None or value < meta["lt"]))
+            if not ok:
+                raise _refuse(name, value, _bounds_text(meta), meta["hint"])
+    _check_relations(cfg)
+
+
+def _check_relations(cfg: TrainConfig) -> None:
+    """The checks that involve more than one key (or more than a range)."""
+    if cfg.save_strategy == "steps" and cfg.save_steps < 1:
+        raise _refuse("save_steps", cfg.save_steps, ">= 1 with save_strategy steps",
+                      "a positive number of steps, or save_strategy no or epoch")
+    if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
+        raise _refuse("val_size", cfg.val_size, "a fraction in [0, 1) or a whole number of examples",
+                      "e.g. 0.1 or 100")
+    if cfg.do_sample and not cfg.temperature > 0:
+        raise _refuse("temperature", cfg.temperature, "> 0 when sampling",
+                      "use e.g. 0.7, or do_sample false for greedy decoding")
+    if cfg.export_legacy_format:
+        raise LLMTuneError("export_legacy_format: True asks for pickled .bin files, which llmtune never writes; "
+                           "use export_legacy_format false (safetensors)")
+    if cfg.stage in ("ppo", "grpo") and cfg.max_new_tokens < 1:
+        raise _refuse("max_new_tokens", cfg.max_new_tokens, f">= 1 for stage {cfg.stage}",
+                      "the rollouts need completions to score")
+    if cfg.stage == "grpo":
+        if cfg.num_generations < 2:
+            raise _refuse("num_generations", cfg.num_generations, ">= 2 for stage grpo",
+                          "advantages compare the completions of one prompt; use e.g. 8")
+        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        if per_step % cfg.num_generations:
+            raise LLMTuneError(
+                f"num_generations: {cfg.num_generations} does not divide the {per_step} completions of a step "
+                f"(per_device_train_batch_size {cfg.per_device_train_batch_size} x gradient_accumulation_steps "
+                f"{cfg.gradient_accumulation_steps}); make that product a multiple of num_generations")
+    if cfg.epsilon_high is not None and cfg.epsilon_high < cfg.epsilon:
+        raise _refuse("epsilon_high", cfg.epsilon_high, f">= epsilon ({cfg.epsilon:g})",
+                      "leave it unset to use epsilon")
+    if cfg.reward_weights is not None:
+        weights = [w.strip() for w in cfg.reward_weights.split(",") if w.strip()]
+        for w in weights:
+            try:
+                ok = math.isfinite(float(w))
+            except ValueError:
+                ok = False
+            if not ok:
+                raise _refuse("reward_weights", cfg.reward_weights, "a comma list of finite numbers", "e.g. 1,0.5")
+        funcs = [f for f in (cfg.reward_funcs or "").split(",") if f.strip()]
+        if funcs and len(weights) != len(funcs):
+            raise LLMTuneError(f"reward_weights: {len(weights)} weights for {len(funcs)} reward_funcs; give one "
+                               "weight per function (or leave reward_weights unset for 1 each)")
+
+
+def validate(cfg: TrainConfig, command: Union[str, None] = "train") -> None:
+    """Check ``cfg`` for ``command``: every value (:func:`check_values`) and the keys the command needs.
+
+    Never changes ``cfg``. ``command``: see :data:`COMMANDS`.
+
+    Raises: :class:`LLMTuneError` naming the key and how to fix it.
+    """
+    if command not in COMMANDS:
+        raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
+    if not isinstance(cfg, TrainConfig):
+        raise LLMTuneError(f"expected an llmtune.config.TrainConfig, got {type(cfg).__name__}; build one with "
+                           "llmtune.config.parse_config")
+    check_values(cfg)
+    needed: list[str] = []
+    if command in ("train", "chat", "export"):
+        needed.append("model_name_or_path")
+    if command == "train" and cfg.do_train:
+        needed.append("dataset")
+    if command in ("train", "trainer"):
+        needed.append("output_dir")
+    if command == "export":
+        needed.append("export_dir")
+    for name in needed:
+        if not getattr(cfg, name):
+            what = "training" if name == "dataset" else f"`llmtune {command}`" if command != "trainer" else "Trainer"
+            raise LLMTuneError(f"{name}: required for {what} ({REQUIRED[name]})")
+    if command in ("train", "trainer"):
+        if cfg.bf16 and cfg.fp16:
+            raise LLMTuneError("bf16 and fp16 are both true; set only one of them")
+        if cfg.do_train and cfg.max_steps <= 0 and cfg.num_train_epochs == 0:
+            raise LLMTuneError("num_train_epochs: 0 with max_steps unset trains nothing; set num_train_epochs > 0 "
+                               "or max_steps > 0 (or do_train false to only evaluate)")
