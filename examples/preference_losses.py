@@ -4,7 +4,7 @@ A stage is ``(model, batch, ctx) -> (loss_sum, num_items, metrics)``: here a DPO
 ``llmtune.losses`` (sequence log-probs from hidden states, ``dpo_loss``), with the reference policy being the
 same LoRA model with its adapters disabled. Swap ``dpo_loss`` for ``simpo_loss`` / ``orpo_loss`` /
 ``kto_loss`` / ``reward_loss`` to try another objective; the built-in stages (``stage: dpo | kto | rm``) are
-in ``llmtune/train/stages_pref.py``, ``stages_kto.py``, ``stages_rm.py``.
+in ``llmtune/train/stages/pref.py``, ``kto.py``, ``rm.py``.
 
 Run from the repository root: python examples/preference_losses.py
 MODEL and DATA point at ../shared (the project's real inputs); replace them with your own.

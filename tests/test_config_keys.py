@@ -164,7 +164,7 @@ def test_allowed_values_agree_with_the_modules_that_use_them():
     from llmtune.config import keys
     from llmtune.models.gguf_writer import GGUF_TYPES
     from llmtune.train.distributed import FSDP_TOKENS
-    from llmtune.train.stages_pref import PREF_LOSSES
+    from llmtune.train.stages.pref import PREF_LOSSES
 
     assert set(keys.PREF_LOSSES) == set(PREF_LOSSES)
     assert set(keys.GGUF_TYPES) == set(GGUF_TYPES)

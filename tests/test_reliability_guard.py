@@ -13,7 +13,7 @@ import torch
 
 from llmtune.errors import LLMTuneError
 from llmtune.train import checkpoint as ckpt
-from llmtune.train.stages import causal_lm_stage
+from llmtune.train.stages.causal_lm import causal_lm_stage
 from llmtune.train.trainer import Trainer
 from tiny_helpers import rows, tiny_model
 
@@ -116,7 +116,7 @@ def test_rotation_never_deletes_the_newest_checkpoint(tmp_path):
 
 def test_logs_and_results_are_strict_json(tmp_path):
     from llmtune.train.logging import TrainLogger
-    from llmtune.train.trainer import write_json
+    from llmtune.fileio import write_json
 
     log = TrainLogger(tmp_path, 3, progress=False)
     log.log(1, 0.5, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
