@@ -248,14 +248,23 @@ def test_config_file_not_utf8_or_not_yaml_names_the_file(tmp_path, capsys):
 # -- one set of defaults ---------------------------------------------------------------------------------
 def test_trainer_and_llmtune_train_use_the_same_defaults(tmp_path, monkeypatch):
     import llmtune
-    from llmtune.train import run
+    from llmtune.train import setup
     from llmtune.train.trainer import Trainer
     from tiny_helpers import tiny_model
 
     given = {"model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path / "o"), "max_steps": 1}
     seen = {}
-    monkeypatch.setattr(run, "_run_train", lambda cfg: seen.setdefault("cfg", cfg) and {})
-    llmtune.train(dict(given))
+
+    class Seen(Exception):
+        pass
+
+    def capture(cfg):  # the setup path's step 2 gets the config that llmtune.train built
+        seen["cfg"] = cfg
+        raise Seen
+
+    monkeypatch.setattr(setup, "prepare_output_dir", capture)
+    with pytest.raises(Seen):
+        llmtune.train(dict(given))
     rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3]}] * 2
     trainer = Trainer(tiny_model(), dict(given), rows)
     assert trainer.config.to_dict() == seen["cfg"].to_dict()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import types
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from llmtune.errors import LLMTuneError
 from llmtune.train import checkpoint as ckpt
 from llmtune.train.stages.causal_lm import causal_lm_stage
 from llmtune.train.trainer import Trainer
+from config_helpers import make_config
 from tiny_helpers import rows, tiny_model
 
 
@@ -23,7 +23,7 @@ def config(tmp_path, **kw):
                 gradient_accumulation_steps=1, learning_rate=1e-2, max_steps=4, logging_steps=1, save_steps=1000,
                 seed=7, lr_scheduler_type="constant", report_to="none", disable_tqdm=True)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return make_config(**base)
 
 
 class _InfGrad(torch.autograd.Function):
