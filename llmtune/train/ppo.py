@@ -736,6 +736,9 @@ def train_ppo(config: Any, reward_fn: Optional[RewardFn] = None) -> dict[str, An
     add_value_head(model)  # the critic: trainable, float32, on the policy's backbone
     trainer = PPOTrainer(model, cfg, prompts, reward, tokenizer, chat_stop_ids(tokenizer, template),
                          ref_model=ref_model)
+    from llmtune.train import summary
+
+    summary.report_start(cfg, model, trainer, device)
     results = trainer.train(out)
 
     if cfg.finetuning_type == "lora":
@@ -758,6 +761,7 @@ def train_ppo(config: Any, reward_fn: Optional[RewardFn] = None) -> dict[str, An
         from llmtune.train.plotting import plot_loss
 
         plot_loss(out, keys=("loss", "reward"))
+    summary.report_end(cfg, results, out, trainer, device)
     return results
 
 

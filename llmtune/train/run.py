@@ -27,6 +27,7 @@ import torch
 
 from llmtune.errors import LLMTuneError, notice
 from llmtune.train import checkpoint as ckpt
+from llmtune.train import summary
 from llmtune.train.logging import LOG_FILE
 from llmtune.train.trainer import Trainer, _is_main, cpu_supports_bf16, pad_collate, set_seed, write_json
 
@@ -275,6 +276,7 @@ def _run_train(cfg: Any) -> dict[str, Any]:
     trainer = Trainer(model, cfg, train_rows if cfg.do_train else (eval_rows or train_rows), eval_rows,
                       collator=_collator(cfg, tokenizer, cfg.stage), tokenizer=tokenizer, ctx_extra=extra)
     if cfg.do_train:
+        summary.report_start(cfg, model, trainer, device)  # the run's summary (llmtune/train/summary.py)
         train_results = trainer.train()
         results.update(train_results)
         full_state = gather_full_state_dict(model)  # FSDP2: a collective on every rank; None otherwise
@@ -309,6 +311,8 @@ def _run_train(cfg: Any) -> dict[str, Any]:
             from llmtune.train.plotting import plot_loss
 
             plot_loss(out)
+        if cfg.do_train:
+            summary.report_end(cfg, results, out, trainer, device)
     return results
 
 
