@@ -162,6 +162,7 @@ class TrainConfig:
     max_new_tokens: int = 512
     repetition_penalty: float = 1.0
     system: Optional[str] = None
+    history: bool = False  # llmtune chat: piped lines share one conversation (interactive mode always does)
 
     # -- export ----------------------------------------------------------------------------------
     export_dir: Optional[str] = None
