@@ -50,7 +50,7 @@ RUN_OUTPUTS = (LOG_FILE, "adapter_config.json", "adapter_model.safetensors", "mo
                "model-*-of-*.safetensors", "model.safetensors.index.json", "value_head.safetensors", "config.json",
                "generation_config.json", "train_results.json", "eval_results.json", "all_results.json",
                "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "training_*.png",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+               "predict_results.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def prepare_output_dir(cfg: Any) -> Path:
@@ -305,6 +305,9 @@ def _run_train(cfg: Any) -> dict[str, Any]:
             notice(f"do_predict: predictions are written for stage sft only, not {cfg.stage}; skipping")
         elif _is_main():
             write_predictions(model, tokenizer, template, rows, out / "generated_predictions.jsonl", cfg)
+            from llmtune.train.metrics import write_predict_results  # BLEU-4, ROUGE-1/2/L
+
+            results.update(write_predict_results(out))
     if _is_main():
         write_json(out / "all_results.json", results)
         if cfg.plot_loss:
