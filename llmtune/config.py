@@ -484,8 +484,10 @@ def validate(cfg: TrainConfig, command: str = "train") -> None:
         raise LLMTuneError(f"eval_strategy: {cfg.eval_strategy!r} is not one of no, steps, epoch")
     if cfg.save_strategy not in ("no", "steps", "epoch"):
         raise LLMTuneError(f"save_strategy: {cfg.save_strategy!r} is not one of no, steps, epoch")
-    if cfg.report_to not in ("none", "tensorboard", "all"):
-        raise LLMTuneError(f"report_to: {cfg.report_to!r} is not supported; use none or tensorboard")
+    if any(r.strip() not in ("", "none", "tensorboard", "wandb", "mlflow", "all")
+           for r in str(cfg.report_to).lower().replace(",", " ").split()):
+        raise LLMTuneError(f"report_to: {cfg.report_to!r} is not supported; use none, tensorboard, wandb, mlflow "
+                           "or all (a comma-separated list is fine)")
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise LLMTuneError(f"max_samples: must be at least 1, got {cfg.max_samples} (leave it unset for all samples)")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -647,7 +647,7 @@ class PPOTrainer:
         """
         from llmtune.train.logging import TrainLogger
 
-        logger = TrainLogger(output_dir, self.total_steps, self.report_to)
+        logger = TrainLogger(output_dir, self.total_steps, self.report_to, run_config=self.cfg)
         logging_steps = max(1, int(self.cfg.logging_steps if self.cfg.logging_steps >= 1
                                    else math.ceil(self.cfg.logging_steps * self.total_steps)))
         start = time.time()

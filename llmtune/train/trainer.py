@@ -428,7 +428,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         logger = TrainLogger(self.output_dir, self.total_steps, self.report_to, enabled=_is_main(),
                              resume_step=self.global_step if resume is not None else None,
-                             initial_step=self.global_step)
+                             initial_step=self.global_step, run_config=self.config)
         self.model.train()
         start = time.time()
         start_step = self.global_step
