@@ -65,3 +65,18 @@ def test_a_run_prints_both_summaries(tiny_folder, data_dir, tmp_path):  # noqa: 
     assert f"final loss: {json.loads((out / 'trainer_log.jsonl').read_text().splitlines()[-1])['loss']:.4f}" in text
     assert f"saved to {out}: adapter adapter_model.safetensors, plot training_loss.png, log trainer_log.jsonl" in text
     assert res["train_runtime"] > 0 and torch.isfinite(torch.tensor(res["train_loss"]))
+
+
+def test_ppo_prints_both_summaries(tiny_folder, data_dir, tmp_path):  # noqa: F811
+    from llmtune.train.ppo import train_ppo
+
+    out = tmp_path / "ppo"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        train_ppo(base_cfg(tiny_folder, data_dir, out, stage="ppo", max_steps=1, max_new_tokens=4,
+                           per_device_train_batch_size=2),
+                  reward_fn=lambda prompts, responses: [float(len(r)) for r in responses])
+    text = buf.getvalue()
+    assert "***** llmtune train: ppo lora *****" in text and "***** llmtune train: done *****" in text
+    assert "steps: 1" in text and "examples seen: 2" in text  # one step of a rollout of 2 prompts
+    assert f"saved to {out}: adapter adapter_model.safetensors, value head value_head.safetensors" in text
