@@ -170,5 +170,14 @@ class Reporter:
 
 def make_reporters(backends: Iterable[str], output_dir: str | Path, config: Any = None,
                    run_name: Optional[str] = None) -> list[Reporter]:
-    """A :class:`Reporter` for each backend of ``backends`` (from :func:`resolve_report_to`)."""
-    return [Reporter(b, output_dir, config, run_name) for b in backends]
+    """A :class:`Reporter` for each backend of ``backends`` (from :func:`resolve_report_to`); when one fails to
+    start, those already started are closed before the error propagates."""
+    started: list[Reporter] = []
+    try:
+        for b in backends:
+            started.append(Reporter(b, output_dir, config, run_name))
+    except BaseException:
+        for r in started:
+            r.close()
+        raise
+    return started

@@ -50,7 +50,8 @@ RUN_OUTPUTS = (LOG_FILE, "adapter_config.json", "adapter_model.safetensors", "mo
                "model-*-of-*.safetensors", "model.safetensors.index.json", "value_head.safetensors", "config.json",
                "generation_config.json", "train_results.json", "eval_results.json", "all_results.json",
                "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "training_*.png",
-               "predict_results.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+               "predict_results.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja")
 
 
 def prepare_output_dir(cfg: Any) -> Path:
