@@ -61,7 +61,7 @@ def test_a_run_prints_both_summaries(tiny_folder, data_dir, tmp_path):  # noqa: 
     n_lora = sum(t.numel() for t in load_file(str(out / "adapter_model.safetensors")).values())
     assert f"trainable parameters: {n_lora:,}" in text
     assert "examples: 24   steps: 4" in text  # 8 rows x 3 in the toy set; max_steps 4
-    assert "examples seen: 16" in text  # 4 steps x batch 4
+    assert "examples seen: 16" in text  # 4 steps x batch 4 (4/6 of an epoch of 24 rows)
     assert f"final loss: {json.loads((out / 'trainer_log.jsonl').read_text().splitlines()[-1])['loss']:.4f}" in text
     assert f"saved to {out}: adapter adapter_model.safetensors, plot training_loss.png, log trainer_log.jsonl" in text
     assert res["train_runtime"] > 0 and torch.isfinite(torch.tensor(res["train_loss"]))
@@ -80,3 +80,14 @@ def test_ppo_prints_both_summaries(tiny_folder, data_dir, tmp_path):  # noqa: F8
     assert "***** llmtune train: ppo lora *****" in text and "***** llmtune train: done *****" in text
     assert "steps: 1" in text and "examples seen: 2" in text  # one step of a rollout of 2 prompts
     assert f"saved to {out}: adapter adapter_model.safetensors, value head value_head.safetensors" in text
+
+
+def test_examples_seen_counts_a_short_last_batch(tiny_folder, data_dir, tmp_path):  # noqa: F811
+    import llmtune
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):  # 24 rows in batches of 5: 5 steps, the last of 4 rows
+        llmtune.train(base_cfg(tiny_folder, data_dir, tmp_path / "o", max_steps=-1, num_train_epochs=1,
+                               per_device_train_batch_size=5))
+    text = buf.getvalue()
+    assert "examples: 24   steps: 5" in text and "examples seen: 24 " in text

@@ -88,7 +88,7 @@ def format_end(final_loss: Optional[float], examples_seen: int, tokens_seen: Opt
 
     Args:
         final_loss: the training loss of the last logged steps (``None``: not known).
-        examples_seen: training examples processed (steps x batch size x accumulation x processes).
+        examples_seen: training examples processed (epochs done x examples; PPO: steps x rollout size).
         tokens_seen: input tokens processed (``None``: not counted by this stage).
         runtime_s: training time in seconds; tokens per second is ``tokens_seen / runtime_s``.
         peak_memory_bytes: peak memory in bytes (``None``: unknown); peak_memory_kind says what was
@@ -172,14 +172,19 @@ def report_end(cfg: Any, results: dict, out: Any, trainer: Any, device: Any,
     losses = [r["loss"] for r in history if isinstance(r, dict) and isinstance(r.get("loss"), (int, float))]
     final = losses[-1] if losses else results.get("train_loss")
     step = int(getattr(trainer, "global_step", 0) or 0)
+    rows = getattr(trainer, "train_dataset", None)
     per_step = getattr(trainer, "rollout_size", None)
-    if per_step is None:
+    if per_step is not None:  # PPO: each step samples a rollout of prompts
+        seen = step * int(per_step)
+    elif rows is not None and hasattr(trainer, "epoch_float"):  # epochs done x rows (the last batch may be short)
+        seen = int(round(float(trainer.epoch_float()) * len(rows)))
+    else:
         from llmtune.train.distributed import world_size
 
-        per_step = int(getattr(trainer, "bs", 1)) * int(getattr(trainer, "ga", 1)) * world_size()
+        seen = step * int(getattr(trainer, "bs", 1)) * int(getattr(trainer, "ga", 1)) * world_size()
     tokens = getattr(trainer, "tokens_seen", None)
     mem, kind = peak_memory(str(device))
     folder = Path(str(out))
     saved = [(name, what) for name, what in SAVED_FILES if (folder / name).is_file()]
-    _emit(format_end(final, step * int(per_step), tokens, float(results.get("train_runtime", 0.0)), mem, str(folder),
+    _emit(format_end(final, seen, tokens, float(results.get("train_runtime", 0.0)), mem, str(folder),
                      saved, kind), stream)
