@@ -7,8 +7,11 @@
 Keys are LLaMA-Factory's (parsed by :func:`llmtune.config.parse_config`), and so are the defaults (sampling
 on, temperature 0.95, top_p 0.7, top_k 50, max_new_tokens 512); sampling is seeded with ``seed`` (default 42),
 so a session is reproducible. At a terminal: ``User: `` prompts, the reply
-streams after ``Assistant: ``, ``clear`` forgets the history, ``exit`` quits. With piped stdin: one prompt
-per line, each reply printed as ``Assistant: <reply>`` (history kept between lines), exit status 0 at the end.
+streams after ``Assistant: ``, one conversation whose history ``/clear`` forgets; ``/exit`` (or end of
+input) quits (``clear`` and ``exit`` too, as LLaMA-Factory). With piped stdin: one independent question per
+line, each reply printed as ``Assistant: <reply>``, exit status 0 at the end; ``--history true`` makes the
+lines one conversation. A reply cut by ``max_new_tokens`` ends in `` [...]`` (with a notice the first time).
+Input must be UTF-8 (anything else is one error line).
 
 The template is ``--template``, else the one recorded by the llmtune run that wrote the adapter or model
 folder (``template`` in its ``training_args.yaml``), else the model's own ``chat_template``. Replies end
@@ -26,16 +29,22 @@ from typing import Any, Iterator, Optional, TextIO
 import torch
 
 from llmtune.errors import LLMTuneError, notice
-from llmtune.generation import chat_stop_ids, check_generation_args, encode_chat_prompt, stream_reply
+from llmtune.generation import chat_stop_ids, check_generation_args, encode_chat_prompt, generate_steps
 from llmtune.runs import load_model, recorded_template
 
 __all__ = ["main", "ChatSession", "resolve_device", "recorded_template", "load_chat_model", "run_chat"]
 
-WELCOME = "Welcome to llmtune chat. Type `clear` to forget the history, `exit` to quit."
+WELCOME = "Welcome to llmtune chat. Type `/clear` to forget the history, `/exit` to quit."
+
+#: appended to a reply that ``max_new_tokens`` cut before the model ended it
+TRUNCATED_MARK = " [...]"
+
+_CLEAR = ("/clear", "clear")
+_EXIT = ("/exit", "exit", "/quit")
 
 USAGE = """usage: llmtune chat [config.yaml] --model_name_or_path PATH [--key value ...]
 
-Chat with a model in the terminal (reads one prompt per line when stdin is piped).
+Chat with a model in the terminal; with piped stdin, each line is an independent question.
   --model_name_or_path   local folder, Hugging Face Hub id, .gguf file or an llmtune output folder
   --adapter_name_or_path LoRA adapter folder(s), comma-separated, applied in order
   --finetuning_type      lora (default), freeze or full
@@ -45,7 +54,9 @@ Chat with a model in the terminal (reads one prompt per line when stdin is piped
   --device               cpu, cuda, cuda:0, ... (falls back to the CPU with a notice if absent)
   --max_new_tokens 512  --do_sample True  --temperature 0.95  --top_p 0.7  --top_k 50
   --repetition_penalty 1.0  --system "You are ..."
-Commands while chatting: `clear` (forget the history), `exit` (quit)."""
+  --history true         piped lines are one conversation (default: each line is answered on its own)
+Commands while chatting: `/clear` (forget the history), `/exit` (quit).
+A reply cut by --max_new_tokens ends in " [...]"."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,6 +181,8 @@ class ChatSession:
         self.gen = gen
         self.history: list[dict] = []
         self.stop_ids = chat_stop_ids(tokenizer, template)
+        #: True when the last reply was cut by ``max_new_tokens`` (no stop token came)
+        self.truncated = False
 
     def clear(self) -> None:
         """Forget the history."""
@@ -191,30 +204,84 @@ class ChatSession:
         return messages
 
     def stream(self, query: str) -> Iterator[str]:
-        """Answer ``query`` (str) given the history; yield the reply's text pieces; record both turns."""
+        """Answer ``query`` (str) given the history; yield the reply's text pieces; record both turns.
+
+        Pieces are yielded once they decode to whole characters, so ``"".join(pieces)`` is
+        ``tokenizer.decode(reply_ids, skip_special_tokens=True)`` (as :func:`llmtune.generation.stream_reply`).
+        Afterwards :attr:`truncated` says whether ``max_new_tokens`` ended the reply (no stop token came).
+        """
         messages = self._fit(self.history + [{"role": "user", "content": query}])
-        pieces: list[str] = []
-        for piece in stream_reply(self.model, self.tokenizer, self.template, messages, system=self.system,
-                                  eos_token_ids=self.stop_ids, **self.gen):
-            pieces.append(piece)
-            yield piece
-        self.history = messages + [{"role": "assistant", "content": "".join(pieces)}]
+        prompt = encode_chat_prompt(self.tokenizer, self.template, messages, system=self.system)
+        gen = dict(self.gen)
+        gen.setdefault("pad_token_id", self.stop_ids[0] if self.stop_ids else 0)
+        stop = set(self.stop_ids)
+        reply: list[int] = []
+        emitted = ""
+        self.truncated = True
+        for tokens, alive in generate_steps(self.model, torch.tensor([prompt], dtype=torch.long),
+                                            eos_token_ids=self.stop_ids, **gen):
+            tid = int(tokens[0])
+            if not bool(alive[0]) or tid in stop:
+                self.truncated = False
+                break
+            reply.append(tid)
+            text = self.tokenizer.decode(reply, skip_special_tokens=True)
+            if text.endswith("\ufffd") or not text.startswith(emitted):  # a partial character: wait
+                continue
+            piece, emitted = text[len(emitted):], text
+            if piece:
+                yield piece
+        text = self.tokenizer.decode(reply, skip_special_tokens=True)
+        if text.startswith(emitted) and len(text) > len(emitted):
+            yield text[len(emitted):]
+        self.history = messages + [{"role": "assistant", "content": text}]
 
     def reply(self, query: str) -> str:
         """The whole reply (str) to ``query``; see :meth:`stream`."""
         return "".join(self.stream(query))
 
 
-def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: Optional[bool] = None) -> int:
+def _read_line(stdin: TextIO, lineno: int = 0) -> str:
+    """One line of ``stdin``; bytes that are not UTF-8 (or, under a C/POSIX locale, the lone surrogates
+    Python decodes them to) raise one :class:`LLMTuneError` naming the line."""
+    try:
+        line = stdin.readline()
+    except UnicodeDecodeError as e:
+        raise LLMTuneError(f"standard input: line {lineno} is not UTF-8 text (byte {e.object[e.start:e.start + 4]!r} "
+                           "cannot be decoded); convert the input first, e.g. `iconv -f latin1 -t utf-8 file | "
+                           "llmtune chat ...`") from None
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LLMTuneError(f"standard input: line {lineno} is not UTF-8 text (an undecodable byte); convert the "
+                           "input first, e.g. `iconv -f latin1 -t utf-8 file | llmtune chat ...`") from None
+    return line
+
+
+def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: Optional[bool] = None,
+             history: bool = False) -> int:
     """The chat loop; returns the exit status (0).
 
-    Interactive (a terminal): print the welcome line, prompt ``User: ``, stream the reply after
-    ``Assistant: ``; ``clear`` resets the history, ``exit`` (or end of input) quits. Otherwise one prompt per
-    line of ``stdin`` (empty lines skipped, ``clear``/``exit`` honoured), each reply printed as
-    ``Assistant: <reply>``.
+    Args:
+        session: the :class:`ChatSession` that answers.
+        stdin, stdout: text streams (``stdin`` decoded as UTF-8 by :func:`main`).
+        interactive: a terminal session (``None``: ``stdin.isatty()``). Interactive: print the welcome line,
+            prompt ``User: ``, stream the reply after ``Assistant: ``, keep one conversation; ``/clear``
+            (or ``clear``) resets it, ``/exit`` (or ``exit``, or end of input) quits. Otherwise one question
+            per line of ``stdin`` (empty lines skipped, the commands honoured), each reply printed as
+            ``Assistant: <reply>``.
+        history: piped lines share one conversation (``--history``); by default each is answered alone.
+
+    A reply cut by ``max_new_tokens`` is printed with :data:`TRUNCATED_MARK` after it, and the first such
+    reply gives a notice on stderr.
+
+    Raises:
+        LLMTuneError: ``stdin`` holds bytes that are not UTF-8.
     """
     if interactive is None:
         interactive = stdin.isatty()
+    keep = interactive or history
+    warned = False
     if interactive:
         print(WELCOME, file=stdout, flush=True)
     lineno = 0
@@ -222,16 +289,7 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: O
         if interactive:
             print("\nUser: ", end="", file=stdout, flush=True)
         lineno += 1
-        try:
-            line = stdin.readline()
-        except UnicodeDecodeError as err:
-            raise LLMTuneError(f"standard input: line {lineno} is not UTF-8 text (byte {err.start} of the chunk read "
-                               f"is {err.object[err.start:err.start + 4]!r}); send UTF-8 (e.g. iconv -t utf-8)") from None
-        try:  # a C/POSIX locale decodes stdin with surrogateescape: undecodable bytes arrive as lone surrogates
-            line.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise LLMTuneError(f"standard input: line {lineno} is not UTF-8 text (character {err.start} is an "
-                               "undecodable byte); send UTF-8 (e.g. iconv -t utf-8)") from None
+        line = _read_line(stdin, lineno)
         if not line:
             if interactive:
                 print(file=stdout, flush=True)
@@ -239,19 +297,27 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: O
         query = line.strip()
         if not query:
             continue
-        if query == "exit":
+        if query in _EXIT:
             return 0
-        if query == "clear":
+        if query in _CLEAR:
             session.clear()
             if interactive:
                 print("History has been removed.", file=stdout, flush=True)
             continue
+        if not keep:
+            session.clear()
         print("Assistant: ", end="", file=stdout, flush=True)
         for piece in session.stream(query):
             stdout.write(piece)
             if interactive:
                 stdout.flush()
+        if session.truncated:
+            stdout.write(TRUNCATED_MARK)
         print(file=stdout, flush=True)
+        if session.truncated and not warned:
+            warned = True
+            notice(f"a reply reached max_new_tokens ({session.gen.get('max_new_tokens')}) and was cut "
+                   f"(marked{TRUNCATED_MARK}); raise --max_new_tokens for longer replies")
 
 
 def main(argv: list[str]) -> int:
@@ -275,8 +341,11 @@ def main(argv: list[str]) -> int:
         gen["generator"] = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     system = cfg.system if cfg.system is not None else cfg.default_system
     session = ChatSession(model, tokenizer, template, system=system, max_context=cfg.cutoff_len, **gen)
+    stdin = sys.stdin
+    if hasattr(stdin, "reconfigure"):  # UTF-8 whatever the locale; undecodable bytes raise, not mojibake
+        stdin.reconfigure(encoding="utf-8", errors="strict")
     try:
-        return run_chat(session, sys.stdin, sys.stdout)
+        return run_chat(session, stdin, sys.stdout, history=bool(cfg.history))
     except KeyboardInterrupt:
         print(file=sys.stdout, flush=True)
         return 0

@@ -66,27 +66,73 @@ def _session(**gen):
     return ChatSession(model, FakeTokenizer(), tpl, **gen), model, tpl
 
 
-def _expected_reply(model, tok, tpl, messages, n):
-    ids = generate(model, torch.tensor([tpl.encode_prompt(messages)]), max_new_tokens=n,
-                   eos_token_ids=tpl.stop_token_ids + tok.eos_token_ids)[0].tolist()
-    ids = [i for i in ids if i not in tpl.stop_token_ids + tok.eos_token_ids]
-    return tok.decode(ids, skip_special_tokens=True)
+def _expected_reply(model, tok, tpl, messages, n, marked=False):
+    """The greedy reply from generate() itself; ``marked``: with " [...]" when no stop id came in n tokens."""
+    stops = tpl.stop_token_ids + tok.eos_token_ids
+    raw = generate(model, torch.tensor([tpl.encode_prompt(messages)]), max_new_tokens=n, eos_token_ids=stops)[0]
+    ids = [i for i in raw.tolist() if i not in stops]
+    text = tok.decode(ids, skip_special_tokens=True)
+    cut = not any(i in stops for i in raw.tolist())
+    return text + (" [...]" if marked and cut else "")
 
 
-def test_piped_lines_answered_with_history_clear_and_exit():
+def test_piped_lines_are_independent_questions(capsys):
     session, model, tpl = _session()
     tok = session.tokenizer
     out = io.StringIO()
-    stdin = io.StringIO("hello\n\nhow are you\nclear\nagain\nexit\nnever answered\n")
+    stdin = io.StringIO("hello\n\nhow are you\nclear\n/clear\nagain\n/exit\nnever answered\n")
     assert run_chat(session, stdin, out, interactive=False) == 0
     lines = out.getvalue().splitlines()
-    assert len(lines) == 3 and all(line.startswith("Assistant: ") for line in lines)
+    expected = [_expected_reply(model, tok, tpl, [{"role": "user", "content": q}], 6, marked=True)
+                for q in ("hello", "how are you", "again")]
+    assert lines == [f"Assistant: {r}" for r in expected]
+    plain = _expected_reply(model, tok, tpl, [{"role": "user", "content": "again"}], 6)
+    assert session.history == [{"role": "user", "content": "again"}, {"role": "assistant", "content": plain}]
+    # random tiny model: its replies run to max_new_tokens, so each is marked and one notice is given
+    n_cut = sum(r.endswith(" [...]") for r in expected)
+    err = capsys.readouterr().err
+    assert err.count("llmtune: notice: a reply reached") == (1 if n_cut else 0) and n_cut
+
+
+def test_piped_lines_with_history_are_one_conversation():
+    session, model, tpl = _session()
+    tok = session.tokenizer
+    out = io.StringIO()
+    stdin = io.StringIO("hello\nhow are you\nclear\nagain\nexit\nnever answered\n")
+    assert run_chat(session, stdin, out, interactive=False, history=True) == 0
     r1 = _expected_reply(model, tok, tpl, [{"role": "user", "content": "hello"}], 6)
     hist = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": r1},
             {"role": "user", "content": "how are you"}]
-    r2 = _expected_reply(model, tok, tpl, hist, 6)
+    r2 = _expected_reply(model, tok, tpl, hist, 6, marked=True)
+    r3 = _expected_reply(model, tok, tpl, [{"role": "user", "content": "again"}], 6, marked=True)
+    r1m = _expected_reply(model, tok, tpl, [{"role": "user", "content": "hello"}], 6, marked=True)
+    assert out.getvalue().splitlines() == [f"Assistant: {r1m}", f"Assistant: {r2}", f"Assistant: {r3}"]
+
+
+def test_a_reply_that_ends_at_a_stop_token_is_not_marked():
+    session, model, tpl = _session(max_new_tokens=40)
+    session.stop_ids = list(range(model.config.vocab_size))
+    out = io.StringIO()
+    # every token is a stop id: the reply is empty and was ended by the model, not by max_new_tokens
+    assert run_chat(session, io.StringIO("hello\n"), out, interactive=False) == 0
+    assert out.getvalue() == "Assistant: \n" and session.truncated is False
+
+
+def test_interactive_keeps_history_until_clear_and_exits():
+    session, model, tpl = _session()
+    tok = session.tokenizer
+    out = io.StringIO()
+    assert run_chat(session, io.StringIO("hi\nmore\n/clear\nagain\n/exit\nnot read\n"), out,
+                    interactive=True) == 0
+    text = out.getvalue()
+    assert text.startswith("Welcome") and "/clear" in text.splitlines()[0]
+    assert text.count("User: ") == 5 and text.count("Assistant: ") == 3
+    assert "History has been removed." in text
+    r1 = _expected_reply(model, tok, tpl, [{"role": "user", "content": "hi"}], 6)
+    hist = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": r1},
+            {"role": "user", "content": "more"}]
+    assert f"Assistant: {_expected_reply(model, tok, tpl, hist, 6, marked=True)}\n" in text
     r3 = _expected_reply(model, tok, tpl, [{"role": "user", "content": "again"}], 6)
-    assert lines == [f"Assistant: {r1}", f"Assistant: {r2}", f"Assistant: {r3}"]
     assert session.history == [{"role": "user", "content": "again"}, {"role": "assistant", "content": r3}]
 
 
@@ -97,6 +143,13 @@ def test_interactive_prompts_and_end_of_input():
     text = out.getvalue()
     assert text.startswith("Welcome") and text.count("User: ") == 3 and text.count("Assistant: ") == 1
     assert "History has been removed." in text and session.history == []
+
+
+def test_non_utf8_stdin_is_one_clear_error():
+    session, _, _ = _session()
+    stdin = io.TextIOWrapper(io.BytesIO("caf\u00e9?\n".encode("latin-1")), encoding="utf-8", errors="strict")
+    with pytest.raises(LLMTuneError, match="stdin is not UTF-8"):
+        run_chat(session, stdin, io.StringIO(), interactive=False)
 
 
 def test_long_history_is_trimmed_to_max_context(capsys):
@@ -207,3 +260,14 @@ def test_adapter_with_full_finetuning_type_is_an_error(tmp_path):
     with pytest.raises(LLMTuneError, match="finetuning_type"):
         main(["--model_name_or_path", str(tmp_path), "--adapter_name_or_path", str(tmp_path),
               "--finetuning_type", "full"])
+
+
+@pytest.mark.real
+def test_real_chat_non_utf8_stdin_is_one_error_line(real_model_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", LC_ALL="C")
+    proc = subprocess.run([sys.executable, "-m", "llmtune", "chat", "--model_name_or_path", str(real_model_path),
+                           "--do_sample", "False", "--max_new_tokens", "4"], input="caf\u00e9?\n".encode("latin-1"),
+                          capture_output=True, timeout=300, cwd=str(REPO), env=env)
+    err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    assert proc.returncode == 2 and err[-1].startswith("llmtune: error: stdin is not UTF-8")
+    assert "Traceback" not in proc.stderr.decode("utf-8", "replace")

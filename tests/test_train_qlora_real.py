@@ -30,7 +30,8 @@ def test_qlora_identity_job_learns_the_name(real_model_path, tmp_path):
     cmd = [sys.executable, "-m", "llmtune", "train", str(REPO / "examples" / "identity_lora.yaml"),
            "--model_name_or_path", str(real_model_path), "--output_dir", str(out),
            "--dataset_dir", str(REPO / "examples" / "data"), "--quantization_bit", "4", "--max_steps", "24",
-           "--save_strategy", "no", "--plot_loss", "False"]
+           "--save_strategy", "no", "--plot_loss", "False",
+           "--dataset", "identity", "--learning_rate", "2e-3"]  # the identity rows alone, at the former rate
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                           env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -354,7 +354,8 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
 RUN_OUTPUTS = ("trainer_log.jsonl", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
                "model-*-of-*.safetensors", "model.safetensors.index.json", "value_head.safetensors", "config.json",
                "generation_config.json", "train_results.json", "eval_results.json", "all_results.json",
-               "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "training_*.png",
+               "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "predict_results.json",
+               "training_*.png",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 

@@ -25,35 +25,10 @@ def _hms(seconds: float) -> str:
 
 
 def resolve_report_to(report_to: Any) -> list[str]:
-    """Normalise ``report_to`` (``none``, ``tensorboard``, ``all``, a list) to a list of backends.
+    """``report_to`` as a list of backends: :func:`llmtune.train.reporters.resolve_report_to`."""
+    from llmtune.train.reporters import resolve_report_to as resolve
 
-    Only ``tensorboard`` is supported; ``all`` means tensorboard when it is installed. Raises
-    :class:`LLMTuneError` for any other backend, or when tensorboard is asked for but not installed.
-    """
-    if report_to is None:
-        return []
-    items = report_to if isinstance(report_to, (list, tuple)) else str(report_to).replace(",", " ").split()
-    items = [str(i).strip().lower() for i in items if str(i).strip()]
-    out = []
-    for item in items:
-        if item in ("none", "no", "false"):
-            continue
-        if item == "all":
-            try:
-                import torch.utils.tensorboard  # noqa: F401
-                out.append("tensorboard")
-            except ImportError:
-                pass
-            continue
-        if item != "tensorboard":
-            raise LLMTuneError(f"report_to: {item!r} is not supported; use none or tensorboard")
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise LLMTuneError("report_to: tensorboard needs the tensorboard package; run `pip install "
-                               "tensorboard` or set report_to: none") from None
-        out.append("tensorboard")
-    return sorted(set(out))
+    return resolve(report_to)
 
 
 class TrainLogger:
@@ -70,14 +45,15 @@ class TrainLogger:
     """
 
     def __init__(self, output_dir: str | Path, total_steps: int, report_to: list[str] = (), enabled: bool = True,
-                 resume_step: Optional[int] = None, initial_step: int = 0, progress: bool = True) -> None:
+                 resume_step: Optional[int] = None, initial_step: int = 0, progress: bool = True,
+                 run_config: Any = None) -> None:
         self.path = Path(output_dir) / LOG_FILE
         self.total_steps = total_steps
         self.enabled = enabled
         self.start_time = time.time()
         self.start_step = initial_step
         self.bar = None
-        self.tb = None
+        self.reporters: list = []  # report_to trackers (llmtune/train/reporters.py)
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,10 +73,9 @@ class TrainLogger:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
+        from llmtune.train.reporters import make_reporters
 
-            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))
+        self.reporters = make_reporters(report_to, output_dir, run_config)
 
     def advance(self, n: int = 1) -> None:
         """Move the progress bar by ``n`` optimizer steps."""
@@ -130,10 +105,8 @@ class TrainLogger:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()
                      if k in ("loss", "eval_loss", "lr", "grad_norm")}
             self.bar.set_postfix(shown, refresh=False)
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(("eval/" + k[5:]) if k.startswith("eval_") else "train/" + k, v, step)
+        for reporter in self.reporters:
+            reporter.log(values, step)
         return rec
 
     def close(self) -> None:
@@ -141,9 +114,8 @@ class TrainLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        for reporter in self.reporters:
+            reporter.close()
 
 
 def read_log(output_dir: str | Path) -> list[dict[str, Any]]:

@@ -653,8 +653,8 @@ class PPOTrainer:
         """
         from llmtune.train.logging import TrainLogger
 
-        logger = TrainLogger(output_dir, self.total_steps, self.report_to,
-                             progress=not getattr(self.cfg, "disable_tqdm", False))
+        logger = TrainLogger(output_dir, self.total_steps, self.report_to, run_config=self.cfg,
+                             progress=not self.cfg.disable_tqdm)
         logging_steps = max(1, int(self.cfg.logging_steps if self.cfg.logging_steps >= 1
                                    else math.ceil(self.cfg.logging_steps * self.total_steps)))
         start = time.time()
@@ -751,6 +751,9 @@ def train_ppo(config: Any, reward_fn: Optional[RewardFn] = None) -> dict[str, An
     from llmtune.train.checkpoint import clear_for_overwrite
 
     clear_for_overwrite(cfg, out)  # everything is loaded and checked: only now clear an earlier run
+    from llmtune.train import summary
+
+    summary.report_start(cfg, model, trainer, device)
     results = trainer.train(out)
 
     if cfg.finetuning_type == "lora":
@@ -773,6 +776,7 @@ def train_ppo(config: Any, reward_fn: Optional[RewardFn] = None) -> dict[str, An
         from llmtune.train.plotting import plot_loss
 
         plot_loss(out, keys=("loss", "reward"))
+    summary.report_end(cfg, results, out, trainer, device)
     return results
 
 

@@ -39,8 +39,10 @@ from llmtune.peft.targets import select_lora_targets
 from llmtune.tokenizer import load_tokenizer
 from llmtune.locks import lock_output
 from llmtune.train.checkpoint import clear_for_overwrite
+from llmtune.train import summary
 from llmtune.train.distributed import barrier, distributed_session, gather_full_state_dict, is_main, unwrap
 from llmtune.train.finetuning import apply_finetuning_type
+from llmtune.train.metrics import write_predict_results
 from llmtune.train.outputs import prepare_output_dir, save_model, write_predictions
 from llmtune.train.plotting import plot_loss
 from llmtune.train.precision import load_dtype, train_device
@@ -173,6 +175,7 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
     chain = model.adapter_chain
     results: dict[str, Any] = {}
     if cfg.do_train:
+        summary.report_start(cfg, model, trainer, train_device(cfg))  # the run's summary (train/summary.py)
         train_results = trainer.train()
         results.update(train_results)
         full_state = gather_full_state_dict(model)  # FSDP2: a collective on every rank; None otherwise
@@ -201,8 +204,11 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
             notice(f"do_predict: predictions are written for stage sft only, not {cfg.stage}; skipping")
         elif is_main():
             write_predictions(model, tokenizer, template, rows, out / "generated_predictions.jsonl", cfg)
+            results.update(write_predict_results(out))  # BLEU-4, ROUGE-1/2/L (train/metrics.py)
     if is_main():
         write_json(out / "all_results.json", results)
         if cfg.plot_loss:
             plot_loss(out)
+        if cfg.do_train:
+            summary.report_end(cfg, results, out, trainer, train_device(cfg))
     return results

@@ -273,7 +273,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         logger = TrainLogger(self.output_dir, self.total_steps, self.report_to, enabled=is_main(),
                              resume_step=self.global_step if resume is not None else None,
-                             initial_step=self.global_step, progress=not self.config.disable_tqdm)
+                             initial_step=self.global_step, progress=not self.config.disable_tqdm,
+                             run_config=self.config)
         self.model.train()
         start = time.time()
         start_step = self.global_step
