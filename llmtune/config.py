@@ -79,7 +79,7 @@ class TrainConfig:
     cutoff_len: int = 2048
     max_samples: Optional[int] = None
     val_size: float = 0.0
-    packing: bool = False
+    packing: Optional[bool] = None
     neat_packing: bool = False
     train_on_prompt: bool = False
     mask_history: bool = False
@@ -118,6 +118,8 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    padding_free: bool = True
+    torch_compile: bool = False
     seed: int = 42
     report_to: str = "none"
     plot_loss: bool = False

@@ -183,7 +183,7 @@ def _collator(cfg: Any, tokenizer: Any, stage: str):
     except ImportError:
         coll = None
     if coll is not None and hasattr(coll, "get_collator"):
-        return coll.get_collator(stage, pad)
+        return coll.get_collator(stage, pad, padding_free=bool(getattr(cfg, "padding_free", True)))
     return lambda rows: pad_collate(rows, pad)
 
 
