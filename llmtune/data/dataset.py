@@ -106,10 +106,10 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
         eval_rows = [train[i] for i in sorted(val_idx)]
         train = [r for i, r in enumerate(train) if i not in val_idx]
     if stage == "sft" and (_get(args, "packing", False) or _get(args, "neat_packing", False)):
-        cutoff = int(_get(args, "cutoff_len", 2048))
-        train = pack_rows(train, cutoff)
+        cutoff, neat = int(_get(args, "cutoff_len", 2048)), bool(_get(args, "neat_packing", False))
+        train = pack_rows(train, cutoff, neat)
         if eval_rows:
-            eval_rows = pack_rows(eval_rows, cutoff)
+            eval_rows = pack_rows(eval_rows, cutoff, neat)
     return DatasetSplits(train=train, eval=eval_rows)
 
 
@@ -139,6 +139,8 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     opts = {"cutoff_len": int(_get(args, "cutoff_len", 2048)), "train_on_prompt": bool(_get(args, "train_on_prompt", False)),
             "mask_history": bool(_get(args, "mask_history", False)), "mix_sft": mix_sft,
             "max_samples": _get(args, "max_samples"), "seed": int(_get(args, "seed", 42))}
+    if stage == "pt" and _get(args, "packing", None) is False:   # LLaMA-Factory: packing unset means True for pt
+        opts["packing"] = False
     key = cache.cache_key({"attr": attr.fingerprint(), "files": cache.file_fingerprint(files), "stage": stage,
                            "tokenizer": cache.tokenizer_fingerprint(tokenizer),
                            "template": cache.template_fingerprint(template), "opts": opts})
@@ -167,7 +169,7 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     examples, skipped = convert(attr, raw)
     _check_type(attr, stage)
     enc = Encoder(template, tokenizer, opts["cutoff_len"], opts["train_on_prompt"], opts["mask_history"])
-    rows, stats = _encode(attr, examples, enc, stage, mix_sft)
+    rows, stats = _encode(attr, examples, enc, stage, mix_sft, opts.get("packing", True))
     stats["malformed"] = skipped
     stats["truncated"] = enc.truncated
     stats["rows"] = len(raw)
@@ -206,7 +208,8 @@ def _document(ex: Example) -> str:
     return "\n".join(parts)
 
 
-def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, mix_sft: bool):
+def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, mix_sft: bool,
+            packing: bool = True):
     stats: dict = {"dropped": 0, "notes": []}
     rows: list = []
 
@@ -218,7 +221,7 @@ def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str
 
     kinds = {ex.kind for ex in examples}
     if stage == "pt":
-        return enc.encode_pretrain([_document(ex) for ex in examples]), stats
+        return enc.encode_pretrain([_document(ex) for ex in examples], packing=packing), stats
     if stage == "ppo":
         for ex in examples:
             add(enc.encode_ppo(ex))

@@ -326,7 +326,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
             rep = h // k.shape[1]
             k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
-    segs: SegmentSpans = mask
+    return _span_attention(q, k, v, mask)
+
+
+@torch.compiler.disable
+def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: SegmentSpans) -> torch.Tensor:
+    """:func:`attend` over :class:`SegmentSpans` (eager even inside a compiled layer: a Python loop over spans
+    whose count and lengths change every batch would otherwise recompile)."""
+    b, h, t, d = q.shape
+    gqa = k.shape[1] != h
     if q.device.type == "cuda" and segs.cu_seqlens is not None:
         out = _varlen(q, k, v, segs)
         if out is not None:
@@ -377,6 +385,14 @@ class Transformer(nn.Module):
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Recompute each decoder layer's activations in the backward pass (less memory, ~30% more time)."""
         self.gradient_checkpointing = enable
+
+    def compile_layers(self, dynamic: bool = True, backend: str = "inductor") -> None:
+        """Regional compilation: ``torch.compile`` each decoder layer in place (``nn.Module.compile``), once,
+        with a dynamic sequence length so that packed batches of new lengths do not recompile (all layers share
+        one compiled code: same code object, same guards). Parameter names and state dicts are unchanged.
+        The span attention stays eager (:func:`_span_attention`). ``backend``: ``torch.compile``'s."""
+        for layer in self.model.layers:
+            layer.compile(dynamic=dynamic, backend=backend)
 
     def tie_weights(self) -> None:
         """Re-point ``lm_head.weight`` at the embedding weight when the config ties them."""
