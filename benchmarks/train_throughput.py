@@ -16,7 +16,8 @@ Data (``--data``):
 
 Implementations (``--impl``, comma list): ``llmtune``, ``llmtune-padded``, ``llmtune-compile`` (``torch_compile``:
 regional compilation of the decoder layers; the compile time is reported apart), ``llmtune-gc``
-(``gradient_checkpointing``), ``hf``. With ``--repeats R`` the list runs R times in turn (A B A B ...), which
+(``gradient_checkpointing``), ``llmtune-before`` (the llmtune source tree given by ``--before``, e.g. an
+older commit from ``git archive``, for before/after numbers in one run), ``hf``. With ``--repeats R`` the list runs R times in turn (A B A B ...), which
 spreads the noise of a shared machine over every implementation; the table shows medians.
 
     python benchmarks/train_throughput.py --precision bf16 --impl llmtune,hf --repeats 2 --out r.json
@@ -42,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LLMTUNE_SHARED", REPO.parent / "shared"))
 DEFAULT_MODEL = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-IMPLS = ("llmtune", "llmtune-padded", "llmtune-compile", "llmtune-gc", "hf")
+IMPLS = ("llmtune", "llmtune-padded", "llmtune-compile", "llmtune-gc", "llmtune-before", "hf")
 
 
 def _synthetic_rows(batch: int, seq: int, vocab: int) -> list[dict]:
@@ -204,6 +205,7 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="profile one extra step of each worker; write tables here "
                     "(suffixed with the implementation)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--before", default=None, help="source tree of the llmtune-before implementation")
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--rows", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/llmtune_bench_train", help=argparse.SUPPRESS)
@@ -234,7 +236,12 @@ def main() -> None:
                        "--threads", str(args.threads), "--tmp", args.tmp]
                 if args.profile:
                     cmd += ["--profile", f"{args.profile}.{impl}.{prec}.txt"]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                env = dict(os.environ)
+                if impl == "llmtune-before":
+                    if not args.before:
+                        sys.exit("--impl llmtune-before needs --before SRC (an llmtune source tree)")
+                    env["PYTHONPATH"] = str(Path(args.before).resolve())
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if line is None:
                     print(f"{impl} {prec} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)

@@ -336,7 +336,10 @@ def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: Seg
     b, h, t, d = q.shape
     gqa = k.shape[1] != h
     if q.device.type == "cuda" and segs.cu_seqlens is not None:
-        out = _varlen(q, k, v, segs)
+        try:
+            out = _varlen(q, k, v, segs)
+        except (RuntimeError, NotImplementedError):   # e.g. a head size or GPU the flash kernel does not take
+            out = None
         if out is not None:
             return out
     outs = []
