@@ -77,6 +77,16 @@ def test_segment_attention_matches_reference(case, window):
         torch.testing.assert_close(a.grad, r.grad, atol=1e-9, rtol=1e-7)
 
 
+def test_segment_with_a_gap_falls_back_to_the_dense_mask():
+    seg = torch.tensor([[1, 1, 0, 1, 1, 2]])
+    assert segment_spans(seg) is None
+    model = tiny_model().eval()
+    ids = torch.randint(1, 60, (1, 6))
+    out = model(ids, attention_mask=seg)
+    model.attention_masks = "dense"
+    torch.testing.assert_close(out, model(ids, attention_mask=seg), atol=1e-6, rtol=1e-6)
+
+
 def test_no_dense_mask_is_built_for_packed_batches(monkeypatch):
     import llmtune.models.transformer as tr
 

@@ -254,15 +254,18 @@ class SegmentSpans:
     max_len: int = 0
 
 
-def segment_spans(attention_mask: torch.Tensor, window: Optional[int] = None) -> SegmentSpans:
+def segment_spans(attention_mask: torch.Tensor, window: Optional[int] = None) -> Optional[SegmentSpans]:
     """The runs of equal nonzero segment ids of ``attention_mask`` ``(B, T)`` (0 = padding) as
-    :class:`SegmentSpans`. Every maximal run of one id is a sequence (ids must not repeat after a different
-    id in a row; the collators and ``pack_rows`` number segments 1, 2, 3, ... in order). One host sync."""
+    :class:`SegmentSpans`, or None when an id of a row comes back after a gap (``[1, 1, 0, 1]``): that segment
+    is not contiguous, and only the dense mask describes it. One host sync."""
     seg = attention_mask.long()
     b, t = seg.shape
     flat = torch.cat([seg, seg.new_zeros(b, 1)], dim=1).reshape(-1)           # a 0 column ends every row
     prev = torch.cat([flat.new_zeros(1), flat[:-1]])
     starts = ((flat != prev) & (flat > 0)).nonzero().flatten()
+    keys = (starts // (t + 1)) * (int(seg.max()) + 1) + flat[starts]          # (row, segment id) of each run
+    if keys.unique().numel() != keys.numel():
+        return None
     ends = ((flat != torch.cat([flat[1:], flat.new_zeros(1)])) & (flat > 0)).nonzero().flatten() + 1
     spans, cu, longest = [], [0], 0
     for st, en in zip(starts.tolist(), ends.tolist()):
@@ -463,7 +466,7 @@ class Transformer(nn.Module):
                 b, past + t, dtype=torch.long, device=input_ids.device)
             if past == 0 and t > 1 and self.attention_masks == "spans":
                 mask = segment_spans(am, window)                  # block-diagonal causal: no (T x T) mask
-            else:
+            if mask is None:
                 mask = build_attention_mask(am, t, window)
         cos, sin = self.rope(position_ids)
         x = self.model.embed_tokens(input_ids)
