@@ -241,6 +241,21 @@ def test_unpack_rows_inverts_packing():
         unpack_rows(free["input_ids"][:, :-1], free["cu_seqlens"])
 
 
+def test_equal_length_rows_keep_the_batched_layout():
+    batch = get_collator("sft", 0, padding_free=True)(tiny_rows([5, 5, 5]))
+    assert batch["input_ids"].shape == (3, 5) and "cu_seqlens" not in batch
+
+
+def test_kto_parts_share_one_layout():
+    rows = kto_rows(2)
+    for r in rows:   # equal-length kl completions, different-length main ones
+        r["kl_input_ids"], r["kl_labels"], r["kl_attention_mask"] = [3] * 6, [-100, -100] + [3] * 4, [1] * 6
+    batch = get_collator("kto", 0, padding_free=True)(rows)
+    assert "cu_seqlens" in batch and "kl_cu_seqlens" in batch
+    _, model = lora_pair()
+    _compare("kto", model, rows, {"stage": "kto", "pref_beta": 0.3}, dense=True)
+
+
 def test_ppo_prompts_stay_left_padded():
     batch = get_collator("ppo", 0, padding_free=True)(tiny_rows([3, 5]))
     assert batch["input_ids"].shape == (2, 5) and "cu_seqlens" not in batch

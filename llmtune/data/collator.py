@@ -12,7 +12,9 @@ label set to -100 (in a padded batch the first label of a row is never predicted
 ``cu_seqlens (R + 1,)`` int64, the start offsets of the ``R`` rows (``cu_seqlens[-1] == N``). The model never
 attends across segments and no compute goes to padding; losses are unchanged (the same sums). Stages that
 need per-row values (rm, dpo, kto) call :func:`unpack_rows` on the hidden states (and labels), which gives
-back the right-padded ``(R, T, ...)`` layout; :func:`num_rows` counts rows in either layout.
+back the right-padded ``(R, T, ...)`` layout; :func:`num_rows` counts rows in either layout. A micro-batch
+whose rows all have the same length has no padding to remove: it keeps the ``(B, T)`` layout (one batched
+causal attention call is faster than a loop over its rows).
 
 * :class:`SFTCollator` (pt, sft, and the prompt+completion of any stage): right padding.
 * :class:`PairwiseCollator` (rm, dpo): chosen rows then rejected rows stacked, ``input_ids (2B, T)`` with
@@ -128,11 +130,14 @@ class SFTCollator:
         self.prefix = prefix
         self.padding_free = bool(padding_free)
 
-    def __call__(self, rows: Sequence[dict], out_prefix: Optional[str] = None) -> dict:
+    def __call__(self, rows: Sequence[dict], out_prefix: Optional[str] = None, pack: Optional[bool] = None) -> dict:
+        """Collate ``rows``; ``pack`` overrides the padding-free choice (None: pack when lengths differ)."""
         p, o = self.prefix, self.prefix if out_prefix is None else out_prefix
         ids = [r[p + "input_ids"] for r in rows]
         masks = [r.get(p + "attention_mask") or [1] * len(r[p + "input_ids"]) for r in rows]
-        if self.padding_free:
+        if pack is None:   # equal lengths: nothing to pad, keep (B, T)
+            pack = self.padding_free and len({len(s) for s in ids}) > 1
+        if pack:
             labels = [r[p + "labels"] for r in rows] if all(p + "labels" in r for r in rows) else None
             pos = [r.get(p + "position_ids") or _positions(m) for r, m in zip(rows, masks)]
             return {o + k: v for k, v in _pack(ids, masks, labels, pos).items()}
@@ -171,8 +176,11 @@ class KTOCollator:
         self.kl = SFTCollator(pad_token_id, pad_to_multiple_of, prefix="kl_", padding_free=padding_free)
 
     def __call__(self, rows: Sequence[dict]) -> dict:
-        batch = self.main(rows)
-        batch.update(self.kl(rows))
+        # both parts in one layout: the stage stacks them for its one reference forward
+        lengths = {len(r["input_ids"]) for r in rows} | {len(r["kl_input_ids"]) for r in rows}
+        pack = self.main.padding_free and len(lengths) > 1
+        batch = self.main(rows, pack=pack)
+        batch.update(self.kl(rows, pack=pack))
         batch["kto_tags"] = torch.tensor([bool(r["kto_tag"]) for r in rows], dtype=torch.bool)
         return batch
 
