@@ -225,6 +225,27 @@ def test_file_types_and_path_dataset(tmp_path, tok):
     assert rows[0]["input_ids"] == E("<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\na<|im_end|>")
 
 
+def test_pt_packing_false_keeps_one_row_per_document(tmp_path, tok):
+    """LLaMA-Factory's packing: unset means packed blocks for pt; packing: false gives one row per document."""
+    d = write_dir(tmp_path, {"t": {"file_name": "t.txt", "columns": {"prompt": "text"}}},
+                  {"t.txt": "doc one\n\ndoc two\n"})
+    tpl = get_template("chatml", tok)
+    rows = get_dataset(args(d, "t", tmp_path, packing=False), tok, tpl, "pt").train
+    assert [r["input_ids"] for r in rows] == [E("doc one") + [IM_END], E("doc two") + [IM_END]]
+    assert [r["labels"] for r in rows] == [r["input_ids"] for r in rows]
+
+
+def test_packing_without_neat_attends_across_examples(tmp_path, tok):
+    rows = [{"instruction": "q" * n, "output": "a"} for n in (3, 5)]
+    d = write_dir(tmp_path, {"x": {"file_name": "x.json"}}, {"x.json": rows})
+    tpl = get_template("empty", tok)
+    plain = get_dataset(args(d, "x", tmp_path), tok, tpl, "sft").train
+    n = sum(len(r["input_ids"]) for r in plain)
+    row = get_dataset(args(d, "x", tmp_path, packing=True, cutoff_len=n), tok, tpl, "sft").train[0]
+    assert row["attention_mask"] == [1] * n and row["position_ids"] == list(range(n))
+    assert row["labels"][len(plain[0]["input_ids"])] == IGNORE_INDEX
+
+
 def test_parquet(tmp_path, tok):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
@@ -334,7 +355,7 @@ def test_packing_segments_and_positions(tmp_path, tok):
     tpl = get_template("empty", tok)  # user "{{content}}", assistant "{{content}}"; stop = eos
     plain = get_dataset(args(d, "x", tmp_path), tok, tpl, "sft").train
     lens = [len(r["input_ids"]) for r in plain]
-    packed = get_dataset(args(d, "x", tmp_path, packing=True, cutoff_len=sum(lens)), tok, tpl, "sft").train
+    packed = get_dataset(args(d, "x", tmp_path, neat_packing=True, cutoff_len=sum(lens)), tok, tpl, "sft").train
     assert len(packed) == 1
     row = packed[0]
     assert row["attention_mask"] == sum(([k + 1] * n for k, n in enumerate(lens)), [])  # segments in data order

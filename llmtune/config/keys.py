@@ -198,7 +198,7 @@ class TrainConfig:
     bf16: bool = train(False, "bfloat16 mixed precision")
     fp16: bool = train(False, "float16 mixed precision (bfloat16 on a CPU, which is faster there)")
     gradient_checkpointing: bool = train(False, "recompute activations in backward to save memory")
-    torch_compile: bool = train(False, "compile the model with torch.compile")
+    torch_compile: bool = train(False, "compile each decoder layer once (regional torch.compile, dynamic lengths)")
     seed: int = train(42, "random seed (data order, initialisation, sampling)")
     report_to: str = train("none", "loggers besides trainer_log.jsonl (comma list)", choices=REPORT_TO,
                            multi=True)

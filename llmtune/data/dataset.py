@@ -106,10 +106,10 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
         eval_rows = [train[i] for i in sorted(val_idx)]
         train = [r for i, r in enumerate(train) if i not in val_idx]
     if stage == "sft" and (args.packing or args.neat_packing):
-        cutoff = args.cutoff_len
-        train = pack_rows(train, cutoff)
+        cutoff, neat = args.cutoff_len, args.neat_packing
+        train = pack_rows(train, cutoff, neat)
         if eval_rows:
-            eval_rows = pack_rows(eval_rows, cutoff)
+            eval_rows = pack_rows(eval_rows, cutoff, neat)
     return DatasetSplits(train=train, eval=eval_rows)
 
 
@@ -138,6 +138,8 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     mix_sft = stage == "dpo" and kto_alpha is not None and float(kto_alpha) > 0
     opts = {"cutoff_len": args.cutoff_len, "train_on_prompt": args.train_on_prompt,
             "mask_history": args.mask_history, "mix_sft": mix_sft, "max_samples": args.max_samples, "seed": args.seed}
+    if stage == "pt" and args.packing is False:   # LLaMA-Factory: packing unset means True for pt
+        opts["packing"] = False
     key = cache.cache_key({"attr": attr.fingerprint(), "files": cache.file_fingerprint(files), "stage": stage,
                            "tokenizer": cache.tokenizer_fingerprint(tokenizer),
                            "template": cache.template_fingerprint(template), "opts": opts})
@@ -166,7 +168,7 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     examples, skipped = convert(attr, raw)
     _check_type(attr, stage)
     enc = Encoder(template, tokenizer, opts["cutoff_len"], opts["train_on_prompt"], opts["mask_history"])
-    rows, stats = _encode(attr, examples, enc, stage, mix_sft)
+    rows, stats = _encode(attr, examples, enc, stage, mix_sft, opts.get("packing", True))
     stats["malformed"] = skipped
     stats["truncated"] = enc.truncated
     stats["rows"] = len(raw)
@@ -205,7 +207,8 @@ def _document(ex: Example) -> str:
     return "\n".join(parts)
 
 
-def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, mix_sft: bool):
+def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, mix_sft: bool,
+            packing: bool = True):
     stats: dict = {"dropped": 0, "notes": []}
     rows: list = []
 
@@ -217,7 +220,7 @@ def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str
 
     kinds = {ex.kind for ex in examples}
     if stage == "pt":
-        return enc.encode_pretrain([_document(ex) for ex in examples]), stats
+        return enc.encode_pretrain([_document(ex) for ex in examples], packing=packing), stats
     if stage == "ppo":
         for ex in examples:
             add(enc.encode_ppo(ex))

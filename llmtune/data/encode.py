@@ -175,27 +175,32 @@ class Encoder:
             ids = cut_prompt(ids, self.cutoff_len)
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
-    def encode_pretrain(self, texts: list[str]) -> list[dict]:
+    def encode_pretrain(self, texts: list[str], packing: bool = True) -> list[dict]:
         """Documents joined with eos and cut into ``cutoff_len`` blocks (the last block may be shorter);
-        ``labels = input_ids``."""
+        ``labels = input_ids``. ``packing=False``: one row per document (with its eos), cut at ``cutoff_len``."""
         eos = self.tokenizer.eos_token_id
         eos = eos if eos is not None else self.stop_ids[0]
         stream: list[int] = []
-        for text in texts:
-            if text:
-                stream += self.tokenizer.encode(text, add_special_tokens=False) + [eos]
         rows = []
+        for text in texts:
+            if text and not packing:
+                doc = (self.tokenizer.encode(text, add_special_tokens=False) + [eos])[:self.cutoff_len]
+                rows.append({"input_ids": doc, "attention_mask": [1] * len(doc), "labels": list(doc)})
+            elif text:
+                stream += self.tokenizer.encode(text, add_special_tokens=False) + [eos]
         for i in range(0, len(stream), self.cutoff_len):
             block = stream[i:i + self.cutoff_len]
             rows.append({"input_ids": block, "attention_mask": [1] * len(block), "labels": list(block)})
         return rows
 
 
-def pack_rows(rows: list[dict], cutoff_len: int) -> list[dict]:
+def pack_rows(rows: list[dict], cutoff_len: int, neat: bool = True) -> list[dict]:
     """Pack sft rows into rows of at most ``cutoff_len`` tokens (first-fit decreasing).
 
-    The packed ``attention_mask`` holds segment ids 1, 2, 3, ... (the model never attends across segments,
-    see ``Transformer.forward``), ``position_ids`` restart at 0 in each segment, and the first label of every
+    ``neat=True`` (LLaMA-Factory's ``neat_packing``): the packed ``attention_mask`` holds segment ids 1, 2, 3, ...
+    (the model never attends across segments, see ``Transformer.forward``) and ``position_ids`` restart at 0 in
+    each segment. ``neat=False`` (``packing`` alone, as LLaMA-Factory): one sequence, ``attention_mask`` all 1
+    and ``position_ids`` 0..n-1, so later examples attend to earlier ones. Either way the first label of every
     segment is -100 (it would be predicted from the previous segment).
     """
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
@@ -218,8 +223,9 @@ def pack_rows(rows: list[dict], cutoff_len: int) -> list[dict]:
             r = rows[i]
             n = len(r["input_ids"])
             out["input_ids"] += r["input_ids"]
-            out["attention_mask"] += [seg] * n
+            start = len(out["position_ids"])
+            out["attention_mask"] += [seg if neat else 1] * n
             out["labels"] += [IGNORE_INDEX] + list(r["labels"][1:])
-            out["position_ids"] += list(range(n))
+            out["position_ids"] += list(range(n)) if neat else list(range(start, start + n))
         packed.append(out)
     return packed

@@ -13,6 +13,7 @@ checkpoints); Zhang & Sennrich 2019 (RMSNorm); Shazeer 2020 (SwiGLU); Ainslie et
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -192,15 +193,8 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        if mask is None:  # no padding: causal over a fresh sequence, or one new query that sees everything
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        out = attend(q, k, v, mask)                                       # (b, t, heads, head_dim)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -302,6 +296,140 @@ def _notice_past_max_positions(position_ids: torch.Tensor, limit: int) -> bool:
     return True
 
 
+@dataclass
+class SegmentSpans:
+    """Where attention is block-diagonal and causal: the alternative to a dense ``(B, 1, T, T)`` mask.
+
+    Attributes:
+        spans: ``(row, start, end)`` triples, ``end`` exclusive: the tokens ``start..end-1`` of batch row
+            ``row`` form one sequence (a padded row's tokens, or one packed segment); a query attends to the
+            keys of its own span at or before it (and, with ``window``, fewer than ``window`` positions back).
+            Positions in no span (padding) get a zero attention output.
+        batch, length: the ``(B, T)`` shape the spans index.
+        window: Mistral/Qwen2 sliding window or None.
+        cu_seqlens: ``(len(spans) + 1,)`` int32 start offsets in the flattened ``B*T`` token axis when the spans
+            tile it exactly (no padding), else None; used by the CUDA variable-length kernel.
+
+    Built by :func:`segment_spans` from an ``attention_mask`` of segment ids; consumed by :func:`attend`.
+    """
+
+    spans: list
+    batch: int
+    length: int
+    window: Optional[int] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    max_len: int = 0
+
+
+def segment_spans(attention_mask: torch.Tensor, window: Optional[int] = None) -> Optional[SegmentSpans]:
+    """The runs of equal nonzero segment ids of ``attention_mask`` ``(B, T)`` (0 = padding) as
+    :class:`SegmentSpans`, or None when an id of a row comes back after a gap (``[1, 1, 0, 1]``): that segment
+    is not contiguous, and only the dense mask describes it. One host sync."""
+    seg = attention_mask.long()
+    b, t = seg.shape
+    flat = torch.cat([seg, seg.new_zeros(b, 1)], dim=1).reshape(-1)           # a 0 column ends every row
+    prev = torch.cat([flat.new_zeros(1), flat[:-1]])
+    starts = ((flat != prev) & (flat > 0)).nonzero().flatten()
+    keys = (starts // (t + 1)) * (int(seg.max()) + 1) + flat[starts]          # (row, segment id) of each run
+    if keys.unique().numel() != keys.numel():
+        return None
+    ends = ((flat != torch.cat([flat[1:], flat.new_zeros(1)])) & (flat > 0)).nonzero().flatten() + 1
+    spans, cu, longest = [], [0], 0
+    for st, en in zip(starts.tolist(), ends.tolist()):
+        row = st // (t + 1)
+        s0, e0 = st - row * (t + 1), en - row * (t + 1)
+        spans.append((row, s0, e0))
+        cu.append(cu[-1] + e0 - s0)
+        longest = max(longest, e0 - s0)
+    tiled = cu[-1] == b * t
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=seg.device) if tiled else None
+    return SegmentSpans(spans, b, t, window, cu_t, longest)
+
+
+def _band(n: int, window: int, device) -> torch.Tensor:
+    i = torch.arange(n, device=device)
+    return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+
+
+def _varlen(q, k, v, segs: SegmentSpans):
+    """CUDA flash variable-length attention over tiled spans; None when unavailable."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    b, h, t, d = q.shape
+    qf = q.transpose(1, 2).reshape(b * t, h, d)
+    kf = k.transpose(1, 2).reshape(b * t, k.shape[1], d)
+    vf = v.transpose(1, 2).reshape(b * t, v.shape[1], d)
+    win = (-1, 0) if segs.window is None else (segs.window - 1, 0)
+    out = varlen_attn(qf, kf, vf, segs.cu_seqlens, segs.cu_seqlens, segs.max_len, segs.max_len,
+                      window_size=win, enable_gqa=k.shape[1] != h)
+    return out.view(b, t, h, d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Scaled dot-product attention (Vaswani et al., 2017) with grouped-query heads (Ainslie et al., 2023).
+
+    Args:
+        q: ``(B, H, T, D)`` queries (RoPE applied); k, v: ``(B, H_kv, L, D)`` with ``H % H_kv == 0`` and
+            ``L >= T`` (cached keys first; the queries are the last ``T`` positions).
+        mask: None (causal when ``T > 1``, else the one query sees every key), a boolean ``(B, 1, T, L)`` dense
+            mask (True = may attend, :func:`build_attention_mask`), or :class:`SegmentSpans` (``L == T``): each
+            span attends causally within itself, without any ``T x T`` mask.
+
+    Returns: ``(B, T, H, D)`` in ``q``'s dtype (zeros at positions outside every span).
+
+    Key/value heads are broadcast by SDPA's ``enable_gqa`` (no ``repeat_interleave`` copy) except for a dense
+    mask on CUDA, where the masked fused kernel does not take grouped heads. Spans run as one causal SDPA call
+    per span on contiguous copies (measured fastest on the CPU, docs/performance.md) or, on CUDA, through
+    ``torch.nn.attention.varlen.varlen_attn`` when the spans tile the batch.
+    """
+    b, h, t, d = q.shape
+    gqa = k.shape[1] != h
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    if isinstance(mask, torch.Tensor):
+        if gqa and q.device.type == "cuda":
+            rep = h // k.shape[1]
+            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
+    return _span_attention(q, k, v, mask)
+
+
+@torch.compiler.disable
+def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: SegmentSpans) -> torch.Tensor:
+    """:func:`attend` over :class:`SegmentSpans` (eager even inside a compiled layer: a Python loop over spans
+    whose count and lengths change every batch would otherwise recompile)."""
+    b, h, t, d = q.shape
+    gqa = k.shape[1] != h
+    if q.device.type == "cuda" and segs.cu_seqlens is not None:
+        try:
+            out = _varlen(q, k, v, segs)
+        except (RuntimeError, NotImplementedError):   # e.g. a head size or GPU the flash kernel does not take
+            out = None
+        if out is not None:
+            return out
+    outs = []
+    for row, s, e in segs.spans:
+        qs, ks, vs = (x[row:row + 1, :, s:e].contiguous() for x in (q, k, v))
+        n = e - s
+        if segs.window is not None and n > segs.window:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_band(n, segs.window, q.device),
+                                               enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        outs.append(o.transpose(1, 2))                                            # (1, n, H, D)
+    if segs.cu_seqlens is not None:                                               # spans tile (B, T): no zeros
+        return torch.cat(outs, dim=1).view(b, t, h, d)
+    out = q.new_zeros(b, t, h, d)
+    for (row, s, e), o in zip(segs.spans, outs):
+        out[row, s:e] = o[0]
+    return out
+
+
 class Transformer(nn.Module):
     """Decoder-only causal LM with Hugging Face parameter names (``model.*``, ``lm_head``).
 
@@ -311,6 +439,10 @@ class Transformer(nn.Module):
     ``forward`` returns final hidden states ``(batch, seq, hidden)``; call ``model.lm_head(hidden)`` (or
     :meth:`logits`) for logits. With ``tie_word_embeddings`` the lm_head shares the embedding weight.
     """
+
+    #: how padded/packed batches without a cache attend: "spans" (:class:`SegmentSpans`, no dense mask) or
+    #: "dense" (the boolean ``(B, 1, T, T)`` mask of :func:`build_attention_mask`; the reference in tests)
+    attention_masks = "spans"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -328,6 +460,14 @@ class Transformer(nn.Module):
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Recompute each decoder layer's activations in the backward pass (less memory, ~30% more time)."""
         self.gradient_checkpointing = enable
+
+    def compile_layers(self, dynamic: bool = True, backend: str = "inductor") -> None:
+        """Regional compilation: ``torch.compile`` each decoder layer in place (``nn.Module.compile``), once,
+        with a dynamic sequence length so that packed batches of new lengths do not recompile (all layers share
+        one compiled code: same code object, same guards). Parameter names and state dicts are unchanged.
+        The span attention stays eager (:func:`_span_attention`). ``backend``: ``torch.compile``'s."""
+        for layer in self.model.layers:
+            layer.compile(dynamic=dynamic, backend=backend)
 
     def tie_weights(self) -> None:
         """Re-point ``lm_head.weight`` at the embedding weight when the config ties them."""
@@ -395,7 +535,10 @@ class Transformer(nn.Module):
         if needs_mask or (past > 0 and t > 1) or window is not None:
             am = attention_mask if attention_mask is not None else torch.ones(
                 b, past + t, dtype=torch.long, device=input_ids.device)
-            mask = build_attention_mask(am, t, window)
+            if past == 0 and t > 1 and self.attention_masks == "spans":
+                mask = segment_spans(am, window)                  # block-diagonal causal: no (T x T) mask
+            if mask is None:
+                mask = build_attention_mask(am, t, window)
         cos, sin = self.rope(position_ids)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:

@@ -222,7 +222,9 @@ class LoraLinear(nn.Module):
                 continue
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             dropout = self.lora_dropout[name]
-            xl = x.to(lora_a.weight.dtype)
+            # under autocast the linear layers cast x themselves: x -> float32 -> bf16 would be two copies
+            # that give back x exactly, so keep x as it is
+            xl = x if torch.is_autocast_enabled(x.device.type) else x.to(lora_a.weight.dtype)
             s = self.scaling[name]
             if not self.use_dora[name]:
                 result = result + (lora_b(lora_a(dropout(xl))) * s).to(result.dtype)

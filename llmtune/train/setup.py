@@ -163,8 +163,8 @@ def build_trainer(model: torch.nn.Module, cfg: Any, stage: Stage, tokenizer: Any
     eval rows, else the training rows)."""
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     rows = train_rows if cfg.do_train else (eval_rows or train_rows)
-    return Trainer(model, cfg, rows, eval_rows, collator=get_collator(stage.collator, pad), tokenizer=tokenizer,
-                   ctx_extra=extra)
+    collator = get_collator(stage.collator, pad, padding_free=cfg.padding_free)  # packed where exact
+    return Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra)
 
 
 def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, template: Any,

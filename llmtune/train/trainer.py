@@ -137,6 +137,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
         if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
+        if config.torch_compile and hasattr(model, "compile_layers"):
+            model.compile_layers()   # regional compilation: each decoder layer once, dynamic sequence length
         self.model = model = dist_hooks.wrap_model(model, config)  # DDP / FSDP2 under torchrun, else as is
         self.optimizer = build_optimizer(model, config)
         kind = str(config.lr_scheduler_type)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtune.constants import IGNORE_INDEX
+from llmtune.data.collator import num_rows, unpack_rows
 from llmtune.losses import kto_loss, sequence_logps
 from llmtune.train.stages.base import StageContext
 from llmtune.train.stages.pref import reference_logps
@@ -50,7 +51,14 @@ def global_kl_mean(diff: torch.Tensor) -> torch.Tensor:
 
 def _stack(a: dict, b: dict) -> dict:
     """Stack two right-padded batches ``(B1, T1)``, ``(B2, T2)`` to ``(B1 + B2, max T)`` (pad: id 0, mask 0,
-    label -100, position 0)."""
+    label -100, position 0); two padding-free ones (with ``cu_seqlens``) are concatenated into one."""
+    if a.get("cu_seqlens") is not None:
+        n_a = a["input_ids"].shape[1]
+        out = {key: torch.cat([a[key], b[key]], dim=1) for key in ("input_ids", "labels", "position_ids")}
+        out["attention_mask"] = torch.cat([a["attention_mask"], b["attention_mask"] + a["attention_mask"].max()],
+                                          dim=1)
+        out["cu_seqlens"] = torch.cat([a["cu_seqlens"], b["cu_seqlens"][1:] + n_a])
+        return out
     t = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
     pads = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
     out = {}
@@ -63,7 +71,7 @@ def _stack(a: dict, b: dict) -> dict:
 
 def count_kto_items(batch: dict) -> int:
     """Items of a kto batch: its examples (``input_ids.shape[0]``)."""
-    return int(batch["input_ids"].shape[0])
+    return num_rows(batch)
 
 
 def kto_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[torch.Tensor, int, dict]:
@@ -75,18 +83,24 @@ def kto_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
     cfg = ctx.config
     beta = float(cfg.pref_beta)
     weight = model.lm_head.weight
-    main = {k: batch.get(k) for k in ("input_ids", "attention_mask", "labels", "position_ids")}
-    kl = {k: batch.get("kl_" + k) for k in ("input_ids", "attention_mask", "labels", "position_ids")}
-    b = main["input_ids"].shape[0]
+    keys = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seqlens")
+    main = {k: batch.get(k) for k in keys}
+    kl = {k: batch.get("kl_" + k) for k in keys}
+    b = num_rows(batch)
+    cu, kl_cu = main["cu_seqlens"], kl["cu_seqlens"]          # padding-free batches: (1, N) packed rows
 
     hidden = model(main["input_ids"], attention_mask=main["attention_mask"], position_ids=main["position_ids"])
-    policy = sequence_logps(hidden, weight, main["labels"])                                  # (B,) with grad
+    labels = unpack_rows(main["labels"], cu, IGNORE_INDEX)
+    policy = sequence_logps(unpack_rows(hidden, cu), weight, labels)                         # (B,) with grad
     with torch.no_grad():
         kl_hidden = model(kl["input_ids"], attention_mask=kl["attention_mask"], position_ids=kl["position_ids"])
-        policy_kl = sequence_logps(kl_hidden, weight, kl["labels"])                          # (B,) no grad
+        kl_labels = unpack_rows(kl["labels"], kl_cu, IGNORE_INDEX)
+        policy_kl = sequence_logps(unpack_rows(kl_hidden, kl_cu), weight, kl_labels)          # (B,) no grad
     both = _stack(main, kl)
+    both_labels = _stack({"input_ids": labels, "labels": labels}, {"input_ids": kl_labels, "labels": kl_labels}
+                         )["labels"] if cu is not None else both["labels"]
     ref = reference_logps(model, ctx, both["input_ids"], both.get("attention_mask"), both.get("position_ids"),
-                          both["labels"])
+                          both_labels, both.get("cu_seqlens"))
     ref_main, ref_kl = ref[:b], ref[b:]
     z0 = global_kl_mean(policy_kl - ref_kl)
     tags = batch["kto_tags"].bool()

@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 
 from llmtune.constants import IGNORE_INDEX
+from llmtune.data.collator import num_rows, unpack_rows
 from llmtune.errors import LLMTuneError, nearest, notice
 from llmtune.losses import DPO_LOSS_TYPES, dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from llmtune.peft import disable_adapters, lora_layers
@@ -136,8 +137,11 @@ def reference_model(model: torch.nn.Module, ctx: StageContext) -> Optional[torch
 
 def reference_logps(model: torch.nn.Module, ctx: StageContext, input_ids: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
-                    labels: torch.Tensor) -> torch.Tensor:
+                    labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Summed response log-probs ``(N,)`` float32 of the reference policy, without gradient.
+
+    With ``cu_seqlens`` (a padding-free batch: ``input_ids (1, total)``) ``labels`` are the right-padded
+    ``(N, T)`` rows and the hidden states are unpacked to them (:func:`llmtune.data.collator.unpack_rows`).
 
     The reference is :func:`reference_model` or, for a LoRA model, ``model`` under
     :func:`llmtune.peft.disable_adapters` (the base weights the adapters were added to).
@@ -146,10 +150,10 @@ def reference_logps(model: torch.nn.Module, ctx: StageContext, input_ids: torch.
     with torch.no_grad():
         if ref is not None:
             hidden = ref(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-            return sequence_logps(hidden, ref.lm_head.weight, labels)
+            return sequence_logps(unpack_rows(hidden, cu_seqlens), ref.lm_head.weight, labels)
         with disable_adapters(model):
             hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-            return sequence_logps(hidden, model.lm_head.weight, labels)
+            return sequence_logps(unpack_rows(hidden, cu_seqlens), model.lm_head.weight, labels)
 
 
 def label_counts(labels: torch.Tensor) -> torch.Tensor:
@@ -160,8 +164,8 @@ def label_counts(labels: torch.Tensor) -> torch.Tensor:
 # -- the stage ---------------------------------------------------------------------------------------------
 def count_dpo_items(batch: dict) -> int:
     """Items of a dpo batch without a forward: pairs (``input_ids.shape[0] // 2``) + SFT rows."""
-    n = batch["input_ids"].shape[0] // 2 if "input_ids" in batch else 0
-    return n + (batch["sft_input_ids"].shape[0] if "sft_input_ids" in batch else 0)
+    n = num_rows(batch) // 2 if "input_ids" in batch else 0
+    return n + (num_rows(batch, "sft_") if "sft_input_ids" in batch else 0)
 
 
 def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[torch.Tensor, int, dict]:
@@ -184,8 +188,10 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
     if "input_ids" in batch:
         ids, mask, pos, labels = (batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
                                   batch["labels"])
-        b = ids.shape[0] // 2
+        b = num_rows(batch) // 2
+        cu = batch.get("cu_seqlens")                                        # padding-free: (1, N) packed rows
         hidden = model(ids, attention_mask=mask, position_ids=pos)          # ONE forward: chosen + rejected
+        hidden, labels = unpack_rows(hidden, cu), unpack_rows(labels, cu, IGNORE_INDEX)
         sums = sequence_logps(hidden, weight, labels)                       # (2B,) summed logps
         avgs = sums / label_counts(labels).clamp(min=1)                     # (2B,) per-token means
         if loss_type == "orpo":
@@ -196,7 +202,7 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
             losses, cr, rr = simpo_loss(avgs[:b], avgs[b:], beta, float(cfg.simpo_gamma))
             used = avgs
         else:
-            ref = reference_logps(model, ctx, ids, mask, pos, labels)      # ONE reference forward too
+            ref = reference_logps(model, ctx, ids, mask, pos, labels, cu)  # ONE reference forward too
             if loss_type == "ipo":
                 ref = ref / label_counts(labels).clamp(min=1)
                 used = avgs
@@ -216,7 +222,9 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
         alpha = float(cfg.kto_alpha or 0.0)
         hidden = model(batch["sft_input_ids"], attention_mask=batch.get("sft_attention_mask"),
                        position_ids=batch.get("sft_position_ids"))
-        nll = -sequence_logps(hidden, weight, batch["sft_labels"], average=True)   # (S,) mean NLL per example
+        cu = batch.get("sft_cu_seqlens")
+        nll = -sequence_logps(unpack_rows(hidden, cu), weight, unpack_rows(batch["sft_labels"], cu, IGNORE_INDEX),
+                              average=True)                                        # (S,) mean NLL per example
         loss_sum = loss_sum + alpha * nll.sum()
         items += nll.shape[0]
         metrics["sft_loss"] = nll.detach().mean()
