@@ -20,6 +20,7 @@ from llmtune.data.collator import get_collator, num_rows, unpack_rows
 from llmtune.models import ModelConfig, Transformer
 from llmtune.models.transformer import SegmentSpans, attend, segment_spans
 from llmtune.train.stages import StageContext, get_stage
+from config_helpers import make_config
 
 
 # -- attention against a float64 reference -----------------------------------------------------------------
@@ -150,6 +151,7 @@ def _grads(model):
 
 def _run(stage, model, batch, config, extra=None):
     model.zero_grad(set_to_none=True)
+    config = make_config(**config) if isinstance(config, dict) else config
     ctx = StageContext(config=config, extra=dict(extra or {}))
     loss, items, metrics = get_stage(stage)(model, batch, ctx)
     loss.backward()
@@ -183,7 +185,7 @@ def test_padding_free_causal_lm(stage):
     if stage == "pt":
         for r in rows:
             r["labels"] = list(r["input_ids"])
-    from llmtune.train.stages import count_label_tokens
+    from llmtune.train.stages.causal_lm import count_label_tokens
 
     a, _ = _compare(stage, tiny_model(), rows, {"stage": stage}, dense=True)
     free = get_collator(stage, 0, padding_free=True)(rows)
@@ -200,7 +202,7 @@ def test_padding_free_keeps_packed_rows_segments():
 
 
 def test_padding_free_rm():
-    from llmtune.train.stages_rm import prepare_reward_model
+    from llmtune.train.stages.rm import prepare_reward_model
 
     model = tiny_model()
     prepare_reward_model(model, {"stage": "rm"}, head_only=False)

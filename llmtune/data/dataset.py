@@ -138,7 +138,7 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     mix_sft = stage == "dpo" and kto_alpha is not None and float(kto_alpha) > 0
     opts = {"cutoff_len": args.cutoff_len, "train_on_prompt": args.train_on_prompt,
             "mask_history": args.mask_history, "mix_sft": mix_sft, "max_samples": args.max_samples, "seed": args.seed}
-    if stage == "pt" and args.packing is False:   # LLaMA-Factory: packing unset means True for pt
+    if stage == "pt" and args.is_set("packing") and not args.packing:   # LLaMA-Factory: unset means packed for pt
         opts["packing"] = False
     key = cache.cache_key({"attr": attr.fingerprint(), "files": cache.file_fingerprint(files), "stage": stage,
                            "tokenizer": cache.tokenizer_fingerprint(tokenizer),
