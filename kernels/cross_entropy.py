@@ -84,7 +84,10 @@ def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, grad_scale:
     return cross_entropy_chunk_ref(logits, targets, grad_scale, temperature, write_grad, ignore_index)
 
 
-def _rows(chunk_size: Optional[int], vocab: int) -> int:
+def rows_per_chunk(chunk_size: Optional[int], vocab: int) -> int:
+    """Rows of one logits chunk: ``chunk_size``, or (None) as many as fit 2**25 float32 logits (128 MiB).
+
+    Raises: ValueError for a ``chunk_size`` below 1. Used by this module and by ``llmtune.losses.logps``."""
     if chunk_size is None:
         return max(1, _AUTO_CHUNK_ELEMENTS // max(1, vocab))
     if int(chunk_size) < 1:
@@ -92,7 +95,9 @@ def _rows(chunk_size: Optional[int], vocab: int) -> int:
     return int(chunk_size)
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the vocabulary projection: the autocast dtype when autocast is on for ``hidden``'s device,
+    else the promotion of ``hidden`` and ``weight`` dtypes."""
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
@@ -113,7 +118,7 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ign
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, rows):  # noqa: D401
-        cdtype = _compute_dtype(hidden, weight)
+        cdtype = compute_dtype(hidden, weight)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.promote_types(cdtype, torch.float32), device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -149,7 +154,7 @@ class _FusedLinearCE(torch.autograd.Function):
 class _FusedLinearLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, rows, temperature):  # noqa: D401
-        cdtype = _compute_dtype(hidden, weight)
+        cdtype = compute_dtype(hidden, weight)
         out = torch.empty(hidden.shape[0], dtype=torch.promote_types(cdtype, torch.float32), device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(cdtype)
@@ -208,7 +213,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         ValueError: on mismatched shapes, labels outside ``[0, V)``, or a chunk_size < 1.
     """
     _check(hidden, weight, labels, ignore_index)
-    rows = _rows(chunk_size, weight.shape[0])
+    rows = rows_per_chunk(chunk_size, weight.shape[0])
     loss = _FusedLinearCE.apply(hidden, weight, labels, int(ignore_index), rows)
     return loss, (labels != ignore_index).sum()
 
@@ -229,5 +234,5 @@ def fused_linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         ValueError: on mismatched shapes, labels outside ``[0, V)``, or a chunk_size < 1.
     """
     _check(hidden, weight, labels, ignore_index)
-    rows = _rows(chunk_size, weight.shape[0])
+    rows = rows_per_chunk(chunk_size, weight.shape[0])
     return _FusedLinearLogps.apply(hidden, weight, labels, int(ignore_index), rows, float(temperature))

@@ -18,36 +18,13 @@ Absmax here is always the de-nested float32 ``(nblocks,)`` tensor (double quanti
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from typing import Optional
 
 import torch
 
+from llmtune.kernels.dispatch import triton_available, use_triton  # noqa: F401 (one rule for every kernel)
+
 #: M at or below which :func:`matmul_4bit` uses the matrix-vector (decode) kernel.
 SMALL_M = 16
-
-_TRITON_AVAILABLE: Optional[bool] = None
-
-
-def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (checked once, without importing it)."""
-    global _TRITON_AVAILABLE
-    if _TRITON_AVAILABLE is None:
-        _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
-    return _TRITON_AVAILABLE
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether a kernel on tensor ``t`` runs in Triton: CUDA tensors, or any tensor when
-    ``LLMTUNE_FORCE_TRITON=1`` (interpreter tests); never when Triton is not installed or kernels are
-    switched off (``llmtune.kernels.set_enabled(False)``, ``LLMTUNE_KERNELS=0``)."""
-    from llmtune.kernels.dispatch import is_enabled
-
-    if not triton_available() or not is_enabled():
-        return False
-    return t.is_cuda or os.environ.get("LLMTUNE_FORCE_TRITON", "") == "1"
-
 
 def _tri():
     from llmtune.kernels import _nf4_triton

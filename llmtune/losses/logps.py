@@ -34,25 +34,9 @@ from typing import Optional
 import torch
 
 from llmtune.constants import IGNORE_INDEX
+from llmtune.kernels.cross_entropy import compute_dtype as _compute_dtype, rows_per_chunk as _rows_per_chunk
 from llmtune.kernels.dispatch import use_triton
 
-# Elements (rows x vocab) of one float32 logits chunk when ``chunk_size`` is None: 2**25 floats = 128 MiB.
-_AUTO_CHUNK_ELEMENTS = 2**25
-
-
-def _rows_per_chunk(chunk_size: Optional[int], vocab_size: int) -> int:
-    if chunk_size is None:
-        return max(1, _AUTO_CHUNK_ELEMENTS // max(1, vocab_size))
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    return int(chunk_size)
-
-
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
