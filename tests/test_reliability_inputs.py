@@ -22,7 +22,6 @@ import pytest
 
 from reliability_helpers import make_data_dir, make_model_folder, run_subprocess, train_args, tree_hash
 
-CONFIG_BRANCH = pytest.mark.xfail(reason="config branch", strict=False)
 BAD_UTF8 = b"\xff\xfe\xc3\x28"
 
 
@@ -233,19 +232,18 @@ CASES: list = [
     ("train-yaml-syntax", lambda c: ["train", str(_write(c.tmp / "c.yaml", "stage: sft\n  bad: [\n"))]),
     ("train-yaml-not-mapping", lambda c: ["train", str(_write(c.tmp / "c.yaml", "- a\n- b\n"))]),
     ("train-yaml-unknown-key", lambda c: ["train", str(_write(c.tmp / "c.yaml", "stage: sft\nlearnin_rate: 1\n"))]),
-    pytest.param("train-yaml-not-utf8", lambda c: ["train", str(_write(c.tmp / "c.yaml", b"stage: sft\n# " + BAD_UTF8))],
-                 marks=CONFIG_BRANCH),
-    pytest.param("train-lora-alpha-0", _t(lora_alpha=0), marks=CONFIG_BRANCH),
-    pytest.param("train-lora-alpha-negative", _t(lora_alpha=-8), marks=CONFIG_BRANCH),
-    pytest.param("train-save-steps-0", _t(save_steps=0), marks=CONFIG_BRANCH),
-    pytest.param("train-logging-steps-negative", _t(logging_steps=-1), marks=CONFIG_BRANCH),
-    pytest.param("train-warmup-ratio-negative", _t(warmup_ratio=-0.1), marks=CONFIG_BRANCH),
-    pytest.param("train-warmup-steps-negative", _t(warmup_steps=-5), marks=CONFIG_BRANCH),
-    pytest.param("train-weight-decay-negative", _t(weight_decay=-0.1), marks=CONFIG_BRANCH),
-    pytest.param("train-adam-beta1-2", _t(adam_beta1=2), marks=CONFIG_BRANCH),
-    pytest.param("train-adam-beta2-1", _t(adam_beta2=1.0), marks=CONFIG_BRANCH),
-    pytest.param("train-adam-epsilon-negative", _t(adam_epsilon=-1), marks=CONFIG_BRANCH),
-    pytest.param("train-adam-epsilon-0", _t(adam_epsilon=0), marks=CONFIG_BRANCH),
+    pytest.param("train-yaml-not-utf8", lambda c: ["train", str(_write(c.tmp / "c.yaml", b"stage: sft\n# " + BAD_UTF8))]),
+    pytest.param("train-lora-alpha-0", _t(lora_alpha=0)),
+    pytest.param("train-lora-alpha-negative", _t(lora_alpha=-8)),
+    pytest.param("train-save-steps-0", _t(save_steps=0)),
+    pytest.param("train-logging-steps-negative", _t(logging_steps=-1)),
+    pytest.param("train-warmup-ratio-negative", _t(warmup_ratio=-0.1)),
+    pytest.param("train-warmup-steps-negative", _t(warmup_steps=-5)),
+    pytest.param("train-weight-decay-negative", _t(weight_decay=-0.1)),
+    pytest.param("train-adam-beta1-2", _t(adam_beta1=2)),
+    pytest.param("train-adam-beta2-1", _t(adam_beta2=1.0)),
+    pytest.param("train-adam-epsilon-negative", _t(adam_epsilon=-1)),
+    pytest.param("train-adam-epsilon-0", _t(adam_epsilon=0)),
     # ---- train: paths and output folder ----
     ("train-missing-model", lambda c: c.train(model=c.tmp / "no_model")),
     ("train-missing-dataset", _t(dataset="nope")),
