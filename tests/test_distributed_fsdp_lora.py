@@ -41,7 +41,7 @@ def lora_model(bits=None):
 
     model = tiny_model()
     if bits == 4:
-        from llmtune.quant.linear4bit import quantize_model
+        from llmtune.models.loader import quantize_model
 
         quantize_model(model, compute_dtype=torch.float32)
     torch.manual_seed(3)
@@ -72,12 +72,17 @@ def _worker(rank, init_file, tmp, bits):
     data = rows(LENGTHS)
     tmp = Path(tmp)
     model = lora_model(bits)
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     tr = Trainer(model, config(tmp / "fsdp", fsdp="full_shard", save_steps=2), data)
     assert isinstance(tr.model, FSDPModule)
-    # the frozen base is sharded: this rank holds about half of it
-    local = sum(p.to_local().numel() for p in model.parameters() if not p.requires_grad)
-    assert local <= n_frozen // WORLD + 64 * 8, (local, n_frozen)
+    # the frozen base is sharded (DTensor numel is the global size): this rank holds about half of it
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(hasattr(p, "to_local") for _, p in frozen)
+    n_frozen = sum(p.numel() for _, p in frozen)
+    local = sum(p.to_local().numel() for _, p in frozen)
+    assert local <= n_frozen // WORLD + len(frozen), (local, n_frozen)
+    if bits == 4:  # the packed uint8 NF4 codes and their scales are among the sharded frozen tensors
+        packed = [p for n, p in frozen if n.endswith("base_layer.weight") or n.endswith("proj.weight")]
+        assert packed and all(p.dtype == torch.uint8 for p in packed), [(n, p.dtype) for n, p in frozen][:6]
     tr.train()
     full = gather_full_state_dict(model)
     if rank == 0:
@@ -148,3 +153,7 @@ def _check(tmp_path, bits):
 
 def test_fsdp_lora_matches_one_process_and_resumes(tmp_path):
     _check(tmp_path, None)
+
+
+def test_fsdp_qlora_shards_the_nf4_storage_and_matches_one_process(tmp_path):
+    _check(tmp_path, 4)

@@ -237,16 +237,9 @@ def choose_strategy(model: torch.nn.Module, config: Any) -> str:
     FSDP2 shards full fine-tuning, LoRA/freeze tuning (frozen and trainable parameters share each decoder
     layer's FSDP unit; only the trainable ones get gradients and optimizer state) and 4-bit models whose
     :class:`~llmtune.quant.linear4bit.Linear4bit` layers keep their packed storage in parameters (FSDP2
-    shards parameters only). A 4-bit layer with buffer storage prints a notice and uses DDP.
+    shards parameters only: :func:`apply_fsdp` calls ``Linear4bit.shardable_storage`` first).
     """
     if fsdp_options(config) is None:
-        return "ddp"
-    old_4bit = any(type(m).__name__ == "Linear4bit" and not isinstance(getattr(m, "weight", None), torch.nn.Parameter)
-                   for m in model.modules())
-    if old_4bit:
-        if rank() == 0:
-            notice(f"fsdp: {config.fsdp!r} cannot shard this 4-bit model's packed weights (they are buffers); "
-                   "this run uses DDP instead (remove fsdp to silence this)")
         return "ddp"
     return "fsdp"
 
@@ -339,6 +332,13 @@ def apply_fsdp(model: torch.nn.Module, config: Any) -> torch.nn.Module:
         raise LLMTuneError("fsdp: the model has no decoder layers at model.layers; FSDP2 here supports the "
                            "llmtune Transformer (remove fsdp to train with DDP)")
     for layer in layers:
+        for mod in layer.modules():
+            if type(mod).__name__ == "Linear4bit":
+                # packed NF4 storage as frozen parameters, in a unit of its own without a param_dtype cast
+                # (FSDP2's MixedPrecisionPolicy would cast the uint8 codes/scales to bf16)
+                mod.shardable_storage()
+                fully_shard(mod, reshard_after_forward=opts["reshard_after_forward"], mesh=mesh,
+                            mp_policy=MixedPrecisionPolicy(reduce_dtype=mp.reduce_dtype), offload_policy=offload)
         fully_shard(layer, reshard_after_forward=opts["reshard_after_forward"], **kw)
     fully_shard(model, **kw)
     for mod in model.modules():
