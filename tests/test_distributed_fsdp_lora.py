@@ -157,3 +157,23 @@ def test_fsdp_lora_matches_one_process_and_resumes(tmp_path):
 
 def test_fsdp_qlora_shards_the_nf4_storage_and_matches_one_process(tmp_path):
     _check(tmp_path, 4)
+
+
+def test_shardable_storage_keeps_names_values_and_outputs():
+    """The packed NF4 tensors become frozen parameters (FSDP2 shards parameters only) without changing the
+    layer: same state_dict keys and bytes, same output as the buffer layout (hand check: y = x W^T + b with
+    W the dequantized weight)."""
+    from llmtune.quant.linear4bit import Linear4bit
+
+    torch.manual_seed(0)
+    layer = Linear4bit.from_float(torch.randn(24, 40), torch.randn(24), compute_dtype=torch.float32)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 40)
+    want = x @ layer.dequantize().T + layer.bias
+    layer.shardable_storage()
+    assert {n for n, _ in layer.named_parameters()} == {"weight", "absmax", "bias"}
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert layer.weight.dtype == torch.uint8 and layer.weight.dim() == 1
+    after = layer.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.allclose(layer(x), want, atol=1e-5, rtol=1e-5)

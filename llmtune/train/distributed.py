@@ -334,11 +334,10 @@ def apply_fsdp(model: torch.nn.Module, config: Any) -> torch.nn.Module:
     for layer in layers:
         for mod in layer.modules():
             if type(mod).__name__ == "Linear4bit":
-                # packed NF4 storage as frozen parameters, in a unit of its own without a param_dtype cast
-                # (FSDP2's MixedPrecisionPolicy would cast the uint8 codes/scales to bf16)
-                mod.shardable_storage()
-                fully_shard(mod, reshard_after_forward=opts["reshard_after_forward"], mesh=mesh,
-                            mp_policy=MixedPrecisionPolicy(reduce_dtype=mp.reduce_dtype), offload_policy=offload)
+                # packed NF4 storage as frozen parameters of the layer's unit. FSDP2 never casts integer
+                # parameters (the uint8 codes and double-quantized scales); float32 scales (double_quant off)
+                # stay a replicated buffer under a bf16/fp16 param_dtype, which would round them.
+                mod.shardable_storage(absmax=param_dtype is None or not mod.absmax.is_floating_point())
         fully_shard(layer, reshard_after_forward=opts["reshard_after_forward"], **kw)
     fully_shard(model, **kw)
     for mod in model.modules():
