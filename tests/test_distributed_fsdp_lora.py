@@ -177,3 +177,87 @@ def test_shardable_storage_keeps_names_values_and_outputs():
     after = layer.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.allclose(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+# -- the command line under torchrun: a tiny model folder with the real model's tokenizer ---------------
+def _tiny_folder(real_model_path, folder):
+    import json
+
+    from safetensors.torch import save_file
+
+    from llmtune.models import Transformer
+    from llmtune.models.config import ModelConfig as MC
+    from llmtune.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(real_model_path))
+    folder.mkdir()
+    tok.save_pretrained(str(folder))
+    mc = MC(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = Transformer(mc)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(mc.to_hf_dict()))
+    return folder
+
+
+def _cli(args, nproc, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, "-m", "llmtune", "train", *args], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-8000:-1500]
+    return proc
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("bits", [None, 4])
+def test_torchrun_fsdp_lora_cli_matches_one_process(real_model_path, shared_data_dir, tmp_path, bits):
+    import json
+
+    t0 = time.time()
+    folder = _tiny_folder(real_model_path, tmp_path / "tiny")
+    data = tmp_path / "data"
+    data.mkdir()
+    text = (shared_data_dir / "identity.json").read_text(encoding="utf-8")
+    (data / "identity.json").write_text(text.replace("{{name}}", "Zorbly").replace("{{author}}", "Quill"))
+    (data / "dataset_info.json").write_text(json.dumps({"identity": {"file_name": "identity.json"}}))
+    common = ["--stage", "sft", "--do_train", "true", "--model_name_or_path", str(folder), "--dataset", "identity",
+              "--dataset_dir", str(data), "--template", "chatml", "--finetuning_type", "lora", "--lora_target", "all",
+              "--lora_rank", "4", "--cutoff_len", "32", "--max_samples", "16", "--max_steps", "3",
+              "--logging_steps", "1", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+              "--save_steps", "2", "--report_to", "none", "--ddp_timeout", "300", "--plot_loss", "false"]
+    if bits:
+        common += ["--quantization_bit", "4"]
+    out2, out1 = tmp_path / "fsdp", tmp_path / "single"
+    _cli(common + ["--fsdp", "full_shard", "--per_device_train_batch_size", "2", "--output_dir", str(out2)], 2, tmp_path)
+    _cli(common + ["--per_device_train_batch_size", "4", "--output_dir", str(out1)], 1, tmp_path)
+    l2 = [r["loss"] for r in read_log(out2) if "loss" in r]
+    l1 = [r["loss"] for r in read_log(out1) if "loss" in r]
+    assert len(l2) == 3 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(l2, l1)), (l2, l1)
+    a2 = load_file(str(out2 / "adapter_model.safetensors"))
+    a1 = load_file(str(out1 / "adapter_model.safetensors"))
+    assert sorted(a2) == sorted(a1) and any(".lora_B." in k and v.abs().max() > 0 for k, v in a1.items())
+    for k in a1:
+        assert rel(a2[k], a1[k]) <= 1e-5, (k, rel(a2[k], a1[k]))
+    assert (out2 / "checkpoint-2" / "trainable.safetensors").is_file()
+    # resume the 2-rank run from its checkpoint-2 into a new folder: step 3 as the uninterrupted run
+    out3 = tmp_path / "resumed"
+    out3.mkdir()
+    shutil.copytree(out2 / "checkpoint-2", out3 / "checkpoint-2")
+    _cli(common + ["--fsdp", "full_shard", "--per_device_train_batch_size", "2", "--output_dir", str(out3),
+                   "--resume_from_checkpoint", str(out3 / "checkpoint-2")], 2, tmp_path)
+    l3 = {r["current_steps"]: r["loss"] for r in read_log(out3) if "loss" in r}
+    assert abs(l3[3] - l2[2]) <= 1e-6 * abs(l2[2]), (l3, l2)
+    a3 = load_file(str(out3 / "adapter_model.safetensors"))
+    for k in a1:
+        assert rel(a3[k], a2[k]) <= 1e-6, k
+    print(f"torchrun fsdp lora cli bits={bits}: {time.time() - t0:.1f} s")

@@ -146,7 +146,7 @@ def _precision(cfg: Any) -> str:
 
 
 def _emit(lines: list[str], stream: Optional[TextIO]) -> None:
-    from llmtune.train.trainer import _is_main
+    from llmtune.train.distributed import is_main as _is_main
 
     if _is_main():
         print("\n".join(lines), file=stream or sys.stdout, flush=True)
