@@ -20,12 +20,16 @@ helpers (:func:`rank`, :func:`world_size`, :func:`all_reduce_sum`, :func:`is_mai
   N*b (tested to 1e-5).
 * **strategies** (:func:`wrap_model`): DDP (default; only ``requires_grad`` parameters enter its reducer,
   so with LoRA only the adapters are all-reduced) or FSDP2 ``fully_shard`` (``fsdp: full_shard`` in the
-  config, full fine-tuning): every decoder layer is sharded, then the root; ``bf16`` gives FSDP2's
-  ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``.
+  config; full, freeze, LoRA and QLoRA): every decoder layer is sharded, then the root; frozen and
+  trainable parameters share a unit (FSDP2 reduces gradients of the trainable ones only); a 4-bit layer's
+  packed NF4 storage becomes frozen flat parameters first (``Linear4bit.shardable_storage``) so it shards
+  too; ``bf16`` gives FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``.
 * **outputs**: rank 0 alone logs, plots and writes the final adapter/model; with FSDP2 every rank takes
-  part in gathering the full state dict (:func:`gather_full_state_dict`) and rank 0 writes it.
-* **checkpoints**: DDP ones are the single-process format (rank 0 writes the unwrapped model's trainable
-  tensors). FSDP2 ones are sharded: :func:`save_fsdp_checkpoint` writes each rank's shards of the model
+  part in gathering the full state dict (:func:`gather_full_state_dict`; with a LoRA adapter, the
+  trainable tensors only) and rank 0 writes it (:func:`full_parameters` puts the gathered adapters in place).
+* **checkpoints**: DDP ones, and FSDP2 ones of a model with frozen parameters (LoRA/QLoRA/freeze: the
+  trainable tensors and their AdamW state all-gathered), are the single-process format, written by rank 0
+  and resumable on any world size. FSDP2 full fine-tuning ones are sharded: :func:`save_fsdp_checkpoint` writes each rank's shards of the model
   and optimizer with ``torch.distributed.checkpoint`` in its safetensors storage (no pickles, also for
   the metadata), and resumes on the same number of ranks.
 
