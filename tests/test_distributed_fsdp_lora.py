@@ -34,7 +34,7 @@ def config(out, **kw):
     return make_config(**base)
 
 
-def lora_model(bits=None):
+def lora_model(bits=None, double_quant=True):
     """tiny_model with LoRA r4 on every linear (B non-zero so every adapter matrix moves); ``bits=4``:
     the linear layers are first quantized to NF4 (QLoRA)."""
     from llmtune.peft import apply_lora
@@ -43,7 +43,7 @@ def lora_model(bits=None):
     if bits == 4:
         from llmtune.models.loader import quantize_model
 
-        quantize_model(model, compute_dtype=torch.float32)
+        quantize_model(model, compute_dtype=torch.float32, double_quantization=double_quant)
     torch.manual_seed(3)
     apply_lora(model, lora_rank=4, lora_target="all")
     with torch.no_grad():
@@ -177,6 +177,40 @@ def test_shardable_storage_keeps_names_values_and_outputs():
     after = layer.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.allclose(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+GC_KW = dict(gradient_checkpointing=True, gradient_accumulation_steps=2, per_device_train_batch_size=1)
+
+
+def _gc_worker(rank, init_file, tmp):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    from llmtune.quant.linear4bit import Linear4bit
+    from llmtune.train.trainer import Trainer
+
+    model = lora_model(4, double_quant=False)
+    Trainer(model, config(Path(tmp) / "fsdp", fsdp="full_shard", **GC_KW), rows(LENGTHS)).train()
+    layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
+    assert hasattr(layer.absmax, "to_local") and layer.absmax.dtype == torch.float32  # float scales sharded too
+    dist.destroy_process_group()
+
+
+def test_fsdp_qlora_with_gradient_checkpointing_accumulation_and_float_scales(tmp_path):
+    """QLoRA without double quantization (float32 block scales, sharded as parameters when no bf16 cast
+    applies), gradient checkpointing and 2 accumulation steps: 2 ranks x 1 x 2 == 1 process x 2 x 2."""
+    import torch.multiprocessing as mp
+
+    from llmtune.train.trainer import Trainer
+
+    mp.spawn(_gc_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=WORLD, join=True)
+    Trainer(lora_model(4, double_quant=False), config(tmp_path / "single", **dict(GC_KW, per_device_train_batch_size=2)),
+            rows(LENGTHS)).train()
+    a = [r["loss"] for r in read_log(tmp_path / "fsdp") if "loss" in r]
+    b = [r["loss"] for r in read_log(tmp_path / "single") if "loss" in r]
+    assert len(a) == 4 and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (a, b)
 
 
 # -- the command line under torchrun: a tiny model folder with the real model's tokenizer ---------------
