@@ -213,6 +213,35 @@ def test_fsdp_qlora_with_gradient_checkpointing_accumulation_and_float_scales(tm
     assert len(a) == 4 and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (a, b)
 
 
+def _nan_worker(rank, init_file, tmp):
+    import torch.distributed as dist
+
+    from llmtune.errors import LLMTuneError
+    from llmtune.train.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    model = lora_model()
+    tr = Trainer(model, config(Path(tmp) / "fsdp", fsdp="full_shard"), rows(LENGTHS))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+    with pytest.raises(LLMTuneError) as err:
+        tr.save_checkpoint()
+    (Path(tmp) / f"err{rank}.txt").write_text(str(err.value))
+    dist.destroy_process_group()
+
+
+def test_fsdp_lora_checkpoint_refused_on_every_rank_when_weights_are_nan(tmp_path):
+    """Rank 0 alone writes; when it refuses (NaN weights) every rank stops with a message, none waits."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_nan_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=WORLD, join=True)
+    assert "NaN/inf" in (tmp_path / "err0.txt").read_text()
+    assert "rank 0 could not write checkpoint-0" in (tmp_path / "err1.txt").read_text()
+    assert not list((tmp_path / "fsdp").glob("checkpoint-*"))
+
+
 # -- the command line under torchrun: a tiny model folder with the real model's tokenizer ---------------
 def _tiny_folder(real_model_path, folder):
     import json

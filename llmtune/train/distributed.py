@@ -629,14 +629,22 @@ def _save_trainable_checkpoint(trainer: Any, rng_state: dict[str, Any]) -> Optio
     full = gather_trainable(model)
     osd = _gather_optimizer_state(trainer.optimizer)
     step, r = trainer.global_step, rank()
-    path = None
+    path, error = None, None
     if r == 0:
         ids = {id(p): n for n, p in reversed(names)}
         named = [(n, full[ids[id(p)]].requires_grad_(True)) for n, p in names if p.requires_grad and ids[id(p)] in full]
-        path = ckpt.save_checkpoint(trainer.output_dir, step, model=_TensorsView(named), optimizer=_OptimizerView(osd),
-                                    scheduler=trainer.scheduler, trainer_state=trainer.state_dict(),
-                                    rng_state=rng_state, scaler=trainer.scaler)
-    barrier()
+        try:
+            path = ckpt.save_checkpoint(trainer.output_dir, step, model=_TensorsView(named),
+                                        optimizer=_OptimizerView(osd), scheduler=trainer.scheduler,
+                                        trainer_state=trainer.state_dict(), rng_state=rng_state, scaler=trainer.scaler)
+        except LLMTuneError as err:  # NaN weights, disk full: every rank stops with it instead of waiting
+            error = err
+    dev = next(model.parameters()).device  # nccl reduces CUDA tensors only
+    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=dev))
+    if error is not None:
+        raise error
+    if float(failed) > 0:
+        raise LLMTuneError(f"rank {r}: rank 0 could not write checkpoint-{step} (its message says why)")
     if r > 0:
         rng_dir = Path(trainer.output_dir) / f"checkpoint-{step}" / f"rank{r}"
         rng_dir.mkdir(exist_ok=True)
