@@ -242,6 +242,48 @@ def test_fsdp_lora_checkpoint_refused_on_every_rank_when_weights_are_nan(tmp_pat
     assert not list((tmp_path / "fsdp").glob("checkpoint-*"))
 
 
+BEST_KW = dict(eval_strategy="steps", eval_steps=1, save_steps=1, load_best_model_at_end=True,
+               metric_for_best_model="eval_loss", greater_is_better=True)  # "best" = step 1: an earlier state
+
+
+def _best_worker(rank, init_file, tmp):
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from llmtune.train.distributed import gather_full_state_dict
+    from llmtune.train.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    model = lora_model()
+    tr = Trainer(model, config(Path(tmp) / "fsdp", fsdp="full_shard", **BEST_KW), rows(LENGTHS), rows([7, 9, 10, 6], seed=1))
+    tr.train()
+    full = gather_full_state_dict(model)
+    if rank == 0:
+        assert tr.best_step == 1
+        save_file(full, str(Path(tmp) / "best.safetensors"))
+    dist.destroy_process_group()
+
+
+def test_fsdp_lora_load_best_model_at_end_matches_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from llmtune.train.trainer import Trainer
+
+    mp.spawn(_best_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=WORLD, join=True)
+    model = lora_model()
+    tr = Trainer(model, config(tmp_path / "single", per_device_train_batch_size=4, **BEST_KW), rows(LENGTHS),
+                 rows([7, 9, 10, 6], seed=1))
+    tr.train()
+    assert tr.best_step == 1
+    got = load_file(str(tmp_path / "best.safetensors"))
+    ref = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        assert rel(got[k], ref[k]) <= 1e-5, k
+
+
 # -- the command line under torchrun: a tiny model folder with the real model's tokenizer ---------------
 def _tiny_folder(real_model_path, folder):
     import json
