@@ -113,7 +113,7 @@ def test_world_size_without_torchrun_variables_is_a_clear_error(monkeypatch):
     assert init_distributed(make_config()) is False  # one process: no process group
 
 
-def test_fsdp_with_lora_falls_back_to_ddp_with_a_notice(capsys):
+def test_fsdp_shards_lora_too():
     from llmtune.peft import apply_lora
     from llmtune.train.distributed import choose_strategy
 
@@ -121,8 +121,8 @@ def test_fsdp_with_lora_falls_back_to_ddp_with_a_notice(capsys):
     assert choose_strategy(model, make_config(fsdp="full_shard", finetuning_type="full")) == "fsdp"
     assert choose_strategy(model, make_config(finetuning_type="full")) == "ddp"
     apply_lora(model, lora_rank=2)
-    assert choose_strategy(model, make_config(fsdp="full_shard", finetuning_type="lora")) == "ddp"
-    assert "uses DDP instead" in capsys.readouterr().err
+    assert choose_strategy(model, make_config(fsdp="full_shard", finetuning_type="lora")) == "fsdp"
+    assert choose_strategy(model, make_config(finetuning_type="lora")) == "ddp"
 
 
 # -- DDP: 2 ranks x batch 2 == 1 rank x batch 4 ----------------------------------------------------

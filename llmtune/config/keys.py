@@ -210,7 +210,7 @@ class TrainConfig:
                                   "skipped", choices=("stop", "skip"))
 
     # -- distributed ---------------------------------------------------------------------------------
-    fsdp: Optional[str] = dist(None, "FSDP2 sharding for full fine-tuning: full_shard, shard_grad_op, offload, "
+    fsdp: Optional[str] = dist(None, "FSDP2 sharding (full, LoRA, QLoRA): full_shard, shard_grad_op, offload, "
                                "auto_wrap (space-separated); unset = DDP", choices=FSDP_TOKENS, multi=True)
     ddp_timeout: int = dist(1800, "seconds to wait for the other ranks", gt=0)
 

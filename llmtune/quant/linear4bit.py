@@ -147,13 +147,34 @@ class Linear4bit(nn.Module):
         self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
         self.nested_blocksize = state.nested_blocksize
         dev = self.weight.device
-        self.weight = packed.reshape(-1).to(device=dev, dtype=torch.uint8).clone()
-        self.absmax = state.absmax.reshape(-1).to(dev).clone()
+        weight = packed.reshape(-1).to(device=dev, dtype=torch.uint8).clone()
+        absmax = state.absmax.reshape(-1).to(dev).clone()
+        # after shardable_storage() these are frozen parameters: keep them so
+        self.weight = nn.Parameter(weight, requires_grad=False) if isinstance(self.weight, nn.Parameter) else weight
+        self.absmax = nn.Parameter(absmax, requires_grad=False) if isinstance(self.absmax, nn.Parameter) else absmax
         self.quant_map = state.code.float().to(dev).clone()
         if state.nested:
             self.nested_absmax = state.nested_absmax.float().to(dev).clone()
             self.nested_quant_map = state.nested_code.float().to(dev).clone()
             self.nested_offset = torch.as_tensor(state.offset, dtype=torch.float32).reshape(()).to(dev).clone()
+
+    def shardable_storage(self, absmax: bool = True) -> "Linear4bit":
+        """Turn the packed ``weight`` (uint8 ``(ceil(out*in/2),)``) and ``absmax`` (``(nblocks,)``) buffers into
+        frozen ``nn.Parameter`` s (``requires_grad=False``), in place; returns ``self``.
+
+        FSDP2 (``torch.distributed.fsdp.fully_shard``) shards parameters only, each along dim 0; both tensors
+        are flat, so every rank then keeps ``1/world`` of the 4-bit storage and FSDP2 all-gathers the whole
+        flat tensor before this layer's forward (and backward), which therefore sees the usual unsharded
+        layout. Names, dtypes, values and ``state_dict`` keys are unchanged; the small code books
+        (``quant_map``, ``nested_*``) stay replicated buffers. ``absmax=False`` converts ``weight`` alone.
+        Idempotent. Used by ``llmtune.train.distributed.apply_fsdp``; single-process runs keep buffers.
+        """
+        for name in ("weight", "absmax") if absmax else ("weight",):
+            t = getattr(self, name)
+            if not isinstance(t, nn.Parameter):
+                del self._buffers[name]
+                setattr(self, name, nn.Parameter(t, requires_grad=False))
+        return self
 
     # -- use --------------------------------------------------------------------------------------------
     @property

@@ -20,12 +20,16 @@ helpers (:func:`rank`, :func:`world_size`, :func:`all_reduce_sum`, :func:`is_mai
   N*b (tested to 1e-5).
 * **strategies** (:func:`wrap_model`): DDP (default; only ``requires_grad`` parameters enter its reducer,
   so with LoRA only the adapters are all-reduced) or FSDP2 ``fully_shard`` (``fsdp: full_shard`` in the
-  config, full fine-tuning): every decoder layer is sharded, then the root; ``bf16`` gives FSDP2's
-  ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``.
+  config; full, freeze, LoRA and QLoRA): every decoder layer is sharded, then the root; frozen and
+  trainable parameters share a unit (FSDP2 reduces gradients of the trainable ones only); a 4-bit layer's
+  packed NF4 storage becomes frozen flat parameters first (``Linear4bit.shardable_storage``) so it shards
+  too; ``bf16`` gives FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``.
 * **outputs**: rank 0 alone logs, plots and writes the final adapter/model; with FSDP2 every rank takes
-  part in gathering the full state dict (:func:`gather_full_state_dict`) and rank 0 writes it.
-* **checkpoints**: DDP ones are the single-process format (rank 0 writes the unwrapped model's trainable
-  tensors). FSDP2 ones are sharded: :func:`save_fsdp_checkpoint` writes each rank's shards of the model
+  part in gathering the full state dict (:func:`gather_full_state_dict`; with a LoRA adapter, the
+  trainable tensors only) and rank 0 writes it (:func:`full_parameters` puts the gathered adapters in place).
+* **checkpoints**: DDP ones, and FSDP2 ones of a model with frozen parameters (LoRA/QLoRA/freeze: the
+  trainable tensors and their AdamW state all-gathered), are the single-process format, written by rank 0
+  and resumable on any world size. FSDP2 full fine-tuning ones are sharded: :func:`save_fsdp_checkpoint` writes each rank's shards of the model
   and optimizer with ``torch.distributed.checkpoint`` in its safetensors storage (no pickles, also for
   the metadata), and resumes on the same number of ranks.
 
@@ -232,23 +236,22 @@ def fsdp_options(config: Any) -> Optional[dict[str, Any]]:
 
 
 def choose_strategy(model: torch.nn.Module, config: Any) -> str:
-    """``"fsdp"`` when ``fsdp`` is set and the run is full fine-tuning, else ``"ddp"``.
+    """``"fsdp"`` when ``fsdp`` is set, else ``"ddp"``.
 
-    ``fsdp`` with LoRA/freeze tuning or a 4-bit model prints a notice and uses DDP: the trainable
-    parameters there are small and replicating them is cheaper than sharding.
+    FSDP2 shards full fine-tuning, LoRA/freeze tuning (frozen and trainable parameters share each decoder
+    layer's FSDP unit; only the trainable ones get gradients and optimizer state) and 4-bit models whose
+    :class:`~llmtune.quant.linear4bit.Linear4bit` layers keep their packed storage in parameters (FSDP2
+    shards parameters only: :func:`apply_fsdp` calls ``Linear4bit.shardable_storage`` first).
     """
     if fsdp_options(config) is None:
         return "ddp"
-    finetuning = config.finetuning_type
-    quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    frozen = any(not p.requires_grad for p in model.parameters())
-    if finetuning != "full" or quantized or frozen:
-        if rank() == 0:
-            notice(f"fsdp: {config.fsdp!r} shards full fine-tuning; this run trains "
-                   f"{'a 4-bit model' if quantized else finetuning} parameters, so it uses DDP instead "
-                   "(remove fsdp to silence this)")
-        return "ddp"
     return "fsdp"
+
+
+def has_frozen(model: torch.nn.Module) -> bool:
+    """True when some parameter of ``model`` does not require grad (LoRA, freeze tuning, QLoRA): its FSDP2
+    checkpoints then hold the trainable tensors only, in the single-process format."""
+    return any(not p.requires_grad for p in model.parameters())
 
 
 class DDPModel(torch.nn.parallel.DistributedDataParallel):
@@ -333,6 +336,12 @@ def apply_fsdp(model: torch.nn.Module, config: Any) -> torch.nn.Module:
         raise LLMTuneError("fsdp: the model has no decoder layers at model.layers; FSDP2 here supports the "
                            "llmtune Transformer (remove fsdp to train with DDP)")
     for layer in layers:
+        for mod in layer.modules():
+            if type(mod).__name__ == "Linear4bit":
+                # packed NF4 storage as frozen parameters of the layer's unit. FSDP2 never casts integer
+                # parameters (the uint8 codes and double-quantized scales); float32 scales (double_quant off)
+                # stay a replicated buffer under a bf16/fp16 param_dtype, which would round them.
+                mod.shardable_storage(absmax=param_dtype is None or not mod.absmax.is_floating_point())
         fully_shard(layer, reshard_after_forward=opts["reshard_after_forward"], **kw)
     fully_shard(model, **kw)
     for mod in model.modules():
@@ -381,14 +390,70 @@ def gather_full_state_dict(model: torch.nn.Module) -> Optional[dict[str, torch.T
     """The full (unsharded) CPU state dict of an FSDP2 model on rank 0, ``{}`` on other ranks; None for a
     model that is not FSDP2. A collective: every rank must call it.
 
-    Uses ``torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True,
-    cpu_offload=True)``; keys are the model's Hugging Face names.
+    Full fine-tuning: every tensor, via ``torch.distributed.checkpoint.state_dict.get_model_state_dict(
+    full_state_dict=True, cpu_offload=True)``. A model with frozen parameters (LoRA, QLoRA, freeze tuning
+    with a LoRA adapter): its trainable parameters only (:func:`gather_trainable`), so rank 0 never holds the
+    whole frozen base. Keys are the model's Hugging Face names.
     """
     if not is_fsdp(model):
         return None
+    if has_frozen(model) and _has_adapter(model):
+        return gather_trainable(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _has_adapter(model: torch.nn.Module) -> bool:
+    return any(".lora_" in n for n, _ in model.named_parameters())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a ``DTensor`` shard (a collective), detached on the CPU; plain tensors as they are."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.cpu().contiguous()
+
+
+def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: full CPU tensor}`` of the ``requires_grad`` parameters (tied ones once) on rank 0, ``{}``
+    elsewhere. A collective: every rank all-gathers each sharded parameter in the same (registration) order."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            full = _full(p)
+            if rank() == 0:
+                out[name] = full
+    return out
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module, state: Optional[dict[str, torch.Tensor]]) -> Iterator[torch.nn.Module]:
+    """Within the context, the FSDP2 ``DTensor`` parameters named in ``state`` are replaced by the full tensors
+    of ``state`` (from :func:`gather_full_state_dict` on rank 0), so code that reads parameters directly
+    (``save_adapter``, ``save_value_head``) sees whole tensors; the sharded ones are put back on exit.
+    ``state`` None or a model that is not FSDP2: nothing changes. Not a collective."""
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        if state and is_fsdp(model):
+            names: dict[int, str] = {}
+            for n, q in model.named_parameters(remove_duplicate=False):
+                names.setdefault(id(q), n)
+            for mod in model.modules():
+                for leaf, p in list(mod._parameters.items()):
+                    if p is None or not hasattr(p, "full_tensor"):
+                        continue
+                    name = names.get(id(p))
+                    if name in state:
+                        swapped.append((mod, leaf, p))
+                        mod._parameters[leaf] = torch.nn.Parameter(state[name], requires_grad=p.requires_grad)
+        yield model
+    finally:
+        for mod, leaf, p in swapped:
+            mod._parameters[leaf] = p
 
 
 def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -426,6 +491,8 @@ def save_fsdp_checkpoint(trainer: Any, rng_state: dict[str, Any]) -> Optional[Pa
     (``rank<r>/`` for r > 0), and ``trainer_state.json`` written last by rank 0 after a barrier, then the
     folder is renamed from ``tmp-checkpoint-<step>`` (atomic, as single-process checkpoints).
     """
+    if has_frozen(trainer.model):
+        return _save_trainable_checkpoint(trainer, rng_state)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
@@ -477,6 +544,8 @@ def load_fsdp_checkpoint(trainer: Any, folder: Path) -> tuple[dict[str, Any], di
     from llmtune.train import checkpoint as ckpt
 
     folder = Path(folder)
+    if is_fsdp(trainer.model) and not is_fsdp_checkpoint(folder):
+        return _load_trainable_checkpoint(trainer, folder)
     state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
     saved_world = int(state.get("world_size", 1))
     if not is_fsdp(trainer.model):
@@ -506,3 +575,123 @@ def load_fsdp_checkpoint(trainer: Any, folder: Path) -> tuple[dict[str, Any], di
     r = rank()
     rng_dir = folder if r == 0 else folder / f"rank{r}"
     return state, ckpt.load_rng_state(rng_dir if rng_dir.is_dir() else folder)
+
+
+# -- FSDP2 with frozen parameters: checkpoints of the trainable state, in the single-process format ---------
+class _TensorsView:
+    """Stands in for a model in ``llmtune.train.checkpoint``: ``named_parameters`` yields the given tensors."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        self.named = named
+
+    def named_parameters(self, remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        seen: set[int] = set()
+        for n, t in self.named:
+            if remove_duplicate and id(t) in seen:
+                continue
+            seen.add(id(t))
+            yield n, t
+
+
+class _OptimizerView:
+    """Stands in for the optimizer in ``llmtune.train.checkpoint``: ``state_dict`` returns ``sd`` (full tensors)
+    and ``load_state_dict`` keeps what it is given in ``loaded``."""
+
+    def __init__(self, sd: dict[str, Any]) -> None:
+        self.sd, self.loaded = sd, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.loaded = sd
+
+
+def _gather_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every ``DTensor`` state (AdamW's ``exp_avg``/``exp_avg_sq``) replaced by
+    its full tensor. A collective: ranks iterate the same parameters and keys in the same order."""
+    sd = optimizer.state_dict()
+    state = {idx: {k: (_full(v) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+             for idx, st in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _save_trainable_checkpoint(trainer: Any, rng_state: dict[str, Any]) -> Optional[Path]:
+    """FSDP2 with frozen parameters: every rank all-gathers the trainable parameters and their AdamW state,
+    rank 0 writes ``checkpoint-<step>`` in the single-process format (``llmtune.train.checkpoint``:
+    ``trainable.safetensors``, ``optimizer.*``, ``scheduler.json``, ``rng_state.*``, ``trainer_state.json``;
+    small for LoRA, and it resumes on any number of ranks or in one process); then ranks r > 0 add their RNG
+    state in ``rank<r>/``. Returns the path on rank 0, None elsewhere."""
+    from llmtune.train import checkpoint as ckpt
+
+    model = trainer.model
+    names = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
+    full = gather_trainable(model)
+    osd = _gather_optimizer_state(trainer.optimizer)
+    step, r = trainer.global_step, rank()
+    path, error = None, None
+    if r == 0:
+        ids = {id(p): n for n, p in reversed(names)}
+        named = [(n, full[ids[id(p)]].requires_grad_(True)) for n, p in names if p.requires_grad and ids[id(p)] in full]
+        try:
+            path = ckpt.save_checkpoint(trainer.output_dir, step, model=_TensorsView(named),
+                                        optimizer=_OptimizerView(osd), scheduler=trainer.scheduler,
+                                        trainer_state=trainer.state_dict(), rng_state=rng_state, scaler=trainer.scaler)
+        except LLMTuneError as err:  # NaN weights, disk full: every rank stops with it instead of waiting
+            error = err
+    dev = next(model.parameters()).device  # nccl reduces CUDA tensors only
+    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=dev))
+    if error is not None:
+        raise error
+    if float(failed) > 0:
+        raise LLMTuneError(f"rank {r}: rank 0 could not write checkpoint-{step} (its message says why)")
+    if r > 0:
+        rng_dir = Path(trainer.output_dir) / f"checkpoint-{step}" / f"rank{r}"
+        rng_dir.mkdir(exist_ok=True)
+        ckpt.save_rng_state(rng_state, rng_dir)
+    barrier()
+    return path
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` cut to ``like``'s ``DTensor`` layout (this rank's chunk, no communication); plain tensors
+    are returned on ``like``'s device and dtype."""
+    full = full.to(like.device, like.dtype)
+    if not hasattr(like, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _load_trainable_checkpoint(trainer: Any, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore a single-process-format checkpoint (:func:`_save_trainable_checkpoint`, or one written by a
+    single process or DDP) into an FSDP2 model: every rank reads the files and keeps its own shard of each
+    trainable parameter and AdamW state; any world size. Errors as ``checkpoint.load_checkpoint``."""
+    from llmtune.train import checkpoint as ckpt
+
+    model, opt = trainer.model, trainer.optimizer
+    named = list(model.named_parameters(remove_duplicate=False))
+    holders: dict[int, torch.Tensor] = {}
+    view = []
+    for n, p in named:
+        if id(p) not in holders:
+            holders[id(p)] = torch.empty(tuple(p.shape), dtype=p.dtype).requires_grad_(p.requires_grad)
+        view.append((n, holders[id(p)]))
+    trainable = {n: holders[id(p)] for n, p in named if p.requires_grad}
+    optv = _OptimizerView({"state": {}, "param_groups": opt.state_dict()["param_groups"]})
+    state, rng = ckpt.load_checkpoint(folder, model=_TensorsView(view), optimizer=optv, scheduler=trainer.scheduler,
+                                      scaler=trainer.scaler)
+    params = dict(named)
+    with torch.no_grad():
+        for n in trainable:
+            params[n].copy_(_shard_like(trainable[n], params[n]))
+    order = [p for g in opt.param_groups for p in g["params"]]
+    osd = optv.loaded
+    osd["state"] = {idx: {k: (_shard_like(v, order[int(idx)]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                          for k, v in st.items()} for idx, st in osd["state"].items()}
+    opt.load_state_dict(osd)
+    r = rank()
+    if r > 0 and (Path(folder) / f"rank{r}").is_dir():
+        rng = ckpt.load_rng_state(Path(folder) / f"rank{r}")
+    return state, rng

@@ -40,7 +40,8 @@ from llmtune.tokenizer import load_tokenizer
 from llmtune.locks import lock_output
 from llmtune.train.checkpoint import clear_for_overwrite
 from llmtune.train import summary
-from llmtune.train.distributed import barrier, distributed_session, gather_full_state_dict, is_main, unwrap
+from llmtune.train.distributed import (barrier, distributed_session, full_parameters, gather_full_state_dict, is_main,
+                                       unwrap)
 from llmtune.train.finetuning import apply_finetuning_type
 from llmtune.train.metrics import write_predict_results
 from llmtune.train.outputs import prepare_output_dir, save_model, write_predictions
@@ -180,7 +181,8 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
         results.update(train_results)
         full_state = gather_full_state_dict(model)  # FSDP2: a collective on every rank; None otherwise
         if is_main():
-            save_model(model, out, cfg, chain.base, state_dict=full_state)
+            with full_parameters(model, full_state):  # FSDP2 LoRA: the gathered adapters stand in for the shards
+                save_model(model, out, cfg, chain.base, state_dict=full_state)
             write_json(out / "train_results.json", train_results)
     if is_main():
         runs.save_metadata(out, cfg, tokenizer, template, chain.base, chain.parents)
