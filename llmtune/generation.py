@@ -6,7 +6,8 @@ when sampling, temperature, top-k (Fan et al., 2018) and top-p / nucleus (Holtzm
 Greedy decoding is the argmax of the (repetition-penalised) logits.
 
 Prompts are batched with left padding (``attention_mask`` 0 on the left); right-padded prompts are
-moved to the left first. Only the last position is projected to the vocabulary
+moved to the left first. The KV cache is preallocated for prompt + ``max_new_tokens`` positions and
+written in place. Only the last position is projected to the vocabulary
 (``model.lm_head(hidden[:, -1])``); rows that have produced a stop token are dropped from the KV cache
 (:meth:`llmtune.models.transformer.KVCache.reorder`), so a batch costs no more than its live rows.
 
@@ -25,6 +26,7 @@ from torch import nn
 __all__ = [
     "generate",
     "generate_steps",
+    "new_kv_cache",
     "process_logits",
     "check_generation_args",
     "apply_repetition_penalty",
@@ -173,6 +175,17 @@ def _eos_tensor(eos_token_ids: Optional[Iterable[int] | int], device: torch.devi
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+def new_kv_cache(model: nn.Module, max_len: int) -> Any:
+    """A :class:`~llmtune.models.transformer.KVCache` preallocated for ``max_len`` positions, or ``None``.
+
+    ``None`` (the model then makes its own growing cache) when ``model.config`` has no ``num_hidden_layers``.
+    """
+    from llmtune.models.transformer import KVCache
+
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return None if n is None else KVCache(int(n), max_len=max_len)
+
+
 def _next_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: Any):
     out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
     hidden, cache = out
@@ -219,7 +232,7 @@ def generate_steps(model: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     model.eval()
     try:
         with torch.inference_mode():
-            logits, cache = _next_logits(model, input_ids, mask, None)
+            logits, cache = _next_logits(model, input_ids, mask, new_kv_cache(model, t + max_new_tokens))
             vocab = logits.shape[-1]
             seen = None
             if repetition_penalty != 1.0:

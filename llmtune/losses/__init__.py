@@ -3,6 +3,8 @@
 - :mod:`.logps`: chunked vocabulary projection: ``causal_lm_loss``, ``token_logps``, ``sequence_logps``,
   ``entropy_from_hidden`` (never a full ``(B, T, V)`` float32 logits tensor).
 - :mod:`.preference`: ``dpo_loss`` (sigmoid / hinge / ipo / kto_pair), ``orpo_loss``, ``simpo_loss``.
+- :mod:`.grpo`: ``group_advantages``, ``grpo_loss`` (grpo / bnpo / dr_grpo / dapo, GSPO sequence ratios),
+  ``grpo_num_items``.
 - :mod:`.kto`: ``kto_loss``.  :mod:`.reward`: ``reward_loss``, ``value_head_scores``.
 - :mod:`.ppo`: ``kl_penalty_rewards``, ``gae_advantages``, ``whiten``, ``ppo_policy_loss``,
   ``ppo_value_loss``, ``AdaptiveKLController``, ``FixedKLController``.
@@ -10,6 +12,7 @@
 See ``docs/losses.md`` for the equations and when to pick each.
 """
 
+from llmtune.losses.grpo import GRPO_LOSS_TYPES, group_advantages, grpo_loss, grpo_num_items
 from llmtune.losses.kto import kto_loss
 from llmtune.losses.logps import IGNORE_INDEX, causal_lm_loss, entropy_from_hidden, sequence_logps, token_logps
 from llmtune.losses.ppo import (
@@ -46,4 +49,8 @@ __all__ = [
     "kl_penalty_rewards",
     "AdaptiveKLController",
     "FixedKLController",
+    "GRPO_LOSS_TYPES",
+    "group_advantages",
+    "grpo_loss",
+    "grpo_num_items",
 ]
