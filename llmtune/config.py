@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 from llmtune.errors import LLMTuneError, nearest, notice
 
-STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "grpo")
 STAGE_ALIASES = {"pretrain": "pt", "pre-train": "pt", "pretraining": "pt", "rlhf": "ppo", "reward": "rm",
                  "supervised": "sft"}
 FINETUNING_TYPES = ("lora", "freeze", "full")
@@ -153,6 +153,17 @@ class TrainConfig:
     ppo_gamma: float = 1.0
     ppo_lam: float = 0.95
     ppo_vf_coef: float = 0.1
+    num_generations: int = 8
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    scale_rewards: str = "group"
+    num_iterations: int = 1
+    mask_truncated_completions: bool = False
+    reward_funcs: Optional[str] = None
+    reward_weights: Optional[str] = None
 
     # -- generation ------------------------------------------------------------------------------
     do_sample: bool = True
@@ -207,6 +218,7 @@ ALIASES = {
     "kto_undesirable_weight": "kto_rejected_weight",
     "cliprange": "ppo_clip_ratio",
     "init_kl_coef": "ppo_kl_coeff",
+    "max_completion_length": "max_new_tokens",
     "tokenized_path": "data_cache_dir",
 }
 

@@ -13,7 +13,8 @@ them. ``streaming`` and ``preprocessing_num_workers`` are ignored.
 Which data serves which stage: ``pt`` any text (a row's messages joined by newlines); ``sft`` rows with an
 answer (preference rows train on ``chosen``, KTO rows on the desirable ones, ranked lists on the best);
 ``rm``/``dpo`` pairs (ranked lists give every ordered pair); ``kto`` labelled rows (a pair gives one
-desirable and one undesirable example); ``ppo`` any prompt.
+desirable and one undesirable example); ``ppo`` any prompt; ``grpo`` any prompt, each row keeping the dataset
+row's own columns under ``columns`` (passed to reward functions by name, TRL's convention).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from llmtune.data.registry import TYPE_STAGES, DatasetAttr, resolve
 from llmtune.errors import LLMTuneError, notice
 
 STAGE_ALIASES = {"pretrain": "pt", "rlhf": "ppo"}
-STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "grpo")
 
 
 @dataclass
@@ -65,7 +66,7 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
         args: config object or dict (keys in the module docstring).
         tokenizer: llmtune ``Tokenizer`` (docs/internals.md).
         template: from :func:`llmtune.data.templates.get_template`.
-        stage: ``pt``, ``sft``, ``rm``, ``ppo``, ``dpo``, ``kto`` (``pretrain``/``rlhf`` accepted).
+        stage: ``pt``, ``sft``, ``rm``, ``ppo``, ``dpo``, ``kto``, ``grpo`` (``pretrain``/``rlhf`` accepted).
 
     Returns:
         :class:`DatasetSplits` whose rows are dicts of lists of ints (plus ``kto_tag``/``sft_only`` bools), in
@@ -165,6 +166,8 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     if opts["max_samples"]:
         raw = raw[:int(opts["max_samples"])]
     examples, skipped = convert(attr, raw)
+    if stage == "grpo":  # the raw columns travel with each prompt (convert keeps the row order, skips malformed)
+        examples = [(ex, row) for ex, row in zip(examples, _kept_rows(attr, raw))]
     _check_type(attr, stage)
     enc = Encoder(template, tokenizer, opts["cutoff_len"], opts["train_on_prompt"], opts["mask_history"])
     rows, stats = _encode(attr, examples, enc, stage, mix_sft)
@@ -178,6 +181,11 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     cache.save(cdir, attr.name, key, rows, stats)
     _report(attr, stats, opts["cutoff_len"])
     return rows
+
+
+def _kept_rows(attr: DatasetAttr, raw: list[dict]) -> list[dict]:
+    """The raw rows that :func:`convert` turns into examples (it skips malformed ones), in order."""
+    return [row for row in raw if convert(attr, [row])[0]]
 
 
 def _report(attr: DatasetAttr, stats: dict, cutoff_len: int) -> None:
@@ -222,6 +230,13 @@ def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str
     if stage == "ppo":
         for ex in examples:
             add(enc.encode_ppo(ex))
+        return rows, stats
+    if stage == "grpo":
+        for ex, raw in examples:
+            row = enc.encode_ppo(ex)
+            if row is not None:
+                row["columns"] = dict(raw)
+            add(row)
         return rows, stats
     if stage == "sft":
         if kinds <= {"prompt"}:

@@ -1,7 +1,7 @@
 """The stage table: each ``stage`` name and what the setup path and the trainer need to run it.
 
 One literal table, :data:`STAGES`, one file per stage family: ``causal_lm.py`` (pt, sft), ``rm.py``,
-``pref.py`` (dpo and its variants), ``kto.py``, ``ppo.py`` (online: rollouts, see ``base.OnlineStage``). A new stage is a
+``pref.py`` (dpo and its variants), ``kto.py``, ``ppo.py`` and ``grpo.py`` (online: rollouts, see ``base.OnlineStage``). A new stage is a
 new file and a new row here. The loss contract is in :mod:`llmtune.train.stages.base`.
 """
 
@@ -12,6 +12,7 @@ from typing import Callable, Optional
 from llmtune.errors import LLMTuneError, nearest
 from llmtune.train.stages.base import LossFn, Stage, StageContext
 from llmtune.train.stages.causal_lm import causal_lm_stage, count_label_tokens
+from llmtune.train.stages.grpo import build_grpo_stage, check_grpo_config
 from llmtune.train.stages.kto import count_kto_items, kto_stage
 from llmtune.train.stages.ppo import build_ppo_stage, check_ppo_config
 from llmtune.train.stages.pref import count_dpo_items, dpo_stage
@@ -25,6 +26,8 @@ STAGES: dict[str, Stage] = {
     "kto": Stage("kto", loss=kto_stage, count_items=count_kto_items, collator="kto"),
     "ppo": Stage("ppo", loss=None, count_items=None, collator="ppo", online=True, build=build_ppo_stage,
                  check=check_ppo_config),
+    "grpo": Stage("grpo", loss=None, count_items=None, collator="ppo", online=True, build=build_grpo_stage,
+                  check=check_grpo_config),
 }
 
 #: stage name -> ``batch -> number of items`` (the ``count_items`` column of :data:`STAGES`)
