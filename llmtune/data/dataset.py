@@ -166,11 +166,11 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     if opts["max_samples"]:
         raw = raw[:int(opts["max_samples"])]
     examples, skipped = convert(attr, raw)
-    if stage == "grpo":  # the raw columns travel with each prompt (convert keeps the row order, skips malformed)
-        examples = [(ex, row) for ex, row in zip(examples, _kept_rows(attr, raw))]
+    # grpo: the raw columns travel with each prompt (convert keeps the row order, skips malformed rows)
+    kept = _kept_rows(attr, raw) if stage == "grpo" else None
     _check_type(attr, stage)
     enc = Encoder(template, tokenizer, opts["cutoff_len"], opts["train_on_prompt"], opts["mask_history"])
-    rows, stats = _encode(attr, examples, enc, stage, mix_sft)
+    rows, stats = _encode(attr, examples, enc, stage, mix_sft, kept)
     stats["malformed"] = skipped
     stats["truncated"] = enc.truncated
     stats["rows"] = len(raw)
@@ -214,7 +214,8 @@ def _document(ex: Example) -> str:
     return "\n".join(parts)
 
 
-def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, mix_sft: bool):
+def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, mix_sft: bool,
+            raw_rows: Optional[list[dict]] = None):
     stats: dict = {"dropped": 0, "notes": []}
     rows: list = []
 
@@ -232,7 +233,7 @@ def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str
             add(enc.encode_ppo(ex))
         return rows, stats
     if stage == "grpo":
-        for ex, raw in examples:
+        for ex, raw in zip(examples, raw_rows or []):
             row = enc.encode_ppo(ex)
             if row is not None:
                 row["columns"] = dict(raw)

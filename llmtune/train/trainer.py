@@ -369,6 +369,9 @@ class Trainer:
                 notice(f"interrupted: saved {path}; continue with resume_from_checkpoint: {path}")
             logger.close()
             raise
+        except Exception:
+            logger.close()  # the progress bar ends its line before the error is printed
+            raise
         logger.close()
         if self.load_best and self.best_state is not None:
             ckpt.load_trainable_state_dict(dist_hooks.unwrap(self.model), self.best_state, f"best step {self.best_step}")
