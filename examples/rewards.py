@@ -6,18 +6,12 @@ dataset column by name (here ``solution``), and returns one float (or None) per 
 
 import re
 
-_NUMBER = re.compile(r"-?\d+")
-
-
-def number_only(prompts, completions, **kwargs):
-    """1.0 when the reply is a bare integer (spaces and a final period allowed), else 0.0."""
-    return [1.0 if re.fullmatch(r"\s*-?\d+\.?\s*", c) else 0.0 for c in completions]
-
 
 def correct_sum(prompts, completions, solution, **kwargs):
-    """1.0 when the first integer of the reply is the right sum, else 0.0."""
-    out = []
-    for c, s in zip(completions, solution):
-        m = _NUMBER.search(c)
-        out.append(1.0 if m and m.group() == str(s).strip() else 0.0)
-    return out
+    """1.0 when the reply contains the right sum as a number of its own, else 0.0."""
+    return [1.0 if str(s).strip() in re.findall(r"-?\d+", c) else 0.0 for c, s in zip(completions, solution)]
+
+
+def brevity(prompts, completions, **kwargs):
+    """1 - characters / 60, at least 0: the task asks for the number only, so shorter replies score higher."""
+    return [max(0.0, 1.0 - len(c.strip()) / 60) for c in completions]

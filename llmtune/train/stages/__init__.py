@@ -1,8 +1,8 @@
 """The stage table: each ``stage`` name and what the setup path and the trainer need to run it.
 
 One literal table, :data:`STAGES`, one file per stage family: ``causal_lm.py`` (pt, sft), ``rm.py``,
-``pref.py`` (dpo and its variants), ``kto.py``, ``ppo.py`` and ``grpo.py`` (online: rollouts, see ``base.OnlineStage``). A new stage is a
-new file and a new row here. The loss contract is in :mod:`llmtune.train.stages.base`.
+``pref.py`` (dpo and its variants), ``kto.py``, ``ppo.py`` and ``grpo.py`` (online: rollouts, see
+``base.OnlineStage``). A new stage is a new file and a new row here. The loss contract is in :mod:`llmtune.train.stages.base`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class Stage:
 
     Attributes:
         name: the ``stage`` key value (``pt``, ``sft``, ``rm``, ``dpo``, ``kto``, ``ppo``).
-        loss: the stage's loss function (None for an online stage that runs its own loop, ``run``).
+        loss: the stage's loss function (None for an online stage: its loss comes with the object ``build`` makes).
         count_items: ``batch -> int`` items of a collated batch without a forward pass, or None.
         collator: the collator kind for :func:`llmtune.data.collator.get_collator` (``sft``, ``rm``,
             ``dpo``, ``kto``, ``ppo``).
