@@ -121,3 +121,37 @@ def test_a_reward_function_that_fails_is_one_clear_error_naming_it(tmp_path):
 
     with pytest.raises(LLMTuneError, match="returned 1 values for 8 completions"):
         run(tmp_path, [("short", short)], output_dir=str(tmp_path / "o2"))
+
+
+def test_mask_truncated_completions_leaves_them_out_of_the_loss(tmp_path):
+    seen = []
+
+    def fn(prompts, completions, **kw):
+        seen.append(completions)
+        return [float(len(c)) for c in completions]
+
+    cfg = grpo_config(tmp_path, max_steps=1, mask_truncated_completions=True, loss_type="dapo")
+    stage = GRPOStage(cfg, ROWS, [("fn", fn)], [1.0], FakeTokenizer(), PAD, EOS)
+    model = lora_model()
+    torch.manual_seed(0)
+
+    class Host:  # what make_experience needs of the trainer
+        def __init__(self):
+            self.model = model
+
+        def autocast(self):
+            import contextlib
+            return contextlib.nullcontext()
+
+    (step,) = stage.make_experience(Host())
+    micro = step.updates[0]
+    kinds = set()
+    for b in micro:
+        comp = b["input_ids"][:, b["prompt_len"]:]
+        for row, m in zip(comp.tolist(), b["completion_mask"].tolist()):
+            stopped = any(t in EOS for t in row)
+            kinds.add(stopped)
+            # a completion without a stop token (truncated) contributes no token; the others all theirs
+            assert sum(m) == (0 if not stopped else row.index(next(t for t in row if t in EOS)) + 1)
+    assert kinds == {True, False}  # the case is informative: some completions were truncated, some stopped
+    assert sum(stage.count_items(b) for b in micro) == sum(int(b["completion_mask"].sum()) for b in micro) > 0

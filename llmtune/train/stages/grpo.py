@@ -14,7 +14,7 @@ update of ``gradient_accumulation_steps`` micro-batches of ``per_device_train_ba
 3. group-relative advantages (:func:`llmtune.losses.group_advantages`, ``scale_rewards``); with
    ``num_iterations > 1`` the sampling policy's log-probs (one forward), with ``beta > 0`` the reference's
    (adapters disabled for LoRA, else a frozen copy or ``ref_model``); ``mask_truncated_completions`` drops
-   completions without a stop token from the loss;
+   completions without a stop token from the loss (unless that is all of them: then a notice, and they stay);
 4. the loss of a micro-batch is :func:`llmtune.losses.grpo_loss` (``loss_type``, ``epsilon``,
    ``epsilon_high``, ``beta``, ``importance_sampling_level``) as ``(loss_sum, num_items)``, counted by
    :func:`llmtune.losses.grpo_num_items`, so accumulation gives the variant's loss of the whole step.
@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from llmtune.errors import LLMTuneError
+from llmtune.errors import LLMTuneError, notice
 from llmtune.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, grpo_num_items
 from llmtune.rewards import RewardFunc, compute_rewards, load_reward_funcs, parse_reward_weights, reward_metrics
 from llmtune.rollout import completion_metrics, generate_rollouts
@@ -180,7 +180,11 @@ class GRPOStage:
         adv = group_advantages(rewards, self.G, self.scale_rewards).to(ids.device)
         mask = ro.completion_mask
         if c.mask_truncated_completions:
-            mask = mask * (~ro.truncated).long()[:, None]
+            if bool(ro.truncated.all()):  # nothing would be left to train on: keep them for this step
+                notice("mask_truncated_completions: every completion of this step reached max_completion_length "
+                       f"({c.max_new_tokens}); training on them anyway (raise max_completion_length)")
+            else:
+                mask = mask * (~ro.truncated).long()[:, None]
         model.eval()
         try:
             old = self._logps(model, ids, attn, p, mask, trainer, False) if self.num_iterations > 1 else None
