@@ -39,7 +39,7 @@ from llmtune.errors import LLMTuneError, notice
 from llmtune.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, grpo_num_items
 from llmtune.rewards import RewardFunc, compute_rewards, load_reward_funcs, parse_reward_weights, reward_metrics
 from llmtune.rollout import completion_metrics, generate_rollouts
-from llmtune.train.distributed import unwrap, world_size
+from llmtune.train.distributed import all_reduce_sum, rank, unwrap, world_size
 from llmtune.train.stages.base import OnlineStep, StageContext
 from llmtune.train.stages.ppo import policy_forward
 
@@ -77,9 +77,6 @@ def check_grpo_config(cfg: Any, reward_funcs: Optional[Sequence[Any]] = None) ->
                            f"{cfg.per_device_train_batch_size} x gradient_accumulation_steps "
                            f"{cfg.gradient_accumulation_steps} x {world_size()} process(es) = {per_step}) must be a "
                            f"multiple of num_generations ({g}); e.g. set per_device_train_batch_size to {g}")
-    if world_size() > 1:
-        raise LLMTuneError("stage grpo runs in one process (its rollouts are not distributed yet); start it with "
-                           "llmtune train (not torchrun)")
     if int(cfg.num_iterations) < 1:
         raise LLMTuneError(f"num_iterations must be >= 1 (got {cfg.num_iterations})")
     if str(cfg.loss_type) not in GRPO_LOSS_TYPES:
@@ -118,7 +115,9 @@ class GRPOStage:
         self.stop_ids = sorted({int(i) for i in stop_token_ids})
         self.bs, self.ga = int(config.per_device_train_batch_size), int(config.gradient_accumulation_steps)
         self.G = int(config.num_generations)
-        self.prompts_per_step = self.bs * self.ga // self.G
+        self.rank, self.world = rank(), world_size()
+        self.local = self.bs * self.ga  # completions this process generates per step
+        self.prompts_per_step = self.local * self.world // self.G  # prompts of a step, all processes
         if len(prompts) == 0:
             raise LLMTuneError("stage grpo: the prompt dataset is empty: check dataset, max_samples and cutoff_len")
         self.num_iterations = int(config.num_iterations)
@@ -159,28 +158,47 @@ class GRPOStage:
             out.append(lp["logps"].float())
         return torch.cat(out)
 
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        """``(local, ...)`` rows of every process in rank order: ``(world * local, ...)`` (exact: a sum of
+        zero-padded buffers, NaN stays in its own row)."""
+        if self.world == 1:
+            return local
+        buf = local.new_zeros((self.world * local.shape[0],) + tuple(local.shape[1:]))
+        buf[self.rank * local.shape[0]:(self.rank + 1) * local.shape[0]] = local
+        return all_reduce_sum(buf)
+
     @torch.no_grad()
     def make_experience(self, trainer: Any) -> list[OnlineStep]:
-        """Generate, score and turn one rollout into ``num_iterations`` steps (module docstring, 1-3)."""
+        """Generate, score and turn one rollout into ``num_iterations`` steps (module docstring, 1-3).
+
+        Under ``torchrun`` every process draws the same prompts; completion ``j`` of the step belongs to prompt
+        ``j // num_generations`` and process ``j // (B x GA)`` generates it, so a group may span processes. The
+        rewards (and lengths) of all processes are gathered before the group statistics, so advantages and
+        metrics are those of the whole step.
+        """
         c = self.cfg
         model = unwrap(trainer.model)
-        rows = self.next_prompts()
+        step_rows = self.next_prompts()
+        rows = [step_rows[j // self.G] for j in range(self.rank * self.local, (self.rank + 1) * self.local)]
         with trainer.autocast():
             ro = generate_rollouts(model, [r["input_ids"] for r in rows], max_new_tokens=int(c.max_new_tokens),
                                    do_sample=bool(c.do_sample), temperature=float(c.temperature), top_k=int(c.top_k),
                                    top_p=float(c.top_p), eos_token_ids=self.stop_ids, pad_token_id=self.pad,
-                                   num_return_sequences=self.G, return_logps=False)
+                                   return_logps=False)
         ids, attn, p = ro.input_ids, ro.attention_mask, ro.prompt_len
-        prompt_texts = [self.tokenizer.decode(list(r["input_ids"]), skip_special_tokens=False) for r in rows]
-        prompts = [t for t in prompt_texts for _ in range(self.G)]
+        prompts = [self.tokenizer.decode(list(r["input_ids"]), skip_special_tokens=False) for r in rows]
         completions = [self.tokenizer.decode(t, skip_special_tokens=True) for t in ro.completions()]
         names = sorted({k for r in rows for k in (r.get("columns") or {})})
-        columns = {k: [(r.get("columns") or {}).get(k) for r in rows for _ in range(self.G)] for k in names}
+        columns = {k: [(r.get("columns") or {}).get(k) for r in rows] for k in names}
         rewards, per_func = compute_rewards(self.funcs, self.weights, prompts, completions, columns)
-        adv = group_advantages(rewards, self.G, self.scale_rewards).to(ids.device)
+        scored = self._gather(torch.cat([rewards[:, None], per_func], dim=1).to(ids.device)).cpu()
+        rewards, per_func = scored[:, 0], scored[:, 1:]
+        lengths = self._gather(torch.stack([ro.completion_lengths.float(), ro.truncated.float()], 1)).cpu()
+        mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        adv = group_advantages(rewards, self.G, self.scale_rewards)[mine].to(ids.device)
         mask = ro.completion_mask
         if c.mask_truncated_completions:
-            if bool(ro.truncated.all()):  # nothing would be left to train on: keep them for this step
+            if bool(lengths[:, 1].all()):  # nothing would be left to train on: keep them for this step
                 notice("mask_truncated_completions: every completion of this step reached max_completion_length "
                        f"({c.max_new_tokens}); training on them anyway (raise max_completion_length)")
             else:
@@ -192,7 +210,7 @@ class GRPOStage:
         finally:
             model.train()
         metrics = reward_metrics(rewards, per_func, [n for n, _ in self.funcs], self.G)
-        metrics.update(completion_metrics(ro.completion_lengths, ro.truncated))
+        metrics.update(completion_metrics(lengths[:, 0].long(), lengths[:, 1].bool()))
         metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
 
         def micro(s: int) -> dict:
