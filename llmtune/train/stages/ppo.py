@@ -23,6 +23,9 @@ One PPO iteration is one trainer step, with LLaMA-Factory's batch meaning (mini-
 
 ``max_steps`` counts PPO iterations; without it, ``num_train_epochs x ceil(prompts / rollout batch)``
 (LLaMA-Factory's rule). The critic is ``model.v_head`` on the policy's own backbone (trained with the LoRA).
+Under ``torchrun`` each process rolls out its own slice of a common prompt order (the rollout batch is per
+process); advantages are whitened per process (as TRL's PPOTrainer), the logged statistics and the KL
+controller use all processes' sums.
 
 Sources: Schulman et al., 2017 (PPO); Ziegler et al., 2019 (KL-penalised reward, adaptive KL); Ouyang et al.,
 2022 (InstructGPT RLHF); batch and step semantics of TRL's ``PPOTrainer`` (v0.8) as LLaMA-Factory uses it.
@@ -39,9 +42,9 @@ from torch import nn
 from llmtune.constants import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
 from llmtune.losses import (AdaptiveKLController, FixedKLController, entropy_from_hidden, gae_advantages,
-                            kl_penalty_rewards, masked_mean, ppo_policy_loss, ppo_value_loss, token_logps, whiten)
+                            kl_penalty_rewards, ppo_policy_loss, ppo_value_loss, token_logps, whiten)
 from llmtune.rollout import generate_rollouts
-from llmtune.train.distributed import unwrap, world_size
+from llmtune.train.distributed import all_reduce_sum, rank, unwrap, world_size
 from llmtune.train.stages.base import OnlineStep, StageContext
 from llmtune.train.stages.ppo_reward import (RewardFn, RewardModel, RunningMoments, check_reward_folder,
                                              load_reward_model)
@@ -113,10 +116,11 @@ class PPOStage:
         if min(self.bs, self.ga, int(config.ppo_buffer_size), int(config.ppo_epochs)) < 1:
             raise LLMTuneError("per_device_train_batch_size, gradient_accumulation_steps, ppo_buffer_size and "
                                "ppo_epochs must all be >= 1")
-        self.rollout_size = self.bs * self.ga * int(config.ppo_buffer_size)
+        self.rollout_size = self.bs * self.ga * int(config.ppo_buffer_size)  # prompts per process
+        self.rank, self.world = rank(), world_size()
         if len(prompts) == 0:
             raise LLMTuneError("stage ppo: the prompt dataset is empty: check dataset, max_samples and cutoff_len")
-        self.steps_per_epoch = math.ceil(len(prompts) / self.rollout_size)
+        self.steps_per_epoch = math.ceil(len(prompts) / (self.rollout_size * self.world))
         self.kl_ctl = (AdaptiveKLController(config.ppo_kl_coeff, config.ppo_target, 10000.0)
                        if config.ppo_target else FixedKLController(config.ppo_kl_coeff))
         self.score_moments = RunningMoments() if config.ppo_score_norm else None
@@ -125,16 +129,17 @@ class PPOStage:
         self._epoch = 0
 
     def next_prompts(self) -> list[dict]:
-        """The next ``rollout_size`` prompt rows of a seeded shuffled order (``randperm`` seeded by
-        ``seed + epoch``, reshuffled when exhausted, so a prompt set smaller than the rollout batch repeats)."""
+        """This process's ``rollout_size`` prompt rows of the next ``rollout_size x world`` of a seeded shuffled
+        order (``randperm`` seeded by ``seed + epoch``, reshuffled when exhausted, so a prompt set smaller than
+        the rollout batch repeats); every process draws the same order and takes its own slice."""
         rows = []
-        while len(rows) < self.rollout_size:
+        while len(rows) < self.rollout_size * self.world:
             if not self._order:
                 g = torch.Generator().manual_seed(int(self.cfg.seed) + self._epoch)
                 self._order = torch.randperm(len(self.prompts), generator=g).tolist()
                 self._epoch += 1
             rows.append(self.prompts[self._order.pop(0)])
-        return rows
+        return rows[self.rank * self.rollout_size:(self.rank + 1) * self.rollout_size]
 
     def _ref_logps(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p: int,
                    resp_mask: torch.Tensor) -> torch.Tensor:
@@ -187,8 +192,12 @@ class PPOStage:
             rewards = whiten(rewards, resp_mask, shift_mean=False)
         adv, returns = gae_advantages(rewards, old_values, resp_mask, float(c.ppo_gamma), float(c.ppo_lam))
         adv = whiten(adv, resp_mask)
-        kl_per_seq = float(kl.sum(1).mean())
-        self.kl_ctl.update(kl_per_seq, n)  # the next rollout's coefficient
+        # rollout statistics over every process (advantages are whitened per process, as TRL's PPOTrainer does)
+        sums = all_reduce_sum(torch.stack([kl.sum(1).sum(), raw_scores.sum(), (entropy * resp_mask).sum(),
+                                           resp_mask.sum().to(kl.dtype), torch.tensor(float(n), device=kl.device)])
+                              .double()).tolist()
+        kl_per_seq, reward_mean = sums[0] / sums[4], sums[1] / sums[4]
+        self.kl_ctl.update(kl_per_seq, int(sums[4]))  # the next rollout's coefficient, equal on every process
 
         def micro(idx: list[int]) -> dict:
             ix = torch.tensor(idx, device=ids.device)
@@ -202,9 +211,8 @@ class PPOStage:
             for s in range(0, n, self.bs * self.ga):
                 back = perm[s:s + self.bs * self.ga]
                 updates.append([micro(back[j:j + self.bs]) for j in range(0, len(back), self.bs)])
-        metrics = {"reward": float(raw_scores.mean()), "kl": kl_per_seq,
-                   "entropy": float(masked_mean(entropy, resp_mask)),
-                   "response_length": float(resp_mask.sum(1).float().mean()), "ppo/kl_coef": kl_coef}
+        metrics = {"reward": reward_mean, "kl": kl_per_seq, "entropy": sums[2] / max(sums[3], 1.0),
+                   "response_length": sums[3] / sums[4], "ppo/kl_coef": kl_coef}
         return [OnlineStep(updates=updates, metrics=metrics)]
 
     def loss(self, model: nn.Module, batch: dict, ctx: StageContext) -> tuple[torch.Tensor, int, dict]:
@@ -255,17 +263,14 @@ def build_ppo_stage(model: nn.Module, cfg: Any, tokenizer: Any, template: Any, r
 
 
 def check_ppo_config(cfg: Any, reward_fn: Optional[RewardFn] = None) -> None:
-    """Checks of stage ppo before any weights load: one process, and the reward model folder
+    """Checks of stage ppo before any weights load: the reward model folder
     (:func:`~llmtune.train.stages.ppo_reward.check_reward_folder`) unless ``reward_fn`` is given.
 
     Raises:
-        LLMTuneError: started under ``torchrun`` with several processes; a wrong ``reward_model``.
+        LLMTuneError: a wrong ``reward_model``.
     """
     from llmtune.runs import resolve_chain
 
-    if world_size() > 1:
-        raise LLMTuneError("stage ppo runs in one process (its rollouts are not distributed yet); start it "
-                           "with llmtune train (not torchrun), or scale pt/sft/rm/dpo/kto with torchrun")
     if reward_fn is None:
         chain = resolve_chain(cfg.model_name_or_path, cfg.adapter_name_or_path)
         check_reward_folder(cfg, chain.base, chain.parents)
