@@ -155,3 +155,36 @@ def test_mask_truncated_completions_leaves_them_out_of_the_loss(tmp_path):
             assert sum(m) == (0 if not stopped else row.index(next(t for t in row if t in EOS)) + 1)
     assert kinds == {True, False}  # the case is informative: some completions were truncated, some stopped
     assert sum(stage.count_items(b) for b in micro) == sum(int(b["completion_mask"].sum()) for b in micro) > 0
+
+
+def test_an_rm_output_folder_is_a_reward_function_scoring_prompt_plus_completion(tmp_path):
+    from llmtune import peft
+    from llmtune.rewards import load_reward_funcs
+    from llmtune.runs import AdapterChain
+    from llmtune.train.stages.grpo import reward_model_func
+    from test_ppo import save_head
+
+    class Tok(FakeTokenizer):
+        def encode(self, text, add_special_tokens=False):
+            return [int(w[1:]) for w in text.split()]
+
+    base = tmp_path / "base"
+    base.mkdir()
+    policy = lora_model(0)
+    policy.adapter_chain = AdapterChain(base=str(base))
+    rm = tmp_path / "rm_output"
+    save_head(rm)  # a value head alone (the seed's --lora_target value): scores with the adapters disabled
+    cfg = grpo_config(tmp_path, reward_funcs=str(rm))
+    adapters = []
+    ((name, fn),) = load_reward_funcs(str(rm), reward_model_loader=lambda d: reward_model_func(policy, cfg, Tok(),
+                                                                                           d, adapters))
+    assert name == "rm_output" and adapters == []
+    scores = fn(prompts=["t5 t9", "t7"], completions=[" t14 t3", " t22 t40"])
+    from safetensors.torch import load_file
+
+    head = load_file(str(rm / "value_head.safetensors"))
+    for seq, got in zip(([5, 9, 14, 3], [7, 22, 40]), scores):
+        with torch.no_grad(), peft.disable_adapters(policy):
+            h = policy.eval()(torch.tensor([seq]))[0, -1]
+        expect = float(h @ head["v_head.summary.weight"][0] + head["v_head.summary.bias"][0])
+        assert got == pytest.approx(expect, rel=1e-5, abs=1e-5)
