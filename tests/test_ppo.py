@@ -1,8 +1,9 @@
 """PPO loop pieces that are the ppo stage's own (tiny random models, CPU, fast).
 
-The losses (GAE, clipped losses, KL placement) are tested in test_losses.py; here: the rollout (KV-cache
-sampling, logps, masks at the stop token), the alignment of log-probs/values/reward scores with the
-response tokens, running score normalisation, one PPO step, and the reward-model checks.
+The losses (GAE, clipped losses, KL placement) are tested in test_losses.py and the rollouts in
+test_rollout.py; here: the alignment of log-probs/values/reward scores with the
+response tokens, running score normalisation, PPO on the shared Trainer (one step, and the numbers of its
+former own loop), and the reward-model checks.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from llmtune.config import parse_config
 from llmtune.errors import LLMTuneError
 from llmtune.models import ModelConfig, Transformer
 from llmtune.models.value_head import ValueHead, add_value_head
-from llmtune.train.ppo import (PPOTrainer, RewardModel, RunningMoments, load_reward_model, policy_forward,
-                               sample_responses)
+from llmtune.rollout import generate_rollouts
+from llmtune.train.ppo import PPOStage, RewardModel, RunningMoments, load_reward_model, policy_forward
+from llmtune.train.trainer import Trainer
 from config_helpers import make_config
 
 VOCAB = 53
@@ -47,42 +49,8 @@ def lora_model(seed: int = 0) -> Transformer:
     return model
 
 
-def left_padded(prompts):
-    t = max(len(p) for p in prompts)
-    ids = torch.tensor([[PAD] * (t - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (t - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
-
-
 PROMPTS = [[5, 9, 14, 3], [7, 22], [11, 12, 13, 40, 41, 8], [30]]
 EOS = list(range(40, 53))  # a quarter of the vocabulary stops a row, so rows end at different steps
-
-
-def test_rollout_logps_equal_an_unpadded_forward_and_masks_stop_at_the_eos():
-    model = lora_model()
-    ids, mask = left_padded(PROMPTS)
-    torch.manual_seed(1)
-    ro = sample_responses(model, ids, mask, max_new_tokens=12, do_sample=True, temperature=1.0,
-                          eos_token_ids=EOS, pad_token_id=PAD)
-    lengths = ro.lengths.tolist()
-    assert len(set(lengths)) > 1  # the case is informative: rows stop at different steps
-    assert ro.response_ids.shape[1] == max(lengths)  # the loop ends when every row has stopped
-    model.eval()
-    for b, prompt in enumerate(PROMPTS):
-        resp = ro.response_ids[b].tolist()
-        # the mask covers the tokens up to and including the first stop id; padding after it
-        first_eos = next((i for i, t in enumerate(resp) if t in EOS), None)
-        n = (first_eos + 1) if first_eos is not None else 12
-        assert lengths[b] == n
-        assert ro.response_mask[b].tolist() == [True] * n + [False] * (len(resp) - n)
-        assert resp[n:] == [PAD] * (len(resp) - n)
-        # reference: one forward of this row alone (no padding, no cache), log-softmax at the sampled tokens
-        seq = torch.tensor([prompt + resp[:n]])
-        with torch.no_grad():
-            logits = model.lm_head(model(seq)).float()[0]
-        ref = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(1, seq[0, len(prompt):, None]).squeeze(1)
-        torch.testing.assert_close(ro.gen_logps[b, :n], ref, atol=1e-5, rtol=1e-5)
-        assert bool((ro.gen_logps[b, n:] == 0).all())
 
 
 def test_policy_forward_logps_values_and_reward_scores_are_aligned_with_response_tokens():
@@ -93,18 +61,17 @@ def test_policy_forward_logps_values_and_reward_scores_are_aligned_with_response
     head = ValueHead(32)
     with torch.no_grad():
         head.summary.weight.normal_(0, 1.0)
-    ids, mask = left_padded(PROMPTS)
     torch.manual_seed(2)
-    ro = sample_responses(model, ids, mask, max_new_tokens=8, eos_token_ids=EOS, pad_token_id=PAD)
-    p = ids.shape[1]
+    ro = generate_rollouts(model, PROMPTS, max_new_tokens=8, eos_token_ids=EOS, pad_token_id=PAD)
+    p = ro.prompt_len
     model.eval()
     with torch.no_grad():
-        out = policy_forward(model, ro.input_ids, ro.attention_mask, p, ro.response_mask, values=True, entropy=True)
-        scores = RewardModel("base", head=head).score(model, ro)
-    torch.testing.assert_close(out["logps"], ro.gen_logps, atol=1e-5, rtol=1e-5)
+        out = policy_forward(model, ro.input_ids, ro.attention_mask, p, ro.completion_mask, values=True, entropy=True)
+        scores = RewardModel("base", head=head).score(model, ro.input_ids, ro.attention_mask, p)
+    torch.testing.assert_close(out["logps"], ro.logps, atol=1e-5, rtol=1e-5)
     for b, prompt in enumerate(PROMPTS):
-        n = int(ro.lengths[b])
-        seq = torch.tensor([prompt + ro.response_ids[b, :n].tolist()])
+        n = int(ro.completion_lengths[b])
+        seq = torch.tensor([prompt + ro.completion_ids[b, :n].tolist()])
         with torch.no_grad():
             h = model(seq)[0]
             with peft.disable_adapters(model):
@@ -121,23 +88,14 @@ def test_policy_forward_logps_values_and_reward_scores_are_aligned_with_response
         torch.testing.assert_close(scores[b], s.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_rollout_is_deterministic_and_temperature_scales_logps():
+def test_policy_forward_at_temperature_matches_the_sampled_logps():
     model = lora_model()
-    ids, mask = left_padded(PROMPTS)
-    a = sample_responses(model, ids, mask, max_new_tokens=5, do_sample=False, eos_token_ids=[], pad_token_id=PAD)
-    b = sample_responses(model, ids, mask, max_new_tokens=5, do_sample=False, eos_token_ids=[], pad_token_id=PAD)
-    assert torch.equal(a.response_ids, b.response_ids) and a.response_mask.all()
     torch.manual_seed(3)
-    hot = sample_responses(model, ids, mask, max_new_tokens=5, do_sample=True, temperature=2.0, pad_token_id=PAD)
-    p = ids.shape[1]
+    hot = generate_rollouts(model, PROMPTS, max_new_tokens=5, do_sample=True, temperature=2.0, pad_token_id=PAD)
     with torch.no_grad():
-        out = policy_forward(model.eval(), hot.input_ids, hot.attention_mask, p, hot.response_mask, temperature=2.0,
-                             values=False)
-    torch.testing.assert_close(out["logps"], hot.gen_logps, atol=1e-5, rtol=1e-5)
-    with pytest.raises(LLMTuneError, match="temperature"):
-        sample_responses(model, ids, mask, max_new_tokens=5, do_sample=True, temperature=0.0)
-    with pytest.raises(ValueError, match="left-padded"):
-        sample_responses(model, ids.flip(1), mask.flip(1), max_new_tokens=5)
+        out = policy_forward(model.eval(), hot.input_ids, hot.attention_mask, hot.prompt_len, hot.completion_mask,
+                             temperature=2.0, values=False)
+    torch.testing.assert_close(out["logps"], hot.logps, atol=1e-5, rtol=1e-5)
 
 
 def test_running_moments_match_numpy_over_all_batches():
@@ -170,6 +128,16 @@ def ppo_config(tmp_path, **kw):
     return parse_config(base, command="train")
 
 
+def ppo_run(model, cfg, reward_fn, seed=0):
+    """A PPOStage on the shared Trainer; returns (stage, trainer) after training ``max_steps`` iterations."""
+    rows = [{"input_ids": p, "attention_mask": [1] * len(p)} for p in PROMPTS]
+    torch.manual_seed(seed)
+    stage = PPOStage(model, cfg, rows, RewardModel("fn", fn=reward_fn, tokenizer=FakeTokenizer()), PAD, EOS)
+    trainer = Trainer(model, cfg, rows, online=stage)
+    trainer.train()
+    return stage, trainer
+
+
 def test_one_ppo_step_first_minibatch_has_ratio_one_and_updates_policy_and_critic(tmp_path):
     model = lora_model()
     add_value_head(model)
@@ -179,14 +147,11 @@ def test_one_ppo_step_first_minibatch_has_ratio_one_and_updates_policy_and_criti
         calls.append((prompts, responses))
         return [float(len(r.split())) for r in responses]
 
-    cfg = ppo_config(tmp_path)
-    rows = [{"input_ids": p, "attention_mask": [1] * len(p)} for p in PROMPTS]
-    trainer = PPOTrainer(model, cfg, rows, RewardModel("fn", fn=reward_fn, tokenizer=FakeTokenizer()),
-                         FakeTokenizer(), EOS)
-    assert trainer.total_steps == 2 and trainer.rollout_size == 4
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     ref_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    metrics = trainer.step()
+    stage, trainer = ppo_run(model, ppo_config(tmp_path, max_steps=1), reward_fn)
+    assert stage.rollout_size == 4 and trainer.total_steps == 1 and trainer.global_step == 1
+    metrics = trainer.log_history[-1]
     # one epoch, one mini-batch: the policy has not moved when its loss is computed, so ratio = 1, nothing is
     # clipped, and the loss is -mean(advantages) = 0 for whitened advantages
     assert metrics["clipfrac"] == 0.0
@@ -194,7 +159,7 @@ def test_one_ppo_step_first_minibatch_has_ratio_one_and_updates_policy_and_criti
     assert metrics["ppo/loss/value"] > 0
     # the reward function saw the decoded responses; the logged reward is their mean
     prompts, responses = calls[0]
-    assert len(responses) == 4 and "t5 t9 t14 t3" in prompts[0] or any("t5 t9 t14 t3" in p for p in prompts)
+    assert len(responses) == 4 and any("t5 t9 t14 t3" in p for p in prompts)
     assert metrics["reward"] == pytest.approx(np.mean([len(r.split()) for r in responses]))
     assert metrics["response_length"] == pytest.approx(np.mean([len(r.split()) for r in responses]))
     for key in ("kl", "entropy", "lr", "grad_norm", "loss", "ppo/kl_coef"):
@@ -208,17 +173,41 @@ def test_one_ppo_step_first_minibatch_has_ratio_one_and_updates_policy_and_criti
 def test_adaptive_kl_controller_is_used_with_ppo_target(tmp_path):
     model = lora_model()
     add_value_head(model)
-    rows = [{"input_ids": p, "attention_mask": [1] * len(p)} for p in PROMPTS]
-    fn = RewardModel("fn", fn=lambda p, r: [0.0] * len(r), tokenizer=FakeTokenizer())
-    trainer = PPOTrainer(model, ppo_config(tmp_path, ppo_target=0.01, ppo_kl_coeff=0.1), rows, fn,
-                         FakeTokenizer(), EOS)
-    m = trainer.step()
-    kl = m["kl"]
+    stage, trainer = ppo_run(model, ppo_config(tmp_path, max_steps=1, ppo_target=0.01, ppo_kl_coeff=0.1),
+                             lambda p, r: [0.0] * len(r))
+    kl = trainer.log_history[-1]["kl"]
     err = min(max(kl / 0.01 - 1, -0.2), 0.2)
-    assert trainer.kl_ctl.value == pytest.approx(0.1 * (1 + err * 4 / 10000))
-    fixed = PPOTrainer(model, ppo_config(tmp_path, ppo_kl_coeff=0.1), rows, fn, FakeTokenizer(), EOS)
-    fixed.step()
+    assert stage.kl_ctl.value == pytest.approx(0.1 * (1 + err * 4 / 10000))
+    fixed, _ = ppo_run(model, ppo_config(tmp_path, max_steps=1, ppo_kl_coeff=0.1, output_dir=str(tmp_path / "o2")),
+                       lambda p, r: [0.0] * len(r))
     assert fixed.kl_ctl.value == 0.1
+
+
+#: per-iteration metrics of PPO's own loop (PPOTrainer, before PPO moved onto the shared Trainer), recorded on
+#: main with /work/wt/_brief/ppo_baseline.py <repo> greedy: lora_model(), value head, seed 0, greedy rollouts,
+#: 3 iterations, ppo_epochs 2, batch 2 x accumulation 2, reward = number of response tokens
+PPO_LOOP_BASELINE = [
+    {"loss": 1.3878588296473027, "reward": 4.75, "kl": 1.92087721824646,
+     "ppo/loss/policy": 0.041935358196496964, "ppo/loss/value": 13.459234714508057, "grad_norm": 3.487522602081299},
+    {"loss": 1.3896868728101255, "reward": 6.0, "kl": 3.9953606128692627,
+     "ppo/loss/policy": -0.014941427856683731, "ppo/loss/value": 14.04628300666809, "grad_norm": 2.562516450881958},
+    {"loss": 1.3192452609539034, "reward": 5.0, "kl": 2.702240467071533,
+     "ppo/loss/policy": 0.07712611556053162, "ppo/loss/value": 12.421191453933716, "grad_norm": 3.1413180828094482},
+]
+
+
+def test_ppo_on_the_shared_trainer_gives_the_numbers_of_its_former_own_loop(tmp_path):
+    torch.manual_seed(0)
+    model = lora_model()
+    add_value_head(model)
+    cfg = ppo_config(tmp_path, do_sample=False, max_steps=3, ppo_epochs=2, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=2)
+    _, trainer = ppo_run(model, cfg, lambda p, r: [float(len(x.split())) for x in r])
+    assert len(trainer.log_history) == 3
+    for got, want in zip(trainer.log_history, PPO_LOOP_BASELINE):
+        for key, value in want.items():
+            # the logged loss is rounded to 6 decimals by the logger
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6 if key == "loss" else 0), key
 
 
 # -- reward model checks ------------------------------------------------------------------------------
@@ -316,13 +305,12 @@ def test_reward_adapter_is_a_second_adapter_on_the_same_weights(tmp_path):
     assert sorted(peft.list_adapters(policy)) == ["default", "reward"]
     assert peft.get_active_adapters(policy) == ["default"]
     assert not any(p.requires_grad for n, p in policy.named_parameters() if ".reward" in n)
-    ids, mask = left_padded(PROMPTS)
-    ro = sample_responses(policy, ids, mask, max_new_tokens=4, pad_token_id=PAD)
-    scores = reward.score(policy, ro)
+    ro = generate_rollouts(policy, PROMPTS, max_new_tokens=4, pad_token_id=PAD)
+    scores = reward.score(policy, ro.input_ids, ro.attention_mask, ro.prompt_len)
     assert peft.get_active_adapters(policy) == ["default"]  # back to the policy after scoring
     # reference: the rm source model (base + its adapter) with the head, row by row without padding
     for b, prompt in enumerate(PROMPTS):
-        seq = torch.tensor([prompt + ro.response_ids[b, :int(ro.lengths[b])].tolist()])
+        seq = torch.tensor([prompt + ro.completion_ids[b, :int(ro.completion_lengths[b])].tolist()])
         with torch.no_grad():
             h = rm_source.eval()(seq)[0, -1]
         expect = h @ reward.head.summary.weight[0] + reward.head.summary.bias[0]

@@ -12,7 +12,8 @@ them. ``streaming`` and ``preprocessing_num_workers`` are ignored.
 Which data serves which stage: ``pt`` any text (a row's messages joined by newlines); ``sft`` rows with an
 answer (preference rows train on ``chosen``, KTO rows on the desirable ones, ranked lists on the best);
 ``rm``/``dpo`` pairs (ranked lists give every ordered pair); ``kto`` labelled rows (a pair gives one
-desirable and one undesirable example); ``ppo`` any prompt.
+desirable and one undesirable example); ``ppo`` any prompt; ``grpo`` any prompt, each row keeping the dataset
+row's own columns under ``columns`` (passed to reward functions by name, TRL's convention).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from llmtune.data.registry import TYPE_STAGES, DatasetAttr, resolve
 from llmtune.errors import LLMTuneError, notice
 
 STAGE_ALIASES = {"pretrain": "pt", "rlhf": "ppo"}
-STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "grpo")
 
 
 @dataclass
@@ -64,7 +65,7 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
         args: the run's TrainConfig, or a dict of its keys (keys in the module docstring).
         tokenizer: llmtune ``Tokenizer`` (docs/internals.md).
         template: from :func:`llmtune.data.templates.get_template`.
-        stage: ``pt``, ``sft``, ``rm``, ``ppo``, ``dpo``, ``kto`` (``pretrain``/``rlhf`` accepted).
+        stage: ``pt``, ``sft``, ``rm``, ``ppo``, ``dpo``, ``kto``, ``grpo`` (``pretrain``/``rlhf`` accepted).
 
     Returns:
         :class:`DatasetSplits` whose rows are dicts of lists of ints (plus ``kto_tag``/``sft_only`` bools), in
@@ -166,9 +167,11 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     if opts["max_samples"]:
         raw = raw[:int(opts["max_samples"])]
     examples, skipped = convert(attr, raw)
+    # grpo: the raw columns travel with each prompt (convert keeps the row order, skips malformed rows)
+    kept = _kept_rows(attr, raw) if stage == "grpo" else None
     _check_type(attr, stage)
     enc = Encoder(template, tokenizer, opts["cutoff_len"], opts["train_on_prompt"], opts["mask_history"])
-    rows, stats = _encode(attr, examples, enc, stage, mix_sft, opts.get("packing", True))
+    rows, stats = _encode(attr, examples, enc, stage, mix_sft, opts.get("packing", True), kept)
     stats["malformed"] = skipped
     stats["truncated"] = enc.truncated
     stats["rows"] = len(raw)
@@ -179,6 +182,11 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     cache.save(cdir, attr.name, key, rows, stats)
     _report(attr, stats, opts["cutoff_len"])
     return rows
+
+
+def _kept_rows(attr: DatasetAttr, raw: list[dict]) -> list[dict]:
+    """The raw rows that :func:`convert` turns into examples (it skips malformed ones), in order."""
+    return [row for row in raw if convert(attr, [row])[0]]
 
 
 def _report(attr: DatasetAttr, stats: dict, cutoff_len: int) -> None:
@@ -208,7 +216,7 @@ def _document(ex: Example) -> str:
 
 
 def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, mix_sft: bool,
-            packing: bool = True):
+            packing: bool = True, raw_rows: Optional[list[dict]] = None):
     stats: dict = {"dropped": 0, "notes": []}
     rows: list = []
 
@@ -224,6 +232,13 @@ def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str
     if stage == "ppo":
         for ex in examples:
             add(enc.encode_ppo(ex))
+        return rows, stats
+    if stage == "grpo":
+        for ex, raw in zip(examples, raw_rows or []):
+            row = enc.encode_ppo(ex)
+            if row is not None:
+                row["columns"] = dict(raw)
+            add(row)
         return rows, stats
     if stage == "sft":
         if kinds <= {"prompt"}:

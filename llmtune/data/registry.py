@@ -41,10 +41,10 @@ DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human",
 OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"}
 #: seed ``type`` hint -> the stages such data serves
-TYPE_STAGES = {"pretrain": {"pt"}, "pt": {"pt"}, "sft": {"sft", "ppo", "pt", "dpo"}, "rm": {"rm", "dpo", "kto"},
+TYPE_STAGES = {"pretrain": {"pt"}, "pt": {"pt"}, "sft": {"sft", "ppo", "grpo", "pt", "dpo"}, "rm": {"rm", "dpo", "kto"},
                "reward": {"rm", "dpo", "kto"}, "dpo": {"rm", "dpo", "kto"}, "preference": {"rm", "dpo", "kto"},
                "pairwise": {"rm", "dpo", "kto"}, "ranking": {"rm", "dpo", "kto"}, "kto": {"kto"},
-               "ppo": {"ppo"}, "rlhf": {"ppo"}}
+               "ppo": {"ppo", "grpo"}, "rlhf": {"ppo", "grpo"}}
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".parquet")
 
 

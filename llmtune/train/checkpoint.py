@@ -497,7 +497,7 @@ def clear_for_overwrite(cfg: Any, output_dir: str | os.PathLike) -> list[str]:
     """With ``overwrite_output_dir`` (and no ``resume_from_checkpoint``), :func:`clear_previous_run` with a
     notice naming the folder; otherwise nothing. Called by ``run_train`` after the model, tokenizer, data,
     stage and Trainer are built (so any mistake in them has already been reported) and before training."""
-    if not getattr(cfg, "overwrite_output_dir", False):
+    if not cfg.overwrite_output_dir:
         return []
     if resolve_resume(cfg.resume_from_checkpoint, output_dir) is not None:
         return []

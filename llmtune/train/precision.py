@@ -15,7 +15,7 @@ from llmtune.errors import LLMTuneError, notice
 
 def train_device(config: Any) -> str:
     """The device of a run: ``config.device`` when set, else ``cuda`` when available, else ``cpu``."""
-    if getattr(config, "device", None):
+    if config.device:
         return str(config.device)
     return "cuda" if torch.cuda.is_available() else "cpu"
 

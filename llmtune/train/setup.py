@@ -2,8 +2,9 @@
 
 config -> output folder -> model (base + adapter chain, 4-bit, then the trainable parameters) ->
 tokenizer/template -> data -> stage -> :class:`~llmtune.train.trainer.Trainer` -> outputs. Each step is one
-small function below, in that order. An online stage (ppo) runs its own loop: the stage table hands it the
-config (:data:`llmtune.train.stages.STAGES`).
+small function below, in that order. An online stage (ppo) takes the same path: its prompt rows are the data,
+and step 6 also builds the stage object (``build`` in :data:`llmtune.train.stages.STAGES`) whose rollouts
+feed the Trainer.
 
 What the output folder holds (DESIGN.md "Outputs describe themselves"):
 
@@ -54,11 +55,12 @@ from llmtune.train.stages.rm import prepare_reward_model, value_head_only
 from llmtune.train.trainer import Trainer
 
 
-def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
+def run_train(config: Union[dict, str, Path, Any], **stage_options: Any) -> dict[str, Any]:
     """Run one ``llmtune train`` job and return its results (LLaMA-Factory's ``all_results.json`` dict).
 
     Args:
         config: an ``llmtune.config.TrainConfig``, a dict of LLaMA-Factory keys, or a YAML path.
+        stage_options: keyword arguments for an online stage's ``build`` (``reward_fn=`` for ppo).
 
     Raises:
         LLMTuneError: any configuration or data mistake (one message naming the key/file/flag).
@@ -71,8 +73,8 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
     out_dir = Path(str(cfg.output_dir)).expanduser()
     with _no_empty_output_dir_left(cfg), distributed_session(cfg), lock_output(out_dir, "output_dir"):
         stage = stage_info(cfg.stage)
-        if stage.online:                                                  # ppo: rollouts in its own loop
-            return stage.run(cfg)
+        if stage.check is not None:
+            stage.check(cfg, **stage_options)                             #    (ppo: the reward model folder)
         out = prepare_output_dir(cfg)                                     # 2. the output folder
         barrier()  # every rank has checked output_dir before rank 0 writes into it
         set_seed(cfg.seed)
@@ -82,7 +84,9 @@ def run_train(config: Union[dict, str, Path, Any]) -> dict[str, Any]:
         train_rows, eval_rows = load_data(cfg, tokenizer, template)       # 5. data
         set_seed(cfg.seed)  # LoRA init depends on the seed only
         extra = prepare_stage(model, cfg, head_only)                      # 6. trainable params, head, reference
-        trainer = build_trainer(model, cfg, stage, tokenizer, train_rows, eval_rows, extra)   # 7. the loop
+        online = (stage.build(model, cfg, tokenizer, template, train_rows, extra, **stage_options)
+                  if stage.online else None)                              #    (ppo: reward model, critic)
+        trainer = build_trainer(model, cfg, stage, tokenizer, train_rows, eval_rows, extra, online)  # 7. the loop
         if is_main():  # all checked (config, model, adapters, data, optimizer): only now clear an old run
             clear_for_overwrite(cfg, out)
         return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
@@ -159,13 +163,14 @@ def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool) -> dict:
 
 
 def build_trainer(model: torch.nn.Module, cfg: Any, stage: Stage, tokenizer: Any, train_rows: Sequence[dict],
-                  eval_rows: Optional[Sequence[dict]], extra: dict) -> Trainer:
-    """Step 7: the :class:`Trainer` with the stage's loss and collator (an evaluation-only run evaluates its
-    eval rows, else the training rows)."""
+                  eval_rows: Optional[Sequence[dict]], extra: dict, online: Any = None) -> Trainer:
+    """Step 7: the :class:`Trainer` with the stage's loss and collator, or the online stage (an evaluation-only
+    run evaluates its eval rows, else the training rows)."""
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     rows = train_rows if cfg.do_train else (eval_rows or train_rows)
     collator = get_collator(stage.collator, pad, padding_free=cfg.padding_free)  # packed where exact
-    return Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra)
+    return Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra,
+                   online=online)
 
 
 def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, template: Any,
@@ -179,6 +184,8 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
         summary.report_start(cfg, model, trainer, train_device(cfg))  # the run's summary (train/summary.py)
         train_results = trainer.train()
         results.update(train_results)
+        if trainer.online is not None:
+            trainer.online.before_save(model)  # ppo: drop the reward adapter
         full_state = gather_full_state_dict(model)  # FSDP2: a collective on every rank; None otherwise
         if is_main():
             with full_parameters(model, full_state):  # FSDP2 LoRA: the gathered adapters stand in for the shards
@@ -210,7 +217,12 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
     if is_main():
         write_json(out / "all_results.json", results)
         if cfg.plot_loss:
-            plot_loss(out)
+            plot_loss(out, keys=("loss", "eval_loss", "reward") if stage_is_online(cfg) else ("loss", "eval_loss"))
         if cfg.do_train:
             summary.report_end(cfg, results, out, trainer, train_device(cfg))
     return results
+
+
+def stage_is_online(cfg: Any) -> bool:
+    """True for a stage that learns from rollouts (ppo)."""
+    return stage_info(cfg.stage).online

@@ -142,7 +142,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
 
 
 def _precision(cfg: Any) -> str:
-    return "bf16" if getattr(cfg, "bf16", False) else "fp16" if getattr(cfg, "fp16", False) else "fp32"
+    return "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
 
 
 def _emit(lines: list[str], stream: Optional[TextIO]) -> None:

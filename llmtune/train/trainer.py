@@ -11,6 +11,10 @@ Read :meth:`Trainer.train` top to bottom. Per optimizer step it
 4. clips the gradient norm (``max_grad_norm``), steps AdamW and the LR schedule;
 5. logs, evaluates and saves checkpoints on their schedules.
 
+An online stage (ppo, grpo; :class:`~llmtune.train.stages.base.OnlineStage`) supplies its steps from
+rollouts instead: step 1 becomes ``make_experience(trainer)`` whenever the queue of steps is empty, and a
+step may hold several optimizer updates (a PPO iteration); everything else is the same loop.
+
 Distributed training (DDP/FSDP2 under ``torchrun``, :mod:`llmtune.train.distributed`) touches only
 ``rank``, ``world_size``, ``all_reduce_sum`` and ``is_main`` here: each rank reads its own shard of the
 shuffled order, item counts are summed over ranks, rank 0 logs and saves. The optimizer and schedule come
@@ -41,6 +45,7 @@ from llmtune.train.logging import TrainLogger, resolve_report_to
 from llmtune.train.optim import build_optimizer, lr_lambda, num_warmup_steps
 from llmtune.train.precision import resolve_precision
 from llmtune.train.stages import StageContext, get_stage, item_counter
+from llmtune.train.stages.base import OnlineStage, OnlineStep
 
 
 def as_train_config(config: Any) -> Any:
@@ -74,6 +79,10 @@ class Trainer:
         collator: ``list[row] -> dict[str, Tensor]``; default :func:`pad_collate`.
         stage: a loss function; default the ``loss`` of ``STAGES[config.stage]`` (``llmtune.train.stages``).
         tokenizer: passed to stages in the context.
+        ctx_extra: the stage context's ``extra`` dict (a reference model...).
+        online: an online stage (:class:`~llmtune.train.stages.base.OnlineStage`): its ``loss`` and
+            ``count_items`` replace the table's, its ``make_experience`` supplies the steps; ``train_dataset``
+            is then its prompt rows (only their count is used here).
 
     ``train()`` writes ``output_dir/trainer_log.jsonl`` and checkpoints; raises :class:`LLMTuneError` on
     configuration mistakes. Not thread-safe; one Trainer per process.
@@ -81,14 +90,20 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, config: Any, train_dataset: Sequence[dict],
                  eval_dataset: Optional[Sequence[dict]] = None, collator: Optional[Callable] = None,
-                 stage: Optional[Callable] = None, tokenizer: Any = None, ctx_extra: Optional[dict] = None) -> None:
+                 stage: Optional[Callable] = None, tokenizer: Any = None, ctx_extra: Optional[dict] = None,
+                 online: Optional[OnlineStage] = None) -> None:
         self.model = model
+        self.online = online
+        self._queue: list[OnlineStep] = []
         self.config = config = as_train_config(config)
         self.train_dataset = train_dataset
         self.collator = collator or pad_collate
         self.stage_name = config.stage
-        self.stage = stage or get_stage(self.stage_name)
-        self.count_items = item_counter(self.stage_name) if stage is None else getattr(stage, "count_items", None)
+        if online is not None:
+            self.stage, self.count_items = online.loss, online.count_items
+        else:
+            self.stage = stage or get_stage(self.stage_name)
+            self.count_items = item_counter(self.stage_name) if stage is None else getattr(stage, "count_items", None)
         self.output_dir = Path(config.output_dir)
         self.device = next(model.parameters()).device
         self.bs = int(config.per_device_train_batch_size)
@@ -100,6 +115,10 @@ class Trainer:
         self.ctx = StageContext(config=config, tokenizer=tokenizer, extra=dict(ctx_extra or {}))
 
         # evaluation: needs eval data; the seed's SFT asks for it without val_size -> notice and go on
+        if online is not None and eval_dataset:
+            notice(f"stage {self.stage_name} learns from rollouts and has no evaluation loss; the "
+                   f"{len(eval_dataset)} evaluation rows are not used")
+            eval_dataset = None
         self.eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) > 0 else None
         self.eval_strategy = config.eval_strategy   # one of no, steps, epoch (checked by the config)
         self.load_best = bool(config.load_best_model_at_end)
@@ -117,10 +136,13 @@ class Trainer:
         self.greater_is_better = bool(gib) if gib is not None else not self.metric.endswith("loss")
 
         # schedule lengths
-        self.micro_per_epoch = math.ceil(len(self._shard(list(range(len(train_dataset))))) / self.bs)
-        if self.micro_per_epoch == 0:
+        if online is not None:
+            self.steps_per_epoch = int(online.steps_per_epoch)
+        else:
+            self.micro_per_epoch = math.ceil(len(self._shard(list(range(len(train_dataset))))) / self.bs)
+            self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.ga)
+        if self.steps_per_epoch == 0:
             raise LLMTuneError("the training dataset is empty: check dataset, max_samples and val_size")
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.ga)
         max_steps = int(config.max_steps)
         epochs = float(config.num_train_epochs)
         self.total_steps = max_steps if max_steps > 0 else math.ceil(epochs * self.steps_per_epoch)
@@ -240,7 +262,8 @@ class Trainer:
         return step_loss, total_items, {k: v / metric_counts[k] for k, v in metric_sums.items()}
 
     def optimizer_step(self, loss: Optional[float] = None) -> float:
-        """Unscale (fp16), clip to ``max_grad_norm``, step AdamW and the scheduler, zero the gradients.
+        """Unscale (fp16), clip to ``max_grad_norm``, step AdamW, zero the gradients (the schedule steps once
+        per trainer step, in :meth:`train_step`).
 
         Returns the gradient norm before clipping (L2 over all trainable parameters). A non-finite ``loss``
         or gradient norm stops the run or skips the step (``nonfinite_policy``, :mod:`llmtune.train.guard`).
@@ -255,9 +278,38 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def next_step(self, steps: Optional[list[list[list[int]]]]) -> OnlineStep:
+        """The next step's collated micro-batches: the epoch's next step of row indices (offline), or the
+        online stage's next step, calling its ``make_experience`` when the queue is empty."""
+        if self.online is None:
+            return OnlineStep(updates=[[self.collate(ix) for ix in steps[self.step_in_epoch]]])
+        if not self._queue:
+            self._queue = list(self.online.make_experience(self))
+            if not self._queue:
+                raise RuntimeError(f"stage {self.stage_name}: make_experience returned no steps")
+        return self._queue.pop(0)
+
+    def train_step(self, step: OnlineStep) -> tuple[float, float, float, dict]:
+        """Run every optimizer update of ``step`` (:meth:`accumulate_gradients` + :meth:`optimizer_step`), then
+        step the LR schedule once. Returns ``(loss, grad_norm, lr, metrics)``: loss, gradient norm and
+        micro-batch metrics averaged over the updates, the learning rate the step used, and the step's
+        rollout-level metrics merged in."""
+        lr = self.scheduler.get_last_lr()[0]
+        losses, norms, sums = [], [], {}
+        for micro in step.updates:
+            loss, _, metrics = self.accumulate_gradients(micro)                # 2-3. count, fwd, bwd
+            norms.append(self.optimizer_step(loss))                           # 4. clip, step (finite guard)
+            losses.append(loss)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        self.scheduler.step()
+        n = len(step.updates)
+        out = {k: v / n for k, v in sums.items()}
+        out.update(step.metrics)
+        return sum(losses) / n, sum(norms) / n, lr, out
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -269,6 +321,9 @@ class Trainer:
         if is_main():  # tmp-checkpoint-N of a run killed while saving (the caller holds output_dir's lock)
             ckpt.remove_stale_temporaries(self.output_dir)
         resume = ckpt.resolve_resume(self.config.resume_from_checkpoint, self.output_dir)
+        if resume is not None and self.online is not None:
+            raise LLMTuneError(f"resume_from_checkpoint is not supported for stage {self.stage_name} yet (its "
+                               "rollout state is not checkpointed); start a new run")
         if resume is not None:
             self._load(resume)
         if is_main():
@@ -284,14 +339,13 @@ class Trainer:
         loss_sum_all, steps_all = 0.0, 0
         try:
             while self.global_step < self.total_steps:
-                steps = self.epoch_steps(self.epoch)
-                while self.step_in_epoch < len(steps) and self.global_step < self.total_steps:
+                steps = self.epoch_steps(self.epoch) if self.online is None else None
+                n_steps = len(steps) if steps is not None else self.steps_per_epoch
+                while self.step_in_epoch < n_steps and self.global_step < self.total_steps:
                     self._rng_at_step_start = ckpt.capture_rng_state()
                     self.ctx.global_step, self.ctx.training = self.global_step, True
-                    micro = [self.collate(ix) for ix in steps[self.step_in_epoch]]   # 1. pre-fetch the step
-                    loss, _, metrics = self.accumulate_gradients(micro)             # 2-3. count, fwd, bwd
-                    lr = self.scheduler.get_last_lr()[0]
-                    grad_norm = self.optimizer_step(loss)                           # 4. clip, step
+                    step = self.next_step(steps)                # 1. pre-fetch the step (online: rollouts)
+                    loss, grad_norm, lr, metrics = self.train_step(step)   # 2-4. count, fwd, bwd, clip, step
                     self.global_step += 1
                     self.step_in_epoch += 1
                     logger.advance()
@@ -299,7 +353,7 @@ class Trainer:
                     loss_sum_all, steps_all = loss_sum_all + loss, steps_all + 1
                     for k, v in metrics.items():
                         window_metrics[k] = window_metrics.get(k, 0.0) + v
-                    end_of_epoch = self.step_in_epoch == len(steps)
+                    end_of_epoch = self.step_in_epoch == n_steps
                     if self.global_step % self.logging_steps == 0 or self.global_step == self.total_steps:
                         vals = {"loss": round(window_loss / window_steps, 6), "lr": lr, "grad_norm": grad_norm}
                         vals.update({k: v / window_steps for k, v in window_metrics.items()})
@@ -315,7 +369,7 @@ class Trainer:
                     if (self.save_strategy == "steps" and self.global_step % self.save_steps == 0) or (
                             self.save_strategy == "epoch" and end_of_epoch):
                         self.save_checkpoint()
-                if self.step_in_epoch >= len(steps):
+                if self.step_in_epoch >= n_steps:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
@@ -323,6 +377,9 @@ class Trainer:
                 path = self.save_checkpoint(rng_state=self._rng_at_step_start)
                 notice(f"interrupted: saved {path}; continue with resume_from_checkpoint: {path}")
             logger.close()
+            raise
+        except Exception:
+            logger.close()  # the progress bar ends its line before the error is printed
             raise
         logger.close()
         if self.load_best and self.best_state is not None:

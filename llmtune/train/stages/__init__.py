@@ -1,8 +1,8 @@
 """The stage table: each ``stage`` name and what the setup path and the trainer need to run it.
 
 One literal table, :data:`STAGES`, one file per stage family: ``causal_lm.py`` (pt, sft), ``rm.py``,
-``pref.py`` (dpo and its variants), ``kto.py``, ``ppo.py`` (the entry of PPO's own loop). A new stage is a
-new file and a new row here. The loss contract is in :mod:`llmtune.train.stages.base`.
+``pref.py`` (dpo and its variants), ``kto.py``, ``ppo.py`` and ``grpo.py`` (online: rollouts, see
+``base.OnlineStage``). A new stage is a new file and a new row here. The loss contract is in :mod:`llmtune.train.stages.base`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from llmtune.errors import LLMTuneError, nearest
-from llmtune.train.stages import ppo
 from llmtune.train.stages.base import LossFn, Stage, StageContext
 from llmtune.train.stages.causal_lm import causal_lm_stage, count_label_tokens
+from llmtune.train.stages.grpo import build_grpo_stage, check_grpo_config
 from llmtune.train.stages.kto import count_kto_items, kto_stage
+from llmtune.train.stages.ppo import build_ppo_stage, check_ppo_config
 from llmtune.train.stages.pref import count_dpo_items, dpo_stage
 from llmtune.train.stages.rm import count_pairs, rm_stage
 
@@ -23,7 +24,10 @@ STAGES: dict[str, Stage] = {
     "rm": Stage("rm", loss=rm_stage, count_items=count_pairs, collator="rm"),
     "dpo": Stage("dpo", loss=dpo_stage, count_items=count_dpo_items, collator="dpo"),
     "kto": Stage("kto", loss=kto_stage, count_items=count_kto_items, collator="kto"),
-    "ppo": Stage("ppo", loss=None, count_items=None, collator="ppo", online=True, run=ppo.run),
+    "ppo": Stage("ppo", loss=None, count_items=None, collator="ppo", online=True, build=build_ppo_stage,
+                 check=check_ppo_config),
+    "grpo": Stage("grpo", loss=None, count_items=None, collator="ppo", online=True, build=build_grpo_stage,
+                  check=check_grpo_config),
 }
 
 #: stage name -> ``batch -> number of items`` (the ``count_items`` column of :data:`STAGES`)
@@ -46,12 +50,13 @@ def get_stage(name: str) -> LossFn:
     """The loss function of stage ``name`` (``(model, batch, ctx) -> (loss_sum, num_items, metrics)``).
 
     Raises:
-        LLMTuneError: an unknown stage, or an online stage (ppo), whose loop is its own.
+        LLMTuneError: an unknown stage, or an online stage (ppo), whose loss belongs to the object its
+            ``build`` makes (give that to ``Trainer(online=...)``).
     """
     stage = stage_info(name)
     if stage.loss is None:
-        raise LLMTuneError(f"stage {name} runs its own loop (online rollouts); it has no loss for the Trainer: "
-                           "run it with llmtune.train")
+        raise LLMTuneError(f"stage {name} learns from online rollouts; its loss comes with the stage object that "
+                           "llmtune.train.setup builds (Trainer(online=...)): run it with llmtune train")
     return stage.loss
 
 

@@ -14,12 +14,18 @@ accumulation gives the gradient of one big batch. To divide before ``backward`` 
 count up front: a stage's ``count_items(batch) -> int`` computes it from the collated batch alone (no
 forward). A stage without one still trains correctly: the trainer then back-propagates the raw sums and
 divides the accumulated gradients once the step's count is known.
+
+An online stage (ppo, grpo) makes its batches from rollouts instead of a dataset. Its row in the stage table
+has a ``build`` factory returning an object with the :class:`OnlineStage` protocol: the trainer calls
+``make_experience(trainer)`` whenever its queue of steps is empty and trains on the returned
+:class:`OnlineStep` s with the stage's ``loss`` exactly as it trains an offline stage (same autocast,
+gradient scaler, accumulation, clipping, schedule, logging and checkpoints).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -33,12 +39,14 @@ class Stage:
 
     Attributes:
         name: the ``stage`` key value (``pt``, ``sft``, ``rm``, ``dpo``, ``kto``, ``ppo``).
-        loss: the stage's loss function (None for an online stage that runs its own loop, ``run``).
+        loss: the stage's loss function (None for an online stage: its loss comes with the object ``build`` makes).
         count_items: ``batch -> int`` items of a collated batch without a forward pass, or None.
         collator: the collator kind for :func:`llmtune.data.collator.get_collator` (``sft``, ``rm``,
             ``dpo``, ``kto``, ``ppo``).
-        online: True when the stage makes its batches from rollouts (ppo) instead of a dataset.
-        run: an online stage's entry ``config -> results`` (``llmtune train`` hands the run to it).
+        online: True when the stage makes its batches from rollouts (ppo, grpo) instead of a dataset.
+        build: an online stage's factory ``(model, cfg, tokenizer, template, rows, extra, **options) ->``
+            :class:`OnlineStage`, called by the setup path once the model's trainable parameters are chosen.
+        check: ``(cfg, **options) -> None``, run before any weights load (a wrong reward model fails fast).
     """
 
     name: str
@@ -46,7 +54,48 @@ class Stage:
     count_items: Optional[Callable[[dict], int]]
     collator: str
     online: bool = False
-    run: Optional[Callable[[Any], dict]] = None
+    build: Optional[Callable[..., "OnlineStage"]] = None
+    check: Optional[Callable[..., None]] = None
+
+
+@dataclass
+class OnlineStep:
+    """One trainer step of an online stage: what the trainer counts as one ``global_step``.
+
+    Attributes:
+        updates: the optimizer updates of the step, each a list of micro-batches (dicts the stage's ``loss``
+            reads; tensors already on the model's device). The schedule advances once per step, so a PPO
+            iteration (``ppo_epochs`` x backward batches) is one step of several updates, while a GRPO step is
+            one update of ``gradient_accumulation_steps`` micro-batches.
+        metrics: rollout-level metrics (floats: ``reward``, ``kl``...), merged into the step's log.
+    """
+
+    updates: list[list[dict]]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class OnlineStage(Protocol):
+    """What the trainer needs of an online stage (built by :attr:`Stage.build`).
+
+    * ``steps_per_epoch``: trainer steps per pass over the prompt set (``num_train_epochs`` x this gives the
+      run's length without ``max_steps``);
+    * ``make_experience(trainer) -> list[OnlineStep]``: rollouts with the current policy (no gradient) turned
+      into the next steps; called when the trainer's queue of steps is empty;
+    * ``loss(model, batch, ctx) -> (loss_sum, num_items, metrics)`` and ``count_items(batch) -> int``: the
+      contract above, for the micro-batches of those steps;
+    * ``before_save(model)``: put the model back into its trained shape before it is saved (e.g. drop a
+      reward adapter).
+    """
+
+    steps_per_epoch: int
+
+    def make_experience(self, trainer: Any) -> list[OnlineStep]: ...
+
+    def loss(self, model: Any, batch: dict, ctx: "StageContext") -> tuple[torch.Tensor, Any, dict]: ...
+
+    def count_items(self, batch: dict) -> int: ...
+
+    def before_save(self, model: Any) -> None: ...
 
 
 @dataclass

@@ -78,10 +78,13 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def needs_reference(config: Any) -> bool:
-    """True for stage kto, and for stage dpo unless ``pref_loss`` is reference-free (orpo, simpo)."""
+    """True for stages kto and ppo, for stage grpo with ``beta > 0``, and for stage dpo unless ``pref_loss`` is
+    reference-free (orpo, simpo)."""
     stage = config.stage
-    if stage == "kto":
+    if stage in ("kto", "ppo"):
         return True
+    if stage == "grpo":
+        return float(config.beta or 0.0) > 0
     return stage == "dpo" and config.pref_loss not in REFERENCE_FREE
 
 

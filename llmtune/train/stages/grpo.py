@@ -1,0 +1,305 @@
+"""Stage ``grpo``: Group Relative Policy Optimization as an online stage of the shared :class:`Trainer`.
+
+One rollout (:meth:`GRPOStage.make_experience`) serves ``num_iterations`` trainer steps, each one optimizer
+update of ``gradient_accumulation_steps`` micro-batches of ``per_device_train_batch_size`` completions:
+
+1. the next ``B x GA / num_generations`` prompts (a seeded shuffled order of the dataset's prompts, the
+   template's prompt of each row) get ``num_generations`` completions each, all decoded together by
+   :func:`llmtune.rollout.generate_rollouts` (stops at the template's end-of-turn ids and the tokenizer's eos,
+   at most ``max_new_tokens`` = TRL's ``max_completion_length``);
+2. the reward functions (``reward_funcs``: built-ins, ``file.py:fn``, ``module:fn``, an rm output folder; or
+   Python callables given to :func:`llmtune.train.setup.run_train`) score the decoded completions; the
+   dataset row's other columns reach them by name (TRL's convention); ``reward_weights`` combine them
+   (:func:`llmtune.rewards.compute_rewards`);
+3. group-relative advantages (:func:`llmtune.losses.group_advantages`, ``scale_rewards``); with
+   ``num_iterations > 1`` the sampling policy's log-probs (one forward), with ``beta > 0`` the reference's
+   (adapters disabled for LoRA, else a frozen copy or ``ref_model``); ``mask_truncated_completions`` drops
+   completions without a stop token from the loss (unless that is all of them: then a notice, and they stay);
+4. the loss of a micro-batch is :func:`llmtune.losses.grpo_loss` (``loss_type``, ``epsilon``,
+   ``epsilon_high``, ``beta``, ``importance_sampling_level``) as ``(loss_sum, num_items)``, counted by
+   :func:`llmtune.losses.grpo_num_items`, so accumulation gives the variant's loss of the whole step.
+
+Logged with TRL's names: ``reward``, ``reward_std``, ``rewards/<fn>/mean`` / ``std``, ``frac_reward_zero_std``,
+``completions/mean_length`` ... ``completions/clipped_ratio``, ``clip_ratio/low_mean`` / ``high_mean`` /
+``region_mean``, ``kl`` (``beta > 0``), ``entropy``.
+
+Sources: Shao et al. 2024 (DeepSeekMath, GRPO); Yu et al. 2025 (DAPO); Liu et al. 2025 (Dr. GRPO); Zheng et al.
+2025 (GSPO); the batch, key and metric conventions of TRL's ``GRPOTrainer``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from llmtune.errors import LLMTuneError, notice
+from llmtune.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, grpo_num_items
+from llmtune.rewards import RewardFunc, compute_rewards, load_reward_funcs, parse_reward_weights, reward_metrics
+from llmtune.rollout import completion_metrics, generate_rollouts
+from llmtune.train.distributed import all_reduce_sum, rank, unwrap, world_size
+from llmtune.train.stages.base import OnlineStep, StageContext
+from llmtune.train.stages.ppo import policy_forward
+
+__all__ = ["GRPOStage", "build_grpo_stage", "check_grpo_config", "scale_rewards_value"]
+
+
+def scale_rewards_value(value: Any) -> str:
+    """``scale_rewards`` as one of group/batch/none (TRL also accepts true = group, false = none).
+
+    Raises:
+        LLMTuneError: any other value.
+    """
+    v = str(value).strip().lower()
+    v = {"true": "group", "false": "none", "1": "group", "0": "none"}.get(v, v)
+    if v not in SCALE_REWARDS:
+        raise LLMTuneError(f"scale_rewards: {value!r} is not one of group, batch, none (true = group, false = none)")
+    return v
+
+
+def check_grpo_config(cfg: Any, reward_funcs: Optional[Sequence[Any]] = None) -> None:
+    """Checks of stage grpo before any weights load: keys in range, a reward function named, and the step's
+    completions (``per_device_train_batch_size x gradient_accumulation_steps x`` world size) a multiple of
+    ``num_generations``.
+
+    Raises:
+        LLMTuneError: one message naming the key and how to fix it.
+    """
+    g = int(cfg.num_generations)
+    if g < 2:
+        raise LLMTuneError(f"num_generations must be >= 2 for stage grpo (got {g}): the advantages compare the "
+                           "completions of one prompt")
+    per_step = int(cfg.per_device_train_batch_size) * int(cfg.gradient_accumulation_steps) * world_size()
+    if per_step % g:
+        raise LLMTuneError(f"stage grpo: the completions of one optimizer step (per_device_train_batch_size "
+                           f"{cfg.per_device_train_batch_size} x gradient_accumulation_steps "
+                           f"{cfg.gradient_accumulation_steps} x {world_size()} process(es) = {per_step}) must be a "
+                           f"multiple of num_generations ({g}); e.g. set per_device_train_batch_size to {g}")
+    if int(cfg.num_iterations) < 1:
+        raise LLMTuneError(f"num_iterations must be >= 1 (got {cfg.num_iterations})")
+    if str(cfg.loss_type) not in GRPO_LOSS_TYPES:
+        raise LLMTuneError(f"loss_type: {cfg.loss_type!r} is not one of {', '.join(GRPO_LOSS_TYPES)} for stage grpo")
+    if str(cfg.importance_sampling_level) not in ("token", "sequence"):
+        raise LLMTuneError(f"importance_sampling_level: {cfg.importance_sampling_level!r} is not token or sequence")
+    scale_rewards_value(cfg.scale_rewards)
+    if float(cfg.beta) < 0 or float(cfg.epsilon) < 0 or (cfg.epsilon_high is not None and float(cfg.epsilon_high) < 0):
+        raise LLMTuneError("beta, epsilon and epsilon_high must be >= 0")
+    if not reward_funcs and not cfg.reward_funcs:
+        raise LLMTuneError("stage grpo needs reward functions: set reward_funcs (a comma list of built-in names "
+                           "accuracy/format, path/to/file.py:function, package.module:function or an rm output "
+                           "folder)")
+
+
+class GRPOStage:
+    """The GRPO online stage (see the module docstring).
+
+    Args:
+        config: the run's ``TrainConfig`` (GRPO keys, generation keys, batch keys, ``seed``).
+        prompts: rows with ``input_ids`` (the template's prompt) and ``columns`` (the dataset row).
+        reward_funcs: ``[(name, fn)]`` (:func:`llmtune.rewards.load_reward_funcs`); weights: one float each.
+        tokenizer: decodes prompts and completions for the reward functions.
+        pad_token_id, stop_token_ids: filler and generation stops.
+        ref_model: frozen reference (full fine-tuning with ``beta > 0``); None = adapters disabled.
+        on_save: called with the model before it is saved (drops a reward adapter).
+
+    Raises: :class:`LLMTuneError` for an empty prompt set.
+    """
+
+    def __init__(self, config: Any, prompts: Sequence[dict], reward_funcs: list[tuple[str, RewardFunc]],
+                 weights: list[float], tokenizer: Any, pad_token_id: int, stop_token_ids: Sequence[int],
+                 ref_model: Optional[nn.Module] = None, on_save: Optional[Callable[[nn.Module], None]] = None) -> None:
+        self.cfg, self.prompts, self.funcs, self.weights = config, prompts, reward_funcs, weights
+        self.tokenizer, self.pad, self.ref_model, self.on_save = tokenizer, int(pad_token_id), ref_model, on_save
+        self.stop_ids = sorted({int(i) for i in stop_token_ids})
+        self.bs, self.ga = int(config.per_device_train_batch_size), int(config.gradient_accumulation_steps)
+        self.G = int(config.num_generations)
+        self.rank, self.world = rank(), world_size()
+        self.local = self.bs * self.ga  # completions this process generates per step
+        self.prompts_per_step = self.local * self.world // self.G  # prompts of a step, all processes
+        if len(prompts) == 0:
+            raise LLMTuneError("stage grpo: the prompt dataset is empty: check dataset, max_samples and cutoff_len")
+        self.num_iterations = int(config.num_iterations)
+        self.steps_per_epoch = math.ceil(len(prompts) / self.prompts_per_step) * self.num_iterations
+        self.beta = float(config.beta)
+        self.scale_rewards = scale_rewards_value(config.scale_rewards)
+        self.temperature = float(config.temperature) if config.do_sample else 1.0
+        self._order: list[int] = []
+        self._epoch = 0
+
+    def next_prompts(self) -> list[dict]:
+        """The next step's prompt rows of a seeded shuffled order (``randperm`` seeded by ``seed + epoch``)."""
+        rows = []
+        while len(rows) < self.prompts_per_step:
+            if not self._order:
+                g = torch.Generator().manual_seed(int(self.cfg.seed) + self._epoch)
+                self._order = torch.randperm(len(self.prompts), generator=g).tolist()
+                self._epoch += 1
+            rows.append(self.prompts[self._order.pop(0)])
+        return rows
+
+    def _logps(self, model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, p: int, mask: torch.Tensor,
+               trainer: Any, reference: bool) -> torch.Tensor:
+        """``(N, C)`` log-probs of the completions, in micro-batches, no gradient (policy or reference)."""
+        from llmtune import peft
+
+        out = []
+        for i in range(0, ids.shape[0], self.bs):
+            sl = slice(i, i + self.bs)
+            with trainer.autocast():
+                if reference and self.ref_model is not None:
+                    lp = policy_forward(self.ref_model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False)
+                elif reference:
+                    with peft.disable_adapters(model):
+                        lp = policy_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False)
+                else:
+                    lp = policy_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False)
+            out.append(lp["logps"].float())
+        return torch.cat(out)
+
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        """``(local, ...)`` rows of every process in rank order: ``(world * local, ...)`` (exact: a sum of
+        zero-padded buffers, NaN stays in its own row)."""
+        if self.world == 1:
+            return local
+        buf = local.new_zeros((self.world * local.shape[0],) + tuple(local.shape[1:]))
+        buf[self.rank * local.shape[0]:(self.rank + 1) * local.shape[0]] = local
+        return all_reduce_sum(buf)
+
+    @torch.no_grad()
+    def make_experience(self, trainer: Any) -> list[OnlineStep]:
+        """Generate, score and turn one rollout into ``num_iterations`` steps (module docstring, 1-3).
+
+        Under ``torchrun`` every process draws the same prompts; completion ``j`` of the step belongs to prompt
+        ``j // num_generations`` and process ``j // (B x GA)`` generates it, so a group may span processes. The
+        rewards (and lengths) of all processes are gathered before the group statistics, so advantages and
+        metrics are those of the whole step.
+        """
+        c = self.cfg
+        model = unwrap(trainer.model)
+        step_rows = self.next_prompts()
+        rows = [step_rows[j // self.G] for j in range(self.rank * self.local, (self.rank + 1) * self.local)]
+        with trainer.autocast():
+            ro = generate_rollouts(model, [r["input_ids"] for r in rows], max_new_tokens=int(c.max_new_tokens),
+                                   do_sample=bool(c.do_sample), temperature=float(c.temperature), top_k=int(c.top_k),
+                                   top_p=float(c.top_p), eos_token_ids=self.stop_ids, pad_token_id=self.pad,
+                                   return_logps=False)
+        ids, attn, p = ro.input_ids, ro.attention_mask, ro.prompt_len
+        prompts = [self.tokenizer.decode(list(r["input_ids"]), skip_special_tokens=False) for r in rows]
+        completions = [self.tokenizer.decode(t, skip_special_tokens=True) for t in ro.completions()]
+        names = sorted({k for r in rows for k in (r.get("columns") or {})})
+        columns = {k: [(r.get("columns") or {}).get(k) for r in rows] for k in names}
+        rewards, per_func = compute_rewards(self.funcs, self.weights, prompts, completions, columns)
+        scored = self._gather(torch.cat([rewards[:, None], per_func], dim=1).to(ids.device)).cpu()
+        rewards, per_func = scored[:, 0], scored[:, 1:]
+        lengths = self._gather(torch.stack([ro.completion_lengths.float(), ro.truncated.float()], 1)).cpu()
+        mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        adv = group_advantages(rewards, self.G, self.scale_rewards)[mine].to(ids.device)
+        mask = ro.completion_mask
+        if c.mask_truncated_completions:
+            if bool(lengths[:, 1].all()):  # nothing would be left to train on: keep them for this step
+                notice("mask_truncated_completions: every completion of this step reached max_completion_length "
+                       f"({c.max_new_tokens}); training on them anyway (raise max_completion_length)")
+            else:
+                mask = mask * (~ro.truncated).long()[:, None]
+        model.eval()
+        try:
+            old = self._logps(model, ids, attn, p, mask, trainer, False) if self.num_iterations > 1 else None
+            ref = self._logps(model, ids, attn, p, mask, trainer, True) if self.beta > 0 else None
+        finally:
+            model.train()
+        metrics = reward_metrics(rewards, per_func, [n for n, _ in self.funcs], self.G)
+        metrics.update(completion_metrics(lengths[:, 0].long(), lengths[:, 1].bool()))
+        metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+        def micro(s: int) -> dict:
+            sl = slice(s, s + self.bs)
+            b = {"input_ids": ids[sl], "attention_mask": attn[sl], "completion_mask": mask[sl], "prompt_len": p,
+                 "advantages": adv[sl]}
+            if old is not None:
+                b["old_logps"] = old[sl]
+            if ref is not None:
+                b["ref_logps"] = ref[sl]
+            return b
+
+        n = ids.shape[0]
+        return [OnlineStep(updates=[[micro(s) for s in range(0, n, self.bs)]], metrics=dict(metrics))
+                for _ in range(self.num_iterations)]
+
+    def loss(self, model: nn.Module, batch: dict, ctx: StageContext) -> tuple[torch.Tensor, int, dict]:
+        """:func:`llmtune.losses.grpo_loss` of one micro-batch (``(loss_sum, num_items, metrics)``)."""
+        c = self.cfg
+        out = policy_forward(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
+                             batch["completion_mask"], self.temperature, values=False, entropy=True)
+        return grpo_loss(out["logps"], batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"],
+                         batch["completion_mask"], loss_type=str(c.loss_type), epsilon=float(c.epsilon),
+                         epsilon_high=c.epsilon_high, beta=self.beta,
+                         importance_sampling_level=str(c.importance_sampling_level),
+                         max_completion_length=int(c.max_new_tokens), entropies=out["entropy"])
+
+    def count_items(self, batch: dict) -> int:
+        """:func:`llmtune.losses.grpo_num_items` of the micro-batch's completion mask."""
+        return grpo_num_items(batch["completion_mask"], str(self.cfg.loss_type))
+
+    def before_save(self, model: nn.Module) -> None:
+        """Drop a reward model's adapter (an rm folder among ``reward_funcs``)."""
+        if self.on_save is not None:
+            self.on_save(model)
+
+
+def reward_model_func(model: nn.Module, cfg: Any, tokenizer: Any, folder: str, adapters: list) -> RewardFunc:
+    """An rm-stage output folder as a reward function: ``prompt + completion`` text, re-tokenized, scored by
+    the reward model at its last token (:class:`~llmtune.train.stages.ppo_reward.RewardModel`; TRL re-tokenizes
+    text for model rewards too). A LoRA rm on the policy's base is a second adapter ``"reward"`` (recorded in
+    ``adapters`` so that it is dropped before saving)."""
+    from llmtune.train.stages.ppo_reward import load_reward_model
+
+    chain = model.adapter_chain
+    sub = cfg.replace(reward_model=folder) if hasattr(cfg, "replace") else cfg
+    rm = load_reward_model(model, sub, chain.base, chain.parents, tokenizer=tokenizer)
+    if rm.kind == "adapter":
+        adapters.append("reward")
+    device = next(model.parameters()).device
+
+    def score(prompts: list, completions: list, **_: Any) -> list[float]:
+        seqs = [tokenizer.encode(pr + co, add_special_tokens=False) or [0] for pr, co in zip(prompts, completions)]
+        t = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [0] * (t - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (t - len(s)) for s in seqs], device=device)
+        return rm.score(model, ids, mask, t).tolist()
+
+    score.__name__ = folder.rstrip("/").split("/")[-1] or "reward_model"
+    return score
+
+
+def build_grpo_stage(model: nn.Module, cfg: Any, tokenizer: Any, template: Any, rows: Sequence[dict], extra: dict,
+                     reward_funcs: Optional[Sequence[Any]] = None) -> GRPOStage:
+    """The :class:`GRPOStage` of a run (the stage table's ``build`` for ``grpo``).
+
+    Args:
+        reward_funcs: Python callables (TRL convention) used instead of the ``reward_funcs`` key.
+
+    Raises:
+        LLMTuneError: a reward function that cannot be loaded, weights of the wrong count.
+    """
+    from llmtune.generation import chat_stop_ids
+
+    adapters: list = []
+    if reward_funcs:
+        funcs = [(getattr(f, "__name__", f"reward_{i}"), f) for i, f in enumerate(reward_funcs)]
+    else:
+        funcs = load_reward_funcs(str(cfg.reward_funcs),
+                                  reward_model_loader=lambda d: reward_model_func(model, cfg, tokenizer, d, adapters))
+    weights = parse_reward_weights(cfg.reward_weights, len(funcs))
+
+    def drop_adapters(m: nn.Module) -> None:
+        if adapters:
+            from llmtune import peft
+
+            peft.delete_adapter(m, "reward")
+            peft.set_adapter(m, "default")
+
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    return GRPOStage(cfg, rows, funcs, weights, tokenizer, pad, chat_stop_ids(tokenizer, template),
+                     ref_model=extra.get("ref_model"), on_save=drop_adapters)
