@@ -247,13 +247,13 @@ def _read_line(stdin: TextIO, lineno: int = 0) -> str:
     try:
         line = stdin.readline()
     except UnicodeDecodeError as e:
-        raise LLMTuneError(f"standard input: line {lineno} is not UTF-8 text (byte {e.object[e.start:e.start + 4]!r} "
+        raise LLMTuneError(f"stdin is not UTF-8 text (line {lineno}: byte {e.object[e.start:e.start + 4]!r} "
                            "cannot be decoded); convert the input first, e.g. `iconv -f latin1 -t utf-8 file | "
                            "llmtune chat ...`") from None
     try:
         line.encode("utf-8")
     except UnicodeEncodeError:
-        raise LLMTuneError(f"standard input: line {lineno} is not UTF-8 text (an undecodable byte); convert the "
+        raise LLMTuneError(f"stdin is not UTF-8 text (line {lineno}: an undecodable byte); convert the "
                            "input first, e.g. `iconv -f latin1 -t utf-8 file | llmtune chat ...`") from None
     return line
 

@@ -36,7 +36,7 @@ import yaml
 
 from llmtune import __version__, peft
 from llmtune.errors import LLMTuneError, notice
-from llmtune.fileio import write_json
+from llmtune.fileio import read_text, write_json
 from llmtune.models import loader
 from llmtune.models.hub import is_hub_id, resolve_path
 
@@ -70,9 +70,10 @@ class AdapterChain:
 # -- reading records -------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
+    text = read_text(path, fix="re-save it as UTF-8")  # not UTF-8: one LLMTuneError naming the file and byte
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise LLMTuneError(f"{path}: cannot read ({e})") from None
     return data if isinstance(data, dict) else {}
 
