@@ -115,6 +115,17 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ign
                          f"got {int(valid.min())}..{int(valid.max())}")
 
 
+def scale_saved_grads(ctx, grad_out: torch.Tensor) -> tuple:
+    """The backward of a loss whose gradients were computed in the forward (``ctx.saved_tensors`` =
+    ``(grad_hidden, grad_weight)``, ``ctx.need`` = which are wanted, ``ctx.wdtype`` = the weight's dtype): each
+    scaled by the incoming scalar ``grad_out``. Returns ``(grad_hidden or None, grad_weight or None)``."""
+    grad_h, grad_w = ctx.saved_tensors
+    need_h, need_w = ctx.need
+    gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
+    gw = (grad_w * grad_out.to(grad_w.dtype)).to(ctx.wdtype) if need_w else None
+    return gh, gw
+
+
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, rows):  # noqa: D401
@@ -144,11 +155,7 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        need_h, need_w = ctx.need
-        gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
-        gw = (grad_w * grad_out.to(grad_w.dtype)).to(ctx.wdtype) if need_w else None
-        return gh, gw, None, None, None
+        return scale_saved_grads(ctx, grad_out) + (None, None, None)
 
 
 class _FusedLinearLogps(torch.autograd.Function):

@@ -35,6 +35,7 @@ import torch
 
 from llmtune.constants import IGNORE_INDEX
 from llmtune.kernels.cross_entropy import compute_dtype as _compute_dtype, rows_per_chunk as _rows_per_chunk
+from llmtune.kernels.cross_entropy import scale_saved_grads
 from llmtune.kernels.dispatch import use_triton
 
 
@@ -151,11 +152,7 @@ class _ChunkedNLLSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        need_h, need_w = ctx.need
-        gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
-        gw = (grad_w * grad_out.to(grad_w.dtype)).to(ctx.wdtype) if need_w else None
-        return gh, gw, None, None
+        return scale_saved_grads(ctx, grad_out) + (None, None)
 
 
 def _select_label_rows(hidden, lm_head_weight, labels, chunk_size):
