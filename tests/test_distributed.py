@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from spawn_helpers import spawn_ranks
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -69,10 +71,8 @@ def _init(rank, init_file, timeout_s=60):
 
 
 def spawn(fn, tmp_path, *args):
-    import torch.multiprocessing as mp
-
-    init_file = tmp_path / "rdzv"
-    mp.spawn(fn, args=(str(init_file), str(tmp_path), *args), nprocs=WORLD, join=True)
+    """``fn(rank, init_file, tmp, *args)`` on WORLD ranks, with a deadline (tests/spawn_helpers.py)."""
+    spawn_ranks(fn, tmp_path, *args, nprocs=WORLD)
 
 
 # -- pure helpers (no processes) ------------------------------------------------------------------

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from spawn_helpers import spawn_ranks
 import torch
 from safetensors.torch import load_file
 from tiny_helpers import rows, tiny_model
@@ -106,13 +108,11 @@ def _worker(rank, init_file, tmp, bits):
 
 
 def _check(tmp_path, bits):
-    import torch.multiprocessing as mp
-
     from llmtune.peft.io import save_adapter
     from llmtune.train.trainer import Trainer
 
     t0 = time.time()
-    mp.spawn(_worker, args=(str(tmp_path / "rdzv"), str(tmp_path), bits), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, tmp_path, bits, nprocs=WORLD)
     data = rows(LENGTHS)
     model = lora_model(bits)
     Trainer(model, config(tmp_path / "single", per_device_train_batch_size=4, save_steps=2), data).train()
@@ -201,11 +201,9 @@ def _gc_worker(rank, init_file, tmp):
 def test_fsdp_qlora_with_gradient_checkpointing_accumulation_and_float_scales(tmp_path):
     """QLoRA without double quantization (float32 block scales, sharded as parameters when no bf16 cast
     applies), gradient checkpointing and 2 accumulation steps: 2 ranks x 1 x 2 == 1 process x 2 x 2."""
-    import torch.multiprocessing as mp
-
     from llmtune.train.trainer import Trainer
 
-    mp.spawn(_gc_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_gc_worker, tmp_path, nprocs=WORLD)
     Trainer(lora_model(4, double_quant=False), config(tmp_path / "single", **dict(GC_KW, per_device_train_batch_size=2)),
             rows(LENGTHS)).train()
     a = [r["loss"] for r in read_log(tmp_path / "fsdp") if "loss" in r]
@@ -234,9 +232,7 @@ def _nan_worker(rank, init_file, tmp):
 
 def test_fsdp_lora_checkpoint_refused_on_every_rank_when_weights_are_nan(tmp_path):
     """Rank 0 alone writes; when it refuses (NaN weights) every rank stops with a message, none waits."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_nan_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_nan_worker, tmp_path, nprocs=WORLD)
     assert "NaN/inf" in (tmp_path / "err0.txt").read_text()
     assert "rank 0 could not write checkpoint-0" in (tmp_path / "err1.txt").read_text()
     assert not list((tmp_path / "fsdp").glob("checkpoint-*"))
@@ -267,11 +263,9 @@ def _best_worker(rank, init_file, tmp):
 
 
 def test_fsdp_lora_load_best_model_at_end_matches_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
     from llmtune.train.trainer import Trainer
 
-    mp.spawn(_best_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_best_worker, tmp_path, nprocs=WORLD)
     model = lora_model()
     tr = Trainer(model, config(tmp_path / "single", per_device_train_batch_size=4, **BEST_KW), rows(LENGTHS),
                  rows([7, 9, 10, 6], seed=1))

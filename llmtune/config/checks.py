@@ -106,6 +106,21 @@ def build(cfg: TrainConfig) -> None:
     check_values(cfg)
 
 
+def _world_size() -> int:
+    """Processes of the run: the initialised process group's size, else ``WORLD_SIZE`` (torchrun), else 1. The
+    completions of a grpo step number per_device_train_batch_size x gradient_accumulation_steps x this (TRL)."""
+    import os
+    import sys
+
+    dist = getattr(sys.modules.get("torch"), "distributed", None)  # torch is not imported for this alone
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _normalise_choice(name: str, value: str, meta: dict) -> Any:
     words = [w for w in value.replace(",", " ").split()] if meta["multi"] else [value]
     out = []
@@ -183,12 +198,13 @@ def _check_relations(cfg: TrainConfig) -> None:
         if cfg.num_generations < 2:
             raise _refuse("num_generations", cfg.num_generations, ">= 2 for stage grpo",
                           "advantages compare the completions of one prompt; use e.g. 8")
-        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * _world_size()
         if per_step % cfg.num_generations:
             raise LLMTuneError(
                 f"num_generations: {cfg.num_generations} does not divide the {per_step} completions of a step "
                 f"(per_device_train_batch_size {cfg.per_device_train_batch_size} x gradient_accumulation_steps "
-                f"{cfg.gradient_accumulation_steps}); make that product a multiple of num_generations")
+                f"{cfg.gradient_accumulation_steps} x {_world_size()} process(es)); make that product a multiple "
+                "of num_generations")
     if cfg.epsilon_high is not None and cfg.epsilon_high < cfg.epsilon:
         raise _refuse("epsilon_high", cfg.epsilon_high, f">= epsilon ({cfg.epsilon:g})",
                       "leave it unset to use epsilon")
