@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from config_helpers import make_config
 from seed_commands import find_seed_command
 
 pytestmark = pytest.mark.real
@@ -111,8 +112,6 @@ def test_seed_rm_command_trains_the_value_head_alone(workdir, real_model_path):
 
     # PPO's view of it: the SFT model (base + sft adapter) with the trained head on top, built the way a PPO
     # run builds its reward model (llmtune.train.ppo.load_reward_model on the policy)
-    import types
-
     from safetensors.torch import load_file
 
     from llmtune.peft import apply_lora
@@ -126,11 +125,10 @@ def test_seed_rm_command_trains_the_value_head_alone(workdir, real_model_path):
     with torch.no_grad():
         h = policy(ids, attention_mask=mask)[0, -1]
     apply_lora(policy, lora_rank=4, lora_target="q_proj")  # the PPO policy's own trainable adapter
-    cfg = types.SimpleNamespace(reward_model=str(out), reward_model_type="lora", finetuning_type="lora",
-                                reward_model_adapters=None)
+    cfg = make_config(reward_model=str(out), reward_model_type="lora", finetuning_type="lora")
     rm = load_reward_model(policy, cfg, policy.adapter_chain.base, policy.adapter_chain.parents)
     assert rm.kind == "base"
-    got = rm.score(policy, types.SimpleNamespace(input_ids=ids, attention_mask=mask))
+    got = rm.score(policy, ids, mask, prompt_len=1)  # the value head reads the last token's hidden state
     want = h @ head["v_head.summary.weight"][0] + head["v_head.summary.bias"][0]
     torch.testing.assert_close(got[0], want, atol=1e-4, rtol=1e-4)
 
