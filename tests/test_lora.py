@@ -352,6 +352,34 @@ def test_upcast_bf16_base():
     assert m2.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_lora_forward_and_grads_match_a_float64_reference(autocast):
+    """A bf16 base with float32 adapters under bf16 autocast (the trainer's setting: one fused accumulate of the
+    rank-r product into the base output) and bf16 adapters without autocast: output and adapter gradients
+    against Hu et al. eq. 3 in float64 from the same (bf16-rounded) values."""
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24, bias=True).to(torch.bfloat16)
+    layer = LoraLinear(base)
+    layer.update_layer("default", r=3, lora_alpha=6, dtype=torch.float32 if autocast else torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.5)
+    x = torch.randn(2, 7, 40).to(torch.bfloat16)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    g = torch.randn(2, 7, 24, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    (out.double() * g).sum().backward()
+    x64, w64, bias64 = x.double(), base.weight.double(), base.bias.double()
+    a64, b64 = (t.detach().to(torch.bfloat16).double().requires_grad_() for t in (a, b))
+    ref = x64 @ w64.T + bias64 + 2.0 * (x64 @ a64.T @ b64.T)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out.double(), ref, atol=0.05, rtol=0.02)  # bf16 output: 2**-8 relative
+    for p_, r_ in ((a, a64), (b, b64)):
+        assert p_.grad.dtype == p_.dtype
+        torch.testing.assert_close(p_.grad.double(), r_.grad, atol=0.05 * r_.grad.abs().max().item(), rtol=0.03)
+
+
 def test_dropout_only_in_training():
     model = tiny_model()
     apply_lora(model, lora_rank=4, lora_dropout=0.5)

@@ -214,3 +214,16 @@ def test_tiny_model_loss_and_grads_match_transformers():
     g_ours = dict(ours.named_parameters())
     for name, p in hf.named_parameters():
         assert torch.allclose(g_ours[name].grad, p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_auto_chunk_rows_fit_the_cpu_cache():
+    """chunk_size None: 2**25 logits per chunk on a GPU; on the CPU 2**22 (16 MiB float32), at least 64 rows."""
+    from llmtune.kernels.cross_entropy import rows_per_chunk
+
+    assert rows_per_chunk(None, 49152) == 2**25 // 49152 == 682          # no device given: the GPU size
+    assert rows_per_chunk(None, 49152, torch.device("cuda")) == 682
+    assert rows_per_chunk(None, 49152, torch.device("cpu")) == 2**22 // 49152 == 85
+    assert rows_per_chunk(None, 151936, torch.device("cpu")) == 64       # Qwen's vocabulary: the 64-row floor
+    assert rows_per_chunk(7, 151936, torch.device("cpu")) == 7
+    with pytest.raises(ValueError, match="chunk_size"):
+        rows_per_chunk(0, 10)

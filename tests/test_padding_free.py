@@ -53,6 +53,7 @@ CASES = {
     "left_padded": [[1] * 9, [0] * 3 + [1] * 6],
     "packed": [[1, 1, 1, 2, 2, 3, 3, 3, 3], [1] * 4 + [2] * 5],
     "packed_padded": [[1, 1, 2, 2, 2, 2, 0, 0, 0], [1] * 9],
+    "packed_one_row": [[1, 1, 1, 2, 2, 3, 3, 3, 3, 4]],           # padding-free batches: one packed row
 }
 
 
@@ -76,6 +77,40 @@ def test_segment_attention_matches_reference(case, window):
     (ref_attention(qr, kr, vr, seg, seg, pos, pos, window) * w).sum().backward()
     for a, r in ((qs, qr), (ks, kr), (vs, vr)):
         torch.testing.assert_close(a.grad, r.grad, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_short_bf16_spans_run_in_float32_on_the_cpu(monkeypatch, autocast):
+    """bf16 spans up to 256 tokens go to SDPA in float32 on the CPU, also under bf16 autocast (which would
+    recast them); longer spans stay in bf16. Output and gradients against the float64 reference."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[2], q.dtype))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    seg = torch.tensor([[1] * 5 + [2] * 300 + [3] * 7])
+    t = seg.shape[1]
+    q, k, v = (x.to(torch.bfloat16) for x in _qkv(1, t, d=16))
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = attend(qs, ks, vs, segment_spans(seg))
+    assert out.dtype == torch.bfloat16
+    assert seen == [(5, torch.float32), (300, torch.bfloat16), (7, torch.float32)]
+    pos = torch.arange(t)
+    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+    ref = ref_attention(qr, kr, vr, seg, seg, pos, pos)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    short = torch.cat([torch.arange(5), torch.arange(305, t)])        # the float32 spans: one bf16 rounding
+    torch.testing.assert_close(out.double()[:, short], ref[:, short], atol=1e-2, rtol=2**-8)
+    w = torch.randn(ref.shape, dtype=torch.float64)
+    (out.double() * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, r in ((qs, qr), (ks, kr), (vs, vr)):
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=5e-2, rtol=5e-2)
 
 
 def test_segment_with_a_gap_falls_back_to_the_dense_mask():

@@ -183,7 +183,7 @@ def _select_label_rows(hidden, lm_head_weight, labels, chunk_size):
     vocab = lm_head_weight.shape[0]
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
         raise ValueError(f"labels must be -100 or token ids in [0, {vocab}); got {int(targets.min())}..{int(targets.max())}")
-    return h_sel, targets, _rows_per_chunk(chunk_size, vocab), valid
+    return h_sel, targets, _rows_per_chunk(chunk_size, vocab, hidden.device), valid
 
 
 def _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, temperature):
@@ -315,7 +315,7 @@ def entropy_from_hidden(
     b, t, _ = hidden.shape
     sel = torch.ones(b, t, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
     h_sel = hidden[sel]
-    rows = _rows_per_chunk(chunk_size, lm_head_weight.shape[0])
+    rows = _rows_per_chunk(chunk_size, lm_head_weight.shape[0], hidden.device)
     cdtype = _compute_dtype(hidden, lm_head_weight)
     odtype = torch.promote_types(cdtype, torch.float32)
     ent = torch.empty(h_sel.shape[0], dtype=odtype, device=hidden.device)

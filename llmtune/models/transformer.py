@@ -12,6 +12,7 @@ checkpoints); Zhang & Sennrich 2019 (RMSNorm); Shazeer 2020 (SwiGLU); Ainslie et
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -399,6 +400,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     return _span_attention(q, k, v, mask)
 
 
+_CPU_FP32_SPAN = 256
+
+
 @torch.compiler.disable
 def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: SegmentSpans) -> torch.Tensor:
     """:func:`attend` over :class:`SegmentSpans` (eager even inside a compiled layer: a Python loop over spans
@@ -412,16 +416,25 @@ def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: Seg
             out = None
         if out is not None:
             return out
+    if b == 1 and segs.cu_seqlens is not None:   # one packed row: split views (backward: one cat, no zero fills)
+        sizes = [e - s for _, s, e in segs.spans]
+        pieces = zip(*(x.split(sizes, dim=2) for x in (q, k, v)))
+    else:
+        pieces = ((x[row:row + 1, :, s:e] for x in (q, k, v)) for row, s, e in segs.spans)
     outs = []
-    for row, s, e in segs.spans:
-        qs, ks, vs = (x[row:row + 1, :, s:e].contiguous() for x in (q, k, v))
-        n = e - s
-        if segs.window is not None and n > segs.window:
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_band(n, segs.window, q.device),
-                                               enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
-        outs.append(o.transpose(1, 2))                                            # (1, n, H, D)
+    for qs, ks, vs in pieces:
+        n = qs.shape[2]
+        # the CPU's bf16/fp16 flash kernel is slow on short spans (backward: 3x float32's time at 51 tokens,
+        # 1.7x at 128; par at 381, docs/performance.md): run spans up to _CPU_FP32_SPAN tokens in float32
+        up = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and n <= _CPU_FP32_SPAN
+        qs, ks, vs = (x.float() if up else x.contiguous() for x in (qs, ks, vs))
+        with torch.autocast("cpu", enabled=False) if up else contextlib.nullcontext():  # autocast would recast
+            if segs.window is not None and n > segs.window:
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_band(n, segs.window, q.device),
+                                                   enable_gqa=gqa)
+            else:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+        outs.append(o.transpose(1, 2).to(q.dtype))                                # (1, n, H, D)
     if segs.cu_seqlens is not None:                                               # spans tile (B, T): no zeros
         return torch.cat(outs, dim=1).view(b, t, h, d)
     out = q.new_zeros(b, t, h, d)
