@@ -204,7 +204,7 @@ def _split(value: Union[None, str, Sequence[Any]]) -> list[str]:
 
 
 def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None, str, Sequence[Any]] = None,
-                  ) -> AdapterChain:
+                  quiet: bool = False) -> AdapterChain:
     """The one rule deciding which adapters apply to which base, for every command.
 
     * ``model_name_or_path`` may be a LoRA output folder: its recorded root base is the base and its chain
@@ -216,6 +216,8 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
     * an adapter recorded against another base gets a notice (it is applied; its tensor shapes are checked
       when it is loaded).
 
+    ``quiet``: no notices (a check that resolves the chain before the load that prints them).
+
     Returns:
         the :class:`AdapterChain` (absolute adapter folders).
 
@@ -223,9 +225,10 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
         LLMTuneError: an adapter path that does not exist or has no ``adapter_config.json``; the errors of
             :func:`resolve_model_chain`.
     """
+    say = (lambda message: None) if quiet else notice
     base, chain = resolve_model_chain(model_name_or_path)
     if chain:
-        notice(f"model_name_or_path {model_name_or_path} is a LoRA output folder: using its base {base} with "
+        say(f"model_name_or_path {model_name_or_path} is a LoRA output folder: using its base {base} with "
                f"{len(chain)} adapter(s) merged")
     for item in _split(adapter_name_or_path):
         local = resolve_path(item, revision=None, what="adapter_name_or_path")
@@ -234,7 +237,7 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
                                "output folder of a LoRA training run (or leave adapter_name_or_path unset)")
         root, sub = resolve_model_chain(local)
         if len(sub) > 1 and not chain and same_base(root, base):
-            notice(f"adapter {item} was trained on top of {len(sub) - 1} other adapter(s) on this base "
+            say(f"adapter {item} was trained on top of {len(sub) - 1} other adapter(s) on this base "
                    f"({', '.join(p.name for p in sub[:-1])}); applying the whole recorded chain")
             chain.extend(sub)
             continue
@@ -242,10 +245,10 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
         if (recorded and not same_base(recorded, base) and not (chain and _same_path(recorded, chain[-1]))
                 and not (len(sub) > 1 and same_base(root, base))):
             if is_adapter_folder(os.path.expanduser(str(recorded))):
-                notice(f"adapter {item} was trained on top of adapter {recorded}, whose chain does not root at "
+                say(f"adapter {item} was trained on top of adapter {recorded}, whose chain does not root at "
                        f"{base}; applying {item} alone")
             else:
-                notice(f"adapter {item} was trained on base {recorded}, not {base}; applying it because its "
+                say(f"adapter {item} was trained on base {recorded}, not {base}; applying it because its "
                        "tensor shapes fit")
         chain.append(local.resolve())
     return AdapterChain(base, tuple(chain))

@@ -210,6 +210,20 @@ def test_adapter_chain_recorded_by_parent_is_applied(tiny, tmp_path, capsys, rec
     torch.testing.assert_close(_hf_logits(out, tiny["ids"]), ref_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_resolve_chain_quiet_gives_the_same_chain_without_notices(tiny, tmp_path, capsys):
+    """A check that resolves the chain before the load (stage ppo's) passes quiet=True: one notice per run."""
+    from llmtune.runs import resolve_chain
+
+    _make_adapter(tiny["base"], tmp_path / "lora2", seed=5, base_record=tiny["base"])
+    f = tmp_path / "lora2" / "adapter_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "llmtune_parent_adapters": [str(tiny["lora"])]}))
+    loud = resolve_chain(str(tiny["base"]), str(tmp_path / "lora2"))
+    assert capsys.readouterr().err.count("llmtune: notice:") == 1
+    quiet = resolve_chain(str(tiny["base"]), str(tmp_path / "lora2"), quiet=True)
+    assert capsys.readouterr().err == ""
+    assert quiet == loud and len(quiet.adapters) == 2
+
+
 def test_export_4bit_bitsandbytes_layout(tiny, tmp_path):
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     out = tmp_path / "q4"

@@ -272,5 +272,5 @@ def check_ppo_config(cfg: Any, reward_fn: Optional[RewardFn] = None) -> None:
     from llmtune.runs import resolve_chain
 
     if reward_fn is None:
-        chain = resolve_chain(cfg.model_name_or_path, cfg.adapter_name_or_path)
+        chain = resolve_chain(cfg.model_name_or_path, cfg.adapter_name_or_path, quiet=True)  # load says it
         check_reward_folder(cfg, chain.base, chain.parents)
