@@ -23,9 +23,10 @@ REFUSED = [
     ({"lora_alpha": 0}, "lora_alpha", "nothing trains"),
     ({"lora_alpha": -4}, "lora_alpha", "> 0"),
     ({"save_steps": 0}, "save_steps", "save_strategy"),
-    ({"save_steps": -5}, "save_steps", ">= 1"),
-    ({"logging_steps": -1}, "logging_steps", ">= 1"),
-    ({"logging_steps": 0}, "logging_steps", ">= 1"),
+    ({"save_steps": -5}, "save_steps", "> 0"),
+    ({"logging_steps": -1}, "logging_steps", "> 0"),
+    ({"logging_steps": 0}, "logging_steps", "> 0"),
+    ({"logging_steps": 2.5}, "logging_steps", "fraction of all steps in (0, 1)"),   # HF: < 1 is a fraction
     ({"warmup_ratio": -0.1}, "warmup_ratio", "in [0, 1]"),
     ({"warmup_ratio": 1.5}, "warmup_ratio", "in [0, 1]"),
     ({"warmup_steps": -3}, "warmup_steps", ">= 0"),
@@ -62,7 +63,7 @@ REFUSED = [
     ({"cutoff_len": 0}, "cutoff_len", ">= 1"),
     ({"lora_rank": 0}, "lora_rank", ">= 1"),
     ({"max_samples": 0}, "max_samples", ">= 1"),
-    ({"eval_steps": 0}, "eval_steps", ">= 1"),
+    ({"eval_steps": 0}, "eval_steps", "> 0"),
     ({"ddp_timeout": 0}, "ddp_timeout", "> 0"),
     ({"export_size": 0}, "export_size", "> 0"),
     ({"value_head_lr": 0}, "value_head_lr", "> 0"),
@@ -271,6 +272,18 @@ def test_trainer_and_llmtune_train_use_the_same_defaults(tmp_path, monkeypatch):
     # and the loop reads them: LLaMA-Factory/HF defaults written here by hand
     assert (trainer.bs, trainer.ga, trainer.logging_steps, trainer.save_steps, trainer.seed) == (1, 1, 10, 500, 42)
     assert trainer.optimizer.defaults["betas"] == (0.9, 0.999) and trainer.optimizer.defaults["eps"] == 1e-8
+
+
+def test_fractional_steps_are_a_fraction_of_all_steps(tmp_path):
+    """Hugging Face TrainingArguments: logging/save/eval steps below 1 are a ratio of the total steps,
+    rounded up (math.ceil(0.25 * 10) = 3; 0.05 * 10 = 0.5 -> 1)."""
+    from llmtune.train.trainer import Trainer
+    from tiny_helpers import tiny_model
+
+    rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3]}] * 2
+    cfg = dict(BASE, output_dir=str(tmp_path / "o"), max_steps=10, logging_steps=0.25, save_steps=0.05, eval_steps=0.5)
+    trainer = Trainer(tiny_model(), cfg, rows)
+    assert (trainer.logging_steps, trainer.save_steps, trainer.eval_steps) == (3, 1, 5)
 
 
 # -- help -----------------------------------------------------------------------------------------------

@@ -179,9 +179,14 @@ def check_values(cfg: TrainConfig) -> None:
 
 def _check_relations(cfg: TrainConfig) -> None:
     """The checks that involve more than one key (or more than a range)."""
-    if cfg.save_strategy == "steps" and cfg.save_steps < 1:
-        raise _refuse("save_steps", cfg.save_steps, ">= 1 with save_strategy steps",
+    if cfg.save_strategy == "steps" and not cfg.save_steps > 0:
+        raise _refuse("save_steps", cfg.save_steps, "> 0 with save_strategy steps",
                       "a positive number of steps, or save_strategy no or epoch")
+    for name in ("logging_steps", "save_steps", "eval_steps"):   # Hugging Face's rule: below 1 is a fraction
+        value = getattr(cfg, name)
+        if value is not None and value >= 1 and not float(value).is_integer():
+            raise _refuse(name, value, "a whole number of steps, or a fraction of all steps in (0, 1)",
+                          "e.g. 10 or 0.1")
     if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
         raise _refuse("val_size", cfg.val_size, "a fraction in [0, 1) or a whole number of examples",
                       "e.g. 0.1 or 100")

@@ -184,13 +184,15 @@ class TrainConfig:
     lr_scheduler_type: str = train("linear", "learning-rate schedule after warm-up", choices=SCHEDULERS)
     warmup_ratio: float = train(0.0, "warm-up as a fraction of all steps", ge=0, le=1)
     warmup_steps: int = train(0, "warm-up steps (overrides warmup_ratio when > 0)", ge=0)
-    logging_steps: int = train(10, "log every N steps", ge=1)
+    logging_steps: float = train(10, "log every N steps (a value in (0, 1): that fraction of all steps)", gt=0)
     save_strategy: str = train("steps", "when to save checkpoints", choices=STRATEGIES)
-    save_steps: int = train(500, "save a checkpoint every N steps (save_strategy steps)")
+    save_steps: float = train(500, "save a checkpoint every N steps (save_strategy steps; a value in (0, 1): "
+                                   "that fraction of all steps)")
     save_total_limit: Optional[int] = train(None, "keep at most N checkpoints (the best is always kept)")
     save_only_model: bool = train(False, "checkpoints without optimizer state (cannot resume exactly)")
     eval_strategy: str = train("no", "when to evaluate", choices=STRATEGIES)
-    eval_steps: Optional[int] = train(None, "evaluate every N steps (unset: logging_steps)", ge=1)
+    eval_steps: Optional[float] = train(None, "evaluate every N steps (unset: logging_steps; a value in (0, 1): "
+                                        "that fraction of all steps)", gt=0)
     load_best_model_at_end: bool = train(False, "finish with the checkpoint of the best evaluation metric")
     metric_for_best_model: Optional[str] = train(None, "metric for load_best_model_at_end (default eval_loss)")
     greater_is_better: Optional[bool] = train(None, "whether a larger metric is better (default: false for "
