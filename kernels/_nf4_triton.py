@@ -18,6 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from llmtune.kernels._autotune import m_bucket, matmul_configs, matvec_configs, prune_matmul
+
+# Interpreter: the 64-wide tiles these kernels always had (the tests' odd shapes are chosen around them).
+_MM_CONFIGS = matmul_configs(interpret_block=64)
+_PRUNE = {"early_config_prune": prune_matmul}
+
 
 @triton.jit
 def _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE: tl.constexpr):
@@ -47,6 +53,19 @@ def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel,
 
 
 @triton.jit
+def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` on a 1-D grid, in groups of GROUP_M row tiles: consecutive
+    programs share weight tiles (and row tiles) while they are still in L2."""
+    tiles_m = tl.cdiv(M, BM)
+    tiles_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+
+
+@triton.autotune(configs=matvec_configs(), key=["N", "K"])
+@triton.jit
 def _matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K, stride_xm, stride_om,
                    BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -61,12 +80,12 @@ def _matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K, strid
     tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
+@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by=_PRUNE)
 @triton.jit
-def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                   BLOCKSIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_xm, stride_om, M_BUCKET,
+                   BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -83,12 +102,12 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, st
              mask=mask)
 
 
+@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by=_PRUNE)
 @triton.jit
-def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_gm, stride_om,
-                       BLOCKSIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                       UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_gm, stride_om, M_BUCKET,
+                       BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BM, BK, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
@@ -127,41 +146,46 @@ def dequantize_4bit_triton(packed: torch.Tensor, absmax: torch.Tensor, code: tor
 
 def matmul_4bit_small_m_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                                out_features: int, blocksize: int) -> torch.Tensor:
-    """Triton version of ``matmul_4bit_small_m_ref`` (one program per row and 64-column tile)."""
+    """Triton version of ``matmul_4bit_small_m_ref`` (one program per row and BN-column tile; BN, BK
+    autotuned per (N, K) on the GPU, 64 x 128 under the interpreter)."""
     packed, absmax, code = _prep(packed, absmax, code)
     x = x.contiguous()
     m, k = x.shape
     out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    bn, bk = 64, 128
-    _matvec_kernel[(triton.cdiv(out_features, bn), m)](
-        x, packed, absmax, code, out, out_features, k, x.stride(0), out.stride(0),
-        BLOCKSIZE=blocksize, BN=bn, BK=bk)
+    if m == 0 or out_features == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(out_features, meta["BN"]), m)  # noqa: E731
+    _matvec_kernel[grid](x, packed, absmax, code, out, out_features, k, x.stride(0), out.stride(0),
+                         BLOCKSIZE=blocksize)
     return out
 
 
 def matmul_4bit_tiled_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                              out_features: int, blocksize: int) -> torch.Tensor:
-    """Triton version of ``matmul_4bit_ref`` (tiles BM=64, BN=64, BK=64)."""
+    """Triton version of ``matmul_4bit_ref`` (tiles autotuned per (M bucket, N, K) on the GPU, see
+    ``_autotune``; 64 x 64 x 64 under the interpreter)."""
     packed, absmax, code = _prep(packed, absmax, code)
     x = x.contiguous()
     m, k = x.shape
     out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    bm, bn, bk = 64, 64, 64
-    grid = (triton.cdiv(m, bm), triton.cdiv(out_features, bn))
-    _matmul_kernel[grid](x, packed, absmax, code, out, m, out_features, k, x.stride(0), out.stride(0),
-                         BLOCKSIZE=blocksize, BM=bm, BN=bn, BK=bk, UPCAST=_upcast(x))
+    if m == 0 or out_features == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(out_features, meta["BN"]),)  # noqa: E731
+    _matmul_kernel[grid](x, packed, absmax, code, out, m, out_features, k, x.stride(0), out.stride(0), m_bucket(m),
+                         BLOCKSIZE=blocksize, UPCAST=_upcast(x))
     return out
 
 
 def matmul_4bit_grad_input_triton(grad_out: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                                   code: torch.Tensor, in_features: int, blocksize: int) -> torch.Tensor:
-    """Triton version of ``matmul_4bit_grad_input_ref`` (tiles BM=64, BN=64, BK=64)."""
+    """Triton version of ``matmul_4bit_grad_input_ref`` (tiles autotuned like the tiled matmul's)."""
     packed, absmax, code = _prep(packed, absmax, code)
     g = grad_out.contiguous()
     m, n = g.shape
     out = torch.empty(m, in_features, dtype=g.dtype, device=g.device)
-    bm, bn, bk = 64, 64, 64
-    grid = (triton.cdiv(m, bm), triton.cdiv(in_features, bk))
+    if m == 0 or in_features == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(in_features, meta["BK"]),)  # noqa: E731
     _grad_input_kernel[grid](g, packed, absmax, code, out, m, n, in_features, g.stride(0), out.stride(0),
-                             BLOCKSIZE=blocksize, BM=bm, BN=bn, BK=bk, UPCAST=_upcast(g))
+                             m_bucket(m), BLOCKSIZE=blocksize, UPCAST=_upcast(g))
     return out

@@ -1,0 +1,82 @@
+"""Tile configurations for the Triton matmul-shaped kernels (NF4 and fused LoRA); imported lazily with them.
+
+On a GPU the kernels are wrapped in ``triton.autotune`` over :func:`matmul_configs` (or
+:func:`matvec_configs` for the NF4 decode kernel): the first call for a new key (the size bucket of M,
+then N and K, and the tensors' dtypes) benchmarks every config that fits and keeps the fastest, so each
+layer shape is tuned once per process. The lists cover Ampere (A100: 164 KiB shared memory per SM) and
+Hopper (H100/H200: 228 KiB): large 128 x 256 tiles with 3 stages and 8 warps for Hopper's wider tensor
+cores, 64-128 tiles with 4-5 stages for Ampere; a config that does not fit a GPU's shared memory is
+skipped by the autotuner (``OutOfResources`` counts as infinitely slow).
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``: CPU tensors, the tests) the list is ONE small fixed
+config, so nothing is benchmarked (autotuning in the interpreter would take minutes) and small test shapes
+still span several tiles. The choice is made when the kernel module is imported (the tests reload the
+modules after setting the variable).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning key for the row count ``M``: the next power of two, at least 16 and at most 8192, so a
+    training run whose token count changes every batch is tuned a handful of times, not once per batch."""
+    return max(16, min(8192, triton.next_power_of_2(max(1, int(m)))))
+
+
+def matmul_configs(interpret_block: int = 32) -> list:
+    """Configs of the tiled kernels (meta-parameters ``BM``, ``BN``, ``BK``, ``GROUP_M``).
+
+    GPU: BLOCK_M x BLOCK_N x BLOCK_K in 64-128 x 64-256 x 32-128, num_warps 4/8, num_stages 3-5.
+    Interpreter: one config with ``interpret_block`` in every dimension."""
+    C = triton.Config
+    if interpreting():
+        b = interpret_block
+        return [C({"BM": b, "BN": b, "BK": b, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    return [
+        # Hopper: large tiles, few deep stages (228 KiB of shared memory)
+        C({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        C({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        C({"BM": 64, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        C({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        # Ampere and smaller problems
+        C({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        C({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        C({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=5),
+    ]
+
+
+def prune_matmul(configs: list, named_args: dict, **kwargs) -> list:
+    """``early_config_prune`` of the tiled kernels: for few rows (M <= 64) drop the 128-row tiles (they
+    would compute mostly padding), keeping at least one config."""
+    m = named_args.get("M")
+    if m is None or m > 64 or len(configs) <= 1:
+        return configs
+    kept = [c for c in configs if c.kwargs.get("BM", 0) <= 64]
+    return kept or configs[:1]
+
+
+def matvec_configs() -> list:
+    """Configs of the NF4 decode kernel (meta-parameters ``BN``, ``BK``): GPU: small ``BN`` so an 8B
+    projection (N = 4096) gives several programs per SM of a 132-SM H100/H200, ``BK`` 128-512 so each
+    program streams long runs of packed bytes. Interpreter: ``BN=64, BK=128``."""
+    C = triton.Config
+    if interpreting():
+        return [C({"BN": 64, "BK": 128}, num_warps=4, num_stages=1)]
+    return [
+        C({"BN": 16, "BK": 256}, num_warps=4, num_stages=3),
+        C({"BN": 16, "BK": 512}, num_warps=4, num_stages=2),
+        C({"BN": 32, "BK": 256}, num_warps=4, num_stages=3),
+        C({"BN": 32, "BK": 128}, num_warps=2, num_stages=4),
+        C({"BN": 64, "BK": 128}, num_warps=4, num_stages=3),
+        C({"BN": 64, "BK": 256}, num_warps=8, num_stages=3),
+    ]
