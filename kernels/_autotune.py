@@ -11,19 +11,43 @@ skipped by the autotuner (``OutOfResources`` counts as infinitely slow).
 Under Triton's interpreter (``TRITON_INTERPRET=1``: CPU tensors, the tests) the list is ONE small fixed
 config, so nothing is benchmarked (autotuning in the interpreter would take minutes) and small test shapes
 still span several tiles. The choice is made when the kernel module is imported (the tests reload the
-modules after setting the variable).
+modules after setting the variable). ``LLMTUNE_AUTOTUNE=0`` gives one fixed config on the GPU too (no
+benchmarking at the first call: the compiled kernel tests of ``benchmarks/gpu_check.py`` use it, since
+they would otherwise tune every small test shape).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import triton
 
 
+def tuner_kwargs(prune: bool = True) -> dict:
+    """Keyword arguments of ``triton.autotune`` shared by the kernels: short timings (5 ms warm-up, 25 ms
+    of repetitions per config instead of Triton's 25 + 100: a training step tunes a few dozen keys, and the
+    fastest config stands out well within that) and, for the tiled kernels, :func:`prune_matmul`."""
+    out: dict = {"prune_configs_by": {"early_config_prune": prune_matmul}} if prune else {}
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        def quick(fn, quantiles=None):
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+        out["do_bench"] = quick
+    else:  # Triton < 3.2
+        out.update(warmup=5, rep=25)
+    return out
+
+
 def interpreting() -> bool:
     """True when Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels then run on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def autotuning() -> bool:
+    """False when ``LLMTUNE_AUTOTUNE`` is ``0``/``false``/``no``/``off`` (one fixed config on the GPU)."""
+    return os.environ.get("LLMTUNE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def m_bucket(m: int) -> int:
@@ -36,11 +60,13 @@ def matmul_configs(interpret_block: int = 32) -> list:
     """Configs of the tiled kernels (meta-parameters ``BM``, ``BN``, ``BK``, ``GROUP_M``).
 
     GPU: BLOCK_M x BLOCK_N x BLOCK_K in 64-128 x 64-256 x 32-128, num_warps 4/8, num_stages 3-5.
-    Interpreter: one config with ``interpret_block`` in every dimension."""
+    Interpreter: one config with ``interpret_block`` in every dimension; ``LLMTUNE_AUTOTUNE=0``: 64 x 64 x 64."""
     C = triton.Config
     if interpreting():
         b = interpret_block
         return [C({"BM": b, "BN": b, "BK": b, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    if not autotuning():
+        return [C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=3)]
     return [
         # Hopper: large tiles, few deep stages (228 KiB of shared memory)
         C({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
@@ -72,6 +98,8 @@ def matvec_configs() -> list:
     C = triton.Config
     if interpreting():
         return [C({"BN": 64, "BK": 128}, num_warps=4, num_stages=1)]
+    if not autotuning():
+        return [C({"BN": 32, "BK": 256}, num_warps=4, num_stages=3)]
     return [
         C({"BN": 16, "BK": 256}, num_warps=4, num_stages=3),
         C({"BN": 16, "BK": 512}, num_warps=4, num_stages=2),

@@ -295,7 +295,7 @@ def cross_entropy_chunk_triton(logits: torch.Tensor, targets: torch.Tensor, grad
 
 from llmtune.kernels._autotune import m_bucket as _m_bucket  # noqa: E402
 from llmtune.kernels._autotune import matmul_configs as _matmul_configs  # noqa: E402
-from llmtune.kernels._autotune import prune_matmul as _prune_matmul  # noqa: E402
+from llmtune.kernels._autotune import tuner_kwargs as _tuner_kwargs  # noqa: E402
 
 
 @triton.jit
@@ -354,10 +354,9 @@ def _lora_mm_kernel(a_ptr, b_ptr, p_ptr, q_ptr, bias_ptr, c_ptr, M, N, K, R, M_B
 # Two tuners over one kernel: forward (W read transposed) and input gradient (W read as stored) keep
 # separate caches, since a square projection has the same (M, N, K) key in both but a different layout.
 _LORA_CONFIGS = _matmul_configs(interpret_block=32)
-_lora_fwd_kernel = triton.autotune(configs=_LORA_CONFIGS, key=["M_BUCKET", "N", "K"],
-                                   prune_configs_by={"early_config_prune": _prune_matmul})(_lora_mm_kernel)
-_lora_dx_kernel = triton.autotune(configs=_LORA_CONFIGS, key=["M_BUCKET", "N", "K"],
-                                  prune_configs_by={"early_config_prune": _prune_matmul})(_lora_mm_kernel)
+_LORA_KEY = ["M_BUCKET", "N", "K"]
+_lora_fwd_kernel = triton.autotune(configs=_LORA_CONFIGS, key=_LORA_KEY, **_tuner_kwargs())(_lora_mm_kernel)
+_lora_dx_kernel = triton.autotune(configs=_LORA_CONFIGS, key=_LORA_KEY, **_tuner_kwargs())(_lora_mm_kernel)
 
 
 def _ieee(t: torch.Tensor) -> bool:

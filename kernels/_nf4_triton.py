@@ -18,11 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from llmtune.kernels._autotune import m_bucket, matmul_configs, matvec_configs, prune_matmul
+from llmtune.kernels._autotune import m_bucket, matmul_configs, matvec_configs, tuner_kwargs
 
 # Interpreter: the 64-wide tiles these kernels always had (the tests' odd shapes are chosen around them).
 _MM_CONFIGS = matmul_configs(interpret_block=64)
-_PRUNE = {"early_config_prune": prune_matmul}
 
 
 @triton.jit
@@ -64,7 +63,7 @@ def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.con
     return first_m + (pid % per_group) % rows, (pid % per_group) // rows
 
 
-@triton.autotune(configs=matvec_configs(), key=["N", "K"])
+@triton.autotune(configs=matvec_configs(), key=["N", "K"], **tuner_kwargs(prune=False))
 @triton.jit
 def _matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K, stride_xm, stride_om,
                    BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -80,7 +79,7 @@ def _matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K, strid
     tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"], **tuner_kwargs())
 @triton.jit
 def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_xm, stride_om, M_BUCKET,
                    BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -102,7 +101,7 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, st
              mask=mask)
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"], **tuner_kwargs())
 @triton.jit
 def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_gm, stride_om, M_BUCKET,
                        BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
