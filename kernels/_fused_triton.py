@@ -7,7 +7,8 @@ and one write of each output per call, no intermediate in global memory.
 
 Sources: RMSNorm (Zhang & Sennrich, 2019, eq. 4) and its gradient; RoPE in the rotate-half layout of
 Hugging Face checkpoints (Su et al., 2021, eq. 34); SwiGLU (Shazeer, 2020, eq. 6); softmax cross entropy
-with the online (one-pass) log-sum-exp (Milakov & Gimelshein, 2018, algorithm 3).
+with the online (one-pass) log-sum-exp (Milakov & Gimelshein, 2018, algorithm 3). The last section is not
+memory bound: LoRA fused into the frozen layer's tiled matmul (``lora.py``; Hu et al., 2021, eq. 3).
 """
 
 from __future__ import annotations

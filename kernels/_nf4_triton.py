@@ -10,6 +10,8 @@ Design: dequantization is an elementwise gather (code book of 16 floats stays in
 packed weight (0.5 byte/param) instead of a dense bf16 copy (2 bytes/param): it is memory bound, so the
 4x fewer bytes are the speed-up. The tiled kernel and the input-gradient kernel dequantize (BN, BK) tiles
 into registers and feed ``tl.dot``; no dequantized weight is ever written to global memory.
+On the GPU the tile sizes are autotuned per shape (``_autotune``: Ampere and Hopper configs, key = M bucket,
+N, K); under the interpreter one fixed config (64-wide tiles; decode 64 x 128) is used.
 """
 
 from __future__ import annotations
