@@ -81,11 +81,30 @@ def _matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K, strid
     tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
+@triton.jit
+def _low_rank(acc, p_ptr, q_ptr, rm, rc, M, C, R, s_pm, s_pr, s_qr, s_qc, scaling,
+              UPCAST: tl.constexpr, BR: tl.constexpr):
+    """``acc + scaling * P[rm, :R] @ Q[:R, rc]`` (the LoRA term, accumulated in float32 in chunks of BR)."""
+    low = tl.zeros(acc.shape, dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        pt = tl.load(p_ptr + rm[:, None].to(tl.int64) * s_pm + rr[None, :] * s_pr,
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        qt = tl.load(q_ptr + rr[:, None] * s_qr + rc[None, :].to(tl.int64) * s_qc,
+                     mask=(rr[:, None] < R) & (rc[None, :] < C), other=0.0)
+        if UPCAST:
+            pt = pt.to(tl.float32)
+            qt = qt.to(tl.float32)
+        low += tl.dot(pt, qt)
+    return acc + low * scaling
+
+
 @triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"], **tuner_kwargs())
 @triton.jit
 def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_xm, stride_om, M_BUCKET,
-                   BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, GROUP_M: tl.constexpr):
+                   p_ptr, q_ptr, bias_ptr, R, s_pm, s_pr, s_qr, s_qc, scaling,
+                   BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -98,6 +117,10 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, st
             x = x.to(tl.float32)
         w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE).to(x.dtype)
         acc += tl.dot(x, tl.trans(w))
+    if HAS_LORA:  # QLoRA: + scaling * (x A^T) B^T, into the same accumulator (p = x A^T, q = B^T)
+        acc = _low_rank(acc, p_ptr, q_ptr, rm, rn, M, N, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, BR)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -106,8 +129,9 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, st
 @triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"], **tuner_kwargs())
 @triton.jit
 def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_gm, stride_om, M_BUCKET,
-                       BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       BK: tl.constexpr, GROUP_M: tl.constexpr):
+                       p_ptr, q_ptr, R, s_pm, s_pr, s_qr, s_qc, scaling,
+                       BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, HAS_LORA: tl.constexpr, BR: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BM, BK, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
@@ -120,6 +144,8 @@ def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K
             g = g.to(tl.float32)
         w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE).to(g.dtype)
         acc += tl.dot(g, w)
+    if HAS_LORA:  # QLoRA: + scaling * (g B) A (p = g B, q = A)
+        acc = _low_rank(acc, p_ptr, q_ptr, rm, rk, M, K, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, BR)
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rk[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -173,7 +199,8 @@ def matmul_4bit_tiled_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torc
         return out
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(out_features, meta["BN"]),)  # noqa: E731
     _matmul_kernel[grid](x, packed, absmax, code, out, m, out_features, k, x.stride(0), out.stride(0), m_bucket(m),
-                         BLOCKSIZE=blocksize, UPCAST=_upcast(x))
+                         out, out, out, 0, 0, 0, 0, 0, 0.0,
+                         BLOCKSIZE=blocksize, UPCAST=_upcast(x), HAS_LORA=False, HAS_BIAS=False, BR=16)
     return out
 
 
@@ -188,5 +215,58 @@ def matmul_4bit_grad_input_triton(grad_out: torch.Tensor, packed: torch.Tensor, 
         return out
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(in_features, meta["BK"]),)  # noqa: E731
     _grad_input_kernel[grid](g, packed, absmax, code, out, m, n, in_features, g.stride(0), out.stride(0),
-                             m_bucket(m), BLOCKSIZE=blocksize, UPCAST=_upcast(g))
+                             m_bucket(m), out, out, 0, 0, 0, 0, 0, 0.0,
+                             BLOCKSIZE=blocksize, UPCAST=_upcast(g), HAS_LORA=False, BR=16)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# QLoRA: the LoRA term fused into the 4-bit matmul and its input gradient (see ``lora.py``)
+# ----------------------------------------------------------------------------------------------------
+
+def _rank_block(r: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(r)))
+
+
+def lora_matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                            out_features: int, blocksize: int, xa: torch.Tensor, lora_b: torch.Tensor, bias,
+                            scaling: float) -> torch.Tensor:
+    """``x W^T + scaling * xa B^T (+ bias)`` for a 4-bit ``W (out_features, K)``: ``x (M, K)``,
+    ``xa = x A^T (M, r)``, ``lora_b (out_features, r)``, ``bias (out_features,)`` or None, all in
+    ``x.dtype``; ``(M, out_features)`` in ``x.dtype``. One tiled kernel (the tiled matmul's, autotuned
+    alike) adds the rank-r term to its float32 accumulator before the single store."""
+    packed, absmax, code = _prep(packed, absmax, code)
+    x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+    if m == 0 or out_features == 0:
+        return out
+    r = xa.shape[1]
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(out_features, meta["BN"]),)  # noqa: E731
+    _matmul_kernel[grid](x, packed, absmax, code, out, m, out_features, k, x.stride(0), out.stride(0), m_bucket(m),
+                         xa, lora_b, bias if bias is not None else out, r, xa.stride(0), xa.stride(1),
+                         lora_b.stride(1), lora_b.stride(0), float(scaling),
+                         BLOCKSIZE=blocksize, UPCAST=_upcast(x), HAS_LORA=True, HAS_BIAS=bias is not None,
+                         BR=_rank_block(r))
+    return out
+
+
+def lora_grad_input_4bit_triton(grad_out: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                                code: torch.Tensor, in_features: int, blocksize: int, gb: torch.Tensor,
+                                lora_a: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``grad_out W + scaling * gb A`` for a 4-bit ``W (N, in_features)``: ``grad_out (M, N)``,
+    ``gb = grad_out B (M, r)``, ``lora_a (r, in_features)``, all in ``grad_out.dtype``;
+    ``(M, in_features)`` in that dtype. The input-gradient kernel with the rank-r term fused."""
+    packed, absmax, code = _prep(packed, absmax, code)
+    g = grad_out.contiguous()
+    m, n = g.shape
+    out = torch.empty(m, in_features, dtype=g.dtype, device=g.device)
+    if m == 0 or in_features == 0:
+        return out
+    r = gb.shape[1]
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(in_features, meta["BK"]),)  # noqa: E731
+    _grad_input_kernel[grid](g, packed, absmax, code, out, m, n, in_features, g.stride(0), out.stride(0),
+                             m_bucket(m), gb, lora_a, r, gb.stride(0), gb.stride(1), lora_a.stride(0),
+                             lora_a.stride(1), float(scaling),
+                             BLOCKSIZE=blocksize, UPCAST=_upcast(g), HAS_LORA=True, BR=_rank_block(r))
     return out

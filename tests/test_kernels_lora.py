@@ -206,20 +206,25 @@ class _FakeCuda(torch.Tensor):
         return True
 
 
-def _fake_x():
-    return torch.randn(2, 40).as_subclass(_FakeCuda)
+def _fake_x(rows=20, n_in=40):
+    return torch.randn(rows, n_in).as_subclass(_FakeCuda)
 
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Replace the fused autograd function by a recorder (returns zeros of the right shape)."""
+    """Replace both fused autograd functions (dense and 4-bit base) by recorders returning zeros."""
     monkeypatch.delenv("LLMTUNE_FORCE_TRITON", raising=False)
     calls = []
 
     def fake(x, w, b, a, bb, s):
         calls.append(s)
         return torch.zeros(*x.shape[:-1], w.shape[0])
+
+    def fake4(x, packed, absmax, code, n_out, blocksize, b, a, bb, s):
+        calls.append(("4bit", s))
+        return torch.zeros(*x.shape[:-1], n_out, dtype=x.dtype)
     monkeypatch.setattr(L._LoraLinearFunction, "apply", fake)
+    monkeypatch.setattr(L._LoraLinear4bitFunction, "apply", fake4)
     return calls
 
 
@@ -227,7 +232,8 @@ def test_dispatch_calls_the_kernel_on_cuda_only(spy):
     layer = _layer().cpu()
     layer(_fake_x())
     assert spy == [layer.scaling["default"]]
-    layer(torch.randn(2, 40))  # a CPU tensor without LLMTUNE_FORCE_TRITON: today's code
+    layer(torch.randn(20, 40))  # a CPU tensor without LLMTUNE_FORCE_TRITON: today's code
+    layer(_fake_x(rows=16))  # 16 rows or fewer (decode): the unfused path
     dispatch.set_enabled(False)
     layer(_fake_x())  # the switch turns it off
     dispatch.set_enabled(None)
@@ -270,12 +276,93 @@ def test_dispatch_conditions(spy):
     assert spy == [16 / 8, 8 / 4]  # the active adapter's scaling
 
 
-def test_dispatch_skips_quantized_base(spy):
-    from llmtune.peft.layers import LoraLinear
+# ----------------------------------------------------------------------------------------------------
+# QLoRA: 4-bit base weight
+# ----------------------------------------------------------------------------------------------------
+
+def _q4(n_out, n_in, dtype=torch.float32):
+    """A Linear4bit layer (NF4, double quantization) and its dequantized weight in float64, written here:
+    ``code[nibble] * absmax[flat // 64]``, first value of a byte in the high nibble (bitsandbytes' layout)."""
     from llmtune.quant import Linear4bit
 
-    q = Linear4bit.from_float(torch.randn(27, 64), None, compute_dtype=torch.float32)
+    q = Linear4bit.from_float(torch.randn(n_out, n_in) * torch.rand(n_out, 1), None, compute_dtype=dtype)
+    packed, absmax, code = q.weight, q.absmax_float(), q.quant_map
+    nib = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[: n_out * n_in].long()
+    w64 = (code.double()[nib] * absmax.double().repeat_interleave(64)[: n_out * n_in]).view(n_out, n_in)
+    return q.to(DEV), w64
+
+
+@pytest.mark.parametrize("lead,n_in,n_out", [((2, 19), 70, 45), ((33,), 100, 29)])  # 100: blocks straddle rows
+@pytest.mark.parametrize("r", [1, 16, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_linear_4bit_forward_backward(lead, n_in, n_out, r, dtype):
+    calls = []
+    real = L._LoraLinear4bitFunction.apply
+    q, w64 = _q4(n_out, n_in)
+    s = 16 / r
+    x = _leaf(torch.randn(*lead, n_in), dtype)
+    b = _leaf(torch.randn(n_out) * 0.1, dtype) if r != 16 else None  # trainable bias, or none
+    a = _leaf(torch.randn(r, n_in) / n_in ** 0.5, dtype)
+    bb = _leaf(torch.randn(n_out, r) / r ** 0.5, dtype)
+    L._LoraLinear4bitFunction.apply = lambda *args: (calls.append(1), real(*args))[1]
+    try:
+        y = L.lora_linear_4bit(x, q.weight, q.absmax_float(), q.quant_map, n_out, 64, b, a, bb, s)
+    finally:
+        L._LoraLinear4bitFunction.apply = real
+    assert calls and y.shape == (*lead, n_out) and y.dtype == dtype
+    dy = torch.randn(*lead, n_out).to(dtype)
+    y.backward(dy.to(DEV))
+    x64, a64, bb64 = _d64(x), _d64(a), _d64(bb)
+    b64 = None if b is None else _d64(b)
+    w64 = w64.to(dtype).double()  # the kernel dequantizes to the compute dtype
+    y64 = _lora64(x64, w64, b64, a64, bb64, s)
+    y64.backward(dy.double())
+    _close(y, y64, dtype, "y")
+    _close(x.grad, x64.grad, dtype, "dx")
+    _close(a.grad, a64.grad, dtype, "dA")
+    _close(bb.grad, bb64.grad, dtype, "dB")
+    if b is not None:
+        _close(b.grad, b64.grad, dtype, "dbias")
+
+
+def _qlayer(dtype=torch.float32, adapter_dtype=torch.float32):
+    from llmtune.peft.layers import LoraLinear
+
+    q, _ = _q4(27, 72, dtype)
     layer = LoraLinear(q)
-    layer.update_layer("default", r=4, lora_alpha=8)
-    assert L.fused_lora_forward(layer, torch.randn(2, 64).as_subclass(_FakeCuda)) is None
-    assert spy == []
+    layer.update_layer("default", r=8, lora_alpha=16, dtype=adapter_dtype)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.2)
+    return layer
+
+
+@pytest.mark.parametrize("compute,autocast", [(torch.float32, None), (torch.bfloat16, torch.bfloat16)])
+def test_qlora_layer_matches_kernels_off(compute, autocast, monkeypatch):
+    calls = []
+    real = L._LoraLinear4bitFunction.apply
+    monkeypatch.setattr(L._LoraLinear4bitFunction, "apply", lambda *a: (calls.append(1), real(*a))[1])
+    layer = _qlayer(compute)  # float32 adapters on a bf16 base under autocast: QLoRA as trained
+    ref = copy.deepcopy(layer)
+    x = torch.randn(3, 7, 72, device=DEV)
+    y, dx, grads = _run(layer, x, autocast)
+    assert calls == [1]
+    dispatch.set_enabled(False)
+    y_ref, dx_ref, grads_ref = _run(ref, x, autocast)
+    assert calls == [1] and y.dtype == y_ref.dtype == torch.float32  # Linear4bit returns x's dtype
+    _close(y, y_ref, compute, "y")
+    _close(dx, dx_ref, compute, "dx")
+    assert grads.keys() == grads_ref.keys() == {"lora_A.default.weight", "lora_B.default.weight"}
+    for name in grads:
+        _close(grads[name], grads_ref[name], compute, name)
+
+
+def test_dispatch_quantized_base(spy):
+    layer = _qlayer().cpu()
+    layer(_fake_x(n_in=72))
+    assert spy == [("4bit", 2.0)]
+    layer = _qlayer(torch.bfloat16).cpu()  # float32 adapters, bf16 compute, no autocast: unfused
+    layer(_fake_x(n_in=72))
+    assert L.fused_lora_forward(layer, torch.randn(20, 72).as_subclass(_FakeCuda)) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(_fake_x(n_in=72))  # under autocast to the compute dtype: fused
+    assert spy == [("4bit", 2.0), ("4bit", 2.0)]
