@@ -18,7 +18,8 @@ Hub access (``benchmarks/gpu_check.sh`` installs llmtune from the checkout with 
    built: weights + activations + optimizer state), llmtune against transformers + peft (sdpa attention) in
    the same process, on random-init models of Llama-3.1-8B and Qwen3-8B shape (the layer count is cut when
    the time budget demands it; the table says so). LoRA: rank 16, alpha 32, all linear layers of the
-   decoder. A transformers+peft QLoRA baseline needs bitsandbytes, which the GPU image lacks: it runs only
+   decoder; float32 adapters and bf16 autocast in both libraries, as their trainers run with bf16. A
+   transformers+peft QLoRA baseline needs bitsandbytes, which the GPU image lacks: it runs only
    when bitsandbytes imports.
 
 Each section is guarded (an exception is recorded, the next section runs), the whole run has a time budget
@@ -371,8 +372,9 @@ def _build_llmtune(cfg: dict, dev: str, quant: bool):
     def loss_fn(ids):
         from llmtune.losses import causal_lm_loss
 
-        hidden = model(ids)
-        loss_sum, n = causal_lm_loss(hidden, model.lm_head.weight, ids)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):  # as the trainer with bf16: true
+            hidden = model(ids)
+            loss_sum, n = causal_lm_loss(hidden, model.lm_head.weight, ids)
         return loss_sum / n
     return model, loss_fn
 
@@ -401,7 +403,8 @@ def _build_hf(cfg: dict, dev: str, quant: bool):
     model.train()
 
     def loss_fn(ids):
-        return model(input_ids=ids, labels=ids).loss
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):  # as Trainer with bf16=True
+            return model(input_ids=ids, labels=ids).loss
     return model, loss_fn
 
 
@@ -444,6 +447,8 @@ def section_train(dry: bool, budget: Budget, dev: str) -> dict:
     else:
         hf_qlora = "transformers+peft QLoRA not run: it needs bitsandbytes, which is not installed"
     res["notes"].append(hf_qlora)
+    res["notes"].append("bf16 base, float32 adapters, bf16 autocast in both libraries (what their trainers do "
+                        "with bf16: true); with autocast llmtune's LoRA layers take the fused LoRA kernel")
     res["notes"].append("LoRA r16/alpha32 on all decoder linears, batch 1, AdamW; QLoRA with gradient "
                         "checkpointing (both libraries' LoRA runs without); peak = max allocated since the model "
                         "was built (weights + activations + optimizer state)")
