@@ -23,7 +23,7 @@ import triton.language as tl
 from llmtune.kernels._autotune import m_bucket, matmul_configs, matvec_configs, tuner_kwargs
 
 # Interpreter: the 64-wide tiles these kernels always had (the tests' odd shapes are chosen around them).
-_MM_CONFIGS = matmul_configs(interpret_block=64)
+_MM_CONFIGS = matmul_configs(interpret_block=64, nf4=True)
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K, strid
 def _low_rank(acc, p_ptr, q_ptr, rm, rc, M, C, R, s_pm, s_pr, s_qr, s_qc, scaling,
               UPCAST: tl.constexpr, BR: tl.constexpr):
     """``acc + scaling * P[rm, :R] @ Q[:R, rc]`` (the LoRA term, accumulated in float32 in chunks of BR)."""
-    low = tl.zeros(acc.shape, dtype=tl.float32)
+    low = tl.zeros_like(acc)
     for r0 in range(0, R, BR):
         rr = r0 + tl.arange(0, BR)
         pt = tl.load(p_ptr + rm[:, None].to(tl.int64) * s_pm + rr[None, :] * s_pr,
