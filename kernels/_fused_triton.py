@@ -380,7 +380,7 @@ def lora_mm_triton(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, q: torch.T
     br = max(16, min(64, triton.next_power_of_2(r)))
     kernel = _lora_dx_kernel if backward else _lora_fwd_kernel
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    kernel[grid](a, b, p, q, bias if bias is not None else c, c, m, n, k, r, _m_bucket(m), float(scaling),
+    kernel[grid](a, b, p, q, bias.contiguous() if bias is not None else c, c, m, n, k, r, _m_bucket(m), float(scaling),
                  a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0), p.stride(1), q.stride(0),
                  q.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None,
                  UPCAST=(not a.is_cuda) and a.dtype == torch.bfloat16, IEEE=_ieee(a), BR=br)

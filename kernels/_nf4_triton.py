@@ -244,7 +244,7 @@ def lora_matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch
     r = xa.shape[1]
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(out_features, meta["BN"]),)  # noqa: E731
     _matmul_kernel[grid](x, packed, absmax, code, out, m, out_features, k, x.stride(0), out.stride(0), m_bucket(m),
-                         xa, lora_b, bias if bias is not None else out, r, xa.stride(0), xa.stride(1),
+                         xa, lora_b, bias.contiguous() if bias is not None else out, r, xa.stride(0), xa.stride(1),
                          lora_b.stride(1), lora_b.stride(0), float(scaling),
                          BLOCKSIZE=blocksize, UPCAST=_upcast(x), HAS_LORA=True, HAS_BIAS=bias is not None,
                          BR=_rank_block(r))
