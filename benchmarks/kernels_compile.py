@@ -98,7 +98,8 @@ def run(ccs: list[int], fixed: bool) -> list[dict]:
              A.matmul_configs(nf4=True)),
             ("nf4 grad_input+lora", Q._grad_input_kernel.fn, nf_ptrs, gi,
              {"BLOCKSIZE": 64, "UPCAST": False, "HAS_LORA": True, "BR": 16}, A.matmul_configs(nf4=True)),
-            ("nf4 decode", Q._matvec_kernel.fn, nf_ptrs, mv, {"BLOCKSIZE": 64}, A.matvec_configs())]
+            ("nf4 decode", Q._matvec_kernel.fn, nf_ptrs, mv, {"BLOCKSIZE": 64, "ROW_BLOCKS": True},
+             A.matvec_configs())]
     rows = []
     for cc in ccs:
         for label, fn, ptrs, ints, consts, configs in jobs:

@@ -68,16 +68,42 @@ def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.con
 @triton.autotune(configs=matvec_configs(), key=["N", "K"], **tuner_kwargs(prune=False))
 @triton.jit
 def _matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K, stride_xm, stride_om,
-                   BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   BLOCKSIZE: tl.constexpr, ROW_BLOCKS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + m * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
-        w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE)
-        acc += tl.sum(w * x[None, :], axis=1)
+    if ROW_BLOCKS and BK % BLOCKSIZE == 0:
+        # K % BLOCKSIZE == 0 (every real projection): each quantization block lies inside one row, so the
+        # tile is (BN, NB blocks, BLOCKSIZE / 2 bytes): each packed byte is loaded once (contiguous runs,
+        # vectorised) and gives two codes, the high nibble for the even column and the low one for the
+        # odd column; code * x is summed within each block first and each block sum scaled once (one
+        # absmax load and multiply per block instead of per element)
+        NB: tl.constexpr = BK // BLOCKSIZE
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        rb = tl.arange(0, NB)
+        rh = tl.arange(0, HALF)
+        for k0 in range(0, K, BK):
+            ke = k0 + rb[:, None] * BLOCKSIZE + 2 * rh[None, :]  # (NB, HALF) even column indices
+            km = ke < K
+            xe = tl.load(x_ptr + m * stride_xm + ke, mask=km, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + m * stride_xm + ke + 1, mask=km, other=0.0).to(tl.float32)
+            mask = (rn[:, None, None] < N) & km[None, :, :]
+            byte = tl.load(packed_ptr + rn[:, None, None].to(tl.int64) * (K // 2) + ke[None, :, :] // 2,
+                           mask=mask, other=0).to(tl.int32)
+            hi = tl.load(code_ptr + (byte >> 4))
+            lo = tl.load(code_ptr + (byte & 0xF))
+            part = tl.sum(hi * xe[None, :, :] + lo * xo[None, :, :], axis=2)  # (BN, NB)
+            kb = k0 + rb * BLOCKSIZE
+            sc = tl.load(absmax_ptr + (rn[:, None].to(tl.int64) * K + kb[None, :]) // BLOCKSIZE,
+                         mask=(rn[:, None] < N) & (kb[None, :] < K), other=0.0)
+            acc += tl.sum(part * sc, axis=1)
+    else:  # blocks straddle rows (or are wider than BK): scale per element
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + m * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
+            w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE)
+            acc += tl.sum(w * x[None, :], axis=1)
     tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
@@ -183,7 +209,7 @@ def matmul_4bit_small_m_triton(x: torch.Tensor, packed: torch.Tensor, absmax: to
         return out
     grid = lambda meta: (triton.cdiv(out_features, meta["BN"]), m)  # noqa: E731
     _matvec_kernel[grid](x, packed, absmax, code, out, out_features, k, x.stride(0), out.stride(0),
-                         BLOCKSIZE=blocksize)
+                         BLOCKSIZE=blocksize, ROW_BLOCKS=k % blocksize == 0)
     return out
 
 
