@@ -11,7 +11,8 @@ Hub access (``benchmarks/gpu_check.sh`` installs llmtune from the checkout with 
    weight; every kernel's result is also checked against the PyTorch reference on the same data. Also the
    fused LoRA linear (``llmtune.kernels.lora``: ``x W^T + s (x A^T) B^T`` in one Triton matmul) against
    the unfused torch expression at a Llama-8B projection (4096 -> 14336, r 16) with M = 2048 and 4096,
-   bf16, forward and forward+backward, its result checked against a float32 computation.
+   bf16, forward and forward+backward, and the same with the weight in NF4 (QLoRA: fused vs
+   ``Linear4bit``'s kernels + the adapter term), each result checked against a float32 computation.
 3. ``train``: LoRA (bf16 base) and QLoRA (NF4 base, gradient checkpointing) training steps (forward, loss,
    backward, AdamW) at sequence lengths 1024 and 2048, batch 1, every token a label; tokens/s (median of
    the timed steps) and peak allocated GPU memory (``torch.cuda.max_memory_allocated`` since the model was
@@ -272,49 +273,58 @@ def _bench_lora(dry: bool, dev: str, bench: Callable[[Callable[[], Any]], float]
     """Fused LoRA linear vs unfused torch at a Llama-8B up projection (in 4096, out 14336, r 16, bf16).
 
     Unfused is what a LoRA layer runs without the kernel: ``F.linear(x, W) + F.linear(F.linear(x, A), B) * s``
-    (the base output and the adapter output written, then read back and added). Rows: forward, and
-    forward + backward (input and adapter gradients; W frozen). ``max_rel_err``: the fused forward against
-    float32 math on the same bf16 inputs. On a GPU the first call of a new shape autotunes the kernel
-    (a few seconds, outside the timings: ``bench`` warms up first)."""
+    (the base output and the adapter output written, then read back and added); for QLoRA (the same W in
+    NF4) the base is ``Linear4bit``'s own autograd function (the NF4 kernels) plus the same adapter term.
+    Rows: forward, and forward + backward (input and adapter gradients; W frozen). ``max_rel_err``: the
+    fused forward against float32 math on the same bf16 inputs (and, for QLoRA, the dequantized weight).
+    On a GPU the first call of a new shape autotunes the kernel (seconds, outside the timings: ``bench``
+    warms up first)."""
     import torch
     import torch.nn.functional as F
 
-    from llmtune.kernels.lora import lora_linear
+    from llmtune.kernels.lora import lora_linear, lora_linear_4bit
+    from llmtune.kernels.nf4 import dequantize_4bit_ref
+    from llmtune.quant.linear4bit import _Linear4bitFunction
+    from llmtune.quant.nf4 import quantize_4bit
 
     n_in, n_out, r, s = (64, 96, 16, 2.0) if dry else (4096, 14336, 16, 2.0)
     rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
     w = (torch.randn(n_out, n_in, generator=g) * n_in ** -0.5).to(dev, torch.bfloat16)
+    packed, st = quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
+    absmax, code = st.get_absmax(), st.code.to(dev)
+    w4 = dequantize_4bit_ref(packed, absmax, code, n_out * n_in, 64, torch.bfloat16).view(n_out, n_in)
     a = (torch.randn(r, n_in, generator=g) * n_in ** -0.5).to(dev, torch.bfloat16).requires_grad_()
     b = (torch.randn(n_out, r, generator=g) * r ** -0.5).to(dev, torch.bfloat16).requires_grad_()
     for m in ([48] if dry else [2048, 4096]):
         x = torch.randn(m, n_in, generator=g).to(dev, torch.bfloat16).requires_grad_()
         dy = torch.randn(m, n_out, generator=g).to(dev, torch.bfloat16)
+        cases = {
+            "LoRA": (lambda: lora_linear(x, w, None, a, b, s),
+                     lambda: F.linear(x, w) + F.linear(F.linear(x, a), b) * s, w),
+            "QLoRA": (lambda: lora_linear_4bit(x, packed, absmax, code, n_out, 64, None, a, b, s),
+                      lambda: _Linear4bitFunction.apply(x, packed, absmax, code, n_out, 64)
+                      + F.linear(F.linear(x, a), b) * s, w4),
+        }
+        for kind, (fused, unfused, wref) in cases.items():
+            def step(fn):
+                def run():
+                    fn().backward(dy)
+                    x.grad = a.grad = b.grad = None
+                return run
 
-        def fused():
-            return lora_linear(x, w, None, a, b, s)
-
-        def unfused():
-            return F.linear(x, w) + F.linear(F.linear(x, a), b) * s
-
-        def step(fn):
-            def run():
-                fn().backward(dy)
-                x.grad = a.grad = b.grad = None
-            return run
-
-        with torch.no_grad():
-            y = fused()
-            ref = x.float() @ w.float().t() + s * ((x.float() @ a.float().t()) @ b.float().t())
-            err = (y.float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-12)
-            del y, ref
-            t_f, t_u = bench(fused), bench(unfused)
-        t_fb, t_ub = bench(step(fused)), bench(step(unfused))
-        shape = f"8B up {n_out}x{n_in} r{r}"
-        rows.append({"shape": shape, "M": m, "pass": "forward", "fused_ms": round(t_f, 4), "torch_ms": round(t_u, 4),
-                     "speedup": round(t_u / t_f, 3), "max_rel_err": err})
-        rows.append({"shape": shape, "M": m, "pass": "forward+backward", "fused_ms": round(t_fb, 4),
-                     "torch_ms": round(t_ub, 4), "speedup": round(t_ub / t_fb, 3), "max_rel_err": err})
+            with torch.no_grad():
+                y = fused()
+                ref = x.float() @ wref.float().t() + s * ((x.float() @ a.float().t()) @ b.float().t())
+                err = (y.float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-12)
+                del y, ref
+                t_f, t_u = bench(fused), bench(unfused)
+            t_fb, t_ub = bench(step(fused)), bench(step(unfused))
+            shape = f"{kind} 8B up {n_out}x{n_in} r{r}"
+            rows.append({"shape": shape, "M": m, "pass": "forward", "fused_ms": round(t_f, 4),
+                         "torch_ms": round(t_u, 4), "speedup": round(t_u / t_f, 3), "max_rel_err": err})
+            rows.append({"shape": shape, "M": m, "pass": "forward+backward", "fused_ms": round(t_fb, 4),
+                         "torch_ms": round(t_ub, 4), "speedup": round(t_ub / t_fb, 3), "max_rel_err": err})
         del x, dy
         _free(dev)
     return rows
@@ -596,7 +606,7 @@ def render(results: dict) -> str:
                   r["max_rel_err"]] for r in nf["matmul"]]))
             lora_rows = [r for r in nf.get("lora", []) if "error" not in r]
             if lora_rows:
-                parts.append("\n### Fused LoRA linear (x W^T + s (x A^T) B^T, bf16) vs unfused torch\n" + _table(
+                parts.append("\n### Fused LoRA / QLoRA linear (x W^T + s (x A^T) B^T, bf16) vs unfused\n" + _table(
                     ["shape", "M", "pass", "fused ms", "torch ms", "speedup", "max rel err"],
                     [[r["shape"], r["M"], r["pass"], r["fused_ms"], r["torch_ms"], r["speedup"], r["max_rel_err"]]
                      for r in lora_rows]))
