@@ -94,10 +94,10 @@ def run(ccs: list[int], fixed: bool) -> list[dict]:
     jobs = [("lora fwd", T._lora_mm_kernel, lora_ptrs, fwd, lora_const, A.matmul_configs()),
             ("lora dx", T._lora_mm_kernel, lora_ptrs, dx, lora_const, A.matmul_configs()),
             ("nf4 matmul+lora", Q._matmul_kernel.fn, nf_ptrs, mm,
-             {"BLOCKSIZE": 64, "UPCAST": False, "HAS_LORA": True, "HAS_BIAS": False, "BR": 16},
+             {"BLOCKSIZE": 64, "UPCAST": False, "IEEE": False, "HAS_LORA": True, "HAS_BIAS": False, "BR": 16},
              A.matmul_configs(nf4=True)),
             ("nf4 grad_input+lora", Q._grad_input_kernel.fn, nf_ptrs, gi,
-             {"BLOCKSIZE": 64, "UPCAST": False, "HAS_LORA": True, "BR": 16}, A.matmul_configs(nf4=True)),
+             {"BLOCKSIZE": 64, "UPCAST": False, "IEEE": False, "HAS_LORA": True, "BR": 16}, A.matmul_configs(nf4=True)),
             ("nf4 decode", Q._matvec_kernel.fn, nf_ptrs, mv, {"BLOCKSIZE": 64, "ROW_BLOCKS": True},
              A.matvec_configs())]
     rows = []

@@ -108,8 +108,18 @@ def _matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K, strid
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """``tl.dot`` in full float32 precision when ``IEEE`` (float32 operands, TF32 not allowed), else default."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
 def _low_rank(acc, p_ptr, q_ptr, rm, rc, M, C, R, s_pm, s_pr, s_qr, s_qc, scaling,
-              UPCAST: tl.constexpr, BR: tl.constexpr):
+              UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr):
     """``acc + scaling * P[rm, :R] @ Q[:R, rc]`` (the LoRA term, accumulated in float32 in chunks of BR)."""
     low = tl.zeros_like(acc)
     for r0 in range(0, R, BR):
@@ -121,7 +131,7 @@ def _low_rank(acc, p_ptr, q_ptr, rm, rc, M, C, R, s_pm, s_pr, s_qr, s_qc, scalin
         if UPCAST:
             pt = pt.to(tl.float32)
             qt = qt.to(tl.float32)
-        low += tl.dot(pt, qt)
+        low += _dot(pt, qt, IEEE)
     return acc + low * scaling
 
 
@@ -129,8 +139,9 @@ def _low_rank(acc, p_ptr, q_ptr, rm, rc, M, C, R, s_pm, s_pr, s_qr, s_qc, scalin
 @triton.jit
 def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_xm, stride_om, M_BUCKET,
                    p_ptr, q_ptr, bias_ptr, R, s_pm, s_pr, s_qr, s_qc, scaling,
-                   BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                   BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   GROUP_M: tl.constexpr):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -142,9 +153,9 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, st
         if UPCAST:
             x = x.to(tl.float32)
         w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE).to(x.dtype)
-        acc += tl.dot(x, tl.trans(w))
+        acc += _dot(x, tl.trans(w), IEEE)
     if HAS_LORA:  # QLoRA: + scaling * (x A^T) B^T, into the same accumulator (p = x A^T, q = B^T)
-        acc = _low_rank(acc, p_ptr, q_ptr, rm, rn, M, N, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, BR)
+        acc = _low_rank(acc, p_ptr, q_ptr, rm, rn, M, N, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, IEEE, BR)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -156,7 +167,8 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, st
 @triton.jit
 def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_gm, stride_om, M_BUCKET,
                        p_ptr, q_ptr, R, s_pm, s_pr, s_qr, s_qc, scaling,
-                       BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, HAS_LORA: tl.constexpr, BR: tl.constexpr,
+                       BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
+                       BR: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BM, BK, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -169,9 +181,9 @@ def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K
         if UPCAST:
             g = g.to(tl.float32)
         w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE).to(g.dtype)
-        acc += tl.dot(g, w)
+        acc += _dot(g, w, IEEE)
     if HAS_LORA:  # QLoRA: + scaling * (g B) A (p = g B, q = A)
-        acc = _low_rank(acc, p_ptr, q_ptr, rm, rk, M, K, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, BR)
+        acc = _low_rank(acc, p_ptr, q_ptr, rm, rk, M, K, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, IEEE, BR)
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rk[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -181,6 +193,11 @@ def _upcast(t: torch.Tensor) -> bool:
     """Feed ``tl.dot`` float32 instead of bfloat16 off the GPU: Triton 3.9's interpreter (TRITON_INTERPRET=1)
     returns garbage (~1e10) for bf16 ``tl.dot`` operands (fp16/fp32 are right); on CUDA bf16 stays."""
     return (not t.is_cuda) and t.dtype == torch.bfloat16
+
+
+def _ieee(t: torch.Tensor) -> bool:
+    """float32 operands on the GPU: full float32 products (as torch's matmul) unless the user allowed TF32."""
+    return t.is_cuda and t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def _prep(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor):
@@ -226,7 +243,8 @@ def matmul_4bit_tiled_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torc
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(out_features, meta["BN"]),)  # noqa: E731
     _matmul_kernel[grid](x, packed, absmax, code, out, m, out_features, k, x.stride(0), out.stride(0), m_bucket(m),
                          out, out, out, 0, 0, 0, 0, 0, 0.0,
-                         BLOCKSIZE=blocksize, UPCAST=_upcast(x), HAS_LORA=False, HAS_BIAS=False, BR=16)
+                         BLOCKSIZE=blocksize, UPCAST=_upcast(x), IEEE=_ieee(x), HAS_LORA=False, HAS_BIAS=False,
+                         BR=16)
     return out
 
 
@@ -242,7 +260,7 @@ def matmul_4bit_grad_input_triton(grad_out: torch.Tensor, packed: torch.Tensor, 
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(in_features, meta["BK"]),)  # noqa: E731
     _grad_input_kernel[grid](g, packed, absmax, code, out, m, n, in_features, g.stride(0), out.stride(0),
                              m_bucket(m), out, out, 0, 0, 0, 0, 0, 0.0,
-                             BLOCKSIZE=blocksize, UPCAST=_upcast(g), HAS_LORA=False, BR=16)
+                             BLOCKSIZE=blocksize, UPCAST=_upcast(g), IEEE=_ieee(g), HAS_LORA=False, BR=16)
     return out
 
 
@@ -272,8 +290,8 @@ def lora_matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch
     _matmul_kernel[grid](x, packed, absmax, code, out, m, out_features, k, x.stride(0), out.stride(0), m_bucket(m),
                          xa, lora_b, bias.contiguous() if bias is not None else out, r, xa.stride(0), xa.stride(1),
                          lora_b.stride(1), lora_b.stride(0), float(scaling),
-                         BLOCKSIZE=blocksize, UPCAST=_upcast(x), HAS_LORA=True, HAS_BIAS=bias is not None,
-                         BR=_rank_block(r))
+                         BLOCKSIZE=blocksize, UPCAST=_upcast(x), IEEE=_ieee(x), HAS_LORA=True,
+                         HAS_BIAS=bias is not None, BR=_rank_block(r))
     return out
 
 
@@ -294,5 +312,5 @@ def lora_grad_input_4bit_triton(grad_out: torch.Tensor, packed: torch.Tensor, ab
     _grad_input_kernel[grid](g, packed, absmax, code, out, m, n, in_features, g.stride(0), out.stride(0),
                              m_bucket(m), gb, lora_a, r, gb.stride(0), gb.stride(1), lora_a.stride(0),
                              lora_a.stride(1), float(scaling),
-                             BLOCKSIZE=blocksize, UPCAST=_upcast(g), HAS_LORA=True, BR=_rank_block(r))
+                             BLOCKSIZE=blocksize, UPCAST=_upcast(g), IEEE=_ieee(g), HAS_LORA=True, BR=_rank_block(r))
     return out
