@@ -280,6 +280,57 @@ def test_dispatch_conditions(spy):
     assert spy == [16 / 8, 8 / 4]  # the active adapter's scaling
 
 
+@pytest.mark.parametrize("quant", [False, True])
+def test_model_with_lora_uses_fused_kernel_and_matches_kernels_off(quant, monkeypatch):
+    """A tiny Llama-shaped model with LoRA on every decoder linear (QLoRA: the linears in NF4), gradient
+    checkpointing on, 2 x 12 tokens: every LoRA layer takes the fused kernel (also when recomputed), and
+    the loss and the adapter gradients equal those with the kernels off (the unfused LoRA layers)."""
+    from llmtune.losses import causal_lm_loss
+    from llmtune.models import ModelConfig, Transformer
+    from llmtune.peft import apply_lora
+
+    fn = L._LoraLinear4bitFunction if quant else L._LoraLinearFunction
+    calls = []
+    real = fn.apply
+    monkeypatch.setattr(fn, "apply", lambda *a: (calls.append(1), real(*a))[1])
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    model = Transformer(cfg).float()
+    if quant:
+        from llmtune.quant import Linear4bit
+
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, mod in list(parent.named_children()):
+                    if isinstance(mod, nn.Linear):
+                        setattr(parent, name, Linear4bit.from_float(mod.weight.data, None,
+                                                                     compute_dtype=torch.float32))
+    model = model.to(DEV)
+    apply_lora(model, lora_rank=4, lora_alpha=8, lora_target="all")
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.1)  # B = 0 at init would hide errors in the LoRA branch
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, 61, (2, 12), device=DEV)
+    loss, _ = causal_lm_loss(model(ids), model.lm_head.weight, ids)
+    loss.backward()
+    assert len(calls) == 2 * 7 * 2  # 2 layers x 7 linears, forward and the recomputation
+    dispatch.set_enabled(False)
+    loss_ref, _ = causal_lm_loss(ref(ids), ref.lm_head.weight, ids)
+    loss_ref.backward()
+    assert len(calls) == 28
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    grads = dict(ref.named_parameters())
+    trained = [(n, prm) for n, prm in model.named_parameters() if prm.requires_grad]
+    assert len(trained) == 2 * 7 * 2
+    for name, prm in trained:
+        torch.testing.assert_close(prm.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ----------------------------------------------------------------------------------------------------
 # QLoRA: 4-bit base weight
 # ----------------------------------------------------------------------------------------------------
