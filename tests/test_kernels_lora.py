@@ -447,3 +447,28 @@ def test_kernels_compile_for_hopper(tmp_path):
     assert {r["what"] for r in rows} == {"lora fwd", "lora dx", "nf4 matmul+lora", "nf4 grad_input+lora",
                                          "nf4 decode"}
     assert all(r["fits"] and r["shared_bytes"] <= 232448 for r in rows), rows
+
+
+def test_autotune_quick_bench_format(monkeypatch):
+    """The autotuner's timing function returns what ``triton.testing.do_bench`` returns (a list of the asked
+    quantiles, else the median) and allocates nothing; CUDA events are faked here (no GPU needed)."""
+    from llmtune.kernels import _autotune as A
+
+    clock = iter(range(1000))
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = next(clock)
+
+        def elapsed_time(self, other):
+            return float(other.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+    got = A.quick_bench(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8), reps=5)
+    assert len(calls) == 6 and got == [1.0, 1.0, 1.0]  # each call spans one tick between its two events
+    assert A.quick_bench(lambda: None, reps=3) == 1.0
