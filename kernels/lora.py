@@ -195,8 +195,11 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tens
     is cast to the autocast dtype (as ``F.linear`` would; a 4-bit base needs its ``compute_dtype`` to be
     that dtype) and the result has that dtype (4-bit base: ``x``'s dtype, as ``Linear4bit`` returns);
     without autocast ``x``, the base's dtype and the adapter must share one dtype (else None: the unfused
-    path casts between them)."""
+    path casts between them). Never inside ``torch.compile`` (the compiled layer keeps the unfused code,
+    whose add inductor fuses)."""
     if not use_triton(x) or layer.adapters_disabled or layer.merged_adapters or not x.is_floating_point():
+        return None
+    if torch.compiler.is_compiling():  # inside torch.compile (torch_compile: true) inductor fuses the add itself
         return None
     if x.numel() < FUSED_MIN_ROWS * x.shape[-1]:
         return None

@@ -472,3 +472,13 @@ def test_autotune_quick_bench_format(monkeypatch):
     got = A.quick_bench(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8), reps=5)
     assert len(calls) == 6 and got == [1.0, 1.0, 1.0]  # each call spans one tick between its two events
     assert A.quick_bench(lambda: None, reps=3) == 1.0
+
+
+def test_no_fused_path_inside_torch_compile(spy, monkeypatch):
+    """Under torch.compile (``torch_compile: true``) the LoRA layer keeps its unfused code."""
+    layer = _layer().cpu()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert L.fused_lora_forward(layer, _fake_x()) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    layer(_fake_x())
+    assert spy == [2.0]
