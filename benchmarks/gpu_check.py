@@ -8,14 +8,19 @@ Hub access (``benchmarks/gpu_check.sh`` installs llmtune from the checkout with 
 2. ``nf4``: dequantization GB/s (packed bytes + float32 scales read, bf16 written) against a
    device-to-device copy (``clone`` of 1 GiB: read + write); the 4-bit matmul at M = 1..16 (decode kernel)
    and at training M (tiled kernel, and the input gradient) against a bf16 ``torch.matmul`` with the dense
-   weight; every kernel's result is also checked against the PyTorch reference on the same data.
+   weight; every kernel's result is also checked against the PyTorch reference on the same data. Also the
+   fused LoRA linear (``llmtune.kernels.lora``: ``x W^T + s (x A^T) B^T`` in one Triton matmul) against
+   the unfused torch expression at a Llama-8B projection (4096 -> 14336, r 16) with M = 2048 and 4096,
+   bf16, forward and forward+backward, and the same with the weight in NF4 (QLoRA: fused vs
+   ``Linear4bit``'s kernels + the adapter term), each result checked against a float32 computation.
 3. ``train``: LoRA (bf16 base) and QLoRA (NF4 base, gradient checkpointing) training steps (forward, loss,
    backward, AdamW) at sequence lengths 1024 and 2048, batch 1, every token a label; tokens/s (median of
    the timed steps) and peak allocated GPU memory (``torch.cuda.max_memory_allocated`` since the model was
    built: weights + activations + optimizer state), llmtune against transformers + peft (sdpa attention) in
    the same process, on random-init models of Llama-3.1-8B and Qwen3-8B shape (the layer count is cut when
    the time budget demands it; the table says so). LoRA: rank 16, alpha 32, all linear layers of the
-   decoder. A transformers+peft QLoRA baseline needs bitsandbytes, which the GPU image lacks: it runs only
+   decoder; float32 adapters and bf16 autocast in both libraries, as their trainers run with bf16. A
+   transformers+peft QLoRA baseline needs bitsandbytes, which the GPU image lacks: it runs only
    when bitsandbytes imports.
 
 Each section is guarded (an exception is recorded, the next section runs), the whole run has a time budget
@@ -48,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_TEST_FILES = ["tests/test_kernels_fused.py", "tests/test_kernels_dispatch.py"]
+KERNEL_TEST_FILES = ["tests/test_kernels_fused.py", "tests/test_kernels_dispatch.py", "tests/test_kernels_lora.py"]
 
 # Hugging Face config.json contents of the two shapes (public architecture facts, no weights).
 LLAMA31_8B = {
@@ -161,6 +166,7 @@ def _versions() -> dict:
 def section_kernel_tests(dry: bool, budget: Budget) -> dict:
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "1" if dry else "0"  # explicit: the conftest only sets it when unset
+    env["LLMTUNE_AUTOTUNE"] = "0"  # one fixed tile config: autotuning every small test shape costs minutes
     env.pop("LLMTUNE_KERNELS", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TEST_FILES]
     if dry:
@@ -249,11 +255,79 @@ def section_nf4(dry: bool, budget: Budget, dev: str) -> dict:
             res["matmul"].append(row)
         del w, packed, absmax, wq, got
         _free(dev)
-    bad = [r for r in res["dequant"] + res["matmul"] + res["grad_input"] if r["max_rel_err"] > 2e-2]
+    try:
+        res["lora"] = _bench_lora(dry, dev, bench)
+    except Exception as e:  # noqa: BLE001 (recorded; the NF4 rows stand)
+        res["lora"] = [{"error": f"{type(e).__name__}: {e}"[:300]}]
+    if any("error" in r for r in res["lora"]):
+        res["status"] = "partial"
+    bad = [r for r in res["dequant"] + res["matmul"] + res["grad_input"] + res["lora"]
+           if r.get("max_rel_err", 0.0) > 2e-2]
     if bad:
         res["status"] = "wrong results"
         res["wrong"] = bad
     return res
+
+
+def _bench_lora(dry: bool, dev: str, bench: Callable[[Callable[[], Any]], float]) -> list[dict]:
+    """Fused LoRA linear vs unfused torch at a Llama-8B up projection (in 4096, out 14336, r 16, bf16).
+
+    Unfused is what a LoRA layer runs without the kernel: ``F.linear(x, W) + F.linear(F.linear(x, A), B) * s``
+    (the base output and the adapter output written, then read back and added); for QLoRA (the same W in
+    NF4) the base is ``Linear4bit``'s own autograd function (the NF4 kernels) plus the same adapter term.
+    Rows: forward, and forward + backward (input and adapter gradients; W frozen). ``max_rel_err``: the
+    fused forward against float32 math on the same bf16 inputs (and, for QLoRA, the dequantized weight).
+    On a GPU the first call of a new shape autotunes the kernel (seconds, outside the timings: ``bench``
+    warms up first)."""
+    import torch
+    import torch.nn.functional as F
+
+    from llmtune.kernels.lora import lora_linear, lora_linear_4bit
+    from llmtune.kernels.nf4 import dequantize_4bit_ref
+    from llmtune.quant.linear4bit import _Linear4bitFunction
+    from llmtune.quant.nf4 import quantize_4bit
+
+    n_in, n_out, r, s = (64, 96, 16, 2.0) if dry else (4096, 14336, 16, 2.0)
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = (torch.randn(n_out, n_in, generator=g) * n_in ** -0.5).to(dev, torch.bfloat16)
+    packed, st = quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
+    absmax, code = st.get_absmax(), st.code.to(dev)
+    w4 = dequantize_4bit_ref(packed, absmax, code, n_out * n_in, 64, torch.bfloat16).view(n_out, n_in)
+    a = (torch.randn(r, n_in, generator=g) * n_in ** -0.5).to(dev, torch.bfloat16).requires_grad_()
+    b = (torch.randn(n_out, r, generator=g) * r ** -0.5).to(dev, torch.bfloat16).requires_grad_()
+    for m in ([48] if dry else [2048, 4096]):
+        x = torch.randn(m, n_in, generator=g).to(dev, torch.bfloat16).requires_grad_()
+        dy = torch.randn(m, n_out, generator=g).to(dev, torch.bfloat16)
+        cases = {
+            "LoRA": (lambda: lora_linear(x, w, None, a, b, s),
+                     lambda: F.linear(x, w) + F.linear(F.linear(x, a), b) * s, w),
+            "QLoRA": (lambda: lora_linear_4bit(x, packed, absmax, code, n_out, 64, None, a, b, s),
+                      lambda: _Linear4bitFunction.apply(x, packed, absmax, code, n_out, 64)
+                      + F.linear(F.linear(x, a), b) * s, w4),
+        }
+        for kind, (fused, unfused, wref) in cases.items():
+            def step(fn):
+                def run():
+                    fn().backward(dy)
+                    x.grad = a.grad = b.grad = None
+                return run
+
+            with torch.no_grad():
+                y = fused()
+                ref = x.float() @ wref.float().t() + s * ((x.float() @ a.float().t()) @ b.float().t())
+                err = (y.float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-12)
+                del y, ref
+                t_f, t_u = bench(fused), bench(unfused)
+            t_fb, t_ub = bench(step(fused)), bench(step(unfused))
+            shape = f"{kind} 8B up {n_out}x{n_in} r{r}"
+            rows.append({"shape": shape, "M": m, "pass": "forward", "fused_ms": round(t_f, 4),
+                         "torch_ms": round(t_u, 4), "speedup": round(t_u / t_f, 3), "max_rel_err": err})
+            rows.append({"shape": shape, "M": m, "pass": "forward+backward", "fused_ms": round(t_fb, 4),
+                         "torch_ms": round(t_ub, 4), "speedup": round(t_ub / t_fb, 3), "max_rel_err": err})
+        del x, dy
+        _free(dev)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,8 +382,9 @@ def _build_llmtune(cfg: dict, dev: str, quant: bool):
     def loss_fn(ids):
         from llmtune.losses import causal_lm_loss
 
-        hidden = model(ids)
-        loss_sum, n = causal_lm_loss(hidden, model.lm_head.weight, ids)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):  # as the trainer with bf16: true
+            hidden = model(ids)
+            loss_sum, n = causal_lm_loss(hidden, model.lm_head.weight, ids)
         return loss_sum / n
     return model, loss_fn
 
@@ -338,7 +413,8 @@ def _build_hf(cfg: dict, dev: str, quant: bool):
     model.train()
 
     def loss_fn(ids):
-        return model(input_ids=ids, labels=ids).loss
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):  # as Trainer with bf16=True
+            return model(input_ids=ids, labels=ids).loss
     return model, loss_fn
 
 
@@ -381,6 +457,8 @@ def section_train(dry: bool, budget: Budget, dev: str) -> dict:
     else:
         hf_qlora = "transformers+peft QLoRA not run: it needs bitsandbytes, which is not installed"
     res["notes"].append(hf_qlora)
+    res["notes"].append("bf16 base, float32 adapters, bf16 autocast in both libraries (what their trainers do "
+                        "with bf16: true); with autocast llmtune's LoRA layers take the fused LoRA kernel")
     res["notes"].append("LoRA r16/alpha32 on all decoder linears, batch 1, AdamW; QLoRA with gradient "
                         "checkpointing (both libraries' LoRA runs without); peak = max allocated since the model "
                         "was built (weights + activations + optimizer state)")
@@ -526,6 +604,15 @@ def render(results: dict) -> str:
                 ["shape", "M", "nf4 ms", "bf16 ms", "speedup", "dequant+bf16 ms", "max rel err"],
                 [[r["shape"], r["M"], r["nf4_ms"], r["bf16_ms"], r["speedup_vs_bf16"], r.get("dequant_then_bf16_ms"),
                   r["max_rel_err"]] for r in nf["matmul"]]))
+            lora_rows = [r for r in nf.get("lora", []) if "error" not in r]
+            if lora_rows:
+                parts.append("\n### Fused LoRA / QLoRA linear (x W^T + s (x A^T) B^T, bf16) vs unfused\n" + _table(
+                    ["shape", "M", "pass", "fused ms", "torch ms", "speedup", "max rel err"],
+                    [[r["shape"], r["M"], r["pass"], r["fused_ms"], r["torch_ms"], r["speedup"], r["max_rel_err"]]
+                     for r in lora_rows]))
+            for r in nf.get("lora", []):
+                if "error" in r:
+                    parts.append(f"\nFused LoRA linear: error: {r['error']}")
             if nf.get("grad_input"):
                 parts.append("\n### NF4 input gradient (grad_out @ W) vs bf16\n" + _table(
                     ["shape", "M", "nf4 ms", "bf16 ms", "speedup"],

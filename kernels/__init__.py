@@ -8,6 +8,8 @@ PyPI package). Triton is optional and imported only when a kernel is first launc
 * ``rope``: rotary embedding of q and k (rotate-half), forward/backward.
 * ``swiglu``: ``silu(gate) * up`` forward/backward.
 * ``cross_entropy``: fused linear cross entropy and label log-probs (logits never stored).
+* ``lora``: LoRA fused into the frozen layer's matmul (``x W^T + s (x A^T) B^T`` in one tiled matmul, and
+  its input gradient; also on a 4-bit base), used by ``LoraLinear`` on CUDA.
 * ``dispatch``: the switch (:func:`set_enabled`, env ``LLMTUNE_KERNELS=0``, config key ``use_kernels``) and
   the rule: Triton on CUDA when installed and enabled, the PyTorch reference elsewhere.
 """

@@ -7,7 +7,8 @@ and one write of each output per call, no intermediate in global memory.
 
 Sources: RMSNorm (Zhang & Sennrich, 2019, eq. 4) and its gradient; RoPE in the rotate-half layout of
 Hugging Face checkpoints (Su et al., 2021, eq. 34); SwiGLU (Shazeer, 2020, eq. 6); softmax cross entropy
-with the online (one-pass) log-sum-exp (Milakov & Gimelshein, 2018, algorithm 3).
+with the online (one-pass) log-sum-exp (Milakov & Gimelshein, 2018, algorithm 3). The last section is not
+memory bound: LoRA fused into the frozen layer's tiled matmul (``lora.py``; Hu et al., 2021, eq. 3).
 """
 
 from __future__ import annotations
@@ -283,3 +284,104 @@ def cross_entropy_chunk_triton(logits: torch.Tensor, targets: torch.Tensor, grad
                      int(ignore_index), HAS_SCALE=grad_scale is not None, WRITE_GRAD=bool(write_grad), BLOCK=block,
                      num_warps=_num_warps(block))
     return loss, lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA fused into the frozen layer's matmul: C = A B + scaling * P Q (+ bias), one store of C
+# ----------------------------------------------------------------------------------------------------
+# Forward:  y  = x W^T + s (x A^T) B^T + bias   (A = x, B = W^T, P = xa = x A^T, Q = B^T)
+# Backward: dx = g W   + s (g B) A              (A = g, B = W,   P = gB,          Q = A)
+# Both are the same kernel on strided views; the rank-r term is added to the float32 accumulator of the
+# big product before the single store, so no second (M, N) tensor is written and re-read.
+
+from llmtune.kernels._autotune import m_bucket as _m_bucket  # noqa: E402
+from llmtune.kernels._autotune import matmul_configs as _matmul_configs  # noqa: E402
+from llmtune.kernels._autotune import tuner_kwargs as _tuner_kwargs  # noqa: E402
+
+
+@triton.jit
+def _lora_mm_kernel(a_ptr, b_ptr, p_ptr, q_ptr, bias_ptr, c_ptr, M, N, K, R, M_BUCKET, scaling,
+                    s_am, s_ak, s_bk, s_bn, s_pm, s_pr, s_qr, s_qn, s_cm, s_cn,
+                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # program -> (row tile, column tile), GROUP_M row tiles at a time (L2 reuse of the column tiles)
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BM)
+    tiles_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + rm64[:, None] * s_am + rk[None, :] * s_ak,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + rk[:, None].to(tl.int64) * s_bk + rn64[None, :] * s_bn,
+                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+    low = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        p = tl.load(p_ptr + rm64[:, None] * s_pm + rr[None, :] * s_pr,
+                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        q = tl.load(q_ptr + rr[:, None] * s_qr + rn64[None, :] * s_qn,
+                    mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        if IEEE:
+            low += tl.dot(p, q, input_precision="ieee")
+        else:
+            low += tl.dot(p, q)
+    acc += low * scaling
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rm64[:, None] * s_cm + rn64[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# Two tuners over one kernel: forward (W read transposed) and input gradient (W read as stored) keep
+# separate caches, since a square projection has the same (M, N, K) key in both but a different layout.
+_LORA_CONFIGS = _matmul_configs(interpret_block=32)
+_LORA_KEY = ["M_BUCKET", "N", "K"]
+_lora_fwd_kernel = triton.autotune(configs=_LORA_CONFIGS, key=_LORA_KEY, **_tuner_kwargs())(_lora_mm_kernel)
+_lora_dx_kernel = triton.autotune(configs=_LORA_CONFIGS, key=_LORA_KEY, **_tuner_kwargs())(_lora_mm_kernel)
+
+
+def _ieee(t: torch.Tensor) -> bool:
+    """float32 operands on the GPU: full float32 products (as torch's matmul) unless the user allowed TF32."""
+    return t.is_cuda and t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def lora_mm_triton(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                   bias, scaling: float, backward: bool = False) -> torch.Tensor:
+    """``a (M, K) @ b (K, N) + scaling * p (M, R) @ q (R, N) (+ bias (N,))`` -> ``(M, N)`` in ``a.dtype``.
+
+    Any strides (the callers pass transposed views of W, A and B); all operands of one dtype. Products are
+    accumulated in float32 and rounded once. ``backward`` picks the tuner of the input-gradient launch."""
+    m, k = a.shape
+    n = b.shape[1]
+    r = p.shape[1]
+    c = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    br = max(16, min(64, triton.next_power_of_2(r)))
+    kernel = _lora_dx_kernel if backward else _lora_fwd_kernel
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+    kernel[grid](a, b, p, q, bias.contiguous() if bias is not None else c, c, m, n, k, r, _m_bucket(m), float(scaling),
+                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0), p.stride(1), q.stride(0),
+                 q.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None,
+                 UPCAST=(not a.is_cuda) and a.dtype == torch.bfloat16, IEEE=_ieee(a), BR=br)
+    return c

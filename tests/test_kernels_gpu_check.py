@@ -32,6 +32,8 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert kt["status"] == "ok" and kt["collected"] and kt["collected"] >= 20, kt.get("tail")
     nf = res["nf4"]
     assert nf["status"] == "ok", nf
+    assert {(r["shape"][:5], r["pass"]) for r in nf["lora"]} == {(k, p) for k in ("LoRA ", "QLoRA")
+                                                                for p in ("forward", "forward+backward")}, nf["lora"]
     assert {r["M"] for r in nf["matmul"]} >= {1, 2, 4, 8, 16}
     tr = res["train"]
     ok = [r for r in tr["runs"] if r["status"] == "ok"]

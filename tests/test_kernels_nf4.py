@@ -146,3 +146,19 @@ def test_linear4bit_through_kernels_forward_backward():
 def test_cpu_without_force_uses_reference(monkeypatch):
     monkeypatch.delenv("LLMTUNE_FORCE_TRITON")
     assert not K.use_triton(torch.zeros(1))
+
+
+@pytest.mark.parametrize("m,n,k,blocksize", [(2, 40, 192, 64), (1, 33, 384, 128), (3, 17, 96, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_m_kernel_row_blocks(m, n, k, blocksize, dtype):
+    """The decode kernel's path for K % blocksize == 0 (one byte load per two columns, one scale per block):
+    a K that leaves a partial last K tile (192, 384 over the interpreter's 128-wide tile) and other block
+    sizes, against the float64 formula ``code[nibble] * absmax[flat // blocksize]`` written here."""
+    w = torch.randn(n, k) * torch.rand(n, 1)
+    packed, st = quantize_4bit(w, blocksize=blocksize, quant_type="nf4", double_quant=False)
+    absmax = st.get_absmax()
+    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[: n * k].long()
+    w64 = (st.code.double()[codes] * absmax.double().repeat_interleave(blocksize)[: n * k]).view(n, k)
+    x = torch.randn(m, k, dtype=dtype)
+    got = K.matmul_4bit_small_m(x, packed, absmax, st.code, n, blocksize)
+    _close(got, x.double() @ w64.t(), dtype)

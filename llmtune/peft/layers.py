@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtune.errors import LLMTuneError
+from llmtune.kernels.lora import fused_lora_forward
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -231,6 +232,9 @@ class LoraLinear(nn.Module):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x)
+        fused = fused_lora_forward(self, x)  # one Triton matmul for base + adapter (CUDA), else None
+        if fused is not None:
+            return fused
         result = self.base_layer(x)
         if self.merged_adapters:
             return result
