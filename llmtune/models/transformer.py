@@ -397,16 +397,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
             rep = h // k.shape[1]
             k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
-    return _span_attention(q, k, v, mask)
+    return _SPAN_ATTENTION[0](q, k, v, mask)
 
 
 _CPU_FP32_SPAN = 256
 
 
-@torch.compiler.disable
 def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: SegmentSpans) -> torch.Tensor:
     """:func:`attend` over :class:`SegmentSpans` (eager even inside a compiled layer: a Python loop over spans
-    whose count and lengths change every batch would otherwise recompile)."""
+    whose count and lengths change every batch would otherwise recompile; :meth:`Transformer.compile_layers`
+    wraps it in ``torch.compiler.disable`` then, not at import, which would import ``torch._dynamo``: 1.2 s of
+    every command's start-up)."""
     b, h, t, d = q.shape
     gqa = k.shape[1] != h
     if q.device.type == "cuda" and segs.cu_seqlens is not None:
@@ -441,6 +442,9 @@ def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: Seg
     for (row, s, e), o in zip(segs.spans, outs):
         out[row, s:e] = o[0]
     return out
+
+
+_SPAN_ATTENTION = [_span_attention]   # what attend calls: compile_layers swaps in the compiler-disabled wrapper
 
 
 class Transformer(nn.Module):
@@ -479,6 +483,8 @@ class Transformer(nn.Module):
         with a dynamic sequence length so that packed batches of new lengths do not recompile (all layers share
         one compiled code: same code object, same guards). Parameter names and state dicts are unchanged.
         The span attention stays eager (:func:`_span_attention`). ``backend``: ``torch.compile``'s."""
+        if _SPAN_ATTENTION[0] is _span_attention:
+            _SPAN_ATTENTION[0] = torch.compiler.disable(_span_attention)
         for layer in self.model.layers:
             layer.compile(dynamic=dynamic, backend=backend)
 
