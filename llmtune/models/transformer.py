@@ -58,7 +58,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     between ``low_freq_factor`` and ``high_freq_factor`` wavelengths of ``original_max_position_embeddings``).
     """
     d = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # computed on the CPU whatever the default device (a meta tensor here would go through torch's reference
+    # ops, which import torch._dynamo: 1.5 s); the caller moves it
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     sc = config.rope_scaling or {}
     kind = sc.get("rope_type", "default")
     if kind == "linear":
@@ -468,7 +470,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config).to(torch.empty(0).device), persistent=False)
         self.gradient_checkpointing = False
         #: MoE models: the load-balancing loss of the last forward without a KV cache (llmtune.models.moe)
         self.aux_loss: Optional[torch.Tensor] = None
