@@ -458,7 +458,9 @@ def section_train(dry: bool, budget: Budget, dev: str) -> dict:
         hf_qlora = "transformers+peft QLoRA not run: it needs bitsandbytes, which is not installed"
     res["notes"].append(hf_qlora)
     res["notes"].append("bf16 base, float32 adapters, bf16 autocast in both libraries (what their trainers do "
-                        "with bf16: true); with autocast llmtune's LoRA layers take the fused LoRA kernel")
+                        "with bf16: true); llmtune with its defaults: QLoRA layers take the fused NF4+LoRA kernel, bf16 LoRA layers "
+                        f"keep cuBLAS + the adapter (LLMTUNE_FUSED_LORA={os.environ.get('LLMTUNE_FUSED_LORA', 'unset')}; "
+                        "the fused-linear table says whether the dense fusion should be turned on)")
     res["notes"].append("LoRA r16/alpha32 on all decoder linears, batch 1, AdamW; QLoRA with gradient "
                         "checkpointing (both libraries' LoRA runs without); peak = max allocated since the model "
                         "was built (weights + activations + optimizer state)")

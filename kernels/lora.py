@@ -17,6 +17,7 @@ another ``scaling``). Gradients (``g = dL/dy``, ``(M, out)``): ``dx = g W + s (g
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -29,6 +30,20 @@ from llmtune.kernels.dispatch import use_triton
 #: Row counts (tokens) at or below which ``LoraLinear`` keeps its unfused path: decode steps, where the
 #: base matmul is a matrix-vector product (cuBLAS / the NF4 decode kernel) and a tiled kernel only pads.
 FUSED_MIN_ROWS = 17
+
+
+def fused_bases() -> tuple[str, ...]:
+    """Which base layers :func:`fused_lora_forward` fuses, from ``LLMTUNE_FUSED_LORA``: unset or ``4bit``:
+    ``("4bit",)`` (QLoRA: the NF4 tiled kernel runs anyway and carries the rank-r term); ``1``/``all``:
+    ``("4bit", "dense")`` (a dense ``nn.Linear`` base too, replacing cuBLAS for ``x W^T``: off by default
+    until the GPU check shows the fused kernel beats cuBLAS plus the separate add, docs/performance.md);
+    ``0``/``off``: none."""
+    value = os.environ.get("LLMTUNE_FUSED_LORA", "4bit").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return ()
+    if value in ("1", "all", "on", "true", "yes", "dense"):
+        return ("4bit", "dense")
+    return ("4bit",)
 
 
 def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -196,7 +211,7 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tens
     that dtype) and the result has that dtype (4-bit base: ``x``'s dtype, as ``Linear4bit`` returns);
     without autocast ``x``, the base's dtype and the adapter must share one dtype (else None: the unfused
     path casts between them). Never inside ``torch.compile`` (the compiled layer keeps the unfused code,
-    whose add inductor fuses)."""
+    whose add inductor fuses). Which bases: :func:`fused_bases` (default: 4-bit only)."""
     if not use_triton(x) or layer.adapters_disabled or layer.merged_adapters or not x.is_floating_point():
         return None
     if torch.compiler.is_compiling():  # inside torch.compile (torch_compile: true) inductor fuses the add itself
@@ -214,6 +229,8 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tens
     q4 = sys.modules.get("llmtune.quant.linear4bit")  # loaded whenever a Linear4bit exists
     quant = q4 is not None and type(base) is q4.Linear4bit
     if not quant and (type(base) is not nn.Linear or base.weight.requires_grad):
+        return None
+    if ("4bit" if quant else "dense") not in fused_bases():
         return None
     bias = base.bias
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight

@@ -34,6 +34,7 @@ RANKS_4BIT = [1, 16, 70] if DEV == "cpu" else [16]
 @pytest.fixture(autouse=True)
 def _force_triton(monkeypatch):
     monkeypatch.setenv("LLMTUNE_FORCE_TRITON", "1")
+    monkeypatch.setenv("LLMTUNE_FUSED_LORA", "1")   # dense bases too (off by default: see test_fused_bases)
     monkeypatch.delenv("LLMTUNE_KERNELS", raising=False)
     dispatch.set_enabled(None)
     from llmtune.kernels import _fused_triton
@@ -482,3 +483,18 @@ def test_no_fused_path_inside_torch_compile(spy, monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     layer(_fake_x())
     assert spy == [2.0]
+
+
+def test_fused_bases_default_is_4bit_only(spy, monkeypatch):
+    """Unset LLMTUNE_FUSED_LORA: a dense nn.Linear base keeps cuBLAS + the separate adapter (the fused dense
+    kernel must first beat it on a GPU); 0 turns the 4-bit fusion off too; 1 fuses both."""
+    monkeypatch.delenv("LLMTUNE_FUSED_LORA")
+    assert L.fused_bases() == ("4bit",)
+    _layer().cpu()(_fake_x())
+    assert spy == []
+    monkeypatch.setenv("LLMTUNE_FUSED_LORA", "0")
+    assert L.fused_bases() == ()
+    monkeypatch.setenv("LLMTUNE_FUSED_LORA", "1")
+    assert L.fused_bases() == ("4bit", "dense")
+    _layer().cpu()(_fake_x())
+    assert len(spy) == 1
