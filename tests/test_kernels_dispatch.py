@@ -8,10 +8,10 @@ and against float64 formulas written here.
 """
 
 import copy
-import importlib
 import os
 
 import pytest
+from kernel_helpers import interpret_fused_kernels
 import torch
 
 pytest.importorskip("triton")
@@ -128,13 +128,7 @@ def forced(monkeypatch):
     monkeypatch.setenv("LLMTUNE_FORCE_TRITON", "1")
     monkeypatch.delenv("LLMTUNE_KERNELS", raising=False)
     dispatch.set_enabled(None)
-    from llmtune.kernels import _fused_triton
-
-    if DEV == "cpu":
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(_fused_triton._ce_kernel, InterpretedFunction):
-            importlib.reload(_fused_triton)
+    interpret_fused_kernels(DEV)
     counts = {}
     for mod, cls in [(RN, "_RMSNormFunction"), (RP, "_RoPEFunction"), (SG, "_SwiGLUFunction"),
                      (CE, "_FusedLinearCE"), (CE, "_FusedLinearLogps")]:

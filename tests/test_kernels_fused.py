@@ -9,10 +9,10 @@ The float64 references are the formulas (RMSNorm: Zhang & Sennrich 2019 eq. 4; R
 al. 2021; SwiGLU: Shazeer 2020; softmax cross entropy), differentiated by autograd in float64.
 """
 
-import importlib
 import os
 
 import pytest
+from kernel_helpers import interpret_fused_kernels
 import torch
 
 pytest.importorskip("triton")
@@ -29,13 +29,7 @@ def _force_triton():
     old = os.environ.get("LLMTUNE_FORCE_TRITON")
     os.environ["LLMTUNE_FORCE_TRITON"] = "1"
     dispatch.set_enabled(True)
-    from llmtune.kernels import _fused_triton
-
-    if DEV == "cpu":  # kernels defined before TRITON_INTERPRET was set were compiled for a GPU: redefine them
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(_fused_triton._ce_kernel, InterpretedFunction):
-            importlib.reload(_fused_triton)
+    interpret_fused_kernels(DEV)
     yield
     dispatch.set_enabled(None)
     if old is None:

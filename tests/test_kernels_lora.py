@@ -10,10 +10,10 @@ Shapes are small and not multiples of the interpreter's 32-wide tiles; ranks 1, 
 """
 
 import copy
-import importlib
 import os
 
 import pytest
+from kernel_helpers import interpret_fused_kernels
 import torch
 from torch import nn
 
@@ -37,13 +37,7 @@ def _force_triton(monkeypatch):
     monkeypatch.setenv("LLMTUNE_FUSED_LORA", "1")   # dense bases too (off by default: see test_fused_bases)
     monkeypatch.delenv("LLMTUNE_KERNELS", raising=False)
     dispatch.set_enabled(None)
-    from llmtune.kernels import _fused_triton
-
-    if DEV == "cpu":  # kernels defined before TRITON_INTERPRET was set were compiled for a GPU: redefine them
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(_fused_triton._ce_kernel, InterpretedFunction):
-            importlib.reload(_fused_triton)
+    interpret_fused_kernels(DEV)
     yield
     dispatch.set_enabled(None)
 
