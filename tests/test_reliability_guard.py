@@ -101,6 +101,12 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     assert not (tmp_path / "out" / "checkpoint-3").exists() and not (tmp_path / "out" / "tmp-checkpoint-3").exists()
     with pytest.raises(LLMTuneError, match="the final model"):
         check_weights_finite(model.state_dict().items(), "the final model")
+    # the final save scans what training changed (the trainable weights) and writes nothing
+    from llmtune.train.outputs import save_model
+
+    with pytest.raises(LLMTuneError, match="the final model"):
+        save_model(model, tmp_path / "final", tr.config, base="base")
+    assert not (tmp_path / "final").exists()
 
 
 def test_rotation_never_deletes_the_newest_checkpoint(tmp_path):

@@ -81,7 +81,9 @@ def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: 
 
     Raises:
         LLMTuneError: a weight holds NaN/inf (a diverged run's weights are never saved as its output)."""
-    check_weights_finite((state_dict if state_dict is not None else model.state_dict()).items(), "the final model")
+    # frozen weights are as loaded (training never changes them): only what training changed is scanned
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    check_weights_finite(state_dict.items() if state_dict is not None else trained, "the final model")
     if getattr(model, "v_head", None) is not None:
         save_value_head(model, out)
         if getattr(model, "value_head_only", False):
