@@ -149,9 +149,39 @@ def test_ppo_interrupted_in_a_rollout_then_resumed_trains_as_the_uninterrupted_r
     assert_same(trainer, model, reference, ref_model, 3)
 
 
+def test_ctrl_c_during_a_ppo_iterations_updates_finishes_the_iteration_then_saves_it(ppo_reference, tmp_path,
+                                                                                    capsys):
+    import os
+    import signal
+
+    _, reference, ref_model = ppo_reference
+    out = tmp_path / "o"
+    first, _ = ppo_trainer(tmp_path, out, max_steps=3, save_steps=100)
+    calls = []
+
+    def loss(*args):  # 2 updates x 2 mini-batches per iteration: call 6 is step 2's first update, 2nd mini-batch
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C
+        return inner(*args)
+
+    inner = first.online.loss
+    first.stage = loss
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    err = capsys.readouterr().err
+    assert "finishing the optimizer updates of step 2" in err and "interrupted: saved" in err
+    assert len(calls) == 8 and first.global_step == 2  # the iteration was completed, then saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    trainer, model = ppo_trainer(tmp_path, out, max_steps=3, save_steps=100, resume_from_checkpoint=True)
+    trainer.train()
+    assert_same(trainer, model, reference, ref_model, 3)
+
+
 def test_ppo_interrupted_between_its_updates_saves_no_half_step(tmp_path, capsys):
     trainer, _ = ppo_trainer(tmp_path, tmp_path / "o", max_steps=3, save_steps=100)
-    trainer.online.loss = trainer.stage = Interrupt(trainer.online.loss, 3)  # update 2 of step 1 (2 mini-batches each)
+    # an exception within update 2 of step 1 (a second Ctrl-C, or a kill of the process group)
+    trainer.online.loss = trainer.stage = Interrupt(trainer.online.loss, 3)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert "no checkpoint of it is saved" in capsys.readouterr().err

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -97,6 +99,7 @@ class Trainer:
         self._queue: list[OnlineStep] = []
         self._online_at_step_start: Optional[tuple[dict, list]] = None  # (stage state, queue) before the step
         self._updates_in_step = 0  # optimizer updates the running step has applied (PPO: several)
+        self._sigint_deferred = False  # a Ctrl-C arrived during a multi-update step: stop after it
         self.config = config = as_train_config(config)
         self.train_dataset = train_dataset
         self.collator = collator or pad_collate
@@ -349,7 +352,8 @@ class Trainer:
                         self._online_at_step_start = self._online_state()
                     self.ctx.global_step, self.ctx.training = self.global_step, True
                     step = self.next_step(steps)                # 1. pre-fetch the step (online: rollouts)
-                    loss, grad_norm, lr, metrics = self.train_step(step)   # 2-4. count, fwd, bwd, clip, step
+                    with self._finish_updates_on_sigint(len(step.updates) > 1):
+                        loss, grad_norm, lr, metrics = self.train_step(step)   # 2-4. count, fwd, bwd, clip, step
                     self.global_step += 1
                     self.step_in_epoch += 1
                     # from here an interrupt saves the state as it is now (the step is complete)
@@ -375,6 +379,9 @@ class Trainer:
                     if (self.save_strategy == "steps" and self.global_step % self.save_steps == 0) or (
                             self.save_strategy == "epoch" and end_of_epoch):
                         self.save_checkpoint()
+                    if self._sigint_deferred:  # the Ctrl-C of a multi-update step, now that the step is whole
+                        self._sigint_deferred = False
+                        raise KeyboardInterrupt
                 if self.step_in_epoch >= n_steps:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
         except KeyboardInterrupt:
@@ -404,6 +411,29 @@ class Trainer:
                    "train_steps_per_second": round(done / runtime, 3) if runtime else 0.0,
                    "train_tokens_per_second": round(self.tokens_seen / runtime, 2) if runtime else 0.0}
         return results
+
+    @contextlib.contextmanager
+    def _finish_updates_on_sigint(self, active: bool):
+        """While a step of several optimizer updates (a PPO iteration) runs, a first Ctrl-C (SIGINT) only
+        marks the run to stop once the step is complete, so that the checkpoint saved then is of a whole step
+        (a step cut between its updates has weights of no step and could not be saved); a second Ctrl-C stops
+        at once. Single process, main thread only (elsewhere the signal is left alone)."""
+        if not active or world_size() > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._sigint_deferred:
+                raise KeyboardInterrupt
+            self._sigint_deferred = True
+            notice(f"interrupt: finishing the optimizer updates of step {self.global_step + 1}, then saving a "
+                   "checkpoint (press Ctrl-C again to stop now without it)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
     def epoch_float(self) -> float:
         """Fractional epochs completed (``epoch + step_in_epoch / steps_per_epoch``)."""
