@@ -188,7 +188,7 @@ def test_ppo_interrupted_between_its_updates_saves_no_half_step(tmp_path, capsys
     assert ckpt.list_checkpoints(tmp_path / "o") == []
 
 
-def test_a_checkpoint_of_another_stage_or_without_online_state_is_one_clear_error(grpo_reference, tmp_path):
+def test_another_stages_checkpoint_another_prompt_set_or_no_online_state_is_one_clear_error(grpo_reference, tmp_path):
     from llmtune.config import parse_config
 
     tmp, _, _ = grpo_reference
@@ -203,6 +203,11 @@ def test_a_checkpoint_of_another_stage_or_without_online_state_is_one_clear_erro
     with pytest.raises(LLMTuneError, match=r"checkpoint-1 is a checkpoint of stage sft, not grpo"):
         trainer.train()
     assert all(torch.equal(p, trainable(model)[n]) for n, p in before.items())  # nothing was loaded
+    trainer, _ = grpo_trainer(tmp_path, tmp_path / "o3", max_steps=4, resume_from_checkpoint=str(tmp / "ref" /
+                                                                                                 "checkpoint-1"))
+    trainer.online.prompts = ROWS[:3]  # another prompt set (e.g. a changed max_samples)
+    with pytest.raises(LLMTuneError, match="not that of stage grpo on these 3 prompts"):
+        trainer.train()
     bare = tmp_path / "checkpoint-2"
     shutil.copytree(tmp / "ref" / "checkpoint-2", bare)
     (bare / ckpt.ONLINE_STATE).unlink()

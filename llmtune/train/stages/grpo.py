@@ -141,12 +141,13 @@ class GRPOStage:
 
     def state_dict(self) -> dict[str, Any]:
         """What this stage carries between steps, as JSON (saved in checkpoints as ``online_state.json``):
-        the prompt cursor (``order``: the rest of the current shuffled order; ``epoch``: passes drawn so far)."""
-        return {"stage": "grpo", "order": list(self._order), "epoch": self._epoch}
+        the prompt cursor (``order``: the rest of the current shuffled order; ``epoch``: passes drawn so far;
+        ``num_prompts``: the prompt set's size, checked at resume)."""
+        return {"stage": "grpo", "num_prompts": len(self.prompts), "order": list(self._order), "epoch": self._epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. Raises :class:`LLMTuneError` for the state of another stage or prompt set."""
-        if state.get("stage") != "grpo" or any(not 0 <= int(i) < len(self.prompts) for i in state.get("order", [])):
+        if state.get("stage") != "grpo" or state.get("num_prompts") != len(self.prompts):
             raise LLMTuneError(f"resume_from_checkpoint: the saved online state is not that of stage grpo on these "
                                f"{len(self.prompts)} prompts; resume with the dataset and stage it was trained with")
         self._order, self._epoch = [int(i) for i in state["order"]], int(state["epoch"])
