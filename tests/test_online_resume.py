@@ -208,6 +208,13 @@ def test_another_stages_checkpoint_another_prompt_set_or_no_online_state_is_one_
     trainer.online.prompts = ROWS[:3]  # another prompt set (e.g. a changed max_samples)
     with pytest.raises(LLMTuneError, match="not that of stage grpo on these 3 prompts"):
         trainer.train()
+    multi = tmp_path / "multi" / "checkpoint-2"  # as written under torchrun with 2 processes
+    shutil.copytree(tmp / "ref" / "checkpoint-2", multi)
+    state = json.loads((multi / ckpt.TRAINER_STATE).read_text())
+    (multi / ckpt.TRAINER_STATE).write_text(json.dumps(dict(state, world_size=2)))
+    trainer, _ = grpo_trainer(tmp_path, tmp_path / "o4", max_steps=4, resume_from_checkpoint=str(multi))
+    with pytest.raises(LLMTuneError, match="resumes only in a single process"):
+        trainer.train()
     bare = tmp_path / "checkpoint-2"
     shutil.copytree(tmp / "ref" / "checkpoint-2", bare)
     (bare / ckpt.ONLINE_STATE).unlink()
