@@ -10,7 +10,10 @@ A checkpoint is a folder ``output_dir/checkpoint-<global_step>`` holding
 * ``rng_state.safetensors`` + ``rng_state.json``: torch CPU (and CUDA) generator states as uint8 tensors,
   numpy's MT19937 key as uint32 plus its position, Python ``random``'s state as JSON;
 * ``scaler.json``: the fp16 ``GradScaler`` state (CUDA only);
-* ``trainer_state.json``: global step, epoch, step within the epoch, best metric, log history.
+* ``trainer_state.json``: global step, epoch, step within the epoch, best metric, log history;
+* online stages (ppo, grpo) only: ``online_state.json`` (the stage's own ``state_dict()``: prompt cursor, KL
+  controller, running statistics; plus the index of the trainer's queue of pending steps) and
+  ``online_queue.safetensors`` (that queue's micro-batch tensors as ``s<step>.u<update>.m<micro>.<key>``).
 
 It is written to ``output_dir/tmp-checkpoint-<step>`` and renamed when complete, so a killed run never
 leaves a half-written folder that looks like a checkpoint: :func:`latest_checkpoint` only considers names
@@ -38,6 +41,8 @@ from llmtune.errors import LLMTuneError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+ONLINE_STATE = "online_state.json"
+ONLINE_QUEUE = "online_queue.safetensors"
 
 
 # -- discovery --------------------------------------------------------------------------------------
@@ -242,13 +247,15 @@ def _is_alias(model: torch.nn.Module, name: str, tensors: dict) -> bool:
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
-                    rng_state: dict[str, Any], scaler: Any = None) -> Path:
+                    rng_state: dict[str, Any], scaler: Any = None,
+                    online: Optional[tuple[dict[str, Any], list]] = None) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (temp folder, fsync, then rename); return its path.
 
     An existing ``checkpoint-<step>`` (e.g. written again after a resume) is replaced only once the new
     one is complete. Every file and the folder are flushed to disk (``fsync``) before the rename, and the
     parent folder after it, so a power loss never publishes a checkpoint whose files are still in the page
-    cache. See the module docstring for the files.
+    cache. See the module docstring for the files. ``online``: an online stage's ``(stage_state, queue)``
+    (:func:`pack_online_queue`), written as ``online_state.json`` + ``online_queue.safetensors``.
 
     Raises:
         LLMTuneError: the trainable weights hold NaN/inf (nothing is written); the disk is full or the folder
@@ -273,6 +280,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
         save_rng_state(rng_state, tmp)
         if scaler is not None and scaler.is_enabled():
             (tmp / "scaler.json").write_text(json.dumps(_jsonable(scaler.state_dict())))
+        if online is not None:
+            tensors, index = pack_online_queue(online[1])
+            save_tensors(tensors, str(tmp / ONLINE_QUEUE))
+            (tmp / ONLINE_STATE).write_text(strict_dumps({"stage_state": online[0], "queue": index}, indent=1))
         (tmp / TRAINER_STATE).write_text(strict_dumps(trainer_state, indent=1))  # written last
         fsync_tree(tmp)
         publish_checkpoint(tmp, final)
@@ -285,6 +296,72 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
                            f"space on its disk or make it writable, then resume from the last complete "
                            f"checkpoint, {last_checkpoint_text(out)}") from None
     return final
+
+
+# -- online stages: the stage's own state and the trainer's queue of pending steps --------------------------
+def pack_online_queue(queue: list) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Flatten a queue of :class:`~llmtune.train.stages.base.OnlineStep` into safetensors + a JSON index.
+
+    Each micro-batch tensor ``queue[i].updates[j][k][key]`` becomes ``s<i>.u<j>.m<k>.<key>`` (a CPU copy, so
+    views of one rollout tensor are stored apart: safetensors refuses shared storage); the index is one entry
+    per step: ``{"metrics": {...}, "updates": [[{"tensors": [key...], "values": {key: int/float}}]]}``.
+    Exact: the bytes (and dtype, shape) of every tensor are kept. Raises ``TypeError`` for a micro-batch value
+    that is neither a tensor nor a JSON scalar.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    index = []
+    for i, step in enumerate(queue):
+        updates = []
+        for j, micro in enumerate(step.updates):
+            entries = []
+            for k, batch in enumerate(micro):
+                names, values = [], {}
+                for key, v in batch.items():
+                    if isinstance(v, torch.Tensor):
+                        tensors[f"s{i}.u{j}.m{k}.{key}"] = v.detach().to("cpu", copy=True).contiguous()
+                        names.append(key)
+                    elif isinstance(v, (bool, int, float, str)) or v is None:
+                        values[key] = v
+                    else:
+                        raise TypeError(f"online queue: micro-batch key {key!r} holds a {type(v).__name__}")
+                entries.append({"tensors": names, "values": values})
+            updates.append(entries)
+        index.append({"metrics": {k: float(v) for k, v in step.metrics.items()}, "updates": updates})
+    return tensors, index
+
+
+def load_online_state(folder: Path, device: Any) -> tuple[dict[str, Any], list]:
+    """Read ``online_state.json`` + ``online_queue.safetensors`` of ``folder``: ``(stage_state, queue)``, the
+    queue rebuilt as :class:`~llmtune.train.stages.base.OnlineStep` s with tensors on ``device``.
+
+    Raises:
+        LLMTuneError: the files are missing or damaged (naming the folder).
+    """
+    from llmtune.train.stages.base import OnlineStep
+
+    folder = Path(folder)
+    if not (folder / ONLINE_STATE).is_file():
+        raise LLMTuneError(f"resume_from_checkpoint: {folder} has no {ONLINE_STATE} (the rollout state of an online "
+                           "stage: a checkpoint of another stage, or of an llmtune without online resume); resume "
+                           "from a checkpoint of this stage, or start afresh without resume_from_checkpoint")
+    meta = read_checkpoint_json(folder / ONLINE_STATE)
+    if not isinstance(meta, dict) or not isinstance(meta.get("queue"), list):
+        raise _broken(folder / ONLINE_STATE, "no queue list")
+    tensors = read_checkpoint_tensors(folder / ONLINE_QUEUE)
+    queue = []
+    with checkpoint_file_errors(folder / ONLINE_STATE):
+        for i, step in enumerate(meta["queue"]):
+            updates = []
+            for j, micro in enumerate(step["updates"]):
+                batches = []
+                for k, entry in enumerate(micro):
+                    b = {key: tensors[f"s{i}.u{j}.m{k}.{key}"].to(device) for key in entry["tensors"]}
+                    b.update(entry["values"])
+                    batches.append(b)
+                updates.append(batches)
+            metrics = {k: (float("nan") if v is None else float(v)) for k, v in step["metrics"].items()}
+            queue.append(OnlineStep(updates=updates, metrics=metrics))
+    return meta.get("stage_state") or {}, queue
 
 
 def _is_io_error(err: BaseException) -> bool:

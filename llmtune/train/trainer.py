@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -95,6 +97,9 @@ class Trainer:
         self.model = model
         self.online = online
         self._queue: list[OnlineStep] = []
+        self._online_at_step_start: Optional[tuple[dict, list]] = None  # (stage state, queue) before the step
+        self._updates_in_step = 0  # optimizer updates the running step has applied (PPO: several)
+        self._sigint_deferred = False  # a Ctrl-C arrived during a multi-update step: stop after it
         self.config = config = as_train_config(config)
         self.train_dataset = train_dataset
         self.collator = collator or pad_collate
@@ -299,9 +304,11 @@ class Trainer:
         rollout-level metrics merged in."""
         lr = self.scheduler.get_last_lr()[0]
         losses, norms, sums = [], [], {}
+        self._updates_in_step = 0
         for micro in step.updates:
             loss, _, metrics = self.accumulate_gradients(micro)                # 2-3. count, fwd, bwd
             norms.append(self.optimizer_step(loss))                           # 4. clip, step (finite guard)
+            self._updates_in_step += 1
             losses.append(loss)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -321,9 +328,6 @@ class Trainer:
         if is_main():  # tmp-checkpoint-N of a run killed while saving (the caller holds output_dir's lock)
             ckpt.remove_stale_temporaries(self.output_dir)
         resume = ckpt.resolve_resume(self.config.resume_from_checkpoint, self.output_dir)
-        if resume is not None and self.online is not None:
-            raise LLMTuneError(f"resume_from_checkpoint is not supported for stage {self.stage_name} yet (its "
-                               "rollout state is not checkpointed); start a new run")
         if resume is not None:
             self._load(resume)
         if is_main():
@@ -343,11 +347,17 @@ class Trainer:
                 n_steps = len(steps) if steps is not None else self.steps_per_epoch
                 while self.step_in_epoch < n_steps and self.global_step < self.total_steps:
                     self._rng_at_step_start = ckpt.capture_rng_state()
+                    self._updates_in_step = 0
+                    if self.online is not None:
+                        self._online_at_step_start = self._online_state()
                     self.ctx.global_step, self.ctx.training = self.global_step, True
                     step = self.next_step(steps)                # 1. pre-fetch the step (online: rollouts)
-                    loss, grad_norm, lr, metrics = self.train_step(step)   # 2-4. count, fwd, bwd, clip, step
+                    with self._finish_updates_on_sigint(len(step.updates) > 1):
+                        loss, grad_norm, lr, metrics = self.train_step(step)   # 2-4. count, fwd, bwd, clip, step
                     self.global_step += 1
                     self.step_in_epoch += 1
+                    # from here an interrupt saves the state as it is now (the step is complete)
+                    self._rng_at_step_start, self._online_at_step_start, self._updates_in_step = None, None, 0
                     logger.advance()
                     window_loss, window_steps = window_loss + loss, window_steps + 1
                     loss_sum_all, steps_all = loss_sum_all + loss, steps_all + 1
@@ -369,12 +379,19 @@ class Trainer:
                     if (self.save_strategy == "steps" and self.global_step % self.save_steps == 0) or (
                             self.save_strategy == "epoch" and end_of_epoch):
                         self.save_checkpoint()
+                    if self._sigint_deferred:  # the Ctrl-C of a multi-update step, now that the step is whole
+                        self._sigint_deferred = False
+                        raise KeyboardInterrupt
                 if self.step_in_epoch >= n_steps:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
-            if self.global_step > start_step or resume is None:
-                path = self.save_checkpoint(rng_state=self._rng_at_step_start)
+            if self._updates_in_step:  # a multi-update (PPO) step stopped half-way: its weights are of no step
+                notice(f"interrupted during step {self.global_step + 1} after {self._updates_in_step} of its "
+                       "optimizer updates, so no checkpoint of it is saved; continue from the last saved one, "
+                       f"{ckpt.last_checkpoint_text(self.output_dir)}")
+            elif self.global_step > start_step or resume is None:
+                path = self.save_checkpoint(rng_state=self._rng_at_step_start, online=self._online_at_step_start)
                 notice(f"interrupted: saved {path}; continue with resume_from_checkpoint: {path}")
             logger.close()
             raise
@@ -394,6 +411,29 @@ class Trainer:
                    "train_steps_per_second": round(done / runtime, 3) if runtime else 0.0,
                    "train_tokens_per_second": round(self.tokens_seen / runtime, 2) if runtime else 0.0}
         return results
+
+    @contextlib.contextmanager
+    def _finish_updates_on_sigint(self, active: bool):
+        """While a step of several optimizer updates (a PPO iteration) runs, a first Ctrl-C (SIGINT) only
+        marks the run to stop once the step is complete, so that the checkpoint saved then is of a whole step
+        (a step cut between its updates has weights of no step and could not be saved); a second Ctrl-C stops
+        at once. Single process, main thread only (elsewhere the signal is left alone)."""
+        if not active or world_size() > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._sigint_deferred:
+                raise KeyboardInterrupt
+            self._sigint_deferred = True
+            notice(f"interrupt: finishing the optimizer updates of step {self.global_step + 1}, then saving a "
+                   "checkpoint (press Ctrl-C again to stop now without it)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
     def epoch_float(self) -> float:
         """Fractional epochs completed (``epoch + step_in_epoch / steps_per_epoch``)."""
@@ -454,9 +494,19 @@ class Trainer:
                 "per_device_train_batch_size": self.bs, "gradient_accumulation_steps": self.ga,
                 "world_size": world_size(), "log_history": self.log_history}
 
-    def save_checkpoint(self, rng_state: Optional[dict] = None) -> Optional[Path]:
+    def _online_state(self) -> Optional[tuple[dict, list]]:
+        """``(stage.state_dict(), pending steps)`` of the online stage, or None (offline, or a stage without
+        ``state_dict``). The steps are the queue's own objects: nothing modifies them once made."""
+        if self.online is None or not hasattr(self.online, "state_dict"):
+            return None
+        return self.online.state_dict(), list(self._queue)
+
+    def save_checkpoint(self, rng_state: Optional[dict] = None,
+                        online: Optional[tuple[dict, list]] = None) -> Optional[Path]:
         """Write ``output_dir/checkpoint-<global_step>`` (rank 0; FSDP2: every rank its shards), rotate by
-        ``save_total_limit``."""
+        ``save_total_limit``. ``rng_state`` / ``online`` (an online stage's state and queue): those of a
+        step's start (an interrupted step), else the current ones."""
+        online = online if online is not None else self._online_state()
         if dist_hooks.is_fsdp(self.model):
             path = dist_hooks.save_fsdp_checkpoint(self, rng_state or ckpt.capture_rng_state())
         if not is_main():
@@ -464,12 +514,35 @@ class Trainer:
         if not dist_hooks.is_fsdp(self.model):
             path = ckpt.save_checkpoint(self.output_dir, self.global_step, model=dist_hooks.unwrap(self.model), optimizer=self.optimizer,
                                         scheduler=self.scheduler, trainer_state=self.state_dict(),
-                                        rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler)
+                                        rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler,
+                                        online=online)
         keep = self.output_dir / f"checkpoint-{self.best_step}" if self.best_step is not None else None
         ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, keep=keep)
         return path
 
+    def _check_online_resume(self, folder: Path) -> None:
+        """An online stage resumes only from a single-process checkpoint of the same stage holding its online
+        state (each rank's pending rollouts differ and only rank 0 saves). Raises :class:`LLMTuneError`."""
+        state = ckpt.read_checkpoint_json(folder / ckpt.TRAINER_STATE)
+        stage = state.get("stage") if isinstance(state, dict) else None
+        if stage != self.stage_name:
+            raise LLMTuneError(f"resume_from_checkpoint: {folder} is a checkpoint of stage {stage}, not "
+                               f"{self.stage_name}; resume from a checkpoint of a {self.stage_name} run, or start "
+                               "afresh without resume_from_checkpoint")
+        if world_size() > 1 or int(state.get("world_size") or 1) > 1:
+            raise LLMTuneError(f"resume_from_checkpoint: stage {self.stage_name} resumes only in a single process "
+                               f"(this run has {world_size()}, {folder} was written by {state.get('world_size')}): "
+                               "each process's pending rollouts are its own; start afresh without "
+                               "resume_from_checkpoint")
+        if not hasattr(self.online, "load_state_dict"):
+            raise LLMTuneError(f"resume_from_checkpoint: this {self.stage_name} stage object has no state_dict/"
+                               "load_state_dict, so its rollout state cannot be restored; start afresh")
+        if not (folder / ckpt.ONLINE_STATE).is_file():
+            ckpt.load_online_state(folder, self.device)  # raises its one-line error
+
     def _load(self, folder: Path) -> None:
+        if self.online is not None:  # before any weight is copied
+            self._check_online_resume(folder)
         if dist_hooks.is_fsdp(self.model) or dist_hooks.is_fsdp_checkpoint(folder):
             state, rng = dist_hooks.load_fsdp_checkpoint(self, folder)
         else:
@@ -484,6 +557,9 @@ class Trainer:
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.best_metric, self.best_step = state.get("best_metric"), state.get("best_global_step")
         self.log_history = list(state.get("log_history", []))
+        if self.online is not None:
+            stage_state, self._queue = ckpt.load_online_state(folder, self.device)
+            self.online.load_state_dict(stage_state)
         if self.global_step >= self.total_steps:
             notice(f"resume_from_checkpoint: {folder} is already at step {self.global_step} of {self.total_steps}; "
                    "nothing left to train (raise max_steps or num_train_epochs to train further)")

@@ -84,7 +84,11 @@ class OnlineStage(Protocol):
     * ``loss(model, batch, ctx) -> (loss_sum, num_items, metrics)`` and ``count_items(batch) -> int``: the
       contract above, for the micro-batches of those steps;
     * ``before_save(model)``: put the model back into its trained shape before it is saved (e.g. drop a
-      reward adapter).
+      reward adapter);
+    * optional, for ``resume_from_checkpoint``: ``state_dict() -> dict`` (JSON scalars and lists only: what the
+      stage carries between steps, e.g. its prompt cursor, KL controller, running statistics) and
+      ``load_state_dict(state)``; a stage without them cannot be resumed (the trainer says so). The trainer
+      saves its queue of pending steps itself (:func:`llmtune.train.checkpoint.pack_online_queue`).
     """
 
     steps_per_epoch: int

@@ -139,6 +139,19 @@ class GRPOStage:
             rows.append(self.prompts[self._order.pop(0)])
         return rows
 
+    def state_dict(self) -> dict[str, Any]:
+        """What this stage carries between steps, as JSON (saved in checkpoints as ``online_state.json``):
+        the prompt cursor (``order``: the rest of the current shuffled order; ``epoch``: passes drawn so far;
+        ``num_prompts``: the prompt set's size, checked at resume)."""
+        return {"stage": "grpo", "num_prompts": len(self.prompts), "order": list(self._order), "epoch": self._epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Raises :class:`LLMTuneError` for the state of another stage or prompt set."""
+        if state.get("stage") != "grpo" or state.get("num_prompts") != len(self.prompts):
+            raise LLMTuneError(f"resume_from_checkpoint: the saved online state is not that of stage grpo on these "
+                               f"{len(self.prompts)} prompts; resume with the dataset and stage it was trained with")
+        self._order, self._epoch = [int(i) for i in state["order"]], int(state["epoch"])
+
     def _logps(self, model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, p: int, mask: torch.Tensor,
                trainer: Any, reference: bool) -> torch.Tensor:
         """``(N, C)`` log-probs of the completions, in micro-batches, no gradient (policy or reference)."""

@@ -141,6 +141,30 @@ class PPOStage:
             rows.append(self.prompts[self._order.pop(0)])
         return rows[self.rank * self.rollout_size:(self.rank + 1) * self.rollout_size]
 
+    def state_dict(self) -> dict[str, Any]:
+        """What this stage carries between iterations, as JSON (saved in checkpoints as ``online_state.json``):
+        the prompt cursor (``order``, ``epoch``; ``num_prompts`` to check the dataset), the KL controller's
+        coefficient (``kl_coef``; adaptive with ``ppo_target``) and the running score moments of
+        ``ppo_score_norm`` (``[mean, var, count]`` or None)."""
+        m = self.score_moments
+        return {"stage": "ppo", "num_prompts": len(self.prompts), "order": list(self._order), "epoch": self._epoch,
+                "kl_coef": self.kl_ctl.value, "score_moments": None if m is None else [m.mean, m.var, m.count]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Raises :class:`LLMTuneError` for the state of another stage, prompt set
+        or ``ppo_score_norm`` setting."""
+        bad = (state.get("stage") != "ppo" or (state.get("score_moments") is None) != (self.score_moments is None)
+               or state.get("num_prompts") != len(self.prompts))
+        if bad:
+            raise LLMTuneError(f"resume_from_checkpoint: the saved online state is not that of stage ppo on these "
+                               f"{len(self.prompts)} prompts with ppo_score_norm {bool(self.cfg.ppo_score_norm)}; "
+                               "resume with the dataset and settings it was trained with")
+        self._order, self._epoch = [int(i) for i in state["order"]], int(state["epoch"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        if self.score_moments is not None:
+            self.score_moments.mean, self.score_moments.var, self.score_moments.count = (
+                float(v) for v in state["score_moments"])
+
     def _ref_logps(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, p: int,
                    resp_mask: torch.Tensor) -> torch.Tensor:
         from llmtune import peft
