@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tiny_helpers import VOCAB, rows, tiny_model
 
-from llmtune.models import Transformer
 from llmtune.train.distributed import fsdp_options, shard_indices
 from llmtune.train.logging import read_log
 from config_helpers import make_config
@@ -324,21 +323,10 @@ def test_a_killed_rank_stops_the_other_with_a_message_within_ddp_timeout(real_mo
     """Rank 1 is SIGKILLed mid-run; rank 0 must exit non-zero with llmtune's message, well within the
     collective timeout (ddp_timeout 20 s), instead of hanging."""
     t0 = time.time()
-    from llmtune.models.config import ModelConfig as MC
-    from llmtune.tokenizer import load_tokenizer
+    from tiny_helpers import real_tokenizer_folder
 
-    tok = load_tokenizer(str(real_model_path))
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    tok.save_pretrained(str(folder))
-    mc = MC(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = Transformer(mc)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(mc.to_hf_dict()))
+    folder = real_tokenizer_folder(real_model_path, tmp_path / "tiny", hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
     data = _identity_data(shared_data_dir, tmp_path / "data")
     out = tmp_path / "out"
     timeout = 20

@@ -19,7 +19,7 @@ import pytest
 from spawn_helpers import spawn_ranks
 import torch
 from safetensors.torch import load_file
-from tiny_helpers import rows, tiny_model
+from tiny_helpers import real_tokenizer_folder, rows, tiny_model
 
 from config_helpers import make_config
 from llmtune.train.logging import read_log
@@ -279,29 +279,6 @@ def test_fsdp_lora_load_best_model_at_end_matches_one_process(tmp_path):
 
 
 # -- the command line under torchrun: a tiny model folder with the real model's tokenizer ---------------
-def _tiny_folder(real_model_path, folder):
-    import json
-
-    from safetensors.torch import save_file
-
-    from llmtune.models import Transformer
-    from llmtune.models.config import ModelConfig as MC
-    from llmtune.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(str(real_model_path))
-    folder.mkdir()
-    tok.save_pretrained(str(folder))
-    mc = MC(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = Transformer(mc)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(mc.to_hf_dict()))
-    return folder
-
-
 def _cli(args, nproc, cwd):
     import os
     import subprocess
@@ -323,7 +300,7 @@ def test_torchrun_fsdp_lora_cli_matches_one_process(real_model_path, shared_data
     import json
 
     t0 = time.time()
-    folder = _tiny_folder(real_model_path, tmp_path / "tiny")
+    folder = real_tokenizer_folder(real_model_path, tmp_path / "tiny")
     data = tmp_path / "data"
     data.mkdir()
     text = (shared_data_dir / "identity.json").read_text(encoding="utf-8")
