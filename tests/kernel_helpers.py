@@ -14,3 +14,13 @@ def interpret_fused_kernels(dev: str) -> None:
 
     if not isinstance(_fused_triton._ce_kernel, InterpretedFunction):
         importlib.reload(_fused_triton)
+
+
+def assert_close_scaled(got, want, tol: float, what: str = "") -> None:
+    """``max |got - want| <= tol * max |want|`` (both moved to float64 on the CPU; shapes must match)."""
+    got = got.detach().double().cpu()
+    want = want.detach().double().cpu()
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    scale = want.abs().max().item() + 1e-12
+    err = (got - want).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x {scale:.3g}"

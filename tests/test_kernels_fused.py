@@ -12,7 +12,7 @@ al. 2021; SwiGLU: Shazeer 2020; softmax cross entropy), differentiated by autogr
 import os
 
 import pytest
-from kernel_helpers import interpret_fused_kernels
+from kernel_helpers import assert_close_scaled, interpret_fused_kernels
 import torch
 
 pytest.importorskip("triton")
@@ -39,12 +39,7 @@ def _force_triton():
 
 
 def _close(got, want, dtype, what=""):
-    got = got.detach().double().cpu()
-    want = want.detach().double().cpu()
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    scale = want.abs().max().item() + 1e-12
-    err = (got - want).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} x {scale:.3g}"
+    assert_close_scaled(got, want, TOL[dtype], what)
 
 
 def _leaf(t, dtype):

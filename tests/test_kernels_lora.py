@@ -13,7 +13,7 @@ import copy
 import os
 
 import pytest
-from kernel_helpers import interpret_fused_kernels
+from kernel_helpers import assert_close_scaled, interpret_fused_kernels
 import torch
 from torch import nn
 
@@ -56,12 +56,7 @@ def count_kernel(monkeypatch):
 
 
 def _close(got, want, dtype, what=""):
-    got = got.detach().double().cpu()
-    want = want.detach().double().cpu()
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    scale = want.abs().max().item() + 1e-12
-    err = (got - want).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} x {scale:.3g}"
+    assert_close_scaled(got, want, TOL[dtype], what)
 
 
 def _leaf(t, dtype, grad=True):
