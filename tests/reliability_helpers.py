@@ -19,8 +19,9 @@ CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_model_folder(d: Path, max_positions: int = 256) -> Path:
-    """A 2-layer random Llama folder (model.safetensors, config.json, tokenizer files with a chat template)."""
+def make_model_folder(d: Path, max_positions: int = 256, chat_template: bool = True) -> Path:
+    """A 2-layer random Llama folder (model.safetensors, config.json, tokenizer files; with a chat template
+    unless ``chat_template`` is False)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -33,8 +34,10 @@ def make_model_folder(d: Path, max_positions: int = 256) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(specials)
     tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<pad>",
-                                                         "unk_token": "<unk>", "chat_template": CHATML}))
+    tok_cfg = {"eos_token": "<|im_end|>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    if chat_template:
+        tok_cfg["chat_template"] = CHATML
+    (d / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=3,
