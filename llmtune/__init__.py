@@ -35,7 +35,9 @@ __all__ = sorted(_LAZY) + ["__version__"]
 def __getattr__(name: str):
     if name in _LAZY:
         module = importlib.import_module(_LAZY[name])
-        value = module if name == "losses" else getattr(module, name)
+        # llmtune.train stays the package (callable: llmtune.train(config) runs a job), so that
+        # "import llmtune.train.checkpoint" still resolves after llmtune.train was first reached here
+        value = module if name in ("losses", "train") else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'llmtune' has no attribute {name!r}")

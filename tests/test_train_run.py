@@ -8,48 +8,17 @@ import pytest
 import torch
 import yaml
 
-WORDS = ("what is the color of sky sea grass snow sun blue green white yellow name your my i am a bot called "
-         "tiny made by lab hello hi how are you fine thanks").split()
+from reliability_helpers import make_data_dir, make_model_folder
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from llmtune.models import ModelConfig, Transformer
-
-    d = tmp_path_factory.mktemp("tiny_model")
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {w: i for i, w in enumerate(specials + ["user", "assistant", "system"] + list(dict.fromkeys(WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<pad>",
-                                                         "unk_token": "<unk>"}))
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=3)
-    model = Transformer(cfg)
-    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(sd, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    return d
+    return make_model_folder(tmp_path_factory.mktemp("tiny_model"), max_positions=4096, chat_template=False)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    rows = []
-    for thing, color in (("sky", "blue"), ("sea", "blue"), ("grass", "green"), ("snow", "white"), ("sun", "yellow")):
-        rows.append({"instruction": f"what is the color of {thing}", "input": "", "output": f"{color}"})
-    rows += [{"instruction": "what is your name", "input": "", "output": "my name is tiny bot made by lab"},
-             {"instruction": "hello", "input": "", "output": "hi i am tiny bot"},
-             {"instruction": "how are you", "input": "", "output": "fine thanks"}]
-    (d / "toy.json").write_text(json.dumps(rows * 3))
-    (d / "dataset_info.json").write_text(json.dumps({"toy": {"file_name": "toy.json"}}))
-    return d
+    return make_data_dir(tmp_path_factory.mktemp("data"))
 
 
 def base_cfg(model, data, out, **kw):
@@ -174,3 +143,17 @@ def test_start_up_imports_no_compiler_stack():
             "print(sorted(m for m in ('torch._dynamo', 'triton', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_llmtune_train_stays_the_package_after_the_notebook_call():
+    """``llmtune.train`` reached first through ``llmtune``'s lazy attributes is the (callable) package, so
+    ``import llmtune.train.checkpoint`` keeps working in the same process (it failed with 'cannot import name
+    checkpoint from train' when the attribute was the function)."""
+    import subprocess
+    import sys
+
+    code = ("import llmtune; f = llmtune.train; import llmtune.train.checkpoint as ck; "
+            "print(callable(f), f is sys.modules['llmtune.train'], ck.__name__)")
+    out = subprocess.run([sys.executable, "-c", "import sys; " + code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["True", "True", "llmtune.train.checkpoint"], out.stdout + out.stderr
