@@ -5,13 +5,24 @@ one rank of a two-rank gloo test idle inside its worker for minutes after its pe
 reproduced alone, 8 reruns). :func:`spawn_ranks` waits up to ``deadline_s``; a run that passes it is killed
 and started once more with a new rendezvous file, so an unlucky start costs minutes instead of the CI run. A
 rank that raises still fails the test at once (``ProcessRaisedException``).
+
+Each rank collects its garbage when ``fn`` returns (:func:`_run_rank`): FSDP2 state kept alive by reference
+cycles until interpreter shutdown made a gloo rank abort after its work was done (SIGABRT, "terminate called
+without an active exception"; 4 runs in 40 of the NaN-checkpoint test, none in 100 with the collection).
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Callable
+
+
+def _run_rank(rank: int, fn: Callable, *args) -> None:
+    """``fn(rank, *args)``, then free what it left in reference cycles while the interpreter is alive."""
+    fn(rank, *args)
+    gc.collect()
 
 
 def spawn_ranks(fn: Callable, tmp_path: Path, *args, nprocs: int = 2, deadline_s: float = 300.0,
@@ -25,7 +36,7 @@ def spawn_ranks(fn: Callable, tmp_path: Path, *args, nprocs: int = 2, deadline_s
 
     for attempt in range(attempts):
         init_file = tmp_path / f"rdzv-{attempt}"
-        ctx = mp.start_processes(fn, args=(str(init_file), str(tmp_path), *args), nprocs=nprocs, join=False,
+        ctx = mp.start_processes(_run_rank, args=(fn, str(init_file), str(tmp_path), *args), nprocs=nprocs, join=False,
                                  start_method="spawn")
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:

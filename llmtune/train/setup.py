@@ -72,24 +72,31 @@ def run_train(config: Union[dict, str, Path, Any], **stage_options: Any) -> dict
     cfg = parse_config(config, command="train")                          # 1. the config, validated
     out_dir = Path(str(cfg.output_dir)).expanduser()
     with _no_empty_output_dir_left(cfg), distributed_session(cfg), lock_output(out_dir, "output_dir"):
-        stage = stage_info(cfg.stage)
-        if stage.check is not None:
-            stage.check(cfg, **stage_options)                             #    (ppo: the reward model folder)
-        out = prepare_output_dir(cfg)                                     # 2. the output folder
-        barrier()  # every rank has checked output_dir before rank 0 writes into it
-        set_seed(cfg.seed)
-        model = load_base_model(cfg)                                      # 3. base + adapter chain (+ 4-bit)
-        head_only = check_trainable_targets(model, cfg)                   #    (a bad lora_target fails here)
-        tokenizer, template = load_tokenizer_and_template(cfg, model.adapter_chain)   # 4. tokenizer, template
-        train_rows, eval_rows = load_data(cfg, tokenizer, template)       # 5. data
-        set_seed(cfg.seed)  # LoRA init depends on the seed only
-        extra = prepare_stage(model, cfg, head_only)                      # 6. trainable params, head, reference
-        online = (stage.build(model, cfg, tokenizer, template, train_rows, extra, **stage_options)
-                  if stage.online else None)                              #    (ppo: reward model, critic)
-        trainer = build_trainer(model, cfg, stage, tokenizer, train_rows, eval_rows, extra, online)  # 7. the loop
-        if is_main():  # all checked (config, model, adapters, data, optimizer): only now clear an old run
-            clear_for_overwrite(cfg, out)
-        return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
+        # the model and trainer live in _run_steps' frame: they are gone (their FSDP/DDP state included)
+        # before distributed_session destroys the process group
+        return _run_steps(cfg, stage_options)
+
+
+def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
+    """Steps 2-8 of :func:`run_train` inside its session (``cfg`` validated)."""
+    stage = stage_info(cfg.stage)
+    if stage.check is not None:
+        stage.check(cfg, **stage_options)                             #    (ppo: the reward model folder)
+    out = prepare_output_dir(cfg)                                     # 2. the output folder
+    barrier()  # every rank has checked output_dir before rank 0 writes into it
+    set_seed(cfg.seed)
+    model = load_base_model(cfg)                                      # 3. base + adapter chain (+ 4-bit)
+    head_only = check_trainable_targets(model, cfg)                   #    (a bad lora_target fails here)
+    tokenizer, template = load_tokenizer_and_template(cfg, model.adapter_chain)   # 4. tokenizer, template
+    train_rows, eval_rows = load_data(cfg, tokenizer, template)       # 5. data
+    set_seed(cfg.seed)  # LoRA init depends on the seed only
+    extra = prepare_stage(model, cfg, head_only)                      # 6. trainable params, head, reference
+    online = (stage.build(model, cfg, tokenizer, template, train_rows, extra, **stage_options)
+              if stage.online else None)                              #    (ppo: reward model, critic)
+    trainer = build_trainer(model, cfg, stage, tokenizer, train_rows, eval_rows, extra, online)  # 7. the loop
+    if is_main():  # all checked (config, model, adapters, data, optimizer): only now clear an old run
+        clear_for_overwrite(cfg, out)
+    return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
 
 
 @contextlib.contextmanager
