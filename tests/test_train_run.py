@@ -145,6 +145,27 @@ def test_start_up_imports_no_compiler_stack():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_a_training_run_with_checkpoints_imports_no_dynamo(tiny_folder, data_dir, tmp_path):
+    """A whole LoRA run that saves and resumes a checkpoint (optimizer state included) never imports
+    torch._dynamo: torch's optimizer methods import it on first call (1.5 s of every run's start-up on this
+    CPU), llmtune.train.optim.AdamW skips those wrappers."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    first = base_cfg(tiny_folder, data_dir, out, max_steps=2, save_steps=1)
+    again = dict(base_cfg(tiny_folder, data_dir, out, max_steps=3, save_steps=1, overwrite_output_dir=True),
+                 resume_from_checkpoint=str(out / "checkpoint-2"))
+    code = ("import json, sys, llmtune; "
+            f"llmtune.train(json.loads({json.dumps(json.dumps(first))})); "
+            f"llmtune.train(json.loads({json.dumps(json.dumps(again))})); "
+            "print(sorted(m for m in ('torch._dynamo',) if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout + run.stderr
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file()
+
+
 def test_llmtune_train_stays_the_package_after_the_notebook_call():
     """``llmtune.train`` reached first through ``llmtune``'s lazy attributes is the (callable) package, so
     ``import llmtune.train.checkpoint`` keeps working in the same process (it failed with 'cannot import name

@@ -14,6 +14,44 @@ import torch
 from llmtune.config.keys import SCHEDULERS  # the allowed names live in the config
 from llmtune.errors import LLMTuneError, nearest
 
+
+def _eager(fn: Callable) -> Callable:
+    """``fn`` without torch's dynamo wrapper (``functools.wraps`` keeps the plain function as ``__wrapped__``;
+    ``fn`` itself when a torch version has none)."""
+    return getattr(fn, "__wrapped__", fn)
+
+
+class AdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` (Loshchilov & Hutter, 2019), same update, state and ``state_dict`` format, whose
+    methods skip the wrappers that import ``torch._dynamo`` on first call (1.5 s of every training run's
+    start-up on a CPU; they only matter when the optimizer itself is compiled, which llmtune never does).
+
+    ``step`` runs under ``torch.no_grad()``, as torch's wrapper does for a non-differentiable optimizer.
+    Arguments, tensor shapes and dtypes and errors are those of ``torch.optim.AdamW``.
+    """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group (torch's ``Optimizer.add_param_group``)."""
+        _eager(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients (torch's ``Optimizer.zero_grad``)."""
+        _eager(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``Optimizer.state_dict``: ``{"state": {index: {...}}, "param_groups": [...]}``."""
+        return _eager(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``Optimizer.load_state_dict`` (raises ``ValueError`` on a group or size mismatch)."""
+        _eager(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """One AdamW update of every parameter with a gradient (torch's ``AdamW.step``)."""
+        return _eager(torch.optim.AdamW.step)(self, closure)
+
+
 def lr_lambda(kind: str, num_warmup_steps: int, num_training_steps: int) -> Callable[[int], float]:
     """Multiplier of the base learning rate after ``step`` scheduler steps (torch ``LambdaLR`` form).
 
@@ -47,8 +85,8 @@ def num_warmup_steps(warmup_steps: int, warmup_ratio: float, total_steps: int) -
     return int(warmup_steps) if warmup_steps and warmup_steps > 0 else math.ceil(float(warmup_ratio or 0) * total_steps)
 
 
-def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, grouped by learning rate and weight decay.
+def build_optimizer(model: torch.nn.Module, config: Any) -> AdamW:
+    """:class:`AdamW` over the trainable parameters, grouped by learning rate and weight decay.
 
     Keys read from ``config`` (an ``llmtune.config.TrainConfig``): ``learning_rate``, ``weight_decay``,
     ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``, ``loraplus_lr_ratio``, ``value_head_lr``.
@@ -87,6 +125,6 @@ def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.AdamW:
     kwargs = dict(lr=lr, betas=(float(config.adam_beta1), float(config.adam_beta2)),
                   eps=float(config.adam_epsilon))
     try:
-        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
+        return AdamW(param_groups, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
+        return AdamW(param_groups, foreach=True, **kwargs)
