@@ -14,6 +14,9 @@ A checkpoint is a folder ``output_dir/checkpoint-<global_step>`` holding
 * online stages (ppo, grpo) only: ``online_state.json`` (the stage's own ``state_dict()``: prompt cursor, KL
   controller, running statistics; plus the index of the trainer's queue of pending steps) and
   ``online_queue.safetensors`` (that queue's micro-batch tensors as ``s<step>.u<update>.m<micro>.<key>``).
+  A data-parallel online run (``torchrun``, no FSDP) adds ``rank<r>/`` for every rank r > 0: that rank's
+  ``rng_state.*``, ``online_state.json`` and ``online_queue.safetensors`` (each rank samples its own rollouts),
+  written into the temporary folder before it is published (``llmtune.train.distributed.save_online_checkpoint``).
 
 It is written to ``output_dir/tmp-checkpoint-<step>`` and renamed when complete, so a killed run never
 leaves a half-written folder that looks like a checkpoint: :func:`latest_checkpoint` only considers names
@@ -29,7 +32,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -248,7 +251,8 @@ def _is_alias(model: torch.nn.Module, name: str, tensors: dict) -> bool:
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
                     rng_state: dict[str, Any], scaler: Any = None,
-                    online: Optional[tuple[dict[str, Any], list]] = None) -> Path:
+                    online: Optional[tuple[dict[str, Any], list]] = None,
+                    before_publish: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (temp folder, fsync, then rename); return its path.
 
     An existing ``checkpoint-<step>`` (e.g. written again after a resume) is replaced only once the new
@@ -256,6 +260,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
     parent folder after it, so a power loss never publishes a checkpoint whose files are still in the page
     cache. See the module docstring for the files. ``online``: an online stage's ``(stage_state, queue)``
     (:func:`pack_online_queue`), written as ``online_state.json`` + ``online_queue.safetensors``.
+    ``before_publish(tmp)``: called with the temporary folder before ``trainer_state.json`` is written (the
+    other ranks of a data-parallel online run add their ``rank<r>/`` there); what it raises removes the folder.
 
     Raises:
         LLMTuneError: the trainable weights hold NaN/inf (nothing is written); the disk is full or the folder
@@ -281,9 +287,13 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
         if scaler is not None and scaler.is_enabled():
             (tmp / "scaler.json").write_text(json.dumps(_jsonable(scaler.state_dict())))
         if online is not None:
-            tensors, index = pack_online_queue(online[1])
-            save_tensors(tensors, str(tmp / ONLINE_QUEUE))
-            (tmp / ONLINE_STATE).write_text(strict_dumps({"stage_state": online[0], "queue": index}, indent=1))
+            save_online_state(online, tmp)
+        if before_publish is not None:
+            try:
+                before_publish(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         (tmp / TRAINER_STATE).write_text(strict_dumps(trainer_state, indent=1))  # written last
         fsync_tree(tmp)
         publish_checkpoint(tmp, final)
@@ -328,6 +338,15 @@ def pack_online_queue(queue: list) -> tuple[dict[str, torch.Tensor], list[dict[s
             updates.append(entries)
         index.append({"metrics": {k: float(v) for k, v in step.metrics.items()}, "updates": updates})
     return tensors, index
+
+
+def save_online_state(online: tuple[dict[str, Any], list], folder: Path) -> None:
+    """Write an online stage's ``(stage_state, queue)`` into ``folder`` as ``online_queue.safetensors`` (the
+    queue's tensors, :func:`pack_online_queue`) and ``online_state.json`` (strict JSON: the stage's state and
+    the queue's index). Raises ``OSError`` when the folder cannot be written."""
+    tensors, index = pack_online_queue(online[1])
+    save_tensors(tensors, str(Path(folder) / ONLINE_QUEUE))
+    (Path(folder) / ONLINE_STATE).write_text(strict_dumps({"stage_state": online[0], "queue": index}, indent=1))
 
 
 def load_online_state(folder: Path, device: Any) -> tuple[dict[str, Any], list]:

@@ -660,6 +660,79 @@ def _save_trainable_checkpoint(trainer: Any, rng_state: dict[str, Any]) -> Optio
     return path
 
 
+def save_online_checkpoint(trainer: Any, rng_state: dict[str, Any],
+                           online: tuple[dict[str, Any], list]) -> Optional[Path]:
+    """``checkpoint-<step>`` of a data-parallel (DDP, no FSDP) online run (ppo, grpo): every rank calls it at the
+    same step; rank 0 writes the single-process checkpoint with its own rollout state, every rank r > 0 adds
+    ``rank<r>/`` (its RNG state, ``online_state.json`` and ``online_queue.safetensors``: each rank samples and
+    queues its own rollouts) inside the temporary folder, and only then is it published. Returns the path on
+    rank 0, None elsewhere. ``output_dir`` must be on a file system every rank sees (as for any torchrun run
+    whose ranks save).
+
+    Every rank joins three small all-reduces whatever happens (rank 0's folder is ready; the other ranks have
+    written; rank 0 has published), so a failure on one rank (NaN weights, a full disk) stops all of them with
+    a message instead of leaving the others waiting.
+
+    Raises:
+        LLMTuneError: this rank, or another (then: its message says why), could not write its part; nothing is
+            published then.
+    """
+    from llmtune.train import checkpoint as ckpt
+
+    step, r = trainer.global_step, rank()
+    dev = next(trainer.model.parameters()).device  # nccl reduces CUDA tensors only
+
+    def failed_anywhere(failed: bool) -> bool:
+        return float(all_reduce_sum(torch.tensor([1.0 if failed else 0.0], device=dev))) > 0
+
+    if r > 0:
+        rank0_failed = failed_anywhere(False)                      # 1. rank 0's temporary folder is ready
+        error = None
+        if not rank0_failed:
+            part = Path(trainer.output_dir) / f"tmp-checkpoint-{step}" / f"rank{r}"
+            try:
+                part.mkdir()
+                ckpt.save_rng_state(rng_state, part)
+                ckpt.save_online_state(online, part)
+            except OSError as err:
+                error = LLMTuneError(f"rank {r}: could not write {part} ({err.strerror or err}); free space on "
+                                     "its disk or make output_dir writable, then resume from the last complete "
+                                     "checkpoint")
+        others_failed = failed_anywhere(error is not None)          # 2. every rank has written its part
+        published = not failed_anywhere(False)                      # 3. rank 0 has published the folder
+        if error is not None:
+            raise error
+        if rank0_failed or others_failed or not published:
+            raise LLMTuneError(f"rank {r}: checkpoint-{step} was not saved (another rank's message says why)")
+        return None
+
+    joined = 0
+
+    def ranks_write(tmp: Path) -> None:
+        nonlocal joined
+        joined = 1
+        failed_anywhere(False)                                      # 1. ready
+        joined = 2
+        if failed_anywhere(False):                                  # 2. the other ranks have written
+            raise LLMTuneError(f"checkpoint-{step}: another rank could not write its rollout state (its message "
+                               "says why), so the checkpoint is not saved")
+
+    path, error = None, None
+    try:
+        path = ckpt.save_checkpoint(trainer.output_dir, step, model=unwrap(trainer.model), optimizer=trainer.optimizer,
+                                    scheduler=trainer.scheduler, trainer_state=trainer.state_dict(),
+                                    rng_state=rng_state, scaler=trainer.scaler, online=online,
+                                    before_publish=ranks_write)
+    except LLMTuneError as err:
+        error = err
+    for _ in range(joined, 2):                                      # the rounds the other ranks still wait in
+        failed_anywhere(True)
+    failed_anywhere(error is not None)                              # 3. published (or not)
+    if error is not None:
+        raise error
+    return path
+
+
 def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full`` cut to ``like``'s ``DTensor`` layout (this rank's chunk, no communication); plain tensors
     are returned on ``like``'s device and dtype."""

@@ -390,6 +390,13 @@ class Trainer:
                 notice(f"interrupted during step {self.global_step + 1} after {self._updates_in_step} of its "
                        "optimizer updates, so no checkpoint of it is saved; continue from the last saved one, "
                        f"{ckpt.last_checkpoint_text(self.output_dir)}")
+            elif self.online is not None and world_size() > 1:
+                # the ranks may stop at different points of a step: a checkpoint needs every rank at the same
+                # step (save_online_checkpoint is a collective), so only the periodic ones are complete
+                if is_main():
+                    notice(f"interrupted at step {self.global_step}: a multi-process {self.stage_name} run saves no "
+                           "checkpoint on Ctrl-C; continue from the last one saved by save_steps, "
+                           f"{ckpt.last_checkpoint_text(self.output_dir)}")
             elif self.global_step > start_step or resume is None:
                 path = self.save_checkpoint(rng_state=self._rng_at_step_start, online=self._online_at_step_start)
                 notice(f"interrupted: saved {path}; continue with resume_from_checkpoint: {path}")
@@ -503,15 +510,18 @@ class Trainer:
 
     def save_checkpoint(self, rng_state: Optional[dict] = None,
                         online: Optional[tuple[dict, list]] = None) -> Optional[Path]:
-        """Write ``output_dir/checkpoint-<global_step>`` (rank 0; FSDP2: every rank its shards), rotate by
-        ``save_total_limit``. ``rng_state`` / ``online`` (an online stage's state and queue): those of a
+        """Write ``output_dir/checkpoint-<global_step>`` (rank 0; FSDP2: every rank its shards; an online stage
+        under DDP: every rank its rollout state), rotate by ``save_total_limit``. ``rng_state`` / ``online`` (an online stage's state and queue): those of a
         step's start (an interrupted step), else the current ones."""
         online = online if online is not None else self._online_state()
+        per_rank_online = online is not None and world_size() > 1 and not dist_hooks.is_fsdp(self.model)
         if dist_hooks.is_fsdp(self.model):
             path = dist_hooks.save_fsdp_checkpoint(self, rng_state or ckpt.capture_rng_state())
+        elif per_rank_online:  # every rank's rollouts are its own: each adds its part (collective)
+            path = dist_hooks.save_online_checkpoint(self, rng_state or ckpt.capture_rng_state(), online)
         if not is_main():
             return None
-        if not dist_hooks.is_fsdp(self.model):
+        if not dist_hooks.is_fsdp(self.model) and not per_rank_online:
             path = ckpt.save_checkpoint(self.output_dir, self.global_step, model=dist_hooks.unwrap(self.model), optimizer=self.optimizer,
                                         scheduler=self.scheduler, trainer_state=self.state_dict(),
                                         rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler,
@@ -521,24 +531,41 @@ class Trainer:
         return path
 
     def _check_online_resume(self, folder: Path) -> None:
-        """An online stage resumes only from a single-process checkpoint of the same stage holding its online
-        state (each rank's pending rollouts differ and only rank 0 saves). Raises :class:`LLMTuneError`."""
+        """An online stage resumes only from a checkpoint of the same stage written by as many processes as this
+        run has (each rank's pending rollouts are its own: rank r > 0 reads ``rank<r>/``), without fsdp.
+        Raises :class:`LLMTuneError`."""
         state = ckpt.read_checkpoint_json(folder / ckpt.TRAINER_STATE)
         stage = state.get("stage") if isinstance(state, dict) else None
         if stage != self.stage_name:
             raise LLMTuneError(f"resume_from_checkpoint: {folder} is a checkpoint of stage {stage}, not "
                                f"{self.stage_name}; resume from a checkpoint of a {self.stage_name} run, or start "
                                "afresh without resume_from_checkpoint")
-        if world_size() > 1 or int(state.get("world_size") or 1) > 1:
-            raise LLMTuneError(f"resume_from_checkpoint: stage {self.stage_name} resumes only in a single process "
-                               f"(this run has {world_size()}, {folder} was written by {state.get('world_size')}): "
-                               "each process's pending rollouts are its own; start afresh without "
-                               "resume_from_checkpoint")
+        saved_world = int(state.get("world_size") or 1)
+        if saved_world != world_size():
+            raise LLMTuneError(f"resume_from_checkpoint: {folder} was written by {saved_world} process(es), this "
+                               f"run has {world_size()}: each process's pending rollouts are its own, so stage "
+                               f"{self.stage_name} resumes only with the same number (torchrun --nproc_per_node "
+                               f"{saved_world}), or start afresh without resume_from_checkpoint")
+        if world_size() > 1 and (dist_hooks.is_fsdp(self.model) or state.get("strategy") == "fsdp"):
+            raise LLMTuneError(f"resume_from_checkpoint: stage {self.stage_name} with fsdp does not resume (its "
+                               "checkpoints hold rank 0's rollout state only); resume data-parallel runs without "
+                               "fsdp, or start afresh without resume_from_checkpoint")
         if not hasattr(self.online, "load_state_dict"):
             raise LLMTuneError(f"resume_from_checkpoint: this {self.stage_name} stage object has no state_dict/"
                                "load_state_dict, so its rollout state cannot be restored; start afresh")
-        if not (folder / ckpt.ONLINE_STATE).is_file():
-            ckpt.load_online_state(folder, self.device)  # raises its one-line error
+        part = self._rank_part(folder)
+        if part != Path(folder) and not (part / ckpt.ONLINE_STATE).is_file():
+            raise LLMTuneError(f"resume_from_checkpoint: {folder} has no {part.name}/{ckpt.ONLINE_STATE}, the "
+                               f"rollout state of rank {rank()} (a checkpoint saved on Ctrl-C, or by an older "
+                               "llmtune, holds rank 0's only); resume from a checkpoint saved by save_steps, or "
+                               "start afresh without resume_from_checkpoint")
+        if not (part / ckpt.ONLINE_STATE).is_file():
+            ckpt.load_online_state(part, self.device)  # raises its one-line error
+
+    @staticmethod
+    def _rank_part(folder: Path) -> Path:
+        """This rank's part of an online checkpoint: the folder itself on rank 0, ``rank<r>/`` elsewhere."""
+        return Path(folder) if rank() == 0 else Path(folder) / f"rank{rank()}"
 
     def _load(self, folder: Path) -> None:
         if self.online is not None:  # before any weight is copied
@@ -558,8 +585,11 @@ class Trainer:
         self.best_metric, self.best_step = state.get("best_metric"), state.get("best_global_step")
         self.log_history = list(state.get("log_history", []))
         if self.online is not None:
-            stage_state, self._queue = ckpt.load_online_state(folder, self.device)
+            part = self._rank_part(folder)
+            stage_state, self._queue = ckpt.load_online_state(part, self.device)
             self.online.load_state_dict(stage_state)
+            if part != Path(folder):  # this rank's own sampling state
+                rng = ckpt.load_rng_state(part)
         if self.global_step >= self.total_steps:
             notice(f"resume_from_checkpoint: {folder} is already at step {self.global_step} of {self.total_steps}; "
                    "nothing left to train (raise max_steps or num_train_epochs to train further)")
