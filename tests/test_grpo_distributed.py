@@ -231,3 +231,43 @@ def test_grpo_two_ranks_a_rank_that_cannot_write_its_part_stops_both_and_publish
     assert "rank 1: could not write" in err1 and "rank1" in err1 and "No space left" in err1, err1
     out = tmp_path / "out"
     assert not list(out.glob("checkpoint-*")) and not list(out.glob("tmp-checkpoint-*"))
+
+
+def _grpo_ctrl_c_worker(rank, init_file, tmp):
+    _init(rank, init_file)
+    from llmtune.train.stages.grpo import GRPOStage
+    from llmtune.train.trainer import Trainer
+    from test_grpo import ROWS, grpo_config
+    from test_ppo import EOS, PAD, FakeTokenizer, lora_model
+
+    cfg = grpo_config(Path(tmp), per_device_train_batch_size=2, gradient_accumulation_steps=1, num_generations=G,
+                      max_steps=4, save_steps=2, output_dir=str(Path(tmp) / "out"))
+    stage = GRPOStage(cfg, ROWS, [("length", lambda prompts, completions, **kw: [float(len(c)) for c in completions])],
+                      [1.0], FakeTokenizer(), PAD, EOS)
+    loss, calls = stage.loss, []
+
+    def interrupted_in_step_3(*args, **kwargs):  # Ctrl-C reaches both ranks during step 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+
+    stage.loss = interrupted_in_step_3
+    trainer = Trainer(lora_model(), cfg, ROWS, online=stage)
+    try:
+        trainer.train()
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    (Path(tmp) / f"outcome{rank}.txt").write_text(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_grpo_two_ranks_ctrl_c_keeps_the_last_periodic_checkpoint_and_saves_no_other(tmp_path, capfd):
+    spawn(_grpo_ctrl_c_worker, tmp_path)
+    assert [(tmp_path / f"outcome{r}.txt").read_text() for r in range(WORLD)] == ["interrupted"] * WORLD
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "rank1" / "online_state.json").is_file()
+    err = capfd.readouterr().err
+    assert "saves no checkpoint on Ctrl-C" in err and str(out / "checkpoint-2") in err, err[-2000:]
