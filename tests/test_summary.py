@@ -36,6 +36,9 @@ def test_end_lines_hand_computed():
     unknown = summary.format_end(None, 0, None, 0.0, None, "o", [])
     assert unknown[1] == "  final loss: n/a" and unknown[3] == "  time: 0.0s   tokens/s: n/a"
     assert unknown[4] == "  peak memory: n/a" and unknown[5] == "  saved to o: nothing"
+    # resumed: 12,345 tokens in all, 4,000 of them in this session's 20 s -> 200.0 tokens/s
+    resumed = summary.format_end(0.5, 96, 12_345, 20.0, None, "o", [], session_tokens=4_000)
+    assert resumed[2] == "  examples seen: 96   tokens seen: 12,345" and resumed[3] == "  time: 20.0s   tokens/s: 200.0"
 
 
 def test_units():

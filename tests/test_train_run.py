@@ -178,3 +178,27 @@ def test_llmtune_train_stays_the_package_after_the_notebook_call():
     out = subprocess.run([sys.executable, "-c", "import sys; " + code], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.split() == ["True", "True", "llmtune.train.checkpoint"], out.stdout + out.stderr
+
+
+def test_a_resumed_runs_throughput_counts_only_its_own_tokens(tiny_folder, tmp_path):
+    """Every row is the same text, so every step of batch 4 holds the same number of tokens S: a run of 4
+    steps processes 4 S, and a run resumed from checkpoint-1 processes 3 S in its own runtime (steps 2-4).
+    train_tokens_per_second x train_runtime must be 3/4 of the whole run's, not the whole run's tokens over
+    the resumed session's time (which overstated a resumed run's throughput)."""
+    import llmtune
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "same.json").write_text(json.dumps([{"instruction": "hello", "input": "", "output": "hi i am tiny bot"}]
+                                               * 16))
+    (data / "dataset_info.json").write_text(json.dumps({"same": {"file_name": "same.json"}}))
+    out = tmp_path / "o"
+    whole = llmtune.train(base_cfg(tiny_folder, data, out, dataset="same", save_steps=1))
+    again = llmtune.train(base_cfg(tiny_folder, data, out, dataset="same", save_steps=1,
+                                   resume_from_checkpoint=str(out / "checkpoint-1")))
+    tokens_whole = whole["train_tokens_per_second"] * whole["train_runtime"]
+    tokens_again = again["train_tokens_per_second"] * again["train_runtime"]
+    assert tokens_whole > 0
+    assert tokens_again == pytest.approx(tokens_whole * 3 / 4, rel=1e-2)
+    last = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()][-1]
+    assert last["current_steps"] == 4 and last["throughput"] >= 0

@@ -83,23 +83,26 @@ def format_start(model: str, trainable: int, total: int, examples: int, steps: i
 
 def format_end(final_loss: Optional[float], examples_seen: int, tokens_seen: Optional[int], runtime_s: float,
                peak_memory_bytes: Optional[float], output_dir: str, saved: list[tuple[str, str]],
-               peak_memory_kind: str = "") -> list[str]:
+               peak_memory_kind: str = "", session_tokens: Optional[int] = None) -> list[str]:
     """The end-of-run lines.
 
     Args:
         final_loss: the training loss of the last logged steps (``None``: not known).
         examples_seen: training examples processed (epochs done x examples; PPO: steps x rollout size).
         tokens_seen: input tokens processed (``None``: not counted by this stage).
-        runtime_s: training time in seconds; tokens per second is ``tokens_seen / runtime_s``.
+        runtime_s: training time in seconds; tokens per second is ``session_tokens / runtime_s``.
         peak_memory_bytes: peak memory in bytes (``None``: unknown); peak_memory_kind says what was
             measured (``CUDA allocated``, ``process RSS``).
         output_dir: the output folder; saved: ``(file name, what it is)`` pairs of the files written there.
+        session_tokens: the tokens processed during ``runtime_s`` (a resumed run: those since the resume;
+            ``None``: ``tokens_seen``).
 
     Returns:
         lines (no newline), the first ``***** llmtune train: done *****``.
     """
     loss = "n/a" if final_loss is None else f"{final_loss:.4f}"
-    tps = "n/a" if not tokens_seen or runtime_s <= 0 else f"{tokens_seen / runtime_s:,.1f}"
+    session_tokens = tokens_seen if session_tokens is None else session_tokens
+    tps = "n/a" if not session_tokens or runtime_s <= 0 else f"{session_tokens / runtime_s:,.1f}"
     toks = "n/a" if tokens_seen is None else f"{tokens_seen:,}"
     mem = format_bytes(peak_memory_bytes) + (f" ({peak_memory_kind})" if peak_memory_kind and
                                              peak_memory_bytes is not None else "")
@@ -187,4 +190,5 @@ def report_end(cfg: Any, results: dict, out: Any, trainer: Any, device: Any,
     folder = Path(str(out))
     saved = [(name, what) for name, what in SAVED_FILES if (folder / name).is_file()]
     _emit(format_end(final, seen, tokens, float(results.get("train_runtime", 0.0)), mem, str(folder),
-                     saved, kind), stream)
+                     saved, kind, session_tokens=None if tokens is None
+                     else tokens - int(getattr(trainer, "tokens_at_start", 0) or 0)), stream)

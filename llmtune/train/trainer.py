@@ -180,6 +180,7 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.tokens_seen = 0
+        self.tokens_at_start = 0   # tokens_seen when this process began training (set again on resume)
         self.best_metric: Optional[float] = None
         self.best_step: Optional[int] = None
         self.best_state: Optional[dict[str, torch.Tensor]] = None
@@ -339,6 +340,7 @@ class Trainer:
         self.model.train()
         start = time.time()
         start_step = self.global_step
+        self.tokens_at_start = self.tokens_seen   # a resumed run's throughput counts only its own tokens
         window_loss, window_steps, window_metrics = 0.0, 0, {}
         loss_sum_all, steps_all = 0.0, 0
         try:
@@ -368,13 +370,13 @@ class Trainer:
                         vals = {"loss": round(window_loss / window_steps, 6), "lr": lr, "grad_norm": grad_norm}
                         vals.update({k: v / window_steps for k, v in window_metrics.items()})
                         self.log_history.append(logger.log(self.global_step, self.epoch_float(), vals,
-                                                           self.tokens_seen))
+                                                           self.tokens_seen - self.tokens_at_start))
                         window_loss, window_steps, window_metrics = 0.0, 0, {}
                     if (self.eval_strategy == "steps" and self.global_step % self.eval_steps == 0) or (
                             self.eval_strategy == "epoch" and end_of_epoch):
                         metrics_eval = self.evaluate()
                         self.log_history.append(logger.log(self.global_step, self.epoch_float(), metrics_eval,
-                                                           self.tokens_seen))
+                                                           self.tokens_seen - self.tokens_at_start))
                         self._track_best(metrics_eval)
                     if (self.save_strategy == "steps" and self.global_step % self.save_steps == 0) or (
                             self.save_strategy == "epoch" and end_of_epoch):
@@ -409,7 +411,8 @@ class Trainer:
                    "train_runtime": round(runtime, 4),
                    "train_samples_per_second": round(done * self.bs * self.ga * world_size() / runtime, 3) if runtime else 0.0,
                    "train_steps_per_second": round(done / runtime, 3) if runtime else 0.0,
-                   "train_tokens_per_second": round(self.tokens_seen / runtime, 2) if runtime else 0.0}
+                   "train_tokens_per_second": round((self.tokens_seen - self.tokens_at_start) / runtime, 2)
+                   if runtime else 0.0}
         return results
 
     @contextlib.contextmanager
