@@ -202,3 +202,24 @@ def test_a_resumed_runs_throughput_counts_only_its_own_tokens(tiny_folder, tmp_p
     assert tokens_again == pytest.approx(tokens_whole * 3 / 4, rel=1e-2)
     last = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()][-1]
     assert last["current_steps"] == 4 and last["throughput"] >= 0
+
+
+def test_load_best_model_at_end_after_a_resume_loads_the_best_checkpoint(tiny_folder, data_dir, tmp_path):
+    """load_best_model_at_end kept the best weights in memory only: a run resumed after the best step ended
+    with its last weights. Resumed from checkpoint-4 (best step 1 or 2, before it), the final adapter must be
+    bit-equal to the one of the run that was never interrupted (which holds the best step's weights)."""
+    import llmtune
+    from safetensors.torch import load_file
+
+    kw = dict(max_steps=6, val_size=4, eval_strategy="steps", eval_steps=1, save_steps=1,
+              load_best_model_at_end=True, greater_is_better=True,   # the highest eval loss: an early step
+              per_device_eval_batch_size=4)
+    llmtune.train(base_cfg(tiny_folder, data_dir, tmp_path / "whole", **kw))
+    state = json.loads((tmp_path / "whole" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["best_global_step"] < 4, state["best_global_step"]   # else this test checks nothing
+    out = tmp_path / "resumed"
+    llmtune.train(base_cfg(tiny_folder, data_dir, out, **kw))
+    llmtune.train(base_cfg(tiny_folder, data_dir, out, resume_from_checkpoint=str(out / "checkpoint-4"), **kw))
+    want = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
+    got = load_file(str(out / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

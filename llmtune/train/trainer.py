@@ -488,6 +488,20 @@ class Trainer:
                 self.best_state = {k: v.clone() for k, v in
                                    ckpt.trainable_state_dict(dist_hooks.unwrap(self.model)).items()}
 
+    def _best_state_at_resume(self, folder: Path) -> Optional[dict[str, torch.Tensor]]:
+        """The best step's trainable weights for ``load_best_model_at_end`` after a resume from ``folder``:
+        the weights just loaded when the best step is the resumed one, else those of ``checkpoint-<best>``
+        beside it (kept by ``save_total_limit``); None, with a notice, when that checkpoint was never saved."""
+        if self.best_step == self.global_step:   # set by _load from the same folder
+            return {k: v.clone() for k, v in ckpt.trainable_state_dict(dist_hooks.unwrap(self.model)).items()}
+        best = folder.parent / f"checkpoint-{self.best_step}" / "trainable.safetensors"
+        if best.is_file():
+            return ckpt.read_checkpoint_tensors(best)
+        notice(f"load_best_model_at_end: the best step ({self.best_step}) has no checkpoint beside {folder}, so "
+               "its weights cannot be loaded at the end of this resumed run (make save_steps a multiple of "
+               "eval_steps to keep them)")
+        return None
+
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The JSON trainer state saved in checkpoints (step, data position, best metric, log history)."""
@@ -559,6 +573,8 @@ class Trainer:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.best_metric, self.best_step = state.get("best_metric"), state.get("best_global_step")
+        if self.load_best and self.best_step is not None:
+            self.best_state = self._best_state_at_resume(folder)
         self.log_history = list(state.get("log_history", []))
         if self.online is not None:
             stage_state, self._queue = ckpt.load_online_state(folder, self.device)
