@@ -41,6 +41,21 @@ def test_end_lines_hand_computed():
     assert resumed[2] == "  examples seen: 96   tokens seen: 12,345" and resumed[3] == "  time: 20.0s   tokens/s: 200.0"
 
 
+def test_precision_is_the_one_trained_in():
+    """fp16 on a CPU trains under bfloat16 autocast (or float32): the summary names what runs, not the flag."""
+    import types
+
+    import torch
+
+    cfg = types.SimpleNamespace(bf16=False, fp16=True)
+    assert summary._precision(cfg, types.SimpleNamespace(amp_dtype=torch.bfloat16)) == "bf16 (fp16 requested)"
+    assert summary._precision(cfg, types.SimpleNamespace(amp_dtype=None)) == "fp32 (fp16 requested)"
+    assert summary._precision(cfg, types.SimpleNamespace(amp_dtype=torch.float16)) == "fp16"   # CUDA
+    assert summary._precision(types.SimpleNamespace(bf16=True, fp16=False),
+                              types.SimpleNamespace(amp_dtype=torch.bfloat16)) == "bf16"
+    assert summary._precision(cfg) == "fp16"     # no trainer: the flag as given
+
+
 def test_units():
     assert summary.format_duration(3723) == "1h 02m 03s"
     assert summary.format_bytes(300 * 2 ** 20) == "300 MiB" and summary.format_bytes(512) == "512 B"

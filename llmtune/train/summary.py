@@ -144,8 +144,16 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def _precision(cfg: Any) -> str:
-    return "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+def _precision(cfg: Any, trainer: Any = None) -> str:
+    """The precision the run trains in: the trainer's autocast dtype (``amp_dtype``), with the requested one
+    in brackets when it differs (fp16 on a CPU runs as bf16 or fp32); the config's flags without a trainer."""
+    asked = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+    if trainer is None or not hasattr(trainer, "amp_dtype"):
+        return asked
+    import torch
+
+    used = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(trainer.amp_dtype, "fp32")
+    return used if used == asked else f"{used} ({asked} requested)"
 
 
 def _emit(lines: list[str], stream: Optional[TextIO]) -> None:
@@ -163,7 +171,7 @@ def report_start(cfg: Any, model: Any, trainer: Any, device: Any, stream: Option
         rows = getattr(trainer, "prompts", None)
     trainable, total = count_parameters(model)
     _emit(format_start(str(cfg.model_name_or_path), trainable, total, len(rows) if rows is not None else 0,
-                       int(getattr(trainer, "total_steps", 0) or 0), _precision(cfg), str(device), cfg.stage,
+                       int(getattr(trainer, "total_steps", 0) or 0), _precision(cfg, trainer), str(device), cfg.stage,
                        cfg.finetuning_type), stream)
 
 
