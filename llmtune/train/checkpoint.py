@@ -547,16 +547,23 @@ class checkpoint_file_errors:
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: Optional[int],
-                       keep: Optional[str] = None) -> list[Path]:
+                       keep: Optional[str] = None, newest: Optional[str | os.PathLike] = None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond ``save_total_limit`` (never ``keep``, the best one, and
     never the newest one: checkpoints are only written with finite weights, so the newest is the newest
     finite checkpoint).
+
+    ``newest``: the checkpoint just written (default: the highest-numbered one). Checkpoints numbered above
+    it are left from a run that was resumed from an earlier checkpoint: they are older than every step of
+    this run, so they go first (else the limit deleted the resumed run's own checkpoints and kept them).
 
     Returns the deleted folders. ``None`` or ``<= 0`` keeps everything.
     """
     if not save_total_limit or save_total_limit <= 0:
         return []
     ckpts = list_checkpoints(output_dir)
+    if newest is not None and Path(newest).resolve() in [c.resolve() for c in ckpts]:
+        top = [c.resolve() for c in ckpts].index(Path(newest).resolve())
+        ckpts = ckpts[top + 1:] + ckpts[:top + 1]   # superseded ones first, the newest last
     deleted = []
     excess = len(ckpts) - save_total_limit
     for ck in ckpts[:-1]:

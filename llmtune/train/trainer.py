@@ -534,7 +534,8 @@ class Trainer:
                                         rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler,
                                         online=online)
         keep = self.output_dir / f"checkpoint-{self.best_step}" if self.best_step is not None else None
-        ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, keep=keep)
+        ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, keep=keep,
+                                newest=self.output_dir / f"checkpoint-{self.global_step}")
         return path
 
     def _check_online_resume(self, folder: Path) -> None:
