@@ -223,3 +223,20 @@ def test_load_best_model_at_end_after_a_resume_loads_the_best_checkpoint(tiny_fo
     want = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
     got = load_file(str(out / "adapter_model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_save_only_model_checkpoints_hold_no_optimizer_state(tiny_folder, data_dir, tmp_path, capsys):
+    """save_only_model (Hugging Face: checkpoints without the optimizer state, so they cannot resume exactly)
+    was accepted and ignored. Its checkpoints hold no optimizer file; a resume from one says so and goes on."""
+    import llmtune
+
+    out = tmp_path / "o"
+    llmtune.train(base_cfg(tiny_folder, data_dir, out, save_steps=2, save_only_model=True))
+    files = sorted(p.name for p in (out / "checkpoint-2").iterdir())
+    assert "trainable.safetensors" in files and not any(name.startswith("optimizer") for name in files)
+    capsys.readouterr()
+    res = llmtune.train(base_cfg(tiny_folder, data_dir, out, save_steps=2, save_only_model=True,
+                                 resume_from_checkpoint=str(out / "checkpoint-2")))
+    assert "holds no optimizer state" in capsys.readouterr().err
+    assert torch.isfinite(torch.tensor(res["train_loss"]))
+    assert [json.loads(x)["current_steps"] for x in (out / "trainer_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from llmtune.fileio import finite_or_none, save_tensors, strict_dumps  # noqa: F401 (re-exported)
 
-from llmtune.errors import LLMTuneError
+from llmtune.errors import LLMTuneError, notice
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -248,7 +248,7 @@ def _is_alias(model: torch.nn.Module, name: str, tensors: dict) -> bool:
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
                     rng_state: dict[str, Any], scaler: Any = None,
-                    online: Optional[tuple[dict[str, Any], list]] = None) -> Path:
+                    online: Optional[tuple[dict[str, Any], list]] = None, with_optimizer: bool = True) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (temp folder, fsync, then rename); return its path.
 
     An existing ``checkpoint-<step>`` (e.g. written again after a resume) is replaced only once the new
@@ -256,6 +256,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
     parent folder after it, so a power loss never publishes a checkpoint whose files are still in the page
     cache. See the module docstring for the files. ``online``: an online stage's ``(stage_state, queue)``
     (:func:`pack_online_queue`), written as ``online_state.json`` + ``online_queue.safetensors``.
+    ``with_optimizer`` False (``save_only_model``): no optimizer files, and ``trainer_state`` records
+    ``"optimizer_saved": false`` so that a resume starts the optimizer afresh (with a notice).
 
     Raises:
         LLMTuneError: the trainable weights hold NaN/inf (nothing is written); the disk is full or the folder
@@ -275,7 +277,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_tensors(weights, str(tmp / "trainable.safetensors"))
-        save_optimizer(optimizer, tmp)
+        if with_optimizer:
+            save_optimizer(optimizer, tmp)
+        else:
+            trainer_state = dict(trainer_state, optimizer_saved=False)
         (tmp / "scheduler.json").write_text(json.dumps(_jsonable(scheduler.state_dict())))
         save_rng_state(rng_state, tmp)
         if scaler is not None and scaler.is_enabled():
@@ -490,8 +495,12 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
                            f"(no integer {', '.join(missing) or 'log_history list'}); resume from another "
                            "checkpoint-N folder")
     load_trainable_state_dict(model, read_checkpoint_tensors(folder / "trainable.safetensors"), str(folder))
-    with checkpoint_file_errors(folder / "optimizer.safetensors"):
-        load_optimizer(optimizer, folder)
+    if state.get("optimizer_saved", True) is False:   # written with save_only_model
+        notice(f"resume_from_checkpoint: {folder} holds no optimizer state (save_only_model), so the optimizer "
+               "starts afresh: the losses will differ from those of an uninterrupted run")
+    else:
+        with checkpoint_file_errors(folder / "optimizer.safetensors"):
+            load_optimizer(optimizer, folder)
     with checkpoint_file_errors(folder / "scheduler.json"):
         scheduler.load_state_dict(_from_json(read_checkpoint_json(folder / "scheduler.json")))
     if scaler is not None and scaler.is_enabled() and (folder / "scaler.json").is_file():

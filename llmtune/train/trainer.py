@@ -532,7 +532,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.output_dir, self.global_step, model=dist_hooks.unwrap(self.model), optimizer=self.optimizer,
                                         scheduler=self.scheduler, trainer_state=self.state_dict(),
                                         rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler,
-                                        online=online)
+                                        online=online, with_optimizer=not self.config.save_only_model)
         keep = self.output_dir / f"checkpoint-{self.best_step}" if self.best_step is not None else None
         ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, keep=keep,
                                 newest=self.output_dir / f"checkpoint-{self.global_step}")
