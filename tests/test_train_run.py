@@ -240,3 +240,16 @@ def test_save_only_model_checkpoints_hold_no_optimizer_state(tiny_folder, data_d
     assert "holds no optimizer state" in capsys.readouterr().err
     assert torch.isfinite(torch.tensor(res["train_loss"]))
     assert [json.loads(x)["current_steps"] for x in (out / "trainer_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_training_with_adapter_name_or_path_says_a_new_adapter_is_trained(tiny_folder, data_dir, tmp_path, capsys):
+    """LLaMA-Factory's default (create_new_adapter false) continues the given adapter; llmtune merges it and
+    trains a new one on top, recorded as a parent: a notice says so, and the parent is recorded."""
+    import llmtune
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    llmtune.train(base_cfg(tiny_folder, data_dir, first, max_steps=1))
+    capsys.readouterr()
+    llmtune.train(base_cfg(tiny_folder, data_dir, second, max_steps=1, adapter_name_or_path=str(first)))
+    assert "create_new_adapter" in capsys.readouterr().err
+    assert json.loads((second / "llmtune.json").read_text())["parent_adapters"] == [str(first.resolve())]
