@@ -253,3 +253,20 @@ def test_training_with_adapter_name_or_path_says_a_new_adapter_is_trained(tiny_f
     llmtune.train(base_cfg(tiny_folder, data_dir, second, max_steps=1, adapter_name_or_path=str(first)))
     assert "create_new_adapter" in capsys.readouterr().err
     assert json.loads((second / "llmtune.json").read_text())["parent_adapters"] == [str(first.resolve())]
+
+
+def test_resume_into_another_output_dir_logs_from_step_one(tiny_folder, data_dir, tmp_path):
+    """resume_from_checkpoint pointing at another run's checkpoint-2, with a new output_dir: its
+    trainer_log.jsonl started at step 3 (steps 1-2 were only in trainer_state.json); it must hold the same
+    steps and losses as the uninterrupted run's log."""
+    import llmtune
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    llmtune.train(base_cfg(tiny_folder, data_dir, first, save_steps=2))
+    llmtune.train(base_cfg(tiny_folder, data_dir, second, save_steps=2,
+                           resume_from_checkpoint=str(first / "checkpoint-2")))
+
+    def records(out):
+        return [(r["current_steps"], r["loss"]) for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())]
+
+    assert records(second) == records(first) and [s for s, _ in records(second)] == [1, 2, 3, 4]

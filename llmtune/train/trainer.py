@@ -336,7 +336,7 @@ class Trainer:
         logger = TrainLogger(self.output_dir, self.total_steps, self.report_to, enabled=is_main(),
                              resume_step=self.global_step if resume is not None else None,
                              initial_step=self.global_step, progress=not self.config.disable_tqdm,
-                             run_config=self.config)
+                             run_config=self.config, history=self.log_history)
         self.model.train()
         start = time.time()
         start_step = self.global_step
