@@ -39,6 +39,7 @@ REFUSED = [
     ({"max_grad_norm": -1}, "max_grad_norm", ">= 0"),
     ({"num_train_epochs": -1}, "num_train_epochs", ">= 0"),
     ({"num_train_epochs": 0}, "num_train_epochs", "trains nothing"),
+    ({"do_train": False}, "do_train", "runs nothing"),          # no do_eval/do_predict either: a silent no-op
     ({"lora_dropout": 1.0}, "lora_dropout", "in [0, 1)"),
     ({"lora_dropout": -0.1}, "lora_dropout", "in [0, 1)"),
     ({"val_size": -0.2}, "val_size", ">= 0"),
@@ -129,6 +130,8 @@ def test_settings_at_the_edge_are_accepted():
                             stage="grpo", num_generations=4, per_device_train_batch_size=2,
                             gradient_accumulation_steps=2))
     assert (cfg.val_size, cfg.save_steps, cfg.num_generations) == (100.0, 0, 4)
+    for only in ("do_eval", "do_predict"):     # evaluation or prediction alone is a run (LLaMA-Factory's use)
+        assert not parse_config(dict(BASE, do_train=False, **{only: True}), command="train").do_train
 
 
 def test_new_keys_defaults_and_aliases():

@@ -356,3 +356,18 @@ def test_reward_model_value_head_is_copied(tiny, tmp_path, capsys):
     export({"model_name_or_path": str(tiny["base"]), "adapter_name_or_path": str(rm), "export_dir": str(out)})
     assert (out / "value_head.safetensors").read_bytes() == (rm / "value_head.safetensors").read_bytes()
     assert "value head" in capsys.readouterr().err
+
+
+def test_a_checkpoint_folder_as_adapter_is_named_as_a_checkpoint(tiny, tmp_path):
+    """A checkpoint-N folder (trainable.safetensors + trainer_state.json, no adapter_config.json) given as
+    adapter_name_or_path: one error saying it is a checkpoint for resume_from_checkpoint; nothing written."""
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"global_step": 4}')
+    with pytest.raises(LLMTuneError) as err:
+        export({"model_name_or_path": str(tiny["base"]), "adapter_name_or_path": str(ckpt),
+                "export_dir": str(tmp_path / "out")})
+    msg = str(err.value)
+    assert msg.startswith("adapter_name_or_path:") and "training checkpoint" in msg
+    assert "resume_from_checkpoint" in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()

@@ -120,6 +120,22 @@ def test_rotation_never_deletes_the_newest_checkpoint(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-6"]
 
 
+def test_rotation_after_resuming_from_an_earlier_checkpoint_keeps_the_resumed_runs_own(tmp_path):
+    """Resumed from checkpoint-4 in a folder still holding 5..12 of the first run: the resumed run has just
+    written checkpoint-5 (replacing the old one). With a limit of 2 the survivors must be 4 and 5, the newest
+    of this run's history (the first run deleted 5 and 6 as they were written and kept the stale 11 and 12,
+    which resume_from_checkpoint: true then picked)."""
+    out = tmp_path / "out"
+    for step in range(1, 13):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    ckpt.rotate_checkpoints(out, 2, newest=out / "checkpoint-5")
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-5"]
+    # the best checkpoint is still never deleted; without newest the highest number counts as the newest
+    ckpt.rotate_checkpoints(out, 1, keep=str(out / "checkpoint-4"))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-5"]
+
+
 def test_logs_and_results_are_strict_json(tmp_path):
     from llmtune.train.logging import TrainLogger
     from llmtune.fileio import write_json

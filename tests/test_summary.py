@@ -36,6 +36,24 @@ def test_end_lines_hand_computed():
     unknown = summary.format_end(None, 0, None, 0.0, None, "o", [])
     assert unknown[1] == "  final loss: n/a" and unknown[3] == "  time: 0.0s   tokens/s: n/a"
     assert unknown[4] == "  peak memory: n/a" and unknown[5] == "  saved to o: nothing"
+    # resumed: 12,345 tokens in all, 4,000 of them in this session's 20 s -> 200.0 tokens/s
+    resumed = summary.format_end(0.5, 96, 12_345, 20.0, None, "o", [], session_tokens=4_000)
+    assert resumed[2] == "  examples seen: 96   tokens seen: 12,345" and resumed[3] == "  time: 20.0s   tokens/s: 200.0"
+
+
+def test_precision_is_the_one_trained_in():
+    """fp16 on a CPU trains under bfloat16 autocast (or float32): the summary names what runs, not the flag."""
+    import types
+
+    import torch
+
+    cfg = types.SimpleNamespace(bf16=False, fp16=True)
+    assert summary._precision(cfg, types.SimpleNamespace(amp_dtype=torch.bfloat16)) == "bf16 (fp16 requested)"
+    assert summary._precision(cfg, types.SimpleNamespace(amp_dtype=None)) == "fp32 (fp16 requested)"
+    assert summary._precision(cfg, types.SimpleNamespace(amp_dtype=torch.float16)) == "fp16"   # CUDA
+    assert summary._precision(types.SimpleNamespace(bf16=True, fp16=False),
+                              types.SimpleNamespace(amp_dtype=torch.bfloat16)) == "bf16"
+    assert summary._precision(cfg) == "fp16"     # no trainer: the flag as given
 
 
 def test_units():

@@ -178,3 +178,95 @@ def test_llmtune_train_stays_the_package_after_the_notebook_call():
     out = subprocess.run([sys.executable, "-c", "import sys; " + code], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.split() == ["True", "True", "llmtune.train.checkpoint"], out.stdout + out.stderr
+
+
+def test_a_resumed_runs_throughput_counts_only_its_own_tokens(tiny_folder, tmp_path):
+    """Every row is the same text, so every step of batch 4 holds the same number of tokens S: a run of 4
+    steps processes 4 S, and a run resumed from checkpoint-1 processes 3 S in its own runtime (steps 2-4).
+    train_tokens_per_second x train_runtime must be 3/4 of the whole run's, not the whole run's tokens over
+    the resumed session's time (which overstated a resumed run's throughput)."""
+    import llmtune
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "same.json").write_text(json.dumps([{"instruction": "hello", "input": "", "output": "hi i am tiny bot"}]
+                                               * 16))
+    (data / "dataset_info.json").write_text(json.dumps({"same": {"file_name": "same.json"}}))
+    out = tmp_path / "o"
+    whole = llmtune.train(base_cfg(tiny_folder, data, out, dataset="same", save_steps=1))
+    again = llmtune.train(base_cfg(tiny_folder, data, out, dataset="same", save_steps=1,
+                                   resume_from_checkpoint=str(out / "checkpoint-1")))
+    tokens_whole = whole["train_tokens_per_second"] * whole["train_runtime"]
+    tokens_again = again["train_tokens_per_second"] * again["train_runtime"]
+    assert tokens_whole > 0
+    assert tokens_again == pytest.approx(tokens_whole * 3 / 4, rel=1e-2)
+    last = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()][-1]
+    assert last["current_steps"] == 4 and last["throughput"] >= 0
+
+
+def test_load_best_model_at_end_after_a_resume_loads_the_best_checkpoint(tiny_folder, data_dir, tmp_path):
+    """load_best_model_at_end kept the best weights in memory only: a run resumed after the best step ended
+    with its last weights. Resumed from checkpoint-4 (best step 1 or 2, before it), the final adapter must be
+    bit-equal to the one of the run that was never interrupted (which holds the best step's weights)."""
+    import llmtune
+    from safetensors.torch import load_file
+
+    kw = dict(max_steps=6, val_size=4, eval_strategy="steps", eval_steps=1, save_steps=1,
+              load_best_model_at_end=True, greater_is_better=True,   # the highest eval loss: an early step
+              per_device_eval_batch_size=4)
+    llmtune.train(base_cfg(tiny_folder, data_dir, tmp_path / "whole", **kw))
+    state = json.loads((tmp_path / "whole" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["best_global_step"] < 4, state["best_global_step"]   # else this test checks nothing
+    out = tmp_path / "resumed"
+    llmtune.train(base_cfg(tiny_folder, data_dir, out, **kw))
+    llmtune.train(base_cfg(tiny_folder, data_dir, out, resume_from_checkpoint=str(out / "checkpoint-4"), **kw))
+    want = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
+    got = load_file(str(out / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_save_only_model_checkpoints_hold_no_optimizer_state(tiny_folder, data_dir, tmp_path, capsys):
+    """save_only_model (Hugging Face: checkpoints without the optimizer state, so they cannot resume exactly)
+    was accepted and ignored. Its checkpoints hold no optimizer file; a resume from one says so and goes on."""
+    import llmtune
+
+    out = tmp_path / "o"
+    llmtune.train(base_cfg(tiny_folder, data_dir, out, save_steps=2, save_only_model=True))
+    files = sorted(p.name for p in (out / "checkpoint-2").iterdir())
+    assert "trainable.safetensors" in files and not any(name.startswith("optimizer") for name in files)
+    capsys.readouterr()
+    res = llmtune.train(base_cfg(tiny_folder, data_dir, out, save_steps=2, save_only_model=True,
+                                 resume_from_checkpoint=str(out / "checkpoint-2")))
+    assert "holds no optimizer state" in capsys.readouterr().err
+    assert torch.isfinite(torch.tensor(res["train_loss"]))
+    assert [json.loads(x)["current_steps"] for x in (out / "trainer_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_training_with_adapter_name_or_path_says_a_new_adapter_is_trained(tiny_folder, data_dir, tmp_path, capsys):
+    """LLaMA-Factory's default (create_new_adapter false) continues the given adapter; llmtune merges it and
+    trains a new one on top, recorded as a parent: a notice says so, and the parent is recorded."""
+    import llmtune
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    llmtune.train(base_cfg(tiny_folder, data_dir, first, max_steps=1))
+    capsys.readouterr()
+    llmtune.train(base_cfg(tiny_folder, data_dir, second, max_steps=1, adapter_name_or_path=str(first)))
+    assert "create_new_adapter" in capsys.readouterr().err
+    assert json.loads((second / "llmtune.json").read_text())["parent_adapters"] == [str(first.resolve())]
+
+
+def test_resume_into_another_output_dir_logs_from_step_one(tiny_folder, data_dir, tmp_path):
+    """resume_from_checkpoint pointing at another run's checkpoint-2, with a new output_dir: its
+    trainer_log.jsonl started at step 3 (steps 1-2 were only in trainer_state.json); it must hold the same
+    steps and losses as the uninterrupted run's log."""
+    import llmtune
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    llmtune.train(base_cfg(tiny_folder, data_dir, first, save_steps=2))
+    llmtune.train(base_cfg(tiny_folder, data_dir, second, save_steps=2,
+                           resume_from_checkpoint=str(first / "checkpoint-2")))
+
+    def records(out):
+        return [(r["current_steps"], r["loss"]) for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())]
+
+    assert records(second) == records(first) and [s for s, _ in records(second)] == [1, 2, 3, 4]

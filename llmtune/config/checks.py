@@ -254,6 +254,9 @@ def validate(cfg: TrainConfig, command: Union[str, None] = "train") -> None:
         if not getattr(cfg, name):
             what = "training" if name == "dataset" else f"`llmtune {command}`" if command != "trainer" else "Trainer"
             raise LLMTuneError(f"{name}: required for {what} ({REQUIRED[name]})")
+    if command == "train" and not (cfg.do_train or cfg.do_eval or cfg.do_predict):
+        raise LLMTuneError("do_train: false with do_eval and do_predict false runs nothing; set do_train: true to "
+                           "train, or do_eval / do_predict: true to only evaluate")
     if command in ("train", "trainer"):
         if cfg.bf16 and cfg.fp16:
             raise LLMTuneError("bf16 and fp16 are both true; set only one of them")

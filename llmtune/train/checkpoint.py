@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 
 from llmtune.fileio import finite_or_none, save_tensors, strict_dumps  # noqa: F401 (re-exported)
 
-from llmtune.errors import LLMTuneError
+from llmtune.errors import LLMTuneError, notice
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -252,7 +252,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
                     rng_state: dict[str, Any], scaler: Any = None,
                     online: Optional[tuple[dict[str, Any], list]] = None,
-                    before_publish: Optional[Callable[[Path], None]] = None) -> Path:
+                    before_publish: Optional[Callable[[Path], None]] = None, with_optimizer: bool = True) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (temp folder, fsync, then rename); return its path.
 
     An existing ``checkpoint-<step>`` (e.g. written again after a resume) is replaced only once the new
@@ -262,6 +262,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
     (:func:`pack_online_queue`), written as ``online_state.json`` + ``online_queue.safetensors``.
     ``before_publish(tmp)``: called with the temporary folder before ``trainer_state.json`` is written (the
     other ranks of a data-parallel online run add their ``rank<r>/`` there); what it raises removes the folder.
+    ``with_optimizer`` False (``save_only_model``): no optimizer files, and ``trainer_state`` records
+    ``"optimizer_saved": false`` so that a resume starts the optimizer afresh (with a notice).
 
     Raises:
         LLMTuneError: the trainable weights hold NaN/inf (nothing is written); the disk is full or the folder
@@ -281,7 +283,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_tensors(weights, str(tmp / "trainable.safetensors"))
-        save_optimizer(optimizer, tmp)
+        if with_optimizer:
+            save_optimizer(optimizer, tmp)
+        else:
+            trainer_state = dict(trainer_state, optimizer_saved=False)
         (tmp / "scheduler.json").write_text(json.dumps(_jsonable(scheduler.state_dict())))
         save_rng_state(rng_state, tmp)
         if scaler is not None and scaler.is_enabled():
@@ -509,8 +514,12 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
                            f"(no integer {', '.join(missing) or 'log_history list'}); resume from another "
                            "checkpoint-N folder")
     load_trainable_state_dict(model, read_checkpoint_tensors(folder / "trainable.safetensors"), str(folder))
-    with checkpoint_file_errors(folder / "optimizer.safetensors"):
-        load_optimizer(optimizer, folder)
+    if state.get("optimizer_saved", True) is False:   # written with save_only_model
+        notice(f"resume_from_checkpoint: {folder} holds no optimizer state (save_only_model), so the optimizer "
+               "starts afresh: the losses will differ from those of an uninterrupted run")
+    else:
+        with checkpoint_file_errors(folder / "optimizer.safetensors"):
+            load_optimizer(optimizer, folder)
     with checkpoint_file_errors(folder / "scheduler.json"):
         scheduler.load_state_dict(_from_json(read_checkpoint_json(folder / "scheduler.json")))
     if scaler is not None and scaler.is_enabled() and (folder / "scaler.json").is_file():
@@ -566,16 +575,23 @@ class checkpoint_file_errors:
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: Optional[int],
-                       keep: Optional[str] = None) -> list[Path]:
+                       keep: Optional[str] = None, newest: Optional[str | os.PathLike] = None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond ``save_total_limit`` (never ``keep``, the best one, and
     never the newest one: checkpoints are only written with finite weights, so the newest is the newest
     finite checkpoint).
+
+    ``newest``: the checkpoint just written (default: the highest-numbered one). Checkpoints numbered above
+    it are left from a run that was resumed from an earlier checkpoint: they are older than every step of
+    this run, so they go first (else the limit deleted the resumed run's own checkpoints and kept them).
 
     Returns the deleted folders. ``None`` or ``<= 0`` keeps everything.
     """
     if not save_total_limit or save_total_limit <= 0:
         return []
     ckpts = list_checkpoints(output_dir)
+    if newest is not None and Path(newest).resolve() in [c.resolve() for c in ckpts]:
+        top = [c.resolve() for c in ckpts].index(Path(newest).resolve())
+        ckpts = ckpts[top + 1:] + ckpts[:top + 1]   # superseded ones first, the newest last
     deleted = []
     excess = len(ckpts) - save_total_limit
     for ck in ckpts[:-1]:

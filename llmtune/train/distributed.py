@@ -722,7 +722,7 @@ def save_online_checkpoint(trainer: Any, rng_state: dict[str, Any],
         path = ckpt.save_checkpoint(trainer.output_dir, step, model=unwrap(trainer.model), optimizer=trainer.optimizer,
                                     scheduler=trainer.scheduler, trainer_state=trainer.state_dict(),
                                     rng_state=rng_state, scaler=trainer.scaler, online=online,
-                                    before_publish=ranks_write)
+                                    before_publish=ranks_write, with_optimizer=not trainer.config.save_only_model)
     except LLMTuneError as err:
         error = err
     for _ in range(joined, 2):                                      # the rounds the other ranks still wait in

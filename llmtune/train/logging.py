@@ -12,7 +12,7 @@ import datetime
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from llmtune.errors import LLMTuneError
 from llmtune.fileio import strict_dumps
@@ -41,12 +41,14 @@ class TrainLogger:
         enabled: False on ranks other than 0.
         resume_step: when resuming, keep the file's records up to this step and append after them;
             None starts a new file.
+        history: when resuming, the checkpoint's log records; written first when the file holds none (a
+            resume into another output_dir), so the log starts at step 1 as the uninterrupted run's does.
         progress: show the tqdm progress bar (False for ``disable_tqdm: true``).
     """
 
     def __init__(self, output_dir: str | Path, total_steps: int, report_to: list[str] = (), enabled: bool = True,
                  resume_step: Optional[int] = None, initial_step: int = 0, progress: bool = True,
-                 run_config: Any = None) -> None:
+                 run_config: Any = None, history: Sequence[dict] = ()) -> None:
         self.path = Path(output_dir) / LOG_FILE
         self.total_steps = total_steps
         self.enabled = enabled
@@ -66,6 +68,8 @@ class TrainLogger:
                     continue
                 if rec.get("current_steps", 0) <= resume_step:
                     kept.append(line)
+        if resume_step is not None and not kept:
+            kept = [strict_dumps(r) for r in history if r.get("current_steps", 0) <= resume_step]
         self.path.write_text("".join(k + "\n" for k in kept))
         if not progress:
             self.bar = None

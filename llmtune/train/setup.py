@@ -122,6 +122,10 @@ def load_base_model(cfg: Any) -> torch.nn.Module:
     ``model.adapter_chain`` is the chain applied: the one the outputs record."""
     device = train_device(cfg)
     set_kernels_enabled(cfg.use_kernels)  # Triton kernels on CUDA (llmtune.kernels); off: PyTorch references
+    if cfg.adapter_name_or_path and cfg.finetuning_type == "lora" and not cfg.create_new_adapter:
+        notice("adapter_name_or_path: the given adapter(s) are merged into the base and a new adapter is trained "
+               "on top (as create_new_adapter: true; llmtune does not continue an adapter in place); the output "
+               "records them as parent_adapters, which llmtune chat/export apply")
     return runs.load_model(cfg.model_name_or_path, dtype=load_dtype(cfg, device.split(":")[0]), device=device,
                            adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
                            quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)

@@ -83,23 +83,26 @@ def format_start(model: str, trainable: int, total: int, examples: int, steps: i
 
 def format_end(final_loss: Optional[float], examples_seen: int, tokens_seen: Optional[int], runtime_s: float,
                peak_memory_bytes: Optional[float], output_dir: str, saved: list[tuple[str, str]],
-               peak_memory_kind: str = "") -> list[str]:
+               peak_memory_kind: str = "", session_tokens: Optional[int] = None) -> list[str]:
     """The end-of-run lines.
 
     Args:
         final_loss: the training loss of the last logged steps (``None``: not known).
         examples_seen: training examples processed (epochs done x examples; PPO: steps x rollout size).
         tokens_seen: input tokens processed (``None``: not counted by this stage).
-        runtime_s: training time in seconds; tokens per second is ``tokens_seen / runtime_s``.
+        runtime_s: training time in seconds; tokens per second is ``session_tokens / runtime_s``.
         peak_memory_bytes: peak memory in bytes (``None``: unknown); peak_memory_kind says what was
             measured (``CUDA allocated``, ``process RSS``).
         output_dir: the output folder; saved: ``(file name, what it is)`` pairs of the files written there.
+        session_tokens: the tokens processed during ``runtime_s`` (a resumed run: those since the resume;
+            ``None``: ``tokens_seen``).
 
     Returns:
         lines (no newline), the first ``***** llmtune train: done *****``.
     """
     loss = "n/a" if final_loss is None else f"{final_loss:.4f}"
-    tps = "n/a" if not tokens_seen or runtime_s <= 0 else f"{tokens_seen / runtime_s:,.1f}"
+    session_tokens = tokens_seen if session_tokens is None else session_tokens
+    tps = "n/a" if not session_tokens or runtime_s <= 0 else f"{session_tokens / runtime_s:,.1f}"
     toks = "n/a" if tokens_seen is None else f"{tokens_seen:,}"
     mem = format_bytes(peak_memory_bytes) + (f" ({peak_memory_kind})" if peak_memory_kind and
                                              peak_memory_bytes is not None else "")
@@ -141,8 +144,16 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def _precision(cfg: Any) -> str:
-    return "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+def _precision(cfg: Any, trainer: Any = None) -> str:
+    """The precision the run trains in: the trainer's autocast dtype (``amp_dtype``), with the requested one
+    in brackets when it differs (fp16 on a CPU runs as bf16 or fp32); the config's flags without a trainer."""
+    asked = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+    if trainer is None or not hasattr(trainer, "amp_dtype"):
+        return asked
+    import torch
+
+    used = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(trainer.amp_dtype, "fp32")
+    return used if used == asked else f"{used} ({asked} requested)"
 
 
 def _emit(lines: list[str], stream: Optional[TextIO]) -> None:
@@ -160,7 +171,7 @@ def report_start(cfg: Any, model: Any, trainer: Any, device: Any, stream: Option
         rows = getattr(trainer, "prompts", None)
     trainable, total = count_parameters(model)
     _emit(format_start(str(cfg.model_name_or_path), trainable, total, len(rows) if rows is not None else 0,
-                       int(getattr(trainer, "total_steps", 0) or 0), _precision(cfg), str(device), cfg.stage,
+                       int(getattr(trainer, "total_steps", 0) or 0), _precision(cfg, trainer), str(device), cfg.stage,
                        cfg.finetuning_type), stream)
 
 
@@ -187,4 +198,5 @@ def report_end(cfg: Any, results: dict, out: Any, trainer: Any, device: Any,
     folder = Path(str(out))
     saved = [(name, what) for name, what in SAVED_FILES if (folder / name).is_file()]
     _emit(format_end(final, seen, tokens, float(results.get("train_runtime", 0.0)), mem, str(folder),
-                     saved, kind), stream)
+                     saved, kind, session_tokens=None if tokens is None
+                     else tokens - int(getattr(trainer, "tokens_at_start", 0) or 0)), stream)

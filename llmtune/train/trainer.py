@@ -180,6 +180,7 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.tokens_seen = 0
+        self.tokens_at_start = 0   # tokens_seen when this process began training (set again on resume)
         self.best_metric: Optional[float] = None
         self.best_step: Optional[int] = None
         self.best_state: Optional[dict[str, torch.Tensor]] = None
@@ -335,10 +336,11 @@ class Trainer:
         logger = TrainLogger(self.output_dir, self.total_steps, self.report_to, enabled=is_main(),
                              resume_step=self.global_step if resume is not None else None,
                              initial_step=self.global_step, progress=not self.config.disable_tqdm,
-                             run_config=self.config)
+                             run_config=self.config, history=self.log_history)
         self.model.train()
         start = time.time()
         start_step = self.global_step
+        self.tokens_at_start = self.tokens_seen   # a resumed run's throughput counts only its own tokens
         window_loss, window_steps, window_metrics = 0.0, 0, {}
         loss_sum_all, steps_all = 0.0, 0
         try:
@@ -368,13 +370,13 @@ class Trainer:
                         vals = {"loss": round(window_loss / window_steps, 6), "lr": lr, "grad_norm": grad_norm}
                         vals.update({k: v / window_steps for k, v in window_metrics.items()})
                         self.log_history.append(logger.log(self.global_step, self.epoch_float(), vals,
-                                                           self.tokens_seen))
+                                                           self.tokens_seen - self.tokens_at_start))
                         window_loss, window_steps, window_metrics = 0.0, 0, {}
                     if (self.eval_strategy == "steps" and self.global_step % self.eval_steps == 0) or (
                             self.eval_strategy == "epoch" and end_of_epoch):
                         metrics_eval = self.evaluate()
                         self.log_history.append(logger.log(self.global_step, self.epoch_float(), metrics_eval,
-                                                           self.tokens_seen))
+                                                           self.tokens_seen - self.tokens_at_start))
                         self._track_best(metrics_eval)
                     if (self.save_strategy == "steps" and self.global_step % self.save_steps == 0) or (
                             self.save_strategy == "epoch" and end_of_epoch):
@@ -416,7 +418,8 @@ class Trainer:
                    "train_runtime": round(runtime, 4),
                    "train_samples_per_second": round(done * self.bs * self.ga * world_size() / runtime, 3) if runtime else 0.0,
                    "train_steps_per_second": round(done / runtime, 3) if runtime else 0.0,
-                   "train_tokens_per_second": round(self.tokens_seen / runtime, 2) if runtime else 0.0}
+                   "train_tokens_per_second": round((self.tokens_seen - self.tokens_at_start) / runtime, 2)
+                   if runtime else 0.0}
         return results
 
     @contextlib.contextmanager
@@ -492,6 +495,20 @@ class Trainer:
                 self.best_state = {k: v.clone() for k, v in
                                    ckpt.trainable_state_dict(dist_hooks.unwrap(self.model)).items()}
 
+    def _best_state_at_resume(self, folder: Path) -> Optional[dict[str, torch.Tensor]]:
+        """The best step's trainable weights for ``load_best_model_at_end`` after a resume from ``folder``:
+        the weights just loaded when the best step is the resumed one, else those of ``checkpoint-<best>``
+        beside it (kept by ``save_total_limit``); None, with a notice, when that checkpoint was never saved."""
+        if self.best_step == self.global_step:   # set by _load from the same folder
+            return {k: v.clone() for k, v in ckpt.trainable_state_dict(dist_hooks.unwrap(self.model)).items()}
+        best = folder.parent / f"checkpoint-{self.best_step}" / "trainable.safetensors"
+        if best.is_file():
+            return ckpt.read_checkpoint_tensors(best)
+        notice(f"load_best_model_at_end: the best step ({self.best_step}) has no checkpoint beside {folder}, so "
+               "its weights cannot be loaded at the end of this resumed run (make save_steps a multiple of "
+               "eval_steps to keep them)")
+        return None
+
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The JSON trainer state saved in checkpoints (step, data position, best metric, log history)."""
@@ -511,8 +528,9 @@ class Trainer:
     def save_checkpoint(self, rng_state: Optional[dict] = None,
                         online: Optional[tuple[dict, list]] = None) -> Optional[Path]:
         """Write ``output_dir/checkpoint-<global_step>`` (rank 0; FSDP2: every rank its shards; an online stage
-        under DDP: every rank its rollout state), rotate by ``save_total_limit``. ``rng_state`` / ``online`` (an online stage's state and queue): those of a
-        step's start (an interrupted step), else the current ones."""
+        under DDP: every rank its rollout state), rotate by ``save_total_limit``. ``rng_state`` / ``online``
+        (an online stage's state and queue): those of a step's start (an interrupted step), else the current
+        ones."""
         online = online if online is not None else self._online_state()
         per_rank_online = online is not None and world_size() > 1 and not dist_hooks.is_fsdp(self.model)
         if dist_hooks.is_fsdp(self.model):
@@ -525,9 +543,10 @@ class Trainer:
             path = ckpt.save_checkpoint(self.output_dir, self.global_step, model=dist_hooks.unwrap(self.model), optimizer=self.optimizer,
                                         scheduler=self.scheduler, trainer_state=self.state_dict(),
                                         rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler,
-                                        online=online)
+                                        online=online, with_optimizer=not self.config.save_only_model)
         keep = self.output_dir / f"checkpoint-{self.best_step}" if self.best_step is not None else None
-        ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, keep=keep)
+        ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, keep=keep,
+                                newest=self.output_dir / f"checkpoint-{self.global_step}")
         return path
 
     def _check_online_resume(self, folder: Path) -> None:
@@ -583,6 +602,8 @@ class Trainer:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.best_metric, self.best_step = state.get("best_metric"), state.get("best_global_step")
+        if self.load_best and self.best_step is not None:
+            self.best_state = self._best_state_at_resume(folder)
         self.log_history = list(state.get("log_history", []))
         if self.online is not None:
             part = self._rank_part(folder)
