@@ -11,7 +11,7 @@ import os
 import sys
 
 from llmtune import __version__
-from llmtune.errors import LLMTuneError
+from llmtune.errors import LLMTuneError, Terminated
 
 USAGE = """usage: llmtune <command> [config.yaml] [--key value ...]
 
@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmtune: error: {where}{e.strerror or e} (errno {e.errno}); free space on that disk or choose a "
               "folder you can write to", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated):  # SIGTERM during training: the checkpoint is saved
+            print("llmtune: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print("llmtune: interrupted", file=sys.stderr)
         return 130
 

@@ -33,3 +33,10 @@ def notice(message: str) -> None:
     import sys
 
     print(f"llmtune: notice: {message}", file=sys.stderr, flush=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by ``llmtune.train.trainer.Trainer.train`` when the process receives SIGTERM (a cluster's
+    preemption or time limit, a container's stop, ``kill``), after the checkpoint of the last completed step is
+    saved, as for Ctrl-C. A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it too; the CLI exits
+    with status 143 (128 + SIGTERM), as a process killed by the signal would."""

@@ -20,7 +20,8 @@ import pytest
 
 from reliability_helpers import cli_env, make_data_dir, make_model_folder, train_args, tree_hash
 
-#: runs the CLI, SIGKILLing itself inside the Nth checkpoint save ("save") or right after optimizer step N ("step")
+#: runs the CLI, SIGKILLing itself inside the Nth checkpoint save ("save") or right after optimizer step N ("step"),
+#: or sending itself SIGTERM there ("term": a cluster's preemption)
 DRIVER = r"""
 import os, signal, sys
 mode, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -33,12 +34,12 @@ if mode == "save":
             os.kill(os.getpid(), signal.SIGKILL)
         return orig(*a, **k)
     ck.save_rng_state = killer
-elif mode == "step":
+elif mode in ("step", "term"):
     orig_step = tr.Trainer.optimizer_step
     def killer(self, *a, **k):
         out = orig_step(self, *a, **k)
         if self.global_step + 1 == at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL if mode == "step" else signal.SIGTERM)
         return out
     tr.Trainer.optimizer_step = killer
 from llmtune.cli import main
@@ -102,6 +103,21 @@ def test_kill_between_steps_then_resume_gives_identical_losses(inputs, reference
     proc = _driver("step", 5, _args(inputs, out))
     assert proc.returncode == -signal.SIGKILL
     assert (out / "checkpoint-3").is_dir() and not (out / "checkpoint-6").exists()
+    _resume_and_compare(inputs, out, reference)
+
+
+def test_sigterm_saves_the_last_completed_step_exits_143_and_resumes_with_identical_losses(inputs, reference,
+                                                                                         tmp_path):
+    """SIGTERM (a cluster's preemption, a container's stop) right after step 5's optimizer update, before the
+    step is counted: the signal is held until step 5 is whole (its weights are already updated), then the run
+    saves checkpoint-5, says so, exits with 143, and the resumed run logs the uninterrupted run's losses to the
+    last digit (before, an interrupt in that window saved step 5's weights as checkpoint-4)."""
+    out = tmp_path / "out"
+    proc = _driver("term", 5, _args(inputs, out))
+    err = proc.stderr.decode()
+    assert proc.returncode == 143, err[-2000:]
+    assert f"terminated (SIGTERM): saved {out / 'checkpoint-5'}" in err and "llmtune: terminated (SIGTERM)" in err
+    assert json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())["global_step"] == 5
     _resume_and_compare(inputs, out, reference)
 
 

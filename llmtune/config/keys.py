@@ -130,8 +130,9 @@ class TrainConfig:
     loraplus_lr_ratio: Optional[float] = tune(None, "LoRA+: lora_B learns at learning_rate x this ratio", gt=0)
     value_head_lr: Optional[float] = tune(None, "learning rate of the value head (rm, ppo); unset = "
                                           "learning_rate", gt=0, hint="leave it unset to use learning_rate")
-    create_new_adapter: bool = tune(False, "train a new adapter on top of adapter_name_or_path instead of "
-                                    "continuing it")
+    create_new_adapter: bool = tune(False, "accepted for LLaMA-Factory recipes: llmtune always merges "
+                                    "adapter_name_or_path into the base and trains a new adapter on top (false: a "
+                                    "notice says so)")
     freeze_trainable_layers: int = tune(2, "freeze: train the last N layers (negative: the first N)")
     freeze_trainable_modules: str = tune("all", "freeze: modules trained inside those layers")
     freeze_extra_modules: Optional[str] = tune(None, "freeze: modules trained besides the layers (e.g. embed_tokens)")

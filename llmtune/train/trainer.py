@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from llmtune.data.collator import pad_collate
-from llmtune.errors import LLMTuneError, notice
+from llmtune.errors import LLMTuneError, Terminated, notice
 from llmtune.train import checkpoint as ckpt
 from llmtune.train import distributed as dist_hooks
 from llmtune.train.distributed import all_reduce_sum, is_main, rank, world_size
@@ -99,7 +99,11 @@ class Trainer:
         self._queue: list[OnlineStep] = []
         self._online_at_step_start: Optional[tuple[dict, list]] = None  # (stage state, queue) before the step
         self._updates_in_step = 0  # optimizer updates the running step has applied (PPO: several)
-        self._sigint_deferred = False  # a Ctrl-C arrived during a multi-update step: stop after it
+        # Ctrl-C / SIGTERM while the step's updates are being applied (from its first optimizer update until
+        # global_step counts it) is held until the step is whole: a checkpoint then is of a whole step
+        self._defer_stop = False
+        self._pending_stop: Optional[type] = None
+        self._updates_planned = 0
         self.config = config = as_train_config(config)
         self.train_dataset = train_dataset
         self.collator = collator or pad_collate
@@ -306,8 +310,10 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         losses, norms, sums = [], [], {}
         self._updates_in_step = 0
+        self._defer_stop = len(step.updates) > 1  # a PPO iteration: whole or not at all, from its start
         for micro in step.updates:
             loss, _, metrics = self.accumulate_gradients(micro)                # 2-3. count, fwd, bwd
+            self._defer_stop = True  # from the first update until the step is counted: no half step
             norms.append(self.optimizer_step(loss))                           # 4. clip, step (finite guard)
             self._updates_in_step += 1
             losses.append(loss)
@@ -324,8 +330,34 @@ class Trainer:
         """Train to ``total_steps``; return LLaMA-Factory's train results (``train_loss``, runtime...).
 
         Resumes from ``resume_from_checkpoint`` when set. Ctrl-C saves ``checkpoint-<step>`` (the last
-        completed step) and re-raises ``KeyboardInterrupt``.
+        completed step) and re-raises ``KeyboardInterrupt``. SIGTERM (a cluster's preemption or time limit, a
+        container's stop, ``kill``) does the same and raises :class:`Terminated` (a ``KeyboardInterrupt``);
+        the handler is installed from the main thread only, for the duration of the call.
         """
+        if threading.current_thread() is not threading.main_thread():
+            return self._train_loop()
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._train_loop()
+        finally:
+            for sig, handler in previous.items():
+                default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+                signal.signal(sig, handler if handler is not None else default)
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        """SIGINT raises ``KeyboardInterrupt``, SIGTERM :class:`Terminated`; while a step's optimizer updates
+        are applied (``_defer_stop``) the first one is held until the step is whole (a PPO iteration's several
+        updates: with a notice), a second one stops at once."""
+        stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        if not self._defer_stop or self._pending_stop is not None:
+            raise stop
+        self._pending_stop = stop
+        if self._updates_planned > 1 and stop is KeyboardInterrupt:
+            notice(f"interrupt: finishing the optimizer updates of step {self.global_step + 1}, then saving a "
+                   "checkpoint (press Ctrl-C again to stop now without it)")
+
+    def _train_loop(self) -> dict[str, Any]:
+        self._defer_stop, self._pending_stop = False, None
         if is_main():  # tmp-checkpoint-N of a run killed while saving (the caller holds output_dir's lock)
             ckpt.remove_stale_temporaries(self.output_dir)
         resume = ckpt.resolve_resume(self.config.resume_from_checkpoint, self.output_dir)
@@ -354,12 +386,13 @@ class Trainer:
                         self._online_at_step_start = self._online_state()
                     self.ctx.global_step, self.ctx.training = self.global_step, True
                     step = self.next_step(steps)                # 1. pre-fetch the step (online: rollouts)
-                    with self._finish_updates_on_sigint(len(step.updates) > 1):
-                        loss, grad_norm, lr, metrics = self.train_step(step)   # 2-4. count, fwd, bwd, clip, step
+                    self._updates_planned = len(step.updates)
+                    loss, grad_norm, lr, metrics = self.train_step(step)       # 2-4. count, fwd, bwd, clip, step
                     self.global_step += 1
                     self.step_in_epoch += 1
                     # from here an interrupt saves the state as it is now (the step is complete)
                     self._rng_at_step_start, self._online_at_step_start, self._updates_in_step = None, None, 0
+                    self._defer_stop = False  # a signal from here on stops at once (this step is whole)
                     logger.advance()
                     window_loss, window_steps = window_loss + loss, window_steps + 1
                     loss_sum_all, steps_all = loss_sum_all + loss, steps_all + 1
@@ -381,12 +414,14 @@ class Trainer:
                     if (self.save_strategy == "steps" and self.global_step % self.save_steps == 0) or (
                             self.save_strategy == "epoch" and end_of_epoch):
                         self.save_checkpoint()
-                    if self._sigint_deferred:  # the Ctrl-C of a multi-update step, now that the step is whole
-                        self._sigint_deferred = False
-                        raise KeyboardInterrupt
+                    if self._pending_stop is not None:  # held during the step's updates: the step is whole
+                        stop, self._pending_stop = self._pending_stop, None
+                        raise stop
                 if self.step_in_epoch >= n_steps:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
+            how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+            self._defer_stop, self._pending_stop = False, None
             self.optimizer.zero_grad(set_to_none=True)
             if self._updates_in_step:  # a multi-update (PPO) step stopped half-way: its weights are of no step
                 notice(f"interrupted during step {self.global_step + 1} after {self._updates_in_step} of its "
@@ -396,12 +431,12 @@ class Trainer:
                 # the ranks may stop at different points of a step: a checkpoint needs every rank at the same
                 # step (save_online_checkpoint is a collective), so only the periodic ones are complete
                 if is_main():
-                    notice(f"interrupted at step {self.global_step}: a multi-process {self.stage_name} run saves no "
+                    notice(f"{how} at step {self.global_step}: a multi-process {self.stage_name} run saves no "
                            "checkpoint on Ctrl-C; continue from the last one saved by save_steps, "
                            f"{ckpt.last_checkpoint_text(self.output_dir)}")
             elif self.global_step > start_step or resume is None:
                 path = self.save_checkpoint(rng_state=self._rng_at_step_start, online=self._online_at_step_start)
-                notice(f"interrupted: saved {path}; continue with resume_from_checkpoint: {path}")
+                notice(f"{how}: saved {path}; continue with resume_from_checkpoint: {path}")
             logger.close()
             raise
         except Exception:
@@ -421,29 +456,6 @@ class Trainer:
                    "train_tokens_per_second": round((self.tokens_seen - self.tokens_at_start) / runtime, 2)
                    if runtime else 0.0}
         return results
-
-    @contextlib.contextmanager
-    def _finish_updates_on_sigint(self, active: bool):
-        """While a step of several optimizer updates (a PPO iteration) runs, a first Ctrl-C (SIGINT) only
-        marks the run to stop once the step is complete, so that the checkpoint saved then is of a whole step
-        (a step cut between its updates has weights of no step and could not be saved); a second Ctrl-C stops
-        at once. Single process, main thread only (elsewhere the signal is left alone)."""
-        if not active or world_size() > 1 or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._sigint_deferred:
-                raise KeyboardInterrupt
-            self._sigint_deferred = True
-            notice(f"interrupt: finishing the optimizer updates of step {self.global_step + 1}, then saving a "
-                   "checkpoint (press Ctrl-C again to stop now without it)")
-
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
     def epoch_float(self) -> float:
         """Fractional epochs completed (``epoch + step_in_epoch / steps_per_epoch``)."""
