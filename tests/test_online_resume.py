@@ -82,12 +82,18 @@ def assert_same(resumed, model, reference, ref_model, first):
         assert torch.equal(a[n], b[n]), n
 
 
-@pytest.fixture(scope="module")
-def grpo_reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("grpo")
-    trainer, model = grpo_trainer(tmp, tmp / "ref", max_steps=4, save_steps=1)
+def uninterrupted(tmp_path_factory, make, name, max_steps):
+    """The reference: ``make``'s run of ``max_steps`` saving every step, in ``<tmp>/ref``; ``(tmp, trainer,
+    model)``."""
+    tmp = tmp_path_factory.mktemp(name)
+    trainer, model = make(tmp, tmp / "ref", max_steps=max_steps, save_steps=1)
     trainer.train()
     return tmp, trainer, model
+
+
+@pytest.fixture(scope="module")
+def grpo_reference(tmp_path_factory):
+    return uninterrupted(tmp_path_factory, grpo_trainer, "grpo", 4)
 
 
 @pytest.mark.parametrize("k", [1, 2])  # 1: one of the rollout's two steps still queued; 2: the queue is empty
@@ -119,10 +125,7 @@ def test_grpo_interrupted_mid_queue_then_resumed_trains_as_the_uninterrupted_run
 
 @pytest.fixture(scope="module")
 def ppo_reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ppo")
-    trainer, model = ppo_trainer(tmp, tmp / "ref", max_steps=3, save_steps=1)
-    trainer.train()
-    return tmp, trainer, model
+    return uninterrupted(tmp_path_factory, ppo_trainer, "ppo", 3)
 
 
 def test_ppo_resumed_from_a_save_steps_checkpoint_trains_as_the_uninterrupted_run(ppo_reference, tmp_path):
