@@ -145,3 +145,18 @@ def test_loader_reads_save_pretrained_folder(tmp_path):
         got = ours.logits(ours(ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid))
     assert isinstance(ours, QwenVL)
     assert (got[mask.bool()] - ref[mask.bool()]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_packed_rows_equal_padded_rows(family):
+    """Padding-free batches (one row, segment ids 1, 2, 3 in attention_mask): M-RoPE counts from 0 in each
+    segment, so the logits equal the right-padded batch's (checked against transformers above)."""
+    ours = _ours(_hf_model(family))
+    ids, mask, pixels, grid = _inputs(left=False)
+    lengths = mask.sum(1).tolist()
+    packed_ids = torch.cat([ids[i, :n] for i, n in enumerate(lengths)])[None]
+    seg = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)])[None]
+    with torch.no_grad():
+        padded = ours.logits(ours(ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid))
+        packed = ours.logits(ours(packed_ids, attention_mask=seg, pixel_values=pixels, image_grid_thw=grid))
+    assert (packed[0] - padded[mask.bool()]).abs().max().item() <= 1e-5

@@ -75,9 +75,9 @@ def load_image(image: Any):
     elif isinstance(image, (bytes, bytearray)):
         import io
 
-        image = _open(io.BytesIO(image), "image bytes")
+        image = open_image(io.BytesIO(image), "image bytes")
     elif isinstance(image, (str, Path)):
-        image = _open(image, str(image))
+        image = open_image(image, str(image))
     if not isinstance(image, Image.Image):
         raise LLMTuneError(f"image {type(image).__name__}: expected a path, bytes, a numpy array or a PIL image")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -86,12 +86,18 @@ def load_image(image: Any):
     return image.convert("RGB")
 
 
-def _open(src, name: str):
+def open_image(src, name: str, decode: bool = True):
+    """``PIL.Image.open(src)``, decoded unless ``decode`` is False (then only the header is read: size, mode).
+
+    Raises:
+        LLMTuneError: the file is missing or not an image Pillow can read (``name`` in the message).
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         img = Image.open(src)
-        img.load()
+        if decode:
+            img.load()
         return img
     except FileNotFoundError:
         raise LLMTuneError(f"image {name}: no such file (image paths are relative to dataset_dir)") from None

@@ -248,7 +248,8 @@ class QwenVL(Transformer):
                         return x
                     b, t, e = x.shape
                     return x.reshape(b * t, e).index_add(0, where, deep[i].to(x.dtype)).view(b, t, e)
-        if position_ids is None and past == 0 and (image_grid_thw is not None or video_grid_thw is not None):
+        grids = image_grid_thw is not None or video_grid_thw is not None
+        if (position_ids is None or position_ids.dim() == 2) and past == 0 and grids:  # 2-D: the collator's
             position_ids, self.rope_deltas = self.position_ids(input_ids, attention_mask, image_grid_thw,
                                                                video_grid_thw, second_per_grid_ts)
         elif position_ids is None and past > 0 and self.rope_deltas is not None:

@@ -1,0 +1,149 @@
+"""Images in sft data and a 2-step sft run of a tiny random-init Qwen2.5-VL on generated images: the sharegpt
+``images`` column, ``<image>`` placeholders expanded to ``<|vision_start|>`` + n x ``<|image_pad|>`` +
+``<|vision_end|>`` (n from the image's grid, checked against the model's own count), labels never on vision
+tokens, one clear error when placeholders and images disagree, gradients reaching the vision tower."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+PIL = pytest.importorskip("PIL.Image")
+
+from llmtune.data.encode import Encoder  # noqa: E402
+from llmtune.data.collator import SFTCollator  # noqa: E402
+from llmtune.data.formats import convert  # noqa: E402
+from llmtune.data.images import QwenVLImageProcessor  # noqa: E402
+from llmtune.data.multimodal import (VisionTokens, collate_images, expand_image_placeholders,  # noqa: E402
+                                     image_grid, images_intact, mask_vision_labels)
+from llmtune.data.registry import DatasetAttr  # noqa: E402
+from llmtune.data.templates import get_template  # noqa: E402
+from llmtune.errors import LLMTuneError  # noqa: E402
+from llmtune.models.config import ModelConfig  # noqa: E402
+from llmtune.models.qwen_vl import QwenVL  # noqa: E402
+from llmtune.tokenizer import Tokenizer  # noqa: E402
+from llmtune.train.stages.causal_lm import causal_lm_stage  # noqa: E402
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>"]
+WORDS = ["[UNK]", "user", "assistant", "system", "describe", "the", "picture", "a", "red", "square", "blue", "and",
+         "compare", "two", "pictures", "hello", "world", "it", "is", "You", "are", "helpful", "."]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(SPECIAL)
+    return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]")
+
+
+def _model(tok) -> QwenVL:
+    torch.manual_seed(0)
+    cfg = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "vocab_size": len(tok), "hidden_size": 32,
+           "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}, "rms_norm_eps": 1e-6,
+           "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
+           "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
+           "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
+           "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
+           "vision_config": {"depth": 2, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
+                             "out_hidden_size": 32, "patch_size": 4, "spatial_merge_size": 2, "window_size": 16,
+                             "fullatt_block_indexes": [1]}}
+    model = QwenVL(ModelConfig.from_hf_dict(cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def _images(tmp_path):
+    paths = []
+    for i, (w, h, color) in enumerate([(40, 24, (255, 0, 0)), (24, 48, (0, 0, 255)), (32, 32, (0, 255, 0))]):
+        arr = np.zeros((h, w, 3), np.uint8) + np.array(color, np.uint8)
+        arr[h // 4: h // 2, w // 4: w // 2] = 255 - arr[0, 0]
+        PIL.fromarray(arr).save(tmp_path / f"im{i}.png")
+        paths.append(str(tmp_path / f"im{i}.png"))
+    return paths
+
+
+def _rows(tmp_path):
+    p = _images(tmp_path)
+    conv = lambda u, a: [{"from": "human", "value": u}, {"from": "gpt", "value": a}]  # noqa: E731
+    return [{"conversations": conv("<image> describe the picture", "a red square"), "images": [p[0]]},
+            {"conversations": conv("compare <image> and <image>", "a blue square and a red square"),
+             "images": [p[1], p[2]]},
+            {"conversations": conv("hello", "hello world")}]
+
+
+def _attr():
+    return DatasetAttr(name="mm", load_from="file", path="mm.json", formatting="sharegpt",
+                       columns={"messages": "conversations", "images": "images", "system": "system",
+                                "tools": "tools"},
+                       tags={"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                             "observation_tag": "observation", "function_tag": "function_call",
+                             "system_tag": "system"})
+
+
+def _encode(tmp_path, tok, proc, cutoff=512):
+    examples, skipped = convert(_attr(), _rows(tmp_path))
+    assert skipped == 0 and [len(e.images) for e in examples] == [1, 2, 0]
+    vt = VisionTokens.from_tokenizer(tok)
+    enc = Encoder(get_template("qwen", tok), tok, cutoff)
+    rows = []
+    for i, ex in enumerate(examples):
+        grids = [image_grid(im, proc) for im in ex.images]
+        msgs = expand_image_placeholders(ex.prompt + ex.responses, grids, proc, vt, f"mm row {i}")
+        ex.prompt, ex.responses = msgs[:-1], msgs[-1:]
+        row = mask_vision_labels(enc.encode_sft(ex), vt)
+        assert images_intact(row, grids, proc, vt)
+        row["images"] = ex.images
+        rows.append(row)
+    return rows, vt
+
+
+def test_placeholders_expand_to_the_grid_and_labels_skip_vision_tokens(tmp_path):
+    tok, proc = _tokenizer(), QwenVLImageProcessor(min_pixels=16, max_pixels=64 * 64, patch_size=4)
+    rows, vt = _encode(tmp_path, tok, proc)
+    # 40x24 px -> smart_resize(24, 40, factor 8) = (24, 40) -> 6 x 10 patches -> 15 image tokens
+    assert rows[0]["input_ids"].count(vt.pad_id) == 15
+    # 24x48 -> 12 x 6 patches -> 18 tokens; 32x32 -> 8 x 8 -> 16 tokens
+    assert rows[1]["input_ids"].count(vt.pad_id) == 18 + 16
+    assert rows[2]["input_ids"].count(vt.pad_id) == 0
+    for r in rows:
+        for t, lab in zip(r["input_ids"], r["labels"]):
+            if t in (vt.start_id, vt.pad_id, vt.end_id):
+                assert lab == -100
+    batch = collate_images(rows, proc)
+    assert batch["image_grid_thw"].tolist() == [[1, 6, 10], [1, 12, 6], [1, 8, 8]]
+    assert batch["pixel_values"].shape == (60 + 72 + 64, 3 * 2 * 4 * 4)
+
+
+def test_placeholder_count_mismatch_is_one_clear_error(tmp_path):
+    tok, proc = _tokenizer(), QwenVLImageProcessor(patch_size=4)
+    msgs = [{"role": "user", "content": "<image> describe"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(LLMTuneError, match=r"mm row 3: 1 <image> placeholder\(s\) in the messages but 2 image"):
+        expand_image_placeholders(msgs, [[1, 4, 4], [1, 4, 4]], proc, VisionTokens.from_tokenizer(tok), "mm row 3")
+
+
+def test_two_sft_steps_train_language_model_and_vision_tower(tmp_path):
+    tok, proc = _tokenizer(), QwenVLImageProcessor(min_pixels=16, max_pixels=64 * 64, patch_size=4)
+    rows, vt = _encode(tmp_path, tok, proc)
+    model = _model(tok).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for padding_free in (False, True):      # a padded batch, then a packed one (M-RoPE per segment)
+        batch = SFTCollator(tok.pad_token_id, padding_free=padding_free)(rows)
+        batch.update(collate_images(rows, proc))
+        loss_sum, n, _ = causal_lm_stage(model, batch, ctx=type("Ctx", (), {"config": None})())
+        (loss_sum / n).backward()
+        assert model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+        assert model.visual.merger.mlp[2].weight.grad.abs().sum() > 0
+        assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        losses.append(float((loss_sum / n).detach()))
+    assert all(np.isfinite(losses)) and losses[1] < losses[0]
+    json.dumps(rows)    # token rows (with image paths) stay JSON, as the dataset cache stores them
