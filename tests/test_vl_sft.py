@@ -147,3 +147,50 @@ def test_two_sft_steps_train_language_model_and_vision_tower(tmp_path):
         losses.append(float((loss_sum / n).detach()))
     assert all(np.isfinite(losses)) and losses[1] < losses[0]
     json.dumps(rows)    # token rows (with image paths) stay JSON, as the dataset cache stores them
+
+
+def _vl_folder(d):
+    """A tiny random Qwen2.5-VL folder: config.json, model.safetensors (native layout), tokenizer files,
+    preprocessor_config.json (patch 4)."""
+    from safetensors.torch import save_file
+
+    d.mkdir()
+    tok = _tokenizer()
+    tok.backend.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                                         "unk_token": "[UNK]"}))
+    model = _model(tok)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(model.config.raw))
+    (d / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 16, "max_pixels": 64 * 64,
+                                                            "patch_size": 4, "merge_size": 2}))
+    return d
+
+
+def test_sft_run_with_images_through_the_train_api(tmp_path):
+    import llmtune
+
+    folder = _vl_folder(tmp_path / "vl")
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = _rows(data)
+    for r in rows:       # image paths relative to dataset_dir, as LLaMA-Factory's mllm_demo
+        r["images"] = [p.rsplit("/", 1)[1] for p in r.get("images", [])]
+    (data / "mm.json").write_text(json.dumps(rows * 2))
+    (data / "dataset_info.json").write_text(json.dumps({"mm": {
+        "file_name": "mm.json", "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "images": "images"}}}))
+    out = tmp_path / "out"
+    for packing in (False, True):
+        res = llmtune.train(dict(stage="sft", model_name_or_path=str(folder), dataset="mm", dataset_dir=str(data),
+                                 template="qwen", finetuning_type="full", output_dir=str(out / str(packing)),
+                                 cutoff_len=256, per_device_train_batch_size=3, learning_rate=1e-3, max_steps=2,
+                                 logging_steps=1, save_steps=1000, report_to="none", overwrite_cache=True,
+                                 neat_packing=packing))
+        assert np.isfinite(res["train_loss"])
+    bad = [dict(rows[0], images=[])]
+    (data / "mm.json").write_text(json.dumps(bad))
+    with pytest.raises(LLMTuneError, match=r"1 <image> placeholder\(s\) in the messages but 0 image"):
+        llmtune.train(dict(stage="sft", model_name_or_path=str(folder), dataset="mm", dataset_dir=str(data),
+                           template="qwen", output_dir=str(out / "bad"), cutoff_len=256, max_steps=1,
+                           report_to="none", overwrite_cache=True))

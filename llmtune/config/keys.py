@@ -146,6 +146,10 @@ class TrainConfig:
                                    "model's own)")
     default_system: Optional[str] = data(None, "system prompt used where an example has none")
     cutoff_len: int = data(2048, "maximum tokens per example (longer ones are cut)", ge=1)
+    image_max_pixels: Optional[int] = data(None, "vision-language models: at most this many pixels per image "
+                                           "after resizing (unset: the model's preprocessor_config.json)", ge=1)
+    image_min_pixels: Optional[int] = data(None, "vision-language models: at least this many pixels per image "
+                                           "after resizing (unset: the model's preprocessor_config.json)", ge=1)
     max_samples: Optional[int] = data(None, "use only the first N examples of each dataset", ge=1,
                                       hint="leave it unset for all examples")
     val_size: float = data(0.0, "examples held out for evaluation: a fraction in [0, 1) or a count", ge=0)

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from llmtune.constants import IGNORE_INDEX
+from llmtune.data.encode import Encoder
 from llmtune.data.images import QwenVLImageProcessor, load_image, open_image, smart_resize
 from llmtune.errors import LLMTuneError
 
@@ -124,3 +125,108 @@ def vision_inputs(batch: dict, prefix: str = "") -> dict[str, Optional[torch.Ten
     """The model keyword arguments of a collated batch's images (``pixel_values``, ``image_grid_thw``);
     ``{}`` for a text-only batch, so text models are called exactly as before."""
     return {k: batch[prefix + k] for k in ("pixel_values", "image_grid_thw") if prefix + k in batch}
+
+
+def model_processor(model_path: Any, image_max_pixels: Optional[int] = None,
+                    image_min_pixels: Optional[int] = None) -> Optional[QwenVLImageProcessor]:
+    """The image processor of a vision-language model folder, None for a text model (or a path that is not a
+    local folder): ``preprocessor_config.json`` (defaults without one), patch/merge/temporal sizes from
+    ``config.json``'s ``vision_config`` (they must agree with the tower), and the pixel bounds tightened by
+    ``image_max_pixels`` / ``image_min_pixels`` (LLaMA-Factory's keys; here they bound ``smart_resize``
+    directly). Raises :class:`LLMTuneError` for an unreadable ``preprocessor_config.json``."""
+    import json
+
+    folder = Path(str(model_path)) if model_path else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        vc = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vision_config")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(vc, dict):
+        return None
+    proc = QwenVLImageProcessor.from_folder(folder)
+    for ours, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                         ("temporal_patch_size", "temporal_patch_size")):
+        if vc.get(theirs) is not None:
+            setattr(proc, ours, int(vc[theirs]))
+    if image_max_pixels:
+        proc.max_pixels = min(proc.max_pixels, int(image_max_pixels))
+    if image_min_pixels:
+        proc.min_pixels = max(proc.min_pixels, int(image_min_pixels))
+    return proc
+
+
+def processor_key(proc: Optional[QwenVLImageProcessor]) -> Optional[dict]:
+    """The processor settings as a JSON-able dict (part of the dataset cache key); None for None."""
+    return None if proc is None else {k: list(v) if isinstance(v, tuple) else v for k, v in proc.__dict__.items()}
+
+
+class ImageEncoder(Encoder):
+    """An :class:`~llmtune.data.encode.Encoder` for examples with images (stage sft): placeholders expanded
+    (:func:`expand_image_placeholders`), labels off the vision tokens, rows whose images were cut by
+    ``cutoff_len`` dropped (counted in ``self.cut_images``), and ``row["images"]`` = the absolute image paths
+    (relative ones joined to ``base_dir``). Other stages' encoders refuse examples with images."""
+
+    def __init__(self, template, tokenizer, cutoff_len: int, train_on_prompt: bool = False,
+                 mask_history: bool = False, *, processor: QwenVLImageProcessor, base_dir: str = ".",
+                 dataset: str = "") -> None:
+        super().__init__(template, tokenizer, cutoff_len, train_on_prompt, mask_history)
+        self.processor, self.base_dir, self.dataset = processor, Path(base_dir), dataset
+        self.tokens = VisionTokens.from_tokenizer(tokenizer)
+        self.cut_images = 0
+        self.count = 0
+
+    def _path(self, image: Any) -> Any:
+        if isinstance(image, str) and not Path(image).is_absolute():
+            return str(self.base_dir / image)
+        return image
+
+    def encode_sft(self, ex, response: Optional[dict] = None) -> Optional[dict]:
+        self.count += 1
+        resp = response or ex.responses[0]
+        if not ex.images and not any(IMAGE_PLACEHOLDER in str(m.get("content") or "") for m in ex.prompt + [resp]):
+            return super().encode_sft(ex, response)
+        images = [self._path(im) for im in ex.images]
+        grids = [image_grid(im, self.processor) for im in images]
+        msgs = expand_image_placeholders(list(ex.prompt) + [resp], grids, self.processor, self.tokens,
+                                         f"dataset {self.dataset!r}, example {self.count}")
+        row = super().encode_sft(type(ex)(prompt=msgs[:-1], responses=msgs[-1:], kind=ex.kind, system=ex.system,
+                                          tools=ex.tools), msgs[-1])
+        if row is None:
+            return None
+        if not images_intact(row, grids, self.processor, self.tokens):
+            self.cut_images += 1
+            return None
+        row = mask_vision_labels(row, self.tokens)
+        row["images"] = images
+        return row
+
+    def _refuse(self, *args, **kwargs):
+        ex = args[0] if args else None
+        if ex is not None and getattr(ex, "images", None):
+            raise LLMTuneError(f"dataset {self.dataset!r}: examples with images are supported for stage sft only "
+                               "so far (dpo/kto/ppo/grpo with images are not implemented yet)")
+        return None
+
+    def encode_pair(self, ex, chosen, rejected):
+        return self._refuse(ex) or super().encode_pair(ex, chosen, rejected)
+
+    def encode_kto(self, ex, kl_response):
+        return self._refuse(ex) or super().encode_kto(ex, kl_response)
+
+    def encode_ppo(self, ex):
+        return self._refuse(ex) or super().encode_ppo(ex)
+
+
+class ImageCollator:
+    """Wraps a collator: the batch it makes plus :func:`collate_images` of the same rows (pixel values are
+    computed here, at batch time)."""
+
+    def __init__(self, collator, processor: QwenVLImageProcessor) -> None:
+        self.collator, self.processor = collator, processor
+
+    def __call__(self, rows: Sequence[dict]) -> dict:
+        batch = self.collator(rows)
+        batch.update(collate_images(rows, self.processor))
+        return batch

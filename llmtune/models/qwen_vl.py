@@ -194,7 +194,6 @@ class QwenVL(Transformer):
     def _visual_embeds(self, input_ids, embeds, inputs):
         """Scatter the tower's features of each modality into ``embeds`` at its tokens; returns
         ``(embeds, flat visual positions, deepstack features per level in position order)``."""
-        v = self.config.vision
         b, t, e = embeds.shape
         flat = embeds.reshape(b * t, e)
         levels: list[torch.Tensor] = []
