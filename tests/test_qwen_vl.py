@@ -160,3 +160,46 @@ def test_packed_rows_equal_padded_rows(family):
         padded = ours.logits(ours(ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid))
         packed = ours.logits(ours(packed_ids, attention_mask=seg, pixel_values=pixels, image_grid_thw=grid))
     assert (packed[0] - padded[mask.bool()]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_video_and_image_logits_match_transformers(family):
+    """A video (4 frames -> 2 temporal patches) beside an image and a text-only row; Qwen3-VL writes each
+    temporal patch as its own run after a timestamp token, Qwen2.5-VL spaces time ids by second_per_grid_ts."""
+    hf = _hf_model(family)
+    ours = _ours(hf)
+    g = torch.Generator().manual_seed(2)
+    vgrid, igrid = torch.tensor([[2, 4, 6]]), torch.tensor([[1, 6, 4]])
+    if family == "qwen3_vl":
+        video = [40] + [VSTART] + [VID] * 6 + [VEND] + [41] + [VSTART] + [VID] * 6 + [VEND]
+    else:
+        video = [VSTART] + [VID] * 12 + [VEND]
+    ids, mask = _batch([[5, 6] + video + [7] + _image_tokens(igrid[0].tolist()) + [8, 9], [10, 11, 12]], left=True)
+    pv = torch.randn(2 * 4 * 6, 3 * 2 * PATCH * PATCH, generator=g)
+    pi = torch.randn(6 * 4, 3 * 2 * PATCH * PATCH, generator=g)
+    kw = dict(pixel_values=pi, image_grid_thw=igrid, pixel_values_videos=pv, video_grid_thw=vgrid)
+    if family == "qwen2_5_vl":
+        kw["second_per_grid_ts"] = torch.tensor([2.5])
+    types = (ids == IMG).long() + 2 * (ids == VID).long()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **kw).logits
+        got = ours.logits(ours(ids, attention_mask=mask, **kw))
+    assert (got[mask.bool()] - ref[mask.bool()]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_cached_decoding_after_an_image_prefill_equals_the_full_forward(family):
+    """Prefill with images into a KVCache, then two decode steps: the text after the prompt continues at
+    cache length + rope_deltas, so each step's logits equal the full forward's (itself equal to transformers')."""
+    ours = _ours(_hf_model(family))
+    ids, mask, pixels, grid = _inputs(left=True)
+    more = torch.tensor([[17, 18], [19, 20], [21, 22]])
+    full_ids = torch.cat([ids, more], 1)
+    full_mask = torch.cat([mask, torch.ones_like(more)], 1)
+    with torch.no_grad():
+        full = ours.logits(ours(full_ids, attention_mask=full_mask, pixel_values=pixels, image_grid_thw=grid))
+        _, cache = ours(ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid, use_cache=True)
+        for k in range(2):
+            t = ids.shape[1] + k
+            h, cache = ours(more[:, k:k + 1], attention_mask=full_mask[:, :t + 1], past_key_values=cache)
+            assert (ours.logits(h)[:, 0] - full[:, t]).abs().max().item() <= 1e-5
