@@ -194,3 +194,61 @@ def test_sft_run_with_images_through_the_train_api(tmp_path):
         llmtune.train(dict(stage="sft", model_name_or_path=str(folder), dataset="mm", dataset_dir=str(data),
                            template="qwen", output_dir=str(out / "bad"), cutoff_len=256, max_steps=1,
                            report_to="none", overwrite_cache=True))
+
+
+def test_gradient_checkpointing_through_the_vision_tower_gives_the_same_gradients(tmp_path):
+    tok, proc = _tokenizer(), QwenVLImageProcessor(min_pixels=16, max_pixels=64 * 64, patch_size=4)
+    rows, _ = _encode(tmp_path, tok, proc)
+    batch = SFTCollator(tok.pad_token_id)(rows)
+    batch.update(collate_images(rows, proc))
+    grads = []
+    for ckpt in (False, True):
+        model = _model(tok).train()
+        model.gradient_checkpointing_enable(ckpt)
+        assert model.visual.gradient_checkpointing is ckpt
+        loss_sum, n, _ = causal_lm_stage(model, batch, ctx=type("Ctx", (), {"config": None})())
+        (loss_sum / n).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("visual.blocks.0") for k in grads[0])
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5), k
+
+
+def test_full_finetuning_output_loads_in_transformers_with_equal_logits(tmp_path):
+    """The run's output folder (config.json + model.safetensors written by llmtune) is a Qwen2.5-VL checkpoint
+    for transformers: reloaded there, its logits equal llmtune's own reload on a batch with images."""
+    transformers = pytest.importorskip("transformers")
+    import llmtune
+    from llmtune.models.loader import load_model
+
+    folder = _vl_folder(tmp_path / "vl")
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = _rows(data)
+    (data / "mm.json").write_text(json.dumps(rows))
+    (data / "dataset_info.json").write_text(json.dumps({"mm": {
+        "file_name": "mm.json", "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "images": "images"}}}))
+    out = tmp_path / "out"
+    llmtune.train(dict(stage="sft", model_name_or_path=str(folder), dataset="mm", dataset_dir=str(data),
+                       template="qwen", finetuning_type="full", output_dir=str(out), cutoff_len=256,
+                       per_device_train_batch_size=3, learning_rate=1e-2, max_steps=1, report_to="none",
+                       overwrite_cache=True))
+    tok, proc = _tokenizer(), QwenVLImageProcessor(min_pixels=16, max_pixels=64 * 64, patch_size=4)
+    (tmp_path / "again").mkdir()
+    enc_rows, _ = _encode(tmp_path / "again", tok, proc)
+    batch = SFTCollator(tok.pad_token_id)(enc_rows)
+    batch.update(collate_images(enc_rows, proc))
+    ours = load_model(out, dtype="float32")
+    ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    trained = dict(ours.named_parameters())["visual.blocks.0.attn.qkv.weight"]
+    base = load_model(folder, dtype="float32")
+    assert not torch.equal(trained, dict(base.named_parameters())["visual.blocks.0.attn.qkv.weight"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    vt = VisionTokens.from_tokenizer(tok)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                   image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(ids == vt.pad_id).long()).logits
+        got = ours.logits(ours(ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                               image_grid_thw=batch["image_grid_thw"]))
+    assert (got[mask.bool()] - want[mask.bool()]).abs().max().item() <= 1e-5

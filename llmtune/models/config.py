@@ -299,9 +299,13 @@ def _vl_config(cls, cfg: dict[str, Any], arch: str, source: str) -> "ModelConfig
     if not section:
         raise LLMTuneError(f"{source}: {arch} needs rope_scaling.mrope_section (multimodal RoPE split of the "
                            "rotary frequencies into temporal, height and width parts)")
-    text.update(architectures=["Qwen3ForCausalLM" if family == "qwen3_vl" else "Qwen2ForCausalLM"],
+    # absent keys: transformers' Qwen2VLTextConfig / Qwen2_5_VLTextConfig / Qwen3VLTextConfig defaults
+    qwen3 = family == "qwen3_vl"
+    text.setdefault("rms_norm_eps", 1e-6 if qwen3 else 1e-5)
+    text.setdefault("max_position_embeddings", 128000 if qwen3 else 32768)
+    text.update(architectures=["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"],
                 rope_scaling=None, rope_parameters=None,
-                rope_theta=rope.get("rope_theta") or text.get("rope_theta") or 10000.0,
+                rope_theta=rope.get("rope_theta") or text.get("rope_theta") or (5e5 if qwen3 else 1e6),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings") or sub.get("tie_word_embeddings")))
     base = cls.from_hf_dict(text, source)
     if sum(section) * 2 != base.head_dim:

@@ -173,6 +173,11 @@ class QwenVL(Transformer):
         #: per-row M-RoPE offsets of the last prefill with images (decoding continues at cache length + delta)
         self.rope_deltas: Optional[torch.Tensor] = None
 
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Recompute each decoder layer's and each vision block's activations in the backward pass."""
+        super().gradient_checkpointing_enable(enable)
+        self.visual.gradient_checkpointing = enable
+
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`Transformer.rope` for ``(batch, seq)`` ids; M-RoPE (:func:`mrope_cos_sin`) for ``(3, batch,
         seq)`` ids."""

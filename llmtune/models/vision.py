@@ -96,10 +96,14 @@ class VisionConfig:
         rope = g("rope_parameters") or {}
         kw["rope_theta"] = float(rope.get("rope_theta") or g("rope_theta") or 10000.0)
         kw["tokens_per_second"] = float(g("tokens_per_second", 4 if family == "qwen2_5_vl" else 2))
-        kw["fullatt_block_indexes"] = [int(i) for i in g("fullatt_block_indexes") or []]
-        kw["deepstack_visual_indexes"] = [int(i) for i in g("deepstack_visual_indexes") or []]
-        if family == "qwen3_vl" and not kw.get("num_position_embeddings"):
-            raise LLMTuneError(f"{source}: vision_config is missing key 'num_position_embeddings'")
+        # absent keys: the defaults of transformers' Qwen2_5_VLVisionConfig / Qwen3VLVisionConfig
+        full = g("fullatt_block_indexes", [7, 15, 23, 31] if family == "qwen2_5_vl" else [])
+        deep = g("deepstack_visual_indexes", [8, 16, 24] if family == "qwen3_vl" else [])
+        kw["fullatt_block_indexes"] = [int(i) for i in full or []]
+        kw["deepstack_visual_indexes"] = [int(i) for i in deep or []]
+        if family == "qwen3_vl":
+            kw.setdefault("patch_size", 16)
+            kw.setdefault("num_position_embeddings", 2304)
         return cls(**kw)
 
 
