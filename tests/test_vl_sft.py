@@ -233,7 +233,7 @@ def test_full_finetuning_output_loads_in_transformers_with_equal_logits(tmp_path
     llmtune.train(dict(stage="sft", model_name_or_path=str(folder), dataset="mm", dataset_dir=str(data),
                        template="qwen", finetuning_type="full", output_dir=str(out), cutoff_len=256,
                        per_device_train_batch_size=3, learning_rate=1e-2, max_steps=1, report_to="none",
-                       overwrite_cache=True))
+                       overwrite_cache=True, freeze_vision_tower=False, freeze_multi_modal_projector=False))
     tok, proc = _tokenizer(), QwenVLImageProcessor(min_pixels=16, max_pixels=64 * 64, patch_size=4)
     (tmp_path / "again").mkdir()
     enc_rows, _ = _encode(tmp_path / "again", tok, proc)
@@ -252,3 +252,20 @@ def test_full_finetuning_output_loads_in_transformers_with_equal_logits(tmp_path
         got = ours.logits(ours(ids, attention_mask=mask, pixel_values=batch["pixel_values"],
                                image_grid_thw=batch["image_grid_thw"]))
     assert (got[mask.bool()] - want[mask.bool()]).abs().max().item() <= 1e-5
+
+
+def test_freeze_keys_select_the_trained_parts():
+    """LLaMA-Factory's defaults: vision tower and projector frozen, language model trained."""
+    from llmtune.config import parse_config
+    from llmtune.train.finetuning import apply_finetuning_type
+
+    tok = _tokenizer()
+    for keys, trained in (({}, {"language"}),
+                          ({"freeze_vision_tower": False}, {"language", "vision"}),
+                          ({"freeze_multi_modal_projector": False, "freeze_language_model": True}, {"projector"})):
+        model = _model(tok)
+        cfg = parse_config(dict(stage="sft", finetuning_type="full", output_dir="unused", **keys), command=None)
+        apply_finetuning_type(model, cfg)
+        parts = {("language" if not n.startswith("visual.") else "projector" if ".merger." in "." + n[7:]
+                  else "vision") for n, p in model.named_parameters() if p.requires_grad}
+        assert parts == trained, keys

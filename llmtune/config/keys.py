@@ -136,6 +136,11 @@ class TrainConfig:
     freeze_trainable_layers: int = tune(2, "freeze: train the last N layers (negative: the first N)")
     freeze_trainable_modules: str = tune("all", "freeze: modules trained inside those layers")
     freeze_extra_modules: Optional[str] = tune(None, "freeze: modules trained besides the layers (e.g. embed_tokens)")
+    freeze_vision_tower: bool = tune(True, "vision-language models: keep the vision tower (visual.patch_embed, "
+                                     "visual.blocks) frozen")
+    freeze_multi_modal_projector: bool = tune(True, "vision-language models: keep the patch merger(s) "
+                                              "(visual.merger, DeepStack mergers) frozen")
+    freeze_language_model: bool = tune(False, "vision-language models: keep the language model frozen")
 
     # -- data ------------------------------------------------------------------------------------------
     dataset: Optional[str] = data(None, "training data: names from dataset_info.json or .json/.jsonl paths, "

@@ -265,3 +265,29 @@ class QwenVL(Transformer):
             self.rope_deltas = None
         return super().forward(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                                inputs_embeds=embeds, layer_hook=hook)
+
+
+def vl_part(name: str) -> str:
+    """Which part of a :class:`QwenVL` parameter ``name`` belongs to (LLaMA-Factory's split of Qwen-VL models):
+    ``"projector"`` (``visual.merger``, ``visual.deepstack_merger_list``), ``"vision"`` (the rest of
+    ``visual.*``: patch embedding, position table, blocks) or ``"language"`` (``model.*``, ``lm_head``)."""
+    if name.startswith(("visual.merger.", "visual.deepstack_merger_list.")):
+        return "projector"
+    return "vision" if name.startswith("visual.") else "language"
+
+
+def freeze_parts(model: torch.nn.Module, vision: bool = True, projector: bool = True, language: bool = False) -> None:
+    """Stop training the named parts (:func:`vl_part`) of ``model``: their parameters (LoRA adapters inside them
+    included) get ``requires_grad=False``. LLaMA-Factory's ``freeze_vision_tower`` (default on),
+    ``freeze_multi_modal_projector`` (on) and ``freeze_language_model`` (off).
+
+    Raises:
+        LLMTuneError: nothing is left to train.
+    """
+    frozen = {part for part, on in (("vision", vision), ("projector", projector), ("language", language)) if on}
+    for name, p in model.named_parameters():
+        if vl_part(name) in frozen:
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise LLMTuneError("freeze_vision_tower / freeze_multi_modal_projector / freeze_language_model leave "
+                           "nothing to train; unfreeze a part (e.g. freeze_language_model: false)")
