@@ -183,7 +183,7 @@ def test_sft_run_with_images_through_the_train_api(tmp_path):
     out = tmp_path / "out"
     for packing in (False, True):
         res = llmtune.train(dict(stage="sft", model_name_or_path=str(folder), dataset="mm", dataset_dir=str(data),
-                                 template="qwen", finetuning_type="full", output_dir=str(out / str(packing)),
+                                 template="qwen2_vl", finetuning_type="full", output_dir=str(out / str(packing)),
                                  cutoff_len=256, per_device_train_batch_size=3, learning_rate=1e-3, max_steps=2,
                                  logging_steps=1, save_steps=1000, report_to="none", overwrite_cache=True,
                                  neat_packing=packing))
@@ -269,3 +269,20 @@ def test_freeze_keys_select_the_trained_parts():
         parts = {("language" if not n.startswith("visual.") else "projector" if ".merger." in "." + n[7:]
                   else "vision") for n, p in model.named_parameters() if p.requires_grad}
         assert parts == trained, keys
+
+
+def test_qwen2_vl_template_renders_chatml_with_its_system_prompt(tmp_path):
+    """LLaMA-Factory's qwen2_vl template: ChatML with "You are a helpful assistant." (Qwen2-VL's chat template
+    default); the vision tokens sit where the placeholder was, inside the user turn."""
+    tok, proc = _tokenizer(), QwenVLImageProcessor(min_pixels=16, max_pixels=64 * 64, patch_size=4)
+    vt = VisionTokens.from_tokenizer(tok)
+    msgs = expand_image_placeholders([{"role": "user", "content": "<image> describe"},
+                                      {"role": "assistant", "content": "a red square"}],
+                                     [[1, 2, 2]], proc, vt, "row")
+    from llmtune.data.formats import Example
+
+    row = Encoder(get_template("qwen2_vl", tok), tok, 256).encode_sft(Example(prompt=msgs[:1], responses=msgs[1:]))
+    # the word-level test tokenizer splits at whitespace: "assistant." is an unknown word
+    want = ("<|im_start|> system You are a helpful [UNK] <|im_end|> <|im_start|> user <|vision_start|> "
+            "<|image_pad|> <|vision_end|> describe <|im_end|> <|im_start|> assistant a red square <|im_end|>")
+    assert tok.convert_ids_to_tokens(row["input_ids"]) == want.split()

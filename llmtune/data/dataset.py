@@ -125,7 +125,7 @@ def _with_overrides(template, args: Any):
 
     return get_template(template.name, template.tokenizer, tool_format=tool_format or template.tool_format,
                         default_system=default_system if default_system is not None else template.default_system,
-                        enable_thinking=not (template.name == "qwen3" and template.thought_words is None))
+                        enable_thinking=not (template.name in ("qwen3", "qwen3_vl") and template.thought_words is None))
 
 
 def _cache_dir(args: Any) -> Path:
