@@ -286,3 +286,28 @@ def test_qwen2_vl_template_renders_chatml_with_its_system_prompt(tmp_path):
     want = ("<|im_start|> system You are a helpful [UNK] <|im_end|> <|im_start|> user <|vision_start|> "
             "<|image_pad|> <|vision_end|> describe <|im_end|> <|im_start|> assistant a red square <|im_end|>")
     assert tok.convert_ids_to_tokens(row["input_ids"]) == want.split()
+
+
+def test_example_dataset_and_config(tmp_path):
+    """examples/vlm_lora.yaml parses; its dataset (examples/data/shapes_vl) encodes for a Qwen-VL model: every
+    row keeps its images, as many pad tokens as the processor's grids give."""
+    from pathlib import Path
+
+    from llmtune.config import parse_config
+    from llmtune.data import get_dataset
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = parse_config(str(root / "examples" / "vlm_lora.yaml"), command="train")
+    assert (cfg.template, cfg.dataset, cfg.freeze_vision_tower) == ("qwen2_vl", "shapes_vl", True)
+    folder = _vl_folder(tmp_path / "vl")
+    tok = _tokenizer()
+    rows = get_dataset(dict(model_name_or_path=str(folder), dataset="shapes_vl",
+                            dataset_dir=str(root / "examples" / "data"), cutoff_len=1024, overwrite_cache=True,
+                            data_cache_dir=str(tmp_path / "cache")),
+                       tok, get_template("qwen2_vl", tok), "sft").train
+    proc = QwenVLImageProcessor.from_folder(folder)
+    vt = VisionTokens.from_tokenizer(tok)
+    assert len(rows) == 18 and sum(len(r["images"]) for r in rows) == 24
+    for r in rows:
+        grids = [image_grid(p, proc) for p in r["images"]]
+        assert r["input_ids"].count(vt.pad_id) == sum(proc.num_image_tokens(g) for g in grids) > 0
