@@ -203,3 +203,16 @@ def test_cached_decoding_after_an_image_prefill_equals_the_full_forward(family):
             t = ids.shape[1] + k
             h, cache = ours(more[:, k:k + 1], attention_mask=full_mask[:, :t + 1], past_key_values=cache)
             assert (ours.logits(h)[:, 0] - full[:, t]).abs().max().item() <= 1e-5
+
+
+def test_bfloat16_model_keeps_float32_rotary_frequencies():
+    """After model.to(bfloat16) (which casts buffers) M-RoPE still uses float32 inverse frequencies: the bf16
+    model's logits stay close to the float32 model's (bf16 rounding only, no large position errors)."""
+    ours = _ours(_hf_model("qwen2_5_vl"))
+    ids, mask, pixels, grid = _inputs(left=False)
+    with torch.no_grad():
+        ref = ours.logits(ours(ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid))
+        ours.to(torch.bfloat16)
+        got = ours.logits(ours(ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid)).float()
+    assert ours.inv_freq.dtype == torch.float32
+    assert (got[mask.bool()] - ref[mask.bool()]).abs().max().item() < 0.1

@@ -30,7 +30,7 @@ import torch
 
 from llmtune.errors import LLMTuneError
 from llmtune.models.config import ModelConfig
-from llmtune.models.transformer import KVCache, Transformer, positions_from_mask
+from llmtune.models.transformer import KVCache, Transformer, positions_from_mask, rope_inv_freq
 from llmtune.models.vision import VisionConfig, VisionTower
 
 
@@ -183,8 +183,8 @@ class QwenVL(Transformer):
         seq)`` ids."""
         if position_ids.dim() == 2:
             return super().rope(position_ids)
-        if self.inv_freq.device != position_ids.device:
-            self.inv_freq = self.inv_freq.to(position_ids.device)
+        if self.inv_freq.device != position_ids.device or self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.config).to(position_ids.device)   # float32 after a model.to(bf16)
         v = self.config.vision
         return mrope_cos_sin(position_ids, self.inv_freq, v["mrope_section"], v["family"] == "qwen3_vl")
 
