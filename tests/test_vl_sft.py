@@ -311,3 +311,67 @@ def test_example_dataset_and_config(tmp_path):
     for r in rows:
         grids = [image_grid(p, proc) for p in r["images"]]
         assert r["input_ids"].count(vt.pad_id) == sum(proc.num_image_tokens(g) for g in grids) > 0
+
+
+def _pair_rows(tmp_path):
+    p = _images(tmp_path)
+    return [{"conversations": [{"from": "human", "value": "<image> describe the picture"}],
+             "chosen": {"from": "gpt", "value": "a red square"}, "rejected": {"from": "gpt", "value": "a blue square"},
+             "images": [p[0]]},
+            {"conversations": [{"from": "human", "value": "compare <image> and <image>"}],
+             "chosen": {"from": "gpt", "value": "a blue and a green square"},
+             "rejected": {"from": "gpt", "value": "two red squares"}, "images": [p[1], p[2]]},
+            {"conversations": [{"from": "human", "value": "hello"}],
+             "chosen": {"from": "gpt", "value": "hello world"}, "rejected": {"from": "gpt", "value": "it is"}}]
+
+
+def test_dpo_pairs_with_images_give_each_sequence_its_own_images(tmp_path):
+    """The pairwise batch (all chosen rows, then all rejected) with each pair's images repeated: every
+    sequence's summed log-probs equal a forward of that sequence alone with its own images."""
+    from llmtune.data.collator import PairwiseCollator
+    from llmtune.data.multimodal import ImageCollator, ImageEncoder, vision_inputs
+    from llmtune.losses import sequence_logps
+
+    tok, proc = _tokenizer(), QwenVLImageProcessor(min_pixels=16, max_pixels=64 * 64, patch_size=4)
+    attr = _attr()
+    attr.ranking = True
+    attr.columns.update(chosen="chosen", rejected="rejected")
+    examples, _ = convert(attr, _pair_rows(tmp_path))
+    enc = ImageEncoder(get_template("qwen2_vl", tok), tok, 512, processor=proc, dataset="pairs")
+    enc.pairs_with_images = True
+    rows = [enc.encode_pair(ex, *ex.responses) for ex in examples]
+    batch = ImageCollator(PairwiseCollator(tok.pad_token_id), proc)(rows)
+    model = _model(tok).eval()
+    with torch.no_grad():
+        hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], **vision_inputs(batch))
+        got = sequence_logps(hidden, model.lm_head.weight, batch["labels"])
+        want = []
+        for side in ("chosen", "rejected"):
+            for r in rows:
+                one = {"input_ids": r[f"{side}_input_ids"], "labels": r[f"{side}_labels"], "images": r.get("images")}
+                b = SFTCollator(tok.pad_token_id)([one])
+                b.update(collate_images([one], proc))
+                h = model(b["input_ids"], **vision_inputs(b))
+                want.append(sequence_logps(h, model.lm_head.weight, b["labels"])[0])
+    assert torch.allclose(got, torch.stack(want), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="no pixel_values"):    # a stage that forgets the images fails loudly
+        model(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_dpo_run_with_images_through_the_train_api(tmp_path):
+    import llmtune
+
+    folder = _vl_folder(tmp_path / "vl")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "pairs.json").write_text(json.dumps(_pair_rows(data) * 2))
+    (data / "dataset_info.json").write_text(json.dumps({"pairs": {
+        "file_name": "pairs.json", "formatting": "sharegpt", "ranking": True,
+        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}}}))
+    res = llmtune.train(dict(stage="dpo", model_name_or_path=str(folder), dataset="pairs", dataset_dir=str(data),
+                             template="qwen2_vl", finetuning_type="lora", lora_rank=4,
+                             output_dir=str(tmp_path / "out"), cutoff_len=256, per_device_train_batch_size=3,
+                             learning_rate=1e-3, max_steps=2, logging_steps=1, report_to="none",
+                             overwrite_cache=True))
+    assert np.isfinite(res["train_loss"])

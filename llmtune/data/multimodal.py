@@ -97,20 +97,22 @@ def expand_image_placeholders(messages: list[dict], grids: Sequence[Sequence[int
     return out
 
 
-def mask_vision_labels(row: dict, tokens: VisionTokens) -> dict:
-    """``row`` with ``labels`` set to -100 at every vision start/pad/end token (in place; returned)."""
-    if "labels" in row:
+def mask_vision_labels(row: dict, tokens: VisionTokens, prefix: str = "") -> dict:
+    """``row`` with ``{prefix}labels`` set to -100 at every vision start/pad/end token of ``{prefix}input_ids``
+    (in place; returned)."""
+    if prefix + "labels" in row:
         skip = {tokens.start_id, tokens.pad_id, tokens.end_id}
-        row["labels"] = [IGNORE_INDEX if t in skip else lab for t, lab in zip(row["input_ids"], row["labels"])]
+        row[prefix + "labels"] = [IGNORE_INDEX if t in skip else lab
+                                  for t, lab in zip(row[prefix + "input_ids"], row[prefix + "labels"])]
     return row
 
 
 def images_intact(row: dict, grids: Sequence[Sequence[int]], processor: QwenVLImageProcessor,
-                  tokens: VisionTokens) -> bool:
-    """True when ``row['input_ids']`` still holds every image's pad tokens (truncation to ``cutoff_len`` can cut
-    through an image; such a row cannot be fed to the model and must be dropped, or cutoff_len raised)."""
+                  tokens: VisionTokens, prefix: str = "") -> bool:
+    """True when ``row[prefix + 'input_ids']`` still holds every image's pad tokens (truncation to ``cutoff_len``
+    can cut through an image; such a row cannot be fed to the model and must be dropped, or cutoff_len raised)."""
     want = sum(processor.num_image_tokens(g) for g in grids)
-    return sum(1 for t in row["input_ids"] if t == tokens.pad_id) == want
+    return sum(1 for t in row[prefix + "input_ids"] if t == tokens.pad_id) == want
 
 
 def collate_images(rows: Sequence[dict], processor: QwenVLImageProcessor, key: str = "images"
@@ -176,6 +178,8 @@ class ImageEncoder(Encoder):
         self.tokens = VisionTokens.from_tokenizer(tokenizer)
         self.cut_images = 0
         self.count = 0
+        #: stage dpo sets this (its collator and stage pass the images); rm refuses pairs with images
+        self.pairs_with_images = False
 
     def _path(self, image: Any) -> Any:
         if isinstance(image, str) and not Path(image).is_absolute():
@@ -205,12 +209,33 @@ class ImageEncoder(Encoder):
     def _refuse(self, *args, **kwargs):
         ex = args[0] if args else None
         if ex is not None and getattr(ex, "images", None):
-            raise LLMTuneError(f"dataset {self.dataset!r}: examples with images are supported for stage sft only "
-                               "so far (dpo/kto/ppo/grpo with images are not implemented yet)")
+            raise LLMTuneError(f"dataset {self.dataset!r}: examples with images are supported for stages sft and "
+                               "dpo only so far (rm/kto/ppo/grpo with images are not implemented yet)")
         return None
 
     def encode_pair(self, ex, chosen, rejected):
-        return self._refuse(ex) or super().encode_pair(ex, chosen, rejected)
+        """dpo pairs: the prompt's ``<image>`` placeholders expanded (answers hold none), both sequences checked
+        intact, ``row["images"]`` the prompt's images (the collator repeats them for chosen and rejected)."""
+        if not self.pairs_with_images:
+            return self._refuse(ex) or super().encode_pair(ex, chosen, rejected)
+        self.count += 1
+        if not ex.images and not any(IMAGE_PLACEHOLDER in str(m.get("content") or "") for m in ex.prompt):
+            return super().encode_pair(ex, chosen, rejected)
+        images = [self._path(im) for im in ex.images]
+        grids = [image_grid(im, self.processor) for im in images]
+        prompt = expand_image_placeholders(list(ex.prompt), grids, self.processor, self.tokens,
+                                           f"dataset {self.dataset!r}, example {self.count}")
+        row = super().encode_pair(type(ex)(prompt=prompt, responses=[chosen, rejected], kind=ex.kind,
+                                           system=ex.system, tools=ex.tools), chosen, rejected)
+        if row is None:
+            return None
+        if not all(images_intact(row, grids, self.processor, self.tokens, side) for side in ("chosen_", "rejected_")):
+            self.cut_images += 1
+            return None
+        for side in ("chosen_", "rejected_"):
+            mask_vision_labels(row, self.tokens, side)
+        row["images"] = images
+        return row
 
     def encode_kto(self, ex, kl_response):
         return self._refuse(ex) or super().encode_kto(ex, kl_response)
@@ -220,13 +245,29 @@ class ImageEncoder(Encoder):
 
 
 class ImageCollator:
-    """Wraps a collator: the batch it makes plus :func:`collate_images` of the same rows (pixel values are
-    computed here, at batch time)."""
+    """Wraps a stage's collator: the batch it makes plus the ``pixel_values`` / ``image_grid_thw`` of the same
+    rows' images, computed here at batch time, in the order of their image tokens in the batch: sft rows in
+    order; pairs (:class:`~llmtune.data.collator.PairwiseCollator`: all chosen rows, then all rejected) every
+    row's images twice; a dpo mix (``DPOMixCollator``) the pairs so, and its ``sft_only`` rows under
+    ``sft_pixel_values`` / ``sft_image_grid_thw``. Other collators (kto, ppo) refuse rows with images."""
 
     def __init__(self, collator, processor: QwenVLImageProcessor) -> None:
         self.collator, self.processor = collator, processor
 
     def __call__(self, rows: Sequence[dict]) -> dict:
+        from llmtune.data.collator import DPOMixCollator, PairwiseCollator, SFTCollator
+
         batch = self.collator(rows)
-        batch.update(collate_images(rows, self.processor))
+        c, proc = self.collator, self.processor
+        if isinstance(c, DPOMixCollator):
+            pairs = [r for r in rows if not r.get("sft_only")]
+            batch.update(collate_images(pairs + pairs, proc))
+            batch.update({"sft_" + k: v for k, v in collate_images([r for r in rows if r.get("sft_only")],
+                                                                   proc).items()})
+        elif isinstance(c, PairwiseCollator):
+            batch.update(collate_images(list(rows) + list(rows), proc))
+        elif isinstance(c, SFTCollator):
+            batch.update(collate_images(rows, proc))
+        elif any(r.get("images") for r in rows):
+            raise LLMTuneError(f"{type(c).__name__}: batches with images are not supported yet (stages sft, dpo)")
         return batch

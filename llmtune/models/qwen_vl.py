@@ -236,7 +236,8 @@ class QwenVL(Transformer):
             runs unchanged (M-RoPE of equal ids is RoPE).
 
         Raises:
-            ValueError: image tokens and features disagree in number, or a grid is missing.
+            ValueError: image tokens and features disagree in number, a grid is missing, or image tokens come
+                without pixel values.
         """
         v = self.config.vision
         past = 0 if past_key_values is None else past_key_values.seq_len
@@ -252,6 +253,9 @@ class QwenVL(Transformer):
                         return x
                     b, t, e = x.shape
                     return x.reshape(b * t, e).index_add(0, where, deep[i].to(x.dtype)).view(b, t, e)
+        elif past == 0 and bool(((input_ids == v["image_token_id"]) | (input_ids == v["video_token_id"])).any()):
+            raise ValueError("input_ids hold image/video tokens but no pixel_values(_videos) were given (a stage "
+                             "or collator that does not pass the images)")
         grids = image_grid_thw is not None or video_grid_thw is not None
         if (position_ids is None or position_ids.dim() == 2) and past == 0 and grids:  # 2-D: the collator's
             position_ids, self.rope_deltas = self.position_ids(input_ids, attention_mask, image_grid_thw,
