@@ -136,6 +136,11 @@ class TrainConfig:
     freeze_trainable_layers: int = tune(2, "freeze: train the last N layers (negative: the first N)")
     freeze_trainable_modules: str = tune("all", "freeze: modules trained inside those layers")
     freeze_extra_modules: Optional[str] = tune(None, "freeze: modules trained besides the layers (e.g. embed_tokens)")
+    freeze_vision_tower: bool = tune(True, "vision-language models: keep the vision tower (visual.patch_embed, "
+                                     "visual.blocks) frozen")
+    freeze_multi_modal_projector: bool = tune(True, "vision-language models: keep the patch merger(s) "
+                                              "(visual.merger, DeepStack mergers) frozen")
+    freeze_language_model: bool = tune(False, "vision-language models: keep the language model frozen")
 
     # -- data ------------------------------------------------------------------------------------------
     dataset: Optional[str] = data(None, "training data: names from dataset_info.json or .json/.jsonl paths, "
@@ -146,6 +151,10 @@ class TrainConfig:
                                    "model's own)")
     default_system: Optional[str] = data(None, "system prompt used where an example has none")
     cutoff_len: int = data(2048, "maximum tokens per example (longer ones are cut)", ge=1)
+    image_max_pixels: Optional[int] = data(None, "vision-language models: at most this many pixels per image "
+                                           "after resizing (unset: the model's preprocessor_config.json)", ge=1)
+    image_min_pixels: Optional[int] = data(None, "vision-language models: at least this many pixels per image "
+                                           "after resizing (unset: the model's preprocessor_config.json)", ge=1)
     max_samples: Optional[int] = data(None, "use only the first N examples of each dataset", ge=1,
                                       hint="leave it unset for all examples")
     val_size: float = data(0.0, "examples held out for evaluation: a fraction in [0, 1) or a count", ge=0)

@@ -27,6 +27,7 @@ from llmtune.data import cache
 from llmtune.data.encode import Encoder, pack_rows
 from llmtune.data.formats import Example, check_columns, convert, detect_format
 from llmtune.data.loaders import data_files, read_file
+from llmtune.data.multimodal import ImageEncoder, model_processor, processor_key
 from llmtune.data.registry import TYPE_STAGES, DatasetAttr, resolve
 from llmtune.errors import LLMTuneError, notice
 
@@ -124,7 +125,7 @@ def _with_overrides(template, args: Any):
 
     return get_template(template.name, template.tokenizer, tool_format=tool_format or template.tool_format,
                         default_system=default_system if default_system is not None else template.default_system,
-                        enable_thinking=not (template.name == "qwen3" and template.thought_words is None))
+                        enable_thinking=not (template.name in ("qwen3", "qwen3_vl") and template.thought_words is None))
 
 
 def _cache_dir(args: Any) -> Path:
@@ -141,6 +142,9 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
             "mask_history": args.mask_history, "mix_sft": mix_sft, "max_samples": args.max_samples, "seed": args.seed}
     if stage == "pt" and args.is_set("packing") and not args.packing:   # LLaMA-Factory: unset means packed for pt
         opts["packing"] = False
+    processor = model_processor(args.model_name_or_path, args.image_max_pixels, args.image_min_pixels)
+    if processor is not None:   # a vision-language model: image token counts depend on the processor
+        opts["image_processor"] = processor_key(processor)
     key = cache.cache_key({"attr": attr.fingerprint(), "files": cache.file_fingerprint(files), "stage": stage,
                            "tokenizer": cache.tokenizer_fingerprint(tokenizer),
                            "template": cache.template_fingerprint(template), "opts": opts})
@@ -170,8 +174,13 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     # grpo: the raw columns travel with each prompt (convert keeps the row order, skips malformed rows)
     kept = _kept_rows(attr, raw) if stage == "grpo" else None
     _check_type(attr, stage)
-    enc = Encoder(template, tokenizer, opts["cutoff_len"], opts["train_on_prompt"], opts["mask_history"])
+    enc = _encoder(attr, examples, processor, template, tokenizer, opts)
+    if isinstance(enc, ImageEncoder):
+        enc.pairs_with_images = stage == "dpo"
     rows, stats = _encode(attr, examples, enc, stage, mix_sft, opts.get("packing", True), kept)
+    if getattr(enc, "cut_images", 0):
+        stats["notes"].append(f"dropped {enc.cut_images} example(s) whose image tokens cutoff_len="
+                              f"{opts['cutoff_len']} cut through; raise cutoff_len or lower image_max_pixels.")
     stats["malformed"] = skipped
     stats["truncated"] = enc.truncated
     stats["rows"] = len(raw)
@@ -182,6 +191,19 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     cache.save(cdir, attr.name, key, rows, stats)
     _report(attr, stats, opts["cutoff_len"])
     return rows
+
+
+def _encoder(attr: DatasetAttr, examples: list[Example], processor, template, tokenizer, opts: dict) -> Encoder:
+    """The stage encoder; an :class:`~llmtune.data.multimodal.ImageEncoder` when examples have images.
+    Raises LLMTuneError for images with a model that has no vision tower."""
+    args = (template, tokenizer, opts["cutoff_len"], opts["train_on_prompt"], opts["mask_history"])
+    if processor is not None:   # a vision-language model: <image> placeholders are checked even without images
+        return ImageEncoder(*args, processor=processor, base_dir=attr.dataset_dir, dataset=attr.name)
+    if not any(ex.images for ex in examples):
+        return Encoder(*args)
+    raise LLMTuneError(f"dataset {attr.name!r} has images, but model_name_or_path is not a vision-language "
+                       "model folder (config.json without vision_config); use a Qwen2-VL / Qwen2.5-VL / "
+                       "Qwen3-VL model, or drop the images column")
 
 
 def _kept_rows(attr: DatasetAttr, raw: list[dict]) -> list[dict]:

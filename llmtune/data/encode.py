@@ -227,5 +227,7 @@ def pack_rows(rows: list[dict], cutoff_len: int, neat: bool = True) -> list[dict
             out["attention_mask"] += [seg if neat else 1] * n
             out["labels"] += [IGNORE_INDEX] + list(r["labels"][1:])
             out["position_ids"] += list(range(n)) if neat else list(range(start, start + n))
+            if r.get("images"):   # vision-language rows: the images, in segment order
+                out.setdefault("images", []).extend(r["images"])
         packed.append(out)
     return packed

@@ -45,6 +45,8 @@ class Example:
     system: str = ""
     tools: str = ""
     kto_tag: Optional[bool] = None
+    #: the row's ``images`` column (paths relative to ``dataset_dir``, or dicts): llmtune.data.multimodal
+    images: list = field(default_factory=list)
 
 
 def _tag_bool(value: Any) -> Optional[bool]:
@@ -137,6 +139,8 @@ def convert(attr: DatasetAttr, rows: list[dict]) -> tuple[list[Example], int]:
         if ex is None:
             skipped += 1
         else:
+            images = _col(attr, row, "images")
+            ex.images = list(images) if isinstance(images, (list, tuple)) else [images] if images else []
             out.append(ex)
     return out, skipped
 

@@ -25,6 +25,11 @@ SUPPORTED_ARCHITECTURES = {
 }
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+#: vision-language architectures -> family (:mod:`llmtune.models.qwen_vl`; the language model is Qwen2 / Qwen3)
+VL_ARCHITECTURES = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+                    "Qwen3VLForConditionalGeneration": "qwen3_vl"}
+_VL_MODEL_TYPES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                   "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 #: the mixture-of-experts keys of Qwen2-MoE / Qwen3-MoE ``config.json`` (Hugging Face names)
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
             "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
@@ -82,6 +87,10 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.001
+    #: vision-language models only (else None): ``family``, ``architecture``, ``vision_config`` (the dict),
+    #: ``mrope_section``, ``image_token_id``, ``video_token_id``, ``vision_start_token_id``,
+    #: ``vision_end_token_id``; ``architecture`` above is then the language model's (Qwen2/Qwen3ForCausalLM)
+    vision: dict | None = None
     #: the original config.json dict (kept so export can write it back with few changes)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -123,6 +132,9 @@ class ModelConfig:
         """
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else _MODEL_TYPES.get(cfg.get("model_type", ""), "")
+        arch = arch or _VL_MODEL_TYPES.get(cfg.get("model_type", ""), "")
+        if arch in VL_ARCHITECTURES:
+            return _vl_config(cls, cfg, arch, source)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise LLMTuneError(
                 f"{source}: unsupported architecture {arch or cfg.get('model_type')!r}; llmtune supports "
@@ -195,7 +207,10 @@ class ModelConfig:
         return cls.from_hf_dict(cfg, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A Hugging Face ``config.json`` dict for this architecture (starting from ``raw``)."""
+        """A Hugging Face ``config.json`` dict for this architecture (starting from ``raw``; a vision-language
+        model's ``raw`` unchanged)."""
+        if self.vision:
+            return dict(self.raw)
         out = dict(self.raw)
         model_type = self.family
         out.update(
@@ -261,3 +276,43 @@ def _moe_kwargs(cfg: dict[str, Any], family: str, source: str) -> dict[str, Any]
         shared = cfg.get("shared_expert_intermediate_size")
         out["shared_expert_intermediate_size"] = 5632 if shared is None else int(shared)
     return out
+
+
+def _vl_config(cls, cfg: dict[str, Any], arch: str, source: str) -> "ModelConfig":
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL ``config.json`` dict -> :class:`ModelConfig` of its language model
+    with ``vision`` set. Text keys are read from ``text_config`` (transformers >= 4.52 and Qwen3-VL) or from
+    the top level (the original Qwen2-VL / Qwen2.5-VL files); ``mrope_section`` from ``rope_scaling`` or
+    ``rope_parameters``.
+
+    Raises:
+        LLMTuneError: no ``vision_config``, no ``mrope_section``, or ``mrope_section`` not summing to
+            ``head_dim / 2``.
+    """
+    family = VL_ARCHITECTURES[arch]
+    sub = cfg.get("text_config") or {}
+    text = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
+    text.update(sub)
+    rope = dict(text.get("rope_scaling") or text.get("rope_parameters") or {})
+    section = rope.get("mrope_section")
+    if not isinstance(cfg.get("vision_config"), dict):
+        raise LLMTuneError(f"{source}: {arch} needs a vision_config section; the file is incomplete")
+    if not section:
+        raise LLMTuneError(f"{source}: {arch} needs rope_scaling.mrope_section (multimodal RoPE split of the "
+                           "rotary frequencies into temporal, height and width parts)")
+    # absent keys: transformers' Qwen2VLTextConfig / Qwen2_5_VLTextConfig / Qwen3VLTextConfig defaults
+    qwen3 = family == "qwen3_vl"
+    text.setdefault("rms_norm_eps", 1e-6 if qwen3 else 1e-5)
+    text.setdefault("max_position_embeddings", 128000 if qwen3 else 32768)
+    text.update(architectures=["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"],
+                rope_scaling=None, rope_parameters=None,
+                rope_theta=rope.get("rope_theta") or text.get("rope_theta") or (5e5 if qwen3 else 1e6),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings") or sub.get("tie_word_embeddings")))
+    base = cls.from_hf_dict(text, source)
+    if sum(section) * 2 != base.head_dim:
+        raise LLMTuneError(f"{source}: mrope_section {section} must sum to head_dim / 2 = {base.head_dim // 2}")
+    ids = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+           "vision_end_token_id": 151653}
+    vision = dict(family=family, architecture=arch, vision_config=dict(cfg["vision_config"]),
+                  mrope_section=[int(s) for s in section],
+                  **{k: int(cfg[k] if cfg.get(k) is not None else v) for k, v in ids.items()})
+    return dataclasses.replace(base, vision=vision, raw=dict(cfg))

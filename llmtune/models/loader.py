@@ -27,6 +27,7 @@ from torch import nn
 from llmtune.errors import LLMTuneError, notice
 from llmtune.models.config import ModelConfig
 from llmtune.models.hub import is_hub_id, resolve_path
+from llmtune.models.qwen_vl import QwenVL, native_name
 from llmtune.models.transformer import Transformer, rope_inv_freq
 
 _DTYPES = {
@@ -302,12 +303,16 @@ def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) 
                            "folder (config.json + safetensors) or a .gguf file")
     target = parse_dtype(dtype, config.torch_dtype)
     with torch.device("meta"), _no_init():
-        model = Transformer(config)
-    _check_tensors(model, found_fn(model), source, bnb_4bit=bnb_4bit is not None)
+        model = QwenVL(config) if config.vision else Transformer(config)
+    found = found_fn(model)
+    if config.vision:   # checkpoints in transformers' model.language_model.* / model.visual.* layout
+        found = {native_name(n): v for n, v in found.items()}
+    _check_tensors(model, found, source, bnb_4bit=bnb_4bit is not None)
     place_quantized = _quant_hook() if quantize else None
     placer = bnb_4bit(model, target) if bnb_4bit is not None else None
     tied = config.tie_word_embeddings
     for name, tensor in tensors():
+        name = native_name(name) if config.vision else name
         if tied and name == "lm_head.weight":
             continue
         if name.endswith("rotary_emb.inv_freq"):

@@ -516,7 +516,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
-                use_cache: bool = False):
+                use_cache: bool = False, inputs_embeds: Optional[torch.Tensor] = None, layer_hook=None):
         """Run the decoder.
 
         Args:
@@ -528,6 +528,9 @@ class Transformer(nn.Module):
                 sequence starts at 0 whatever its padding.
             past_key_values: a :class:`KVCache` to extend in place (generation).
             use_cache: create a new cache if ``past_key_values`` is None.
+            inputs_embeds: ``(batch, seq, hidden)`` used instead of embedding ``input_ids`` (vision-language
+                models: image features placed at the image tokens). ``layer_hook(i, x) -> x``: called on the
+                output of decoder layer ``i`` (Qwen3-VL's DeepStack, :mod:`llmtune.models.qwen_vl`).
 
         Returns:
             ``hidden`` ``(batch, seq, hidden_size)`` in the model's (or autocast) dtype; with a cache,
@@ -561,12 +564,13 @@ class Transformer(nn.Module):
             if mask is None:
                 mask = build_attention_mask(am, t, window)
         cos, sin = self.rope(position_ids)
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
+            x = x if layer_hook is None else layer_hook(i, x)
         x = self.model.norm(x)
         if self.config.num_experts:  # MoE: the load-balancing loss, for training (not while decoding)
             self.aux_loss = collect_aux_loss([layer.mlp for layer in self.model.layers], attention_mask,

@@ -44,6 +44,10 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
             p.requires_grad_(True)
             if p.dtype != torch.float32:
                 p.data = p.data.float()
+    if getattr(model, "visual", None) is not None:   # vision-language models: LLaMA-Factory's freeze_* keys
+        from llmtune.models.qwen_vl import freeze_parts
+
+        freeze_parts(model, cfg.freeze_vision_tower, cfg.freeze_multi_modal_projector, cfg.freeze_language_model)
     for p in model.parameters():  # trainable parameters in float32 whatever the base dtype
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()

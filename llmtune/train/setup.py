@@ -32,6 +32,7 @@ from llmtune import runs
 from llmtune.config import parse_config
 from llmtune.data import get_dataset
 from llmtune.data.collator import get_collator
+from llmtune.data.multimodal import ImageCollator, model_processor
 from llmtune.data.templates import get_template
 from llmtune.errors import notice
 from llmtune.fileio import write_json
@@ -180,6 +181,9 @@ def build_trainer(model: torch.nn.Module, cfg: Any, stage: Stage, tokenizer: Any
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     rows = train_rows if cfg.do_train else (eval_rows or train_rows)
     collator = get_collator(stage.collator, pad, padding_free=cfg.padding_free)  # packed where exact
+    processor = model_processor(cfg.model_name_or_path, cfg.image_max_pixels, cfg.image_min_pixels)
+    if processor is not None and getattr(unwrap(model), "visual", None) is not None:
+        collator = ImageCollator(collator, processor)   # + pixel_values, image_grid_thw of the rows' images
     return Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra,
                    online=online)
 

@@ -12,6 +12,7 @@ Two kinds:
 
 * **Built-in templates** (:data:`TEMPLATES`), named as in LLaMA-Factory (``default``, ``empty``,
   ``alpaca``, ``chatml``, ``llama2``, ``llama3``, ``mistral``, ``qwen``, ``qwen3``, ``qwen3_nothink``,
+  ``qwen2_vl``, ``qwen3_vl``, ``qwen3_vl_nothink``,
   ``smollm2``). Each is a list of *slots* per role: strings in which ``{{content}}`` is replaced, and the
   markers :data:`BOS` / :data:`EOS` for the tokenizer's bos/eos ids. Every string slot is tokenized on its
   own (``encode(text, add_special_tokens=False)``), special tokens written in the text (``<|im_end|>``)
@@ -263,6 +264,15 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
              function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen", stop_words=("<|im_end|>",),
              thought_words=("<think>\n", "\n</think>\n\n")),
     Template("qwen3_nothink", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
+             function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen", stop_words=("<|im_end|>",)),
+    # vision-language: the text format of qwen / qwen3; <image> placeholders are expanded by llmtune.data.multimodal
+    Template("qwen2_vl", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
+             function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen",
+             default_system="You are a helpful assistant.", stop_words=("<|im_end|>",)),
+    Template("qwen3_vl", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
+             function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen", stop_words=("<|im_end|>",),
+             thought_words=("<think>\n", "\n</think>\n\n")),
+    Template("qwen3_vl_nothink", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
              function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen", stop_words=("<|im_end|>",)),
     Template("smollm2", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
              default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face.",

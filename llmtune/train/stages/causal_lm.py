@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from llmtune.constants import IGNORE_INDEX
+from llmtune.data.multimodal import vision_inputs
 from llmtune.losses import causal_lm_loss
 from llmtune.models.moe import add_aux_loss
 from llmtune.train.stages.base import StageContext
@@ -30,7 +31,7 @@ def causal_lm_stage(model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx:
     ``-log p(labels[t+1] | tokens <= t)`` over them. Metrics: none beyond the loss.
     """
     hidden = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"))
+                   position_ids=batch.get("position_ids"), **vision_inputs(batch))
     loss_sum, num_tokens = causal_lm_loss(hidden, model.lm_head.weight, batch["labels"])
     # mixture of experts: + moe_aux_loss_coef * load-balancing loss (llmtune.models.moe), logged as aux_loss
     loss_sum, metrics = add_aux_loss(model, loss_sum, num_tokens, ctx.config)

@@ -40,6 +40,7 @@ import torch
 
 from llmtune.constants import IGNORE_INDEX
 from llmtune.data.collator import num_rows, unpack_rows
+from llmtune.data.multimodal import vision_inputs
 from llmtune.errors import LLMTuneError, nearest, notice
 from llmtune.losses import DPO_LOSS_TYPES, dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from llmtune.peft import disable_adapters, lora_layers
@@ -140,8 +141,10 @@ def reference_model(model: torch.nn.Module, ctx: StageContext) -> Optional[torch
 
 def reference_logps(model: torch.nn.Module, ctx: StageContext, input_ids: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
-                    labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Summed response log-probs ``(N,)`` float32 of the reference policy, without gradient.
+                    labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, **vision: torch.Tensor
+                    ) -> torch.Tensor:
+    """Summed response log-probs ``(N,)`` float32 of the reference policy, without gradient. ``vision``: a
+    vision-language batch's ``pixel_values`` / ``image_grid_thw`` (:func:`llmtune.data.multimodal.vision_inputs`).
 
     With ``cu_seqlens`` (a padding-free batch: ``input_ids (1, total)``) ``labels`` are the right-padded
     ``(N, T)`` rows and the hidden states are unpacked to them (:func:`llmtune.data.collator.unpack_rows`).
@@ -152,10 +155,10 @@ def reference_logps(model: torch.nn.Module, ctx: StageContext, input_ids: torch.
     ref = reference_model(model, ctx)
     with torch.no_grad():
         if ref is not None:
-            hidden = ref(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            hidden = ref(input_ids, attention_mask=attention_mask, position_ids=position_ids, **vision)
             return sequence_logps(unpack_rows(hidden, cu_seqlens), ref.lm_head.weight, labels)
         with disable_adapters(model):
-            hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, **vision)
             return sequence_logps(unpack_rows(hidden, cu_seqlens), model.lm_head.weight, labels)
 
 
@@ -193,7 +196,8 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
                                   batch["labels"])
         b = num_rows(batch) // 2
         cu = batch.get("cu_seqlens")                                        # padding-free: (1, N) packed rows
-        hidden = model(ids, attention_mask=mask, position_ids=pos)          # ONE forward: chosen + rejected
+        vision = vision_inputs(batch)                                       # images: each pair's, twice
+        hidden = model(ids, attention_mask=mask, position_ids=pos, **vision)  # ONE forward: chosen + rejected
         hidden, labels = unpack_rows(hidden, cu), unpack_rows(labels, cu, IGNORE_INDEX)
         sums = sequence_logps(hidden, weight, labels)                       # (2B,) summed logps
         avgs = sums / label_counts(labels).clamp(min=1)                     # (2B,) per-token means
@@ -205,7 +209,7 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
             losses, cr, rr = simpo_loss(avgs[:b], avgs[b:], beta, float(cfg.simpo_gamma))
             used = avgs
         else:
-            ref = reference_logps(model, ctx, ids, mask, pos, labels, cu)  # ONE reference forward too
+            ref = reference_logps(model, ctx, ids, mask, pos, labels, cu, **vision)  # ONE reference forward
             if loss_type == "ipo":
                 ref = ref / label_counts(labels).clamp(min=1)
                 used = avgs
@@ -224,7 +228,7 @@ def dpo_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
     if "sft_input_ids" in batch:
         alpha = float(cfg.kto_alpha or 0.0)
         hidden = model(batch["sft_input_ids"], attention_mask=batch.get("sft_attention_mask"),
-                       position_ids=batch.get("sft_position_ids"))
+                       position_ids=batch.get("sft_position_ids"), **vision_inputs(batch, "sft_"))
         cu = batch.get("sft_cu_seqlens")
         nll = -sequence_logps(unpack_rows(hidden, cu), weight, unpack_rows(batch["sft_labels"], cu, IGNORE_INDEX),
                               average=True)                                        # (S,) mean NLL per example
