@@ -38,7 +38,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 from llmtune.errors import LLMTuneError, notice
-from llmtune.fileio import make_public_dir
+from llmtune.fileio import make_public_dir, publish_dir, read_json
 from llmtune.runs import apply_chain, read_training_args, recorded_template, resolve_chain
 
 #: bytes in one GB of ``export_size`` (transformers parses "5GB" as 5 * 10**9 bytes).
@@ -214,15 +214,6 @@ def save_hf_folder(model: torch.nn.Module, out_dir: Union[str, Path], *, dtype: 
 
 # -- adapters ------------------------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LLMTuneError(f"{path}: no such file") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise LLMTuneError(f"{path}: cannot read ({e})") from None
-
-
 def _adapter_weights_file(folder: Path) -> Path:
     f = folder / "adapter_model.safetensors"
     if f.is_file():
@@ -305,7 +296,7 @@ def _checkpoint_dtype(base: str) -> torch.dtype:
     cfg_file = Path(base) / "config.json"
     name = None
     if cfg_file.is_file():
-        raw = _read_json(cfg_file)
+        raw = read_json(cfg_file, "model_name_or_path")
         name = raw.get("torch_dtype") or raw.get("dtype")
     return parse_dtype("auto", name)
 
@@ -413,7 +404,7 @@ def _export(cfg: Any, fmt: str, export_dir: Path) -> Path:
             base_gen = None
             for folder in [*reversed(adapters), Path(base)]:
                 if folder.is_dir() and (folder / "generation_config.json").is_file():
-                    base_gen = _read_json(folder / "generation_config.json")
+                    base_gen = read_json(folder / "generation_config.json", "generation_config.json")
                     break
             save_hf_folder(model, tmp, dtype=out_dtype, export_size=float(cfg.export_size), tokenizer=tokenizer,
                            stop_token_ids=stop_ids, quantization_bit=cfg.export_quantization_bit,
@@ -488,28 +479,13 @@ EXPORT_OUTPUTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safete
 
 
 def _move_into_place(tmp: Path, export_dir: Path) -> None:
-    """Publish the finished temporary folder as ``export_dir``: a rename when ``export_dir`` is new or empty;
-    when overwriting, each new file is renamed in (``os.replace``) and the earlier export's files that the
-    new one does not have (e.g. other shards, :data:`EXPORT_OUTPUTS`) are removed; any other file is kept."""
-    import fnmatch
-
+    """Publish the finished temporary folder as ``export_dir`` (:func:`llmtune.fileio.publish_dir`): a rename
+    when ``export_dir`` is new; when overwriting, each new file is renamed in and the earlier export's files
+    that the new one does not have (e.g. other shards, :data:`EXPORT_OUTPUTS`) are removed; any other file
+    (and the folder's lock) is kept."""
     from llmtune.locks import LOCK_NAME
-    from llmtune.train.checkpoint import fsync_dir, fsync_tree
 
-    fsync_tree(tmp)
-    if not export_dir.exists():
-        os.rename(tmp, export_dir)
-        fsync_dir(export_dir.parent)
-        return
-    new = {p.name for p in tmp.iterdir()}
-    for p in sorted(tmp.iterdir()):
-        os.replace(p, export_dir / p.name)
-    for p in export_dir.iterdir():
-        if p.is_file() and p.name not in new and p.name != LOCK_NAME and any(
-                fnmatch.fnmatchcase(p.name, pat) for pat in EXPORT_OUTPUTS):
-            p.unlink()
-    fsync_dir(export_dir)
-    os.rmdir(tmp)
+    publish_dir(tmp, export_dir, replace_only=EXPORT_OUTPUTS, keep=(LOCK_NAME,))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,4 +1,10 @@
-"""Small file helpers shared by every writer of weights and output folders.
+"""Small file helpers shared by every writer of weights and output folders: durability in one place.
+
+Publishing a folder (:func:`publish_dir`: fsync every file, then one rename, so a reader never sees half a
+checkpoint or export), flushing (:func:`fsync_tree`, :func:`fsync_dir`), the one-line reason of an I/O
+failure (:func:`io_reason`: disk full, read-only, permission), JSON reading with one clear error
+(:func:`read_json`) and path identity (:func:`same_path`) live here, used by training checkpoints, export and
+the run records alike.
 
 ``safetensors.torch.save_file`` creates files readable by their owner only (mode 0600) and
 ``tempfile.mkdtemp`` creates 0700 folders; llmtune's outputs (adapters, merged models, checkpoints) are meant
@@ -8,8 +14,10 @@ to be read by other users and serving processes, so they get the ordinary permis
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -112,3 +120,128 @@ def finite_or_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [finite_or_none(v) for v in obj]
     return obj
+
+
+def same_path(a: Any, b: Any) -> bool:
+    """True when ``a`` and ``b`` (paths, ``~`` expanded) name the same file or folder: compared resolved when
+    both exist, else as text with any trailing ``/`` dropped (Hub ids, moved folders)."""
+    pa, pb = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return str(a).rstrip("/") == str(b).rstrip("/")
+
+
+def read_json(path: str | Path, what: str = "", fix: str = "copy the file again from its source",
+              missing: Optional[dict] = None) -> dict:
+    """The JSON object in ``path``, or one :class:`~llmtune.errors.LLMTuneError` naming the file.
+
+    Args:
+        path: the file (UTF-8, a leading BOM dropped). what: the config key or role naming it in the message.
+        fix: how to repair a file that is not valid JSON or not an object.
+        missing: returned when ``path`` does not exist (None: a missing file is an error too).
+
+    Returns: the decoded object (a ``dict``).
+
+    Raises:
+        LLMTuneError: a missing (unless ``missing`` is given) or unreadable file, bytes that are not UTF-8,
+            text that is not JSON (message: line and column), or JSON that is not an object.
+    """
+    from llmtune.errors import LLMTuneError
+
+    path = Path(path)
+    if missing is not None and not path.exists():
+        return missing
+    label = f"{what}: " if what else ""
+    if not path.exists():
+        raise LLMTuneError(f"{label}{path}: no such file; {fix}")
+    try:
+        data = json.loads(read_text(path, what, fix=f"re-save it as UTF-8 or {fix}"))
+    except json.JSONDecodeError as e:
+        raise LLMTuneError(f"{label}{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                           f"{fix}") from None
+    if not isinstance(data, dict):
+        raise LLMTuneError(f"{label}{path}: expected a JSON object, found {type(data).__name__}; {fix}")
+    return data
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """``fsync`` every file under ``folder``, then the folder itself (before it is published by a rename)."""
+    folder = Path(folder)
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(folder)
+
+
+def publish_dir(tmp: str | Path, final: str | Path, *, replace_only: Optional[tuple[str, ...]] = None,
+                keep: tuple[str, ...] = ()) -> None:
+    """Publish the finished folder ``tmp`` (in the same file system) as ``final``, durably and atomically.
+
+    Every file of ``tmp`` is flushed (:func:`fsync_tree`) first. A new ``final`` is one rename. An existing
+    ``final`` is either swapped whole (``replace_only`` None: moved aside to ``tmp-old-<name>``, the rename,
+    then the old folder removed, so a process killed at any moment leaves the old or the new folder under
+    ``final``'s name, never half of one) or, with ``replace_only`` (glob patterns of the files a writer of ours
+    owns, e.g. an export), updated file by file: each new file renamed in, the earlier files matching
+    ``replace_only`` that the new one lacks removed, every other file (and the names in ``keep``) left as it was.
+
+    Raises: ``OSError`` from the file system (a full or read-only disk), with nothing under ``final`` lost.
+    """
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    if not final.exists():
+        os.replace(tmp, final)
+    elif replace_only is None:
+        old = final.parent / f"tmp-old-{final.name}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        new = {p.name for p in tmp.iterdir()}
+        for p in sorted(tmp.iterdir()):
+            os.replace(p, final / p.name)
+        for p in final.iterdir():
+            if p.is_file() and p.name not in new and p.name not in keep and any(
+                    fnmatch.fnmatchcase(p.name, pat) for pat in replace_only):
+                p.unlink()
+        os.rmdir(tmp)
+        fsync_dir(final)
+    fsync_dir(final.parent)
+
+
+def is_io_error(err: BaseException) -> bool:
+    """True for a failure of the file system (``OSError``, or safetensors' I/O error) rather than of the data."""
+    if isinstance(err, OSError):
+        return True
+    return type(err).__name__ == "SafetensorError" and ("IoError" in str(err) or "os error" in str(err).lower())
+
+
+def io_reason(err: BaseException) -> str:
+    """The short reason of an I/O failure for a one-line message: ``No space left on device``, ``Read-only file
+    system``, ``Permission denied``, ``Disk quota exceeded`` (also when safetensors wraps them), else the
+    error's first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err)
+    for word, reason in (("StorageFull", "No space left on device"), ("No space", "No space left on device"),
+                         ("ReadOnly", "Read-only file system"), ("Read-only", "Read-only file system"),
+                         ("PermissionDenied", "Permission denied"), ("QuotaExceeded", "Disk quota exceeded")):
+        if word in text:
+            return reason
+    return text.splitlines()[0][:200] if text else type(err).__name__

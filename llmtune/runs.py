@@ -25,7 +25,6 @@ Formats: PEFT's ``adapter_config.json`` (``base_model_name_or_path``); YAML for 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import yaml
 
 from llmtune import __version__, peft
 from llmtune.errors import LLMTuneError, notice
-from llmtune.fileio import read_text, write_json
+from llmtune.fileio import read_json, same_path, write_json
 from llmtune.models import loader
 from llmtune.models.hub import is_hub_id, resolve_path
 
@@ -69,15 +68,6 @@ class AdapterChain:
 
 # -- reading records -------------------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict:
-    text = read_text(path, fix="re-save it as UTF-8")  # not UTF-8: one LLMTuneError naming the file and byte
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LLMTuneError(f"{path}: cannot read ({e})") from None
-    return data if isinstance(data, dict) else {}
-
-
 def is_adapter_folder(path: PathLike) -> bool:
     """True for a folder with ``adapter_config.json`` and no ``config.json`` (a LoRA output folder)."""
     p = Path(os.path.expanduser(str(path)))
@@ -91,7 +81,7 @@ def read_run_record(folder: PathLike) -> dict:
         LLMTuneError: the file exists but is not JSON.
     """
     f = Path(os.path.expanduser(str(folder))) / RUN_RECORD
-    return _read_json(f) if f.is_file() else {}
+    return read_json(f, "run record", fix="remove it if the folder is not an llmtune output", missing={})
 
 
 def read_training_args(folder: Optional[PathLike]) -> dict:
@@ -168,7 +158,7 @@ def _resolve(current: str, seen: tuple) -> tuple[str, list[Path]]:
         if p in adapters or p in seen:
             raise LLMTuneError(f"{p}/{ADAPTER_CONFIG}: base_model_name_or_path chain loops back to {p}")
         adapters.append(p)
-        cfg = _read_json(p / ADAPTER_CONFIG)
+        cfg = read_json(p / ADAPTER_CONFIG, "adapter_name_or_path")
         base = cfg.get("base_model_name_or_path")
         if not base:
             raise LLMTuneError(f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; pass the base model as "
@@ -245,8 +235,8 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
                    f"({', '.join(p.name for p in sub[:-1])}); applying the whole recorded chain")
             chain.extend(sub)
             continue
-        recorded = _read_json(local / ADAPTER_CONFIG).get("base_model_name_or_path")
-        if (recorded and not same_base(recorded, base) and not (chain and _same_path(recorded, chain[-1]))
+        recorded = read_json(local / ADAPTER_CONFIG, "adapter_name_or_path").get("base_model_name_or_path")
+        if (recorded and not same_base(recorded, base) and not (chain and same_path(recorded, chain[-1]))
                 and not (len(sub) > 1 and same_base(root, base))):
             if is_adapter_folder(os.path.expanduser(str(recorded))):
                 say(f"adapter {item} was trained on top of adapter {recorded}, whose chain does not root at "
@@ -262,13 +252,6 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
 
 _FINGERPRINTS: dict[tuple, str] = {}
 _GGUF_HEAD = 16 * 2**20
-
-
-def _same_path(a: Any, b: Any) -> bool:
-    pa, pb = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return str(a).rstrip("/") == str(b).rstrip("/")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -312,7 +295,7 @@ def same_base(a: Any, b: Any) -> bool:
     weight files have the same size and bytes (:func:`base_fingerprint`)."""
     if a is None or b is None:
         return False
-    if _same_path(a, b):
+    if same_path(a, b):
         return True
     pa, pb = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
     if not (pa.exists() and pb.exists()) or pa.is_file() != pb.is_file():

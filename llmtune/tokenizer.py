@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from llmtune.errors import LLMTuneError
+from llmtune.fileio import read_json
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -378,19 +379,7 @@ def _compile_template(template: str):
 # -- loading --------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    from llmtune.fileio import read_text
-
-    try:
-        data = json.loads(read_text(path, "tokenizer", "re-save it as UTF-8 (or copy it again from the model)"))
-    except json.JSONDecodeError as e:
-        raise LLMTuneError(f"{path}: not valid JSON ({e.msg} at byte {e.pos}); copy the file again from the "
-                           "model's source") from None
-    if not isinstance(data, dict):
-        raise LLMTuneError(f"{path}: expected a JSON object, found {type(data).__name__}; copy the file again from "
-                           "the model's source")
-    return data
+    return read_json(path, "tokenizer", fix="copy the file again from the model's source", missing={})
 
 
 def _eos_list(value: Any) -> list[int]:

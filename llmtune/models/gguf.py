@@ -53,7 +53,7 @@ _CONFIG_KEYS = {
 }
 
 #: GGUF tensor name (after ``blk.N.``) -> Hugging Face name (after ``model.layers.N.``).
-_LAYER_TENSORS = {
+LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -65,7 +65,7 @@ _LAYER_TENSORS = {
     "ffn_norm": "post_attention_layernorm",
 }
 #: MoE tensors (gguf ``MODEL_TENSORS[QWEN2MOE / QWEN3MOE]``) and Qwen3's q/k norms, after ``blk.N.``.
-_MOE_LAYER_TENSORS = {
+MOE_LAYER_TENSORS = {
     "ffn_gate_inp": "mlp.gate",
     "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
     "ffn_up_shexp": "mlp.shared_expert.up_proj",
@@ -76,7 +76,7 @@ _MOE_LAYER_TENSORS = {
 }
 #: stacked expert tensors ``(num_experts, out, in)`` -> the per-expert projection name.
 EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
-_GLOBAL_TENSORS = {
+GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
@@ -331,13 +331,13 @@ def gguf_to_hf_name(name: str) -> str | None:
     if name in _SKIPPED_TENSORS:
         return None
     m = _BLOCK.match(name)
-    if m and m.group(2) in _LAYER_TENSORS:
-        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
-    if m and m.group(2) in _MOE_LAYER_TENSORS:
-        return f"model.layers.{m.group(1)}.{_MOE_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in LAYER_TENSORS:
+        return f"model.layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in MOE_LAYER_TENSORS:
+        return f"model.layers.{m.group(1)}.{MOE_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
     base, _, suffix = name.rpartition(".")
-    if base in _GLOBAL_TENSORS:
-        return f"{_GLOBAL_TENSORS[base]}.{suffix}"
+    if base in GLOBAL_TENSORS:
+        return f"{GLOBAL_TENSORS[base]}.{suffix}"
     raise LLMTuneError(f"GGUF tensor {name!r} has no counterpart in a Llama model; the file is not a "
                        "plain llama-architecture model")
 

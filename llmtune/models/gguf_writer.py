@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from llmtune.errors import LLMTuneError, notice
+from llmtune.models.gguf import GLOBAL_TENSORS, LAYER_TENSORS, MOE_LAYER_TENSORS
 
 #: ``--gguf_type`` -> (ggml tensor type name, ``general.file_type`` value of llama.cpp's ``LlamaFileType``).
 GGUF_TYPES = {
@@ -39,30 +40,13 @@ GGUF_TYPES = {
     "q4_1": ("Q4_1", 3),
 }
 
-#: Hugging Face name (after ``model.layers.N.``) -> llama.cpp name (after ``blk.N.``).
-_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+#: Hugging Face name (after ``model.layers.N.``) -> llama.cpp name (after ``blk.N.``): the inverse of the
+#: importer's tables (:mod:`llmtune.models.gguf`), so one table names each tensor both ways.
+_LAYER_NAMES = {hf: gg for gg, hf in LAYER_TENSORS.items()}
+_GLOBAL_NAMES = {hf: gg for gg, hf in GLOBAL_TENSORS.items()}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 #: MoE and Qwen3 names (gguf ``MODEL_TENSORS[QWEN2MOE / QWEN3MOE]``), after ``model.layers.N.`` / ``blk.N.``.
-_MOE_LAYER_NAMES = {
-    "mlp.gate": "ffn_gate_inp",
-    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
-    "mlp.shared_expert.up_proj": "ffn_up_shexp",
-    "mlp.shared_expert.down_proj": "ffn_down_shexp",
-    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-}
+_MOE_LAYER_NAMES = {hf: gg for gg, hf in MOE_LAYER_TENSORS.items()}
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 #: Hugging Face family -> GGUF ``general.architecture`` of the MoE models.
 MOE_GGUF_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}

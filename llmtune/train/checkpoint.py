@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from llmtune.fileio import finite_or_none, save_tensors, strict_dumps  # noqa: F401 (re-exported)
+from llmtune.fileio import finite_or_none, io_reason, is_io_error, publish_dir, save_tensors, strict_dumps  # noqa: F401 (re-exported)
 
 from llmtune.errors import LLMTuneError, notice
 
@@ -300,14 +300,12 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         (tmp / TRAINER_STATE).write_text(strict_dumps(trainer_state, indent=1))  # written last
-        fsync_tree(tmp)
-        publish_checkpoint(tmp, final)
-        fsync_dir(out)
+        publish_dir(tmp, final)
     except Exception as err:  # noqa: BLE001 - disk full, read-only folder, quota: one line, no tmp left
-        if not _is_io_error(err):
+        if not is_io_error(err):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        raise LLMTuneError(f"output_dir: could not write checkpoint-{step} in {out} ({_io_reason(err)}); free "
+        raise LLMTuneError(f"output_dir: could not write checkpoint-{step} in {out} ({io_reason(err)}); free "
                            f"space on its disk or make it writable, then resume from the last complete "
                            f"checkpoint, {last_checkpoint_text(out)}") from None
     return final
@@ -388,51 +386,10 @@ def load_online_state(folder: Path, device: Any) -> tuple[dict[str, Any], list]:
     return meta.get("stage_state") or {}, queue
 
 
-def _is_io_error(err: BaseException) -> bool:
-    if isinstance(err, OSError):
-        return True
-    return type(err).__name__ == "SafetensorError" and ("IoError" in str(err) or "os error" in str(err).lower())
-
-
-def _io_reason(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    text = str(err)
-    for word, reason in (("StorageFull", "No space left on device"), ("No space", "No space left on device"),
-                         ("ReadOnly", "Read-only file system"), ("Read-only", "Read-only file system"),
-                         ("PermissionDenied", "Permission denied"), ("QuotaExceeded", "Disk quota exceeded")):
-        if word in text:
-            return reason
-    return text.splitlines()[0][:200] if text else type(err).__name__
-
-
 def last_checkpoint_text(output_dir: str | os.PathLike) -> str:
     """``"<path>"`` of the newest complete checkpoint in ``output_dir``, or a phrase saying there is none."""
     last = latest_checkpoint(output_dir)
     return str(last) if last is not None else "none (no checkpoint was saved yet)"
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """``fsync`` every file under ``folder``, then the folder itself (before it is published by a rename)."""
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(folder)
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
@@ -483,20 +440,6 @@ def clear_previous_run(output_dir: str | os.PathLike, patterns: tuple = RUN_OUTP
             p.unlink()
             removed.append(p.name)
     return removed
-
-
-def publish_checkpoint(tmp: Path, final: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``final`` (an existing ``final`` is moved aside first and removed
-    only after the rename), so a run killed at any moment never leaves a half checkpoint named ``checkpoint-N``."""
-    if final.exists():
-        old = final.parent / f"tmp-old-{final.name}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
 
 
 def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

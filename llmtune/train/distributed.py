@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from llmtune.errors import LLMTuneError, notice
+from llmtune.fileio import publish_dir
 
 #: environment variables torchrun sets for every worker
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -525,8 +526,7 @@ def save_fsdp_checkpoint(trainer: Any, rng_state: dict[str, Any]) -> Optional[Pa
             (tmp / "scaler.json").write_text(json.dumps(ckpt._jsonable(trainer.scaler.state_dict())))
         state = dict(trainer.state_dict(), strategy="fsdp")
         (tmp / ckpt.TRAINER_STATE).write_text(ckpt.strict_dumps(state, indent=1))  # written last, strict JSON
-        ckpt.fsync_tree(tmp)
-        ckpt.publish_checkpoint(tmp, final)
+        publish_dir(tmp, final)
     barrier()
     return final if r == 0 else None
 

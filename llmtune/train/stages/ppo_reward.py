@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmtune.errors import LLMTuneError, notice
+from llmtune.fileio import same_path
 from llmtune.losses import value_head_scores
 
 #: ``reward_fn(prompts, responses) -> one float per response`` (decoded text; see :func:`llmtune.train.ppo.train_ppo`)
@@ -128,13 +129,6 @@ def _run_record(folder: Path) -> Optional[tuple[str, list[str]]]:
     return None
 
 
-def _same_path(a: str, b: str) -> bool:
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return str(a) == str(b)
-
-
 def _describe(base: str, parents: Sequence[str]) -> str:
     return base + (f" + adapters {', '.join(parents)}" if parents else "")
 
@@ -196,8 +190,8 @@ def check_reward_folder(cfg: Any, base: str, parents: Sequence[str]) -> Path:
         record = _run_record(folder)
         if record is not None:
             rm_base, rm_parents = record
-            same = _same_path(rm_base, base) and len(rm_parents) == len(parents) and all(
-                _same_path(a, b) for a, b in zip(rm_parents, parents))
+            same = same_path(rm_base, base) and len(rm_parents) == len(parents) and all(
+                same_path(a, b) for a, b in zip(rm_parents, parents))
             if not same:
                 raise LLMTuneError(
                     f"reward_model: {folder} was trained on {_describe(rm_base, rm_parents)} but the policy is "
