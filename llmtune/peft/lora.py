@@ -16,16 +16,7 @@ adapter are the ones PEFT reads and writes:
   :class:`ModulesToSave` holding ``<path>.original_module`` and the trained copy
   ``<path>.modules_to_save.<name>``.
 
-Sources:
-    Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. (3):
-    ``h = W0 x + (alpha / r) * B A x``, A random (here Kaiming-uniform with a = sqrt(5), as PEFT does),
-    B zero, so the wrapped model starts equal to the base model.
-    Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (rsLoRA):
-    scale ``alpha / sqrt(r)``.
-    Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. (5):
-    ``W' = m * (W0 + s B A) / ||W0 + s B A||_c`` with the norm taken per output row (PEFT's layout,
-    ``(out, in)`` weights) and, as in section 4.3 of the paper and in PEFT, the norm detached from the
-    gradient graph.
+Sources: the papers cited in :mod:`llmtune.peft.layers` (LoRA eq. 3, rsLoRA, DoRA eq. 5).
 """
 
 from llmtune.peft.adapters import (
