@@ -12,19 +12,22 @@ Sections (in run order; cap in seconds on a GPU; all models random-init of publi
 
 * ``env`` (merged into summary.json): versions, GPU name, capability, memory, SMs, ``varlen_attn``'s
   signature, ``torch._grouped_mm`` presence.
-* ``train_packed`` (45): one packed multi-row padding-free GQA batch (rows of segments of different
+* ``train_packed`` (60): one packed multi-row padding-free GQA batch (rows of segments of different
   lengths) through LoRA, QLoRA and full fine-tuning in bf16 and fp16, two optimizer steps each: tokens/s,
   peak memory, finite losses, ``varlen_attn`` calls (the path that crashed on torch 2.11).
-* ``kernels`` (55): every Triton kernel against its PyTorch reference (float64) on small shapes, about
+* ``kernels`` (45): every Triton kernel against its PyTorch reference (float64) on small shapes, about
   20 compilations with fixed tile configs (``LLMTUNE_AUTOTUNE=0``).
 * ``nf4_decode`` (25): NF4 decode at M = 1, 2, 4, 8, 16 vs bf16 (and bitsandbytes when it imports);
   dequantization bandwidth vs a device copy.
-* ``lora_vs_hf`` (35): LoRA tokens/s, llmtune vs transformers+peft, Llama-3.1-8B shape cut to 8 layers.
-* ``qlora_8b`` (35): 8B-shaped QLoRA peak memory at 1024 tokens (2 and 4 layers extrapolated; 32 measured
+* ``lora_vs_hf`` (30): LoRA tokens/s, llmtune vs transformers+peft, Llama-3.1-8B shape cut to 8 layers.
+* ``qlora_8b`` (40): 8B-shaped QLoRA peak memory at 1024 tokens (2 and 4 layers extrapolated; 32 measured
   when the cap allows).
-* ``moe`` (25): Qwen3-30B-A3B-shaped experts, grouped vs loop, and LoRA / full steps.
 * ``nf4_dispatch`` (35): tiled NF4 vs dequantize + cuBLAS at training shapes: the table the NF4 dispatch
   reads (``nf4_dispatch.json``, format in ``gpu_check_kernels.py``).
+* ``moe`` (25): Qwen3-30B-A3B-shaped experts, grouped vs loop, and LoRA / full steps.
+
+A section that finishes early leaves its time to the later ones; the run stops starting sections when
+``--budget`` (285 s) is spent, so with the install it stays under 5 minutes.
 
 ``--dry-run``: every section's code on tiny shapes on the CPU (kernels in Triton's interpreter, the rest
 through the PyTorch references), about a minute; CI runs it (``tests/test_kernels_gpu_check.py``).
@@ -55,13 +58,13 @@ if str(HERE) not in sys.path:
 #: (name, "module:function" or None for env, cap in seconds on a GPU, extra environment)
 SECTIONS: list[tuple[str, Optional[str], float, dict]] = [
     ("env", None, 15, {}),
-    ("train_packed", "gpu_check_train:section_train_packed", 45, {"LLMTUNE_AUTOTUNE": "0"}),
-    ("kernels", "gpu_check_kernels:section_kernels", 55, {"LLMTUNE_AUTOTUNE": "0"}),
+    ("train_packed", "gpu_check_train:section_train_packed", 60, {"LLMTUNE_AUTOTUNE": "0"}),
+    ("kernels", "gpu_check_kernels:section_kernels", 45, {"LLMTUNE_AUTOTUNE": "0"}),
     ("nf4_decode", "gpu_check_kernels:section_nf4_decode", 25, {}),
-    ("lora_vs_hf", "gpu_check_train:section_lora_vs_hf", 35, {}),
-    ("qlora_8b", "gpu_check_train:section_qlora_8b", 35, {"LLMTUNE_AUTOTUNE": "0"}),
-    ("moe", "gpu_check_train:section_moe", 25, {}),
+    ("lora_vs_hf", "gpu_check_train:section_lora_vs_hf", 30, {}),
+    ("qlora_8b", "gpu_check_train:section_qlora_8b", 40, {"LLMTUNE_AUTOTUNE": "0"}),
     ("nf4_dispatch", "gpu_check_kernels:section_nf4_dispatch", 35, {}),
+    ("moe", "gpu_check_train:section_moe", 25, {}),
 ]
 CHILD_START_S = 20.0  # allowance for a child's imports and CUDA start on top of its cap
 DRY_CAP_S = 90.0      # a dry-run section's kill limit (its soft cap is not applied: every path runs)
@@ -130,6 +133,12 @@ def run_child(name: str, out: Path, cap: float, dry: bool) -> int:
             getattr(importlib.import_module(mod), fn)(sec)
         if sec.result.get("status") == "running":
             sec.result["status"] = "ok"
+        if sec.result["status"] != "ok" and "error" not in sec.result:  # the first failed row, for the summary
+            for rows in (v for v in sec.result.values() if isinstance(v, list)):
+                bad = [r for r in rows if isinstance(r, dict) and r.get("error")]
+                if bad:
+                    sec.result["error"] = f"{len(bad)} failed, first: {bad[0]['error']}"[:600]
+                    break
     except BaseException as e:  # noqa: BLE001 (recorded; the parent reads the JSON)
         sec.result.update(status="error", **error_info(e))
     sec.save()
