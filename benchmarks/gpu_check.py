@@ -133,6 +133,8 @@ def run_child(name: str, out: Path, cap: float, dry: bool) -> int:
             getattr(importlib.import_module(mod), fn)(sec)
         if sec.result.get("status") == "running":
             sec.result["status"] = "ok"
+        if sec.result["status"] == "ok" and sec.result.get("skipped"):
+            sec.result["status"] = "partial"
         if sec.result["status"] != "ok" and "error" not in sec.result:  # the first failed row, for the summary
             for rows in (v for v in sec.result.values() if isinstance(v, list)):
                 bad = [r for r in rows if isinstance(r, dict) and r.get("error")]
@@ -173,6 +175,8 @@ def launch(name: str, out: Path, cap: float, timeout: float, dry: bool, extra_en
         env.update(TRITON_INTERPRET="1", LLMTUNE_FORCE_TRITON="1")
     cmd = cmd or [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out", str(out),
                   "--cap", str(cap)] + (["--dry-run"] if dry else [])
+    path = out / f"{name}.json"
+    path.unlink(missing_ok=True)  # an earlier run's file must not pass for this one's
     fd, log_name = tempfile.mkstemp(prefix=f"gpu_check_{name}_", suffix=".log")
     log = Path(log_name)
     t0 = time.monotonic()
@@ -187,7 +191,6 @@ def launch(name: str, out: Path, cap: float, timeout: float, dry: bool, extra_en
                 os.killpg(proc.pid, signal.SIGKILL)  # the child and any compiler it started
             rc = proc.wait()
             status = "timeout"
-    path = out / f"{name}.json"
     res = _load(path) or {"section": name}
     if status is None and (rc != 0 or res.get("status") in (None, "running")):
         status = "crashed"
@@ -235,7 +238,7 @@ def render(summary: dict, res: dict) -> str:
              f"transformers {env.get('transformers')}, peft {env.get('peft')}; {summary.get('elapsed_s')} s", "",
              "| section | status | seconds | note |", "|---|---|---|---|"]
     for name, s in summary["sections"].items():
-        lines.append(f"| {name} | {s.get('status')} | {s.get('wall_s')} | {(s.get('error') or '')[:90]} |")
+        lines.append(f"| {name} | {s.get('status')} | {s.get('wall_s')} | {str(s.get('error') or '')[:90]} |")
     runs = res.get("train_packed", {}).get("runs", [])
     if runs:
         lines += ["", "| packed step | dtype | status | tokens/s | peak GB | losses | varlen calls |",

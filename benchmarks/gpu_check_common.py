@@ -65,7 +65,8 @@ class Section:
     """One section's run: its JSON file (rewritten by :meth:`save`), its time cap and its device.
 
     ``result`` is the dict written to ``<out>/<name>.json``; ``status`` starts as ``"running"`` (what a
-    killed run leaves) and :func:`run_section` sets ``ok``/``failed``/``error`` at the end."""
+    killed run leaves); the section sets ``ok`` or ``failed``, ``gpu_check.run_child`` ``error`` when it
+    raises and ``partial`` when it skipped work for lack of time, and the parent ``timeout``/``crashed``."""
 
     def __init__(self, name: str, out_dir: Path, cap_s: float, dry: bool) -> None:
         import torch
@@ -91,7 +92,7 @@ class Section:
         self.save()
 
     def save(self) -> None:
-        self.result["seconds"] = round(time.monotonic() - self.start, 2) if hasattr(self, "start") else 0.0
+        self.result["seconds"] = round(time.monotonic() - self.start, 2)
         path = self.out_dir / f"{self.name}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.result, indent=1, default=str) + "\n")

@@ -102,13 +102,15 @@ def test_launch_records_timeout_and_crash(tmp_path):
     """A hanging child is killed at its limit and a crashing one recorded, each with its output's tail,
     keeping what the child had written."""
     gc = _module()
-    (tmp_path / "hang.json").write_text(json.dumps({"section": "hang", "status": "running", "rows": [1]}))
-    res = gc.launch("hang", tmp_path, 1, 1.5, False, {},
-                    cmd=[sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"])
+    (tmp_path / "hang.json").write_text(json.dumps({"section": "hang", "status": "ok"}))  # an earlier run's
+    child = ("import json, sys, time; open(sys.argv[1], 'w').write(json.dumps({'status': 'running', 'rows': [1]}));"
+             "print('started', flush=True); time.sleep(60)")
+    res = gc.launch("hang", tmp_path, 1, 3, False, {}, cmd=[sys.executable, "-c", child, str(tmp_path / "hang.json")])
     assert res["status"] == "timeout" and res["rows"] == [1] and "started" in res["log_tail"]
     assert json.loads((tmp_path / "hang.json").read_text())["status"] == "timeout"
     res = gc.launch("boom", tmp_path, 1, 30, False, {}, cmd=[sys.executable, "-c", "raise SystemExit('died here')"])
     assert res["status"] == "crashed" and res["returncode"] == 1 and "died here" in res["log_tail"]
+    assert json.loads((tmp_path / "boom.json").read_text())["status"] == "crashed"
 
 
 def test_section_exception_is_recorded(tmp_path, monkeypatch):
