@@ -141,3 +141,24 @@ def test_budget_skips_sections_and_targets_from_gpu_results(tmp_path):
     assert t["8B QLoRA"]["met"] is False and "extrapolated" in t["8B QLoRA"]["basis"]
     res["qlora_8b"]["measured_peak_gb"] = 5.9
     assert gc.targets(res)[1]["value"] == 5.9 and gc.targets(res)[1]["met"] is True
+
+
+def test_packed_section_catches_an_attention_crash(tmp_path, monkeypatch):
+    """The packed-batch section is what catches a crash in attention (as torch 2.11's ``varlen_attn``
+    refusing ``enable_gqa``): planted in the attention call the packed batch makes, every run is recorded
+    with the error and its traceback and the section fails."""
+    _module()
+    import gpu_check_train
+    import torch.nn.functional as F
+    from gpu_check_common import Section
+
+    def crash(*a, **k):
+        raise TypeError("varlen_attn() got an unexpected keyword argument 'enable_gqa'")
+    monkeypatch.setattr(F, "scaled_dot_product_attention", crash)
+    sec = Section("train_packed", tmp_path, 60, True)
+    gpu_check_train.section_train_packed(sec)
+    sec.save()  # as run_child does after the section returns
+    res = json.loads((tmp_path / "train_packed.json").read_text())
+    assert res["status"] == "failed" and len(res["runs"]) == 6
+    for r in res["runs"]:
+        assert r["status"] == "error" and "enable_gqa" in r["error"] and "crash" in r["traceback"]
