@@ -220,7 +220,7 @@ def section_nf4_decode(sec: Section) -> None:
     big = torch.empty(nbytes // 2, dtype=torch.float16, device=dev)
     copy_ms = bench_ms(lambda: big.clone(), dev)
     copy_gbs = 2 * nbytes / copy_ms / 1e6
-    del big
+    big = None  # free it (not del: the timed closure above names it)
     deq: list = []
     rows: list = []
     sec.result.update(copy_GBps=round(copy_gbs, 1), dequant=deq, decode=rows)
@@ -237,7 +237,8 @@ def section_nf4_decode(sec: Section) -> None:
             ms = bench_ms(lambda: K.dequantize_4bit(packed, absmax, code, n * k, 64, torch.bfloat16), dev)
             moved = packed.numel() + absmax.numel() * 4 + n * k * 2
             return {"ms": round(ms, 4), "GBps": round(moved / ms / 1e6, 1),
-                    "fraction_of_copy": round(moved / ms / 1e6 / copy_gbs, 3), "max_rel_err": rel_err(got, w64.view(-1))}
+                    "fraction_of_copy": round(moved / ms / 1e6 / copy_gbs, 3),
+                    "max_rel_err": rel_err(got, w64.view(-1))}
         guarded(sec, deq, {"shape": name, "N": n, "K": k}, dq)
         bq = None
         if bnbF is not None and dev == "cuda":
@@ -265,7 +266,7 @@ def section_nf4_decode(sec: Section) -> None:
                     r["speedup_vs_bnb"] = round(r["bnb_ms"] / r["module_ms"], 3)
                 return r
             guarded(sec, rows, {"shape": name, "N": n, "K": k, "per_layer": count, "M": mm}, one)
-        del w, packed, absmax, code, layer, w64, bq
+        w = packed = absmax = code = layer = w64 = bq = None  # freed before the next shape
         free()
     per_m = {}
     shapes = {s[0] for s in (TINY_SHAPES if dry else SHAPES_8B)}
@@ -313,7 +314,7 @@ def section_nf4_dispatch(sec: Section) -> None:
         if not sec.enough(6):
             sec.skip(name)
             continue
-        w, packed, absmax, code = _nf4(n, k, dev, torch.bfloat16)
+        _, packed, absmax, code = _nf4(n, k, dev, torch.bfloat16)
 
         def dense():
             return K.dequantize_4bit(packed, absmax, code, n * k, 64, torch.bfloat16).view(n, k)
@@ -331,7 +332,7 @@ def section_nf4_dispatch(sec: Section) -> None:
                     return {"tiled_ms": round(a, 4), "dequant_mm_ms": round(b, 4),
                             "faster": "tiled" if a < b else "dequant", "max_rel_err": err}
                 guarded(sec, rows, {"op": op, "shape": name, "N": n, "K": k, "M": mm}, one)
-        del w, packed, absmax, code
+        packed = absmax = code = None  # freed before the next shape
         free()
     bad = [r for r in rows if r["status"] != "ok" or r["max_rel_err"] > TOL["bfloat16"]]
     sec.result["status"] = "failed" if bad or not rows else "ok"
