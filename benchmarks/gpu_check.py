@@ -241,11 +241,12 @@ def render(summary: dict, res: dict) -> str:
         lines.append(f"| {name} | {s.get('status')} | {s.get('wall_s')} | {str(s.get('error') or '')[:90]} |")
     runs = res.get("train_packed", {}).get("runs", [])
     if runs:
-        lines += ["", "| packed step | dtype | status | tokens/s | peak GB | losses | varlen calls |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| step | dtype | batch | status | tokens/s | peak GB | losses | varlen calls |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in runs:
-            lines.append(f"| {r.get('method')} | {r.get('dtype')} | {r.get('status')} | {r.get('tokens_per_s')} | "
-                         f"{r.get('peak_gb')} | {r.get('losses')} | {(r.get('varlen_attn') or {}).get('calls')} |")
+            lines.append(f"| {r.get('method')} | {r.get('dtype')} | {r.get('batch')} | {r.get('status')} | "
+                         f"{r.get('tokens_per_s')} | {r.get('peak_gb')} | {r.get('losses')} | "
+                         f"{(r.get('varlen_attn') or {}).get('calls')} |")
     lines += ["", "| target | value | met | basis |", "|---|---|---|---|"]
     for t in summary.get("targets", []):
         lines.append(f"| {t['target']} | {t['value']} | {t['met']} | {t['basis']} |")

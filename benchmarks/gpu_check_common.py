@@ -221,25 +221,29 @@ def build_llmtune(cfg: dict, dev: str, method: str, dtype: "Any", lora_rank: int
     return model
 
 
-def packed_batch(lengths: list[list[int]], vocab: int, dev: str) -> dict:
-    """A padding-free multi-row batch: row ``i`` holds segments of ``lengths[i]`` tokens (every row the
-    same total), as the collator packs them: ``attention_mask`` the segment ids 1, 2, ... of the row,
-    ``position_ids`` restarting at 0 in each segment, ``labels`` = ``input_ids`` with -100 at each
-    segment's first token (no segment predicts the next one's first token). All ``(B, T)`` int64."""
+def packed_batch(lengths: list[list[int]], vocab: int, dev: str, pad: bool = False) -> dict:
+    """A multi-row batch of packed segments: row ``i`` holds segments of ``lengths[i]`` tokens, as the
+    collator packs them: ``attention_mask`` the segment ids 1, 2, ... of the row, ``position_ids``
+    restarting at 0 in each segment, ``labels`` = ``input_ids`` with -100 at each segment's first token (no
+    segment predicts the next one's first token). All ``(B, T)`` int64. Without ``pad`` every row must have
+    the same total (padding-free); with it shorter rows are right-padded (mask 0, labels -100).
+    Raises ValueError for rows of different totals without ``pad``."""
     import torch
 
-    total = {sum(r) for r in lengths}
-    if len(total) != 1:
-        raise ValueError(f"packed_batch: rows must have one total length, got {sorted(total)}")
+    total = max(sum(r) for r in lengths)
+    if not pad and len({sum(r) for r in lengths}) != 1:
+        raise ValueError(f"packed_batch: rows must have one total length, got {[sum(r) for r in lengths]}")
     g = torch.Generator().manual_seed(0)
     ids, mask, pos = [], [], []
     for row in lengths:
-        ids.append(torch.randint(0, vocab, (sum(row),), generator=g))
-        mask.append(torch.cat([torch.full((n,), i + 1) for i, n in enumerate(row)]))
-        pos.append(torch.cat([torch.arange(n) for n in row]))
+        fill = total - sum(row)
+        ids.append(torch.cat([torch.randint(0, vocab, (sum(row),), generator=g), torch.zeros(fill, dtype=torch.long)]))
+        mask.append(torch.cat([torch.full((n,), i + 1) for i, n in enumerate(row)] + [torch.zeros(fill)]).long())
+        pos.append(torch.cat([torch.arange(n) for n in row] + [torch.zeros(fill, dtype=torch.long)]))
     input_ids = torch.stack(ids)
     attention_mask = torch.stack(mask)
     labels = input_ids.clone()
+    labels[attention_mask == 0] = -100
     for b, row in enumerate(lengths):
         starts = [sum(row[:i]) for i in range(len(row))]
         labels[b, starts] = -100
@@ -260,7 +264,8 @@ def train_steps(model, batch: dict, dev: str, amp_dtype, steps: int, hf: bool = 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     scaler = torch.amp.GradScaler(dev, enabled=dev == "cuda" and amp_dtype == torch.float16)
-    tokens = int(batch["input_ids"].numel())
+    mask = batch.get("attention_mask")
+    tokens = int(batch["input_ids"].numel() if mask is None else (mask != 0).sum())  # padding not counted
     times, losses, norms = [], [], []
     for i in range(steps):
         sync(dev)

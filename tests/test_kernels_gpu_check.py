@@ -51,13 +51,17 @@ def test_dry_run_files_and_summary(dry_run):
 
 
 def test_dry_run_packed_training(dry_run):
-    runs = dry_run[1]["train_packed"]["runs"]
-    assert {(r["method"], r["dtype"]) for r in runs} == {(m, d) for m in ("lora", "qlora", "full")
-                                                         for d in ("bfloat16", "float16")}
-    seg = dry_run[1]["train_packed"]["segments"]
+    res = dry_run[1]["train_packed"]
+    runs = res["runs"]
+    assert {(r["method"], r["dtype"], r["batch"]) for r in runs} == {
+        (m, d, "packed") for m in ("lora", "qlora", "full") for d in ("bfloat16", "float16")} | {
+        ("lora", "bfloat16", "padded")}
+    seg, padded = res["segments"], res["padded_segments"]
     assert len(seg) >= 2 and len({len(r) for r in seg}) > 1  # several rows, with different segment counts
+    assert len({sum(r) for r in padded}) > 1  # the padded batch's rows differ in length
     for r in runs:
-        assert r["status"] == "ok" and r["finite"] and r["tokens"] == sum(seg[0]) * len(seg), r
+        want = sum(map(sum, seg if r["batch"] == "packed" else padded))  # real tokens, padding not counted
+        assert r["status"] == "ok" and r["finite"] and r["tokens"] == want, r
         assert abs(r["losses"][0] - math.log(256)) < 0.5, r  # random init: about ln(vocab) on random tokens
 
 
@@ -159,6 +163,6 @@ def test_packed_section_catches_an_attention_crash(tmp_path, monkeypatch):
     gpu_check_train.section_train_packed(sec)
     sec.save()  # as run_child does after the section returns
     res = json.loads((tmp_path / "train_packed.json").read_text())
-    assert res["status"] == "failed" and len(res["runs"]) == 6
+    assert res["status"] == "failed" and len(res["runs"]) == 7
     for r in res["runs"]:
         assert r["status"] == "error" and "enable_gqa" in r["error"] and "crash" in r["traceback"]
