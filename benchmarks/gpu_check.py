@@ -191,6 +191,7 @@ def launch(name: str, out: Path, cap: float, timeout: float, dry: bool, extra_en
                 os.killpg(proc.pid, signal.SIGKILL)  # the child and any compiler it started
             rc = proc.wait()
             status = "timeout"
+    path.with_suffix(".tmp").unlink(missing_ok=True)  # a write the kill interrupted: not a 9th file
     res = _load(path) or {"section": name}
     if status is None and (rc != 0 or res.get("status") in (None, "running")):
         status = "crashed"
@@ -296,7 +297,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         timeout = DRY_CAP_S if args.dry_run else min(cap + CHILD_START_S, left)
         print(f"gpu_check: {name} (cap {cap:.0f} s, killed at {timeout:.0f} s; {left:.0f} s of the budget left)",
               flush=True)
-        res = launch(name, out, cap, timeout, args.dry_run, extra)
+        try:
+            res = launch(name, out, cap, timeout, args.dry_run, extra)
+        except Exception as e:  # noqa: BLE001 (the parent itself failed to run it: record, go on)
+            res = {"section": name, "status": "crashed", "error": f"launch failed: {type(e).__name__}: {e}"}
         results[name] = res
         summary["sections"][name] = {"status": res.get("status"), "wall_s": res.get("wall_s"),
                                      "file": None if name == "env" else f"{name}.json",
