@@ -16,14 +16,15 @@ Sections (in run order; cap in seconds on a GPU; all models random-init of publi
   lengths) through LoRA, QLoRA and full fine-tuning in bf16 and fp16, two optimizer steps each: tokens/s,
   peak memory, finite losses, ``varlen_attn`` calls (the path that crashed on torch 2.11).
 * ``kernels`` (45): every Triton kernel against its PyTorch reference (float64) on small shapes, about
-  20 compilations with fixed tile configs (``LLMTUNE_AUTOTUNE=0``).
+  20 compilations with fixed tile configs (``LLMTUNE_AUTOTUNE=0``; ``LLMTUNE_NF4_PATH=tiled``, so the
+  tiled input-gradient kernel is the one checked).
 * ``nf4_decode`` (25): NF4 decode at M = 1, 2, 4, 8, 16 vs bf16 (and bitsandbytes when it imports);
   dequantization bandwidth vs a device copy.
 * ``lora_vs_hf`` (30): LoRA tokens/s, llmtune vs transformers+peft, Llama-3.1-8B shape cut to 8 layers.
 * ``qlora_8b`` (40): 8B-shaped QLoRA peak memory at 1024 tokens (2 and 4 layers extrapolated; 32 measured
   when the cap allows).
-* ``nf4_dispatch`` (35): tiled NF4 vs dequantize + cuBLAS at training shapes: the table the NF4 dispatch
-  reads (``nf4_dispatch.json``, format in ``gpu_check_kernels.py``).
+* ``nf4_paths`` (35): tiled NF4 vs dequantize + cuBLAS at training shapes: the table the NF4 training
+  path reads (``nf4_paths.json``, a valid ``kernels/nf4_paths.json``; format in ``gpu_check_kernels.py``).
 * ``moe`` (25): Qwen3-30B-A3B-shaped experts, grouped vs loop, and LoRA / full steps.
 
 A section that finishes early leaves its time to the later ones; the run stops starting sections when
@@ -59,11 +60,11 @@ if str(HERE) not in sys.path:
 SECTIONS: list[tuple[str, Optional[str], float, dict]] = [
     ("env", None, 15, {}),
     ("train_packed", "gpu_check_train:section_train_packed", 60, {"LLMTUNE_AUTOTUNE": "0"}),
-    ("kernels", "gpu_check_kernels:section_kernels", 45, {"LLMTUNE_AUTOTUNE": "0"}),
+    ("kernels", "gpu_check_kernels:section_kernels", 45, {"LLMTUNE_AUTOTUNE": "0", "LLMTUNE_NF4_PATH": "tiled"}),
     ("nf4_decode", "gpu_check_kernels:section_nf4_decode", 25, {}),
     ("lora_vs_hf", "gpu_check_train:section_lora_vs_hf", 30, {}),
     ("qlora_8b", "gpu_check_train:section_qlora_8b", 40, {"LLMTUNE_AUTOTUNE": "0"}),
-    ("nf4_dispatch", "gpu_check_kernels:section_nf4_dispatch", 35, {}),
+    ("nf4_paths", "gpu_check_kernels:section_nf4_paths", 35, {"LLMTUNE_NF4_PATH": "tiled"}),
     ("moe", "gpu_check_train:section_moe", 25, {}),
 ]
 CHILD_START_S = 20.0  # allowance for a child's imports and CUDA start on top of its cap

@@ -4,20 +4,25 @@ their PyTorch references, NF4 decode speed, and the tiled-NF4 vs dequantize+cuBL
 Every function takes a :class:`gpu_check_common.Section` (its JSON file, time cap, device, dry flag) and
 fills ``sec.result``; the orchestrator runs each in its own process.
 
-``nf4_dispatch.json`` (written by :func:`section_nf4_dispatch`; read by the NF4 dispatch of
-``llmtune.kernels``). Format ``"llmtune.nf4_dispatch/1"``::
+``nf4_paths.json`` (written by :func:`section_nf4_paths`): the measured table that chooses, per training
+shape, between the tiled NF4 kernel and "dequantize, then cuBLAS" (``llmtune.kernels.nf4.training_path``).
+It is a valid ``kernels/nf4_paths.json`` (``llmtune.kernels.nf4.load_path_table`` reads it; copy it there
+to ship the measurement)::
 
-    {"format": "llmtune.nf4_dispatch/1", "device": "NVIDIA H100 80GB HBM3", "capability": [9, 0],
-     "torch": "2.11.0", "triton": "3.6.0", "autotune": true, "blocksize": 64, "dtype": "bfloat16",
-     "rows": [{"op": "forward", "N": 14336, "K": 4096, "M": 2048, "tiled_ms": 0.41,
-               "dequant_mm_ms": 0.37, "faster": "dequant", "status": "ok"}, ...]}
+    {"measured": true, "device": "NVIDIA H100 80GB HBM3", "default": "dequant",
+     "entries": [{"op": "forward", "m_bucket": 2048, "n": 14336, "k": 4096, "tiled_ms": 0.41,
+                  "dequant_ms": 0.37, "path": "dequant", "max_rel_err": 0.004}, ...],
+     "rows": [...every measurement, failed ones too...], "capability": [9, 0], "torch": "2.11.0",
+     "triton": "3.6.0", "autotune": true, "blocksize": 64, "dtype": "bfloat16", "section": "nf4_paths", ...}
 
-``op``: ``"forward"`` is ``y = x @ W.T`` with ``x (M, K)``, ``W (N, K)`` 4-bit (``matmul_4bit_tiled``
-against ``F.linear(x, dequantize_4bit(W))``); ``"grad_input"`` is ``dx = g @ W`` with ``g (M, N)``
-(``matmul_4bit_grad_input`` against ``g @ dequantize_4bit(W)``). Times are medians in milliseconds
-(``triton.testing.do_bench``, L2 flushed); ``faster`` names the smaller. ``status`` is ``ok``, or
-``error``/``oom`` with ``error`` set (then the times are absent). A dry run writes the same layout with
-``"dry_run": true`` and CPU reference timings, which mean nothing. ``rows`` is rewritten after every shape.
+``op``: ``"forward"`` is ``y = x @ W.T`` with ``x (m, k)``, ``W (n, k)`` 4-bit (``matmul_4bit_tiled``
+against ``x @ dequantize_4bit(W).T``); ``"grad_input"`` is ``dx = g @ W`` with ``g (m, n)``
+(``matmul_4bit_grad_input`` with ``LLMTUNE_NF4_PATH=tiled``, against ``g @ dequantize_4bit(W)``).
+``m_bucket`` is the row count (a power of two, 512 to 8192). Times are medians in milliseconds
+(``triton.testing.do_bench``, L2 flushed, the kernel autotuned in the warm-up); ``path`` names the faster.
+``entries`` holds the successful measurements, ``rows`` all of them (``status`` ``ok``, or ``error``/``oom``
+with ``error``). A dry run writes the same layout with ``"measured": false`` and CPU reference timings,
+which mean nothing. The file is rewritten after every measurement.
 """
 
 from __future__ import annotations
@@ -285,12 +290,12 @@ def section_nf4_decode(sec: Section) -> None:
     sec.result["status"] = "failed" if wrong else "ok"
 
 
-def section_nf4_dispatch(sec: Section) -> None:
-    """The measured table the NF4 dispatch reads (format: module docstring): tiled NF4 kernels against
+def section_nf4_paths(sec: Section) -> None:
+    """The measured table of the NF4 training path (format: module docstring): tiled NF4 kernels against
     dequantize + cuBLAS at training row counts, forward and input gradient, Llama-3.1-8B and Llama-3.2-1B
-    projections, bf16, autotuned (the tuning of a new shape happens in the warm-up, outside the timing)."""
+    projections, bf16, autotuned. Runs with ``LLMTUNE_NF4_PATH=tiled`` so the input-gradient dispatcher
+    takes the tiled kernel whatever the shipped table says."""
     import torch
-    import torch.nn.functional as F
     import triton
 
     from llmtune.kernels import nf4 as K
@@ -298,17 +303,15 @@ def section_nf4_dispatch(sec: Section) -> None:
 
     dev, dry = sec.dev, sec.dry
     rows: list = []
+    entries: list = []
     cap = torch.cuda.get_device_capability() if dev == "cuda" else None
-    sec.result.update({"format": "llmtune.nf4_dispatch/1", "device": torch.cuda.get_device_name() if cap else "cpu",
+    sec.result.update({"measured": False, "device": torch.cuda.get_device_name() if cap else "cpu",
+                       "default": "dequant", "entries": entries, "rows": rows,
                        "capability": list(cap) if cap else None, "torch": torch.__version__.split("+")[0],
                        "triton": triton.__version__,
                        "autotune": os.environ.get("LLMTUNE_AUTOTUNE", "1") not in ("0", "false", "no", "off"),
-                       "blocksize": 64, "dtype": "bfloat16", "rows": rows,
-                       "path": "triton" if use_triton(torch.empty(0, device=dev)) else "reference"})
-    missing = [f for f in ("matmul_4bit_tiled", "matmul_4bit_grad_input", "dequantize_4bit") if not hasattr(K, f)]
-    if missing:
-        sec.result.update(status="error", error=f"llmtune.kernels.nf4 lacks {missing}")
-        return
+                       "blocksize": 64, "dtype": "bfloat16",
+                       "kernels": "triton" if use_triton(torch.empty(0, device=dev)) else "reference"})
     ms_list = [48, 96] if dry else [512, 2048, 8192]
     for name, n, k, _ in (TINY_SHAPES if dry else SHAPES_8B + SHAPES_1B):
         if not sec.enough(6):
@@ -322,16 +325,21 @@ def section_nf4_dispatch(sec: Section) -> None:
             x = torch.randn(mm, k, device=dev, dtype=torch.bfloat16)
             g = torch.randn(mm, n, device=dev, dtype=torch.bfloat16)
             cases = {"forward": (lambda: K.matmul_4bit_tiled(x, packed, absmax, code, n, 64),
-                                 lambda: F.linear(x, dense())),
+                                 lambda: x @ dense().t()),
                      "grad_input": (lambda: K.matmul_4bit_grad_input(g, packed, absmax, code, k, 64),
                                     lambda: g @ dense())}
             for op, (tiled, deq) in cases.items():
                 def one(tiled=tiled, deq=deq):
                     err = rel_err(tiled(), deq())
                     a, b = bench_ms(tiled, dev), bench_ms(deq, dev)
-                    return {"tiled_ms": round(a, 4), "dequant_mm_ms": round(b, 4),
-                            "faster": "tiled" if a < b else "dequant", "max_rel_err": err}
-                guarded(sec, rows, {"op": op, "shape": name, "N": n, "K": k, "M": mm}, one)
+                    return {"tiled_ms": round(a, 5), "dequant_ms": round(b, 5),
+                            "path": "tiled" if a < b else "dequant", "max_rel_err": err}
+                row = guarded(sec, rows, {"op": op, "shape": name, "m_bucket": mm, "n": n, "k": k}, one)
+                if row["status"] == "ok" and row["max_rel_err"] <= TOL["bfloat16"]:
+                    entries.append({key: row[key] for key in ("op", "m_bucket", "n", "k", "tiled_ms",
+                                                              "dequant_ms", "path", "max_rel_err")})
+                    sec.result["measured"] = dev == "cuda"
+                    sec.save()
         packed = absmax = code = None  # freed before the next shape
         free()
     bad = [r for r in rows if r["status"] != "ok" or r["max_rel_err"] > TOL["bfloat16"]]

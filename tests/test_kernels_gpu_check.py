@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 _DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-SECTION_FILES = {"train_packed", "kernels", "nf4_decode", "lora_vs_hf", "qlora_8b", "moe", "nf4_dispatch"}
+SECTION_FILES = {"train_packed", "kernels", "nf4_decode", "lora_vs_hf", "qlora_8b", "moe", "nf4_paths"}
 
 
 def _module():
@@ -82,11 +82,17 @@ def test_dry_run_nf4_sections(dry_run):
     assert {r["M"] for r in dec["decode"]} == {1, 2, 4, 8, 16}
     assert all(r["status"] == "ok" and r["max_rel_err"] < 3e-2 for r in dec["decode"] + dec["dequant"])
     assert set(dec["per_M"]) == {"1", "2", "4", "8", "16"} and dec["dequant_fraction_of_copy"] is not None
-    table = dry_run[1]["nf4_dispatch"]
-    assert table["format"] == "llmtune.nf4_dispatch/1" and table["blocksize"] == 64 and table["dtype"] == "bfloat16"
-    assert {r["op"] for r in table["rows"]} == {"forward", "grad_input"}
-    for r in table["rows"]:
-        assert {"N", "K", "M", "tiled_ms", "dequant_mm_ms", "faster"} <= set(r) and r["faster"] in ("tiled", "dequant")
+    table = dry_run[1]["nf4_paths"]
+    assert table["measured"] is False and table["default"] == "dequant" and table["blocksize"] == 64
+    assert {r["op"] for r in table["entries"]} == {"forward", "grad_input"}
+    assert len(table["entries"]) == len(table["rows"])
+    for r in table["entries"]:
+        assert {"m_bucket", "n", "k", "tiled_ms", "dequant_ms"} <= set(r)
+        assert r["path"] == ("tiled" if r["tiled_ms"] < r["dequant_ms"] else "dequant")
+    from llmtune.kernels import nf4
+
+    if hasattr(nf4, "load_path_table"):  # the NF4 training path reads the file as it is
+        assert nf4.load_path_table(dry_run[0] / "nf4_paths.json")["entries"] == table["entries"]
 
 
 def test_dry_run_models(dry_run):
@@ -125,9 +131,9 @@ def test_section_exception_is_recorded(tmp_path, monkeypatch):
     def planted(sec):
         sec.result["rows"] = ["kept"]
         raise RuntimeError("planted failure")
-    monkeypatch.setattr(gpu_check_kernels, "section_nf4_dispatch", planted)
-    assert gc.run_child("nf4_dispatch", tmp_path, 10, True) == 0
-    res = json.loads((tmp_path / "nf4_dispatch.json").read_text())
+    monkeypatch.setattr(gpu_check_kernels, "section_nf4_paths", planted)
+    assert gc.run_child("nf4_paths", tmp_path, 10, True) == 0
+    res = json.loads((tmp_path / "nf4_paths.json").read_text())
     assert res["status"] == "error" and "planted failure" in res["error"] and res["rows"] == ["kept"]
     assert "planted" in res["traceback"]
 
