@@ -18,7 +18,7 @@ Sections (in run order; cap in seconds on a GPU; all models random-init of publi
 * ``kernels`` (45): every Triton kernel against its PyTorch reference (float64) on small shapes, about
   20 compilations with fixed tile configs (``LLMTUNE_AUTOTUNE=0``; ``LLMTUNE_NF4_PATH=tiled``, so the
   tiled input-gradient kernel is the one checked).
-* ``nf4_decode`` (25): NF4 decode at M = 1, 2, 4, 8, 16 vs bf16 (and bitsandbytes when it imports);
+* ``nf4_decode`` (35): NF4 decode at M = 1, 2, 4, 8, 16 vs bf16 (and bitsandbytes when it imports);
   dequantization bandwidth vs a device copy.
 * ``lora_vs_hf`` (30): LoRA tokens/s, llmtune vs transformers+peft, Llama-3.1-8B shape cut to 8 layers.
 * ``qlora_8b`` (40): 8B-shaped QLoRA peak memory at 1024 tokens (2 and 4 layers extrapolated; 32 measured
@@ -61,7 +61,7 @@ SECTIONS: list[tuple[str, Optional[str], float, dict]] = [
     ("env", None, 15, {}),
     ("train_packed", "gpu_check_train:section_train_packed", 60, {"LLMTUNE_AUTOTUNE": "0"}),
     ("kernels", "gpu_check_kernels:section_kernels", 45, {"LLMTUNE_AUTOTUNE": "0", "LLMTUNE_NF4_PATH": "tiled"}),
-    ("nf4_decode", "gpu_check_kernels:section_nf4_decode", 25, {}),
+    ("nf4_decode", "gpu_check_kernels:section_nf4_decode", 35, {}),
     ("lora_vs_hf", "gpu_check_train:section_lora_vs_hf", 30, {}),
     ("qlora_8b", "gpu_check_train:section_qlora_8b", 40, {"LLMTUNE_AUTOTUNE": "0"}),
     ("nf4_paths", "gpu_check_kernels:section_nf4_paths", 35, {"LLMTUNE_NF4_PATH": "tiled"}),

@@ -229,37 +229,42 @@ def section_nf4_decode(sec: Section) -> None:
     deq: list = []
     rows: list = []
     sec.result.update(copy_GBps=round(copy_gbs, 1), dequant=deq, decode=rows)
+    weights = {}  # every shape at once (about 1.5 GB with the float64 references): M-major order below
     for name, n, k, count in (TINY_SHAPES if dry else SHAPES_8B):
-        if not sec.enough(8):
-            sec.skip(name)
-            continue
         w, packed, absmax, code = _nf4(n, k, dev, torch.bfloat16)
-        layer = Linear4bit.from_float(w, compute_dtype=torch.bfloat16)
-        w64 = K.dequantize_4bit_ref(packed, absmax, code, n * k, 64, torch.float64).view(n, k)
-
-        def dq():
-            got = K.dequantize_4bit(packed, absmax, code, n * k, 64, torch.bfloat16)
-            ms = bench_ms(lambda: K.dequantize_4bit(packed, absmax, code, n * k, 64, torch.bfloat16), dev)
-            moved = packed.numel() + absmax.numel() * 4 + n * k * 2
-            return {"ms": round(ms, 4), "GBps": round(moved / ms / 1e6, 1),
-                    "fraction_of_copy": round(moved / ms / 1e6 / copy_gbs, 3),
-                    "max_rel_err": rel_err(got, w64.view(-1))}
-        guarded(sec, deq, {"shape": name, "N": n, "K": k}, dq)
-        bq = None
-        if bnbF is not None and dev == "cuda":
+        wt = {"w": w, "packed": packed, "absmax": absmax, "code": code, "n": n, "k": k, "count": count,
+              "layer": Linear4bit.from_float(w, compute_dtype=torch.bfloat16),
+              "w64": K.dequantize_4bit_ref(packed, absmax, code, n * k, 64, torch.float64).view(n, k), "bnb": None}
+        if bnbF is not None:
             try:
-                bq = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+                wt["bnb"] = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
             except Exception as e:  # noqa: BLE001
                 sec.result["bitsandbytes"] += f"; quantize failed: {type(e).__name__}: {e}"[:200]
-        for mm in DECODE_M:
-            x = torch.randn(mm, k, device=dev, dtype=torch.bfloat16)
+        weights[name] = wt
 
-            def one(x=x):
+        def dq(wt=wt):
+            p, a, c, numel = wt["packed"], wt["absmax"], wt["code"], wt["n"] * wt["k"]
+            got = K.dequantize_4bit(p, a, c, numel, 64, torch.bfloat16)
+            ms = bench_ms(lambda: K.dequantize_4bit(p, a, c, numel, 64, torch.bfloat16), dev)
+            moved = p.numel() + a.numel() * 4 + numel * 2
+            return {"ms": round(ms, 4), "GBps": round(moved / ms / 1e6, 1),
+                    "fraction_of_copy": round(moved / ms / 1e6 / copy_gbs, 3),
+                    "max_rel_err": rel_err(got, wt["w64"].view(-1))}
+        guarded(sec, deq, {"shape": name, "N": n, "K": k}, dq)
+    for mm in DECODE_M:  # M = 1 on every shape first: the target's row survives a cut
+        for name, wt in weights.items():
+            if not sec.enough(4):
+                sec.skip(f"{name} M={mm}")
+                continue
+            x = torch.randn(mm, wt["k"], device=dev, dtype=torch.bfloat16)
+
+            def one(x=x, wt=wt):
+                layer, w, bq = wt["layer"], wt["w"], wt["bnb"]
+                p, a, c, n = wt["packed"], wt["absmax"], wt["code"], wt["n"]
                 with torch.no_grad():
-                    y = layer(x)
-                    err = rel_err(y, x.double() @ w64.t())
+                    err = rel_err(layer(x), x.double() @ wt["w64"].t())
                     r = {"module_ms": bench_ms(lambda: layer(x), dev),
-                         "kernel_ms": bench_ms(lambda: K.matmul_4bit(x, packed, absmax, code, n, 64), dev),
+                         "kernel_ms": bench_ms(lambda: K.matmul_4bit(x, p, a, c, n, 64), dev),
                          "bf16_ms": bench_ms(lambda: F.linear(x, w), dev)}
                     if bq is not None:
                         r["bnb_ms"] = bench_ms(lambda: bnb.matmul_4bit(x, bq[0].t(), quant_state=bq[1]), dev)
@@ -270,9 +275,9 @@ def section_nf4_decode(sec: Section) -> None:
                 if "bnb_ms" in r:
                     r["speedup_vs_bnb"] = round(r["bnb_ms"] / r["module_ms"], 3)
                 return r
-            guarded(sec, rows, {"shape": name, "N": n, "K": k, "per_layer": count, "M": mm}, one)
-        w = packed = absmax = code = layer = w64 = bq = None  # freed before the next shape
-        free()
+            guarded(sec, rows, {"shape": name, "N": wt["n"], "K": wt["k"], "per_layer": wt["count"], "M": mm}, one)
+    weights.clear()
+    free()
     per_m = {}
     shapes = {s[0] for s in (TINY_SHAPES if dry else SHAPES_8B)}
     for mm in DECODE_M:
@@ -312,7 +317,7 @@ def section_nf4_paths(sec: Section) -> None:
                        "autotune": os.environ.get("LLMTUNE_AUTOTUNE", "1") not in ("0", "false", "no", "off"),
                        "blocksize": 64, "dtype": "bfloat16",
                        "kernels": "triton" if use_triton(torch.empty(0, device=dev)) else "reference"})
-    ms_list = [48, 96] if dry else [512, 2048, 8192]
+    ms_list = [32, 64] if dry else [512, 2048, 8192]
     for name, n, k, _ in (TINY_SHAPES if dry else SHAPES_8B + SHAPES_1B):
         if not sec.enough(6):
             sec.skip(name)
