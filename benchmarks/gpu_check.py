@@ -14,7 +14,8 @@ Sections (in run order; cap in seconds on a GPU; all models random-init of publi
   signature, ``torch._grouped_mm`` presence.
 * ``train_packed`` (60): one packed multi-row padding-free GQA batch (rows of segments of different
   lengths) through LoRA, QLoRA and full fine-tuning in bf16 and fp16, two optimizer steps each: tokens/s,
-  peak memory, finite losses, ``varlen_attn`` calls (the path that crashed on torch 2.11).
+  peak memory, finite losses, ``varlen_attn`` calls (the path that crashed on torch 2.11); and LoRA bf16
+  on a padded batch (spans that do not tile it).
 * ``kernels`` (45): every Triton kernel against its PyTorch reference (float64) on small shapes, about
   20 compilations with fixed tile configs (``LLMTUNE_AUTOTUNE=0``; ``LLMTUNE_NF4_PATH=tiled``, so the
   tiled input-gradient kernel is the one checked).
@@ -28,7 +29,8 @@ Sections (in run order; cap in seconds on a GPU; all models random-init of publi
 * ``moe`` (25): Qwen3-30B-A3B-shaped experts, grouped vs loop, and LoRA / full steps.
 
 A section that finishes early leaves its time to the later ones; the run stops starting sections when
-``--budget`` (285 s) is spent, so with the install it stays under 5 minutes.
+``--budget`` (285 s) is spent (a section started late is killed at the budget's end), so with the
+install of ``gpu_check.sh`` (10-20 s) the run takes at most about 5 minutes.
 
 ``--dry-run``: every section's code on tiny shapes on the CPU (kernels in Triton's interpreter, the rest
 through the PyTorch references), about a minute; CI runs it (``tests/test_kernels_gpu_check.py``).
