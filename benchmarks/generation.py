@@ -31,8 +31,8 @@ import torch
 
 
 def default_model() -> Path:
-    repo = Path(__file__).resolve().parents[1]
-    return repo.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    shared = Path(os.environ.get("LLMTUNE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+    return shared / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def bench(model, old_generate, batch: int, prompt_len: int, new_tokens: int, ragged: bool, repeats: int) -> dict:

@@ -97,13 +97,13 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional
              eos_token_ids: Optional[Iterable[int] | int] = None, pad_token_id: int = 0,
              streamer: Optional[Callable[[list[int]], Any]] = None,
              generator: Optional[torch.Generator] = None, return_lengths: bool = False):
-    """Generate continuations of a batch of prompts with the KV cache.
+    """Generate continuations of a batch of prompts on the generation engine (:class:`llmtune.engine.Engine`).
 
     Args:
-        model: a :class:`llmtune.models.transformer.Transformer` (or anything with its
-            ``forward(input_ids, attention_mask, past_key_values, use_cache) -> (hidden, cache)`` and
-            ``lm_head``; LoRA-wrapped models included).
-        input_ids: ``(batch, prompt_len)`` int64 prompts, left-padded (right padding is moved left).
+        model: a :class:`llmtune.models.transformer.Transformer` (LoRA-wrapped or not; see
+            :class:`llmtune.engine.Engine` for what the engine calls).
+        input_ids: ``(batch, prompt_len)`` int64 prompts, padded on either side (a row's prompt is its
+            tokens where ``attention_mask`` is 1, in order).
         attention_mask: ``(batch, prompt_len)``, 1 for tokens, 0 for padding; ``None`` = all ones.
         max_new_tokens: the most tokens generated per row.
         do_sample: sample from the processed distribution; False = greedy (argmax).
@@ -117,7 +117,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional
         pad_token_id: fills a row's positions after its stop token.
         streamer: called after every step that row 0 is still alive with ``[token_id]`` (a list of row
             0's new ids, the stop token included); for chat display use :func:`stream_reply`.
-        generator: a :class:`torch.Generator` for reproducible sampling.
+        generator: a :class:`torch.Generator` for reproducible sampling (all rows draw from it, in one call
+            per step).
         return_lengths: also return the number of generated tokens of each row.
 
     Returns:
