@@ -7,7 +7,7 @@ predict), chat (:mod:`llmtune.chat`), PPO/GRPO rollouts (:mod:`llmtune.rollout`)
   max_len, head_dim)``. A running sequence owns one slot; its tokens sit at positions ``0..length-1`` of it
   (no padding anywhere). The live rows are always the slots ``0..n-1``: when a row finishes, the last live
   row's cache is moved into its slot, so a decode step attends over plain views of the buffers.
-* **Prefill.** Requests that join are packed into one row (segment ids ``1, 2, ...``: the model's
+* **Prefill.** Requests that join are packed into one row (segment ids ``2, 3, ...``: the model's
   segment-aware attention keeps them apart, positions restart per segment) and each token's keys and values
   are written straight into its slot(s). A prefix-shared group (:meth:`Engine.add_group`, GRPO's
   ``num_generations``) prefills its prompt once and writes it into all of its ``n`` slots.
@@ -46,8 +46,8 @@ class SlotKVCache:
     """Key/value buffers organised in slots, written in place; the cache object the engine hands the model.
 
     Each layer's buffers have shape ``(num_slots, kv_heads, max_len, head_dim)`` in the dtype of the first keys
-    written (allocated then, zero-filled). The engine calls :meth:`prefill` or :meth:`decode` before each forward; the model
-    reads :attr:`seq_len` (cached length it sees) and :attr:`step_mask`, and calls :meth:`update` per layer.
+    written (allocated then, zero-filled). The engine calls :meth:`prefill` or :meth:`decode` before each forward;
+    the model reads :attr:`seq_len` (cached length it sees) and :attr:`step_mask`, and calls :meth:`update` per layer.
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int) -> None:
@@ -374,12 +374,14 @@ class Engine:
                     src += range(off, off + len(prompt))
                     last.append(off + len(prompt) - 1)
                 ids += prompt
-                seg += [j + 1] * len(prompt)
+                seg += [j + 2] * len(prompt)
             dev = self.device
             self.cache.prefill(torch.tensor(slots, device=dev), torch.tensor(pos, device=dev),
                                torch.tensor(src, device=dev))
-            mask = None if len(gs) == 1 else torch.tensor([seg], device=dev)
-            hidden = self._call(torch.tensor([ids], device=dev), [adapter], attention_mask=mask)
+            # segment ids from 2: even a lone prompt takes the segment-span attention that packed prompts take, so
+            # a prompt's numerics do not depend on what it is packed with (bf16 greedy is batch-invariant)
+            hidden = self._call(torch.tensor([ids], device=dev), [adapter],
+                                attention_mask=torch.tensor([seg], device=dev))
             # the shared hidden state is projected once per group, then repeated for its rows
             uniq = torch.tensor(sorted(set(last)), device=dev)
             logits = self.model.lm_head(hidden[0, uniq]).float()
