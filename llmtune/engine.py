@@ -470,14 +470,17 @@ class Engine:
         while self.has_work():
             yield self.step()
 
-    def run(self, requests: Sequence[Request], num_return_sequences: int = 1) -> list[Completion]:
-        """Generate every request to the end (``num_return_sequences`` prefix-shared completions each).
+    def run(self, requests: Sequence[Request], num_return_sequences: int | Sequence[int] = 1) -> list[Completion]:
+        """Generate every request to the end, ``num_return_sequences`` prefix-shared completions each (an int for
+        all, or one int per request).
 
-        Returns a list of :class:`Completion`, request-major: the completions of request ``i`` are items
-        ``i * n .. i * n + n - 1``."""
+        Returns a list of :class:`Completion`, request-major: request ``i``'s completions follow those of
+        requests ``0..i-1``, in order."""
+        counts = [num_return_sequences] * len(requests) if isinstance(num_return_sequences, int) \
+            else list(num_return_sequences)
         out: dict = {}
-        for req in requests:
-            for rid in self.add_group(req, num_return_sequences):
+        for req, n in zip(requests, counts):
+            for rid in self.add_group(req, n):
                 out[rid] = Completion(rid, [], [] if req.logprobs else None, [] if req.top_logprobs else None, None)
         for events in self.iter_steps():
             for e in events:

@@ -92,7 +92,8 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
         num_return_sequences: completions per prompt (GRPO's ``num_generations``), consecutive in the output.
         batch_size: rows (prompt x completion) decoded together, the engine's slots: a finished row's slot goes
             to the next waiting completion at once; ``None`` = all ``N`` rows at once. The completions of one
-            prompt share its prefill (as many as free slots allow at a time).
+            prompt, and equal consecutive prompts (GRPO passes one per completion), share one prefill (as many as
+            free slots allow at a time).
         return_logps: compute :attr:`Rollout.logps` (one ``log_softmax`` over the vocabulary per step and row).
         generator: a :class:`torch.Generator` on the model's device for reproducible sampling.
 
@@ -123,8 +124,14 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
     engine = Engine(model, max_slots=min(n, batch_size or n), max_len=p + max_new_tokens)
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     stop = stop_id_list(eos_token_ids)
-    done = engine.run([Request(list(r), max_new_tokens, params, stop, generator, logprobs=return_logps)
-                       for r in prompts], num_return_sequences=num_return_sequences)
+    runs: list[list] = []   # consecutive equal prompts (GRPO passes each completion's prompt) share one prefill
+    for r in (list(r) for r in prompts for _ in range(num_return_sequences)):
+        if runs and runs[-1][0] == r:
+            runs[-1][1] += 1
+        else:
+            runs.append([r, 1])
+    done = engine.run([Request(r, max_new_tokens, params, stop, generator, logprobs=return_logps) for r, _ in runs],
+                      num_return_sequences=[k for _, k in runs])
 
     lengths = torch.tensor([len(c.tokens) for c in done], dtype=torch.long, device=device)
     c = int(lengths.max())
