@@ -139,6 +139,23 @@ def test_cancel_frees_the_slot_for_a_waiting_request():
     assert a not in toks and toks[b] == hf_greedy(hf, PROMPTS[2], 6)
 
 
+def test_prefill_token_budget_admits_prompts_over_several_steps():
+    """max_prefill_tokens 5: the 7-token prompt is admitted alone (a prompt over the budget still goes), then
+    the 2-token one (the 4-token one would exceed 5), then the 4-token one; tokens unchanged."""
+    hf, ours = tiny_pair("llama")
+    engine = Engine(ours, max_slots=3, max_len=40, max_prefill_tokens=5)
+    ids = [engine.add_request(Request(PROMPTS[i], 5)) for i in (0, 1, 2)]
+    running = []
+    toks: dict = {}
+    while engine.has_work():
+        for e in engine.step():
+            toks.setdefault(e.request_id, []).append(e.token)
+        running.append(engine.num_running)
+    assert running[:3] == [1, 2, 3]
+    for rid, i in zip(ids, (0, 1, 2)):
+        assert toks[rid] == hf_greedy(hf, PROMPTS[i], 5)
+
+
 def test_adapters_reach_the_model_call_only_when_named():
     _, ours = tiny_pair("llama")
     calls = []
