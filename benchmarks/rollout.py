@@ -9,8 +9,13 @@ tokens a first greedy run without stops produced, so that rows do stop. Paths:
   one micro-batch at a time (``--old_batch``, the seed's batch 1 by default), the KV cache and the attention mask
   grown by ``torch.cat`` every token, finished rows kept in the batch until all have stopped. It is rebuilt here
   (``CatKVCache`` and :func:`old_rollout`) so that the comparison does not depend on what train/ holds now.
-* ``new``: :func:`generate_rollouts` with ``batch_size`` ``--batch`` (all rows by default): preallocated cache
-  written in place, finished rows dropped, mask allocated once.
+* ``before engine``: :func:`generate_rollouts` as it was at ``--baseline`` (default: the last commit before the
+  generation engine, loaded with ``git show``, ``benchmarks/baseline_code.py``): per batch, left-padded prompts,
+  a preallocated cache written in place, finished rows dropped, every completion prefilled on its own.
+* ``engine``: today's :func:`generate_rollouts` on :class:`llmtune.engine.Engine` with ``batch_size`` ``--batch``
+  (all rows by default): slots, continuous batching, each prompt prefilled once for its ``--generations``.
+
+Paths run interleaved (old, new, old, new...), best of ``--repeats``.
 
 ``tok_s`` = generated tokens (all rows, stop tokens included, no padding) per second of wall time, prefill
 included. The machine's load average is recorded: timings on a shared machine are noisy.
@@ -18,7 +23,7 @@ included. The machine's load average is recorded: timings on a shared machine ar
 Usage::
 
     python benchmarks/rollout.py [--model tiny|PATH.gguf|real] [--dtype float32] [--prompts 8] [--generations 4]
-                                 [--new_tokens 64] [--old_batch 1] [--batch 0] [--repeats 2]
+                                 [--new_tokens 64] [--old_batch 1] [--batch 0] [--repeats 2] [--baseline REF]
                                  [--out benchmarks/results/rollout.json]
 """
 
@@ -119,11 +124,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="new path's batch_size (0: all rows)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--baseline", default=None, help="git ref of the old code (default: benchmarks/baseline_code.py)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from baseline_code import BASELINE_REF, old_modules
     from llmtune.rollout import generate_rollouts
+
+    ref = args.baseline or BASELINE_REF
+    old_generate_rollouts = old_modules(ref)[1].generate_rollouts
 
     model, label = build_model(args.model, args.dtype)
     vocab = model.config.vocab_size
@@ -138,31 +148,32 @@ def main() -> None:
         stop_ids = [pool[i] for i in torch.randperm(len(pool), generator=g)[:args.stop_ids].tolist()]
     n = len(rows)
 
-    def run_new(bs):
-        ro = generate_rollouts(model, prompts, max_new_tokens=args.new_tokens, do_sample=False,
-                               eos_token_ids=stop_ids, num_return_sequences=args.generations, batch_size=bs)
+    def run_rollouts(fn, bs):
+        ro = fn(model, prompts, max_new_tokens=args.new_tokens, do_sample=False, eos_token_ids=stop_ids,
+                num_return_sequences=args.generations, batch_size=bs)
         return ro.completions()
 
     paths = [(f"old cat, micro-batch {b}", lambda b=int(b): old_rollout(model, rows, args.new_tokens, stop_ids, b))
-             for b in args.old_batch.split(",")]
-    paths.append((f"new, batch {args.batch or n}", lambda: run_new(args.batch or None)))
-    if args.batch == 0:
-        paths.append(("new, batch 1", lambda: run_new(1)))
+             for b in args.old_batch.split(",") if b]
+    for bs in ([args.batch or n, 1] if args.batch == 0 else [args.batch]):
+        paths.append((f"before engine, batch {bs}", lambda bs=bs: run_rollouts(old_generate_rollouts, bs)))
+        paths.append((f"engine, batch {bs}", lambda bs=bs: run_rollouts(generate_rollouts, bs)))
     generate_rollouts(model, prompts[:1], max_new_tokens=2, do_sample=False)  # warm-up
-    results, reference = [], None
-    for name, fn in paths:
-        best = float("inf")
-        for _ in range(args.repeats):
+    old_generate_rollouts(model, prompts[:1], max_new_tokens=2, do_sample=False)
+    best = {name: float("inf") for name, _ in paths}
+    comps = {}
+    for _ in range(args.repeats):  # interleaved
+        for name, fn in paths:
             t0 = time.perf_counter()
-            comps = fn()
-            best = min(best, time.perf_counter() - t0)
-        if reference is None:
-            reference = comps
-        same = comps == reference
-        tokens = sum(len(c) for c in comps)
-        results.append({"path": name, "seconds": best, "tokens": tokens, "tok_s": tokens / best,
+            comps[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    results, reference = [], comps[paths[0][0]]
+    for name, _ in paths:
+        same = comps[name] == reference
+        tokens = sum(len(c) for c in comps[name])
+        results.append({"path": name, "seconds": best[name], "tokens": tokens, "tok_s": tokens / best[name],
                         "same_tokens_as_first": same})
-        print(f"{name:>26}: {tokens:5d} tokens in {best:7.2f} s = {tokens / best:8.1f} tok/s"
+        print(f"{name:>26}: {tokens:5d} tokens in {best[name]:7.2f} s = {tokens / best[name]:8.1f} tok/s"
               f"{'' if same else '  (TOKENS DIFFER)'}", flush=True)
     base = results[0]["tok_s"]
     for r in results:
@@ -170,7 +181,7 @@ def main() -> None:
     print("\n| path | tokens | s | tok/s | speed-up |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r['path']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.1f} | {r['speedup_vs_first']:.2f}x |")
-    result = {"model": label, "dtype": args.dtype, "prompts": args.prompts, "generations": args.generations,
+    result = {"baseline": ref, "model": label, "dtype": args.dtype, "prompts": args.prompts, "generations": args.generations,
               "prompt_len": [args.min_prompt, args.max_prompt], "new_tokens": args.new_tokens,
               "stop_ids": args.stop_ids, "device": "cpu", "machine": platform.platform(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),

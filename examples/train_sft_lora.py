@@ -6,7 +6,7 @@ MODEL and DATA point at ../shared (the project's real inputs); replace them with
 
 import llmtune
 from llmtune.data.templates import get_template
-from llmtune.generation import generate_reply
+from llmtune.chat import generate_reply
 
 MODEL = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = "../shared/data"

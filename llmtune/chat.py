@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional, TextIO
+from typing import Any, Iterator, Optional, Sequence, TextIO
 
 import torch
 
 from llmtune.errors import LLMTuneError, notice
-from llmtune.generation import chat_stop_ids, check_generation_args, encode_chat_prompt, generate_steps
+from llmtune.engine import Engine, Request, TokenEvent
+from llmtune.sampling import SamplingParams, check_generation_args
 from llmtune.runs import load_model, recorded_template
 
-__all__ = ["main", "ChatSession", "resolve_device", "recorded_template", "load_chat_model", "run_chat"]
+__all__ = ["main", "ChatSession", "resolve_device", "recorded_template", "load_chat_model", "run_chat",
+           "chat_stop_ids", "encode_chat_prompt", "reply_events", "stream_reply", "generate_reply"]
 
 WELCOME = "Welcome to llmtune chat. Type `/clear` to forget the history, `/exit` to quit."
 
@@ -57,6 +59,164 @@ Chat with a model in the terminal; with piped stdin, each line is an independent
   --history true         piped lines are one conversation (default: each line is answered on its own)
 Commands while chatting: `/clear` (forget the history), `/exit` (quit).
 A reply cut by --max_new_tokens ends in " [...]"."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# chat helpers: prompt, stop ids, streamed reply (on the generation engine, llmtune.engine)
+# ---------------------------------------------------------------------------------------------------
+#: end-of-turn tokens of common chat formats, used only when no llmtune template is given and the
+#: tokenizer's ``chat_template`` mentions them (ChatML, Llama 3, Phi-3, Gemma).
+_KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def _tokenizer_eos_ids(tokenizer: Any) -> list[int]:
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids is None:
+        ids = [getattr(tokenizer, "eos_token_id", None)]
+    if isinstance(ids, int):
+        ids = [ids]
+    return [int(i) for i in ids if i is not None]
+
+
+def chat_stop_ids(tokenizer: Any, template: Any = None) -> list[int]:
+    """Token ids that end an assistant reply: the tokenizer's eos ids plus the template's end-of-turn ids.
+
+    Args:
+        tokenizer: an :class:`llmtune.tokenizer.Tokenizer` (uses ``eos_token_ids``, else ``eos_token_id``).
+        template: an ``llmtune.data.templates`` template (uses ``stop_token_ids``) or ``None``; with
+            ``None``, the end-of-turn tokens of known formats (``<|im_end|>``, ``<|eot_id|>``, ...) that
+            appear in the tokenizer's ``chat_template`` are added.
+
+    Returns:
+        sorted list of distinct int ids (may be empty).
+    """
+    ids = set(_tokenizer_eos_ids(tokenizer))
+    if template is not None:
+        ids.update(int(i) for i in (getattr(template, "stop_token_ids", None) or []))
+    else:
+        chat_template = getattr(tokenizer, "chat_template", None) or ""
+        if not isinstance(chat_template, str):
+            chat_template = str(chat_template)
+        for tok in _KNOWN_END_OF_TURN:
+            if tok in chat_template:
+                tid = tokenizer.convert_tokens_to_ids(tok)
+                if isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None):
+                    ids.add(tid)
+    return sorted(ids)
+
+
+def encode_chat_prompt(tokenizer: Any, template: Any, messages: Sequence[dict],
+                       system: Optional[str] = None, tools: Optional[Any] = None) -> list[int]:
+    """Token ids of a chat prompt ending with the assistant header (ready for generation).
+
+    Args:
+        tokenizer: an :class:`llmtune.tokenizer.Tokenizer`.
+        template: an ``llmtune.data.templates`` template (its ``encode_prompt(messages, system, tools)``)
+            or ``None`` to render the tokenizer's own ``chat_template`` with ``add_generation_prompt=True``.
+        messages: ``[{"role": "user"|"assistant"|"system", "content": str}, ...]`` ending with a user turn.
+        system: a system prompt (overrides none given in ``messages``; ``None`` = the template default).
+        tools: tool descriptions passed to the template (optional).
+
+    Returns:
+        list of int token ids.
+
+    Raises:
+        LLMTuneError: no template given and the tokenizer has no ``chat_template``.
+    """
+    from llmtune.errors import LLMTuneError
+
+    messages = [dict(m) for m in messages]
+    if template is not None:
+        return list(template.encode_prompt(messages, system=system, tools=tools))
+    if not getattr(tokenizer, "chat_template", None):
+        raise LLMTuneError(
+            f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')} has no chat_template: "
+            "pass --template (e.g. --template chatml, llama3, qwen)")
+    if system is not None and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system}] + messages
+    kw = {} if tools is None else {"tools": tools}
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kw)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def reply_events(model: torch.nn.Module, prompt: Sequence[int], stop_ids: Sequence[int], **gen: Any
+                 ) -> Iterator[TokenEvent]:
+    """The engine's token events of one reply to ``prompt`` (list of int), the last one with its finish reason.
+
+    Args:
+        model: the model (:class:`llmtune.engine.Engine` requirements).
+        prompt: the prompt's token ids; stop_ids: ids that end the reply.
+        **gen: :func:`llmtune.generation.generate` settings: ``max_new_tokens`` (default 512), ``do_sample``,
+            ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``generator``, ``adapter``;
+            ``pad_token_id`` is accepted and unused.
+
+    Raises:
+        LLMTuneError: an invalid setting (the key is named).
+    """
+    gen = dict(gen)
+    gen.pop("pad_token_id", None)
+    max_new = int(gen.pop("max_new_tokens", 512))
+    generator, adapter = gen.pop("generator", None), gen.pop("adapter", None)
+    params = SamplingParams(**gen)
+    check_generation_args(max_new, **gen)
+    if max_new == 0:
+        return
+    engine = Engine(model, max_slots=1, max_len=len(prompt) + max_new)
+    engine.add_request(Request(list(prompt), max_new, params, list(stop_ids), generator, adapter=adapter))
+    for events in engine.iter_steps():
+        yield from events
+
+
+def _text_pieces(tokenizer: Any, events: Iterator[TokenEvent], stop: set, state: dict) -> Iterator[str]:
+    """Decode a reply's tokens (stop token left out) into pieces of whole characters; ``state["finish"]``
+    ends as the last event's finish reason (None when the events stop early)."""
+    reply: list[int] = []
+    emitted = ""
+    state["finish"] = None
+    for e in events:
+        state["finish"] = e.finish_reason
+        if e.token in stop:
+            break
+        reply.append(e.token)
+        text = tokenizer.decode(reply, skip_special_tokens=True)
+        # wait while the text ends in a partial character, or (rarely) is not prefix-stable
+        if text.endswith("\ufffd") or not text.startswith(emitted):
+            continue
+        piece, emitted = text[len(emitted):], text
+        if piece:
+            yield piece
+    text = tokenizer.decode(reply, skip_special_tokens=True)
+    state["text"] = text
+    if text.startswith(emitted) and len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+def stream_reply(model: torch.nn.Module, tokenizer: Any, template: Any, messages: Sequence[dict],
+                 system: Optional[str] = None, tools: Optional[Any] = None, **gen: Any) -> Iterator[str]:
+    """Generate the assistant's reply to a chat and yield its text piece by piece as tokens arrive.
+
+    The prompt is :func:`encode_chat_prompt`; generation stops on :func:`chat_stop_ids` (the stop
+    token is not part of the text). Pieces are yielded only when they decode to whole characters (a
+    multi-byte character split across tokens waits for its last token), so ``"".join(pieces)`` equals
+    ``tokenizer.decode(reply_ids, skip_special_tokens=True)``.
+
+    Args:
+        model, tokenizer, template, messages, system, tools: as :func:`encode_chat_prompt`.
+        **gen: settings of :func:`reply_events` (``eos_token_ids`` overrides the stop ids).
+
+    Yields:
+        str pieces of the reply.
+    """
+    prompt = encode_chat_prompt(tokenizer, template, messages, system=system, tools=tools)
+    stop = gen.pop("eos_token_ids", None)
+    stop = chat_stop_ids(tokenizer, template) if stop is None else list(stop)
+    yield from _text_pieces(tokenizer, reply_events(model, prompt, stop, **gen), set(stop), {})
+
+
+def generate_reply(model: torch.nn.Module, tokenizer: Any, template: Any, messages: Sequence[dict],
+                   system: Optional[str] = None, tools: Optional[Any] = None, **gen: Any) -> str:
+    """The assistant's whole reply (str) to ``messages``; the non-streaming form of :func:`stream_reply`."""
+    return "".join(stream_reply(model, tokenizer, template, messages, system=system, tools=tools, **gen))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,7 +327,7 @@ class ChatSession:
         template: an ``llmtune.data.templates`` template or ``None`` (the tokenizer's ``chat_template``).
         system: the system prompt (``None``: the template's default).
         max_context: the most prompt tokens (``cutoff_len``); older turns are dropped, with a notice, to fit.
-        **gen: :func:`llmtune.generation.generate` settings (``max_new_tokens``, ``do_sample``,
+        **gen: :func:`reply_events` settings (``max_new_tokens``, ``do_sample``,
             ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``generator``).
 
     ``history`` is a list of ``{"role", "content"}`` dicts (user and assistant turns).
@@ -207,33 +367,16 @@ class ChatSession:
         """Answer ``query`` (str) given the history; yield the reply's text pieces; record both turns.
 
         Pieces are yielded once they decode to whole characters, so ``"".join(pieces)`` is
-        ``tokenizer.decode(reply_ids, skip_special_tokens=True)`` (as :func:`llmtune.generation.stream_reply`).
+        ``tokenizer.decode(reply_ids, skip_special_tokens=True)`` (as :func:`stream_reply`).
         Afterwards :attr:`truncated` says whether ``max_new_tokens`` ended the reply (no stop token came).
         """
         messages = self._fit(self.history + [{"role": "user", "content": query}])
         prompt = encode_chat_prompt(self.tokenizer, self.template, messages, system=self.system)
-        gen = dict(self.gen)
-        gen.setdefault("pad_token_id", self.stop_ids[0] if self.stop_ids else 0)
-        stop = set(self.stop_ids)
-        reply: list[int] = []
-        emitted = ""
-        self.truncated = True
-        for tokens, alive in generate_steps(self.model, torch.tensor([prompt], dtype=torch.long),
-                                            eos_token_ids=self.stop_ids, **gen):
-            tid = int(tokens[0])
-            if not bool(alive[0]) or tid in stop:
-                self.truncated = False
-                break
-            reply.append(tid)
-            text = self.tokenizer.decode(reply, skip_special_tokens=True)
-            if text.endswith("\ufffd") or not text.startswith(emitted):  # a partial character: wait
-                continue
-            piece, emitted = text[len(emitted):], text
-            if piece:
-                yield piece
-        text = self.tokenizer.decode(reply, skip_special_tokens=True)
-        if text.startswith(emitted) and len(text) > len(emitted):
-            yield text[len(emitted):]
+        state: dict = {}
+        yield from _text_pieces(self.tokenizer, reply_events(self.model, prompt, self.stop_ids, **self.gen),
+                                set(self.stop_ids), state)
+        self.truncated = state["finish"] != "stop"
+        text = state["text"]
         self.history = messages + [{"role": "assistant", "content": text}]
 
     def reply(self, query: str) -> str:

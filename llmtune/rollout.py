@@ -1,16 +1,12 @@
-"""Batched rollouts for online RL (GRPO, PPO): many prompts, several completions each, sampled log-probs.
+"""Rollouts for online RL (GRPO, PPO): many prompts, several completions each, sampled log-probs.
 
-All completions of a step are generated in batches of ``batch_size`` rows. Each batch is left-padded to its
-longest prompt, decodes with a KV cache preallocated for ``prompt + max_new_tokens`` positions (written in
-place, :class:`llmtune.models.transformer.KVCache`) and an attention mask buffer allocated once; a row that
-emits a stop token stops there (its later positions hold ``pad_token_id``) and is dropped from the batch and
-the cache, so a batch costs no more than its live rows. Each step projects only the last position to the
-vocabulary. The logits processing (temperature, top-k, top-p) is :func:`llmtune.generation.process_logits`,
-i.e. ``transformers.generate``'s order; the log-prob of each sampled token is read from the same logits.
+The decoding is the generation engine's (:class:`llmtune.engine.Engine`): ``batch_size`` slots, continuous
+batching (a completion that stops frees its slot for the next one at once), and the ``num_return_sequences``
+completions of one prompt prefilled once and copied into their slots (prefix sharing). This module keeps only
+the batching choice and the :class:`Rollout` layout.
 
-Source: autoregressive sampling with a key/value cache as in ``transformers``' ``GenerationMixin._sample``;
-the rollout layout (left-padded prompts, right-padded completions, a completion mask up to and including the
-stop token, log-probs of ``logits / temperature``) is TRL's ``GRPOTrainer`` one.
+Source: the rollout layout (left-padded prompts, right-padded completions, a completion mask up to and
+including the stop token, log-probs of ``logits / temperature``) is TRL's ``GRPOTrainer`` one.
 """
 
 from __future__ import annotations
@@ -21,8 +17,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from llmtune.engine import Engine, Request
 from llmtune.errors import LLMTuneError
-from llmtune.generation import check_generation_args, new_kv_cache, process_logits
+from llmtune.sampling import SamplingParams, check_generation_args, stop_id_list
 
 __all__ = ["Rollout", "generate_rollouts", "completion_metrics"]
 
@@ -73,65 +70,6 @@ class Rollout:
         return [row[:n] for row, n in zip(ids, lens)]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def _generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, do_sample: bool,
-                    temperature: float, top_k: int, top_p: float, eos: torch.Tensor, pad_token_id: int,
-                    return_logps: bool, generator: Optional[torch.Generator]):
-    """Decode one batch; returns ``(prompt_ids, prompt_mask, tokens, logps, lengths, stopped)``."""
-    device = eos.device
-    b = len(prompts)
-    p = max(len(r) for r in prompts)
-    ids = torch.full((b, p), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros(b, p + max_new_tokens, dtype=torch.long, device=device)  # prompt + completion, once
-    for i, r in enumerate(prompts):
-        ids[i, p - len(r):] = torch.as_tensor(list(r), dtype=torch.long, device=device)
-        mask[i, p - len(r):p] = 1
-    prompt_mask = mask[:, :p].clone()
-    tokens = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logps = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
-    lengths = torch.zeros(b, dtype=torch.long, device=device)
-    stopped = torch.zeros(b, dtype=torch.bool, device=device)
-    temp = float(temperature) if do_sample else 1.0
-
-    active = torch.arange(b, device=device)  # original row of each live batch row
-    next_pos = prompt_mask.sum(1)  # position id of each live row's next token
-    hidden, cache = model(ids, attention_mask=mask[:, :p], past_key_values=new_kv_cache(model, p + max_new_tokens),
-                          use_cache=True)
-    for step in range(max_new_tokens):
-        logits = model.lm_head(hidden[:, -1]).float()
-        scores = process_logits(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        if do_sample:
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            nxt = scores.argmax(-1)
-        tokens[active, step] = nxt
-        lengths[active] = step + 1
-        if return_logps:
-            lp = torch.log_softmax(logits / temp if temp != 1.0 else logits, dim=-1)
-            logps[active, step] = lp.gather(1, nxt[:, None]).squeeze(1)
-        done = torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(nxt, dtype=torch.bool)
-        stopped[active] = done
-        if step == max_new_tokens - 1:
-            break
-        keep = ~done
-        n_keep = int(keep.sum())
-        if n_keep == 0:
-            break
-        if n_keep < active.shape[0]:
-            idx = keep.nonzero().squeeze(1)
-            cache.reorder(idx)
-            mask, nxt, active, next_pos = mask[idx], nxt[idx], active[idx], next_pos[idx]
-        mask[:, p + step] = 1
-        hidden, cache = model(nxt[:, None], attention_mask=mask[:, : p + step + 1], position_ids=next_pos[:, None],
-                              past_key_values=cache, use_cache=True)
-        next_pos = next_pos + 1
-    return ids, prompt_mask, tokens, logps, lengths, stopped
-
-
 def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                       do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                       eos_token_ids: Optional[Iterable[int] | int] = None, pad_token_id: int = 0,
@@ -141,7 +79,8 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
 
     Args:
         model: a :class:`llmtune.models.transformer.Transformer` (LoRA-wrapped or not; its active adapters are
-            the policy). Runs in eval mode under ``torch.no_grad`` (the training flag is restored).
+            the policy). Runs in eval mode under ``torch.inference_mode`` (the training flag is restored); the
+            returned tensors are ordinary ones.
         prompts: token ids of each prompt (a list of int lists, unpadded, each non-empty).
         max_new_tokens: the most tokens per completion (>= 1).
         do_sample: sample from the processed distribution; False = greedy (argmax).
@@ -151,8 +90,11 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
             and the template's end-of-turn ids. ``None`` or empty = every completion runs to ``max_new_tokens``.
         pad_token_id: fills left padding of prompts and positions after a completion's stop token.
         num_return_sequences: completions per prompt (GRPO's ``num_generations``), consecutive in the output.
-        batch_size: rows (prompt x completion) decoded together; ``None`` = all ``N`` rows in one batch.
-        return_logps: compute :attr:`Rollout.logps` (one ``log_softmax`` over the vocabulary per step).
+        batch_size: rows (prompt x completion) decoded together, the engine's slots: a finished row's slot goes
+            to the next waiting completion at once; ``None`` = all ``N`` rows at once. The completions of one
+            prompt, and equal consecutive prompts (GRPO passes one per completion), share one prefill (as many as
+            free slots allow at a time).
+        return_logps: compute :attr:`Rollout.logps` (one ``log_softmax`` over the vocabulary per step and row).
         generator: a :class:`torch.Generator` on the model's device for reproducible sampling.
 
     Returns:
@@ -176,46 +118,38 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
     for i, r in enumerate(prompts):
         if len(r) == 0:
             raise LLMTuneError(f"generate_rollouts: prompt {i} is empty (0 tokens)")
-    device = _model_device(model)
-    if eos_token_ids is None:
-        eos_list: list[int] = []
-    elif isinstance(eos_token_ids, int):
-        eos_list = [eos_token_ids]
-    else:
-        eos_list = sorted({int(i) for i in eos_token_ids if i is not None})
-    eos = torch.tensor(eos_list, dtype=torch.long, device=device)
-    rows = [list(p) for p in prompts for _ in range(num_return_sequences)]
-    n = len(rows)
-    bs = n if batch_size is None else batch_size
+    device = next(model.parameters()).device
+    n = len(prompts) * num_return_sequences
+    p = max(len(r) for r in prompts)
+    engine = Engine(model, max_slots=min(n, batch_size or n), max_len=p + max_new_tokens)
+    params = SamplingParams(do_sample, temperature, top_k, top_p)
+    stop = stop_id_list(eos_token_ids)
+    runs: list[list] = []   # consecutive equal prompts (GRPO passes each completion's prompt) share one prefill
+    for r in (list(r) for r in prompts for _ in range(num_return_sequences)):
+        if runs and runs[-1][0] == r:
+            runs[-1][1] += 1
+        else:
+            runs.append([r, 1])
+    done = engine.run([Request(r, max_new_tokens, params, stop, generator, logprobs=return_logps) for r, _ in runs],
+                      num_return_sequences=[k for _, k in runs])
 
-    was_training = model.training
-    model.eval()
-    try:
-        parts = [_generate_batch(model, rows[s:s + bs], max_new_tokens, do_sample, temperature, top_k, top_p,
-                                 eos, pad_token_id, return_logps, generator) for s in range(0, n, bs)]
-    finally:
-        model.train(was_training)
-
-    p = max(len(r) for r in rows)
-    c = max(int(part[4].max()) for part in parts)
+    lengths = torch.tensor([len(c.tokens) for c in done], dtype=torch.long, device=device)
+    c = int(lengths.max())
+    rows = [list(r) for r in prompts for _ in range(num_return_sequences)]
     input_ids = torch.full((n, p + c), pad_token_id, dtype=torch.long, device=device)
     attention_mask = torch.zeros(n, p + c, dtype=torch.long, device=device)
-    logps = torch.zeros(n, c, dtype=torch.float32, device=device) if return_logps else None
-    lengths = torch.cat([part[4] for part in parts])
-    stopped = torch.cat([part[5] for part in parts])
-    row = 0
-    for ids, pmask, toks, lps, _, _ in parts:
-        b, pb = ids.shape
-        input_ids[row:row + b, p - pb:p] = ids
-        attention_mask[row:row + b, p - pb:p] = pmask
-        input_ids[row:row + b, p:] = toks[:, :c]
-        if logps is not None:
-            logps[row:row + b] = lps[:, :c]
-        row += b
+    for i, (r, d) in enumerate(zip(rows, done)):
+        input_ids[i, p - len(r):p] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, p - len(r):p] = 1
+        input_ids[i, p:p + len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)
     completion_mask = (torch.arange(c, device=device)[None, :] < lengths[:, None]).long()
     attention_mask[:, p:] = completion_mask
-    if logps is not None:
-        logps = logps * completion_mask
+    logps = None
+    if return_logps:
+        logps = torch.zeros(n, c, dtype=torch.float32, device=device)
+        for i, d in enumerate(done):
+            logps[i, :len(d.logprobs)] = torch.tensor(d.logprobs, dtype=torch.float32)
+    stopped = torch.tensor([d.finish_reason == "stop" for d in done], dtype=torch.bool, device=device)
     return Rollout(input_ids=input_ids, attention_mask=attention_mask, prompt_len=p,
                    completion_mask=completion_mask, logps=logps, truncated=~stopped, completion_lengths=lengths)
 

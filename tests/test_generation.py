@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmtune.generation import (apply_repetition_penalty, apply_top_k, apply_top_p, chat_stop_ids,
-                                encode_chat_prompt, generate, generate_reply, generate_steps, process_logits,
-                                stream_reply)
+from llmtune.chat import chat_stop_ids, encode_chat_prompt, generate_reply, stream_reply
+from llmtune.generation import generate, generate_steps
+from llmtune.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, process_logits
 from llmtune.models.config import ModelConfig
 from llmtune.models.transformer import Transformer
 

@@ -111,6 +111,29 @@ def test_greedy_rollout_matches_transformers_generate():
     assert torch.equal(out[:, ro.prompt_len:], ro.completion_ids)
 
 
+def test_shared_prefix_rollouts_equal_independent_greedy_transformers():
+    """GRPO's layout (each completion's prompt passed, equal prompts consecutive) and num_return_sequences both
+    share a prompt's prefill across its completions; with 3 slots for 7 rows, rows join as others finish. Every
+    completion equals transformers' greedy decoding of its prompt alone."""
+    pytest.importorskip("transformers")
+    from test_generation import tiny_pair
+
+    hf, ours = tiny_pair("qwen2")
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randint(1, 96, (n,), generator=g).tolist() for n in (5, 11))
+    refs = {}
+    for p in (a, b):
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None)
+        refs[tuple(p)] = out[0, len(p):].tolist()
+    rows = [a, a, a, a, b, b, b]
+    ro = generate_rollouts(ours, rows, max_new_tokens=9, do_sample=False, batch_size=3)
+    assert ro.completions() == [refs[tuple(p)] for p in rows]
+    ro = generate_rollouts(ours, [b, a], max_new_tokens=9, do_sample=False, num_return_sequences=3, batch_size=4)
+    assert ro.completions() == [refs[tuple(b)]] * 3 + [refs[tuple(a)]] * 3
+
+
 def test_sampled_logps_match_transformers_forward():
     pytest.importorskip("transformers")
     from test_generation import tiny_pair

@@ -526,7 +526,8 @@ class Transformer(nn.Module):
                 ``kv_len`` = cached length + ``seq``. ``None`` means all ones.
             position_ids: ``(batch, seq)`` int64; by default derived from ``attention_mask`` so that each
                 sequence starts at 0 whatever its padding.
-            past_key_values: a :class:`KVCache` to extend in place (generation).
+            past_key_values: a :class:`KVCache` to extend in place (generation), or the generation engine's
+                :class:`llmtune.engine.SlotKVCache` (its ``step_mask`` is then the attention mask).
             use_cache: create a new cache if ``past_key_values`` is None.
             inputs_embeds: ``(batch, seq, hidden)`` used instead of embedding ``input_ids`` (vision-language
                 models: image features placed at the image tokens). ``layer_hook(i, x) -> x``: called on the
@@ -555,8 +556,8 @@ class Transformer(nn.Module):
         window = self.config.sliding_window
         if window is not None and past + t <= window:
             window = None
-        mask = None
-        if needs_mask or (past > 0 and t > 1) or window is not None:
+        mask = getattr(cache, "step_mask", None)      # the engine's SlotKVCache: rows of different lengths
+        if mask is None and (needs_mask or (past > 0 and t > 1) or window is not None):
             am = attention_mask if attention_mask is not None else torch.ones(
                 b, past + t, dtype=torch.long, device=input_ids.device)
             if past == 0 and t > 1 and self.attention_masks == "spans":

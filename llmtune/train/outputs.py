@@ -18,7 +18,9 @@ import torch
 from llmtune.constants import IGNORE_INDEX
 from llmtune.errors import LLMTuneError, notice
 from llmtune.fileio import save_tensors
-from llmtune.generation import chat_stop_ids, generate
+from llmtune.chat import chat_stop_ids
+from llmtune.engine import Engine, Request
+from llmtune.sampling import SamplingParams
 from llmtune.models.value_head import save_value_head
 from llmtune.peft import save_adapter
 from llmtune.train import checkpoint as ckpt
@@ -104,40 +106,35 @@ def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: 
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 
 
-@torch.no_grad()
 def write_predictions(model: torch.nn.Module, tokenizer: Any, template: Any, rows: Any, path: Path, cfg: Any,
                       batch_size: Optional[int] = None) -> int:
     """Generate a reply to each row's prompt and write ``{"prompt", "predict", "label"}`` JSON lines.
 
     The prompt is the row's tokens before its first label token; the label is the decoded label tokens.
-    Generation uses ``llmtune.generation.generate`` with the config's sampling keys and the template's
-    stop ids. Returns the number of rows written.
+    Generation runs all prompts on one :class:`llmtune.engine.Engine` with ``batch_size`` slots with the
+    config's sampling keys and the template's stop ids. Returns the number of rows written.
     """
     stop = chat_stop_ids(tokenizer, template)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    params = SamplingParams(cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
     bs = batch_size or cfg.per_device_eval_batch_size
     model.eval()
-    device = next(model.parameters()).device
+    prompts, labels = [], []
+    for j in range(len(rows)):
+        lab = list(rows[j]["labels"])
+        first = next((k for k, v in enumerate(lab) if v != IGNORE_INDEX), len(lab))
+        prompts.append(list(rows[j]["input_ids"][:first]))
+        labels.append([v for v in lab if v != IGNORE_INDEX])
+    replies: list = [[] for _ in prompts]
+    if prompts and cfg.max_new_tokens > 0:   # continuous batching: a finished row's slot takes the next prompt
+        engine = Engine(model, max_slots=max(1, min(bs, len(prompts))),
+                        max_len=max(map(len, prompts)) + cfg.max_new_tokens)
+        replies = [d.tokens for d in engine.run([Request(p, cfg.max_new_tokens, params, stop) for p in prompts])]
     n = 0
     with path.open("w", encoding="utf-8") as f:
-        for i in range(0, len(rows), bs):
-            prompts, labels = [], []
-            for row in (rows[j] for j in range(i, min(i + bs, len(rows)))):
-                lab = list(row["labels"])
-                first = next((k for k, v in enumerate(lab) if v != IGNORE_INDEX), len(lab))
-                prompts.append(list(row["input_ids"][:first]))
-                labels.append([v for v in lab if v != IGNORE_INDEX])
-            t = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad] * (t - len(p)) + p for p in prompts], device=device)
-            mask = torch.tensor([[0] * (t - len(p)) + [1] * len(p) for p in prompts], device=device)
-            tokens, lengths = generate(model, ids, mask, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                       repetition_penalty=cfg.repetition_penalty, eos_token_ids=stop,
-                                       pad_token_id=pad, return_lengths=True)
-            for p, lab, tok, ln in zip(prompts, labels, tokens.tolist(), lengths.tolist()):
-                rec = {"prompt": tokenizer.decode(p, skip_special_tokens=False),
-                       "predict": tokenizer.decode(tok[:ln], skip_special_tokens=True),
-                       "label": tokenizer.decode(lab, skip_special_tokens=True)}
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                n += 1
+        for p, lab, reply in zip(prompts, labels, replies):
+            rec = {"prompt": tokenizer.decode(p, skip_special_tokens=False),
+                   "predict": tokenizer.decode(reply, skip_special_tokens=True),
+                   "label": tokenizer.decode(lab, skip_special_tokens=True)}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
     return n

@@ -296,7 +296,7 @@ def build_grpo_stage(model: nn.Module, cfg: Any, tokenizer: Any, template: Any, 
     Raises:
         LLMTuneError: a reward function that cannot be loaded, weights of the wrong count.
     """
-    from llmtune.generation import chat_stop_ids
+    from llmtune.chat import chat_stop_ids
 
     adapters: list = []
     if reward_funcs:

@@ -276,7 +276,7 @@ def build_ppo_stage(model: nn.Module, cfg: Any, tokenizer: Any, template: Any, r
     Raises:
         LLMTuneError: reward-model mistakes (:func:`~llmtune.train.stages.ppo_reward.load_reward_model`).
     """
-    from llmtune.generation import chat_stop_ids
+    from llmtune.chat import chat_stop_ids
     from llmtune.models.value_head import add_value_head
 
     chain = model.adapter_chain
