@@ -280,3 +280,26 @@ def test_a_full_disk_then_resume_from_the_last_complete_checkpoint(inputs, refer
     assert not list(out.glob("tmp-*"))
     (small_tmpfs / "filler.bin").unlink()
     _resume_and_compare(inputs, out, reference)
+
+
+# -- overwrite_output_dir replaces only what a run of ours wrote (issue 25) ---------------------------------------
+def test_overwrite_output_dir_replaces_our_own_run_and_keeps_the_users_files(inputs, tmp_path, capsys):
+    """A finished run's outputs (recorded in its manifest with their hashes) are replaced; a user's notes and a
+    sub-folder are kept. The manifest names every file the run wrote, each with its SHA-256."""
+    import hashlib
+
+    from llmtune.train.manifest import MANIFEST
+
+    out = tmp_path / "out"
+    assert _train_in_process(_args(inputs, out, max_steps=2, save_steps=1)) == 0
+    record = json.loads((out / MANIFEST).read_text())["files"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "trainer_log.jsonl", "llmtune.json"} <= set(record)
+    for name, rec in record.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == rec["sha256"], name
+    (out / "my_notes.txt").write_text("keep me")
+    (out / "data").mkdir()
+    (out / "data" / "config.json").write_text("{}")
+    assert _train_in_process(_args(inputs, out, max_steps=1, overwrite_output_dir=True)) == 0
+    assert "removed the previous run's files" in capsys.readouterr().err
+    assert (out / "my_notes.txt").read_text() == "keep me" and (out / "data" / "config.json").read_text() == "{}"
+    assert not (out / "checkpoint-1").exists() and len(_log(out)) == 1

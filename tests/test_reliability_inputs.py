@@ -180,6 +180,24 @@ def ro_folder(ctx: Ctx) -> Path:
     return d
 
 
+def _project(ctx: Ctx) -> Path:
+    """A project folder: its own config.json, a README and source."""
+    d = ctx.tmp / "project"
+    _write(d / "config.json", {"name": "my project", "version": 3})
+    _write(d / "README.md", "# my project\n")
+    _write(d / "src" / "main.py", "print('hi')\n")
+    return d
+
+
+def _edited_run(ctx: Ctx) -> Path:
+    """A finished run whose adapter_config.json the user has since edited."""
+    out = ctx.copy("ckpt_run", "out")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["my_note"] = "hand-tuned"
+    _write(out / "adapter_config.json", cfg)
+    return out
+
+
 NESTED = "{% for i in range(90000) %}{% for j in range(90000) %}{% endfor %}{% endfor %}"
 SOME_TEMPLATES = {
     "include": "{% include 'other.jinja' %}",
@@ -257,6 +275,11 @@ CASES: list = [
                                                          overwrite_output_dir=True)),
     ("train-overwrite-with-bad-lora-target", lambda c: c.train(out=c.copy("ckpt_run", "out"), lora_target="zz",
                                                                overwrite_output_dir=True)),
+    # issue 25: overwrite_output_dir removes only what a run of ours recorded writing; anything else named like
+    # an output (a saved model, a project's config.json, an output the user edited) refuses the run
+    ("train-overwrite-a-saved-model-folder", lambda c: c.train(out=c.copy("model", "out"), overwrite_output_dir=True)),
+    ("train-overwrite-a-project-folder", lambda c: c.train(out=_project(c), overwrite_output_dir=True)),
+    ("train-overwrite-an-edited-output", lambda c: c.train(out=_edited_run(c), overwrite_output_dir=True)),
     ("train-resume-nothing-there", _t(resume_from_checkpoint=True)),
     ("train-resume-missing-folder", lambda c: c.train(resume_from_checkpoint=c.tmp / "checkpoint-9")),
     ("train-read-only-output", lambda c: c.train(out=ro_folder(c) / "out")),

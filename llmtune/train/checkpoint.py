@@ -41,6 +41,7 @@ from safetensors.torch import load_file
 from llmtune.fileio import finite_or_none, save_tensors, strict_dumps  # noqa: F401 (re-exported)
 
 from llmtune.errors import LLMTuneError, notice
+from llmtune.train.manifest import RUN_OUTPUTS, clear_previous_run  # noqa: F401  (re-exported)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -449,40 +450,6 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 gone.append(p)
     return gone
-
-
-#: file names (glob patterns) a training run of ours writes into ``output_dir``
-RUN_OUTPUTS = ("trainer_log.jsonl", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
-               "model-*-of-*.safetensors", "model.safetensors.index.json", "value_head.safetensors", "config.json",
-               "generation_config.json", "train_results.json", "eval_results.json", "all_results.json",
-               "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "predict_results.json",
-               "training_*.png",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def clear_previous_run(output_dir: str | os.PathLike, patterns: tuple = RUN_OUTPUTS) -> list[str]:
-    """Remove what an earlier run of ours wrote in ``output_dir`` (``overwrite_output_dir``), nothing else.
-
-    Removed: files whose names match ``patterns`` (:data:`RUN_OUTPUTS`), ``checkpoint-N`` folders holding
-    ``trainer_state.json`` and ``tmp-checkpoint-N`` leftovers. Any other file or folder is kept. Call it
-    only once the config, model, adapters and data have all been checked (so a typo never costs a run),
-    while holding the folder's lock. Returns the removed names.
-    """
-    import fnmatch
-
-    out = Path(output_dir)
-    removed = []
-    if not out.is_dir():
-        return removed
-    for p in sorted(out.iterdir()):
-        if p.is_dir() and ((CHECKPOINT_RE.match(p.name) and (p / TRAINER_STATE).is_file())
-                           or p.name.startswith("tmp-checkpoint-") or p.name.startswith("tmp-old-checkpoint-")):
-            shutil.rmtree(p)
-            removed.append(p.name)
-        elif p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns):
-            p.unlink()
-            removed.append(p.name)
-    return removed
 
 
 def publish_checkpoint(tmp: Path, final: Path) -> None:

@@ -24,6 +24,7 @@ from llmtune.peft import save_adapter
 from llmtune.train import checkpoint as ckpt
 from llmtune.train.distributed import is_main
 from llmtune.train.guard import check_weights_finite
+from llmtune.train.manifest import check_no_foreign_files
 from llmtune.train.logging import LOG_FILE
 
 #: file names (glob patterns) a training run writes into ``output_dir`` (defined with the code that removes them)
@@ -34,14 +35,17 @@ def prepare_output_dir(cfg: Any) -> Path:
     """Apply the output-folder rules and return the folder (created).
 
     A non-empty ``output_dir`` (e.g. holding an earlier run) is an error unless ``overwrite_output_dir``
-    (then the files and ``checkpoint-*`` folders a run writes, :data:`RUN_OUTPUTS`, are removed later, so a
-    LoRA run over a full run leaves no stale ``model.safetensors``; other files are kept) or
+    (then the files and ``checkpoint-*`` folders an earlier run of ours wrote, as its manifest records them,
+    :mod:`llmtune.train.manifest`, are removed later, so a LoRA run over a full run leaves no stale
+    ``model.safetensors``; other files are kept; a file named like an output that no run of ours recorded
+    writing, e.g. a saved model's ``config.json``, refuses the run) or
     ``resume_from_checkpoint`` is set. Nothing is removed here: the setup path calls
     ``checkpoint.clear_for_overwrite`` once the model, adapters and data have loaded.
 
     Raises:
         LLMTuneError: ``output_dir`` is a file, is a folder the run reads (``model_name_or_path``,
-            ``adapter_name_or_path``, ``ref_model``, ``reward_model`` and their adapters), or holds a previous run.
+            ``adapter_name_or_path``, ``ref_model``, ``reward_model`` and their adapters), or holds a previous run; with ``overwrite_output_dir``, holds files named like a
+            run's outputs that no run of ours recorded writing (listed; nothing is removed).
     """
     out = Path(str(cfg.output_dir)).expanduser()
     if out.exists() and not out.is_dir():
@@ -64,7 +68,8 @@ def prepare_output_dir(cfg: Any) -> Path:
             f"output_dir: {out} is not empty (holds {', '.join(entries[:4])}...), probably a previous run; choose "
             "a new output_dir, set overwrite_output_dir: true to replace it, or resume_from_checkpoint: true to "
             "continue it")
-    # overwrite_output_dir: nothing is removed here; ckpt.clear_for_overwrite runs once model and data are loaded
+    if entries and resume is None:  # overwrite_output_dir: a folder holding files no run of ours wrote is refused
+        check_no_foreign_files(out, RUN_OUTPUTS)   # now; nothing is removed until model and data have loaded
     out.mkdir(parents=True, exist_ok=True)
     return out
 

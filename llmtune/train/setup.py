@@ -39,13 +39,14 @@ from llmtune.kernels import set_enabled as set_kernels_enabled
 from llmtune.peft.targets import select_lora_targets
 from llmtune.tokenizer import load_tokenizer
 from llmtune.locks import lock_output
+from llmtune.train import manifest
 from llmtune.train.checkpoint import clear_for_overwrite
 from llmtune.train import summary
 from llmtune.train.distributed import (barrier, distributed_session, full_parameters, gather_full_state_dict, is_main,
                                        unwrap)
 from llmtune.train.finetuning import apply_finetuning_type
 from llmtune.train.metrics import write_predict_results
-from llmtune.train.outputs import prepare_output_dir, save_model, write_predictions
+from llmtune.train.outputs import RUN_OUTPUTS, prepare_output_dir, save_model, write_predictions
 from llmtune.train.plotting import plot_loss
 from llmtune.train.precision import load_dtype, train_device
 from llmtune.train.seed import set_seed
@@ -94,9 +95,15 @@ def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
     online = (stage.build(model, cfg, tokenizer, template, train_rows, extra, **stage_options)
               if stage.online else None)                              #    (ppo: reward model, critic)
     trainer = build_trainer(model, cfg, stage, tokenizer, train_rows, eval_rows, extra, online)  # 7. the loop
-    if is_main():  # all checked (config, model, adapters, data, optimizer): only now clear an old run
-        clear_for_overwrite(cfg, out)
-    return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
+    if not is_main():
+        return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)
+    clear_for_overwrite(cfg, out)  # all checked (config, model, adapters, data, optimizer): only now clear an old run
+    before = manifest.snapshot(out, RUN_OUTPUTS)
+    try:
+        return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
+    finally:  # also after an error or Ctrl-C: what this run wrote is recorded, so a later overwrite may replace it
+        with contextlib.suppress(OSError):
+            manifest.record_outputs(out, RUN_OUTPUTS, before)
 
 
 @contextlib.contextmanager
