@@ -198,6 +198,40 @@ def _edited_run(ctx: Ctx) -> Path:
     return out
 
 
+def _alpaca(ctx: Ctx, **extra) -> Path:
+    """The toy data with one more row holding ``extra`` columns (history, system), registered for them."""
+    good = {"history": [], "system": ""}
+    rows = [{**r, **{k: good[k] for k in extra}} for r in json.loads((ctx.data / "toy.json").read_text())]
+    rows.insert(3, {"instruction": "hello", "input": "", "output": "hi", **extra})
+    cols = {"prompt": "instruction", "query": "input", "response": "output", **{k: k for k in extra}}
+    return data_with(ctx, "toy.json", rows, {"toy": {"file_name": "toy.json", "columns": cols}})
+
+
+def _keys(ctx: Ctx) -> dict:
+    """The keys of the short training run (``Ctx.train``) as a dict of strings."""
+    words = ctx.train()[1:]
+    return {k[2:]: v for k, v in zip(words[::2], words[1::2])}
+
+
+def _yaml(ctx: Ctx, more: str) -> Path:
+    """A YAML config of the short training run with ``more`` lines appended."""
+    lines = [f"{k}: {json.dumps(v)}" for k, v in _keys(ctx).items()]
+    return _write(ctx.tmp / "c.yaml", "\n".join(lines) + "\n" + more)
+
+
+def _sharegpt(ctx: Ctx, **extra) -> Path:
+    conv = [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"}]
+    rows = [{"conversations": conv, "tools": "[]"}] * 3 + [{"conversations": conv, **extra}]
+    cols = {"messages": "conversations", **{k: k for k in extra}}
+    return data_with(ctx, "chat.json", rows, {"toy": {"file_name": "chat.json", "formatting": "sharegpt",
+                                                       "columns": cols}})
+
+
+#: a "billion laughs" YAML: 9 levels of 9 aliases, 9**9 strings once expanded, under a known key
+YAML_BOMB = "lora_target: [&a [lol,lol,lol,lol,lol,lol,lol,lol,lol], " + ", ".join(
+    f"&{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)) + "]\n"
+
+
 NESTED = "{% for i in range(90000) %}{% for j in range(90000) %}{% endfor %}{% endfor %}"
 SOME_TEMPLATES = {
     "include": "{% include 'other.jinja' %}",
@@ -301,6 +335,21 @@ CASES: list = [
     ("data-every-label-cut", _t(cutoff_len=1)),
     ("data-parquet-damaged", lambda c: c.train(data=data_with(c, "t.parquet", b"PAR1 not really", {"toy": {"file_name": "t.parquet"}}))),
     ("data-info-entry-not-object", lambda c: c.train(data=data_with(c, "dataset_info.json", {"toy": "toy.json"}))),
+    # issue 25: each was a traceback; now one line naming the file, row and column
+    ("data-file-other-extension", lambda c: c.train(data=data_with(c, "rows.ndjson", '{"instruction": "a", "output": "b"}\n', {"toy": {"file_name": "rows.ndjson"}}))),
+    ("data-file-outside-the-folder", lambda c: c.train(data=data_with(c, "dataset_info.json", {"toy": {"file_name": "../" * 40 + "etc/passwd"}}))),
+    ("data-history-pair-of-one", lambda c: c.train(data=_alpaca(c, history=[["q"]]))),
+    ("data-history-numbers", lambda c: c.train(data=_alpaca(c, history=[[1, 2, 3]]))),
+    ("data-history-flat-strings", lambda c: c.train(data=_alpaca(c, history=["q", "a"]))),
+    ("data-history-a-string", lambda c: c.train(data=_alpaca(c, history="what is the color of sky"))),
+    ("data-system-a-dict", lambda c: c.train(data=_alpaca(c, system={"role": "be nice"}))),
+    ("data-sharegpt-tools-not-json", lambda c: c.train(data=_sharegpt(c, tools="{not json"))),
+    ("train-seed-too-large", _t(seed=18446744073709551616)),
+    ("train-yaml-alias-bomb", lambda c: ["train", str(_yaml(c, YAML_BOMB))]),
+    # issue 25: silently ignored before (the last value won)
+    ("train-yaml-key-twice", lambda c: ["train", str(_yaml(c, "learning_rate: 1.0e-3\nlearning_rate: 1.0\n"))]),
+    ("train-json-key-twice", lambda c: ["train", str(_write(c.tmp / "c.json", json.dumps(_keys(c))[:-1] + ', "seed": 2}'))]),
+    ("train-aliases-conflict", lambda c: c.train(cutoff_len=128) + ["--max_length", "64", "--cutoff_len", "100"]),
     # ---- train: model folder and tokenizer ----
     ("model-tokenizer-config-not-utf8", lambda c: c.train(model=model_with(c, "tokenizer_config.json", b'{"eos_token": "' + BAD_UTF8 + b'"}'))),
     ("model-tokenizer-config-invalid", lambda c: c.train(model=model_with(c, "tokenizer_config.json", '{"eos_token": '))),
@@ -397,6 +446,7 @@ API_CASES = [
     ("api-train-missing-model-key", lambda c: __import__("llmtune").train({"stage": "sft", "dataset": "toy"})),
     ("api-train-missing-yaml", lambda c: __import__("llmtune").train(str(c.tmp / "nope.yaml"))),
     ("api-train-unknown-key", lambda c: __import__("llmtune").train({"stage": "sft", "lerning_rate": 1})),
+    ("api-train-aliases-conflict", lambda c: __import__("llmtune").train({**_keys(c), "lora_rank": 8, "lora_r": 4})),
     ("api-export-int", lambda c: __import__("llmtune").export(42)),
     ("api-loss-hidden-2d", lambda c: _loss((2, 5), (10, 8), (2, 5))),
     ("api-loss-weight-mismatch", lambda c: _loss((2, 5, 8), (10, 7), (2, 5))),

@@ -135,9 +135,14 @@ def _normalise_choice(name: str, value: str, meta: dict) -> Any:
     return (" " if name == "fsdp" else ",").join(out) if meta["multi"] else out[0]
 
 
+def _num(x: Any) -> str:
+    """A bound as the user writes it: an integer stays an integer (``18446744073709551616``, not ``1.84467e+19``)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _bounds_text(meta: dict) -> str:
-    lo = f"[{meta['ge']:g}" if meta["ge"] is not None else f"({meta['gt']:g}" if meta["gt"] is not None else None
-    hi = f"{meta['le']:g}]" if meta["le"] is not None else f"{meta['lt']:g})" if meta["lt"] is not None else None
+    lo = f"[{_num(meta['ge'])}" if meta["ge"] is not None else f"({_num(meta['gt'])}" if meta["gt"] is not None else None
+    hi = f"{_num(meta['le'])}]" if meta["le"] is not None else f"{_num(meta['lt'])})" if meta["lt"] is not None else None
     if lo and hi:
         return f"in {lo}, {hi}"
     if lo:

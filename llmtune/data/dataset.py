@@ -166,7 +166,7 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
         raw = [raw[i] for i in idx[:attr.num_samples]]
     if opts["max_samples"]:
         raw = raw[:int(opts["max_samples"])]
-    examples, skipped = convert(attr, raw)
+    examples, skipped = convert(attr, raw, ", ".join(str(f) for f in files))
     # grpo: the raw columns travel with each prompt (convert keeps the row order, skips malformed rows)
     kept = _kept_rows(attr, raw) if stage == "grpo" else None
     _check_type(attr, stage)
