@@ -213,6 +213,13 @@ def _keys(ctx: Ctx) -> dict:
     return {k[2:]: v for k, v in zip(words[::2], words[1::2])}
 
 
+def _pairs(ctx: Ctx) -> Path:
+    """``toy`` as a preference dataset (alpaca chosen/rejected)."""
+    rows = [{"instruction": "what is the color of sky", "chosen": "blue", "rejected": "green"}] * 8
+    return data_with(ctx, "pairs.json", rows, {"toy": {"file_name": "pairs.json", "ranking": True, "columns": {
+        "prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}})
+
+
 def _yaml(ctx: Ctx, more: str) -> Path:
     """A YAML config of the short training run with ``more`` lines appended."""
     lines = [f"{k}: {json.dumps(v)}" for k, v in _keys(ctx).items()]
@@ -349,6 +356,12 @@ CASES: list = [
     # issue 25: silently ignored before (the last value won)
     ("train-yaml-key-twice", lambda c: ["train", str(_yaml(c, "learning_rate: 1.0e-3\nlearning_rate: 1.0\n"))]),
     ("train-json-key-twice", lambda c: ["train", str(_write(c.tmp / "c.json", json.dumps(_keys(c))[:-1] + ', "seed": 2}'))]),
+    ("train-max-steps-negative", _t(max_steps=-5)),
+    ("train-max-steps-0", _t(max_steps=0)),
+    ("train-save-total-limit-negative", _t(save_total_limit=-1)),
+    ("train-save-total-limit-0", _t(save_total_limit=0)),
+    ("train-neat-packing-without-packing", _t(neat_packing=True, packing=False)),
+    ("train-dpo-with-packing", lambda c: c.train(stage="dpo", packing=True, data=_pairs(c))),
     ("train-aliases-conflict", lambda c: c.train(cutoff_len=128) + ["--max_length", "64", "--cutoff_len", "100"]),
     # ---- train: model folder and tokenizer ----
     ("model-tokenizer-config-not-utf8", lambda c: c.train(model=model_with(c, "tokenizer_config.json", b'{"eos_token": "' + BAD_UTF8 + b'"}'))),
@@ -517,6 +530,29 @@ def test_bad_python_api_input_raises_one_clear_error(name, call, ctx):
     msg = str(err.value)
     assert msg and "\n" not in msg.strip(), msg
     assert {k: v for k, v in _watch(ctx).items() if k != "tmp"} == before
+
+
+# -- accepted, but what is ignored is said (issue 25: each was silently ignored, exit 0, no notice) -----------------
+NOTICE_CASES = [
+    ("fsdp-without-torchrun", lambda c: c.train(fsdp="full_shard"), "nothing is sharded"),
+    ("pref-loss-with-sft", lambda c: c.train(pref_loss="ipo", pref_beta=0.5), "stage sft ignores pref_beta, pref_loss"),
+    ("reward-funcs-with-sft", lambda c: c.train(reward_funcs="/nonexistent.py:f"), "stage sft ignores reward_funcs"),
+    ("training-keys-to-chat", lambda c: c.chat("--learning_rate", "1e-3", "--num_train_epochs", "2"),
+     "llmtune chat ignores the training keys learning_rate, num_train_epochs"),
+    ("training-keys-to-export", lambda c: c.export("--lora_dropout", "0.1", "--max_steps", "5"),
+     "llmtune export ignores the training keys max_steps"),
+    ("flag-given-twice", lambda c: c.train(cutoff_len=128) + ["--cutoff_len", "100"], "--cutoff_len is given twice"),
+]
+
+
+@pytest.mark.parametrize("name,build,expected", NOTICE_CASES, ids=[c[0] for c in NOTICE_CASES])
+def test_ignored_input_gets_a_notice(name, build, expected, ctx, capsys):
+    from llmtune.config import parse_config
+
+    words = [str(w) for w in build(ctx)]
+    parse_config(words[1:], command=words[0])
+    err = capsys.readouterr().err
+    assert expected in err and "llmtune: notice:" in err, err
 
 
 # -- a few true subprocesses: exit status and stderr as a user sees them ---------------------------------

@@ -192,6 +192,10 @@ def _check_relations(cfg: TrainConfig) -> None:
         if value is not None and value >= 1 and not float(value).is_integer():
             raise _refuse(name, value, "a whole number of steps, or a fraction of all steps in (0, 1)",
                           "e.g. 10 or 0.1")
+    if cfg.max_steps != -1 and cfg.max_steps < 1:   # issue 25: -5 and 0 trained by epochs without a word
+        raise _refuse("max_steps", cfg.max_steps, "-1 (train num_train_epochs) or a number of steps >= 1")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:   # -1 and 0 kept every checkpoint
+        raise _refuse("save_total_limit", cfg.save_total_limit, ">= 1", "leave it unset to keep every checkpoint")
     if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
         raise _refuse("val_size", cfg.val_size, "a fraction in [0, 1) or a whole number of examples",
                       "e.g. 0.1 or 100")

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 
 from llmtune.config.checks import TYPES, base_type, coerce, validate
 from llmtune.config.keys import ALIASES, IGNORED_KEYS, KEYS, TrainConfig
+from llmtune.config.relevance import check_relevance
 from llmtune.config.strict import load_json, load_yaml
 from llmtune.errors import LLMTuneError, nearest, notice
 
@@ -223,4 +224,5 @@ def parse_config(source: Union[list[str], tuple, dict, str, Path, TrainConfig, N
         notice(msg)
     cfg = TrainConfig(**values, _explicit=explicit)
     validate(cfg, command)
+    check_relevance(cfg, command)   # keys this command or stage would ignore: a notice; contradictions: an error
     return cfg
