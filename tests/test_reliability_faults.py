@@ -303,3 +303,31 @@ def test_overwrite_output_dir_replaces_our_own_run_and_keeps_the_users_files(inp
     assert "removed the previous run's files" in capsys.readouterr().err
     assert (out / "my_notes.txt").read_text() == "keep me" and (out / "data" / "config.json").read_text() == "{}"
     assert not (out / "checkpoint-1").exists() and len(_log(out)) == 1
+
+
+# -- a data file edited in place, same size and mtime (issue 25: the stale tokenized cache was used) -----------
+def test_data_edited_with_the_same_size_and_mtime_is_read_again(inputs, tmp_path):
+    """The cache key holds the file's content hash: after an edit that keeps the size and the mtime, the run's
+    first loss is the loss of a run on the edited data without any cache (reference), not the cached one."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(inputs["data"], data)
+    cache = tmp_path / "cache"
+    common = dict(max_steps=1, overwrite_cache=False, data_cache_dir=cache)
+
+    def first_loss(out, **kw):
+        args = train_args(inputs["model"], data, out, **{**common, **kw})[1:]
+        assert _train_in_process(args) == 0
+        return _log(out)[0][1]
+
+    before = first_loss(tmp_path / "a")
+    f = data / "toy.json"
+    st = f.stat()
+    text = f.read_text()
+    f.write_text(text.replace("blue", "snow").replace("green", "white"))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    edited = first_loss(tmp_path / "b")
+    reference = first_loss(tmp_path / "c", overwrite_cache=True)
+    assert edited == reference and edited != before
