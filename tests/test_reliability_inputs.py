@@ -200,7 +200,7 @@ def _edited_run(ctx: Ctx) -> Path:
 
 def _alpaca(ctx: Ctx, **extra) -> Path:
     """The toy data with one more row holding ``extra`` columns (history, system), registered for them."""
-    good = {"history": [], "system": ""}
+    good = {"history": [], "system": "", "images": []}
     rows = [{**r, **{k: good[k] for k in extra}} for r in json.loads((ctx.data / "toy.json").read_text())]
     rows.insert(3, {"instruction": "hello", "input": "", "output": "hi", **extra})
     cols = {"prompt": "instruction", "query": "input", "response": "output", **{k: k for k in extra}}
@@ -351,6 +351,8 @@ CASES: list = [
     ("data-history-a-string", lambda c: c.train(data=_alpaca(c, history="what is the color of sky"))),
     ("data-system-a-dict", lambda c: c.train(data=_alpaca(c, system={"role": "be nice"}))),
     ("data-sharegpt-tools-not-json", lambda c: c.train(data=_sharegpt(c, tools="{not json"))),
+    ("data-images-column", lambda c: c.train(data=_alpaca(c, images=["sky.png"]))),
+    ("data-images-mapped", lambda c: c.train(data=data_with(c, "dataset_info.json", {"toy": {"file_name": "toy.json", "columns": {"prompt": "instruction", "response": "output", "images": "pics"}}}))),
     ("train-seed-too-large", _t(seed=18446744073709551616)),
     ("train-yaml-alias-bomb", lambda c: ["train", str(_yaml(c, YAML_BOMB))]),
     # issue 25: silently ignored before (the last value won)
@@ -553,6 +555,15 @@ def test_ignored_input_gets_a_notice(name, build, expected, ctx, capsys):
     parse_config(words[1:], command=words[0])
     err = capsys.readouterr().err
     assert expected in err and "llmtune: notice:" in err, err
+
+
+def test_an_image_placeholder_on_a_text_model_gets_a_notice(ctx, capsys):
+    from llmtune.cli import main
+
+    rows = json.loads((ctx.data / "toy.json").read_text())
+    rows[0]["instruction"] = "<image> what is the color of sky"
+    assert main(ctx.train(max_steps=1, data=data_with(ctx, "toy.json", rows))) == 0
+    assert "1 example(s) hold <image>/<video>/<audio> placeholders" in capsys.readouterr().err
 
 
 # -- a few true subprocesses: exit status and stderr as a user sees them ---------------------------------

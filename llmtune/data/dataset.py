@@ -166,7 +166,9 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
         raw = [raw[i] for i in idx[:attr.num_samples]]
     if opts["max_samples"]:
         raw = raw[:int(opts["max_samples"])]
+    _check_text_only(attr, raw, ", ".join(str(f) for f in files))
     examples, skipped = convert(attr, raw, ", ".join(str(f) for f in files))
+    _notice_media_placeholders(attr, examples)
     # grpo: the raw columns travel with each prompt (convert keeps the row order, skips malformed rows)
     kept = _kept_rows(attr, raw) if stage == "grpo" else None
     _check_type(attr, stage)
@@ -182,6 +184,36 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     cache.save(cdir, attr.name, key, rows, stats)
     _report(attr, stats, opts["cutoff_len"])
     return rows
+
+
+MEDIA = ("images", "videos", "audios")
+
+
+def _check_text_only(attr: DatasetAttr, raw: list[dict], where: str) -> None:
+    """Refuse image/video/audio columns: llmtune's models are text-only, and training on the text alone while
+    the rows point at pictures teaches the wrong thing silently.
+
+    Raises:
+        LLMTuneError: a media column mapped in dataset_info.json, or present with values in the rows.
+    """
+    for role in MEDIA:
+        col = attr.columns.get(role, role)
+        row = next((i for i, r in enumerate(raw[:1000]) if r.get(col)), None)
+        if role in attr.explicit or row is not None:
+            raise LLMTuneError(f"dataset {attr.name!r}: {where}, column {col!r} ({role}): llmtune fine-tunes "
+                               "text-only models, which cannot see them; use a text dataset, or drop the column "
+                               "from the rows and from \"columns\" in dataset_info.json to train on the text alone")
+
+
+def _notice_media_placeholders(attr: DatasetAttr, examples: list) -> None:
+    """One notice when messages hold ``<image>``/``<video>``/``<audio>`` (multimodal placeholders a text model
+    reads as plain text)."""
+    tags = ("<image>", "<video>", "<audio>")
+    hits = sum(1 for ex in examples if any(t in str(m.get("content", "")) for m in ex.prompt + ex.responses
+                                           for t in tags))
+    if hits:
+        notice(f"dataset {attr.name!r}: {hits} example(s) hold <image>/<video>/<audio> placeholders; this is a "
+               "text-only model, so they are trained on as literal text")
 
 
 def _kept_rows(attr: DatasetAttr, raw: list[dict]) -> list[dict]:
