@@ -213,6 +213,38 @@ def _keys(ctx: Ctx) -> dict:
     return {k[2:]: v for k, v in zip(words[::2], words[1::2])}
 
 
+def _nan_adapter(ctx: Ctx) -> Path:
+    """A copy of the trained adapter with one NaN in a lora_B weight (a diverged run saved by another tool)."""
+    from safetensors.torch import load_file, save_file
+
+    a = ctx.copy("adapter")
+    sd = load_file(str(a / "adapter_model.safetensors"))
+    name = next(k for k in sorted(sd) if "lora_B" in k)
+    sd[name][0, 0] = float("nan")
+    save_file(sd, str(a / "adapter_model.safetensors"))
+    return a
+
+
+def _no_tokenizer(ctx: Ctx) -> Path:
+    """The model without its word-level tokenizer (the GGUF writer takes byte-level BPE only)."""
+    model = ctx.copy("model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    return model
+
+
+def test_gguf_export_names_the_model_after_export_dir(ctx):
+    """general.name was the temporary folder's name (.merged_gguf.tmp-...)."""
+    from llmtune.cli import main
+    from llmtune.models.gguf import read_gguf_metadata
+
+    model = _no_tokenizer(ctx)
+    with _quiet():
+        assert main(ctx.export("--export_format", "gguf", "--gguf_type", "f32", model=model, adapter=False,
+                               export_dir=ctx.tmp / "merged")) == 0
+    assert read_gguf_metadata(str(ctx.tmp / "merged" / "model-f32.gguf"))["general.name"] == "merged"
+
+
 def _pairs(ctx: Ctx) -> Path:
     """``toy`` as a preference dataset (alpaca chosen/rejected)."""
     rows = [{"instruction": "what is the color of sky", "chosen": "blue", "rejected": "green"}] * 8
@@ -435,6 +467,8 @@ CASES: list = [
     ("export-read-only-dir", lambda c: c.export(export_dir=ro_folder(c) / "exp")),
     ("export-overwrite-with-bad-adapter", lambda c: c.export("--overwrite_export_dir", "true", export_dir=_write(c.tmp / "exp" / "notes.txt", "mine").parent, adapter=c.tmp / "nope")),
     ("export-template-include", lambda c: c.export(model=template(c, SOME_TEMPLATES["include"]), adapter=False)),
+    ("export-gguf-dir-named-like-a-file", lambda c: c.export("--export_format", "gguf", model=_no_tokenizer(c), adapter=False, export_dir=c.tmp / "m.gguf")),
+    ("export-weights-hold-nan", lambda c: c.export(adapter=_nan_adapter(c))),
     ("cli-unknown-command", lambda c: ["trian"]),
 ]
 
