@@ -42,6 +42,12 @@ elif mode in ("step", "term"):
             os.kill(os.getpid(), signal.SIGKILL if mode == "step" else signal.SIGTERM)
         return out
     tr.Trainer.optimizer_step = killer
+elif mode == "term0":  # SIGTERM while the first step is being prepared: no step has completed
+    orig_next = tr.Trainer.next_step
+    def killer(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return orig_next(self, *a, **k)
+    tr.Trainer.next_step = killer
 from llmtune.cli import main
 sys.exit(main(argv))
 """
@@ -331,3 +337,50 @@ def test_data_edited_with_the_same_size_and_mtime_is_read_again(inputs, tmp_path
     edited = first_loss(tmp_path / "b")
     reference = first_loss(tmp_path / "c", overwrite_cache=True)
     assert edited == reference and edited != before
+
+
+# -- resume: what may change, and how it is honoured (issue 25) -------------------------------------------------
+def _lrs(out: Path) -> dict:
+    recs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+    return {r["current_steps"]: r["lr"] for r in recs if "lr" in r}
+
+
+@pytest.mark.parametrize("change", [dict(learning_rate=1e-2), dict(max_steps=8)], ids=["learning_rate", "max_steps"])
+def test_a_resume_with_a_new_learning_rate_or_length_follows_the_new_schedule(inputs, tmp_path, capsys, change):
+    """Reference: a fresh run with the new value; its learning rate at steps 4..N is a function of the step
+    alone (warmup + linear decay over max_steps), so the resumed run must log the same rates there. Before,
+    the old schedule's rate ran and nothing was said."""
+    kw = dict(max_steps=6, save_steps=3, lr_scheduler_type="linear", warmup_steps=2)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert _train_in_process(_args(inputs, out, **kw)) == 0
+    capsys.readouterr()
+    new = {**kw, **change}
+    assert _train_in_process(_args(inputs, out, **new, resume_from_checkpoint=str(out / "checkpoint-3"),
+                                   overwrite_output_dir=False)) == 0
+    err = capsys.readouterr().err
+    assert f"resumed from {out / 'checkpoint-3'} at step 3" in err and "changed since checkpoint-3" in err, err
+    assert _train_in_process(_args(inputs, fresh, **new)) == 0
+    got, want = _lrs(out), _lrs(fresh)
+    steps = range(4, new["max_steps"] + 1)
+    assert all(abs(got[s] - want[s]) <= 1e-12 * want[s] for s in steps), (got, want)
+
+
+def test_train_loss_after_a_resume_is_the_mean_of_every_step_of_the_run(inputs, reference, tmp_path):
+    """SIGTERM after step 5, resume to 10: train_loss is the mean of the 10 logged step losses (each logged
+    with 6 decimals), not of the resumed session's 5."""
+    out = tmp_path / "out"
+    assert _driver("term", 5, _args(inputs, out)).returncode == 143
+    assert _train_in_process(_args(inputs, out, resume_from_checkpoint=True)) == 0
+    losses = [loss for _, loss, _ in reference]
+    assert len(losses) == 10
+    got = json.loads((out / "train_results.json").read_text())["train_loss"]
+    assert abs(got - sum(losses) / 10) <= 1e-6, (got, sum(losses) / 10, sum(losses[5:]) / 5)
+
+
+def test_sigterm_before_any_step_writes_no_checkpoint_0(inputs, tmp_path):
+    out = tmp_path / "out"
+    proc = _driver("term0", 0, _args(inputs, out))
+    err = proc.stderr.decode()
+    assert proc.returncode == 143, err[-2000:]
+    assert "before any step completed: nothing to save" in err
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob("tmp-*"))

@@ -431,6 +431,9 @@ CASES: list = [
     ("resume-scheduler-json-invalid", lambda c: c.train(out=ckpt_out(c, "scheduler.json", "{"), resume_from_checkpoint=True)),
     ("resume-other-batch-size", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, per_device_train_batch_size=2)),
     ("resume-other-finetuning-type", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, finetuning_type="freeze")),
+    # issue 25: silently accepted before (new data from the old position; another stage's loss on the old state)
+    ("resume-other-dataset", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, data=_alpaca(c, system="be brief"))),
+    ("resume-other-stage", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, stage="pt", dataset="toy_text")),
     ("resume-path-not-a-checkpoint", lambda c: c.train(resume_from_checkpoint=c.copy("adapter", "somewhere"))),
     # ---- chat ----
     ("chat-missing-model", lambda c: c.chat(model=c.tmp / "none")),
