@@ -245,6 +245,43 @@ def test_gguf_export_names_the_model_after_export_dir(ctx):
     assert read_gguf_metadata(str(ctx.tmp / "merged" / "model-f32.gguf"))["general.name"] == "merged"
 
 
+def test_a_failed_template_render_names_the_error(monkeypatch):
+    """An exception with an empty message was shown as 'failed to render a conversation ()'."""
+    from llmtune.data.templates.jinja import JinjaTemplate
+    from llmtune.errors import LLMTuneError
+
+    class Tok:
+        def apply_chat_template(self, *a, **k):
+            raise KeyError()
+
+    with pytest.raises(LLMTuneError) as err:
+        JinjaTemplate(Tok())._render([{"role": "user", "content": "hi"}], True)
+    assert "(KeyError)" in str(err.value) and "()" not in str(err.value)
+
+
+def test_the_python_api_accepts_pathlib_paths(world, tmp_path):
+    import llmtune
+
+    cfg = {k: v for k, v in zip(*[iter(train_args(world["model"], world["data"], tmp_path / "o", max_steps=1)[1:])] * 2)}
+    cfg = {k[2:]: v for k, v in cfg.items()}
+    cfg.update(model_name_or_path=world["model"], dataset_dir=world["data"], output_dir=tmp_path / "o")
+    with _quiet():
+        llmtune.train(cfg)
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_errors_echo_whole_numbers_as_integers():
+    from llmtune.config import parse_config
+    from llmtune.errors import LLMTuneError
+
+    with pytest.raises(LLMTuneError) as err:
+        parse_config({"stage": "sft", "save_steps": 0.0}, command=None)
+    assert "save_steps: 0 is not allowed" in str(err.value)
+    with pytest.raises(LLMTuneError) as err:
+        parse_config(["--seed", str(2 ** 64 + 1)], command=None)
+    assert f"seed: {2 ** 64 + 1} is not allowed" in str(err.value) and "e+19" not in str(err.value)
+
+
 def _pairs(ctx: Ctx) -> Path:
     """``toy`` as a preference dataset (alpaca chosen/rejected)."""
     rows = [{"instruction": "what is the color of sky", "chosen": "blue", "rejected": "green"}] * 8

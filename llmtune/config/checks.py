@@ -17,6 +17,7 @@ whole number of groups, NaN/inf numbers, and every value outside a key's ``choic
 from __future__ import annotations
 
 import math
+import os
 import typing
 from typing import Any, Union
 
@@ -72,6 +73,8 @@ def coerce(key: str, value: Any, source: str) -> Any:
         elif tp is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value.strip())   # exact, also beyond 2**53
             if isinstance(value, (float, str)) and not isinstance(value, bool):
                 number = float(str(value).strip())
                 if number.is_integer():
@@ -84,6 +87,8 @@ def coerce(key: str, value: Any, source: str) -> Any:
                 return ",".join(str(v) for v in value)
             if isinstance(value, (str, int, float, bool)):
                 return str(value)
+            if isinstance(value, os.PathLike):   # pathlib.Path from the Python API
+                return os.fspath(value)
     except (TypeError, ValueError, OverflowError):
         pass
     want = "true/false" if tp is bool else {int: "a whole number", float: "a number", str: "text"}.get(tp, tp)
@@ -151,6 +156,8 @@ def _bounds_text(meta: dict) -> str:
 
 
 def _refuse(name: str, value: Any, rule: str, hint: str = "") -> LLMTuneError:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)   # save_steps: 0, not 0.0 (a whole number given for a float-typed key)
     return LLMTuneError(f"{name}: {value!r} is not allowed; it must be {rule}" + (f" ({hint})" if hint else ""))
 
 
