@@ -282,6 +282,48 @@ def test_errors_echo_whole_numbers_as_integers():
     assert f"seed: {2 ** 64 + 1} is not allowed" in str(err.value) and "e+19" not in str(err.value)
 
 
+def test_evaluation_and_prediction_show_progress_and_print_their_metrics(ctx, capsys):
+    """rm_lora.yaml's do_eval printed nothing for 17 minutes and its metrics reached only eval_results.json."""
+    from llmtune.cli import main
+
+    assert main(ctx.train(max_steps=1, val_size=0.5, do_eval=True, per_device_eval_batch_size=2,
+                          disable_tqdm=False)) == 0
+    cap = capsys.readouterr()
+    ev = json.loads((ctx.out / "eval_results.json").read_text())
+    import re
+
+    assert "***** eval metrics *****" in cap.out
+    assert re.search(rf"eval_loss +\= {re.escape(format(ev['eval_loss'], '.4g'))}\n", cap.out), cap.out
+    assert "eval:" in cap.err   # the evaluation's progress bar (tqdm writes to stderr)
+
+
+def test_the_progress_bar_shows_the_reward_of_online_stages(tmp_path):
+    from llmtune.train.logging import TrainLogger
+
+    logger = TrainLogger(tmp_path, 4, progress=True)
+    logger.log(1, 0.25, {"loss": 0.5, "reward": 0.75, "kl": 0.01})
+    assert logger.bar.postfix is not None and "reward=0.75" in logger.bar.postfix
+    logger.close()
+
+
+def test_a_loss_plot_of_one_point_shows_the_point(tmp_path):
+    """A line through one point draws nothing: the chart's centre (where matplotlib puts a lone point) must
+    hold pixels of the curve's colour #1f77b4."""
+    import matplotlib.image
+
+    from llmtune.train.plotting import plot_loss
+
+    (tmp_path / "trainer_log.jsonl").write_text('{"current_steps": 1, "loss": 2.5}\n')
+    (path,) = plot_loss(tmp_path, keys=("loss",))
+    img = matplotlib.image.imread(str(path))   # rows from the top, RGBA floats
+    h, w = img.shape[:2]
+    cy, cx = int(h * (1 - (0.11 + 0.88) / 2)), int(w * (0.125 + 0.9) / 2)
+    win = img[cy - 6:cy + 7, cx - 6:cx + 7, :3]
+    blue = ((abs(win[..., 0] - 31 / 255) < 0.08) & (abs(win[..., 1] - 119 / 255) < 0.08)
+            & (abs(win[..., 2] - 180 / 255) < 0.08))
+    assert blue.sum() >= 10, blue.sum()
+
+
 def _pairs(ctx: Ctx) -> Path:
     """``toy`` as a preference dataset (alpaca chosen/rejected)."""
     rows = [{"instruction": "what is the color of sky", "chosen": "blue", "rejected": "green"}] * 8
@@ -433,6 +475,8 @@ CASES: list = [
     ("train-save-total-limit-0", _t(save_total_limit=0)),
     ("train-neat-packing-without-packing", _t(neat_packing=True, packing=False)),
     ("train-dpo-with-packing", lambda c: c.train(stage="dpo", packing=True, data=_pairs(c))),
+    ("train-bad-metric-for-best-model", _t(val_size=0.25, eval_strategy="steps", eval_steps=2,
+                                           metric_for_best_model="eval_acuracy")),
     ("train-aliases-conflict", lambda c: c.train(cutoff_len=128) + ["--max_length", "64", "--cutoff_len", "100"]),
     # ---- train: model folder and tokenizer ----
     ("model-tokenizer-config-not-utf8", lambda c: c.train(model=model_with(c, "tokenizer_config.json", b'{"eos_token": "' + BAD_UTF8 + b'"}'))),

@@ -125,7 +125,9 @@ def write_predictions(model: torch.nn.Module, tokenizer: Any, template: Any, row
     device = next(model.parameters()).device
     n = 0
     with path.open("w", encoding="utf-8") as f:
-        for i in range(0, len(rows), bs):
+        from llmtune.train.eval_report import progress
+
+        for i in progress(range(0, len(rows), bs), -(-len(rows) // bs), "predict", not cfg.disable_tqdm):
             prompts, labels = [], []
             for row in (rows[j] for j in range(i, min(i + bs, len(rows)))):
                 lab = list(row["labels"])

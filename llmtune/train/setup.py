@@ -41,7 +41,7 @@ from llmtune.tokenizer import load_tokenizer
 from llmtune.locks import lock_output
 from llmtune.train import manifest
 from llmtune.train.checkpoint import clear_for_overwrite
-from llmtune.train import summary
+from llmtune.train import eval_report, summary
 from llmtune.train.distributed import (barrier, distributed_session, full_parameters, gather_full_state_dict, is_main,
                                        unwrap)
 from llmtune.train.finetuning import apply_finetuning_type
@@ -187,8 +187,10 @@ def build_trainer(model: torch.nn.Module, cfg: Any, stage: Stage, tokenizer: Any
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     rows = train_rows if cfg.do_train else (eval_rows or train_rows)
     collator = get_collator(stage.collator, pad, padding_free=cfg.padding_free)  # packed where exact
-    return Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra,
-                   online=online)
+    trainer = Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra,
+                      online=online)
+    eval_report.check_best_metric(trainer, cfg.do_eval)   # a bad metric_for_best_model: now, not after training
+    return trainer
 
 
 def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, template: Any,
@@ -219,6 +221,7 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
             ev["perplexity"] = math.exp(min(ev["eval_loss"], 700.0)) if cfg.stage in ("pt", "sft") else None
             ev = {k: v for k, v in ev.items() if v is not None}
             results.update(ev)
+            eval_report.print_metrics("eval", ev)
             if is_main():
                 write_json(out / "eval_results.json", ev)
     if cfg.do_predict:
@@ -231,7 +234,9 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
             notice(f"do_predict: predictions are written for stage sft only, not {cfg.stage}; skipping")
         elif is_main():
             write_predictions(model, tokenizer, template, rows, out / "generated_predictions.jsonl", cfg)
-            results.update(write_predict_results(out))  # BLEU-4, ROUGE-1/2/L (train/metrics.py)
+            scores = write_predict_results(out)  # BLEU-4, ROUGE-1/2/L (train/metrics.py)
+            results.update(scores)
+            eval_report.print_metrics("predict", scores)
     if is_main():
         write_json(out / "all_results.json", results)
         if cfg.plot_loss:

@@ -42,7 +42,7 @@ from llmtune.errors import LLMTuneError, Terminated, notice
 from llmtune.train import checkpoint as ckpt
 from llmtune.train import distributed as dist_hooks
 from llmtune.train.distributed import all_reduce_sum, is_main, rank, world_size
-from llmtune.train import guard
+from llmtune.train import eval_report, guard
 from llmtune.train import resume as resume_rules
 from llmtune.train.logging import TrainLogger, resolve_report_to
 from llmtune.train.optim import build_optimizer, lr_lambda, num_warmup_steps
@@ -468,11 +468,12 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, dataset: Optional[Sequence[dict]] = None) -> dict[str, float]:
+    def evaluate(self, dataset: Optional[Sequence[dict]] = None, quiet: bool = False) -> dict[str, float]:
         """Mean loss over all items of the eval set (``eval_loss``) plus the stage's metrics (``eval_*``).
 
         The loss is ``sum(loss_sum) / sum(items)`` over every eval batch (and rank); metrics are averaged
-        weighted by each batch's items. The model is put back in training mode afterwards.
+        weighted by each batch's items. The model is put back in training mode afterwards. A progress bar
+        shows on the main process unless ``quiet`` or ``disable_tqdm``.
         """
         ds = self.eval_dataset if dataset is None else dataset
         if ds is None:
@@ -482,7 +483,8 @@ class Trainer:
         order = self._shard(list(range(len(ds))), pad=dist_hooks.is_fsdp(self.model))  # FSDP: same batch count
         loss_total, items_total = 0.0, 0
         metric_sums: dict[str, float] = {}
-        for i in range(0, len(order), self.eval_bs):
+        bar = is_main() and not quiet and not self.config.disable_tqdm
+        for i in eval_report.progress(range(0, len(order), self.eval_bs), -(-len(order) // self.eval_bs), "eval", bar):
             batch = self.collate(order[i:i + self.eval_bs], ds)
             with self.autocast():
                 loss_sum, n, metrics = self.stage(self.model, batch, self.ctx)
