@@ -384,3 +384,52 @@ def test_sigterm_before_any_step_writes_no_checkpoint_0(inputs, tmp_path):
     assert proc.returncode == 143, err[-2000:]
     assert "before any step completed: nothing to save" in err
     assert not list(out.glob("checkpoint-*")) and not list(out.glob("tmp-*"))
+
+
+# -- checkpoints are adapters too (issue 25) ------------------------------------------------------------------
+def test_a_lora_checkpoint_is_an_adapter_folder_for_peft_chat_and_export(inputs, tmp_path, capsys):
+    """checkpoint-2 of a LoRA run: peft loads it without a warning and gives llmtune's logits (fp32, 1e-5);
+    export and chat take it as adapter_name_or_path; the adapter's tensors are stored once (trainable.safetensors
+    holds none of them) and the run's record travels with it."""
+    import warnings
+
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from llmtune.cli import main
+    from llmtune.runs import load_model
+
+    out = tmp_path / "out"
+    assert _train_in_process(_args(inputs, out, max_steps=4, save_steps=2)) == 0
+    ck = out / "checkpoint-2"
+    assert {"adapter_model.safetensors", "adapter_config.json", "llmtune.json", "tokenizer.json"} <= {
+        p.name for p in ck.iterdir()}
+    assert load_file(str(ck / "trainable.safetensors")) == {}   # no second copy of the adapter
+    ids = torch.tensor([[4, 9, 10, 11, 12, 13, 3]])
+    ours = load_model(str(inputs["model"]), dtype=torch.float32, adapter_name_or_path=str(ck)).eval()
+    with torch.no_grad():
+        mine = ours.lm_head(ours(ids)).float()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(inputs["model"]), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(hf, str(ck)).eval()
+    assert not [w for w in caught if "peft" in str(w.filename)], [str(w.message) for w in caught]
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits.float()
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    capsys.readouterr()
+    assert main(["export", "--model_name_or_path", str(inputs["model"]), "--adapter_name_or_path", str(ck),
+                 "--export_dir", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "model.safetensors").is_file()
+    import io
+    import sys as _sys
+
+    stdin = _sys.stdin
+    _sys.stdin = io.StringIO("hello\n")
+    try:
+        assert main(["chat", "--model_name_or_path", str(inputs["model"]), "--adapter_name_or_path", str(ck),
+                     "--max_new_tokens", "3"]) == 0
+    finally:
+        _sys.stdin = stdin

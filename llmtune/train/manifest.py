@@ -88,7 +88,8 @@ def record_outputs(out: Path, patterns: Iterable[str], before: dict[str, tuple[i
             st = p.stat()
             if before.get(p.name) != (st.st_size, st.st_mtime_ns):
                 files[p.name] = {"size": st.st_size, "sha256": _sha256(p)}
-    write_json(out / MANIFEST, {"written_by": "llmtune", "files": files})
+    if files != read_manifest(out) or not (out / MANIFEST).is_file():   # a run that wrote nothing changes nothing
+        write_json(out / MANIFEST, {"written_by": "llmtune", "files": files})
     return files
 
 
@@ -121,7 +122,7 @@ def classify(out: Path, patterns: Iterable[str]) -> tuple[list[str], list[str]]:
         if p.is_dir():
             if p.name.startswith(_TMP) or (_CHECKPOINT.match(p.name) and _checkpoint_is_ours(p)):
                 ours.append(p.name)
-            elif _CHECKPOINT.match(p.name):
+            elif _CHECKPOINT.match(p.name) and (p / "trainer_state.json").exists():   # another trainer's
                 foreign.append(p.name + "/")
             continue
         if not p.is_file() or not _matches(p.name, patterns):
@@ -187,5 +188,21 @@ def clear_previous_run(output_dir: str | os.PathLike, patterns: tuple = RUN_OUTP
     return removed
 
 
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove ``tmp-checkpoint-N`` / ``tmp-old-checkpoint-N`` folders left by a run killed while saving.
+
+    Called at the start of a run (the caller holds the folder's lock, :mod:`llmtune.locks`, so no other
+    run is writing them). Returns the removed folders.
+    """
+    out = Path(output_dir)
+    gone = []
+    if out.is_dir():
+        for p in out.iterdir():
+            if p.is_dir() and (p.name.startswith("tmp-checkpoint-") or p.name.startswith("tmp-old-checkpoint-")):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
 __all__ = ["MANIFEST", "read_manifest", "snapshot", "record_outputs", "classify", "check_no_foreign_files", "RUN_OUTPUTS",
-           "clear_previous_run"]
+           "clear_previous_run", "remove_stale_temporaries"]

@@ -97,9 +97,9 @@ def best_state_at_resume(trainer: Any, folder: Path) -> Optional[dict[str, Any]]
 
     if trainer.best_step == trainer.global_step:   # set by Trainer._load from the same folder
         return {k: v.clone() for k, v in ckpt.trainable_state_dict(dist_hooks.unwrap(trainer.model)).items()}
-    best = folder.parent / f"checkpoint-{trainer.best_step}" / "trainable.safetensors"
-    if best.is_file():
-        return ckpt.read_checkpoint_tensors(best)
+    best = folder.parent / f"checkpoint-{trainer.best_step}"
+    if (best / ckpt.TRAINER_STATE).is_file():
+        return ckpt.read_trainable(best, ckpt.read_checkpoint_json(best / ckpt.TRAINER_STATE))
     notice(f"load_best_model_at_end: the best step ({trainer.best_step}) has no checkpoint beside {folder}, so "
            "its weights cannot be loaded at the end of this resumed run (make save_steps a multiple of "
            "eval_steps to keep them)")

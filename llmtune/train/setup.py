@@ -99,11 +99,24 @@ def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
         return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)
     clear_for_overwrite(cfg, out)  # all checked (config, model, adapters, data, optimizer): only now clear an old run
     before = manifest.snapshot(out, RUN_OUTPUTS)
-    try:
+    try:   # the run's record first: every checkpoint carries it (a LoRA checkpoint-N is an adapter folder too)
+        if not (out / runs.RUN_RECORD).is_file():   # (a resumed run keeps the record of its start)
+            _record_at_start(out, cfg, tokenizer, template, model.adapter_chain)
         return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
     finally:  # also after an error or Ctrl-C: what this run wrote is recorded, so a later overwrite may replace it
         with contextlib.suppress(OSError):
             manifest.record_outputs(out, RUN_OUTPUTS, before)
+
+
+def _record_at_start(out: Path, cfg: Any, tokenizer: Any, template: Any, chain: runs.AdapterChain) -> None:
+    """:func:`llmtune.runs.save_metadata` before training, so checkpoints carry the run's record; a failure
+    (a full disk) is a notice here: the checkpoint or final save reports the disk in its own error."""
+    try:
+        runs.save_metadata(out, cfg, tokenizer, template, chain.base, chain.parents)
+    except Exception as err:  # noqa: BLE001 - the tokenizer library raises plain Exception for I/O errors
+        notice(f"could not write the run's record in {out} before training ({str(err)[:120]}); checkpoints will "
+               "not carry llmtune.json and the tokenizer")
+        (out / runs.RUN_RECORD).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
