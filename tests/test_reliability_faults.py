@@ -433,3 +433,33 @@ def test_a_lora_checkpoint_is_an_adapter_folder_for_peft_chat_and_export(inputs,
                      "--max_new_tokens", "3"]) == 0
     finally:
         _sys.stdin = stdin
+
+
+def test_a_full_fine_tuning_checkpoint_is_a_model_folder_and_resumes_exactly(inputs, tmp_path):
+    """checkpoint-2 of a full run: transformers loads it and gives the logits of the run's final model (saved
+    at the same step 2; fp32, 1e-5); no second copy of the weights; resuming from it to step 4 logs the losses
+    of the uninterrupted 4-step run."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from llmtune.runs import load_model
+
+    kw = dict(finetuning_type="full", learning_rate=1e-3, save_steps=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train_in_process(_args(inputs, a, max_steps=2, **kw)) == 0
+    ck = a / "checkpoint-2"
+    assert (ck / "config.json").is_file() and load_file(str(ck / "trainable.safetensors")) == {}
+    ids = torch.tensor([[4, 9, 10, 11, 12, 13, 3]])
+    ours = load_model(str(a), dtype=torch.float32).eval()
+    with torch.no_grad():
+        mine = ours.lm_head(ours(ids)).float()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=1e-5)
+    assert _train_in_process(_args(inputs, b, max_steps=4, **kw)) == 0
+    c = tmp_path / "c"
+    import shutil
+
+    shutil.copytree(b, c)
+    assert _train_in_process(_args(inputs, c, max_steps=4, resume_from_checkpoint=str(c / "checkpoint-2"), **kw)) == 0
+    assert _log(c) == _log(b)

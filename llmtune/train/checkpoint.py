@@ -282,14 +282,20 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
                            f"the last finite checkpoint is {last_checkpoint_text(out)}; lower learning_rate or "
                            "set max_grad_norm, then resume from it")
     names = ckpt_adapter.split_adapter(model, weights)  # LoRA: the adapter goes to PEFT's files, not twice
+    full = [] if names else ckpt_adapter.full_model_names(model, weights)   # full: model.safetensors
     try:
         if tmp.exists():  # our own half-written folder from a killed run
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_tensors({n: t for n, t in weights.items() if n not in names.values()}, str(tmp / "trainable.safetensors"))
+        kept = set(names.values()) | set(full)
+        save_tensors({n: t for n, t in weights.items() if n not in kept}, str(tmp / "trainable.safetensors"))
         if names:
             ckpt_adapter.write_adapter(model, tmp, out)
             trainer_state = dict(trainer_state, adapter_tensors=names)
+        elif full:
+            save_tensors({n: weights[n] for n in full}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            ckpt_adapter.write_model_config(model, tmp, out, weights, full)
+            trainer_state = dict(trainer_state, weights_file="model.safetensors")
         if with_optimizer:
             save_optimizer(optimizer, tmp)
         else:
@@ -492,6 +498,8 @@ def read_trainable(folder: Path, state: dict[str, Any]) -> dict[str, torch.Tenso
     tensors = read_checkpoint_tensors(folder / "trainable.safetensors")
     if state.get("adapter_tensors"):
         tensors.update(ckpt_adapter.rename(state, read_checkpoint_tensors(folder / ckpt_adapter.ADAPTER_WEIGHTS)))
+    if state.get("weights_file") == "model.safetensors":
+        tensors.update(read_checkpoint_tensors(folder / "model.safetensors"))
     return tensors
 
 
