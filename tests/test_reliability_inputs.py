@@ -675,6 +675,15 @@ def test_ignored_input_gets_a_notice(name, build, expected, ctx, capsys):
     assert expected in err and "llmtune: notice:" in err, err
 
 
+def test_ref_model_with_sft_gets_one_notice_with_the_right_reason(ctx, capsys):
+    """It said 'pref_loss sigmoid needs no reference model', which is not why sft ignores it."""
+    from llmtune.cli import main
+
+    assert main(ctx.train(max_steps=1, ref_model=ctx.model)) == 0
+    err = capsys.readouterr().err
+    assert "stage sft ignores ref_model" in err and "pref_loss" not in err, err
+
+
 def test_an_image_placeholder_on_a_text_model_gets_a_notice(ctx, capsys):
     from llmtune.cli import main
 
