@@ -166,9 +166,12 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
         raw = [raw[i] for i in idx[:attr.num_samples]]
     if opts["max_samples"]:
         raw = raw[:int(opts["max_samples"])]
-    _check_text_only(attr, raw, ", ".join(str(f) for f in files))
+    text_only = not _vision_model(args.model_name_or_path)
+    if text_only:
+        _check_text_only(attr, raw, ", ".join(str(f) for f in files))
     examples, skipped = convert(attr, raw, ", ".join(str(f) for f in files))
-    _notice_media_placeholders(attr, examples)
+    if text_only:
+        _notice_media_placeholders(attr, examples)
     # grpo: the raw columns travel with each prompt (convert keeps the row order, skips malformed rows)
     kept = _kept_rows(attr, raw) if stage == "grpo" else None
     _check_type(attr, stage)
@@ -189,9 +192,21 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
 MEDIA = ("images", "videos", "audios")
 
 
+def _vision_model(model_name_or_path: Any) -> bool:
+    """True for a local model folder whose ``config.json`` has a ``vision_config`` (a vision-language model,
+    whose images are its data: the text-only checks below do not apply)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(str(model_name_or_path)).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+    return isinstance(cfg, dict) and "vision_config" in cfg
+
+
 def _check_text_only(attr: DatasetAttr, raw: list[dict], where: str) -> None:
-    """Refuse image/video/audio columns: llmtune's models are text-only, and training on the text alone while
-    the rows point at pictures teaches the wrong thing silently.
+    """Refuse image/video/audio columns for a text-only model: training on the text alone while the rows
+    point at pictures teaches the wrong thing silently.
 
     Raises:
         LLMTuneError: a media column mapped in dataset_info.json, or present with values in the rows.
@@ -200,9 +215,9 @@ def _check_text_only(attr: DatasetAttr, raw: list[dict], where: str) -> None:
         col = attr.columns.get(role, role)
         row = next((i for i, r in enumerate(raw[:1000]) if r.get(col)), None)
         if role in attr.explicit or row is not None:
-            raise LLMTuneError(f"dataset {attr.name!r}: {where}, column {col!r} ({role}): llmtune fine-tunes "
-                               "text-only models, which cannot see them; use a text dataset, or drop the column "
-                               "from the rows and from \"columns\" in dataset_info.json to train on the text alone")
+            raise LLMTuneError(f"dataset {attr.name!r}: {where}, column {col!r} ({role}): this is a text-only "
+                               "model, which cannot see them; use a vision-language model or a text dataset, or "
+                               "drop the column from the rows and from \"columns\" in dataset_info.json")
 
 
 def _notice_media_placeholders(attr: DatasetAttr, examples: list) -> None:
