@@ -306,6 +306,18 @@ def test_the_progress_bar_shows_the_reward_of_online_stages(tmp_path):
     logger.close()
 
 
+def test_the_progress_bar_shows_the_loss_of_the_step_just_done(tmp_path, capsys):
+    """The postfix was set without a refresh, so the bar drawn on screen showed the previous step's loss."""
+    from llmtune.train.logging import TrainLogger
+
+    logger = TrainLogger(tmp_path, 4, progress=True)
+    for step, loss in ((1, 0.111), (2, 0.222)):
+        logger.advance()
+        logger.log(step, step / 4, {"loss": loss})
+        assert f"loss={loss}" in capsys.readouterr().err.split("\r")[-1]
+    logger.close()
+
+
 def test_a_loss_plot_of_one_point_shows_the_point(tmp_path):
     """A line through one point draws nothing: the chart's centre (where matplotlib puts a lone point) must
     hold pixels of the curve's colour #1f77b4."""
