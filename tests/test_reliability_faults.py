@@ -387,10 +387,11 @@ def test_sigterm_before_any_step_writes_no_checkpoint_0(inputs, tmp_path):
 
 
 # -- checkpoints are adapters too (issue 25) ------------------------------------------------------------------
-def test_a_lora_checkpoint_is_an_adapter_folder_for_peft_chat_and_export(inputs, tmp_path, capsys):
-    """checkpoint-2 of a LoRA run: peft loads it without a warning and gives llmtune's logits (fp32, 1e-5);
-    export and chat take it as adapter_name_or_path; the adapter's tensors are stored once (trainable.safetensors
-    holds none of them) and the run's record travels with it."""
+def test_a_lora_checkpoint_is_an_adapter_folder_for_peft_chat_and_export(inputs, tmp_path, capsys, monkeypatch):
+    """A LoRA run that the NaN guard stops at step 3: its finite checkpoint-2 is an adapter folder. peft loads it
+    without a warning and gives llmtune's logits (fp32, 1e-5); export and chat take it as adapter_name_or_path;
+    the adapter's tensors are stored once (trainable.safetensors holds none of them) and the run's record
+    travels with it."""
     import warnings
 
     import torch
@@ -401,8 +402,18 @@ def test_a_lora_checkpoint_is_an_adapter_folder_for_peft_chat_and_export(inputs,
     from llmtune.cli import main
     from llmtune.runs import load_model
 
+    import llmtune.train.trainer as tr
+    from llmtune.train.stages.causal_lm import causal_lm_stage
+
+    def nan_at_step_3(model, batch, ctx):   # the loss of step 3 is NaN: nonfinite_policy stop ends the run
+        loss, n, metrics = causal_lm_stage(model, batch, ctx)
+        return (loss * float("nan") if ctx.global_step == 2 and ctx.training else loss), n, metrics
+
+    monkeypatch.setattr(tr, "get_stage", lambda name: nan_at_step_3)
     out = tmp_path / "out"
-    assert _train_in_process(_args(inputs, out, max_steps=4, save_steps=2)) == 0
+    assert _train_in_process(_args(inputs, out, max_steps=4, save_steps=1)) == 2
+    assert "not finite" in capsys.readouterr().err and not (out / "checkpoint-3").exists()
+    monkeypatch.undo()
     ck = out / "checkpoint-2"
     assert {"adapter_model.safetensors", "adapter_config.json", "llmtune.json", "tokenizer.json"} <= {
         p.name for p in ck.iterdir()}
