@@ -355,6 +355,10 @@ def export(config: Any) -> Path:
 
             raise LLMTuneError(f"gguf_type: {cfg.gguf_type!r} is not supported; choose one of "
                                f"{', '.join(GGUF_TYPES)}." + nearest(str(cfg.gguf_type).lower(), GGUF_TYPES))
+        if str(cfg.export_dir).lower().endswith(".gguf"):
+            raise LLMTuneError(f"export_dir: {cfg.export_dir} looks like a file name; export_dir is a folder, and "
+                               f"the GGUF file is written in it as model-{str(cfg.gguf_type).lower()}.gguf: give "
+                               "a folder name")
         if cfg.export_quantization_bit:
             raise LLMTuneError("export_quantization_bit: 4 writes the bitsandbytes safetensors layout; for a "
                                "quantized GGUF use --gguf_type q8_0, q4_0 or q4_1 instead")
@@ -386,6 +390,10 @@ def _export(cfg: Any, fmt: str, export_dir: Path) -> Path:
     if adapters:
         merge_chain(model, adapters)
     model.eval()
+    for name, t in model.state_dict().items():   # issue 25: a NaN in the weights was exported with exit 0
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LLMTuneError(f"export: {name} holds NaN/inf in {' + '.join(map(str, [base, *adapters]))}; "
+                               "nothing is exported (export an earlier checkpoint of the run, or retrain)")
 
     tokenizer, stop_ids = _tokenizer_and_stops(cfg, base, adapters)
 
@@ -399,7 +407,7 @@ def _export(cfg: Any, fmt: str, export_dir: Path) -> Path:
     make_public_dir(tmp)
     try:
         if fmt == "gguf":
-            _write_gguf_export(model, tmp, cfg.gguf_type, tokenizer, stop_ids, base)
+            _write_gguf_export(model, tmp, cfg.gguf_type, tokenizer, stop_ids, base, name=export_dir.name)
         else:
             base_gen = None
             for folder in [*reversed(adapters), Path(base)]:
@@ -436,7 +444,7 @@ def _tokenizer_and_stops(cfg: Any, base: str, adapters: Sequence[Path]) -> tuple
 
 
 def _write_gguf_export(model: torch.nn.Module, out_dir: Path, gguf_type: str, tokenizer: Any,
-                       stop_ids: Sequence[int], base: str) -> Path:
+                       stop_ids: Sequence[int], base: str, name: Optional[str] = None) -> Path:
     from llmtune.models.gguf_writer import write_gguf
 
     tok_json, pre, add_bos = None, "default", None
@@ -468,7 +476,7 @@ def _write_gguf_export(model: torch.nn.Module, out_dir: Path, gguf_type: str, to
                bos_token_id=getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None,
                eos_token_id=eos,
                pad_token_id=getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None,
-               eot_token_ids=stops, add_bos_token=add_bos, tokenizer_pre=pre, name=out_dir.name)
+               eot_token_ids=stops, add_bos_token=add_bos, tokenizer_pre=pre, name=name or out_dir.name)
     return path
 
 

@@ -223,10 +223,10 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
     for item in _split(adapter_name_or_path):
         local = resolve_path(item, revision=None, what="adapter_name_or_path")
         if not (local / ADAPTER_CONFIG).is_file():
-            if (local / "trainer_state.json").is_file():    # a checkpoint-N folder holds trainable.safetensors
-                raise LLMTuneError(f"adapter_name_or_path: {item!r} is a training checkpoint (for "
-                                   "resume_from_checkpoint), not an adapter folder; give the run's output_dir (its final "
-                                   "adapter) instead")
+            if (local / "trainer_state.json").is_file():    # a full, freeze or FSDP run's checkpoint-N
+                raise LLMTuneError(f"adapter_name_or_path: {item!r} is a training checkpoint without an adapter (a "
+                                   "full/freeze fine-tuning, FSDP or older llmtune run: for resume_from_checkpoint); "
+                                   "give the run's output_dir (its final model) instead")
             raise LLMTuneError(f"adapter_name_or_path: {item!r} has no {ADAPTER_CONFIG} (in {local}); give the "
                                "output folder of a LoRA training run (or leave adapter_name_or_path unset)")
         root, sub = resolve_model_chain(local)

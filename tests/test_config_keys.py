@@ -120,7 +120,8 @@ def test_cli_refusal_in_a_subprocess_has_no_traceback():
     r = subprocess.run([sys.executable, "-m", "llmtune", "train", "--model_name_or_path", "m", "--dataset", "d",
                         "--output_dir", "o", "--adam_beta1", "2"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == "llmtune: error: adam_beta1: 2.0 is not allowed; it must be in [0, 1) (use a value " \
+    # issue 25: the value is echoed as typed ("2"), no longer as the float it became ("2.0")
+    assert r.stderr.strip() == "llmtune: error: adam_beta1: 2 is not allowed; it must be in [0, 1) (use a value " \
                                "such as 0.9)"
 
 

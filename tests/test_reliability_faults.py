@@ -42,6 +42,12 @@ elif mode in ("step", "term"):
             os.kill(os.getpid(), signal.SIGKILL if mode == "step" else signal.SIGTERM)
         return out
     tr.Trainer.optimizer_step = killer
+elif mode == "term0":  # SIGTERM while the first step is being prepared: no step has completed
+    orig_next = tr.Trainer.next_step
+    def killer(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return orig_next(self, *a, **k)
+    tr.Trainer.next_step = killer
 from llmtune.cli import main
 sys.exit(main(argv))
 """
@@ -280,3 +286,191 @@ def test_a_full_disk_then_resume_from_the_last_complete_checkpoint(inputs, refer
     assert not list(out.glob("tmp-*"))
     (small_tmpfs / "filler.bin").unlink()
     _resume_and_compare(inputs, out, reference)
+
+
+# -- overwrite_output_dir replaces only what a run of ours wrote (issue 25) ---------------------------------------
+def test_overwrite_output_dir_replaces_our_own_run_and_keeps_the_users_files(inputs, tmp_path, capsys):
+    """A finished run's outputs (recorded in its manifest with their hashes) are replaced; a user's notes and a
+    sub-folder are kept. The manifest names every file the run wrote, each with its SHA-256."""
+    import hashlib
+
+    from llmtune.train.manifest import MANIFEST
+
+    out = tmp_path / "out"
+    assert _train_in_process(_args(inputs, out, max_steps=2, save_steps=1)) == 0
+    record = json.loads((out / MANIFEST).read_text())["files"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "trainer_log.jsonl", "llmtune.json"} <= set(record)
+    for name, rec in record.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == rec["sha256"], name
+    (out / "my_notes.txt").write_text("keep me")
+    (out / "data").mkdir()
+    (out / "data" / "config.json").write_text("{}")
+    assert _train_in_process(_args(inputs, out, max_steps=1, overwrite_output_dir=True)) == 0
+    assert "removed the previous run's files" in capsys.readouterr().err
+    assert (out / "my_notes.txt").read_text() == "keep me" and (out / "data" / "config.json").read_text() == "{}"
+    assert not (out / "checkpoint-1").exists() and len(_log(out)) == 1
+
+
+# -- a data file edited in place, same size and mtime (issue 25: the stale tokenized cache was used) -----------
+def test_data_edited_with_the_same_size_and_mtime_is_read_again(inputs, tmp_path):
+    """The cache key holds the file's content hash: after an edit that keeps the size and the mtime, the run's
+    first loss is the loss of a run on the edited data without any cache (reference), not the cached one."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(inputs["data"], data)
+    cache = tmp_path / "cache"
+    common = dict(max_steps=1, overwrite_cache=False, data_cache_dir=cache)
+
+    def first_loss(out, **kw):
+        args = train_args(inputs["model"], data, out, **{**common, **kw})[1:]
+        assert _train_in_process(args) == 0
+        return _log(out)[0][1]
+
+    before = first_loss(tmp_path / "a")
+    f = data / "toy.json"
+    st = f.stat()
+    text = f.read_text()
+    f.write_text(text.replace("blue", "snow").replace("green", "white"))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    edited = first_loss(tmp_path / "b")
+    reference = first_loss(tmp_path / "c", overwrite_cache=True)
+    assert edited == reference and edited != before
+
+
+# -- resume: what may change, and how it is honoured (issue 25) -------------------------------------------------
+def _lrs(out: Path) -> dict:
+    recs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+    return {r["current_steps"]: r["lr"] for r in recs if "lr" in r}
+
+
+@pytest.mark.parametrize("change", [dict(learning_rate=1e-2), dict(max_steps=8)], ids=["learning_rate", "max_steps"])
+def test_a_resume_with_a_new_learning_rate_or_length_follows_the_new_schedule(inputs, tmp_path, capsys, change):
+    """Reference: a fresh run with the new value; its learning rate at steps 4..N is a function of the step
+    alone (warmup + linear decay over max_steps), so the resumed run must log the same rates there. Before,
+    the old schedule's rate ran and nothing was said."""
+    kw = dict(max_steps=6, save_steps=3, lr_scheduler_type="linear", warmup_steps=2)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert _train_in_process(_args(inputs, out, **kw)) == 0
+    capsys.readouterr()
+    new = {**kw, **change}
+    assert _train_in_process(_args(inputs, out, **new, resume_from_checkpoint=str(out / "checkpoint-3"),
+                                   overwrite_output_dir=False)) == 0
+    err = capsys.readouterr().err
+    assert f"resumed from {out / 'checkpoint-3'} at step 3" in err and "changed since checkpoint-3" in err, err
+    assert _train_in_process(_args(inputs, fresh, **new)) == 0
+    got, want = _lrs(out), _lrs(fresh)
+    steps = range(4, new["max_steps"] + 1)
+    assert all(abs(got[s] - want[s]) <= 1e-12 * want[s] for s in steps), (got, want)
+
+
+def test_train_loss_after_a_resume_is_the_mean_of_every_step_of_the_run(inputs, reference, tmp_path):
+    """SIGTERM after step 5, resume to 10: train_loss is the mean of the 10 logged step losses (each logged
+    with 6 decimals), not of the resumed session's 5."""
+    out = tmp_path / "out"
+    assert _driver("term", 5, _args(inputs, out)).returncode == 143
+    assert _train_in_process(_args(inputs, out, resume_from_checkpoint=True)) == 0
+    losses = [loss for _, loss, _ in reference]
+    assert len(losses) == 10
+    got = json.loads((out / "train_results.json").read_text())["train_loss"]
+    assert abs(got - sum(losses) / 10) <= 1e-6, (got, sum(losses) / 10, sum(losses[5:]) / 5)
+
+
+def test_sigterm_before_any_step_writes_no_checkpoint_0(inputs, tmp_path):
+    out = tmp_path / "out"
+    proc = _driver("term0", 0, _args(inputs, out))
+    err = proc.stderr.decode()
+    assert proc.returncode == 143, err[-2000:]
+    assert "before any step completed: nothing to save" in err
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob("tmp-*"))
+
+
+# -- checkpoints are adapters too (issue 25) ------------------------------------------------------------------
+def test_a_lora_checkpoint_is_an_adapter_folder_for_peft_chat_and_export(inputs, tmp_path, capsys, monkeypatch):
+    """A LoRA run that the NaN guard stops at step 3: its finite checkpoint-2 is an adapter folder. peft loads it
+    without a warning and gives llmtune's logits (fp32, 1e-5); export and chat take it as adapter_name_or_path;
+    the adapter's tensors are stored once (trainable.safetensors holds none of them) and the run's record
+    travels with it."""
+    import warnings
+
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from llmtune.cli import main
+    from llmtune.runs import load_model
+
+    import llmtune.train.trainer as tr
+    from llmtune.train.stages.causal_lm import causal_lm_stage
+
+    def nan_at_step_3(model, batch, ctx):   # the loss of step 3 is NaN: nonfinite_policy stop ends the run
+        loss, n, metrics = causal_lm_stage(model, batch, ctx)
+        return (loss * float("nan") if ctx.global_step == 2 and ctx.training else loss), n, metrics
+
+    monkeypatch.setattr(tr, "get_stage", lambda name: nan_at_step_3)
+    out = tmp_path / "out"
+    assert _train_in_process(_args(inputs, out, max_steps=4, save_steps=1)) == 2
+    assert "not finite" in capsys.readouterr().err and not (out / "checkpoint-3").exists()
+    monkeypatch.undo()
+    ck = out / "checkpoint-2"
+    assert {"adapter_model.safetensors", "adapter_config.json", "llmtune.json", "tokenizer.json"} <= {
+        p.name for p in ck.iterdir()}
+    assert load_file(str(ck / "trainable.safetensors")) == {}   # no second copy of the adapter
+    ids = torch.tensor([[4, 9, 10, 11, 12, 13, 3]])
+    ours = load_model(str(inputs["model"]), dtype=torch.float32, adapter_name_or_path=str(ck)).eval()
+    with torch.no_grad():
+        mine = ours.lm_head(ours(ids)).float()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(inputs["model"]), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(hf, str(ck)).eval()
+    assert not [w for w in caught if "peft" in str(w.filename)], [str(w.message) for w in caught]
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits.float()
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    capsys.readouterr()
+    assert main(["export", "--model_name_or_path", str(inputs["model"]), "--adapter_name_or_path", str(ck),
+                 "--export_dir", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "model.safetensors").is_file()
+    import io
+    import sys as _sys
+
+    stdin = _sys.stdin
+    _sys.stdin = io.StringIO("hello\n")
+    try:
+        assert main(["chat", "--model_name_or_path", str(inputs["model"]), "--adapter_name_or_path", str(ck),
+                     "--max_new_tokens", "3"]) == 0
+    finally:
+        _sys.stdin = stdin
+
+
+def test_a_full_fine_tuning_checkpoint_is_a_model_folder_and_resumes_exactly(inputs, tmp_path):
+    """checkpoint-2 of a full run: transformers loads it and gives the logits of the run's final model (saved
+    at the same step 2; fp32, 1e-5); no second copy of the weights; resuming from it to step 4 logs the losses
+    of the uninterrupted 4-step run."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from llmtune.runs import load_model
+
+    kw = dict(finetuning_type="full", learning_rate=1e-3, save_steps=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train_in_process(_args(inputs, a, max_steps=2, **kw)) == 0
+    ck = a / "checkpoint-2"
+    assert (ck / "config.json").is_file() and load_file(str(ck / "trainable.safetensors")) == {}
+    ids = torch.tensor([[4, 9, 10, 11, 12, 13, 3]])
+    ours = load_model(str(a), dtype=torch.float32).eval()
+    with torch.no_grad():
+        mine = ours.lm_head(ours(ids)).float()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=1e-5)
+    assert _train_in_process(_args(inputs, b, max_steps=4, **kw)) == 0
+    c = tmp_path / "c"
+    import shutil
+
+    shutil.copytree(b, c)
+    assert _train_in_process(_args(inputs, c, max_steps=4, resume_from_checkpoint=str(c / "checkpoint-2"), **kw)) == 0
+    assert _log(c) == _log(b)

@@ -189,11 +189,15 @@ def test_positions_past_max_position_embeddings_get_one_notice(capsys):
 def test_clear_previous_run_removes_only_our_files(tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)
-    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')   # issue 25: an llmtune
+    (out / "checkpoint-3" / "trainable.safetensors").write_text("x")                 # state and weights file
     (out / "checkpoint-9").mkdir()  # not ours: no trainer_state.json
     (out / "tmp-checkpoint-4").mkdir()
     for name in ("adapter_model.safetensors", "trainer_log.jsonl", "training_loss.png", "notes.txt", "my.yaml"):
         (out / name).write_text("x")
+    from llmtune.train.manifest import RUN_OUTPUTS, record_outputs
+
+    record_outputs(out, RUN_OUTPUTS, {})   # issue 25: only files a run of ours recorded writing are removed
     removed = ckpt.clear_previous_run(out)
     assert sorted(removed) == ["adapter_model.safetensors", "checkpoint-3", "tmp-checkpoint-4", "trainer_log.jsonl",
                                "training_loss.png"]

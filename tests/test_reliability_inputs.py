@@ -180,6 +180,188 @@ def ro_folder(ctx: Ctx) -> Path:
     return d
 
 
+def _project(ctx: Ctx) -> Path:
+    """A project folder: its own config.json, a README and source."""
+    d = ctx.tmp / "project"
+    _write(d / "config.json", {"name": "my project", "version": 3})
+    _write(d / "README.md", "# my project\n")
+    _write(d / "src" / "main.py", "print('hi')\n")
+    return d
+
+
+def _edited_run(ctx: Ctx) -> Path:
+    """A finished run whose adapter_config.json the user has since edited."""
+    out = ctx.copy("ckpt_run", "out")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["my_note"] = "hand-tuned"
+    _write(out / "adapter_config.json", cfg)
+    return out
+
+
+def _alpaca(ctx: Ctx, **extra) -> Path:
+    """The toy data with one more row holding ``extra`` columns (history, system), registered for them."""
+    good = {"history": [], "system": "", "images": []}
+    rows = [{**r, **{k: good[k] for k in extra}} for r in json.loads((ctx.data / "toy.json").read_text())]
+    rows.insert(3, {"instruction": "hello", "input": "", "output": "hi", **extra})
+    cols = {"prompt": "instruction", "query": "input", "response": "output", **{k: k for k in extra}}
+    return data_with(ctx, "toy.json", rows, {"toy": {"file_name": "toy.json", "columns": cols}})
+
+
+def _keys(ctx: Ctx) -> dict:
+    """The keys of the short training run (``Ctx.train``) as a dict of strings."""
+    words = ctx.train()[1:]
+    return {k[2:]: v for k, v in zip(words[::2], words[1::2])}
+
+
+def _nan_adapter(ctx: Ctx) -> Path:
+    """A copy of the trained adapter with one NaN in a lora_B weight (a diverged run saved by another tool)."""
+    from safetensors.torch import load_file, save_file
+
+    a = ctx.copy("adapter")
+    sd = load_file(str(a / "adapter_model.safetensors"))
+    name = next(k for k in sorted(sd) if "lora_B" in k)
+    sd[name][0, 0] = float("nan")
+    save_file(sd, str(a / "adapter_model.safetensors"))
+    return a
+
+
+def _no_tokenizer(ctx: Ctx) -> Path:
+    """The model without its word-level tokenizer (the GGUF writer takes byte-level BPE only)."""
+    model = ctx.copy("model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    return model
+
+
+def test_gguf_export_names_the_model_after_export_dir(ctx):
+    """general.name was the temporary folder's name (.merged_gguf.tmp-...)."""
+    from llmtune.cli import main
+    from llmtune.models.gguf import read_gguf_metadata
+
+    model = _no_tokenizer(ctx)
+    with _quiet():
+        assert main(ctx.export("--export_format", "gguf", "--gguf_type", "f32", model=model, adapter=False,
+                               export_dir=ctx.tmp / "merged")) == 0
+    assert read_gguf_metadata(str(ctx.tmp / "merged" / "model-f32.gguf"))["general.name"] == "merged"
+
+
+def test_a_failed_template_render_names_the_error(monkeypatch):
+    """An exception with an empty message was shown as 'failed to render a conversation ()'."""
+    from llmtune.data.templates.jinja import JinjaTemplate
+    from llmtune.errors import LLMTuneError
+
+    class Tok:
+        def apply_chat_template(self, *a, **k):
+            raise KeyError()
+
+    with pytest.raises(LLMTuneError) as err:
+        JinjaTemplate(Tok())._render([{"role": "user", "content": "hi"}], True)
+    assert "(KeyError)" in str(err.value) and "()" not in str(err.value)
+
+
+def test_the_python_api_accepts_pathlib_paths(world, tmp_path):
+    import llmtune
+
+    cfg = {k: v for k, v in zip(*[iter(train_args(world["model"], world["data"], tmp_path / "o", max_steps=1)[1:])] * 2)}
+    cfg = {k[2:]: v for k, v in cfg.items()}
+    cfg.update(model_name_or_path=world["model"], dataset_dir=world["data"], output_dir=tmp_path / "o")
+    with _quiet():
+        llmtune.train(cfg)
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_errors_echo_whole_numbers_as_integers():
+    from llmtune.config import parse_config
+    from llmtune.errors import LLMTuneError
+
+    with pytest.raises(LLMTuneError) as err:
+        parse_config({"stage": "sft", "save_steps": 0.0}, command=None)
+    assert "save_steps: 0 is not allowed" in str(err.value)
+    with pytest.raises(LLMTuneError) as err:
+        parse_config(["--seed", str(2 ** 64 + 1)], command=None)
+    assert f"seed: {2 ** 64 + 1} is not allowed" in str(err.value) and "e+19" not in str(err.value)
+
+
+def test_evaluation_and_prediction_show_progress_and_print_their_metrics(ctx, capsys):
+    """rm_lora.yaml's do_eval printed nothing for 17 minutes and its metrics reached only eval_results.json."""
+    from llmtune.cli import main
+
+    assert main(ctx.train(max_steps=1, val_size=0.5, do_eval=True, per_device_eval_batch_size=2,
+                          disable_tqdm=False)) == 0
+    cap = capsys.readouterr()
+    ev = json.loads((ctx.out / "eval_results.json").read_text())
+    import re
+
+    assert "***** eval metrics *****" in cap.out
+    assert re.search(rf"eval_loss +\= {re.escape(format(ev['eval_loss'], '.4g'))}\n", cap.out), cap.out
+    assert "eval:" in cap.err   # the evaluation's progress bar (tqdm writes to stderr)
+
+
+def test_the_progress_bar_shows_the_reward_of_online_stages(tmp_path):
+    from llmtune.train.logging import TrainLogger
+
+    logger = TrainLogger(tmp_path, 4, progress=True)
+    logger.log(1, 0.25, {"loss": 0.5, "reward": 0.75, "kl": 0.01})
+    assert logger.bar.postfix is not None and "reward=0.75" in logger.bar.postfix
+    logger.close()
+
+
+def test_the_progress_bar_shows_the_loss_of_the_step_just_done(tmp_path, capsys):
+    """The postfix was set without a refresh, so the bar drawn on screen showed the previous step's loss."""
+    from llmtune.train.logging import TrainLogger
+
+    logger = TrainLogger(tmp_path, 4, progress=True)
+    for step, loss in ((1, 0.111), (2, 0.222)):
+        logger.advance()
+        logger.log(step, step / 4, {"loss": loss})
+        assert f"loss={loss}" in capsys.readouterr().err.split("\r")[-1]
+    logger.close()
+
+
+def test_a_loss_plot_of_one_point_shows_the_point(tmp_path):
+    """A line through one point draws nothing: the chart's centre (where matplotlib puts a lone point) must
+    hold pixels of the curve's colour #1f77b4."""
+    import matplotlib.image
+
+    from llmtune.train.plotting import plot_loss
+
+    (tmp_path / "trainer_log.jsonl").write_text('{"current_steps": 1, "loss": 2.5}\n')
+    (path,) = plot_loss(tmp_path, keys=("loss",))
+    img = matplotlib.image.imread(str(path))   # rows from the top, RGBA floats
+    h, w = img.shape[:2]
+    cy, cx = int(h * (1 - (0.11 + 0.88) / 2)), int(w * (0.125 + 0.9) / 2)
+    win = img[cy - 6:cy + 7, cx - 6:cx + 7, :3]
+    blue = ((abs(win[..., 0] - 31 / 255) < 0.08) & (abs(win[..., 1] - 119 / 255) < 0.08)
+            & (abs(win[..., 2] - 180 / 255) < 0.08))
+    assert blue.sum() >= 10, blue.sum()
+
+
+def _pairs(ctx: Ctx) -> Path:
+    """``toy`` as a preference dataset (alpaca chosen/rejected)."""
+    rows = [{"instruction": "what is the color of sky", "chosen": "blue", "rejected": "green"}] * 8
+    return data_with(ctx, "pairs.json", rows, {"toy": {"file_name": "pairs.json", "ranking": True, "columns": {
+        "prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}})
+
+
+def _yaml(ctx: Ctx, more: str) -> Path:
+    """A YAML config of the short training run with ``more`` lines appended."""
+    lines = [f"{k}: {json.dumps(v)}" for k, v in _keys(ctx).items()]
+    return _write(ctx.tmp / "c.yaml", "\n".join(lines) + "\n" + more)
+
+
+def _sharegpt(ctx: Ctx, **extra) -> Path:
+    conv = [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"}]
+    rows = [{"conversations": conv, "tools": "[]"}] * 3 + [{"conversations": conv, **extra}]
+    cols = {"messages": "conversations", **{k: k for k in extra}}
+    return data_with(ctx, "chat.json", rows, {"toy": {"file_name": "chat.json", "formatting": "sharegpt",
+                                                       "columns": cols}})
+
+
+#: a "billion laughs" YAML: 9 levels of 9 aliases, 9**9 strings once expanded, under a known key
+YAML_BOMB = "lora_target: [&a [lol,lol,lol,lol,lol,lol,lol,lol,lol], " + ", ".join(
+    f"&{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)) + "]\n"
+
+
 NESTED = "{% for i in range(90000) %}{% for j in range(90000) %}{% endfor %}{% endfor %}"
 SOME_TEMPLATES = {
     "include": "{% include 'other.jinja' %}",
@@ -257,6 +439,11 @@ CASES: list = [
                                                          overwrite_output_dir=True)),
     ("train-overwrite-with-bad-lora-target", lambda c: c.train(out=c.copy("ckpt_run", "out"), lora_target="zz",
                                                                overwrite_output_dir=True)),
+    # issue 25: overwrite_output_dir removes only what a run of ours recorded writing; anything else named like
+    # an output (a saved model, a project's config.json, an output the user edited) refuses the run
+    ("train-overwrite-a-saved-model-folder", lambda c: c.train(out=c.copy("model", "out"), overwrite_output_dir=True)),
+    ("train-overwrite-a-project-folder", lambda c: c.train(out=_project(c), overwrite_output_dir=True)),
+    ("train-overwrite-an-edited-output", lambda c: c.train(out=_edited_run(c), overwrite_output_dir=True)),
     ("train-resume-nothing-there", _t(resume_from_checkpoint=True)),
     ("train-resume-missing-folder", lambda c: c.train(resume_from_checkpoint=c.tmp / "checkpoint-9")),
     ("train-read-only-output", lambda c: c.train(out=ro_folder(c) / "out")),
@@ -278,6 +465,31 @@ CASES: list = [
     ("data-every-label-cut", _t(cutoff_len=1)),
     ("data-parquet-damaged", lambda c: c.train(data=data_with(c, "t.parquet", b"PAR1 not really", {"toy": {"file_name": "t.parquet"}}))),
     ("data-info-entry-not-object", lambda c: c.train(data=data_with(c, "dataset_info.json", {"toy": "toy.json"}))),
+    # issue 25: each was a traceback; now one line naming the file, row and column
+    ("data-file-other-extension", lambda c: c.train(data=data_with(c, "rows.ndjson", '{"instruction": "a", "output": "b"}\n', {"toy": {"file_name": "rows.ndjson"}}))),
+    ("data-file-outside-the-folder", lambda c: c.train(data=data_with(c, "dataset_info.json", {"toy": {"file_name": "../" * 40 + "etc/passwd"}}))),
+    ("data-history-pair-of-one", lambda c: c.train(data=_alpaca(c, history=[["q"]]))),
+    ("data-history-numbers", lambda c: c.train(data=_alpaca(c, history=[[1, 2, 3]]))),
+    ("data-history-flat-strings", lambda c: c.train(data=_alpaca(c, history=["q", "a"]))),
+    ("data-history-a-string", lambda c: c.train(data=_alpaca(c, history="what is the color of sky"))),
+    ("data-system-a-dict", lambda c: c.train(data=_alpaca(c, system={"role": "be nice"}))),
+    ("data-sharegpt-tools-not-json", lambda c: c.train(data=_sharegpt(c, tools="{not json"))),
+    ("data-images-column", lambda c: c.train(data=_alpaca(c, images=["sky.png"]))),
+    ("data-images-mapped", lambda c: c.train(data=data_with(c, "dataset_info.json", {"toy": {"file_name": "toy.json", "columns": {"prompt": "instruction", "response": "output", "images": "pics"}}}))),
+    ("train-seed-too-large", _t(seed=18446744073709551616)),
+    ("train-yaml-alias-bomb", lambda c: ["train", str(_yaml(c, YAML_BOMB))]),
+    # issue 25: silently ignored before (the last value won)
+    ("train-yaml-key-twice", lambda c: ["train", str(_yaml(c, "learning_rate: 1.0e-3\nlearning_rate: 1.0\n"))]),
+    ("train-json-key-twice", lambda c: ["train", str(_write(c.tmp / "c.json", json.dumps(_keys(c))[:-1] + ', "seed": 2}'))]),
+    ("train-max-steps-negative", _t(max_steps=-5)),
+    ("train-max-steps-0", _t(max_steps=0)),
+    ("train-save-total-limit-negative", _t(save_total_limit=-1)),
+    ("train-save-total-limit-0", _t(save_total_limit=0)),
+    ("train-neat-packing-without-packing", _t(neat_packing=True, packing=False)),
+    ("train-dpo-with-packing", lambda c: c.train(stage="dpo", packing=True, data=_pairs(c))),
+    ("train-bad-metric-for-best-model", _t(val_size=0.25, eval_strategy="steps", eval_steps=2,
+                                           metric_for_best_model="eval_acuracy")),
+    ("train-aliases-conflict", lambda c: c.train(cutoff_len=128) + ["--max_length", "64", "--cutoff_len", "100"]),
     # ---- train: model folder and tokenizer ----
     ("model-tokenizer-config-not-utf8", lambda c: c.train(model=model_with(c, "tokenizer_config.json", b'{"eos_token": "' + BAD_UTF8 + b'"}'))),
     ("model-tokenizer-config-invalid", lambda c: c.train(model=model_with(c, "tokenizer_config.json", '{"eos_token": '))),
@@ -312,6 +524,9 @@ CASES: list = [
     ("resume-scheduler-json-invalid", lambda c: c.train(out=ckpt_out(c, "scheduler.json", "{"), resume_from_checkpoint=True)),
     ("resume-other-batch-size", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, per_device_train_batch_size=2)),
     ("resume-other-finetuning-type", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, finetuning_type="freeze")),
+    # issue 25: silently accepted before (new data from the old position; another stage's loss on the old state)
+    ("resume-other-dataset", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, data=_alpaca(c, system="be brief"))),
+    ("resume-other-stage", lambda c: c.train(out=ckpt_out(c), resume_from_checkpoint=True, stage="pt", dataset="toy_text")),
     ("resume-path-not-a-checkpoint", lambda c: c.train(resume_from_checkpoint=c.copy("adapter", "somewhere"))),
     # ---- chat ----
     ("chat-missing-model", lambda c: c.chat(model=c.tmp / "none")),
@@ -348,6 +563,8 @@ CASES: list = [
     ("export-read-only-dir", lambda c: c.export(export_dir=ro_folder(c) / "exp")),
     ("export-overwrite-with-bad-adapter", lambda c: c.export("--overwrite_export_dir", "true", export_dir=_write(c.tmp / "exp" / "notes.txt", "mine").parent, adapter=c.tmp / "nope")),
     ("export-template-include", lambda c: c.export(model=template(c, SOME_TEMPLATES["include"]), adapter=False)),
+    ("export-gguf-dir-named-like-a-file", lambda c: c.export("--export_format", "gguf", model=_no_tokenizer(c), adapter=False, export_dir=c.tmp / "m.gguf")),
+    ("export-weights-hold-nan", lambda c: c.export(adapter=_nan_adapter(c))),
     ("cli-unknown-command", lambda c: ["trian"]),
 ]
 
@@ -374,6 +591,7 @@ API_CASES = [
     ("api-train-missing-model-key", lambda c: __import__("llmtune").train({"stage": "sft", "dataset": "toy"})),
     ("api-train-missing-yaml", lambda c: __import__("llmtune").train(str(c.tmp / "nope.yaml"))),
     ("api-train-unknown-key", lambda c: __import__("llmtune").train({"stage": "sft", "lerning_rate": 1})),
+    ("api-train-aliases-conflict", lambda c: __import__("llmtune").train({**_keys(c), "lora_rank": 8, "lora_r": 4})),
     ("api-export-int", lambda c: __import__("llmtune").export(42)),
     ("api-loss-hidden-2d", lambda c: _loss((2, 5), (10, 8), (2, 5))),
     ("api-loss-weight-mismatch", lambda c: _loss((2, 5, 8), (10, 7), (2, 5))),
@@ -444,6 +662,47 @@ def test_bad_python_api_input_raises_one_clear_error(name, call, ctx):
     msg = str(err.value)
     assert msg and "\n" not in msg.strip(), msg
     assert {k: v for k, v in _watch(ctx).items() if k != "tmp"} == before
+
+
+# -- accepted, but what is ignored is said (issue 25: each was silently ignored, exit 0, no notice) -----------------
+NOTICE_CASES = [
+    ("fsdp-without-torchrun", lambda c: c.train(fsdp="full_shard"), "nothing is sharded"),
+    ("pref-loss-with-sft", lambda c: c.train(pref_loss="ipo", pref_beta=0.5), "stage sft ignores pref_beta, pref_loss"),
+    ("reward-funcs-with-sft", lambda c: c.train(reward_funcs="/nonexistent.py:f"), "stage sft ignores reward_funcs"),
+    ("training-keys-to-chat", lambda c: c.chat("--learning_rate", "1e-3", "--num_train_epochs", "2"),
+     "llmtune chat ignores the training keys learning_rate, num_train_epochs"),
+    ("training-keys-to-export", lambda c: c.export("--lora_dropout", "0.1", "--max_steps", "5"),
+     "llmtune export ignores the training keys max_steps"),
+    ("flag-given-twice", lambda c: c.train(cutoff_len=128) + ["--cutoff_len", "100"], "--cutoff_len is given twice"),
+]
+
+
+@pytest.mark.parametrize("name,build,expected", NOTICE_CASES, ids=[c[0] for c in NOTICE_CASES])
+def test_ignored_input_gets_a_notice(name, build, expected, ctx, capsys):
+    from llmtune.config import parse_config
+
+    words = [str(w) for w in build(ctx)]
+    parse_config(words[1:], command=words[0])
+    err = capsys.readouterr().err
+    assert expected in err and "llmtune: notice:" in err, err
+
+
+def test_ref_model_with_sft_gets_one_notice_with_the_right_reason(ctx, capsys):
+    """It said 'pref_loss sigmoid needs no reference model', which is not why sft ignores it."""
+    from llmtune.cli import main
+
+    assert main(ctx.train(max_steps=1, ref_model=ctx.model)) == 0
+    err = capsys.readouterr().err
+    assert "stage sft ignores ref_model" in err and "pref_loss" not in err, err
+
+
+def test_an_image_placeholder_on_a_text_model_gets_a_notice(ctx, capsys):
+    from llmtune.cli import main
+
+    rows = json.loads((ctx.data / "toy.json").read_text())
+    rows[0]["instruction"] = "<image> what is the color of sky"
+    assert main(ctx.train(max_steps=1, data=data_with(ctx, "toy.json", rows))) == 0
+    assert "1 example(s) hold <image>/<video>/<audio> placeholders" in capsys.readouterr().err
 
 
 # -- a few true subprocesses: exit status and stderr as a user sees them ---------------------------------

@@ -28,7 +28,16 @@ def previous_run(out):
     (out / "adapter_model.safetensors").write_bytes(b"weights")
     (out / "trainer_log.jsonl").write_text('{"current_steps": 1, "loss": 2.0}\n')
     (out / "checkpoint-5").mkdir()
-    (out / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+    (out / "checkpoint-5" / "trainable.safetensors").write_bytes(b"weights")
+    record(out)
+
+
+def record(out):
+    """The run's manifest (issue 25: overwrite_output_dir removes only files a run of ours recorded writing)."""
+    from llmtune.train.manifest import RUN_OUTPUTS, record_outputs
+
+    record_outputs(out, RUN_OUTPUTS, {})
 
 
 def test_output_dir_with_a_previous_run_is_an_error_and_nothing_is_touched(tmp_path):
@@ -64,6 +73,7 @@ def test_overwrite_output_dir_removes_the_previous_runs_files_and_keeps_the_user
     (out / "my_notes.txt").write_text("keep me")
     (out / "data").mkdir()
     (out / "data" / "eval_results.json").write_text("{}")
+    record(out)
     c = cfg(tmp_path, overwrite_output_dir=True)
     prepare_output_dir(c)
     clear_for_overwrite(c, out)

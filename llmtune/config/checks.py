@@ -17,6 +17,7 @@ whole number of groups, NaN/inf numbers, and every value outside a key's ``choic
 from __future__ import annotations
 
 import math
+import os
 import typing
 from typing import Any, Union
 
@@ -72,6 +73,8 @@ def coerce(key: str, value: Any, source: str) -> Any:
         elif tp is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value.strip())   # exact, also beyond 2**53
             if isinstance(value, (float, str)) and not isinstance(value, bool):
                 number = float(str(value).strip())
                 if number.is_integer():
@@ -84,6 +87,8 @@ def coerce(key: str, value: Any, source: str) -> Any:
                 return ",".join(str(v) for v in value)
             if isinstance(value, (str, int, float, bool)):
                 return str(value)
+            if isinstance(value, os.PathLike):   # pathlib.Path from the Python API
+                return os.fspath(value)
     except (TypeError, ValueError, OverflowError):
         pass
     want = "true/false" if tp is bool else {int: "a whole number", float: "a number", str: "text"}.get(tp, tp)
@@ -135,9 +140,14 @@ def _normalise_choice(name: str, value: str, meta: dict) -> Any:
     return (" " if name == "fsdp" else ",").join(out) if meta["multi"] else out[0]
 
 
+def _num(x: Any) -> str:
+    """A bound as the user writes it: an integer stays an integer (``18446744073709551616``, not ``1.84467e+19``)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _bounds_text(meta: dict) -> str:
-    lo = f"[{meta['ge']:g}" if meta["ge"] is not None else f"({meta['gt']:g}" if meta["gt"] is not None else None
-    hi = f"{meta['le']:g}]" if meta["le"] is not None else f"{meta['lt']:g})" if meta["lt"] is not None else None
+    lo = f"[{_num(meta['ge'])}" if meta["ge"] is not None else f"({_num(meta['gt'])}" if meta["gt"] is not None else None
+    hi = f"{_num(meta['le'])}]" if meta["le"] is not None else f"{_num(meta['lt'])})" if meta["lt"] is not None else None
     if lo and hi:
         return f"in {lo}, {hi}"
     if lo:
@@ -146,6 +156,8 @@ def _bounds_text(meta: dict) -> str:
 
 
 def _refuse(name: str, value: Any, rule: str, hint: str = "") -> LLMTuneError:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)   # save_steps: 0, not 0.0 (a whole number given for a float-typed key)
     return LLMTuneError(f"{name}: {value!r} is not allowed; it must be {rule}" + (f" ({hint})" if hint else ""))
 
 
@@ -187,6 +199,10 @@ def _check_relations(cfg: TrainConfig) -> None:
         if value is not None and value >= 1 and not float(value).is_integer():
             raise _refuse(name, value, "a whole number of steps, or a fraction of all steps in (0, 1)",
                           "e.g. 10 or 0.1")
+    if cfg.max_steps != -1 and cfg.max_steps < 1:   # issue 25: -5 and 0 trained by epochs without a word
+        raise _refuse("max_steps", cfg.max_steps, "-1 (train num_train_epochs) or a number of steps >= 1")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:   # -1 and 0 kept every checkpoint
+        raise _refuse("save_total_limit", cfg.save_total_limit, ">= 1", "leave it unset to keep every checkpoint")
     if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
         raise _refuse("val_size", cfg.val_size, "a fraction in [0, 1) or a whole number of examples",
                       "e.g. 0.1 or 100")

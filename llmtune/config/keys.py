@@ -211,7 +211,8 @@ class TrainConfig:
     fp16: bool = train(False, "float16 mixed precision (bfloat16 on a CPU, which is faster there)")
     gradient_checkpointing: bool = train(False, "recompute activations in backward to save memory")
     torch_compile: bool = train(False, "compile each decoder layer once (regional torch.compile, dynamic lengths)")
-    seed: int = train(42, "random seed (data order, initialisation, sampling)")
+    seed: int = train(42, "random seed (data order, initialisation, sampling)", ge=0, lt=2**64,
+                      hint="torch seeds are unsigned 64-bit integers")
     report_to: str = train("none", "loggers besides trainer_log.jsonl (comma list)", choices=REPORT_TO,
                            multi=True)
     plot_loss: bool = train(False, "write training_loss.png at the end")

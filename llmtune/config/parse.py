@@ -17,6 +17,8 @@ from typing import Any, Optional, Union
 
 from llmtune.config.checks import TYPES, base_type, coerce, validate
 from llmtune.config.keys import ALIASES, IGNORED_KEYS, KEYS, TrainConfig
+from llmtune.config.relevance import check_relevance
+from llmtune.config.strict import load_json, load_yaml
 from llmtune.errors import LLMTuneError, nearest, notice
 
 #: the value of a ``--flag`` given with no value: true for a boolean key, an error for any other
@@ -87,14 +89,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
                            "as UTF-8") from None
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = load_json(text, str(path))
         except json.JSONDecodeError as e:
             raise LLMTuneError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
     else:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text, str(path))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -153,7 +155,13 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
             raise LLMTuneError(f"unexpected argument {word!r}: give keys as --key value (or key=value), and a "
                                "config file as a .yaml/.json path")
         i += 1
-    return files, dict(pairs)   # a key given twice: the last value wins
+    last: dict[str, Any] = {}
+    for k, v in pairs:   # a flag given twice: the last value wins, with a notice; kept at its last position
+        if k in last and last[k] != v:
+            notice(f"--{k} is given twice ({last.pop(k)!r:.40}, then {v!r:.40}); using the last value")
+        last.pop(k, None)
+        last[k] = v
+    return files, last
 
 
 
@@ -202,12 +210,19 @@ def parse_config(source: Union[list[str], tuple, dict, str, Path, TrainConfig, N
     if overrides:
         layers.append(("arguments", overrides))
     for where, data in layers:
+        spelled: dict[str, tuple[str, Any]] = {}
         for raw_key, value in data.items():
             key = _normalise_key(str(raw_key), where, notices)
+            if key is not None and key in spelled and spelled[key][1] != value:   # lora_rank: 8 and lora_r: 4
+                flag = "--" if where == "command line" else ""
+                raise LLMTuneError(f"{where}: {key} is given twice, as {flag}{spelled[key][0]} {spelled[key][1]} "
+                                   f"and {flag}{raw_key} {value} (spellings of one key); keep one")
             if key is not None:
+                spelled[key] = (str(raw_key), value)
                 _apply(values, key, value, where if where != "command line" else f"--{raw_key}", explicit)
     for msg in dict.fromkeys(notices):
         notice(msg)
     cfg = TrainConfig(**values, _explicit=explicit)
     validate(cfg, command)
+    check_relevance(cfg, command)   # keys this command or stage would ignore: a notice; contradictions: an error
     return cfg

@@ -1,7 +1,7 @@
 """On-disk cache of tokenized datasets (JSON, never pickle).
 
 Key: SHA-256 of a JSON description of everything the encoded rows depend on: the dataset entry, each data
-file's absolute path, mtime (ns) and size, the tokenizer (name, vocab size, special ids and the ids of a probe
+file's absolute path, size and content hash, the tokenizer (name, vocab size, special ids and the ids of a probe
 text), the template (its definition, or the Jinja source), the stage, ``cutoff_len`` and the encoding options.
 Any change gives a new file; ``overwrite_cache`` rebuilds. Files: ``<cache_dir>/<dataset>-<key16>.json``
 holding ``{"key", "rows", "stats"}``, written to a temporary name then renamed (atomic).
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 _PROBE = "Hello, world! 123 <|im_start|> \n\t ünïcode 漢字"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -47,13 +47,31 @@ def template_fingerprint(template) -> Any:
     return {"fields": fields, "stop": list(template.stop_token_ids)}
 
 
+#: files up to this size are hashed whole; a larger one by :data:`SAMPLES` evenly spaced 1 MiB pieces + its size
+FULL_HASH_BYTES = 256 << 20
+SAMPLES = 64
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 (hex) of the file's bytes (files over :data:`FULL_HASH_BYTES`: of its size and 64 evenly spaced
+    1 MiB pieces, first and last included), so an edit that keeps the size and the mtime is still seen."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            for i in range(SAMPLES):
+                f.seek((size - (1 << 20)) * i // (SAMPLES - 1))
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
 def file_fingerprint(paths) -> list:
-    """``[(absolute path, mtime_ns, size), ...]`` of the data files."""
-    out = []
-    for p in paths:
-        st = Path(p).stat()
-        out.append([str(Path(p).resolve()), st.st_mtime_ns, st.st_size])
-    return out
+    """``[(absolute path, size, content hash), ...]`` of the data files (:func:`content_hash`; not the mtime:
+    an edit that keeps size and mtime, e.g. a copy with ``cp -p``, still gives a new key)."""
+    return [[str(Path(p).resolve()), Path(p).stat().st_size, content_hash(Path(p))] for p in paths]
 
 
 def cache_key(description: dict) -> str:

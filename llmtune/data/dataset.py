@@ -170,7 +170,12 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
         raw = [raw[i] for i in idx[:attr.num_samples]]
     if opts["max_samples"]:
         raw = raw[:int(opts["max_samples"])]
-    examples, skipped = convert(attr, raw)
+    text_only = processor is None   # a vision-language model's images are its data
+    if text_only:
+        _check_text_only(attr, raw, ", ".join(str(f) for f in files))
+    examples, skipped = convert(attr, raw, ", ".join(str(f) for f in files))
+    if text_only:
+        _notice_media_placeholders(attr, examples)
     # grpo: the raw columns travel with each prompt (convert keeps the row order, skips malformed rows)
     kept = _kept_rows(attr, raw) if stage == "grpo" else None
     _check_type(attr, stage)
@@ -204,6 +209,36 @@ def _encoder(attr: DatasetAttr, examples: list[Example], processor, template, to
     raise LLMTuneError(f"dataset {attr.name!r} has images, but model_name_or_path is not a vision-language "
                        "model folder (config.json without vision_config); use a Qwen2-VL / Qwen2.5-VL / "
                        "Qwen3-VL model, or drop the images column")
+
+
+MEDIA = ("images", "videos", "audios")
+
+
+def _check_text_only(attr: DatasetAttr, raw: list[dict], where: str) -> None:
+    """Refuse image/video/audio columns for a text-only model: training on the text alone while the rows
+    point at pictures teaches the wrong thing silently.
+
+    Raises:
+        LLMTuneError: a media column mapped in dataset_info.json, or present with values in the rows.
+    """
+    for role in MEDIA:
+        col = attr.columns.get(role, role)
+        row = next((i for i, r in enumerate(raw[:1000]) if r.get(col)), None)
+        if role in attr.explicit or row is not None:
+            raise LLMTuneError(f"dataset {attr.name!r}: {where}, column {col!r} ({role}): this is a text-only "
+                               "model, which cannot see them; use a vision-language model or a text dataset, or "
+                               "drop the column from the rows and from \"columns\" in dataset_info.json")
+
+
+def _notice_media_placeholders(attr: DatasetAttr, examples: list) -> None:
+    """One notice when messages hold ``<image>``/``<video>``/``<audio>`` (multimodal placeholders a text model
+    reads as plain text)."""
+    tags = ("<image>", "<video>", "<audio>")
+    hits = sum(1 for ex in examples if any(t in str(m.get("content", "")) for m in ex.prompt + ex.responses
+                                           for t in tags))
+    if hits:
+        notice(f"dataset {attr.name!r}: {hits} example(s) hold <image>/<video>/<audio> placeholders; this is a "
+               "text-only model, so they are trained on as literal text")
 
 
 def _kept_rows(attr: DatasetAttr, raw: list[dict]) -> list[dict]:

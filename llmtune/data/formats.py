@@ -59,10 +59,55 @@ def _tag_bool(value: Any) -> Optional[bool]:
     return None
 
 
+class RowError(ValueError):
+    """One column value of a row that cannot be used: ``role`` (our column role) and why (raised by the row
+    converters, turned by :func:`convert` into one :class:`LLMTuneError` naming the file, row and column)."""
+
+    def __init__(self, role: str, why: str) -> None:
+        super().__init__(why)
+        self.role, self.why = role, why
+
+
 def _tools_str(value: Any) -> str:
+    """A ``tools`` value as the JSON string the templates read; a string must hold JSON (LLaMA-Factory's format)."""
     if value is None or value == "":
         return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as err:
+            raise RowError("tools", f"is not JSON ({err.msg} at character {err.pos}); give the tool list as a JSON "
+                                    "string or a list of objects") from None
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _text(attr: DatasetAttr, row: dict, role: str) -> str:
+    """A column that must hold text (``system``): ``""`` when absent or null."""
+    value = _col(attr, row, role)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError(role, f"must be text, not a {type(value).__name__} ({json.dumps(value)[:40]})")
+    return value
+
+
+def _history(attr: DatasetAttr, row: dict) -> list:
+    """The alpaca ``history`` column as messages: a list of ``[question, answer]`` pairs of text."""
+    history = _col(attr, row, "history")
+    if history is None or history == [] or history == "":
+        return []
+    if not isinstance(history, list):
+        raise RowError("history", f"must be a list of [question, answer] pairs, not a {type(history).__name__} "
+                                  "(a lone string would be dropped)")
+    out = []
+    for k, turn in enumerate(history):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2
+                and all(x is None or isinstance(x, str) for x in turn)):
+            raise RowError("history", f"turn {k} is {json.dumps(turn)[:60]}, not a [question, answer] pair of "
+                                      "text; write history as [[\"q1\", \"a1\"], [\"q2\", \"a2\"]]")
+        out += [{"role": USER, "content": turn[0] or ""}, {"role": ASSISTANT, "content": turn[1] or ""}]
+    return out
 
 
 def detect_format(attr: DatasetAttr, rows: list[dict]) -> DatasetAttr:
@@ -122,18 +167,22 @@ def check_columns(attr: DatasetAttr, rows: list[dict], where: str) -> None:
                                "dataset_info.json.")
 
 
-def convert(attr: DatasetAttr, rows: list[dict]) -> tuple[list[Example], int]:
-    """Convert ``rows`` to examples; returns ``(examples, number_of_skipped_malformed_rows)``.
+def convert(attr: DatasetAttr, rows: list[dict], where: str = "") -> tuple[list[Example], int]:
+    """Convert ``rows`` to examples; returns ``(examples, number_of_skipped_malformed_rows)``. ``where``: the
+    file(s) the rows come from, for messages.
 
     Raises:
-        LLMTuneError: a row that cannot be read (names dataset and row index).
+        LLMTuneError: a row that cannot be read (names dataset, file, row index and column).
     """
     fn = _alpaca if attr.formatting == "alpaca" else _sharegpt
     out, skipped = [], 0
     for i, row in enumerate(rows):
         try:
             ex = fn(attr, row)
-        except (KeyError, TypeError, AttributeError) as err:
+        except RowError as err:
+            raise LLMTuneError(f"dataset {attr.name!r}: {where + ', ' if where else ''}row {i}, column "
+                               f"{attr.columns.get(err.role, err.role)!r}: {err.why}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise LLMTuneError(f"dataset {attr.name!r}: row {i} cannot be read as {attr.formatting} ({err!r}); "
                                "check \"formatting\", \"columns\" and \"tags\" in dataset_info.json.") from err
         if ex is None:
@@ -151,14 +200,10 @@ def _col(attr: DatasetAttr, row: dict, role: str) -> Any:
 
 
 def _alpaca(attr: DatasetAttr, row: dict) -> Optional[Example]:
-    prompt: list = []
-    history = _col(attr, row, "history")
-    if isinstance(history, list):
-        for q, a in history:
-            prompt += [{"role": USER, "content": q or ""}, {"role": ASSISTANT, "content": a or ""}]
+    prompt: list = _history(attr, row)
     parts = [p for p in (_col(attr, row, "prompt"), _col(attr, row, "query")) if p]
     prompt.append({"role": USER, "content": "\n".join(str(p) for p in parts)})
-    ex = Example(prompt=prompt, system=_col(attr, row, "system") or "", tools=_tools_str(_col(attr, row, "tools")))
+    ex = Example(prompt=prompt, system=_text(attr, row, "system"), tools=_tools_str(_col(attr, row, "tools")))
     response = _col(attr, row, "response")
     chosen, rejected = _col(attr, row, "chosen"), _col(attr, row, "rejected")
     tag = _tag_bool(_col(attr, row, "kto_tag")) if "kto_tag" in attr.columns else None
@@ -184,7 +229,7 @@ def _sharegpt(attr: DatasetAttr, row: dict) -> Optional[Example]:
     messages = _col(attr, row, "messages")
     if not isinstance(messages, list):
         return None
-    system = _col(attr, row, "system") or ""
+    system = _text(attr, row, "system")
     if messages and messages[0].get(t["role_tag"]) == t["system_tag"]:
         system = messages[0].get(t["content_tag"]) or ""
         messages = messages[1:]

@@ -90,9 +90,13 @@ def read_file(path: Path) -> list[dict]:
 
     Raises:
         LLMTuneError: bytes that are not UTF-8 (file, byte offset), malformed JSON (file and line), a JSON file
-            that is not a list of objects, malformed CSV, parquet without pyarrow or damaged.
+            that is not a list of objects, malformed CSV, parquet without pyarrow or damaged, another extension.
     """
     suffix = path.suffix.lower()
+    if suffix not in (".txt", ".csv", ".json", ".jsonl", ".parquet"):
+        raise LLMTuneError(f"{path}: llmtune reads dataset files ending in .json, .jsonl, .csv, .parquet or .txt, "
+                           f"not {suffix or 'a name without an extension'}; rename or convert the file (an "
+                           "NDJSON file is .jsonl) and fix file_name in dataset_info.json")
     if suffix in (".txt", ".csv", ".json", ".jsonl"):
         text = read_text(path, "dataset", "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or remove "
                          "those bytes")

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder ``output_dir/checkpoint-<global_step>`` holding
 
-* ``trainable.safetensors``: the trainable parameters by their Hugging Face names (LoRA ``lora_A``/``lora_B``,
-  or every parameter for full fine-tuning), in their training dtype;
+* ``trainable.safetensors``: the trainable parameters by their Hugging Face names (every parameter for full
+  fine-tuning), in their training dtype; for LoRA the adapter is in ``adapter_model.safetensors`` +
+  ``adapter_config.json`` (PEFT's layout, with the run's record: :mod:`llmtune.train.ckpt_adapter`) instead;
 * ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's per-parameter state tensors as
   ``state.<param_index>.<key>`` and the rest of ``optimizer.state_dict()`` (param groups, scalars) as JSON;
 * ``scheduler.json``: ``LambdaLR.state_dict()`` (the lambdas themselves are rebuilt from the config);
@@ -41,6 +42,8 @@ from safetensors.torch import load_file
 from llmtune.fileio import finite_or_none, io_reason, is_io_error, publish_dir, save_tensors, strict_dumps  # noqa: F401 (re-exported)
 
 from llmtune.errors import LLMTuneError, notice
+from llmtune.train import ckpt_adapter
+from llmtune.train.manifest import RUN_OUTPUTS, clear_previous_run, remove_stale_temporaries  # noqa: F401
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -278,11 +281,21 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
         raise LLMTuneError(f"step {step}: the trained weights hold NaN/inf ({bad}), so no checkpoint is saved; "
                            f"the last finite checkpoint is {last_checkpoint_text(out)}; lower learning_rate or "
                            "set max_grad_norm, then resume from it")
+    names = ckpt_adapter.split_adapter(model, weights)  # LoRA: the adapter goes to PEFT's files, not twice
+    full = [] if names else ckpt_adapter.full_model_names(model, weights)   # full: model.safetensors
     try:
         if tmp.exists():  # our own half-written folder from a killed run
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_tensors(weights, str(tmp / "trainable.safetensors"))
+        kept = set(names.values()) | set(full)
+        save_tensors({n: t for n, t in weights.items() if n not in kept}, str(tmp / "trainable.safetensors"))
+        if names:
+            ckpt_adapter.write_adapter(model, tmp, out)
+            trainer_state = dict(trainer_state, adapter_tensors=names)
+        elif full:
+            save_tensors({n: weights[n] for n in full}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            ckpt_adapter.write_model_config(model, tmp, out, weights, full)
+            trainer_state = dict(trainer_state, weights_file="model.safetensors")
         if with_optimizer:
             save_optimizer(optimizer, tmp)
         else:
@@ -392,54 +405,6 @@ def last_checkpoint_text(output_dir: str | os.PathLike) -> str:
     return str(last) if last is not None else "none (no checkpoint was saved yet)"
 
 
-def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
-    """Remove ``tmp-checkpoint-N`` / ``tmp-old-checkpoint-N`` folders left by a run killed while saving.
-
-    Called at the start of a run (the caller holds the folder's lock, :mod:`llmtune.locks`, so no other
-    run is writing them). Returns the removed folders.
-    """
-    out = Path(output_dir)
-    gone = []
-    if out.is_dir():
-        for p in out.iterdir():
-            if p.is_dir() and (p.name.startswith("tmp-checkpoint-") or p.name.startswith("tmp-old-checkpoint-")):
-                shutil.rmtree(p, ignore_errors=True)
-                gone.append(p)
-    return gone
-
-
-#: file names (glob patterns) a training run of ours writes into ``output_dir``
-RUN_OUTPUTS = ("trainer_log.jsonl", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
-               "model-*-of-*.safetensors", "model.safetensors.index.json", "value_head.safetensors", "config.json",
-               "generation_config.json", "train_results.json", "eval_results.json", "all_results.json",
-               "training_args.yaml", "llmtune.json", "generated_predictions.jsonl", "predict_results.json",
-               "training_*.png",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def clear_previous_run(output_dir: str | os.PathLike, patterns: tuple = RUN_OUTPUTS) -> list[str]:
-    """Remove what an earlier run of ours wrote in ``output_dir`` (``overwrite_output_dir``), nothing else.
-
-    Removed: files whose names match ``patterns`` (:data:`RUN_OUTPUTS`), ``checkpoint-N`` folders holding
-    ``trainer_state.json`` and ``tmp-checkpoint-N`` leftovers. Any other file or folder is kept. Call it
-    only once the config, model, adapters and data have all been checked (so a typo never costs a run),
-    while holding the folder's lock. Returns the removed names.
-    """
-    import fnmatch
-
-    out = Path(output_dir)
-    removed = []
-    if not out.is_dir():
-        return removed
-    for p in sorted(out.iterdir()):
-        if p.is_dir() and ((CHECKPOINT_RE.match(p.name) and (p / TRAINER_STATE).is_file())
-                           or p.name.startswith("tmp-checkpoint-") or p.name.startswith("tmp-old-checkpoint-")):
-            shutil.rmtree(p)
-            removed.append(p.name)
-        elif p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns):
-            p.unlink()
-            removed.append(p.name)
-    return removed
 
 
 def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -456,7 +421,7 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
         raise LLMTuneError(f"resume_from_checkpoint: {folder / TRAINER_STATE} is not an llmtune trainer state "
                            f"(no integer {', '.join(missing) or 'log_history list'}); resume from another "
                            "checkpoint-N folder")
-    load_trainable_state_dict(model, read_checkpoint_tensors(folder / "trainable.safetensors"), str(folder))
+    load_trainable_state_dict(model, read_trainable(folder, state), str(folder))
     if state.get("optimizer_saved", True) is False:   # written with save_only_model
         notice(f"resume_from_checkpoint: {folder} holds no optimizer state (save_only_model), so the optimizer "
                "starts afresh: the losses will differ from those of an uninterrupted run")
@@ -470,6 +435,17 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     with checkpoint_file_errors(folder / "rng_state.safetensors"):
         rng = load_rng_state(folder)
     return state, rng
+
+
+def read_trainable(folder: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint's trainable tensors by parameter name: ``trainable.safetensors`` plus, for LoRA, the
+    adapter file's tensors (:mod:`llmtune.train.ckpt_adapter`). Errors name the damaged file."""
+    tensors = read_checkpoint_tensors(folder / "trainable.safetensors")
+    if state.get("adapter_tensors"):
+        tensors.update(ckpt_adapter.rename(state, read_checkpoint_tensors(folder / ckpt_adapter.ADAPTER_WEIGHTS)))
+    if state.get("weights_file") == "model.safetensors":
+        tensors.update(read_checkpoint_tensors(folder / "model.safetensors"))
+    return tensors
 
 
 def _broken(path: Path, why: str) -> LLMTuneError:

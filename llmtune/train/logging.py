@@ -107,8 +107,8 @@ class TrainLogger:
             f.write(strict_dumps(rec) + "\n")  # strict JSON: a NaN/inf value is written as null
         if self.bar is not None:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()
-                     if k in ("loss", "eval_loss", "lr", "grad_norm")}
-            self.bar.set_postfix(shown, refresh=False)
+                     if k in ("loss", "eval_loss", "reward", "lr", "grad_norm")}  # reward: ppo, grpo
+            self.bar.set_postfix(shown, refresh=True)   # else the bar shows the previous step's loss
         for reporter in self.reporters:
             reporter.log(values, step)
         return rec

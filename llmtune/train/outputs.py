@@ -26,6 +26,7 @@ from llmtune.peft import save_adapter
 from llmtune.train import checkpoint as ckpt
 from llmtune.train.distributed import is_main
 from llmtune.train.guard import check_weights_finite
+from llmtune.train.manifest import check_no_foreign_files
 from llmtune.train.logging import LOG_FILE
 
 #: file names (glob patterns) a training run writes into ``output_dir`` (defined with the code that removes them)
@@ -36,14 +37,17 @@ def prepare_output_dir(cfg: Any) -> Path:
     """Apply the output-folder rules and return the folder (created).
 
     A non-empty ``output_dir`` (e.g. holding an earlier run) is an error unless ``overwrite_output_dir``
-    (then the files and ``checkpoint-*`` folders a run writes, :data:`RUN_OUTPUTS`, are removed later, so a
-    LoRA run over a full run leaves no stale ``model.safetensors``; other files are kept) or
+    (then the files and ``checkpoint-*`` folders an earlier run of ours wrote, as its manifest records them,
+    :mod:`llmtune.train.manifest`, are removed later, so a LoRA run over a full run leaves no stale
+    ``model.safetensors``; other files are kept; a file named like an output that no run of ours recorded
+    writing, e.g. a saved model's ``config.json``, refuses the run) or
     ``resume_from_checkpoint`` is set. Nothing is removed here: the setup path calls
     ``checkpoint.clear_for_overwrite`` once the model, adapters and data have loaded.
 
     Raises:
         LLMTuneError: ``output_dir`` is a file, is a folder the run reads (``model_name_or_path``,
-            ``adapter_name_or_path``, ``ref_model``, ``reward_model`` and their adapters), or holds a previous run.
+            ``adapter_name_or_path``, ``ref_model``, ``reward_model`` and their adapters), or holds a previous run; with ``overwrite_output_dir``, holds files named like a
+            run's outputs that no run of ours recorded writing (listed; nothing is removed).
     """
     out = Path(str(cfg.output_dir)).expanduser()
     if out.exists() and not out.is_dir():
@@ -66,7 +70,8 @@ def prepare_output_dir(cfg: Any) -> Path:
             f"output_dir: {out} is not empty (holds {', '.join(entries[:4])}...), probably a previous run; choose "
             "a new output_dir, set overwrite_output_dir: true to replace it, or resume_from_checkpoint: true to "
             "continue it")
-    # overwrite_output_dir: nothing is removed here; ckpt.clear_for_overwrite runs once model and data are loaded
+    if entries and resume is None:  # overwrite_output_dir: a folder holding files no run of ours wrote is refused
+        check_no_foreign_files(out, RUN_OUTPUTS)   # now; nothing is removed until model and data have loaded
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -126,9 +131,15 @@ def write_predictions(model: torch.nn.Module, tokenizer: Any, template: Any, row
         labels.append([v for v in lab if v != IGNORE_INDEX])
     replies: list = [[] for _ in prompts]
     if prompts and cfg.max_new_tokens > 0:   # continuous batching: a finished row's slot takes the next prompt
+        from llmtune.train.eval_report import progress
+
         engine = Engine(model, max_slots=max(1, min(bs, len(prompts))),
                         max_len=max(map(len, prompts)) + cfg.max_new_tokens)
-        replies = [d.tokens for d in engine.run([Request(p, cfg.max_new_tokens, params, stop) for p in prompts])]
+        chunk = 4 * max(1, bs)   # the progress bar advances per chunk; slots are refilled within one
+        replies = []
+        for i in progress(range(0, len(prompts), chunk), -(-len(prompts) // chunk), "predict", not cfg.disable_tqdm):
+            replies += [d.tokens for d in engine.run([Request(p, cfg.max_new_tokens, params, stop)
+                                                      for p in prompts[i:i + chunk]])]
     n = 0
     with path.open("w", encoding="utf-8") as f:
         for p, lab, reply in zip(prompts, labels, replies):

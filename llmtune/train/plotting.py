@@ -44,8 +44,9 @@ def plot_loss(output_dir: str | Path, keys: Sequence[str] = ("loss", "eval_loss"
 
         steps, vals = zip(*pts)
         fig = plt.figure()
-        plt.plot(steps, vals, color="#1f77b4", alpha=0.4, label="original")
-        plt.plot(steps, smooth(list(vals)), color="#1f77b4", label="smoothed")
+        dot = {"marker": "o"} if len(pts) < 3 else {}   # a line through one point draws nothing: mark the points
+        plt.plot(steps, vals, color="#1f77b4", alpha=0.4, label="original", **dot)
+        plt.plot(steps, smooth(list(vals)), color="#1f77b4", label="smoothed", **dot)
         plt.title(f"training {key} of {Path(output_dir).name}")
         plt.xlabel("step")
         plt.ylabel(key)

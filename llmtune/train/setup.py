@@ -40,13 +40,14 @@ from llmtune.kernels import set_enabled as set_kernels_enabled
 from llmtune.peft.targets import select_lora_targets
 from llmtune.tokenizer import load_tokenizer
 from llmtune.locks import lock_output
+from llmtune.train import manifest
 from llmtune.train.checkpoint import clear_for_overwrite
-from llmtune.train import summary
+from llmtune.train import eval_report, summary
 from llmtune.train.distributed import (barrier, distributed_session, full_parameters, gather_full_state_dict, is_main,
                                        unwrap)
 from llmtune.train.finetuning import apply_finetuning_type
 from llmtune.train.metrics import write_predict_results
-from llmtune.train.outputs import prepare_output_dir, save_model, write_predictions
+from llmtune.train.outputs import RUN_OUTPUTS, prepare_output_dir, save_model, write_predictions
 from llmtune.train.plotting import plot_loss
 from llmtune.train.precision import load_dtype, train_device
 from llmtune.train.seed import set_seed
@@ -95,9 +96,28 @@ def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
     online = (stage.build(model, cfg, tokenizer, template, train_rows, extra, **stage_options)
               if stage.online else None)                              #    (ppo: reward model, critic)
     trainer = build_trainer(model, cfg, stage, tokenizer, train_rows, eval_rows, extra, online)  # 7. the loop
-    if is_main():  # all checked (config, model, adapters, data, optimizer): only now clear an old run
-        clear_for_overwrite(cfg, out)
-    return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
+    if not is_main():
+        return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)
+    clear_for_overwrite(cfg, out)  # all checked (config, model, adapters, data, optimizer): only now clear an old run
+    before = manifest.snapshot(out, RUN_OUTPUTS)
+    try:   # the run's record first: every checkpoint carries it (a LoRA checkpoint-N is an adapter folder too)
+        if not (out / runs.RUN_RECORD).is_file():   # (a resumed run keeps the record of its start)
+            _record_at_start(out, cfg, tokenizer, template, model.adapter_chain)
+        return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
+    finally:  # also after an error or Ctrl-C: what this run wrote is recorded, so a later overwrite may replace it
+        with contextlib.suppress(OSError):
+            manifest.record_outputs(out, RUN_OUTPUTS, before)
+
+
+def _record_at_start(out: Path, cfg: Any, tokenizer: Any, template: Any, chain: runs.AdapterChain) -> None:
+    """:func:`llmtune.runs.save_metadata` before training, so checkpoints carry the run's record; a failure
+    (a full disk) is a notice here: the checkpoint or final save reports the disk in its own error."""
+    try:
+        runs.save_metadata(out, cfg, tokenizer, template, chain.base, chain.parents)
+    except Exception as err:  # noqa: BLE001 - the tokenizer library raises plain Exception for I/O errors
+        notice(f"could not write the run's record in {out} before training ({str(err)[:120]}); checkpoints will "
+               "not carry llmtune.json and the tokenizer")
+        (out / runs.RUN_RECORD).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -184,8 +204,10 @@ def build_trainer(model: torch.nn.Module, cfg: Any, stage: Stage, tokenizer: Any
     processor = model_processor(cfg.model_name_or_path, cfg.image_max_pixels, cfg.image_min_pixels)
     if processor is not None and getattr(unwrap(model), "visual", None) is not None:
         collator = ImageCollator(collator, processor)   # + pixel_values, image_grid_thw of the rows' images
-    return Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra,
-                   online=online)
+    trainer = Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra,
+                      online=online)
+    eval_report.check_best_metric(trainer, cfg.do_eval)   # a bad metric_for_best_model: now, not after training
+    return trainer
 
 
 def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, template: Any,
@@ -216,6 +238,7 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
             ev["perplexity"] = math.exp(min(ev["eval_loss"], 700.0)) if cfg.stage in ("pt", "sft") else None
             ev = {k: v for k, v in ev.items() if v is not None}
             results.update(ev)
+            eval_report.print_metrics("eval", ev)
             if is_main():
                 write_json(out / "eval_results.json", ev)
     if cfg.do_predict:
@@ -228,7 +251,9 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
             notice(f"do_predict: predictions are written for stage sft only, not {cfg.stage}; skipping")
         elif is_main():
             write_predictions(model, tokenizer, template, rows, out / "generated_predictions.jsonl", cfg)
-            results.update(write_predict_results(out))  # BLEU-4, ROUGE-1/2/L (train/metrics.py)
+            scores = write_predict_results(out)  # BLEU-4, ROUGE-1/2/L (train/metrics.py)
+            results.update(scores)
+            eval_report.print_metrics("predict", scores)
     if is_main():
         write_json(out / "all_results.json", results)
         if cfg.plot_loss:

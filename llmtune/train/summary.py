@@ -59,7 +59,8 @@ def format_duration(seconds: float) -> str:
 
 
 def format_start(model: str, trainable: int, total: int, examples: int, steps: int, precision: str, device: str,
-                 stage: Optional[str] = None, finetuning_type: Optional[str] = None) -> list[str]:
+                 stage: Optional[str] = None, finetuning_type: Optional[str] = None,
+                 resumed: Optional[str] = None) -> list[str]:
     """The start-of-run lines.
 
     Args:
@@ -68,6 +69,7 @@ def format_start(model: str, trainable: int, total: int, examples: int, steps: i
         examples: training examples (rows after preprocessing); steps: optimizer steps of the run.
         precision: e.g. ``bf16``, ``fp16``, ``fp32``; device: e.g. ``cpu``, ``cuda:0``.
         stage, finetuning_type: shown in the header when given (``sft``, ``lora``).
+        resumed: ``"<checkpoint folder> (step N)"`` when the run resumes; adds a ``resumed from`` line.
 
     Returns:
         lines (no newline), the first ``***** llmtune train: <stage> <type> *****``.
@@ -78,12 +80,13 @@ def format_start(model: str, trainable: int, total: int, examples: int, steps: i
             f"  model: {model}",
             f"  trainable parameters: {format_count(trainable)} of {format_count(total)} ({pct:.4g}%)",
             f"  examples: {examples:,}   steps: {steps:,}",
-            f"  precision: {precision}   device: {device}"]
+            f"  precision: {precision}   device: {device}"] + ([f"  resumed from: {resumed}"] if resumed else [])
 
 
 def format_end(final_loss: Optional[float], examples_seen: int, tokens_seen: Optional[int], runtime_s: float,
                peak_memory_bytes: Optional[float], output_dir: str, saved: list[tuple[str, str]],
-               peak_memory_kind: str = "", session_tokens: Optional[int] = None) -> list[str]:
+               peak_memory_kind: str = "", session_tokens: Optional[int] = None,
+               train_loss: Optional[float] = None) -> list[str]:
     """The end-of-run lines.
 
     Args:
@@ -96,11 +99,15 @@ def format_end(final_loss: Optional[float], examples_seen: int, tokens_seen: Opt
         output_dir: the output folder; saved: ``(file name, what it is)`` pairs of the files written there.
         session_tokens: the tokens processed during ``runtime_s`` (a resumed run: those since the resume;
             ``None``: ``tokens_seen``).
+        train_loss: the mean loss over every step of the run (``train_results.json``'s ``train_loss``); when
+            given, the loss line names both, so the last step's loss is not read as the run's mean.
 
     Returns:
         lines (no newline), the first ``***** llmtune train: done *****``.
     """
     loss = "n/a" if final_loss is None else f"{final_loss:.4f}"
+    if train_loss is not None and train_loss == train_loss:   # not NaN
+        loss += f" (last logged step)   train_loss: {train_loss:.4f} (mean of all steps)"
     session_tokens = tokens_seen if session_tokens is None else session_tokens
     tps = "n/a" if not session_tokens or runtime_s <= 0 else f"{session_tokens / runtime_s:,.1f}"
     toks = "n/a" if tokens_seen is None else f"{tokens_seen:,}"
@@ -172,7 +179,21 @@ def report_start(cfg: Any, model: Any, trainer: Any, device: Any, stream: Option
     trainable, total = count_parameters(model)
     _emit(format_start(str(cfg.model_name_or_path), trainable, total, len(rows) if rows is not None else 0,
                        int(getattr(trainer, "total_steps", 0) or 0), _precision(cfg, trainer), str(device), cfg.stage,
-                       cfg.finetuning_type), stream)
+                       cfg.finetuning_type, _resumed(cfg)), stream)
+
+
+def _resumed(cfg: Any) -> Optional[str]:
+    """``"<folder> (step N)"`` of the checkpoint the run resumes from, else None."""
+    from llmtune.train import checkpoint as ckpt
+
+    if cfg.resume_from_checkpoint in (None, False) or not cfg.output_dir:
+        return None
+    try:
+        folder = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        step = ckpt.read_checkpoint_json(folder / ckpt.TRAINER_STATE).get("global_step") if folder else None
+    except Exception:  # noqa: BLE001 - the summary never fails a run; the trainer reports a bad checkpoint
+        return None
+    return None if folder is None else f"{folder} (step {step})"
 
 
 def report_end(cfg: Any, results: dict, out: Any, trainer: Any, device: Any,
@@ -199,4 +220,5 @@ def report_end(cfg: Any, results: dict, out: Any, trainer: Any, device: Any,
     saved = [(name, what) for name, what in SAVED_FILES if (folder / name).is_file()]
     _emit(format_end(final, seen, tokens, float(results.get("train_runtime", 0.0)), mem, str(folder),
                      saved, kind, session_tokens=None if tokens is None
-                     else tokens - int(getattr(trainer, "tokens_at_start", 0) or 0)), stream)
+                     else tokens - int(getattr(trainer, "tokens_at_start", 0) or 0),
+                     train_loss=results.get("train_loss")), stream)

@@ -42,7 +42,8 @@ from llmtune.errors import LLMTuneError, Terminated, notice
 from llmtune.train import checkpoint as ckpt
 from llmtune.train import distributed as dist_hooks
 from llmtune.train.distributed import all_reduce_sum, is_main, rank, world_size
-from llmtune.train import guard
+from llmtune.train import eval_report, guard
+from llmtune.train import resume as resume_rules
 from llmtune.train.logging import TrainLogger, resolve_report_to
 from llmtune.train.optim import build_optimizer, lr_lambda, num_warmup_steps
 from llmtune.train.precision import resolve_precision
@@ -189,6 +190,7 @@ class Trainer:
         self.best_step: Optional[int] = None
         self.best_state: Optional[dict[str, torch.Tensor]] = None
         self.log_history: list[dict] = []
+        self.run_loss = [0.0, 0]   # sum and count of the step losses of the whole run (kept in checkpoints)
         self._rng_at_step_start = ckpt.capture_rng_state()
 
     # -- data -------------------------------------------------------------------------------------
@@ -361,6 +363,7 @@ class Trainer:
         if is_main():  # tmp-checkpoint-N of a run killed while saving (the caller holds output_dir's lock)
             ckpt.remove_stale_temporaries(self.output_dir)
         resume = ckpt.resolve_resume(self.config.resume_from_checkpoint, self.output_dir)
+        self.run_loss = [0.0, 0]   # sum and count of the step losses of the whole run (kept in checkpoints)
         if resume is not None:
             self._load(resume)
         if is_main():
@@ -374,7 +377,6 @@ class Trainer:
         start_step = self.global_step
         self.tokens_at_start = self.tokens_seen   # a resumed run's throughput counts only its own tokens
         window_loss, window_steps, window_metrics = 0.0, 0, {}
-        loss_sum_all, steps_all = 0.0, 0
         try:
             while self.global_step < self.total_steps:
                 steps = self.epoch_steps(self.epoch) if self.online is None else None
@@ -395,7 +397,7 @@ class Trainer:
                     self._defer_stop = False  # a signal from here on stops at once (this step is whole)
                     logger.advance()
                     window_loss, window_steps = window_loss + loss, window_steps + 1
-                    loss_sum_all, steps_all = loss_sum_all + loss, steps_all + 1
+                    self.run_loss = [self.run_loss[0] + loss, self.run_loss[1] + 1]
                     for k, v in metrics.items():
                         window_metrics[k] = window_metrics.get(k, 0.0) + v
                     end_of_epoch = self.step_in_epoch == n_steps
@@ -434,9 +436,12 @@ class Trainer:
                     notice(f"{how} at step {self.global_step}: a multi-process {self.stage_name} run saves no "
                            "checkpoint on Ctrl-C; continue from the last one saved by save_steps, "
                            f"{ckpt.last_checkpoint_text(self.output_dir)}")
-            elif self.global_step > start_step or resume is None:
+            elif self.global_step > start_step:
                 path = self.save_checkpoint(rng_state=self._rng_at_step_start, online=self._online_at_step_start)
                 notice(f"{how}: saved {path}; continue with resume_from_checkpoint: {path}")
+            elif is_main():   # no step completed: a checkpoint-0 would hold the untrained weights (issue 25)
+                notice(f"{how} before any step completed: nothing to save" + (
+                    f"; {resume} is still the latest checkpoint" if resume is not None else ""))
             logger.close()
             raise
         except Exception:
@@ -449,7 +454,7 @@ class Trainer:
         runtime = time.time() - start
         done = self.global_step - start_step
         results = {"epoch": round(self.epoch_float(), 4),
-                   "train_loss": loss_sum_all / steps_all if steps_all else float("nan"),
+                   "train_loss": self.run_loss[0] / self.run_loss[1] if self.run_loss[1] else float("nan"),
                    "train_runtime": round(runtime, 4),
                    "train_samples_per_second": round(done * self.bs * self.ga * world_size() / runtime, 3) if runtime else 0.0,
                    "train_steps_per_second": round(done / runtime, 3) if runtime else 0.0,
@@ -463,11 +468,12 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, dataset: Optional[Sequence[dict]] = None) -> dict[str, float]:
+    def evaluate(self, dataset: Optional[Sequence[dict]] = None, quiet: bool = False) -> dict[str, float]:
         """Mean loss over all items of the eval set (``eval_loss``) plus the stage's metrics (``eval_*``).
 
         The loss is ``sum(loss_sum) / sum(items)`` over every eval batch (and rank); metrics are averaged
-        weighted by each batch's items. The model is put back in training mode afterwards.
+        weighted by each batch's items. The model is put back in training mode afterwards. A progress bar
+        shows on the main process unless ``quiet`` or ``disable_tqdm``.
         """
         ds = self.eval_dataset if dataset is None else dataset
         if ds is None:
@@ -477,7 +483,8 @@ class Trainer:
         order = self._shard(list(range(len(ds))), pad=dist_hooks.is_fsdp(self.model))  # FSDP: same batch count
         loss_total, items_total = 0.0, 0
         metric_sums: dict[str, float] = {}
-        for i in range(0, len(order), self.eval_bs):
+        bar = is_main() and not quiet and not self.config.disable_tqdm
+        for i in eval_report.progress(range(0, len(order), self.eval_bs), -(-len(order) // self.eval_bs), "eval", bar):
             batch = self.collate(order[i:i + self.eval_bs], ds)
             with self.autocast():
                 loss_sum, n, metrics = self.stage(self.model, batch, self.ctx)
@@ -507,20 +514,6 @@ class Trainer:
                 self.best_state = {k: v.clone() for k, v in
                                    ckpt.trainable_state_dict(dist_hooks.unwrap(self.model)).items()}
 
-    def _best_state_at_resume(self, folder: Path) -> Optional[dict[str, torch.Tensor]]:
-        """The best step's trainable weights for ``load_best_model_at_end`` after a resume from ``folder``:
-        the weights just loaded when the best step is the resumed one, else those of ``checkpoint-<best>``
-        beside it (kept by ``save_total_limit``); None, with a notice, when that checkpoint was never saved."""
-        if self.best_step == self.global_step:   # set by _load from the same folder
-            return {k: v.clone() for k, v in ckpt.trainable_state_dict(dist_hooks.unwrap(self.model)).items()}
-        best = folder.parent / f"checkpoint-{self.best_step}" / "trainable.safetensors"
-        if best.is_file():
-            return ckpt.read_checkpoint_tensors(best)
-        notice(f"load_best_model_at_end: the best step ({self.best_step}) has no checkpoint beside {folder}, so "
-               "its weights cannot be loaded at the end of this resumed run (make save_steps a multiple of "
-               "eval_steps to keep them)")
-        return None
-
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The JSON trainer state saved in checkpoints (step, data position, best metric, log history)."""
@@ -528,7 +521,7 @@ class Trainer:
                 "total_steps": self.total_steps, "tokens_seen": self.tokens_seen, "best_metric": self.best_metric,
                 "best_global_step": self.best_step, "stage": self.stage_name, "seed": self.seed,
                 "per_device_train_batch_size": self.bs, "gradient_accumulation_steps": self.ga,
-                "world_size": world_size(), "log_history": self.log_history}
+                "world_size": world_size(), "log_history": self.log_history, **resume_rules.extra_state(self)}
 
     def _online_state(self) -> Optional[tuple[dict, list]]:
         """``(stage.state_dict(), pending steps)`` of the online stage, or None (offline, or a stage without
@@ -561,38 +554,6 @@ class Trainer:
                                 newest=self.output_dir / f"checkpoint-{self.global_step}")
         return path
 
-    def _check_online_resume(self, folder: Path) -> None:
-        """An online stage resumes only from a checkpoint of the same stage written by as many processes as this
-        run has (each rank's pending rollouts are its own: rank r > 0 reads ``rank<r>/``), without fsdp.
-        Raises :class:`LLMTuneError`."""
-        state = ckpt.read_checkpoint_json(folder / ckpt.TRAINER_STATE)
-        stage = state.get("stage") if isinstance(state, dict) else None
-        if stage != self.stage_name:
-            raise LLMTuneError(f"resume_from_checkpoint: {folder} is a checkpoint of stage {stage}, not "
-                               f"{self.stage_name}; resume from a checkpoint of a {self.stage_name} run, or start "
-                               "afresh without resume_from_checkpoint")
-        saved_world = int(state.get("world_size") or 1)
-        if saved_world != world_size():
-            raise LLMTuneError(f"resume_from_checkpoint: {folder} was written by {saved_world} process(es), this "
-                               f"run has {world_size()}: each process's pending rollouts are its own, so stage "
-                               f"{self.stage_name} resumes only with the same number (torchrun --nproc_per_node "
-                               f"{saved_world}), or start afresh without resume_from_checkpoint")
-        if world_size() > 1 and (dist_hooks.is_fsdp(self.model) or state.get("strategy") == "fsdp"):
-            raise LLMTuneError(f"resume_from_checkpoint: stage {self.stage_name} with fsdp does not resume (its "
-                               "checkpoints hold rank 0's rollout state only); resume data-parallel runs without "
-                               "fsdp, or start afresh without resume_from_checkpoint")
-        if not hasattr(self.online, "load_state_dict"):
-            raise LLMTuneError(f"resume_from_checkpoint: this {self.stage_name} stage object has no state_dict/"
-                               "load_state_dict, so its rollout state cannot be restored; start afresh")
-        part = self._rank_part(folder)
-        if part != Path(folder) and not (part / ckpt.ONLINE_STATE).is_file():
-            raise LLMTuneError(f"resume_from_checkpoint: {folder} has no {part.name}/{ckpt.ONLINE_STATE}, the "
-                               f"rollout state of rank {rank()} (a checkpoint saved on Ctrl-C, or by an older "
-                               "llmtune, holds rank 0's only); resume from a checkpoint saved by save_steps, or "
-                               "start afresh without resume_from_checkpoint")
-        if not (part / ckpt.ONLINE_STATE).is_file():
-            ckpt.load_online_state(part, self.device)  # raises its one-line error
-
     @staticmethod
     def _rank_part(folder: Path) -> Path:
         """This rank's part of an online checkpoint: the folder itself on rank 0, ``rank<r>/`` elsewhere."""
@@ -600,7 +561,7 @@ class Trainer:
 
     def _load(self, folder: Path) -> None:
         if self.online is not None:  # before any weight is copied
-            self._check_online_resume(folder)
+            resume_rules.check_online_resume(self, folder)
         if dist_hooks.is_fsdp(self.model) or dist_hooks.is_fsdp_checkpoint(folder):
             state, rng = dist_hooks.load_fsdp_checkpoint(self, folder)
         else:
@@ -615,7 +576,7 @@ class Trainer:
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.best_metric, self.best_step = state.get("best_metric"), state.get("best_global_step")
         if self.load_best and self.best_step is not None:
-            self.best_state = self._best_state_at_resume(folder)
+            self.best_state = resume_rules.best_state_at_resume(self, folder)
         self.log_history = list(state.get("log_history", []))
         if self.online is not None:
             part = self._rank_part(folder)
@@ -623,6 +584,7 @@ class Trainer:
             self.online.load_state_dict(stage_state)
             if part != Path(folder):  # this rank's own sampling state
                 rng = ckpt.load_rng_state(part)
+        resume_rules.apply_on_resume(self, folder, state)
         if self.global_step >= self.total_steps:
             notice(f"resume_from_checkpoint: {folder} is already at step {self.global_step} of {self.total_steps}; "
                    "nothing left to train (raise max_steps or num_train_epochs to train further)")

@@ -46,7 +46,8 @@ class JinjaTemplate:
         except LLMTuneError:  # already one line naming the template's file (bounded rendering, tokenizer.py)
             raise
         except Exception as err:  # noqa: BLE001 - any template error is the user's model/template choice
-            raise LLMTuneError(f"template: the model's own chat_template failed to render a conversation ({err}); "
+            why = f"{type(err).__name__}: {err}" if str(err).strip() else type(err).__name__   # never "()"
+            raise LLMTuneError(f"template: the model's own chat_template failed to render a conversation ({why}); "
                                "set template to a built-in name (e.g. chatml, llama3, qwen).") from err
 
     def _chat(self, messages: Sequence[dict], system: Optional[str], tools: Any) -> list[dict]:

@@ -105,7 +105,7 @@ def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] =
     if config.stage == "dpo":
         check_pref_loss(config.pref_loss)
     if not needs_reference(config):
-        if config.ref_model:
+        if config.ref_model and config.stage in ("dpo", "kto"):   # other stages: the config's notice says why
             notice(f"ref_model is ignored: pref_loss {config.pref_loss} needs no reference model")
         return {}
     ref_path = config.ref_model
