@@ -5,7 +5,7 @@ that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PO
 the same command; :func:`distributed_session` turns them into one process group and the trainer's small
 helpers (:func:`rank`, :func:`world_size`, :func:`all_reduce_sum`, :func:`is_main`) do the rest:
 
-* **process group**: ``gloo`` on the CPU, ``nccl`` on CUDA (device ``cuda:LOCAL_RANK``), timeout
+* **process group**: ``gloo`` on the CPU, ``cpu:gloo,cuda:nccl`` on CUDA (device ``cuda:LOCAL_RANK``), timeout
   ``ddp_timeout`` seconds (Hugging Face's key; default 1800). A collective that does not complete within
   that time (a rank died or hangs) raises on the surviving ranks, and :func:`distributed_session` turns
   the error into one :class:`LLMTuneError` message; the CLI exits non-zero.
@@ -82,7 +82,8 @@ def init_distributed(config: Any = None) -> bool:
 
     Nothing happens (returns False) when ``WORLD_SIZE`` is unset or 1, or when a group already exists
     (a caller that initialised its own keeps it). Backend: ``nccl`` when CUDA is available and the
-    config's ``device`` is not ``cpu``, else ``gloo``; with CUDA the current device becomes
+    config's ``device`` is not ``cpu`` (as ``cpu:gloo,cuda:nccl``: CPU tensors, such as FSDP's offloaded
+    parameters and gradients, go through gloo), else ``gloo``; with CUDA the current device becomes
     ``cuda:LOCAL_RANK``. Timeout: ``ddp_timeout`` seconds (default 1800).
 
     Raises:
@@ -110,7 +111,9 @@ def init_distributed(config: Any = None) -> bool:
     if use_cuda:
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout), **kwargs)
+    # with CUDA, a gloo group beside NCCL: FSDP offload's CPU DTensors (gradient clipping, checkpoints) reduce on it
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
     return True
 
 
