@@ -6,9 +6,9 @@ and adapts, or reports that it cannot, so the caller falls back. The signatures 
 ``tests/fixtures/torch_api.json`` (read from the wheels by ``tests/fixtures/torch_api_extract.py``), and
 ``tests/test_torch_api.py`` calls these functions with stand-ins of each release's exact signature.
 
-Sources: the PyTorch documentation of ``torch.nn.attention.varlen.varlen_attn`` (torch 2.10: ``is_causal``;
-2.11: ``window_size`` (left, right), -1 = unbounded; 2.13: ``enable_gqa``) and of
-``torch.nn.functional.scaled_dot_product_attention`` (``enable_gqa`` since 2.5).
+Source: the PyTorch documentation of ``torch.nn.attention.varlen.varlen_attn`` and its signature in each
+release's wheel (2.10: ``is_causal``; 2.11: ``window_size`` (left, right), -1 = unbounded; 2.12:
+``enable_gqa``).
 """
 
 from __future__ import annotations
@@ -94,16 +94,3 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     except TypeError:
         _VARLEN_STATE["broken"] = fn
         return None
-
-
-@functools.lru_cache(maxsize=1)
-def sdpa_has_gqa() -> bool:
-    """True when ``F.scaled_dot_product_attention`` takes ``enable_gqa`` (torch >= 2.5)."""
-    import torch.nn.functional as F
-
-    try:
-        F.scaled_dot_product_attention(*(torch.zeros(1, 2, 1, 4) for _ in range(2)), torch.zeros(1, 1, 1, 4),
-                                       enable_gqa=True)
-    except TypeError:
-        return False
-    return True

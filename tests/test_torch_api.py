@@ -49,7 +49,8 @@ def stub(version: str, api: str, impl, calls: list | None = None):
     one (``TypeError`` on an unknown or missing argument) and returns ``impl(**bound_arguments)``."""
     params = []
     for p in FIXTURE[version]["apis"][api]["params"]:
-        kind = {"positional": inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        kind = {"positional_only": inspect.Parameter.POSITIONAL_ONLY,
+                "positional": inspect.Parameter.POSITIONAL_OR_KEYWORD,
                 "keyword_only": inspect.Parameter.KEYWORD_ONLY,
                 "var_positional": inspect.Parameter.VAR_POSITIONAL,
                 "var_keyword": inspect.Parameter.VAR_KEYWORD}[p["kind"]]
@@ -239,3 +240,140 @@ def test_resume_with_fewer_gpus_restores_the_devices_present(monkeypatch, capsys
     st["cuda"] = st["cuda"][:1]   # fewer saved than present: those restored, no notice
     ckpt.restore_rng_state(st)
     assert sorted(restored) == [0] and capsys.readouterr().err == ""
+
+
+# -- torch._grouped_mm (MoE experts) ----------------------------------------------------------------------------
+def _moe_case(dtype, h=24, i=16, e=5, n=29):
+    import llmtune.models.moe as moe
+
+    torch.manual_seed(2)
+    experts = torch.nn.ModuleList(moe.ExpertMLP(h, i) for _ in range(e)).to(dtype)
+    x = torch.randn(n, h, dtype=dtype)
+    weights, top = torch.topk(torch.softmax(torch.randn(n, e), -1), 2, dim=-1)
+    return moe, experts, x, weights.to(dtype), top
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+@pytest.mark.parametrize("version", versions_with("_grouped_mm"))
+def test_grouped_mm_call_site_binds_each_torch_signature(monkeypatch, version):
+    """llmtune's ``_grouped_mm`` call binds every release's signature (2.8+), and on a CUDA-looking bfloat16
+    batch without autograd the MoE block takes the grouped path and matches the per-expert loop."""
+    moe, experts, x, weights, top = _moe_case(torch.bfloat16, h=32, i=16)
+    real = torch._grouped_mm
+    calls: list = []
+    monkeypatch.setattr(torch, "_grouped_mm", stub(version, "_grouped_mm",
+                                                   lambda input, mat2, offs=None, **kw: real(input, mat2, offs=offs),
+                                                   calls))
+    monkeypatch.setattr(moe, "is_cuda", lambda t: True)
+    monkeypatch.setattr(moe, "_GROUPED_MM_FAILED", False)
+    with torch.no_grad():
+        got = moe.experts_forward(x, experts, top, weights)
+        ref = moe.experts_forward(x, experts, top, weights, grouped=False)
+    assert len(calls) == 3 and not moe._GROUPED_MM_FAILED
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_grouped_mm_absent_before_2_8_takes_the_loop(monkeypatch):
+    """torch < 2.8 has no ``torch._grouped_mm``: the MoE block runs the per-expert loop, same result."""
+    assert oldest_with("_grouped_mm") == "2.8.0"
+    moe, experts, x, weights, top = _moe_case(torch.bfloat16, h=32, i=16)
+    with torch.no_grad():
+        ref = moe.experts_forward(x, experts, top, weights, grouped=False)
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    monkeypatch.setattr(moe, "is_cuda", lambda t: True)
+    assert not moe._can_group(x, experts)
+    with torch.no_grad():
+        torch.testing.assert_close(moe.experts_forward(x, experts, top, weights), ref, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+def test_grouped_mm_arguments_pass_the_meta_checks_at_qwen3_moe_shapes():
+    """Qwen3-30B-A3B's expert shapes (hidden 2048, expert width 768, 128 experts) on the meta device: torch's
+    own argument checks of ``_grouped_mm`` (bfloat16, int32 offsets, 16-byte aligned strides) pass for
+    llmtune's stacked, transposed weights; a width that is not a multiple of 8 fails them, which is why
+    ``_can_group`` requires multiples of 8."""
+    import llmtune.models.moe as moe
+
+    with torch.device("meta"):
+        experts = torch.nn.ModuleList(moe.ExpertMLP(2048, 768) for _ in range(128)).to(torch.bfloat16)
+        rows = torch.empty(4096, 2048, dtype=torch.bfloat16)
+        counts = torch.empty(128, dtype=torch.long)
+    with torch.no_grad():
+        out = moe._grouped_swiglu(rows, counts, experts)
+    assert out.shape == (4096, 2048) and out.dtype == torch.bfloat16
+    with torch.device("meta"):
+        odd = torch.nn.ModuleList(moe.ExpertMLP(60, 36) for _ in range(4)).to(torch.bfloat16)
+        with pytest.raises(RuntimeError, match="16 bytes"):
+            moe._grouped_swiglu(torch.empty(8, 60, dtype=torch.bfloat16), torch.empty(4, dtype=torch.long), odd)
+
+
+# -- FSDP2 and the imports of every supported release ------------------------------------------------------------
+def _torch_floor() -> str:
+    import re
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    return re.search(r'"torch>=([0-9.]+)', text).group(1)
+
+
+def _supported() -> list:
+    floor = _vkey(_torch_floor())
+    return [v for v in VERSIONS if _vkey(v)[:len(floor)] >= floor]
+
+
+def _torch_imports() -> dict:
+    """``{module: {names}}`` of every unconditional ``from torch.X import ...`` in llmtune's sources (not
+    under ``try: ... except ImportError``), for the modules the fixture lists exports of."""
+    import ast
+
+    import llmtune
+
+    root = Path(llmtune.__file__).parent
+    found: dict = {}
+    mods = set(FIXTURE[VERSIONS[-1]]["exports"])
+    for f in list(root.rglob("*.py")) + list((root.parent / "kernels").glob("*.py")):
+        tree = ast.parse(f.read_text())
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                   and any("ImportError" in ast.dump(h) for h in t.handlers) for b in t.body for n in ast.walk(b)}
+        for node in ast.walk(tree):   # an import under ``try: ... except ImportError`` is optional
+            if isinstance(node, ast.ImportFrom) and node.module in mods and id(node) not in guarded:
+                found.setdefault(node.module, set()).update(a.name for a in node.names)
+    return found
+
+
+def test_every_supported_torch_has_what_llmtune_imports():
+    """Each ``from torch.distributed.fsdp import fully_shard, ...`` (and the other version-dependent torch
+    modules) resolves in every release from pyproject's floor on; the FSDP methods llmtune calls exist."""
+    imports = _torch_imports()
+    assert "fully_shard" in imports["torch.distributed.fsdp"]
+    for v in _supported():
+        for mod, names in imports.items():
+            missing = names - set(FIXTURE[v]["exports"][mod] or ())
+            assert not missing, f"torch {v}: {mod} lacks {sorted(missing)}"
+        for api in ("fully_shard", "FSDPModule.set_gradient_divide_factor",
+                    "FSDPModule.set_force_sum_reduction_for_comms", "get_autocast_dtype", "is_autocast_enabled",
+                    "compiler.disable", "compiler.is_compiling", "distribute_tensor", "init_device_mesh",
+                    "HuggingFaceStorageWriter.__init__"):
+            assert FIXTURE[v]["apis"][api] is not None, f"torch {v} lacks {api}"
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("version", _supported())
+def test_fully_shard_call_binds_each_supported_signature(monkeypatch, version, offload):
+    """``apply_fsdp`` calls ``fully_shard`` per decoder layer then on the root, with keywords every supported
+    release's signature accepts, and ``CPUOffloadPolicy`` with ``offload``."""
+    import torch.distributed.device_mesh as dm
+    import torch.distributed.fsdp as fsdp
+
+    from config_helpers import make_config
+    from llmtune.train.distributed import apply_fsdp
+    from tiny_helpers import tiny_model
+
+    calls: list = []
+    monkeypatch.setattr(fsdp, "fully_shard", stub(version, "fully_shard", lambda **kw: kw["module"], calls))
+    monkeypatch.setattr(dm, "init_device_mesh", lambda device_type, shape: ("mesh", device_type, shape))
+    model = tiny_model()
+    fs = "full_shard offload" if offload else "full_shard"
+    apply_fsdp(model, make_config(fsdp=fs, bf16=True))
+    assert [c["module"] for c in calls] == [*model.model.layers, model]
+    assert all(isinstance(c["offload_policy"], fsdp.CPUOffloadPolicy) == offload for c in calls)
+    assert calls[0]["mp_policy"].param_dtype == torch.bfloat16
