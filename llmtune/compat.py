@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from typing import Callable, Optional
 
 import torch
@@ -31,6 +32,17 @@ def accepted_params(fn: Callable) -> Optional[frozenset]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return frozenset(p.name for p in params)
+
+
+# FSDP2 shards frozen integer parameters (QLoRA's uint8 NF4 storage) from torch 2.12 on; before it
+# ``fully_shard`` re-creates every shard as a parameter that requires grad, which fails for integer dtypes
+FSDP_INTEGER_PARAMS_TORCH = (2, 12)
+
+
+def torch_version() -> tuple[int, int]:
+    """``(major, minor)`` of the installed torch (``torch.__version__``, e.g. ``"2.11.0+cu128"`` -> ``(2, 11)``)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return int(major), int(minor)
 
 
 def is_cuda(t: torch.Tensor) -> bool:

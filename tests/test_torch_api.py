@@ -253,17 +253,16 @@ def _moe_case(dtype, h=24, i=16, e=5, n=29):
     return moe, experts, x, weights.to(dtype), top
 
 
-@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
 @pytest.mark.parametrize("version", versions_with("_grouped_mm"))
 def test_grouped_mm_call_site_binds_each_torch_signature(monkeypatch, version):
     """llmtune's ``_grouped_mm`` call binds every release's signature (2.8+), and on a CUDA-looking bfloat16
     batch without autograd the MoE block takes the grouped path and matches the per-expert loop."""
     moe, experts, x, weights, top = _moe_case(torch.bfloat16, h=32, i=16)
-    real = torch._grouped_mm
+    from test_moe_grouped_cache import grouped_mm_reference
+
     calls: list = []
-    monkeypatch.setattr(torch, "_grouped_mm", stub(version, "_grouped_mm",
-                                                   lambda input, mat2, offs=None, **kw: real(input, mat2, offs=offs),
-                                                   calls))
+    monkeypatch.setattr(torch, "_grouped_mm", stub(version, "_grouped_mm", grouped_mm_reference, calls),
+                        raising=False)
     monkeypatch.setattr(moe, "is_cuda", lambda t: True)
     monkeypatch.setattr(moe, "_GROUPED_MM_FAILED", False)
     with torch.no_grad():
@@ -377,3 +376,88 @@ def test_fully_shard_call_binds_each_supported_signature(monkeypatch, version, o
     assert [c["module"] for c in calls] == [*model.model.layers, model]
     assert all(isinstance(c["offload_policy"], fsdp.CPUOffloadPolicy) == offload for c in calls)
     assert calls[0]["mp_policy"].param_dtype == torch.bfloat16
+
+
+# the torch callables llmtune calls by name -> their fixture entry
+CALLED = {"fully_shard": "fully_shard", "init_process_group": "init_process_group",
+          "init_device_mesh": "init_device_mesh", "distribute_tensor": "distribute_tensor",
+          "get_state_dict": "get_state_dict", "set_state_dict": "set_state_dict",
+          "get_model_state_dict": "get_model_state_dict",
+          "HuggingFaceStorageWriter": "HuggingFaceStorageWriter.__init__",
+          "HuggingFaceStorageReader": "HuggingFaceStorageReader.__init__",
+          "set_gradient_divide_factor": "FSDPModule.set_gradient_divide_factor",
+          "set_force_sum_reduction_for_comms": "FSDPModule.set_force_sum_reduction_for_comms",
+          "_grouped_mm": "_grouped_mm", "scaled_dot_product_attention": "scaled_dot_product_attention",
+          "set_rng_state_all": "cuda.set_rng_state_all", "GradScaler": "GradScaler.__init__"}
+
+
+def _calls_in_sources() -> list:
+    """``(file:line, name, positional count, keyword names)`` of every call of a ``CALLED`` name in llmtune."""
+    import ast
+
+    import llmtune
+
+    root = Path(llmtune.__file__).parent
+    out = []
+    for f in list(root.rglob("*.py")) + list((root.parent / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
+                if name in CALLED:
+                    out.append((f"{f.name}:{node.lineno}", name, len(node.args),
+                                [k.arg for k in node.keywords if k.arg is not None]))
+    return out
+
+
+def test_every_torch_call_binds_in_every_supported_release():
+    """Each call llmtune makes to a version-dependent torch function passes only positional arguments and
+    keywords that every supported release's signature takes (torch 2.8's ``HuggingFaceStorageWriter``, for
+    one, has ``save_sharded`` where 2.9 has ``save_distributed``)."""
+    calls = _calls_in_sources()
+    assert {c[1] for c in calls} >= {"fully_shard", "init_process_group", "HuggingFaceStorageWriter",
+                                     "_grouped_mm", "scaled_dot_product_attention"}
+    for v in _supported():
+        for where, name, npos, kws in calls:
+            api = FIXTURE[v]["apis"][CALLED[name]]
+            assert api is not None, f"torch {v} has no {CALLED[name]} ({where})"
+            for params in [api["params"]] + api.get("overloads", []):
+                names = {p["name"] for p in params if p["kind"] in ("positional", "keyword_only")}
+                npos_ok = sum(p["kind"] in ("positional_only", "positional") for p in params)
+                star = {p["kind"] for p in params} & {"var_positional", "var_keyword"}
+                if (set(kws) <= names or "var_keyword" in star) and (npos <= npos_ok or "var_positional" in star):
+                    break
+            else:
+                pytest.fail(f"torch {v}: {where} calls {name} with {npos} positional and keywords {kws}, "
+                            f"which {CALLED[name]} does not take")
+
+
+@pytest.mark.parametrize("version", ["2.11.0+cu128", "2.12.1"])
+def test_fsdp_4bit_needs_the_release_that_shards_integer_parameters(monkeypatch, version):
+    """FSDP2 before torch 2.12 re-creates each shard as a parameter requiring grad, which fails for the uint8
+    NF4 storage (seen on torch 2.9: "only Tensors of floating point dtype can require gradients"); the fixture
+    says which releases keep frozen parameters frozen, and ``apply_fsdp`` refuses QLoRA below that with one
+    clear line instead of a traceback from inside torch."""
+    import torch.distributed.device_mesh as dm
+    import torch.distributed.fsdp as fsdp
+
+    from config_helpers import make_config
+    from llmtune.errors import LLMTuneError
+    from llmtune.quant.linear4bit import Linear4bit
+    from llmtune.train.distributed import apply_fsdp
+    from tiny_helpers import tiny_model
+
+    fixed = [v for v in VERSIONS if FIXTURE[v]["features"]["fsdp_shards_integer_params"]]
+    assert fixed and all(_vkey(v) >= _vkey(fixed[0]) for v in fixed)
+    assert _vkey(fixed[0])[:2] == compat.FSDP_INTEGER_PARAMS_TORCH
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(fsdp, "fully_shard", stub(VERSIONS[-1], "fully_shard", lambda **kw: kw["module"]))
+    monkeypatch.setattr(dm, "init_device_mesh", lambda device_type, shape: ("mesh", device_type, shape))
+    model = tiny_model()
+    up = model.model.layers[0].mlp.up_proj
+    model.model.layers[0].mlp.up_proj = Linear4bit.from_float(up.weight.detach(), None, compute_dtype=torch.float32)
+    if compat.torch_version() < compat.FSDP_INTEGER_PARAMS_TORCH:
+        with pytest.raises(LLMTuneError, match="torch >= 2.12"):
+            apply_fsdp(model, make_config(fsdp="full_shard"))
+    else:
+        assert apply_fsdp(model, make_config(fsdp="full_shard")) is model

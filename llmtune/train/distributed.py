@@ -53,6 +53,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from llmtune.compat import FSDP_INTEGER_PARAMS_TORCH, torch_version
 from llmtune.errors import LLMTuneError, notice
 
 #: environment variables torchrun sets for every worker
@@ -325,7 +326,7 @@ def apply_fsdp(model: torch.nn.Module, config: Any) -> torch.nn.Module:
     Gradients are SUMMED over ranks (``set_gradient_divide_factor(1.0)`` with sum-only reductions, so
     gloo works too). ``bf16`` -> ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``
     (sharded master weights stay float32); ``fp16`` on CUDA -> float16 parameters, float32 reduction.
-    Returns the same module object (now an ``FSDPModule``).
+    Returns the same module object (now an ``FSDPModule``). Raises LLMTuneError for 4-bit layers on torch < 2.12.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -345,6 +346,9 @@ def apply_fsdp(model: torch.nn.Module, config: Any) -> torch.nn.Module:
     if layers is None:
         raise LLMTuneError("fsdp: the model has no decoder layers at model.layers; FSDP2 here supports the "
                            "llmtune Transformer (remove fsdp to train with DDP)")
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()) and torch_version() < FSDP_INTEGER_PARAMS_TORCH:
+        raise LLMTuneError(f"fsdp with 4-bit (QLoRA) layers needs torch >= 2.12; this is torch {torch.__version__}, "
+                           "whose FSDP2 cannot shard the uint8 NF4 storage: upgrade torch, or remove fsdp (DDP)")
     for layer in layers:
         for mod in layer.modules():
             if type(mod).__name__ == "Linear4bit":
