@@ -8,7 +8,9 @@ logits in the compute dtype.
 
 * :func:`fused_linear_cross_entropy` ``(hidden (N, H), weight (V, H), labels (N,)) -> (loss_sum, count)``:
   the gradients are computed in the forward (the output is a plain sum, so ``d loss / d z`` is known
-  there) and the backward only scales them: 3 matrix products per chunk instead of 4.
+  there) and the backward only scales them: 3 matrix products per chunk instead of 4. Not in float16: there
+  the unscaled gradients would underflow before a ``GradScaler``'s scale reaches them, so float16 takes the
+  recomputing backward of :func:`fused_linear_logps` (4 products per chunk, scale-correct).
 * :func:`fused_linear_logps` ``-> logps (N,)``: per-row log-probs of the labels (DPO, KTO, PPO, rm ...);
   the incoming gradient differs per row, so the backward recomputes each chunk's logits.
 
@@ -110,6 +112,15 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def grads_in_forward(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a summed cross entropy may compute its gradients in the forward (unscaled, then rounded to the
+    compute dtype): not for float16, whose 5-bit exponent flushes probabilities below 6e-8 to zero before
+    the loss scale of a ``GradScaler`` (which only reaches the backward) could lift them. Float16 losses take
+    the recomputing path instead, whose backward multiplies by the incoming (scaled) gradient in float32
+    before rounding, as autograd through ``log_softmax`` does."""
+    return compute_dtype(hidden, weight) != torch.float16
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
@@ -222,14 +233,19 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
     Returns:
         ``(loss_sum, count)``: 0-dim float32 (nats, summed over the non-ignored rows; differentiable wrt
-        hidden and weight, gradients computed in the forward) and 0-dim int64 (non-ignored rows).
+        hidden and weight; gradients computed in the forward, except in float16, where the backward
+        recomputes the logits so that a ``GradScaler``'s scale applies before rounding: see
+        :func:`grads_in_forward`) and 0-dim int64 (non-ignored rows).
 
     Raises:
         ValueError: on mismatched shapes, labels outside ``[0, V)``, or a chunk_size < 1.
     """
     _check(hidden, weight, labels, ignore_index)
     rows = rows_per_chunk(chunk_size, weight.shape[0], hidden.device)
-    loss = _FusedLinearCE.apply(hidden, weight, labels, int(ignore_index), rows)
+    if grads_in_forward(hidden, weight):
+        loss = _FusedLinearCE.apply(hidden, weight, labels, int(ignore_index), rows)
+    else:   # float16: gradients made in the backward, scaled before rounding (loss scaling works)
+        loss = -_FusedLinearLogps.apply(hidden, weight, labels, int(ignore_index), rows, 1.0).sum()
     return loss, (labels != ignore_index).sum()
 
 

@@ -9,7 +9,9 @@ the forward pass or the backward pass, by two custom autograd functions:
   each chunk's logits and accumulates the gradients of the hidden states and of the weight chunk by chunk;
 - :class:`_ChunkedNLLSum` (the summed cross entropy of ``causal_lm_loss``): since the output is a plain
   sum, each chunk's gradients are computed in forward right after its loss (no recomputation) and
-  backward only scales them.
+  backward only scales them. Not in float16: unscaled gradients rounded to float16 underflow before a
+  ``GradScaler``'s scale reaches them, so a float16 loss is the sum of :class:`_ChunkedLabelLogps`, whose
+  backward applies the incoming (scaled) gradient in float32 before rounding.
 
 Only rows whose next label is valid are projected, so prompt and padding tokens cost nothing.
 
@@ -35,7 +37,7 @@ import torch
 
 from llmtune.constants import IGNORE_INDEX
 from llmtune.kernels.cross_entropy import compute_dtype as _compute_dtype, rows_per_chunk as _rows_per_chunk
-from llmtune.kernels.cross_entropy import scale_saved_grads
+from llmtune.kernels.cross_entropy import grads_in_forward, scale_saved_grads
 from llmtune.kernels.dispatch import use_triton
 
 
@@ -236,6 +238,8 @@ def causal_lm_loss(
         from llmtune.kernels.cross_entropy import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(h_sel, lm_head_weight, targets, chunk_size=rows)[0], valid.sum()
+    if not grads_in_forward(h_sel, lm_head_weight):   # float16: scale-correct recomputing backward
+        return -_ChunkedLabelLogps.apply(h_sel, lm_head_weight, targets, rows, 1.0).sum(), valid.sum()
     return _ChunkedNLLSum.apply(h_sel, lm_head_weight, targets, rows), valid.sum()
 
 

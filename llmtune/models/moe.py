@@ -32,12 +32,14 @@ Qwen3 technical report (2025); transformers' ``modeling_qwen2_moe.py`` / ``model
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmtune.compat import is_cuda
 from llmtune.models.config import ModelConfig
 
 
@@ -88,7 +90,7 @@ def _can_group(x: torch.Tensor, experts: Sequence[ExpertMLP]) -> bool:
     backward, a second copy of every expert), at least as many token rows as experts (decoding a few tokens
     touches only their experts), plain bias-free ``nn.Linear`` projections (no LoRA wrapper, no 4-bit
     layer) and widths that are multiples of 8."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+    if not (is_cuda(x) and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):   # torch >= 2.8
         return False
     if torch.is_grad_enabled() or x.shape[0] < len(experts):
         return False
@@ -104,16 +106,47 @@ def _can_group(x: torch.Tensor, experts: Sequence[ExpertMLP]) -> bool:
 _GROUPED_MM_FAILED = False
 
 
+_STACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _stacked_weights(experts: Sequence[ExpertMLP]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The experts' gate, up and down weights stacked to ``(E, in, out)`` (transposed views).
+
+    With autograd on, stacked afresh (the stack is part of the graph, so full fine-tuning trains the experts).
+    Without autograd (inference, evaluation, reference forwards) the stack is kept, keyed by the first expert
+    module, and rebuilt when any weight changes: a key of each weight's storage address and version counter
+    (an optimizer step or ``copy_`` updates weights in place and bumps the version; ``.data =`` or a reload
+    changes the address). Costs one stacked copy of the experts per MoE layer while kept."""
+    weights = [getattr(e, n).weight for n in ("gate_proj", "up_proj", "down_proj") for e in experts]
+    key = None
+    if not torch.is_grad_enabled():
+        try:
+            key = tuple((w.data_ptr(), w._version) for w in weights)
+        except RuntimeError:   # inference-mode tensors have no version counter: not kept
+            pass
+    cache = key is not None
+    if cache:
+        hit = _STACKED.get(experts[0])
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    e = len(experts)
+    stacked = tuple(torch.stack(weights[i * e:(i + 1) * e]).transpose(1, 2) for i in range(3))
+    if cache:
+        _STACKED[experts[0]] = (key, stacked)
+    else:
+        _STACKED.pop(experts[0], None)   # training: a kept stack would be stale after the step
+    return stacked
+
+
 def _grouped_swiglu(rows: torch.Tensor, counts: torch.Tensor, experts: Sequence[ExpertMLP]) -> torch.Tensor:
     """All experts' SwiGLU on rows sorted by expert, as three ``torch._grouped_mm`` products.
 
     ``rows`` ``(M, H)`` bfloat16 sorted by expert, ``counts`` ``(E,)`` rows per expert. The per-expert weights
-    are stacked to ``(E, in, out)`` (differentiable, so full fine-tuning trains them too).
+    are stacked to ``(E, in, out)`` by :func:`_stacked_weights` (kept between no-grad forwards; differentiable
+    with autograd on, so full fine-tuning trains them too).
     """
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    w_gate = torch.stack([e.gate_proj.weight for e in experts]).transpose(1, 2)
-    w_up = torch.stack([e.up_proj.weight for e in experts]).transpose(1, 2)
-    w_down = torch.stack([e.down_proj.weight for e in experts]).transpose(1, 2)
+    w_gate, w_up, w_down = _stacked_weights(experts)
     g = torch._grouped_mm(rows, w_gate, offs=offs)
     u = torch._grouped_mm(rows, w_up, offs=offs)
     return torch._grouped_mm(F.silu(g) * u, w_down, offs=offs)

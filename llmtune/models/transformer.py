@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llmtune.compat import is_cuda, varlen_attention
 from llmtune.kernels import use_triton as _use_kernels
 from llmtune.models.config import ModelConfig
 from llmtune.models.moe import SparseMoeBlock, collect_aux_loss
@@ -355,21 +356,12 @@ def _band(n: int, window: int, device) -> torch.Tensor:
 
 
 def _varlen(q, k, v, segs: SegmentSpans):
-    """CUDA flash variable-length attention over tiled spans; None when unavailable."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return None
+    """CUDA flash variable-length attention over tiled spans (:func:`llmtune.compat.varlen_attention`);
+    None when unavailable."""
     b, h, t, d = q.shape
-    qf = q.transpose(1, 2).reshape(b * t, h, d)
-    kf = k.transpose(1, 2).reshape(b * t, k.shape[1], d)
-    vf = v.transpose(1, 2).reshape(b * t, v.shape[1], d)
-    win = (-1, 0) if segs.window is None else (segs.window - 1, 0)
-    out = varlen_attn(qf, kf, vf, segs.cu_seqlens, segs.cu_seqlens, segs.max_len, segs.max_len,
-                      window_size=win, enable_gqa=k.shape[1] != h)
-    return out.view(b, t, h, d)
+    qf, kf, vf = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v))
+    out = varlen_attention(qf, kf, vf, segs.cu_seqlens, segs.max_len, segs.window)
+    return None if out is None else out.view(b, t, h, d)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
@@ -412,7 +404,7 @@ def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: Seg
     every command's start-up)."""
     b, h, t, d = q.shape
     gqa = k.shape[1] != h
-    if q.device.type == "cuda" and segs.cu_seqlens is not None:
+    if is_cuda(q) and segs.cu_seqlens is not None:
         try:
             out = _varlen(q, k, v, segs)
         except (RuntimeError, NotImplementedError):   # e.g. a head size or GPU the flash kernel does not take

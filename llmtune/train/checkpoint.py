@@ -177,12 +177,17 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(st: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
+    """Inverse of :func:`capture_rng_state`. A checkpoint written with more CUDA devices than this process sees
+    restores the first ``device_count()`` device states, with a one-line notice (the others have no device)."""
     torch.set_rng_state(st["torch"])
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if st.get("cuda") and torch.cuda.is_available():
+        saved, have = st["cuda"], torch.cuda.device_count()
+        if len(saved) > have:
+            notice(f"the checkpoint holds the random state of {len(saved)} CUDA devices and this process sees "
+                   f"{have}: restoring the first {have}")
+        torch.cuda.set_rng_state_all(saved[:have])
 
 
 def save_rng_state(st: dict[str, Any], folder: Path) -> None:

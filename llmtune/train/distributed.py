@@ -5,7 +5,7 @@ that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PO
 the same command; :func:`distributed_session` turns them into one process group and the trainer's small
 helpers (:func:`rank`, :func:`world_size`, :func:`all_reduce_sum`, :func:`is_main`) do the rest:
 
-* **process group**: ``gloo`` on the CPU, ``nccl`` on CUDA (device ``cuda:LOCAL_RANK``), timeout
+* **process group**: ``gloo`` on the CPU, ``cpu:gloo,cuda:nccl`` on CUDA (device ``cuda:LOCAL_RANK``), timeout
   ``ddp_timeout`` seconds (Hugging Face's key; default 1800). A collective that does not complete within
   that time (a rank died or hangs) raises on the surviving ranks, and :func:`distributed_session` turns
   the error into one :class:`LLMTuneError` message; the CLI exits non-zero.
@@ -53,6 +53,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from llmtune.compat import FSDP_INTEGER_PARAMS_TORCH, torch_version
 from llmtune.errors import LLMTuneError, notice
 from llmtune.fileio import publish_dir
 
@@ -83,7 +84,8 @@ def init_distributed(config: Any = None) -> bool:
 
     Nothing happens (returns False) when ``WORLD_SIZE`` is unset or 1, or when a group already exists
     (a caller that initialised its own keeps it). Backend: ``nccl`` when CUDA is available and the
-    config's ``device`` is not ``cpu``, else ``gloo``; with CUDA the current device becomes
+    config's ``device`` is not ``cpu`` (as ``cpu:gloo,cuda:nccl``: CPU tensors, such as FSDP's offloaded
+    parameters and gradients, go through gloo), else ``gloo``; with CUDA the current device becomes
     ``cuda:LOCAL_RANK``. Timeout: ``ddp_timeout`` seconds (default 1800).
 
     Raises:
@@ -111,7 +113,9 @@ def init_distributed(config: Any = None) -> bool:
     if use_cuda:
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout), **kwargs)
+    # with CUDA, a gloo group beside NCCL: FSDP offload's CPU DTensors (gradient clipping, checkpoints) reduce on it
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
     return True
 
 
@@ -323,7 +327,7 @@ def apply_fsdp(model: torch.nn.Module, config: Any) -> torch.nn.Module:
     Gradients are SUMMED over ranks (``set_gradient_divide_factor(1.0)`` with sum-only reductions, so
     gloo works too). ``bf16`` -> ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``
     (sharded master weights stay float32); ``fp16`` on CUDA -> float16 parameters, float32 reduction.
-    Returns the same module object (now an ``FSDPModule``).
+    Returns the same module object (now an ``FSDPModule``). Raises LLMTuneError for 4-bit layers on torch < 2.12.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -343,6 +347,9 @@ def apply_fsdp(model: torch.nn.Module, config: Any) -> torch.nn.Module:
     if layers is None:
         raise LLMTuneError("fsdp: the model has no decoder layers at model.layers; FSDP2 here supports the "
                            "llmtune Transformer (remove fsdp to train with DDP)")
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()) and torch_version() < FSDP_INTEGER_PARAMS_TORCH:
+        raise LLMTuneError(f"fsdp with 4-bit (QLoRA) layers needs torch >= 2.12; this is torch {torch.__version__}, "
+                           "whose FSDP2 cannot shard the uint8 NF4 storage: upgrade torch, or remove fsdp (DDP)")
     for layer in layers:
         for mod in layer.modules():
             if type(mod).__name__ == "Linear4bit":
