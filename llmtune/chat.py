@@ -349,19 +349,47 @@ class ChatSession:
         self.history = []
 
     def _fit(self, messages: list[dict]) -> list[dict]:
+        """The latest turns of ``messages`` that fit :attr:`max_context` prompt tokens (older turns dropped,
+        then the system prompt and the last message cut to their latest tokens), with one notice each.
+
+        Raises: LLMTuneError when even an empty message does not fit (the template's own tokens)."""
         if not self.max_context:
             return messages
-        dropped = False
-        while len(messages) > 1:
-            n = len(encode_chat_prompt(self.tokenizer, self.template, messages, system=self.system))
-            if n <= self.max_context:
-                break
+        limit, dropped = self.max_context, False
+
+        def size(msgs: list[dict]) -> int:
+            return len(encode_chat_prompt(self.tokenizer, self.template, msgs, system=self.system))
+
+        # a cheap bound first: text of many times the limit's characters cannot fit (a 4 MB paste)
+        cap = 16 * limit + 1024
+        if self.system is not None and len(self.system) > cap:
+            self.system = self.system[-cap:]
+        messages = [dict(m, content=m["content"][-cap:]) if len(m.get("content") or "") > cap else m
+                    for m in messages]
+        while len(messages) > 1 and size(messages) > limit:
             messages = messages[2:] if len(messages) > 2 else messages[1:]
             dropped = True
         if dropped:
-            notice(f"the conversation is longer than cutoff_len ({self.max_context} tokens): "
-                   "the oldest turns were dropped (type `clear` to start afresh)")
+            notice(f"the conversation is longer than cutoff_len ({limit} tokens): "
+                   "the oldest turns were dropped (type `/clear` to start afresh)")
+        if self.system and size(messages) > limit:
+            self.system = self._cut_text(self.system, size(messages) - limit)
+            notice(f"the system prompt is longer than cutoff_len ({limit} tokens): only its end is kept")
+        over = size(messages) - limit
+        if over > 0:
+            last = messages[-1]
+            messages = messages[:-1] + [dict(last, content=self._cut_text(last["content"], over))]
+            notice(f"the message is longer than cutoff_len ({limit} tokens): only its last part is answered "
+                   "(raise --cutoff_len, within the model's max_position_embeddings, for longer messages)")
+            if size(messages) > limit:
+                raise LLMTuneError(f"cutoff_len {limit} is smaller than the chat template's own tokens "
+                                   f"({size([dict(last, content='')])}); raise --cutoff_len")
         return messages
+
+    def _cut_text(self, text: str, over: int) -> str:
+        """``text`` without its first tokens: ``over`` tokens too many, plus a margin for re-tokenization."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.decode(ids[min(len(ids), over + 2):], skip_special_tokens=False)
 
     def stream(self, query: str) -> Iterator[str]:
         """Answer ``query`` (str) given the history; yield the reply's text pieces; record both turns.
@@ -399,6 +427,18 @@ def _read_line(stdin: TextIO, lineno: int = 0) -> str:
         raise LLMTuneError(f"stdin is not UTF-8 text (line {lineno}: an undecodable byte); convert the "
                            "input first, e.g. `iconv -f latin1 -t utf-8 file | llmtune chat ...`") from None
     return line
+
+
+def _drop_typed_ahead(stdin: TextIO) -> None:
+    """Discard what was typed at a terminal while a reply streamed (it would otherwise become the next
+    question, mixed with the reply on screen); a no-op for pipes and files."""
+    try:
+        import termios
+
+        if stdin.isatty():
+            termios.tcflush(stdin.fileno(), termios.TCIFLUSH)
+    except (ImportError, OSError, ValueError, AttributeError):
+        pass
 
 
 def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: Optional[bool] = None,
@@ -450,13 +490,22 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: O
         if not keep:
             session.clear()
         print("Assistant: ", end="", file=stdout, flush=True)
-        for piece in session.stream(query):
-            stdout.write(piece)
-            if interactive:
-                stdout.flush()
+        try:
+            for piece in session.stream(query):
+                stdout.write(piece)
+                if interactive:
+                    stdout.flush()
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print(" [stopped]", file=stdout, flush=True)   # Ctrl-C stops the reply; a second one at the prompt quits
+            _drop_typed_ahead(stdin)
+            continue
         if session.truncated:
             stdout.write(TRUNCATED_MARK)
         print(file=stdout, flush=True)
+        if interactive:
+            _drop_typed_ahead(stdin)
         if session.truncated and not warned:
             warned = True
             notice(f"a reply reached max_new_tokens ({session.gen.get('max_new_tokens')}) and was cut "
@@ -479,11 +528,17 @@ def main(argv: list[str]) -> int:
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                repetition_penalty=cfg.repetition_penalty)
     check_generation_args(**gen)  # a bad --temperature etc. fails before the model loads
+    if sys.stdin.isatty():   # at a terminal, say what the wait is for (loading takes a while on a CPU)
+        print(f"llmtune chat: loading {cfg.model_name_or_path}"
+              + (f" with adapter(s) {cfg.adapter_name_or_path}" if cfg.adapter_name_or_path else "") + " ...",
+              file=sys.stderr, flush=True)
     model, tokenizer, template = load_chat_model(cfg)
     if cfg.do_sample:  # seeded (``seed``, default 42): the same question gets the same answer
         gen["generator"] = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     system = cfg.system if cfg.system is not None else cfg.default_system
-    session = ChatSession(model, tokenizer, template, system=system, max_context=cfg.cutoff_len, **gen)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    max_context = cfg.cutoff_len if not limit else max(1, min(cfg.cutoff_len, limit - cfg.max_new_tokens))
+    session = ChatSession(model, tokenizer, template, system=system, max_context=max_context, **gen)
     stdin = sys.stdin
     if hasattr(stdin, "reconfigure"):  # UTF-8 whatever the locale; undecodable bytes raise, not mojibake
         stdin.reconfigure(encoding="utf-8", errors="strict")

@@ -258,6 +258,7 @@ def _bounded_env_class():
 
         def call(self, __context, __obj, *args, **kwargs):  # noqa: N807 - jinja2's signature
             _tick()
+            _check_call_size(__obj, args, kwargs)
             return super().call(__context, __obj, *args, **kwargs)
 
         def getattr(self, obj, attribute):
@@ -279,6 +280,27 @@ def _bounded_env_class():
             return super().call_binop(context, operator, left, right)
 
     return BoundedSandbox
+
+
+#: str methods whose first argument is the width of the result (``'x'.ljust(4000000000)`` would allocate 4 GB)
+_WIDTH_METHODS = ("ljust", "rjust", "center", "zfill", "expandtabs")
+
+
+def _check_call_size(obj: Any, args: tuple, kwargs: dict) -> None:
+    """Refuse a str method call whose result would exceed :data:`RENDER_MAX_CHARS` before it allocates:
+    padding to a width, ``replace`` that multiplies the text, ``join`` of a long repeated sequence."""
+    owner = getattr(obj, "__self__", None)
+    name = getattr(obj, "__name__", "")
+    if not isinstance(owner, str):
+        return
+    if name in _WIDTH_METHODS:
+        width = args[0] if args else kwargs.get("width", kwargs.get("tabsize", 0))
+        if isinstance(width, int) and (width if name != "expandtabs" else width * len(owner)) > RENDER_MAX_CHARS:
+            raise TemplateLimitError(f"str.{name}({width}) would build a text over {RENDER_MAX_CHARS} characters")
+    elif name == "replace" and len(args) >= 2 and isinstance(args[1], str):
+        grow = max(1, len(args[1])) * (len(owner) + 1) + len(owner)
+        if grow > RENDER_MAX_CHARS and owner.count(args[0]) * len(args[1]) + len(owner) > RENDER_MAX_CHARS:
+            raise TemplateLimitError(f"str.replace would build a text over {RENDER_MAX_CHARS} characters")
 
 
 def _bounded_range(*args):

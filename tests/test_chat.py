@@ -271,3 +271,59 @@ def test_real_chat_non_utf8_stdin_is_one_error_line(real_model_path):
     err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
     assert proc.returncode == 2 and err[-1].startswith("llmtune: error: stdin is not UTF-8")
     assert "Traceback" not in proc.stderr.decode("utf-8", "replace")
+
+
+class _CharTokenizer:
+    """One token per character (id = code point), so a cut is counted exactly."""
+
+    eos_token_ids = [91]
+    eos_token_id = 91
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids if not (skip_special_tokens and i in (90, 91)))
+
+
+def test_one_message_longer_than_max_context_keeps_its_end(capsys):
+    """The breaker's `print('word ' * 200000) | llmtune chat` hang: one message is never dropped whole, so it
+    is cut to its last tokens (the template here spends 1 token per message and 1 for the reply header)."""
+    _, model = tiny_pair("llama")
+    session = ChatSession(model, _CharTokenizer(), FakeTemplate(), max_new_tokens=2, do_sample=False,
+                          max_context=30)
+    query = "a" * 5000 + "THE END"
+    session.reply(query)
+    assert "only its last part is answered" in capsys.readouterr().err
+    kept = session.history[-2]["content"]
+    assert query.endswith(kept) and kept.endswith("THE END")
+    assert len(FakeTemplate().encode_prompt(session.history[:-1])) <= 30
+
+
+def test_max_context_below_the_template_tokens_is_one_error():
+    _, model = tiny_pair("llama")
+    session = ChatSession(model, _CharTokenizer(), FakeTemplate(), max_new_tokens=2, max_context=1)
+    with pytest.raises(LLMTuneError, match="smaller than the chat template's own tokens"):
+        session.reply("hello")
+
+
+def test_ctrl_c_during_a_reply_stops_that_reply_only():
+    session, _, _ = _session()
+    calls = []
+
+    def stream(query):
+        calls.append(query)
+        yield "par"
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        yield "tial"
+
+    session.stream = stream
+    out = io.StringIO()
+    assert run_chat(session, io.StringIO("first\nsecond\n/exit\n"), out, interactive=True) == 0
+    text = out.getvalue()
+    assert "Assistant: par [stopped]\n" in text and "Assistant: partial\n" in text and calls == ["first", "second"]
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):   # piped input: Ctrl-C still ends the command
+        run_chat(session, io.StringIO("third\n"), io.StringIO(), interactive=False)

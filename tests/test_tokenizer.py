@@ -182,3 +182,18 @@ def test_errors(tmp_path):
 
     with pytest.raises(LLMTuneError, match="has no chat_template"):
         Tok(Tokenizer(models.BPE())).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_template_that_pads_to_gigabytes_is_refused_before_allocating():
+    """The breaker's `{{ 'x'.ljust(4000000000) }}` reached 4.4 GB within the time limit: refused up front."""
+    import time
+
+    from llmtune.tokenizer import _compile_template, render_bounded
+
+    for src in ("{{ 'x'.ljust(4000000000) }}", "{{ 'x'.zfill(100000000) }}",
+                "{{ ('ab' * 1000).replace('a', 'y' * 100000) }}"):
+        start = time.monotonic()
+        with pytest.raises(LLMTuneError, match="would build a text over"):
+            render_bounded(_compile_template(src), src, messages=[])
+        assert time.monotonic() - start < 1.0
+    assert render_bounded(_compile_template("{{ 'ok'.ljust(4) }}|"), "x", messages=[]) == "ok  |"
