@@ -10,9 +10,11 @@ compiled kernel the bundled ``cuobjdump -res-usage`` gives registers per thread 
 shared memory, checked against the target's per-block limit (``SMEM_LIMIT``).
 
 Modes: ``full`` (every variant x every config; fp16 is left out: its register and shared-memory use equal
-bf16's), ``ci`` (every config of the training-step kernels in bf16 and float32; the fixed
-``LLMTUNE_AUTOTUNE=0`` config for the rest: the decode kernel's M buckets, the float32-with-TF32 and
-rank-64 variants), ``fixed`` (one config per variant, for iterating).
+bf16's), ``ci`` (every autotune config of the tiled training-step kernels, LoRA and NF4, in bf16 with
+every variant flag; the fixed ``LLMTUNE_AUTOTUNE=0`` config of their float32 variants; the row-wise and
+elementwise kernels and the decode kernel in every launch variant, bf16 and float32 decode; the
+float32 row-wise/elementwise kernels and TF32 variants only in ``full``), ``fixed`` (one config per
+variant, for iterating).
 
 Triton versions: the installed one, plus each directory in ``--triton-dirs`` (a ``pip install --no-deps
 --target DIR triton==X`` folder, e.g. the GPU machine's triton 3.6): each version compiles in its own
@@ -89,7 +91,7 @@ def jobs(mode: str) -> list[dict]:
 
     ft, nq, _ = MODULES
     # --- row-wise and elementwise kernels of the training step (launch parameters as the launchers pick them)
-    for dt in (("bf16", "fp32") if mode != "fixed" else ("bf16",)):
+    for dt in (("bf16", "fp32") if mode == "full" else ("bf16",)):
         p = "*" + dt
         for d in (128, 576, 2048, 4096, 8192):  # Qwen3 q/k-norm head_dim; hidden sizes 135M .. 70B
             rows, block_d = T._rms_tiles(d)
@@ -136,11 +138,10 @@ def jobs(mode: str) -> list[dict]:
                s_qr=1, s_qn=RANK, s_cm=N_UP, s_cn=1)
     dx = dict(M=M, N=K_IN, K=N_UP, R=RANK, M_BUCKET=M, s_am=N_UP, s_ak=1, s_bk=K_IN, s_bn=1, s_pm=RANK, s_pr=1,
               s_qr=K_IN, s_qn=1, s_cm=K_IN, s_cn=1)
-    modes = (BF16, FP32, TF32) if mode == "full" else (BF16, FP32) if mode == "ci" else (BF16, FP32)
-    ranks = (16, 64) if mode == "full" else (16, 64) if mode == "ci" else (16,)
+    modes = (BF16, FP32, TF32) if mode == "full" else (BF16, FP32)
     for (dt, ieee) in modes:
-        for br in ranks:
-            primary = (dt, ieee) != TF32 and br == 16
+        for br in (16,):  # the launchers step through any rank 16 at a time (BR = 16)
+            primary = (dt, ieee) == BF16
             ptrs = {n: "*" + dt for n in ("a_ptr", "b_ptr", "p_ptr", "q_ptr", "bias_ptr", "c_ptr")}
             ptrs["scaling"] = "fp32"
             for lay, ints, biases in (("fwd", fwd, (False, True)), ("dx", dx, (False,))):
@@ -158,9 +159,9 @@ def jobs(mode: str) -> list[dict]:
         p = "*" + dt
         ptrs = {"x_ptr": p, "g_ptr": p, "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
                 "out_ptr": p, "p_ptr": p, "q_ptr": p, "bias_ptr": p, "scaling": "fp32"}
-        variants = [(False, False, 16)] + [(True, b, br) for br in ranks for b in (False, True)]
+        variants = [(False, False, 16)] + [(True, b, 16) for b in (False, True)]
         for lora, bias, br in variants:
-            primary = (dt, ieee) != TF32 and br == 16
+            primary = (dt, ieee) == BF16
             base = {"BLOCKSIZE": 64, "UPCAST": False, "IEEE": ieee, "HAS_LORA": lora, "BR": br}
             kind = f"{dt}{' ieee' if ieee else ''}"
             tag = f"lora={lora} r<={br} {kind}" if lora else f"plain {kind}"

@@ -79,27 +79,29 @@ def matmul_configs(interpret_block: int = 32, nf4: bool = False) -> list:
     Two groups in one list, told apart by :func:`for_variant` (the tuners' ``early_config_prune``):
     the half-precision configs (bf16/fp16 operands, tensor cores) and the float32 configs (``IEEE=True``:
     full float32 products, which Triton lowers to FMA loops whose operands live in registers, so the
-    tiles are smaller: 64 x 64 x 16-32 with 8 warps; larger ones spill, as ``benchmarks/kernels_compile.py``
+    tiles are smaller: 64 x 64 x 16(-32) with 8 warps; larger ones spill, as ``benchmarks/kernels_compile.py``
     shows). Every config is compiled once per process and kernel variant (1-4 s each on the host CPU).
-    GPU, dense operands (the fused LoRA kernel): BLOCK_M x BLOCK_N x BLOCK_K in 64-128 x 64-256 x 32-64,
-    num_warps 4/8, num_stages 3-4 (shared memory 48-144 KiB as compiled for sm_90 at a Llama-8B shape).
+    Every config here compiles without register spills for sm_80 and sm_90 with Triton 3.6 and 3.9.
+    GPU, dense operands (the fused LoRA kernel): BLOCK_M x BLOCK_N x BLOCK_K in 64-128 x 64-128 x 32-64,
+    num_warps 4/8, num_stages 3-4.
     GPU, 4-bit weight (``nf4=True``): the weight tile is gathered element by element (packed byte, code,
     block scale), and Triton's software pipeline stages every gather in registers and shared memory:
     64-128 x 64-128 x 32-64 tiles, 8 warps for the large ones, 3 stages (40-128 KiB of shared memory,
     under an A100's 163 KiB).
-    The LoRA-fused variants keep one float32 accumulator (the rank-r term initialises it), so they use
-    the registers of the plain kernel: no config here spills on sm_80/sm_90 (compile check).
+    The LoRA-fused variants keep one float32 accumulator (the rank-r term initialises it, in chunks of
+    ``BR = 16`` ranks), so they need about the registers of the plain kernel.
     Interpreter: one config with ``interpret_block`` in every dimension; ``LLMTUNE_AUTOTUNE=0``: 64 x 64 x 64,
     4 warps (4-bit weight: 8 warps), 3 stages (float32: 64 x 64 x 16, 8 warps), which fit every GPU."""
     C = triton.Config
     if interpreting():
         b = interpret_block
         return [C({"BM": b, "BN": b, "BK": b, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    fp32 = [C({"BM": 64, "BN": 64, "BK": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            C({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=3)]
+    f32 = [C({"BM": 64, "BN": 64, "BK": 16, "GROUP_M": 8}, num_warps=8, num_stages=3)]
+    if not nf4:  # BK = 32 spills in the 4-bit kernels (their gathered tile is staged in registers too)
+        f32.append(C({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=3))
     if not autotuning():
         half = [C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8 if nf4 else 4, num_stages=3)]
-        return _mark(half, fp32[:1])
+        return _mark(half, f32[:1])
     if nf4:
         # 8 warps for the large tiles: with 4 warps these tiles need 255+ registers and spill (the gathered
         # weight tile is staged in registers by the software pipeline), on sm_80 with Triton 3.6 at least
@@ -107,27 +109,24 @@ def matmul_configs(interpret_block: int = 32, nf4: bool = False) -> list:
             C({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
             C({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
             C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            C({"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
             C({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
         ]
-        return _mark(half, fp32)
+        return _mark(half, f32)
     half = [
-        # Hopper: large tiles, deep enough pipelines (228 KiB of shared memory)
-        C({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        # Hopper and Ampere: 128 x 128 tiles (a 128 x 256 x 64 tile with 8 warps spills on sm_80)
         C({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        # Ampere and smaller problems
         C({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        C({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # smaller problems
+        C({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ]
-    return _mark(half, fp32)
-
-
-_FP32_CONFIGS: set = set()  # ids of the float32 (IEEE) configs of every list made by matmul_configs
+    return _mark(half, f32)
 
 
 def _mark(half: list, fp32: list) -> list:
-    _FP32_CONFIGS.update(id(c) for c in fp32)
+    """``half + fp32``, the float32 configs tagged (an attribute on the config object) for :func:`for_variant`."""
+    for c in fp32:
+        c.llmtune_fp32 = True
     return half + fp32
 
 
@@ -136,7 +135,7 @@ def for_variant(configs: list, ieee: bool) -> list:
     products), the half-precision ones otherwise; a one-config list (the interpreter's) is kept as is."""
     if len(configs) <= 1:
         return list(configs)
-    return [c for c in configs if (id(c) in _FP32_CONFIGS) == bool(ieee)]
+    return [c for c in configs if getattr(c, "llmtune_fp32", False) == bool(ieee)]
 
 
 def matmul_key(*flags: str) -> list:

@@ -379,7 +379,7 @@ def lora_mm_triton(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, q: torch.T
     c = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
         return c
-    br = max(16, min(64, triton.next_power_of_2(r)))
+    br = 16  # ranks per step of the LoRA term, whatever the rank (wider steps spilled registers on sm_80)
     kernel = _lora_dx_kernel if backward else _lora_fwd_kernel
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     kernel[grid](a, b, p, q, bias.contiguous() if bias is not None else c, c, m, n, k, r, _m_bucket(m), float(scaling),

@@ -20,7 +20,7 @@ kernel is built to stream those bytes at full bandwidth:
   scales are never materialised (``Linear4bit.forward`` used to expand them on every call).
 * One decode per weight tile for all M <= 16 rows: the decoded (BN, BK) tile is multiplied with every row
   of ``x`` before the next tile is loaded: a loop of broadcast-multiply-sums for M <= 4 (``BM`` = 1, 2, 4)
-  and one ``tl.dot`` (rows padded to 16) for M = 5..16 (float32 ``x``: full float32 products).
+  and one ``tl.dot`` (rows padded to 16) for M = 5..16 in bf16/fp16 (float32 ``x``: groups of 4 rows).
 Accumulation is float32; the output is rounded once to ``x.dtype``.
 
 Facts used (no code taken): bitsandbytes' ``kgemm_4bit_inference_naive`` (a warp per output row, 16-byte
@@ -83,9 +83,7 @@ def _decode_kernel(x_ptr, w_ptr, absmax_ptr, pair_ptr, nabs_ptr, ncode_ptr, noff
         if USE_DOT:  # 5..16 rows: one product per tile (rows padded to BM = 16)
             xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & kmask[None, :],
                          other=0.0)
-            if xt.dtype == tl.float32:  # float32 x: full float32 products (FMA), as the reference
-                acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
-            elif UPCAST:  # the interpreter's bf16 tl.dot is wrong: float32 operands there
+            if UPCAST:  # the interpreter's bf16 tl.dot is wrong: float32 operands there
                 acc += tl.dot(xt.to(tl.float32), tl.trans(w))
             else:  # tensor cores, W rounded once to x's dtype (as the reference dequantizes to it)
                 acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
@@ -178,6 +176,10 @@ def decode_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, c
         scales = absmax.reshape(-1).float()
         nabs = ncode = noff = scales
         nbs = 256
+    if x.dtype == torch.float32 and m > 4:  # float32 x: rows in groups of 4 (a float32 16-row product spills)
+        for r0 in range(0, m, 4):
+            out[r0:r0 + 4] = decode_triton(x[r0:r0 + 4], packed, absmax, code, n, blocksize, nested)
+        return out
     bm = row_block(m)
     use_dot = bm == 16
     _decode_kernel[(triton.cdiv(n, BN), split)](
@@ -200,8 +202,8 @@ def compile_jobs(full: bool = False) -> list[dict]:
         for bs in ((32, 64, 128) if full else (64,)):
             for nested in (False, True):
                 for bm in (1, 2, 4, 16):
-                    if dt == "fp32" and not full and bm in (2, 4):
-                        continue
+                    if dt == "fp32" and (bm == 16 or (not full and bm == 2)):
+                        continue  # float32 x: BM <= 4 only (the launcher splits more rows into groups of 4)
                     use_dot = bm == 16
                     ptrs = {"x_ptr": "*" + dt, "w_ptr": "*i32", "absmax_ptr": "*u8" if nested else "*fp32",
                             "pair_ptr": "*i64", "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "noff_ptr": "*fp32",

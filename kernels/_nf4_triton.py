@@ -260,7 +260,9 @@ def matmul_4bit_grad_input_triton(grad_out: torch.Tensor, packed: torch.Tensor, 
 # ----------------------------------------------------------------------------------------------------
 
 def _rank_block(r: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(r)))
+    """Ranks per step of the LoRA term: 16 for every rank (the term is small; 64-wide steps spilled
+    registers on sm_80), so the rank never makes a new kernel variant."""
+    return 16
 
 
 def lora_matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
