@@ -25,7 +25,10 @@ class _Linear4bitFunction(torch.autograd.Function):
     kernels expand themselves (no float32 copy of the scales per call)."""
 
     @staticmethod
-    def forward(ctx, x2d, packed, absmax, code, out_features, blocksize, nested):
+    def forward(ctx, x2d, packed, absmax, code, out_features, blocksize, *nested):
+        # ``nested`` is optional (callers with the six float-absmax arguments keep working)
+        ctx.n_inputs = 6 + len(nested)
+        nested = nested[0] if nested else None
         ctx.save_for_backward(packed, absmax, code)
         ctx.in_features = x2d.shape[-1]
         ctx.blocksize = blocksize
@@ -39,7 +42,7 @@ class _Linear4bitFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = K.matmul_4bit_grad_input(grad_out.contiguous(), packed, absmax, code, ctx.in_features,
                                               ctx.blocksize, nested=ctx.nested)
-        return grad_x, None, None, None, None, None, None
+        return (grad_x,) + (None,) * (ctx.n_inputs - 1)
 
 
 class Linear4bit(nn.Module):
