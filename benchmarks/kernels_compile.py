@@ -83,11 +83,11 @@ def jobs(mode: str) -> list[dict]:
         out.append({"module": mod, "kernel": kernel, "ptrs": ptrs, "ints": ints, "consts": consts, "cfg": cfg,
                     "label": label, "primary": training_primary})
 
-    def configs(all_list, fixed_list, primary, ieee):
+    def configs(all_list, fixed_list, primary, fp32):
         """The configs a variant launches (``for_variant``): all of them, or the fixed one."""
         if mode == "fixed" or (mode == "ci" and not primary):
-            return A.for_variant(fixed_list, ieee)
-        return A.for_variant(all_list, ieee)
+            return A.for_variant(fixed_list, fp32)
+        return A.for_variant(all_list, fp32)
 
     ft, nq, _ = MODULES
     # --- row-wise and elementwise kernels of the training step (launch parameters as the launchers pick them)
@@ -146,7 +146,7 @@ def jobs(mode: str) -> list[dict]:
             ptrs["scaling"] = "fp32"
             for lay, ints, biases in (("fwd", fwd, (False, True)), ("dx", dx, (False,))):
                 for bias in biases:
-                    for c in configs(all_mm, fixed_mm, primary, ieee):
+                    for c in configs(all_mm, fixed_mm, primary, dt == "fp32"):
                         add(ft, "_lora_mm_kernel", ptrs, ints, {"HAS_BIAS": bias, "UPCAST": False, "IEEE": ieee,
                                                                  "BR": br}, _cfg(c),
                             f"lora {lay} bias={bias} r<={br} {dt}{' ieee' if ieee else ''}")
@@ -165,7 +165,7 @@ def jobs(mode: str) -> list[dict]:
             base = {"BLOCKSIZE": 64, "UPCAST": False, "IEEE": ieee, "HAS_LORA": lora, "BR": br}
             kind = f"{dt}{' ieee' if ieee else ''}"
             tag = f"lora={lora} r<={br} {kind}" if lora else f"plain {kind}"
-            for c in configs(all_nf4, fixed_nf4, primary, ieee):
+            for c in configs(all_nf4, fixed_nf4, primary, dt == "fp32"):
                 add(nq, "_matmul_kernel", ptrs, mm, dict(base, HAS_BIAS=bias), _cfg(c), f"nf4 matmul bias={bias} {tag}")
                 if not bias:
                     add(nq, "_grad_input_kernel", ptrs, gi, base, _cfg(c), f"nf4 grad_input {tag}")

@@ -77,9 +77,9 @@ def matmul_configs(interpret_block: int = 32, nf4: bool = False) -> list:
     """Configs of the tiled kernels (meta-parameters ``BM``, ``BN``, ``BK``, ``GROUP_M``).
 
     Two groups in one list, told apart by :func:`for_variant` (the tuners' ``early_config_prune``):
-    the half-precision configs (bf16/fp16 operands, tensor cores) and the float32 configs (``IEEE=True``:
-    full float32 products, which Triton lowers to FMA loops whose operands live in registers, so the
-    tiles are smaller: 64 x 64 x 16(-32) with 8 warps; larger ones spill, as ``benchmarks/kernels_compile.py``
+    the half-precision configs (bf16/fp16 operands, tensor cores) and the float32 configs (float32
+    operands; with ``IEEE=True`` full float32 products, which Triton lowers to FMA loops whose operands
+    live in registers, so the tiles are smaller: 64 x 64 x 16(-32) with 8 warps; larger ones spill, as ``benchmarks/kernels_compile.py``
     shows). Every config is compiled once per process and kernel variant (1-4 s each on the host CPU).
     Every config here compiles without register spills for sm_80 and sm_90 with Triton 3.6 and 3.9.
     GPU, dense operands (the fused LoRA kernel): BLOCK_M x BLOCK_N x BLOCK_K in 64-128 x 64-128 x 32-64,
@@ -130,12 +130,26 @@ def _mark(half: list, fp32: list) -> list:
     return half + fp32
 
 
-def for_variant(configs: list, ieee: bool) -> list:
-    """The configs of ``configs`` that a variant launches: the float32 ones for ``IEEE=True`` (full float32
-    products), the half-precision ones otherwise; a one-config list (the interpreter's) is kept as is."""
+def for_variant(configs: list, fp32: bool) -> list:
+    """The configs of ``configs`` that a variant launches: the float32 ones for float32 operands (full
+    float32 ``IEEE`` products, or TF32 when allowed: float32 tiles of the half-precision sizes spill or
+    exceed shared memory), the half-precision ones otherwise; a one-config list (the interpreter's) is
+    kept as is."""
     if len(configs) <= 1:
         return list(configs)
-    return [c for c in configs if getattr(c, "llmtune_fp32", False) == bool(ieee)]
+    return [c for c in configs if getattr(c, "llmtune_fp32", False) == bool(fp32)]
+
+
+def _fp32_operands(named_args: dict, kwargs: dict) -> bool:
+    """Whether a launch multiplies float32 operands: ``IEEE`` set, or its first operand (``x_ptr``,
+    ``a_ptr`` or ``g_ptr``) is a float32 tensor."""
+    if kwargs.get("IEEE", named_args.get("IEEE", False)):
+        return True
+    for name in ("x_ptr", "a_ptr", "g_ptr"):
+        t = named_args.get(name)
+        if t is not None:
+            return str(getattr(t, "dtype", "")) == "torch.float32"
+    return False
 
 
 def matmul_key(*flags: str) -> list:
@@ -147,10 +161,10 @@ def matmul_key(*flags: str) -> list:
 
 
 def prune_matmul(configs: list, named_args: dict, **kwargs) -> list:
-    """``early_config_prune`` of the tiled kernels: the configs of the variant (:func:`for_variant` on the
-    launch's ``IEEE`` flag), then for few rows (M <= 64) drop the 128-row tiles (they would compute mostly
+    """``early_config_prune`` of the tiled kernels: the configs of the variant (:func:`for_variant`: float32
+    operands or not), then for few rows (M <= 64) drop the 128-row tiles (they would compute mostly
     padding), keeping at least one config."""
-    configs = for_variant(configs, bool(kwargs.get("IEEE", named_args.get("IEEE", False)))) or configs[:1]
+    configs = for_variant(configs, _fp32_operands(named_args, kwargs)) or configs[:1]
     m = named_args.get("M")
     if m is None or m > 64 or len(configs) <= 1:
         return configs

@@ -52,8 +52,13 @@ def test_every_kernel_and_variant_is_in_the_check():
         "os.environ['LLMTUNE_AUTOTUNE'] = '1'\n"
         "n_half, n_f32 = len(A.for_variant(A.matmul_configs(), False)), len(A.for_variant(A.matmul_configs(), True))\n"
         "n_half_nf4 = len(A.for_variant(A.matmul_configs(nf4=True), False))\n"
+        "import torch\n"
+        "cf = A.matmul_configs()\n"
+        "f32 = lambda dt, ieee: [getattr(c, 'llmtune_fp32', False) for c in\n"
+        "    A.prune_matmul(cf, {'M': 4096, 'a_ptr': torch.empty(1, dtype=dt)}, IEEE=ieee)]\n"
+        "pruned = {'tf32': f32(torch.float32, False), 'ieee': f32(torch.float32, True), 'bf16': f32(torch.bfloat16, False)}\n"
         "print(json.dumps({'kernels': sorted(kc.kernels_in_modules()), 'n_half': n_half, 'n_f32': n_f32,\n"
-        "  'n_half_nf4': n_half_nf4,\n"
+        "  'n_half_nf4': n_half_nf4, 'pruned': pruned,\n"
         "  'jobs': [[j['kernel'], j['label'], j['consts'], j['cfg']] for j in jobs]}))"))
     jobs = out["jobs"]
     assert set(out["kernels"]) == {j[0] for j in jobs}
@@ -71,6 +76,9 @@ def test_every_kernel_and_variant_is_in_the_check():
         configs = {json.dumps(j[3], sort_keys=True) for j in jobs if j[1] == label}
         assert len(configs) == (out["n_half_nf4"] if "nf4" in label else out["n_half"]) >= 4, label
     assert out["n_f32"] >= 1
+    # float32 operands (IEEE products or TF32) launch only the float32 configs, bf16 only the others
+    assert all(out["pruned"]["tf32"]) and all(out["pruned"]["ieee"]) and not any(out["pruned"]["bf16"])
+    assert out["pruned"]["bf16"] and out["pruned"]["tf32"]
     decode = {(j[2]["BM"], j[2]["NESTED"]) for j in jobs if j[0] == "_decode_kernel"}
     assert decode == {(bm, nested) for bm in (1, 2, 4, 16) for nested in (False, True)}
 
