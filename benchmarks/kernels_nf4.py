@@ -71,17 +71,19 @@ def run_gpu(quick: bool) -> dict:
     rows, deq = [], []
     for name, n, k in shapes:
         w, packed, absmax, code, st = _weight(n, k, dev)
-        t = bench(lambda: K.dequantize_4bit(packed, absmax, code, n * k, 64, torch.bfloat16))
-        moved = packed.numel() + absmax.numel() * 4 + n * k * 2
+        nested = K.Nested(st.nested_absmax, st.nested_code, st.offset, st.nested_blocksize)
+        t = bench(lambda: K.dequantize_4bit(packed, st.absmax, code, n * k, 64, torch.bfloat16, nested=nested))
+        moved = packed.numel() + st.absmax.numel() + n * k * 2
         deq.append({"shape": name, "ms": t, "GB/s": moved / t / 1e6, "copy_GB/s": copy_gbs})
         if bnbF is not None:
             q, bst = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
             deq[-1]["bnb_ms"] = bench(lambda: bnbF.dequantize_4bit(q, bst))
-        for m in [1, 4, 16] + ms_train:
+        for m in [1, 2, 4, 8, 16] + ms_train:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             row = {"shape": name, "M": m, "bf16_ms": bench(lambda: F.linear(x, w))}
             if m <= K.SMALL_M:
-                row["nf4_fused_ms"] = bench(lambda: K.matmul_4bit_small_m(x, packed, absmax, code, n, 64))
+                row["nf4_fused_ms"] = bench(lambda: K.matmul_4bit_small_m(x, packed, st.absmax, code, n, 64,
+                                                                          nested=nested))
             else:
                 row["nf4_fused_ms"] = bench(lambda: K.matmul_4bit_tiled(x, packed, absmax, code, n, 64))
                 g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)

@@ -3,7 +3,9 @@
 Import as ``llmtune.kernels.<module>``, never as a top-level ``kernels`` (that name belongs to another
 PyPI package). Triton is optional and imported only when a kernel is first launched on a CUDA tensor.
 
-* ``nf4``: 4-bit (NF4/FP4) dequantization, fused matmuls and the input gradient (see docs/quantization.md).
+* ``nf4``: 4-bit (NF4/FP4) dequantization, fused matmuls and the input gradient, the decode kernel for
+  M <= 16 (``_nf4_decode``) and the measured choice of training path (``training_path``, table
+  ``nf4_paths.json``); see docs/quantization.md.
 * ``rmsnorm``: RMSNorm forward/backward (also Qwen3's per-head q/k norm).
 * ``rope``: rotary embedding of q and k (rotate-half), forward/backward.
 * ``swiglu``: ``silu(gate) * up`` forward/backward.

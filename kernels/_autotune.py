@@ -1,9 +1,10 @@
 """Tile configurations for the Triton matmul-shaped kernels (NF4 and fused LoRA); imported lazily with them.
 
-On a GPU the kernels are wrapped in ``triton.autotune`` over :func:`matmul_configs` (or
-:func:`matvec_configs` for the NF4 decode kernel): the first call for a new key (the size bucket of M,
-then N and K, and the tensors' dtypes) benchmarks every config that fits and keeps the fastest, so each
-layer shape is tuned once per process. The lists cover Ampere (A100: 164 KiB shared memory per SM) and
+On a GPU the tiled kernels are wrapped in ``triton.autotune`` over :func:`matmul_configs` (the NF4 decode
+kernel picks its tile by a rule, ``_nf4_decode``): the first call for a new key (:func:`matmul_key`: the
+size bucket of M, N, K, the variant flags, and the tensors' dtypes) benchmarks every config of the variant
+that fits and keeps the fastest, so each layer shape is tuned once per process and variant. The lists
+cover Ampere (A100: 164 KiB shared memory per SM) and
 Hopper (H100/H200: 228 KiB): large 128 x 256 tiles with 3 stages and 8 warps for Hopper's wider tensor
 cores, 64-128 tiles with 4-5 stages for Ampere; a config that does not fit a GPU's shared memory is
 skipped by the autotuner (``OutOfResources`` counts as infinitely slow).
@@ -11,9 +12,9 @@ skipped by the autotuner (``OutOfResources`` counts as infinitely slow).
 Under Triton's interpreter (``TRITON_INTERPRET=1``: CPU tensors, the tests) the list is ONE small fixed
 config, so nothing is benchmarked (autotuning in the interpreter would take minutes) and small test shapes
 still span several tiles. The choice is made when the kernel module is imported (the tests reload the
-modules after setting the variable). ``LLMTUNE_AUTOTUNE=0`` gives one fixed config on the GPU too (no
-benchmarking at the first call: the compiled kernel tests of ``benchmarks/gpu_check.py`` use it, since
-they would otherwise tune every small test shape).
+modules after setting the variable). ``LLMTUNE_AUTOTUNE=0`` gives one fixed config per variant on the GPU too (one
+compilation per variant instead of five: the compiled kernel tests of ``benchmarks/gpu_check.py`` use it,
+since they would otherwise tune every small test shape).
 """
 
 from __future__ import annotations
@@ -75,63 +76,97 @@ def m_bucket(m: int) -> int:
 def matmul_configs(interpret_block: int = 32, nf4: bool = False) -> list:
     """Configs of the tiled kernels (meta-parameters ``BM``, ``BN``, ``BK``, ``GROUP_M``).
 
-    Five configs per list: every config is compiled once per process and kernel variant (1-4 s each on
-    the host CPU), which the prepared GPU check pays inside its 5-minute budget.
-    GPU, dense operands (the fused LoRA kernel): BLOCK_M x BLOCK_N x BLOCK_K in 64-128 x 64-256 x 32-64,
-    num_warps 4/8, num_stages 3-4 (shared memory 48-144 KiB as compiled for sm_90 at a Llama-8B shape).
+    Two groups in one list, told apart by :func:`for_variant` (the tuners' ``early_config_prune``):
+    the half-precision configs (bf16/fp16 operands, tensor cores) and the float32 configs (float32
+    operands; with ``IEEE=True`` full float32 products, which Triton lowers to FMA loops whose operands
+    live in registers, so the tiles are smaller: 64 x 64 x 16(-32) with 8 warps; larger ones spill, as ``benchmarks/kernels_compile.py``
+    shows). Every config is compiled once per process and kernel variant (1-4 s each on the host CPU).
+    Every config here compiles without register spills for sm_80 and sm_90 with Triton 3.6 and 3.9.
+    GPU, dense operands (the fused LoRA kernel): BLOCK_M x BLOCK_N x BLOCK_K in 64-128 x 64-128 x 32-64,
+    num_warps 4/8, num_stages 3-4.
     GPU, 4-bit weight (``nf4=True``): the weight tile is gathered element by element (packed byte, code,
-    block scale), and Triton's software pipeline stages every gather, so a stage costs about 9 bytes per
-    weight element: 2-3 stages keep shared memory at 56-208 KiB (Hopper's 227 KiB; a config over an
-    A100's 163 KiB is skipped there by the autotuner).
+    block scale), and Triton's software pipeline stages every gather in registers and shared memory:
+    64-128 x 64-128 x 32-64 tiles, 8 warps for the large ones, 3 stages (40-128 KiB of shared memory,
+    under an A100's 163 KiB).
+    The LoRA-fused variants keep one float32 accumulator (the rank-r term initialises it, in chunks of
+    ``BR = 16`` ranks), so they need about the registers of the plain kernel.
     Interpreter: one config with ``interpret_block`` in every dimension; ``LLMTUNE_AUTOTUNE=0``: 64 x 64 x 64,
-    4 warps, 3 stages (fits every GPU)."""
+    4 warps (4-bit weight: 8 warps), 3 stages (float32: 64 x 64 x 16, 8 warps), which fit every GPU."""
     C = triton.Config
     if interpreting():
         b = interpret_block
         return [C({"BM": b, "BN": b, "BK": b, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    f32 = [C({"BM": 64, "BN": 64, "BK": 16, "GROUP_M": 8}, num_warps=8, num_stages=3)]
+    if not nf4:  # BK = 32 spills in the 4-bit kernels (their gathered tile is staged in registers too)
+        f32.append(C({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=3))
     if not autotuning():
-        return [C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=3)]
+        half = [C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8 if nf4 else 4, num_stages=3)]
+        return _mark(half, f32[:1])
     if nf4:
-        return [
+        # 8 warps for the large tiles: with 4 warps these tiles need 255+ registers and spill (the gathered
+        # weight tile is staged in registers by the software pipeline), on sm_80 with Triton 3.6 at least
+        half = [
             C({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            C({"BM": 128, "BN": 256, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=2),
-            C({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
-            C({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
-            C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+            C({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            C({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
         ]
-    return [
-        # Hopper: large tiles, deep enough pipelines (228 KiB of shared memory)
-        C({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        return _mark(half, f32)
+    half = [
+        # Hopper and Ampere: 128 x 128 tiles (a 128 x 256 x 64 tile with 8 warps spills on sm_80)
         C({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        # Ampere and smaller problems
         C({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        C({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # smaller problems
+        C({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ]
+    return _mark(half, f32)
+
+
+def _mark(half: list, fp32: list) -> list:
+    """``half + fp32``, the float32 configs tagged (an attribute on the config object) for :func:`for_variant`."""
+    for c in fp32:
+        c.llmtune_fp32 = True
+    return half + fp32
+
+
+def for_variant(configs: list, fp32: bool) -> list:
+    """The configs of ``configs`` that a variant launches: the float32 ones for float32 operands (full
+    float32 ``IEEE`` products, or TF32 when allowed: float32 tiles of the half-precision sizes spill or
+    exceed shared memory), the half-precision ones otherwise; a one-config list (the interpreter's) is
+    kept as is."""
+    if len(configs) <= 1:
+        return list(configs)
+    return [c for c in configs if getattr(c, "llmtune_fp32", False) == bool(fp32)]
+
+
+def _fp32_operands(named_args: dict, kwargs: dict) -> bool:
+    """Whether a launch multiplies float32 operands: ``IEEE`` set, or its first operand (``x_ptr``,
+    ``a_ptr`` or ``g_ptr``) is a float32 tensor."""
+    if kwargs.get("IEEE", named_args.get("IEEE", False)):
+        return True
+    for name in ("x_ptr", "a_ptr", "g_ptr"):
+        t = named_args.get(name)
+        if t is not None:
+            return str(getattr(t, "dtype", "")) == "torch.float32"
+    return False
+
+
+def matmul_key(*flags: str) -> list:
+    """Autotuning key of a tiled kernel: the M bucket, N, K and the kernel's variant flags ``flags`` (its
+    constexpr arguments such as ``HAS_LORA``, ``HAS_BIAS``, ``UPCAST``, ``IEEE``, ``BR``), so the plain and
+    the LoRA-fused variants (and bias / float32-mode / rank-block variants) never share a tuning entry.
+    (Triton adds the tensors' dtypes itself.)"""
+    return ["M_BUCKET", "N", "K", *flags]
 
 
 def prune_matmul(configs: list, named_args: dict, **kwargs) -> list:
-    """``early_config_prune`` of the tiled kernels: for few rows (M <= 64) drop the 128-row tiles (they
-    would compute mostly padding), keeping at least one config."""
+    """``early_config_prune`` of the tiled kernels: the configs of the variant (:func:`for_variant`: float32
+    operands or not), then for few rows (M <= 64) drop the 128-row tiles (they would compute mostly
+    padding), keeping at least one config."""
+    configs = for_variant(configs, _fp32_operands(named_args, kwargs)) or configs[:1]
     m = named_args.get("M")
     if m is None or m > 64 or len(configs) <= 1:
         return configs
     kept = [c for c in configs if c.kwargs.get("BM", 0) <= 64]
     return kept or configs[:1]
-
-
-def matvec_configs() -> list:
-    """Configs of the NF4 decode kernel (meta-parameters ``BN``, ``BK``): GPU: small ``BN`` so an 8B
-    projection (N = 4096) gives several programs per SM of a 132-SM H100/H200, ``BK`` 128-512 so each
-    program streams long runs of packed bytes. Interpreter: ``BN=64, BK=128``."""
-    C = triton.Config
-    if interpreting():
-        return [C({"BN": 64, "BK": 128}, num_warps=4, num_stages=1)]
-    if not autotuning():
-        return [C({"BN": 32, "BK": 256}, num_warps=4, num_stages=3)]
-    return [
-        C({"BN": 16, "BK": 256}, num_warps=4, num_stages=3),
-        C({"BN": 16, "BK": 512}, num_warps=4, num_stages=2),
-        C({"BN": 32, "BK": 256}, num_warps=4, num_stages=3),
-        C({"BN": 64, "BK": 128}, num_warps=4, num_stages=3),
-    ]

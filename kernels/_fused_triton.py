@@ -296,6 +296,7 @@ def cross_entropy_chunk_triton(logits: torch.Tensor, targets: torch.Tensor, grad
 
 from llmtune.kernels._autotune import m_bucket as _m_bucket  # noqa: E402
 from llmtune.kernels._autotune import matmul_configs as _matmul_configs  # noqa: E402
+from llmtune.kernels._autotune import matmul_key as _matmul_key  # noqa: E402
 from llmtune.kernels._autotune import tuner_kwargs as _tuner_kwargs  # noqa: E402
 
 
@@ -317,7 +318,23 @@ def _lora_mm_kernel(a_ptr, b_ptr, p_ptr, q_ptr, bias_ptr, c_ptr, M, N, K, R, M_B
     rn = pid_n * BN + tl.arange(0, BN)
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
+    # the rank-r term first, scaled, as the initial value of the one float32 accumulator (a second
+    # (BM, BN) accumulator for it would double the registers and spill)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        p = tl.load(p_ptr + rm64[:, None] * s_pm + rr[None, :] * s_pr,
+                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        q = tl.load(q_ptr + rr[:, None] * s_qr + rn64[None, :] * s_qn,
+                    mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(p, q, input_precision="ieee")
+        else:
+            acc += tl.dot(p, q)
+    acc = acc * scaling
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         a = tl.load(a_ptr + rm64[:, None] * s_am + rk[None, :] * s_ak,
@@ -331,21 +348,6 @@ def _lora_mm_kernel(a_ptr, b_ptr, p_ptr, q_ptr, bias_ptr, c_ptr, M, N, K, R, M_B
             acc += tl.dot(a, b, input_precision="ieee")
         else:
             acc += tl.dot(a, b)
-    low = tl.zeros((BM, BN), dtype=tl.float32)
-    for r0 in range(0, R, BR):
-        rr = r0 + tl.arange(0, BR)
-        p = tl.load(p_ptr + rm64[:, None] * s_pm + rr[None, :] * s_pr,
-                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        q = tl.load(q_ptr + rr[:, None] * s_qr + rn64[None, :] * s_qn,
-                    mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-        if UPCAST:
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
-        if IEEE:
-            low += tl.dot(p, q, input_precision="ieee")
-        else:
-            low += tl.dot(p, q)
-    acc += low * scaling
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rm64[:, None] * s_cm + rn64[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty),
@@ -355,7 +357,7 @@ def _lora_mm_kernel(a_ptr, b_ptr, p_ptr, q_ptr, bias_ptr, c_ptr, M, N, K, R, M_B
 # Two tuners over one kernel: forward (W read transposed) and input gradient (W read as stored) keep
 # separate caches, since a square projection has the same (M, N, K) key in both but a different layout.
 _LORA_CONFIGS = _matmul_configs(interpret_block=32)
-_LORA_KEY = ["M_BUCKET", "N", "K"]
+_LORA_KEY = _matmul_key("HAS_BIAS", "UPCAST", "IEEE", "BR")
 _lora_fwd_kernel = triton.autotune(configs=_LORA_CONFIGS, key=_LORA_KEY, **_tuner_kwargs())(_lora_mm_kernel)
 _lora_dx_kernel = triton.autotune(configs=_LORA_CONFIGS, key=_LORA_KEY, **_tuner_kwargs())(_lora_mm_kernel)
 
@@ -377,7 +379,7 @@ def lora_mm_triton(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, q: torch.T
     c = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
         return c
-    br = max(16, min(64, triton.next_power_of_2(r)))
+    br = 16  # ranks per step of the LoRA term, whatever the rank (wider steps spilled registers on sm_80)
     kernel = _lora_dx_kernel if backward else _lora_fwd_kernel
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     kernel[grid](a, b, p, q, bias.contiguous() if bias is not None else c, c, m, n, k, r, _m_bucket(m), float(scaling),

@@ -5,13 +5,12 @@ flattened row-major; value ``i``: byte ``i // 2`` of ``packed`` (high nibble if 
 ``absmax[i // BLOCKSIZE]`` (float32, de-nested), value ``code[q] * absmax``. Indexing is by flat position,
 so any ``K`` works (blocks may straddle rows). Accumulation is float32; outputs are cast to the input dtype.
 
-Design: dequantization is an elementwise gather (code book of 16 floats stays in L1); the decode kernel
-(M <= 16) runs one program per (row, N tile) and reduces ``w * x`` along K in registers, reading the
-packed weight (0.5 byte/param) instead of a dense bf16 copy (2 bytes/param): it is memory bound, so the
-4x fewer bytes are the speed-up. The tiled kernel and the input-gradient kernel dequantize (BN, BK) tiles
-into registers and feed ``tl.dot``; no dequantized weight is ever written to global memory.
-On the GPU the tile sizes are autotuned per shape (``_autotune``: Ampere and Hopper configs, key = M bucket,
-N, K); under the interpreter one fixed config (64-wide tiles; decode 64 x 128) is used.
+Design: dequantization is an elementwise gather (code book of 16 floats stays in L1; double-quantized
+scales expanded in the kernel); the decode kernel (M <= 16) is in ``_nf4_decode``. The tiled kernel and
+the input-gradient kernel dequantize (BN, BK) tiles into registers and feed ``tl.dot``; no dequantized
+weight is ever written to global memory. On the GPU their tile sizes are autotuned per shape and variant
+(``_autotune``: Ampere and Hopper configs, float32 configs for ``IEEE``; key = M bucket, N, K, variant
+flags); under the interpreter one fixed config (64-wide tiles) is used.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmtune.kernels._autotune import m_bucket, matmul_configs, matvec_configs, tuner_kwargs
+from llmtune.kernels._autotune import m_bucket, matmul_configs, matmul_key, tuner_kwargs
 
 # Interpreter: the 64-wide tiles these kernels always had (the tests' odd shapes are chosen around them).
 _MM_CONFIGS = matmul_configs(interpret_block=64, nf4=True)
@@ -40,8 +39,8 @@ def _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE: tl.conste
 
 
 @triton.jit
-def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel,
-                    BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, nabs_ptr, ncode_ptr, noff_ptr,
+                    BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -49,8 +48,20 @@ def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel,
     shift = ((1 - (offs % 2)) * 4).to(tl.int32)
     q = (byte >> shift) & 0xF
     v = tl.load(code_ptr + q)
-    s = tl.load(absmax_ptr + offs // BLOCKSIZE, mask=mask, other=0.0)
+    blk = offs // BLOCKSIZE
+    if NESTED:  # double quantization expanded here: nested_code[u8] * nested_absmax[block // NBS] + offset
+        c = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        s = tl.load(ncode_ptr + c) * tl.load(nabs_ptr + blk // NBS, mask=mask, other=0.0) + tl.load(noff_ptr)
+    else:
+        s = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
     tl.store(out_ptr + offs, (v * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequant_compile_ptrs(p: str, nested: bool) -> dict:
+    """Pointer dtypes of ``_dequant_kernel`` for output dtype ``p`` ("*bf16"...), with or without double
+    quantization (read by ``benchmarks/kernels_compile.py``)."""
+    return {"packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32", "out_ptr": p,
+            "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "noff_ptr": "*fp32"}
 
 
 @triton.jit
@@ -63,48 +74,6 @@ def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.con
     first_m = (pid // per_group) * GROUP_M
     rows = tl.minimum(tiles_m - first_m, GROUP_M)
     return first_m + (pid % per_group) % rows, (pid % per_group) // rows
-
-
-@triton.autotune(configs=matvec_configs(), key=["N", "K"], **tuner_kwargs(prune=False))
-@triton.jit
-def _matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, N, K, stride_xm, stride_om,
-                   BLOCKSIZE: tl.constexpr, ROW_BLOCKS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    if ROW_BLOCKS and BK % BLOCKSIZE == 0:
-        # K % BLOCKSIZE == 0 (every real projection): each quantization block lies inside one row, so the
-        # tile is (BN, NB blocks, BLOCKSIZE / 2 bytes): each packed byte is loaded once (contiguous runs,
-        # vectorised) and gives two codes, the high nibble for the even column and the low one for the
-        # odd column; code * x is summed within each block first and each block sum scaled once (one
-        # absmax load and multiply per block instead of per element)
-        NB: tl.constexpr = BK // BLOCKSIZE
-        HALF: tl.constexpr = BLOCKSIZE // 2
-        rb = tl.arange(0, NB)
-        rh = tl.arange(0, HALF)
-        for k0 in range(0, K, BK):
-            ke = k0 + rb[:, None] * BLOCKSIZE + 2 * rh[None, :]  # (NB, HALF) even column indices
-            km = ke < K
-            xe = tl.load(x_ptr + m * stride_xm + ke, mask=km, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + m * stride_xm + ke + 1, mask=km, other=0.0).to(tl.float32)
-            mask = (rn[:, None, None] < N) & km[None, :, :]
-            byte = tl.load(packed_ptr + rn[:, None, None].to(tl.int64) * (K // 2) + ke[None, :, :] // 2,
-                           mask=mask, other=0).to(tl.int32)
-            hi = tl.load(code_ptr + (byte >> 4))
-            lo = tl.load(code_ptr + (byte & 0xF))
-            part = tl.sum(hi * xe[None, :, :] + lo * xo[None, :, :], axis=2)  # (BN, NB)
-            kb = k0 + rb * BLOCKSIZE
-            sc = tl.load(absmax_ptr + (rn[:, None].to(tl.int64) * K + kb[None, :]) // BLOCKSIZE,
-                         mask=(rn[:, None] < N) & (kb[None, :] < K), other=0.0)
-            acc += tl.sum(part * sc, axis=1)
-    else:  # blocks straddle rows (or are wider than BK): scale per element
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + m * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
-            w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE)
-            acc += tl.sum(w * x[None, :], axis=1)
-    tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
@@ -120,8 +89,9 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _low_rank(acc, p_ptr, q_ptr, rm, rc, M, C, R, s_pm, s_pr, s_qr, s_qc, scaling,
               UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr):
-    """``acc + scaling * P[rm, :R] @ Q[:R, rc]`` (the LoRA term, accumulated in float32 in chunks of BR)."""
-    low = tl.zeros_like(acc)
+    """``scaling * (acc + P[rm, :R] @ Q[:R, rc])`` (the LoRA term, accumulated in float32 in chunks of BR).
+    The kernels call it on their zero accumulator BEFORE the main loop: one (BM, BN) float32 accumulator
+    instead of two (a second one for the rank-r term doubled the registers and spilled)."""
     for r0 in range(0, R, BR):
         rr = r0 + tl.arange(0, BR)
         pt = tl.load(p_ptr + rm[:, None].to(tl.int64) * s_pm + rr[None, :] * s_pr,
@@ -131,11 +101,12 @@ def _low_rank(acc, p_ptr, q_ptr, rm, rc, M, C, R, s_pm, s_pr, s_qr, s_qc, scalin
         if UPCAST:
             pt = pt.to(tl.float32)
             qt = qt.to(tl.float32)
-        low += _dot(pt, qt, IEEE)
-    return acc + low * scaling
+        acc += _dot(pt, qt, IEEE)
+    return acc * scaling
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"], **tuner_kwargs())
+@triton.autotune(configs=_MM_CONFIGS, key=matmul_key("HAS_LORA", "HAS_BIAS", "UPCAST", "IEEE", "BR", "BLOCKSIZE"),
+                 **tuner_kwargs())
 @triton.jit
 def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_xm, stride_om, M_BUCKET,
                    p_ptr, q_ptr, bias_ptr, R, s_pm, s_pr, s_qr, s_qc, scaling,
@@ -146,6 +117,8 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, st
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if HAS_LORA:  # QLoRA: scaling * (x A^T) B^T starts the accumulator (p = x A^T, q = B^T)
+        acc = _low_rank(acc, p_ptr, q_ptr, rm, rn, M, N, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, IEEE, BR)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :],
@@ -154,8 +127,6 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, st
             x = x.to(tl.float32)
         w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE).to(x.dtype)
         acc += _dot(x, tl.trans(w), IEEE)
-    if HAS_LORA:  # QLoRA: + scaling * (x A^T) B^T, into the same accumulator (p = x A^T, q = B^T)
-        acc = _low_rank(acc, p_ptr, q_ptr, rm, rn, M, N, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, IEEE, BR)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -163,7 +134,8 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, st
              mask=mask)
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K"], **tuner_kwargs())
+@triton.autotune(configs=_MM_CONFIGS, key=matmul_key("HAS_LORA", "UPCAST", "IEEE", "BR", "BLOCKSIZE"),
+                 **tuner_kwargs())
 @triton.jit
 def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_gm, stride_om, M_BUCKET,
                        p_ptr, q_ptr, R, s_pm, s_pr, s_qr, s_qc, scaling,
@@ -174,6 +146,8 @@ def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K
     rm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
+    if HAS_LORA:  # QLoRA: scaling * (g B) A starts the accumulator (p = g B, q = A)
+        acc = _low_rank(acc, p_ptr, q_ptr, rm, rk, M, K, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, IEEE, BR)
     for n0 in range(0, N, BN):
         rn = n0 + tl.arange(0, BN)
         g = tl.load(g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :],
@@ -182,8 +156,6 @@ def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K
             g = g.to(tl.float32)
         w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE).to(g.dtype)
         acc += _dot(g, w, IEEE)
-    if HAS_LORA:  # QLoRA: + scaling * (g B) A (p = g B, q = A)
-        acc = _low_rank(acc, p_ptr, q_ptr, rm, rk, M, K, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, IEEE, BR)
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rk[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -204,30 +176,49 @@ def _prep(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor):
     return packed.reshape(-1).contiguous(), absmax.float().contiguous(), code.float().contiguous()
 
 
+def _nested_args(absmax: torch.Tensor, nested, device):
+    """(scales, nested absmax, nested code, offset (1,), nested block size) for a kernel launch."""
+    if nested is None:
+        a = absmax.reshape(-1).float().contiguous()
+        return a, a, a, a, 256
+    off = torch.as_tensor(nested.offset, dtype=torch.float32, device=device).reshape(1)
+    return (absmax.reshape(-1).contiguous(), nested.absmax.float().contiguous(), nested.code.float().contiguous(),
+            off, int(nested.blocksize))
+
+
 def dequantize_4bit_triton(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, numel: int,
-                           blocksize: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """Triton version of ``dequantize_4bit_ref`` (same arguments and result)."""
-    packed, absmax, code = _prep(packed, absmax, code)
+                           blocksize: int, out_dtype: torch.dtype, nested=None) -> torch.Tensor:
+    """Triton version of ``dequantize_4bit_ref`` (same arguments and result); with ``nested``
+    (``nf4.Nested``) ``absmax`` holds uint8 codes, expanded inside the kernel."""
+    packed = packed.reshape(-1).contiguous()
+    scales, nabs, ncode, noff, nbs = _nested_args(absmax, nested, packed.device)
     out = torch.empty(numel, dtype=out_dtype, device=packed.device)
     block = 1024
-    _dequant_kernel[(triton.cdiv(numel, block),)](packed, absmax, code, out, numel, BLOCKSIZE=blocksize, BLOCK=block)
+    if numel:
+        _dequant_kernel[(triton.cdiv(numel, block),)](packed, scales, code.float().contiguous(), out, numel, nabs,
+                                                      ncode, noff, BLOCKSIZE=blocksize, BLOCK=block,
+                                                      NESTED=nested is not None, NBS=nbs)
     return out
 
 
 def matmul_4bit_small_m_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                               out_features: int, blocksize: int) -> torch.Tensor:
-    """Triton version of ``matmul_4bit_small_m_ref`` (one program per row and BN-column tile; BN, BK
-    autotuned per (N, K) on the GPU, 64 x 128 under the interpreter)."""
-    packed, absmax, code = _prep(packed, absmax, code)
-    x = x.contiguous()
-    m, k = x.shape
-    out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    if m == 0 or out_features == 0:
-        return out
-    grid = lambda meta: (triton.cdiv(out_features, meta["BN"]), m)  # noqa: E731
-    _matvec_kernel[grid](x, packed, absmax, code, out, out_features, k, x.stride(0), out.stride(0),
-                         BLOCKSIZE=blocksize, ROW_BLOCKS=k % blocksize == 0)
-    return out
+                               out_features: int, blocksize: int, nested=None) -> torch.Tensor:
+    """Triton version of ``matmul_4bit_small_m_ref`` for ``M <= 16``: the decode kernel of ``_nf4_decode``
+    (split-K, int32 weight loads, scales de-nested in the kernel when ``nested`` is given). A weight it does
+    not take (``K % 8 != 0``, blocks straddling rows, blocks over 256) goes to the tiled kernel."""
+    from llmtune.kernels import _nf4_decode as D
+
+    if x.shape[0] <= 16 and D.supports(x.shape[1], blocksize, packed):
+        return D.decode_triton(x, packed, absmax, code, out_features, blocksize, nested)
+    if nested is not None:
+        absmax = _expand(absmax, nested)
+    return matmul_4bit_tiled_triton(x, packed, absmax, code, out_features, blocksize)
+
+
+def _expand(absmax: torch.Tensor, nested) -> torch.Tensor:
+    from llmtune.kernels.nf4 import expand_absmax
+
+    return expand_absmax(absmax, nested)
 
 
 def matmul_4bit_tiled_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -269,7 +260,9 @@ def matmul_4bit_grad_input_triton(grad_out: torch.Tensor, packed: torch.Tensor, 
 # ----------------------------------------------------------------------------------------------------
 
 def _rank_block(r: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(r)))
+    """Ranks per step of the LoRA term: 16 for every rank (the term is small; 64-wide steps spilled
+    registers on sm_80), so the rank never makes a new kernel variant."""
+    return 16
 
 
 def lora_matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,

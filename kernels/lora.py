@@ -198,6 +198,19 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
     return lora_linear_4bit_ref(x, packed, absmax, code, out_features, blocksize, bias, lora_a, lora_b, scaling)
 
 
+def _tiled_measured_faster(x: torch.Tensor, base: nn.Module) -> bool:
+    """False only when the NF4 path table is measured (``llmtune.kernels.nf4.training_path``) and says
+    dequantize-then-cuBLAS beats the tiled kernel for this layer's forward: the fused QLoRA kernel is the
+    tiled kernel, so the unfused path (``Linear4bit``: dequantize + cuBLAS, then the adapter) runs instead.
+    With the shipped, unmeasured table the fused kernel keeps running."""
+    from llmtune.kernels import nf4
+
+    if not nf4.load_path_table().get("measured"):
+        return True
+    m = x.numel() // x.shape[-1]
+    return nf4.training_path(m, base.out_features, base.in_features, "forward") == "tiled"
+
+
 def fused_lora_forward(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The output of ``LoraLinear`` ``layer`` on ``x`` through :func:`lora_linear`, or None when the fused
     path does not apply (the caller then runs its usual code).
@@ -211,7 +224,8 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tens
     that dtype) and the result has that dtype (4-bit base: ``x``'s dtype, as ``Linear4bit`` returns);
     without autocast ``x``, the base's dtype and the adapter must share one dtype (else None: the unfused
     path casts between them). Never inside ``torch.compile`` (the compiled layer keeps the unfused code,
-    whose add inductor fuses). Which bases: :func:`fused_bases` (default: 4-bit only)."""
+    whose add inductor fuses). Which bases: :func:`fused_bases` (default: 4-bit only). A 4-bit base is not
+    fused where the measured NF4 path table prefers dequantize-then-cuBLAS (:func:`_tiled_measured_faster`)."""
     if not use_triton(x) or layer.adapters_disabled or layer.merged_adapters or not x.is_floating_point():
         return None
     if torch.compiler.is_compiling():  # inside torch.compile (torch_compile: true) inductor fuses the add itself
@@ -238,7 +252,7 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tens
     autocast = torch.is_autocast_enabled(dev)
     dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
     if quant:
-        if base.compute_dtype != dtype:
+        if base.compute_dtype != dtype or not _tiled_measured_faster(x, base):
             return None
         w = None
     else:

@@ -117,6 +117,8 @@ def test_grad_input_kernel(m, n, k, dtype):
 def test_dispatch_picks_kernel_by_m(monkeypatch):
     from llmtune.kernels import _nf4_triton
 
+    monkeypatch.setenv("LLMTUNE_NF4_PATH", "tiled")  # above SMALL_M: the tiled kernel when the table says so
+
     ran = []
     for name in ("matmul_4bit_small_m_triton", "matmul_4bit_tiled_triton"):
         real = getattr(_nf4_triton, name)
@@ -162,3 +164,149 @@ def test_small_m_kernel_row_blocks(m, n, k, blocksize, dtype):
     x = torch.randn(m, k, dtype=dtype)
     got = K.matmul_4bit_small_m(x, packed, absmax, st.code, n, blocksize)
     _close(got, x.double() @ w64.t(), dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decode kernel (kernels/_nf4_decode.py): M = 1..16, split-K, int32 loads, double quantization inside
+# ----------------------------------------------------------------------------------------------------
+
+def _nested_weight(n, k, double_quant):
+    """(packed, stored absmax, Nested or None, code, float64 W): W written here from the format's formula,
+    with the scales de-nested by bitsandbytes' rule ``nested_code[q] * nested_absmax[i // 256] + offset``."""
+    w = torch.randn(n, k) * torch.rand(n, 1)
+    packed, st = quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=double_quant)
+    if double_quant:
+        q = st.absmax.long()
+        scales = (st.nested_code.double()[q] * st.nested_absmax.double().repeat_interleave(256)[: q.numel()]
+                  + float(st.offset))
+        nested = K.Nested(st.nested_absmax, st.nested_code, st.offset, st.nested_blocksize)
+    else:
+        scales, nested = st.absmax.double(), None
+    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[: n * k].long()
+    w64 = (st.code.double()[codes] * scales.repeat_interleave(64)[: n * k]).view(n, k)
+    return packed, st.absmax, nested, st.code, w64
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("n,k,dtype,double_quant", [(33, 320, torch.bfloat16, True), (70, 704, torch.float32, False),
+                                                    (45, 576, torch.float32, True)])
+def test_decode_kernel(m, n, k, dtype, double_quant):
+    """Odd N (partial row tile), K a multiple of the block size but not of the 256-wide K tile (partial
+    tiles), split-K (a few row tiles on a 132-SM grid), with and without double quantization."""
+    from llmtune.kernels import _nf4_decode as D
+
+    packed, absmax, nested, code, w64 = _nested_weight(n, k, double_quant)
+    assert D.supports(k, 64, packed) and D.split_k(n, k, 132)[0] > 1
+    x = torch.randn(m, k, dtype=dtype)
+    got = K.matmul_4bit_small_m(x, packed, absmax, code, n, 64, nested=nested)
+    assert got.shape == (m, n) and got.dtype == dtype
+    _close(got, x.double() @ w64.t(), dtype)
+
+
+def test_decode_split_rule():
+    """About 4 programs per SM (528 on 132 SMs), in K slices of whole 128-column tiles, hand-computed:
+    8B k/v projection (N 1024, K 4096): 32 row tiles, 17 slices wanted, K has 32 tiles: 2 per slice, so
+    16 slices of 256; 8B q projection (4096 x 4096): 128 row tiles, 5 slices wanted: ceil(32 / 5) = 7
+    tiles per slice, so 5 slices of 896; up projection (14336 x 4096): 448 row tiles, 2 slices."""
+    from llmtune.kernels import _nf4_decode as D
+
+    split, per = D.split_k(1024, 4096, 132)
+    assert (split, per) == (16, 256)
+    assert D.split_k(4096, 4096, 132) == (5, 896)
+    assert D.split_k(14336, 4096, 132) == (2, 2048)
+    assert D.row_block(1) == 1 and D.row_block(3) == 4 and D.row_block(5) == 16 and D.row_block(16) == 16
+
+
+def test_decode_falls_back_to_tiled_for_straddling_blocks(monkeypatch):
+    """K % 8 != 0 (blocks straddle rows): the tiled kernel computes the decode product."""
+    from llmtune.kernels import _nf4_triton
+
+    ran = []
+    real = _nf4_triton.matmul_4bit_tiled_triton
+    monkeypatch.setattr(_nf4_triton, "matmul_4bit_tiled_triton", lambda *a, **k: ran.append(1) or real(*a, **k))
+    packed, absmax, nested, code, w64 = _nested_weight(9, 100, True)
+    x = torch.randn(2, 100)
+    _close(K.matmul_4bit_small_m(x, packed, absmax, code, 9, 64, nested=nested), x.double() @ w64.t(), torch.float32)
+    assert ran == [1]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_kernel_nested(out_dtype):
+    packed, absmax, nested, code, w64 = _nested_weight(7, 192, True)
+    got = K.dequantize_4bit(packed, absmax, code, 7 * 192, 64, out_dtype, nested=nested)
+    _close(got.view(7, 192), w64, out_dtype)
+
+
+def test_expand_absmax_matches_quant_state():
+    """``expand_absmax`` equals ``QuantState.get_absmax`` (bitsandbytes' de-nesting, ``llmtune.quant.nf4``)."""
+    w = torch.randn(40, 640)
+    _, st = quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
+    got = K.expand_absmax(st.absmax, K.Nested(st.nested_absmax, st.nested_code, st.offset, st.nested_blocksize))
+    assert torch.allclose(got, st.get_absmax(), rtol=1e-6, atol=0)
+
+
+def test_linear4bit_forward_keeps_scales_nested(monkeypatch):
+    """Decode through ``Linear4bit``: the uint8 scales go to the kernel as stored (``get_absmax``, the
+    float32 expansion, is never called) and the result equals the float64 formula."""
+    from llmtune.quant import Linear4bit
+    from llmtune.quant.nf4 import QuantState
+
+    layer = Linear4bit.from_float(torch.randn(24, 128), compute_dtype=torch.float32)
+    w64 = layer.dequantize().double()
+    monkeypatch.setattr(QuantState, "get_absmax", lambda self: (_ for _ in ()).throw(AssertionError("expanded")))
+    x = torch.randn(3, 128)
+    _close(layer(x), x.double() @ w64.t(), torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training shapes: tiled kernel or dequantize + matmul, from the measured table
+# ----------------------------------------------------------------------------------------------------
+
+def test_training_path_rule(tmp_path, monkeypatch):
+    monkeypatch.delenv("LLMTUNE_NF4_PATH", raising=False)
+    shipped = K.load_path_table()
+    assert shipped["measured"] is False and shipped["default"] == "dequant" and shipped["entries"] == []
+    assert K.training_path(4096, 4096, 4096) == "dequant"
+    entries = [{"op": "forward", "m": 2048, "n": 4096, "k": 4096, "tiled_ms": 1.0, "dequant_ms": 2.0},
+               {"op": "forward", "m": 8192, "n": 4096, "k": 4096, "tiled_ms": 3.0, "dequant_ms": 2.5},
+               {"op": "grad_input", "m": 2048, "n": 4096, "k": 4096, "tiled_ms": 2.0, "dequant_ms": 1.0}]
+    path = K.write_path_table(entries, "test GPU", tmp_path / "paths.json")
+    table = K.load_path_table(path)
+    assert table["measured"] and [e["path"] for e in table["entries"]] == ["tiled", "dequant", "dequant"]
+    assert K.training_path(2048, 4096, 4096, "forward", table) == "tiled"
+    assert K.training_path(1500, 4096, 4096, "forward", table) == "tiled"  # bucket 2048
+    assert K.training_path(3000, 4096, 4096, "forward", table) == "tiled"  # bucket 4096: 2048 and 8192 tie, first
+    assert K.training_path(6000, 4096, 4096, "forward", table) == "dequant"  # bucket 8192
+    assert K.training_path(2048, 4096, 4096, "grad_input", table) == "dequant"
+    assert K.training_path(2048, 1024, 4096, "forward", table) == "dequant"  # unmeasured shape: the default
+    monkeypatch.setenv("LLMTUNE_NF4_PATH", "tiled")
+    assert K.training_path(2048, 4096, 4096, "grad_input", table) == "tiled"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"default": "fast", "entries": []}')
+    with pytest.raises(ValueError, match="bad.json"):
+        K.load_path_table(bad)
+    with pytest.raises(ValueError, match="tiled_ms"):
+        K.write_path_table([{"op": "forward", "m": 1, "n": 1, "k": 1}], "x", tmp_path / "t.json")
+
+
+@pytest.mark.parametrize("path", ["tiled", "dequant"])
+def test_matmul_4bit_follows_training_path(monkeypatch, path):
+    """M > 16: ``matmul_4bit`` and ``matmul_4bit_grad_input`` run the path ``training_path`` names, and
+    both paths give the float64 product."""
+    from llmtune.kernels import _nf4_triton
+
+    ran = []
+    for name in ("matmul_4bit_tiled_triton", "matmul_4bit_grad_input_triton", "dequantize_4bit_triton"):
+        real = getattr(_nf4_triton, name)
+        monkeypatch.setattr(_nf4_triton, name,
+                            lambda *a, _real=real, _name=name, **k: ran.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(K, "training_path", lambda m, n, k, op="forward", table=None: path)
+    packed, absmax, nested, code, w64 = _nested_weight(40, 128, True)
+    x = torch.randn(20, 128)
+    _close(K.matmul_4bit(x, packed, absmax, code, 40, 64, nested=nested), x.double() @ w64.t(), torch.float32)
+    g = torch.randn(20, 40)
+    _close(K.matmul_4bit_grad_input(g, packed, absmax, code, 128, 64, nested=nested), g.double() @ w64,
+           torch.float32)
+    want = (["matmul_4bit_tiled_triton", "matmul_4bit_grad_input_triton"] if path == "tiled"
+            else ["dequantize_4bit_triton", "dequantize_4bit_triton"])
+    assert ran == want

@@ -20,14 +20,20 @@ from llmtune.quant.nf4 import QuantState, quantize_4bit
 
 
 class _Linear4bitFunction(torch.autograd.Function):
-    """``y = x @ W.T`` with a frozen 4-bit ``W``; backward gives ``grad_x = grad_y @ W`` only."""
+    """``y = x @ W.T`` with a frozen 4-bit ``W``; backward gives ``grad_x = grad_y @ W`` only. ``nested``
+    (``llmtune.kernels.nf4.Nested`` or None): ``absmax`` holds double-quantized uint8 codes, which the
+    kernels expand themselves (no float32 copy of the scales per call)."""
 
     @staticmethod
-    def forward(ctx, x2d, packed, absmax, code, out_features, blocksize):
+    def forward(ctx, x2d, packed, absmax, code, out_features, blocksize, *nested):
+        # ``nested`` is optional (callers with the six float-absmax arguments keep working)
+        ctx.n_inputs = 6 + len(nested)
+        nested = nested[0] if nested else None
         ctx.save_for_backward(packed, absmax, code)
         ctx.in_features = x2d.shape[-1]
         ctx.blocksize = blocksize
-        return K.matmul_4bit(x2d, packed, absmax, code, out_features, blocksize)
+        ctx.nested = nested
+        return K.matmul_4bit(x2d, packed, absmax, code, out_features, blocksize, nested=nested)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -35,8 +41,8 @@ class _Linear4bitFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = K.matmul_4bit_grad_input(grad_out.contiguous(), packed, absmax, code, ctx.in_features,
-                                              ctx.blocksize)
-        return grad_x, None, None, None, None, None
+                                              ctx.blocksize, nested=ctx.nested)
+        return (grad_x,) + (None,) * (ctx.n_inputs - 1)
 
 
 class Linear4bit(nn.Module):
@@ -53,8 +59,10 @@ class Linear4bit(nn.Module):
     padding the flattened weight with zeros to a multiple of ``blocksize`` (bitsandbytes' layout).
 
     ``forward(x)``: ``x (..., in_features)`` of any float dtype is cast to ``compute_dtype`` (bfloat16 by
-    default), multiplied by the dequantized weight (fused Triton kernels on CUDA; dequantize-then-matmul
-    on the CPU), the bias added, and the result cast back to ``x.dtype``: ``(..., out_features)``.
+    default), multiplied by the dequantized weight (CUDA: the NF4 decode kernel for up to 16 rows, else the
+    tiled kernel or dequantize-then-cuBLAS as ``llmtune.kernels.nf4.training_path`` picks; CPU:
+    dequantize-then-matmul), the bias added, and the result cast back to ``x.dtype``: ``(..., out_features)``.
+    Double-quantized scales are passed to the kernels as stored (expanded inside them).
     Autograd reaches ``x`` (``grad_x = grad_y @ W``) and a trainable bias, never the 4-bit weight.
 
     Memory: 0.5 byte/param + 1/64 byte (uint8 absmax) + 4/(64*256) byte = 4.127 bits/param with double
@@ -189,10 +197,17 @@ class Linear4bit(nn.Module):
         """De-nested float32 block scales ``(nblocks,)``."""
         return self.quant_state.get_absmax()
 
+    def nested(self) -> Optional[K.Nested]:
+        """The double quantization of ``absmax`` as the kernels take it (``llmtune.kernels.nf4.Nested``:
+        nested absmax, nested code, offset, nested block size), or None without double quantization."""
+        if not self.double_quant:
+            return None
+        return K.Nested(self.nested_absmax, self.nested_quant_map, self.nested_offset, self.nested_blocksize)
+
     def dequantize(self) -> torch.Tensor:
         """The dense weight ``(out_features, in_features)`` in ``compute_dtype``."""
-        w = K.dequantize_4bit(self.weight, self.absmax_float(), self.quant_map, self.out_features * self.in_features,
-                              self.blocksize, self.compute_dtype)
+        w = K.dequantize_4bit(self.weight, self.absmax, self.quant_map, self.out_features * self.in_features,
+                              self.blocksize, self.compute_dtype, nested=self.nested())
         return w.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,8 +216,10 @@ class Linear4bit(nn.Module):
             raise ValueError(f"Linear4bit expects last dim {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        y = _Linear4bitFunction.apply(x2d, self.weight, self.absmax_float(), self.quant_map, self.out_features,
-                                      self.blocksize)
+        # the scales go to the kernels as stored (uint8 + nested state when double-quantized): the decode and
+        # dequantization kernels expand them in registers, so no float32 copy is made per call
+        y = _Linear4bitFunction.apply(x2d, self.weight, self.absmax, self.quant_map, self.out_features,
+                                      self.blocksize, self.nested())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features).to(x.dtype)
