@@ -339,3 +339,88 @@ def test_loading_answers_503_and_cli_keys(monkeypatch):
         split_api_args(["--max_num_seqs", "0"])
     with pytest.raises(LLMTuneError, match="--port"):
         split_api_args(["--port", "eighty"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_zero(tmp_path):
+    import signal
+    import subprocess
+
+    from reliability_helpers import cli_env
+
+    d = make_model_folder(tmp_path / "tiny", max_positions=4096)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llmtune", "api", "--model_name_or_path", str(d), "--port",
+                             str(port), "--max_model_len", "4096", "--drain_timeout", "3"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        out: dict = {}
+
+        def stream(name, max_tokens):
+            body = {"model": str(d), "messages": _msgs(), "max_tokens": max_tokens, "temperature": 0, "stream": True}
+            lines = []
+            try:
+                with httpx.stream("POST", base + CHAT, json=body, timeout=60) as r:
+                    lines = [ln for ln in r.iter_lines() if ln]
+            except httpx.TransportError as e:
+                lines.append(f"transport error {e!r}")
+            out[name] = lines
+
+        threads = [threading.Thread(target=stream, args=("short", 20)),
+                   threading.Thread(target=stream, args=("long", 4000))]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+        for t in threads:
+            t.join(timeout=30)
+        short = out["short"]
+        assert short[-1] == "data: [DONE]" and json.loads(short[-2][6:])["choices"][0]["finish_reason"] == "length"
+        text = "".join(json.loads(ln[6:])["choices"][0]["delta"].get("content", "") for ln in short[:-1])
+        assert len(text.split()) == 20
+        long = out["long"]      # cut by the shutdown: no finish, no traceback
+        assert not any('"finish_reason": "length"' in ln for ln in long)
+        assert "Traceback" not in proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.mark.real
+def test_real_model_greedy_chat_equals_llmtune_chat():
+    from shared_inputs import real_model
+
+    m = str(real_model())
+    q = "What is the capital of France?"
+    proc = run_subprocess(["chat", "--model_name_or_path", m, "--do_sample", "false", "--max_new_tokens", "24"],
+                          stdin=(q + "\n").encode(), timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    expected = proc.stdout.decode().strip().splitlines()[-1][len("Assistant: "):].removesuffix(" [...]")
+    assert "Paris" in expected
+    with live_server(["--model_name_or_path", m, "--max_model_len", "512", "--max_num_seqs", "2"],
+                     timeout=240) as (base, state):
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model=m, messages=_msgs(q), max_tokens=24, temperature=0)
+        assert r.choices[0].message.content == expected
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model=m, messages=_msgs(q), max_tokens=24, temperature=0, stream=True) if ch.choices)
+        assert streamed == expected

@@ -111,6 +111,12 @@ def create_app(load: Callable[[], ServerState], api_key: Optional[str] = None, d
 
     app = FastAPI(title="llmtune api", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
+    def shutdown(seconds: float) -> None:   # SIGTERM: no new work, running requests finish or are cancelled
+        if box["state"] is not None:
+            box["state"].scheduler.close(seconds)
+
+    app.state.shutdown = shutdown
+
     def err(e: APIError) -> JSONResponse:
         headers = {"Retry-After": "1"} if e.status in (429, 503) else None
         return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status, headers=headers)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any, Optional
 
 from llmtune.errors import LLMTuneError
@@ -140,12 +141,32 @@ def build_state(cfg: Any, opts: dict) -> Any:
 
 
 def make_server(app: Any, host: str, port: int, drain_s: float) -> Any:
-    """A ``uvicorn.Server`` for ``app`` (access log off, graceful shutdown within ``drain_s`` seconds)."""
+    """A ``uvicorn.Server`` for ``app`` (access log off) whose SIGTERM/SIGINT first drains the scheduler.
+
+    The first signal stops new requests (503) and gives the running ones ``drain_s`` seconds to finish (the
+    rest end with a ``shutting_down`` error), then the server stops; the process exits normally (status 0)
+    instead of re-raising the signal. A second SIGINT forces the exit.
+    """
     import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit or getattr(self, "_draining", False):
+                self.force_exit = True
+                return
+            self._draining = True
+
+            def drain() -> None:
+                shutdown = getattr(app.state, "shutdown", None)
+                if shutdown is not None:
+                    shutdown(drain_s)
+                self.should_exit = True
+
+            threading.Thread(target=drain, name="llmtune-drain", daemon=True).start()
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=max(1, int(drain_s)), lifespan="on")
-    return uvicorn.Server(config)
+    return _Server(config)
 
 
 def main(argv: list[str]) -> int:
