@@ -95,9 +95,10 @@ def create_app(load: Callable[[], ServerState], api_key: Optional[str] = None, d
             box["state"] = load()
         except Exception as e:  # noqa: BLE001 - reported by /health, the log and on_load_error
             box["error"] = str(e) if isinstance(e, LLMTuneError) else f"{type(e).__name__}: {e}"
-            log.error("llmtune api: loading failed: %s", box["error"])
             if on_load_error is not None:
                 on_load_error(box["error"])
+            else:
+                log.error("llmtune api: loading failed: %s", box["error"])
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
