@@ -11,9 +11,10 @@ import pytest
 
 
 @contextmanager
-def live_server(argv: list, timeout: float = 60.0):
-    """Start ``llmtune api argv`` in this process on 127.0.0.1:<free port>; yields ``(base_url, state_box)``
-    once ``/health`` says ok; stops the server afterwards (bounded: ``timeout`` seconds to start, 30 to stop)."""
+def live_server(argv: list, timeout: float = 60.0, load=None):
+    """Start ``llmtune api argv`` in this process on 127.0.0.1:<free port>; yields ``(base_url, state)``
+    once ``/health`` says ok; stops the server afterwards (bounded: ``timeout`` seconds to start, 30 to stop).
+    ``load(opts)``, when given, builds the ServerState instead of loading ``--model_name_or_path``."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     import httpx
@@ -23,14 +24,14 @@ def live_server(argv: list, timeout: float = 60.0):
     from llmtune.serve.server import build_state, make_server, split_api_args
 
     opts, rest = split_api_args(list(argv) + ["--port", "0"])
-    cfg = parse_config(rest, command="chat")
+    cfg = None if load is not None else parse_config(rest, command="chat")
     states: list = []
 
-    def load():
-        states.append(build_state(cfg, opts))
+    def _load():
+        states.append(build_state(cfg, opts) if load is None else load(opts))
         return states[0]
 
-    app = create_app(load, api_key=opts["api_key"], drain_s=opts["drain_timeout"])
+    app = create_app(_load, api_key=opts["api_key"], drain_s=opts["drain_timeout"])
     server = make_server(app, opts["host"], 0, opts["drain_timeout"])
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -203,7 +203,7 @@ def create_app(load: Callable[[], ServerState], api_key: Optional[str] = None, d
 
         try:
             prompt = encode_chat_prompt(state.tokenizer, state.template, turns,
-                                        system=system if system is not None else state.system)
+                                        system=system if system is not None else state.system, tools=p.tools)
         except LLMTuneError as e:
             raise APIError(400, f"the messages cannot be rendered by the chat template: {e}", "messages") from None
         job = submit(state, p, prompt, state.chat_stop_ids)

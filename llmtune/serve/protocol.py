@@ -98,6 +98,8 @@ class GenParams:
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False
+    tools: Optional[list] = None
+    parse_tools: bool = False
 
 
 _NUM = (int, float)
@@ -156,7 +158,7 @@ def _common(body: Any, max_n: int) -> GenParams:
                      include_usage=include_usage)
 
 
-_ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _content(m: dict, i: int) -> str:
@@ -181,8 +183,11 @@ def parse_chat(body: Any, max_n: int = 16) -> tuple[GenParams, list[dict], Optio
     """Check a ``POST /v1/chat/completions`` body.
 
     Returns:
-        ``(params, messages, system)``: ``messages`` the user/assistant turns as ``{"role", "content"}`` (str
-        content), ``system`` the system (or developer) message's text or None.
+        ``(params, messages, system)``: ``messages`` the turns as ``{"role", "content"}`` (str content; roles
+        user, assistant, and the template's ``function`` (an assistant's tool calls) and ``observation`` (tool
+        results), :mod:`llmtune.serve.tools`), ``system`` the system (or developer) message's text or None;
+        ``params.tools`` the request's tools (None) and ``params.parse_tools`` whether replies are parsed for
+        calls.
 
     Raises:
         APIError: 422 wrong types or a missing field, 400 bad values (an empty list, an unknown role, a
@@ -195,8 +200,12 @@ def parse_chat(body: Any, max_n: int = 16) -> tuple[GenParams, list[dict], Optio
     if top and not lp:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
     p.logprobs, p.top_logprobs = lp, top
-    if body.get("tools") or body.get("tool_choice") not in (None, "none"):
-        raise APIError(400, "'tools' are not supported by this server yet", "tools", "unsupported_parameter")
+    from llmtune.serve.tools import check_tools, tool_call_turn
+
+    p.tools, p.parse_tools = check_tools(body)
+    if p.parse_tools and p.stream:
+        raise APIError(400, "'stream' with 'tools' is not supported (send stream: false, or tool_choice: 'none')",
+                       "stream", "unsupported_parameter")
     rf = body.get("response_format")
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
         raise APIError(400, "'response_format' other than {'type': 'text'} is not supported", "response_format",
@@ -211,7 +220,7 @@ def parse_chat(body: Any, max_n: int = 16) -> tuple[GenParams, list[dict], Optio
                            "invalid_type")
         role = m.get("role")
         if role not in _ROLES:
-            raise APIError(400, f"messages[{i}].role {role!r} is not supported; use system, user or assistant",
+            raise APIError(400, f"messages[{i}].role {role!r} is not supported; use system, user, assistant or tool",
                            f"messages[{i}].role", "invalid_value")
         text = _content(m, i)
         if role in ("system", "developer"):
@@ -220,15 +229,26 @@ def parse_chat(body: Any, max_n: int = 16) -> tuple[GenParams, list[dict], Optio
                                "invalid_value")
             system = text if system is None else system + "\n" + text
             continue
-        if turns and turns[-1]["role"] == role:
-            raise APIError(400, f"messages[{i}]: user and assistant turns must alternate (two {role} turns in a "
-                                "row)", f"messages[{i}].role", "invalid_value")
-        if not turns and role != "user":
-            raise APIError(400, f"messages[{i}]: the conversation must start with a user turn",
-                           f"messages[{i}].role", "invalid_value")
-        turns.append({"role": role, "content": text})
-    if not turns or turns[-1]["role"] != "user":
-        raise APIError(400, "the last message must be a user turn", "messages", "invalid_value")
+        if role == "assistant" and m.get("tool_calls"):
+            turn = tool_call_turn(m, i)
+        elif role == "tool":
+            if turns and turns[-1]["role"] == "observation":   # results of parallel calls: one turn
+                turns[-1]["content"] += "\n" + text
+                continue
+            if not turns or turns[-1]["role"] != "function":
+                raise APIError(400, f"messages[{i}]: a tool message must follow an assistant message with "
+                                    "tool_calls", f"messages[{i}].role", "invalid_value")
+            turn = {"role": "observation", "content": text}
+        else:
+            turn = {"role": role, "content": text}
+        asks = turn["role"] in ("user", "observation")
+        if (not turns and turn["role"] != "user") or (turns and asks == (turns[-1]["role"] in ("user", "observation"))):
+            what = "start with a user turn" if not turns else "alternate user (or tool) and assistant turns"
+            raise APIError(400, f"messages[{i}]: the conversation must {what}", f"messages[{i}].role",
+                           "invalid_value")
+        turns.append(turn)
+    if not turns or turns[-1]["role"] not in ("user", "observation"):
+        raise APIError(400, "the last message must be a user (or tool) turn", "messages", "invalid_value")
     return p, turns, system
 
 

@@ -137,8 +137,16 @@ async def collect(state: Any, job: Any, p: GenParams, n_prompt: int, request: An
     out = []
     for c in choices:
         if chat:
-            out.append({"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
-                        "logprobs": _chat_lp(c.entries) if p.logprobs else None, "finish_reason": c.finish})
+            message: dict = {"role": "assistant", "content": texts[c.index]}
+            finish = c.finish
+            if p.parse_tools:
+                from llmtune.serve.tools import parse_tool_calls
+
+                content, calls = parse_tool_calls(texts[c.index], getattr(state.template, "tool_format", "default"))
+                if calls:
+                    message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            out.append({"index": c.index, "message": message,
+                        "logprobs": _chat_lp(c.entries) if p.logprobs else None, "finish_reason": finish})
         else:
             out.append({"index": c.index, "text": texts[c.index],
                         "logprobs": _text_lp(c.entries) if p.logprobs else None, "finish_reason": c.finish})
