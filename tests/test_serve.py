@@ -434,3 +434,33 @@ def test_real_model_greedy_chat_equals_llmtune_chat():
         streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
             model=m, messages=_msgs(q), max_tokens=24, temperature=0, stream=True) if ch.choices)
         assert streamed == expected
+
+
+def test_a_client_that_leaves_a_non_streaming_request_frees_its_slot(tiny):
+    base, state, _ = tiny
+    before = state.scheduler.stats()["cancelled"]
+    body = {"model": "tiny", "messages": _msgs(), "max_tokens": 4000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + CHAT, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and state.scheduler.stats()["cancelled"] == before:
+        time.sleep(0.05)
+    s = state.scheduler.stats()
+    assert s["cancelled"] == before + 1 and s["running"] == 0, s
+
+
+def test_request_timeout_is_504_and_frees_the_slot(tmp_path):
+    d = make_model_folder(tmp_path / "tiny", max_positions=4096)
+    with live_server(["--model_name_or_path", str(d), "--max_model_len", "4096", "--request_timeout", "1"]) \
+            as (base, state):
+        body = {"model": str(d), "messages": _msgs(), "max_tokens": 4000, "temperature": 0}
+        t0 = time.monotonic()
+        r = httpx.post(base + CHAT, json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout" and time.monotonic() - t0 < 10
+        with httpx.stream("POST", base + CHAT, json=dict(body, stream=True), timeout=60) as s:
+            lines = [ln for ln in s.iter_lines() if ln]
+        assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "timeout"
+        deadline = time.monotonic() + 10
+        while state.scheduler.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.scheduler.stats()["running"] == 0

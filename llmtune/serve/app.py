@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional
 
@@ -24,8 +23,8 @@ from starlette.requests import Request as HTTPRequest
 from llmtune.engine import Request
 from llmtune.errors import LLMTuneError
 from llmtune.sampling import SamplingParams
-from llmtune.serve.protocol import APIError, GenParams, TextStream, error_body, new_id, now, parse_chat, \
-    parse_completion
+from llmtune.serve.protocol import APIError, GenParams, error_body, now, parse_chat, parse_completion
+from llmtune.serve.respond import collect, sse
 from llmtune.serve.scheduler import Closed, Job, QueueFull, Scheduler
 
 __all__ = ["ServerState", "create_app"]
@@ -277,5 +276,3 @@ def submit(state: ServerState, p: GenParams, prompt: list, stop_ids: list) -> Jo
     except Closed as e:
         raise APIError(503, f"{e}; retry later", None, "shutting_down") from None
 
-
-from llmtune.serve.respond import collect, sse  # noqa: E402  (the response side, kept in its own module)

@@ -57,16 +57,20 @@ async def _steps(state: Any, job: Any, request: Any, poll_disconnect: bool) -> A
         APIError: 504 past the request timeout, 503 cancelled by a shutdown, 400/500 the engine refused or failed.
     """
     deadline = time.monotonic() + state.request_timeout
+    checked = time.monotonic()
     while True:
-        left = deadline - time.monotonic()
+        t = time.monotonic()
+        left = deadline - t
         if left <= 0:
             raise APIError(504, f"the request took longer than the server's request timeout "
                                 f"({state.request_timeout:g} s)", None, "timeout")
+        if poll_disconnect and t - checked >= 0.5:      # a client that left: its rows leave at once
+            checked = t
+            if await request.is_disconnected():
+                return
         try:
             item = await asyncio.wait_for(job.events.get(), timeout=min(left, 0.5))
         except asyncio.TimeoutError:
-            if poll_disconnect and await request.is_disconnected():
-                return
             continue
         if item is None:
             raise APIError(503, "the server shut down before the reply was complete", None, "shutting_down")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any
 
 from llmtune.errors import LLMTuneError
 
@@ -179,12 +179,12 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise LLMTuneError(f"llmtune api needs fastapi and uvicorn ({e.name} is missing): "
-                           "pip install 'llmtune[api]'") from None
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LLMTuneError(f"llmtune api needs fastapi and uvicorn ({', '.join(missing)} missing): "
+                           "pip install 'llmtune[api]'")
     from llmtune.config import parse_config
     from llmtune.sampling import check_generation_args
 
