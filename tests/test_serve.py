@@ -96,6 +96,9 @@ def test_completions_n_and_stop_strings(tiny):
     alone = c.completions.create(model="tiny", prompt="the sky is", max_tokens=8, temperature=0)
     text = alone.choices[0].text
     assert alone.object == "text_completion" and alone.choices[0].finish_reason == "length" and text
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt="the sky is", max_tokens=8, temperature=0, stream=True))
+    assert streamed == text
     many = c.completions.create(model="tiny", prompt="the sky is", max_tokens=8, temperature=0, n=3)
     assert [ch.index for ch in many.choices] == [0, 1, 2]
     assert all(ch.text == text for ch in many.choices)           # greedy: every choice is the lone reply

@@ -141,3 +141,31 @@ def test_tool_calls_through_the_openai_client(tmp_path):
         with pytest.raises(openai.BadRequestError):     # a tool result with no call before it
             c.chat.completions.create(model="scripted", messages=msgs + [{"role": "tool", "content": "x",
                                                                           "tool_call_id": "a"}])
+
+
+class ByteTokenizer:
+    """Token ids are UTF-8 bytes (a multi-byte character spans several tokens); 0 is the stop id."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(i for i in ids if i).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("text,stop", [("the sky is blue, the sea is green", ("sea",)),
+                                       ("héllo wörld 🌍 and more 🌍 text", ("🌍",)),
+                                       ("abcabcabd", ("abd", "zz")), ("no stop here ✓", ("xyz",)),
+                                       ("stop at the very end", ("end",))])
+def test_text_stream_pieces_join_to_the_text_cut_at_the_first_stop(text, stop):
+    from llmtune.serve.protocol import TextStream
+
+    ts = TextStream(ByteTokenizer(), [0], stop)
+    pieces = []
+    for b in text.encode("utf-8") + b"\x00":
+        piece = ts.push(b)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+        if ts.stopped:
+            break
+    pieces.append(ts.flush())
+    cut = min((text.find(s) for s in stop if s in text), default=len(text))
+    assert "".join(pieces) == text[:cut]
+    assert ts.stopped

@@ -314,21 +314,25 @@ class TextStream:
         if self.stopped:
             return ""
         if token in self.stop_ids:
+            out = self.flush()
             self.stopped = True
-            return self.flush()
+            return out
         self.tokens.append(token)
         text = self.tok.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd") or not text.startswith(self.sent):
             return ""
-        self.text = text
-        for s in self.stop:
-            k = text.find(s, max(0, len(self.sent) - len(s)))
-            if k >= 0:
-                self.text = text[:k]
-                self.stopped = True
+        self.text = self._cut(text)
         if self.stopped:
             return self._emit(self.text)
         return self._emit(text[:len(text) - self._hold] if self._hold else text)
+
+    def _cut(self, text: str) -> str:
+        """``text`` up to its first stop string (setting :attr:`stopped`), else ``text``."""
+        found = [k for k in (text.find(s, max(0, len(self.sent) - len(s))) for s in self.stop) if k >= 0]
+        if found:
+            self.stopped = True
+            return text[:min(found)]
+        return text
 
     def _emit(self, upto: str) -> str:
         if len(upto) <= len(self.sent) or not upto.startswith(self.sent):
@@ -339,7 +343,7 @@ class TextStream:
     def flush(self) -> str:
         """The held-back rest at the end of the choice (str)."""
         if not self.stopped:
-            self.text = self.tok.decode(self.tokens, skip_special_tokens=True)
+            self.text = self._cut(self.tok.decode(self.tokens, skip_special_tokens=True))
         return self._emit(self.text)
 
     def token_text(self, token: int) -> str:
