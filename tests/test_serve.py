@@ -467,3 +467,17 @@ def test_request_timeout_is_504_and_frees_the_slot(tmp_path):
         while state.scheduler.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert state.scheduler.stats()["running"] == 0
+
+
+def test_a_port_in_use_is_one_error_line_before_loading(tmp_path, capsys):
+    import socket
+
+    from llmtune.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rc = main(["api", "--model_name_or_path", str(tmp_path / "absent"), "--port", str(port)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("llmtune: error: --host 127.0.0.1 --port")

@@ -169,6 +169,21 @@ def make_server(app: Any, host: str, port: int, drain_s: float) -> Any:
     return _Server(config)
 
 
+def check_bind(host: str, port: int) -> None:
+    """Raise :class:`LLMTuneError` (one line naming ``--host``/``--port``) when ``host:port`` cannot be bound
+    (in use, or not an address of this machine), before the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise LLMTuneError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); choose another "
+                           "--port, or stop the program using it") from None
+
+
 def main(argv: list[str]) -> int:
     """``llmtune api`` entry point (called by :mod:`llmtune.cli`); returns the exit status (0 after a
     SIGTERM or Ctrl-C).
@@ -190,6 +205,7 @@ def main(argv: list[str]) -> int:
 
     opts, rest = split_api_args(argv)
     cfg = parse_config(rest, command="chat")
+    check_bind(opts["host"], opts["port"])
     check_generation_args(max(1, cfg.max_new_tokens))
     from llmtune.serve.app import create_app
 
