@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from reliability_helpers import CHATML  # noqa: E402
 from serve_helpers import live_server  # noqa: E402
 
 openai = pytest.importorskip("openai")
@@ -45,8 +46,6 @@ def test_malformed_or_absent_calls_stay_text(fmt, text):
 
 
 WORDS = ['Action:', 'get_color', 'Action', 'Input:', '{"thing":', '"sky"}', 'blue', 'the', 'sky', 'is']
-TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 
 
 class Scripted(nn.Module):
@@ -87,7 +86,7 @@ def _scripted_state(tmp: Path):
     tmp.mkdir(parents=True, exist_ok=True)
     tok.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<pad>",
-                                                           "unk_token": "<unk>", "chat_template": TEMPLATE}))
+                                                           "unk_token": "<unk>", "chat_template": CHATML}))
     tokenizer = load_tokenizer(str(tmp))
     template = get_template(None, tokenizer)
     seq = ["assistant", "Action:", "get_color", "Action", "Input:", '{"thing":', '"sky"}', "<|im_end|>"]
