@@ -1,4 +1,4 @@
-"""The ``llmtune`` command: ``train``, ``chat``, ``export``, ``version``.
+"""The ``llmtune`` command: ``train``, ``chat``, ``api``, ``export``, ``version``.
 
 ``llmtune train [config.yaml] [--key value ...] [key=value ...]`` takes LLaMA-Factory's keys (and the seed
 document's spellings); flags override the file. A user mistake prints one ``llmtune: error: ...`` line and
@@ -18,6 +18,7 @@ USAGE = """usage: llmtune <command> [config.yaml] [--key value ...]
 commands:
   train     train or fine-tune a model (stages pt, sft, rm, dpo, kto, ppo, grpo)
   chat      chat with a model (and its adapters) in the terminal; reads stdin line by line when piped
+  api       serve a model over OpenAI's HTTP API (chat and text completions, streaming)
   export    merge adapters and write a Hugging Face folder or a GGUF file
   version   print the version
 Run `llmtune <command> --help` for its keys, `llmtune train --help WORD` for the keys about WORD."""
@@ -74,14 +75,18 @@ def main(argv: list[str] | None = None) -> int:
             from llmtune.chat import main as chat_main
 
             return chat_main(rest)
+        if command == "api":
+            from llmtune.serve.server import main as api_main
+
+            return api_main(rest)
         if command == "export":
             from llmtune.export import main as export_main
 
             return export_main(rest)
         from llmtune.errors import nearest
 
-        raise LLMTuneError(f"unknown command {command!r}; use train, chat, export or version."
-                           + nearest(command, ["train", "chat", "export", "version"]))
+        raise LLMTuneError(f"unknown command {command!r}; use train, chat, api, export or version."
+                           + nearest(command, ["train", "chat", "api", "export", "version"]))
     except LLMTuneError as e:
         if debug:
             raise

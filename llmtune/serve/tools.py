@@ -1,0 +1,151 @@
+"""Tool calling for ``llmtune api``: OpenAI's ``tools`` / ``tool_calls`` / ``tool`` messages <-> the chat
+template's tool format (:mod:`llmtune.data.templates.tools`).
+
+* Request side: ``tools`` (``[{"type": "function", "function": {"name", "description", "parameters"}}]``) go
+  to the template, which writes them into the system prompt in its ``tool_format``; an assistant message with
+  ``tool_calls`` becomes the template's ``function`` turn (content: the JSON list of ``{"name", "arguments"}``),
+  and ``tool`` messages become one ``observation`` turn (several results of parallel calls joined by newlines).
+* Reply side: :func:`parse_tool_calls` finds the calls the model wrote in the template's format and returns
+  OpenAI's ``tool_calls`` (``arguments`` as a JSON string) plus the text before them.
+
+Source: the OpenAI API reference (function calling); the text formats are LLaMA-Factory's
+``data/tool_utils.py`` as :mod:`llmtune.data.templates.tools` writes them (``default``: ``Action: NAME`` /
+``Action Input: JSON``; ``qwen``: ``<tool_call>{...}</tool_call>``; ``llama3``: ``{"name", "parameters"}``;
+``mistral``: a JSON list, optionally after ``[TOOL_CALLS]``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any, Optional
+
+from llmtune.serve.protocol import APIError
+
+__all__ = ["check_tools", "tool_call_turn", "parse_tool_calls"]
+
+
+def check_tools(body: dict) -> tuple[Optional[list], bool]:
+    """``(tools or None, parse replies for calls)`` from a chat body's ``tools`` and ``tool_choice``.
+
+    Raises:
+        APIError: 422 ``tools`` not a list of function objects; 400 a tool without a name, or a
+            ``tool_choice`` other than ``"auto"``/``"none"`` (forcing a call is not supported).
+    """
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, "'tool_choice' needs 'tools'", "tool_choice", "invalid_value")
+        return None, False
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise APIError(422, "'tools' must be a list of {'type': 'function', 'function': {...}} objects", "tools",
+                       "invalid_type")
+    for i, t in enumerate(tools):
+        fn = t.get("function")
+        if t.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                or not fn["name"]:
+            raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., ...}}}}",
+                           f"tools[{i}]", "invalid_value")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise APIError(422, f"tools[{i}].function.parameters must be a JSON schema object",
+                           f"tools[{i}].function.parameters", "invalid_type")
+    if choice not in (None, "auto", "none"):
+        raise APIError(400, "'tool_choice' other than 'auto' or 'none' is not supported", "tool_choice",
+                       "unsupported_parameter")
+    return tools, choice != "none"
+
+
+def tool_call_turn(m: dict, i: int) -> dict:
+    """The template's ``function`` turn for an assistant message ``m`` (``messages[i]``) with ``tool_calls``.
+
+    Raises:
+        APIError: 400 a call without ``function.name`` or with ``arguments`` that are not a JSON object.
+    """
+    calls = m.get("tool_calls")
+    if not isinstance(calls, list) or not calls:
+        raise APIError(422, f"messages[{i}].tool_calls must be a non-empty list", f"messages[{i}].tool_calls",
+                       "invalid_type")
+    out = []
+    for k, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        where = f"messages[{i}].tool_calls[{k}]"
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}",
+                           where, "invalid_value")
+        args = fn.get("arguments") or "{}"
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            raise APIError(400, f"{where}.function.arguments is not JSON", where, "invalid_value") from None
+        out.append({"name": fn["name"], "arguments": args})
+    return {"role": "function", "content": json.dumps(out, ensure_ascii=False)}
+
+
+def _json_objects(text: str) -> Optional[list]:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    objs = obj if isinstance(obj, list) else [obj]
+    return objs if objs and all(isinstance(o, dict) for o in objs) else None
+
+
+def _call(name: Any, args: Any) -> Optional[dict]:
+    if not isinstance(name, str) or not name:
+        return None
+    if isinstance(args, str):   # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args if args is not None else {},
+                                                               ensure_ascii=False)}}
+
+
+_ACTION = re.compile(r"Action:\s*(.+?)\s*Action Input:\s*(.+?)(?=\s*Action:|\Z)", re.S)
+_QWEN = re.compile(r"<tool_call>\s*(.+?)\s*</tool_call>", re.S)
+
+
+def parse_tool_calls(text: str, tool_format: str) -> tuple[Optional[str], list]:
+    """Find the tool calls in a reply written in ``tool_format``.
+
+    Args:
+        text: the reply (str); tool_format: ``default``, ``qwen``, ``llama3`` or ``mistral``.
+
+    Returns:
+        ``(content, tool_calls)``: with calls, ``content`` is the text before the first call (None when
+        empty) and ``tool_calls`` OpenAI's list (``{"id", "type": "function", "function": {"name",
+        "arguments": JSON str}}``); without (or with a malformed call), ``(text, [])``.
+    """
+    calls: list = []
+    start = None
+    if tool_format == "default":
+        for m in _ACTION.finditer(text):
+            try:
+                args = json.loads(m.group(2).strip())
+            except ValueError:
+                return text, []
+            calls.append(_call(m.group(1).strip(), args))
+            start = m.start() if start is None else start
+    elif tool_format == "qwen":
+        for m in _QWEN.finditer(text):
+            objs = _json_objects(m.group(1))
+            if objs is None:
+                return text, []
+            calls += [_call(o.get("name"), o.get("arguments")) for o in objs]
+            start = m.start() if start is None else start
+    else:
+        body = text.strip()
+        if tool_format == "mistral" and body.startswith("[TOOL_CALLS]"):
+            body = body[len("[TOOL_CALLS]"):].strip()
+        objs = _json_objects(body) if body[:1] in "[{" and body else None
+        if objs is not None:
+            key = "parameters" if tool_format == "llama3" else "arguments"
+            calls = [_call(o.get("name"), o.get(key, o.get("arguments"))) for o in objs]
+            start = 0
+    if not calls or any(c is None for c in calls):
+        return text, []
+    content = text[:start].strip()
+    return (content or None), calls
