@@ -44,6 +44,20 @@ def native_name(name: str) -> str:
     return name
 
 
+def hf_module_name(name: str) -> str:
+    """A module or tensor name in transformers' in-memory layout of the Qwen-VL classes (the names peft sees
+    and writes in ``adapter_model.safetensors``): ``visual.X`` -> ``model.visual.X``, ``model.X`` ->
+    ``model.language_model.X``; ``lm_head`` and names already in that layout unchanged. The inverse of
+    :func:`native_name`."""
+    if name.startswith(("model.language_model.", "model.visual.")):
+        return name
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
 def _segments(mask_row: torch.Tensor) -> list[tuple[int, int]]:
     """``(start, end)`` of each run of equal nonzero ids of a ``(seq,)`` attention-mask row (0 = padding)."""
     out, vals = [], mask_row.tolist()
@@ -170,6 +184,8 @@ class QwenVL(Transformer):
         super().__init__(config)
         self.vision_config = VisionConfig.from_hf_dict(config.vision["vision_config"], config.vision["family"])
         self.visual = VisionTower(self.vision_config)
+        #: module names as transformers/peft spell them (adapter files are written and read in that layout)
+        self.peft_module_name, self.native_module_name = hf_module_name, native_name
         #: per-row M-RoPE offsets of the last prefill with images (decoding continues at cache length + delta)
         self.rope_deltas: Optional[torch.Tensor] = None
 
@@ -177,6 +193,12 @@ class QwenVL(Transformer):
         """Recompute each decoder layer's and each vision block's activations in the backward pass."""
         super().gradient_checkpointing_enable(enable)
         self.visual.gradient_checkpointing = enable
+
+    def checkpoint_name(self, name: str) -> str:
+        """The name a parameter is written under in a Hugging Face folder: Qwen3-VL's layout
+        (:func:`hf_module_name`, which transformers' Qwen3-VL class expects) for Qwen3-VL, else unchanged (the
+        published Qwen2-VL / Qwen2.5-VL layout)."""
+        return hf_module_name(name) if self.config.vision["family"] == "qwen3_vl" else name
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`Transformer.rope` for ``(batch, seq)`` ids; M-RoPE (:func:`mrope_cos_sin`) for ``(3, batch,
@@ -295,3 +317,47 @@ def freeze_parts(model: torch.nn.Module, vision: bool = True, projector: bool = 
     if not any(p.requires_grad for p in model.parameters()):
         raise LLMTuneError("freeze_vision_tower / freeze_multi_modal_projector / freeze_language_model leave "
                            "nothing to train; unfreeze a part (e.g. freeze_language_model: false)")
+
+
+def vl_lora_target(model: torch.nn.Module, lora_target, vision: bool = True, projector: bool = True,
+                   language: bool = False) -> str:
+    """Which linear layers of a :class:`QwenVL` get LoRA, as a PEFT ``target_modules`` regex over transformers'
+    module names (:func:`hf_module_name`; llmtune matches it against its own names too), following
+    LLaMA-Factory's ``find_all_linear_modules`` / ``patch_target_modules``:
+
+    * ``all``: every linear layer of the decoder layers (as for text models) plus, with ``vision=False``
+      (``freeze_vision_tower: false``), those of the vision blocks (``attn.qkv``, ``attn.proj``, the MLP);
+      never the projector (``visual.merger``, DeepStack mergers) nor ``lm_head``.
+    * names (``q_proj,qkv``): every linear layer whose path ends with a name, wherever it is.
+    * Then layers inside a frozen part (``vision``/``projector``/``language`` True: :func:`vl_part`) and the
+      patch embedding are dropped.
+
+    The layer index of ``layers.N`` / ``blocks.N`` is written as ``\\d+`` when that selects exactly the same
+    layers, else every path is listed.
+
+    Raises:
+        LLMTuneError: an unknown name (from :func:`llmtune.peft.targets.select_lora_targets`), or nothing left
+            outside the frozen parts.
+    """
+    import re
+
+    from llmtune.peft.targets import as_names, linear_modules, select_lora_targets
+
+    frozen = {part for part, on in (("vision", vision), ("projector", projector), ("language", language)) if on}
+    linears = list(linear_modules(model))
+    if any(n.lower() in ("all", "all-linear") for n in as_names(lora_target)):
+        paths, _ = select_lora_targets(model, "all")
+        paths = [p for p in paths if vl_part(p) == "language"] + [p for p in linears if p.startswith("visual.blocks.")]
+    else:
+        paths, _ = select_lora_targets(model, lora_target)
+    paths = [p for p in paths if vl_part(p) not in frozen and not p.startswith("visual.patch_embed.")]
+    if not paths:
+        raise LLMTuneError(f"lora_target {lora_target!r} selects no linear layer outside the frozen parts "
+                           f"({', '.join(sorted(frozen))}); set freeze_vision_tower / freeze_multi_modal_projector "
+                           "/ freeze_language_model: false for the part to adapt, or name layers of the language model")
+    names = [hf_module_name(p) for p in paths]
+    short = sorted({re.sub(r"(layers|blocks)\\\.\d+\\\.", r"\1\\.\\d+\\.", re.escape(n)) for n in names})
+    regex = "^(" + "|".join(short) + ")$"
+    if {n for n in map(hf_module_name, linears) if re.fullmatch(regex, n)} != set(names):
+        regex = "^(" + "|".join(re.escape(n) for n in names) + ")$"
+    return regex
