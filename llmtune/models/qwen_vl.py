@@ -23,8 +23,9 @@ transformers' in-memory modules) onto it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -188,6 +189,7 @@ class QwenVL(Transformer):
         self.peft_module_name, self.native_module_name = hf_module_name, native_name
         #: per-row M-RoPE offsets of the last prefill with images (decoding continues at cache length + delta)
         self.rope_deltas: Optional[torch.Tensor] = None
+        self._queued: list[dict] = []   # generation_images
 
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Recompute each decoder layer's and each vision block's activations in the backward pass."""
@@ -263,6 +265,8 @@ class QwenVL(Transformer):
         """
         v = self.config.vision
         past = 0 if past_key_values is None else past_key_values.seq_len
+        if past == 0 and pixel_values is None and pixel_values_videos is None and self._queued:
+            pixel_values, image_grid_thw = self._take_queued(input_ids.shape[0])
         embeds, hook = None, None
         if pixel_values is not None or pixel_values_videos is not None:
             embeds = self.model.embed_tokens(input_ids)
@@ -282,15 +286,52 @@ class QwenVL(Transformer):
         if (position_ids is None or position_ids.dim() == 2) and past == 0 and grids:  # 2-D: the collator's
             position_ids, self.rope_deltas = self.position_ids(input_ids, attention_mask, image_grid_thw,
                                                                video_grid_thw, second_per_grid_ts)
-        elif position_ids is None and past > 0 and self.rope_deltas is not None:
-            b, t = input_ids.shape
-            base = (positions_from_mask(attention_mask)[:, past:] if attention_mask is not None
+        elif past > 0 and (position_ids is None or position_ids.dim() == 2):
+            deltas = getattr(past_key_values, "rope_deltas", None)   # follows the cache's rows (reorder)
+            deltas = self.rope_deltas if deltas is None else deltas
+            if deltas is not None:   # decoding after an image prefill: text ids shifted by each row's delta
+                b, t = input_ids.shape
+                base = position_ids if position_ids is not None else (
+                    positions_from_mask(attention_mask)[:, past:] if attention_mask is not None
                     else torch.arange(past, past + t, device=input_ids.device).expand(b, t))
-            position_ids = (base + self.rope_deltas.to(base.device)).expand(3, b, t)
+                position_ids = (base + deltas.to(base.device)).expand(3, b, t)
         elif past == 0:
             self.rope_deltas = None
-        return super().forward(input_ids, attention_mask, position_ids, past_key_values, use_cache,
-                               inputs_embeds=embeds, layer_hook=hook)
+        out = super().forward(input_ids, attention_mask, position_ids, past_key_values, use_cache,
+                              inputs_embeds=embeds, layer_hook=hook)
+        if use_cache and past == 0:
+            out[1].rope_deltas = self.rope_deltas
+        return out
+
+    @contextlib.contextmanager
+    def generation_images(self, rows: Sequence[dict]):
+        """Images for generation code that calls the model without them (:func:`llmtune.rollout.generate_rollouts`).
+
+        While active, every prefill (no cached positions) without pixel values takes the vision inputs of the
+        next ``batch`` entries of ``rows``, in order, so rollouts in one or several batches get each row's own
+        images; decoding then continues with the cache's ``rope_deltas``.
+
+        Args:
+            rows: one dict per generated row: ``{"pixel_values": (n, C*T*P*P), "image_grid_thw": (k, 3)}`` of its
+                images, or ``{}`` for a text-only row.
+
+        Raises (at a prefill):
+            ValueError: more rows prefilled than queued.
+        """
+        self._queued = list(rows)
+        try:
+            yield self
+        finally:
+            self._queued = []
+
+    def _take_queued(self, b: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if b > len(self._queued):
+            raise ValueError(f"generation_images: a prefill of {b} rows but only {len(self._queued)} rows queued")
+        rows, self._queued = self._queued[:b], self._queued[b:]
+        rows = [r for r in rows if r.get("pixel_values") is not None]
+        if not rows:
+            return None, None
+        return (torch.cat([r["pixel_values"] for r in rows]), torch.cat([r["image_grid_thw"] for r in rows]))
 
 
 def vl_part(name: str) -> str:
