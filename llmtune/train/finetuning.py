@@ -13,7 +13,9 @@ from llmtune.errors import LLMTuneError, notice
 def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
     """Choose the trainable parameters: ``lora`` (``llmtune.peft.apply_lora`` with the ``lora_*`` keys),
     ``freeze`` (``apply_freeze``) or ``full`` (everything, in float32). Trainable parameters end in float32
-    whatever the base dtype. Keys that do not apply to the chosen type get one notice.
+    whatever the base dtype. Keys that do not apply to the chosen type get one notice. Vision-language models:
+    LoRA targets follow LLaMA-Factory's freeze keys (:func:`llmtune.models.qwen_vl.vl_lora_target`: the vision
+    blocks too with ``freeze_vision_tower: false``), then :func:`~llmtune.models.qwen_vl.freeze_parts`.
 
     Raises:
         LLMTuneError: ``full`` on a 4-bit quantized model; the errors of ``apply_lora``/``apply_freeze``.
