@@ -267,6 +267,11 @@ class QwenVL(Transformer):
         past = 0 if past_key_values is None else past_key_values.seq_len
         if past == 0 and pixel_values is None and pixel_values_videos is None and self._queued:
             pixel_values, image_grid_thw = self._take_queued(input_ids.shape[0])
+        if (past_key_values is not None and past == 0 and attention_mask is not None
+                and (pixel_values is not None or pixel_values_videos is not None)
+                and int((attention_mask.unique() > 0).sum()) > input_ids.shape[0]):   # packed prompts
+            raise ValueError("a cached prefill that packs several prompts (segment ids) with images: per-prompt M-RoPE "
+                             "offsets for decoding are not supported yet; prefill prompts with images one row each")
         embeds, hook = None, None
         if pixel_values is not None or pixel_values_videos is not None:
             embeds = self.model.embed_tokens(input_ids)
