@@ -39,12 +39,15 @@ import torch
 
 from llmtune.errors import LLMTuneError, notice
 from llmtune.fileio import make_public_dir, publish_dir, read_json
+from llmtune.peft.io import native_key
 from llmtune.runs import apply_chain, read_training_args, recorded_template, resolve_chain
 
 #: bytes in one GB of ``export_size`` (transformers parses "5GB" as 5 * 10**9 bytes).
 GB = 10**9
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+#: copied from the base (or the last adapter folder) into a vision-language model's export
+_PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -84,7 +87,8 @@ def _export_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    return state
+    rename = getattr(model, "checkpoint_name", None)   # vision-language models: the family's checkpoint layout
+    return {rename(k): v for k, v in state.items()} if rename is not None else state
 
 
 def _bnb4_state(model: torch.nn.Module, compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -247,7 +251,8 @@ def check_adapter_fits(model: torch.nn.Module, folder: Union[str, Path]) -> None
     with handle as f:
         for key in f.keys():
             shape = tuple(f.get_slice(key).get_shape())
-            name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+            name = native_key(model, key)
+            name = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
             for part in (".lora_A.", ".lora_B."):
                 if part in name:
                     mod_name = name.split(part)[0]
@@ -417,6 +422,11 @@ def _export(cfg: Any, fmt: str, export_dir: Path) -> Path:
             save_hf_folder(model, tmp, dtype=out_dtype, export_size=float(cfg.export_size), tokenizer=tokenizer,
                            stop_token_ids=stop_ids, quantization_bit=cfg.export_quantization_bit,
                            base_generation_config=base_gen)
+        if fmt != "gguf" and getattr(model.config, "vision", None):   # the image processor's settings
+            for name in _PROCESSOR_FILES:
+                src = next((f / name for f in [*reversed(adapters), Path(base)] if (f / name).is_file()), None)
+                if src is not None:
+                    shutil.copyfile(src, tmp / name)
         if value_head is not None:
             shutil.copyfile(value_head, tmp / "value_head.safetensors")
             notice(f"copied the reward model's value head {value_head} into {export_dir}")

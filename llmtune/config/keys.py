@@ -137,7 +137,8 @@ class TrainConfig:
     freeze_trainable_modules: str = tune("all", "freeze: modules trained inside those layers")
     freeze_extra_modules: Optional[str] = tune(None, "freeze: modules trained besides the layers (e.g. embed_tokens)")
     freeze_vision_tower: bool = tune(True, "vision-language models: keep the vision tower (visual.patch_embed, "
-                                     "visual.blocks) frozen")
+                                     "visual.blocks) frozen; false with lora_target all also puts LoRA on the "
+                                     "vision blocks")
     freeze_multi_modal_projector: bool = tune(True, "vision-language models: keep the patch merger(s) "
                                               "(visual.merger, DeepStack mergers) frozen")
     freeze_language_model: bool = tune(False, "vision-language models: keep the language model frozen")

@@ -181,7 +181,8 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     _check_type(attr, stage)
     enc = _encoder(attr, examples, processor, template, tokenizer, opts)
     if isinstance(enc, ImageEncoder):
-        enc.pairs_with_images = stage == "dpo"
+        enc.pairs_with_images = stage in ("dpo", "rm")
+        enc.prompts_with_images = stage == "grpo"
     rows, stats = _encode(attr, examples, enc, stage, mix_sft, opts.get("packing", True), kept)
     if getattr(enc, "cut_images", 0):
         stats["notes"].append(f"dropped {enc.cut_images} example(s) whose image tokens cutoff_len="

@@ -168,7 +168,8 @@ class ImageEncoder(Encoder):
     """An :class:`~llmtune.data.encode.Encoder` for examples with images (stage sft): placeholders expanded
     (:func:`expand_image_placeholders`), labels off the vision tokens, rows whose images were cut by
     ``cutoff_len`` dropped (counted in ``self.cut_images``), and ``row["images"]`` = the absolute image paths
-    (relative ones joined to ``base_dir``). Other stages' encoders refuse examples with images."""
+    (relative ones joined to ``base_dir``). Also the prompt-side images of dpo/rm pairs, kto rows and grpo
+    prompts (:meth:`encode_pair`, :meth:`encode_kto`, :meth:`encode_ppo`); ppo refuses examples with images."""
 
     def __init__(self, template, tokenizer, cutoff_len: int, train_on_prompt: bool = False,
                  mask_history: bool = False, *, processor: QwenVLImageProcessor, base_dir: str = ".",
@@ -178,8 +179,9 @@ class ImageEncoder(Encoder):
         self.tokens = VisionTokens.from_tokenizer(tokenizer)
         self.cut_images = 0
         self.count = 0
-        #: stage dpo sets this (its collator and stage pass the images); rm refuses pairs with images
+        #: stages dpo and rm set this (their collator and stage pass the images); grpo sets prompts_with_images
         self.pairs_with_images = False
+        self.prompts_with_images = False
 
     def _path(self, image: Any) -> Any:
         if isinstance(image, str) and not Path(image).is_absolute():
@@ -209,39 +211,72 @@ class ImageEncoder(Encoder):
     def _refuse(self, *args, **kwargs):
         ex = args[0] if args else None
         if ex is not None and getattr(ex, "images", None):
-            raise LLMTuneError(f"dataset {self.dataset!r}: examples with images are supported for stages sft and "
-                               "dpo only so far (rm/kto/ppo/grpo with images are not implemented yet)")
+            raise LLMTuneError(f"dataset {self.dataset!r}: examples with images are supported for stages sft, dpo, "
+                               "rm, kto and grpo (not ppo)")
         return None
 
-    def encode_pair(self, ex, chosen, rejected):
-        """dpo pairs: the prompt's ``<image>`` placeholders expanded (answers hold none), both sequences checked
-        intact, ``row["images"]`` the prompt's images (the collator repeats them for chosen and rejected)."""
-        if not self.pairs_with_images:
-            return self._refuse(ex) or super().encode_pair(ex, chosen, rejected)
+    def _prompt_images(self, ex) -> Optional[tuple[list, list, list]]:
+        """``(images, grids, prompt)`` with the prompt's ``<image>`` placeholders expanded (the answers hold
+        none); None for an example without images or placeholders."""
         self.count += 1
         if not ex.images and not any(IMAGE_PLACEHOLDER in str(m.get("content") or "") for m in ex.prompt):
-            return super().encode_pair(ex, chosen, rejected)
+            return None
         images = [self._path(im) for im in ex.images]
         grids = [image_grid(im, self.processor) for im in images]
         prompt = expand_image_placeholders(list(ex.prompt), grids, self.processor, self.tokens,
                                            f"dataset {self.dataset!r}, example {self.count}")
-        row = super().encode_pair(type(ex)(prompt=prompt, responses=[chosen, rejected], kind=ex.kind,
-                                           system=ex.system, tools=ex.tools), chosen, rejected)
+        return images, grids, prompt
+
+    def _finish(self, row: Optional[dict], images: list, grids: list, prefixes: Sequence[str]) -> Optional[dict]:
+        """Drop a row whose image tokens were cut (counted), mask labels off the vision tokens of each
+        ``prefix`` sequence, attach the image paths."""
         if row is None:
             return None
-        if not all(images_intact(row, grids, self.processor, self.tokens, side) for side in ("chosen_", "rejected_")):
+        if not all(images_intact(row, grids, self.processor, self.tokens, side) for side in prefixes):
             self.cut_images += 1
             return None
-        for side in ("chosen_", "rejected_"):
+        for side in prefixes:
             mask_vision_labels(row, self.tokens, side)
         row["images"] = images
         return row
 
+    def encode_pair(self, ex, chosen, rejected):
+        """dpo/rm pairs: the prompt's ``<image>`` placeholders expanded (answers hold none), both sequences
+        checked intact, ``row["images"]`` the prompt's images (the collator repeats them for chosen and
+        rejected)."""
+        if not self.pairs_with_images:
+            return self._refuse(ex) or super().encode_pair(ex, chosen, rejected)
+        found = self._prompt_images(ex)
+        if found is None:
+            return super().encode_pair(ex, chosen, rejected)
+        images, grids, prompt = found
+        row = super().encode_pair(type(ex)(prompt=prompt, responses=[chosen, rejected], kind=ex.kind,
+                                           system=ex.system, tools=ex.tools), chosen, rejected)
+        return self._finish(row, images, grids, ("chosen_", "rejected_"))
+
     def encode_kto(self, ex, kl_response):
-        return self._refuse(ex) or super().encode_kto(ex, kl_response)
+        """kto rows: the completion and its mismatched ``kl_`` completion share the prompt, so both hold the
+        prompt's images (``row["images"]``; the stage feeds them to both forwards)."""
+        found = self._prompt_images(ex)
+        if found is None:
+            return super().encode_kto(ex, kl_response)
+        images, grids, prompt = found
+        row = super().encode_kto(type(ex)(prompt=prompt, responses=list(ex.responses), kind=ex.kind,
+                                          system=ex.system, tools=ex.tools, kto_tag=ex.kto_tag), kl_response)
+        return self._finish(row, images, grids, ("", "kl_"))
 
     def encode_ppo(self, ex):
-        return self._refuse(ex) or super().encode_ppo(ex)
+        """grpo prompts (``prompts_with_images``): the prompt with its images expanded, ``row["images"]``;
+        stage ppo refuses images."""
+        if not self.prompts_with_images:
+            return self._refuse(ex) or super().encode_ppo(ex)
+        found = self._prompt_images(ex)
+        if found is None:
+            return super().encode_ppo(ex)
+        images, grids, prompt = found
+        row = super().encode_ppo(type(ex)(prompt=prompt, responses=list(ex.responses), kind=ex.kind,
+                                          system=ex.system, tools=ex.tools))
+        return self._finish(row, images, grids, ("",))
 
 
 class ImageCollator:
@@ -249,13 +284,14 @@ class ImageCollator:
     rows' images, computed here at batch time, in the order of their image tokens in the batch: sft rows in
     order; pairs (:class:`~llmtune.data.collator.PairwiseCollator`: all chosen rows, then all rejected) every
     row's images twice; a dpo mix (``DPOMixCollator``) the pairs so, and its ``sft_only`` rows under
-    ``sft_pixel_values`` / ``sft_image_grid_thw``. Other collators (kto, ppo) refuse rows with images."""
+    ``sft_pixel_values`` / ``sft_image_grid_thw``; kto rows (``KTOCollator``) their images once (the ``kl_`` rows
+    share each row's prompt, so the stage reuses them). Other collators (ppo) refuse rows with images."""
 
     def __init__(self, collator, processor: QwenVLImageProcessor) -> None:
         self.collator, self.processor = collator, processor
 
     def __call__(self, rows: Sequence[dict]) -> dict:
-        from llmtune.data.collator import DPOMixCollator, PairwiseCollator, SFTCollator
+        from llmtune.data.collator import DPOMixCollator, KTOCollator, PairwiseCollator, SFTCollator
 
         batch = self.collator(rows)
         c, proc = self.collator, self.processor
@@ -266,8 +302,9 @@ class ImageCollator:
                                                                    proc).items()})
         elif isinstance(c, PairwiseCollator):
             batch.update(collate_images(list(rows) + list(rows), proc))
-        elif isinstance(c, SFTCollator):
+        elif isinstance(c, (SFTCollator, KTOCollator)):   # kto: the kl_ rows share each row's prompt images
             batch.update(collate_images(rows, proc))
         elif any(r.get("images") for r in rows):
-            raise LLMTuneError(f"{type(c).__name__}: batches with images are not supported yet (stages sft, dpo)")
+            raise LLMTuneError(f"{type(c).__name__}: batches with images are not supported (stages sft, dpo, rm, "
+                               "kto and grpo take images)")
         return batch

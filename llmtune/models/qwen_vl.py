@@ -23,8 +23,9 @@ transformers' in-memory modules) onto it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -41,6 +42,20 @@ def native_name(name: str) -> str:
         return "model." + name[len("model.language_model."):]
     if name.startswith("model.visual."):
         return name[len("model."):]
+    return name
+
+
+def hf_module_name(name: str) -> str:
+    """A module or tensor name in transformers' in-memory layout of the Qwen-VL classes (the names peft sees
+    and writes in ``adapter_model.safetensors``): ``visual.X`` -> ``model.visual.X``, ``model.X`` ->
+    ``model.language_model.X``; ``lm_head`` and names already in that layout unchanged. The inverse of
+    :func:`native_name`."""
+    if name.startswith(("model.language_model.", "model.visual.")):
+        return name
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
     return name
 
 
@@ -170,13 +185,22 @@ class QwenVL(Transformer):
         super().__init__(config)
         self.vision_config = VisionConfig.from_hf_dict(config.vision["vision_config"], config.vision["family"])
         self.visual = VisionTower(self.vision_config)
+        #: module names as transformers/peft spell them (adapter files are written and read in that layout)
+        self.peft_module_name, self.native_module_name = hf_module_name, native_name
         #: per-row M-RoPE offsets of the last prefill with images (decoding continues at cache length + delta)
         self.rope_deltas: Optional[torch.Tensor] = None
+        self._queued: list[dict] = []   # generation_images
 
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Recompute each decoder layer's and each vision block's activations in the backward pass."""
         super().gradient_checkpointing_enable(enable)
         self.visual.gradient_checkpointing = enable
+
+    def checkpoint_name(self, name: str) -> str:
+        """The name a parameter is written under in a Hugging Face folder: Qwen3-VL's layout
+        (:func:`hf_module_name`, which transformers' Qwen3-VL class expects) for Qwen3-VL, else unchanged (the
+        published Qwen2-VL / Qwen2.5-VL layout)."""
+        return hf_module_name(name) if self.config.vision["family"] == "qwen3_vl" else name
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`Transformer.rope` for ``(batch, seq)`` ids; M-RoPE (:func:`mrope_cos_sin`) for ``(3, batch,
@@ -241,6 +265,13 @@ class QwenVL(Transformer):
         """
         v = self.config.vision
         past = 0 if past_key_values is None else past_key_values.seq_len
+        if past == 0 and pixel_values is None and pixel_values_videos is None and self._queued:
+            pixel_values, image_grid_thw = self._take_queued(input_ids.shape[0])
+        if (past_key_values is not None and past == 0 and attention_mask is not None
+                and (pixel_values is not None or pixel_values_videos is not None)
+                and int((attention_mask.unique() > 0).sum()) > input_ids.shape[0]):   # packed prompts
+            raise ValueError("a cached prefill that packs several prompts (segment ids) with images: per-prompt M-RoPE "
+                             "offsets for decoding are not supported yet; prefill prompts with images one row each")
         embeds, hook = None, None
         if pixel_values is not None or pixel_values_videos is not None:
             embeds = self.model.embed_tokens(input_ids)
@@ -260,15 +291,52 @@ class QwenVL(Transformer):
         if (position_ids is None or position_ids.dim() == 2) and past == 0 and grids:  # 2-D: the collator's
             position_ids, self.rope_deltas = self.position_ids(input_ids, attention_mask, image_grid_thw,
                                                                video_grid_thw, second_per_grid_ts)
-        elif position_ids is None and past > 0 and self.rope_deltas is not None:
-            b, t = input_ids.shape
-            base = (positions_from_mask(attention_mask)[:, past:] if attention_mask is not None
+        elif past > 0 and (position_ids is None or position_ids.dim() == 2):
+            deltas = getattr(past_key_values, "rope_deltas", None)   # follows the cache's rows (reorder)
+            deltas = self.rope_deltas if deltas is None else deltas
+            if deltas is not None:   # decoding after an image prefill: text ids shifted by each row's delta
+                b, t = input_ids.shape
+                base = position_ids if position_ids is not None else (
+                    positions_from_mask(attention_mask)[:, past:] if attention_mask is not None
                     else torch.arange(past, past + t, device=input_ids.device).expand(b, t))
-            position_ids = (base + self.rope_deltas.to(base.device)).expand(3, b, t)
+                position_ids = (base + deltas.to(base.device)).expand(3, b, t)
         elif past == 0:
             self.rope_deltas = None
-        return super().forward(input_ids, attention_mask, position_ids, past_key_values, use_cache,
-                               inputs_embeds=embeds, layer_hook=hook)
+        out = super().forward(input_ids, attention_mask, position_ids, past_key_values, use_cache,
+                              inputs_embeds=embeds, layer_hook=hook)
+        if use_cache and past == 0:
+            out[1].rope_deltas = self.rope_deltas
+        return out
+
+    @contextlib.contextmanager
+    def generation_images(self, rows: Sequence[dict]):
+        """Images for generation code that calls the model without them (:func:`llmtune.rollout.generate_rollouts`).
+
+        While active, every prefill (no cached positions) without pixel values takes the vision inputs of the
+        next ``batch`` entries of ``rows``, in order, so rollouts in one or several batches get each row's own
+        images; decoding then continues with the cache's ``rope_deltas``.
+
+        Args:
+            rows: one dict per generated row: ``{"pixel_values": (n, C*T*P*P), "image_grid_thw": (k, 3)}`` of its
+                images, or ``{}`` for a text-only row.
+
+        Raises (at a prefill):
+            ValueError: more rows prefilled than queued.
+        """
+        self._queued = list(rows)
+        try:
+            yield self
+        finally:
+            self._queued = []
+
+    def _take_queued(self, b: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if b > len(self._queued):
+            raise ValueError(f"generation_images: a prefill of {b} rows but only {len(self._queued)} rows queued")
+        rows, self._queued = self._queued[:b], self._queued[b:]
+        rows = [r for r in rows if r.get("pixel_values") is not None]
+        if not rows:
+            return None, None
+        return (torch.cat([r["pixel_values"] for r in rows]), torch.cat([r["image_grid_thw"] for r in rows]))
 
 
 def vl_part(name: str) -> str:
@@ -295,3 +363,47 @@ def freeze_parts(model: torch.nn.Module, vision: bool = True, projector: bool = 
     if not any(p.requires_grad for p in model.parameters()):
         raise LLMTuneError("freeze_vision_tower / freeze_multi_modal_projector / freeze_language_model leave "
                            "nothing to train; unfreeze a part (e.g. freeze_language_model: false)")
+
+
+def vl_lora_target(model: torch.nn.Module, lora_target, vision: bool = True, projector: bool = True,
+                   language: bool = False) -> str:
+    """Which linear layers of a :class:`QwenVL` get LoRA, as a PEFT ``target_modules`` regex over transformers'
+    module names (:func:`hf_module_name`; llmtune matches it against its own names too), following
+    LLaMA-Factory's ``find_all_linear_modules`` / ``patch_target_modules``:
+
+    * ``all``: every linear layer of the decoder layers (as for text models) plus, with ``vision=False``
+      (``freeze_vision_tower: false``), those of the vision blocks (``attn.qkv``, ``attn.proj``, the MLP);
+      never the projector (``visual.merger``, DeepStack mergers) nor ``lm_head``.
+    * names (``q_proj,qkv``): every linear layer whose path ends with a name, wherever it is.
+    * Then layers inside a frozen part (``vision``/``projector``/``language`` True: :func:`vl_part`) and the
+      patch embedding are dropped.
+
+    The layer index of ``layers.N`` / ``blocks.N`` is written as ``\\d+`` when that selects exactly the same
+    layers, else every path is listed.
+
+    Raises:
+        LLMTuneError: an unknown name (from :func:`llmtune.peft.targets.select_lora_targets`), or nothing left
+            outside the frozen parts.
+    """
+    import re
+
+    from llmtune.peft.targets import as_names, linear_modules, select_lora_targets
+
+    frozen = {part for part, on in (("vision", vision), ("projector", projector), ("language", language)) if on}
+    linears = list(linear_modules(model))
+    if any(n.lower() in ("all", "all-linear") for n in as_names(lora_target)):
+        paths, _ = select_lora_targets(model, "all")
+        paths = [p for p in paths if vl_part(p) == "language"] + [p for p in linears if p.startswith("visual.blocks.")]
+    else:
+        paths, _ = select_lora_targets(model, lora_target)
+    paths = [p for p in paths if vl_part(p) not in frozen and not p.startswith("visual.patch_embed.")]
+    if not paths:
+        raise LLMTuneError(f"lora_target {lora_target!r} selects no linear layer outside the frozen parts "
+                           f"({', '.join(sorted(frozen))}); set freeze_vision_tower / freeze_multi_modal_projector "
+                           "/ freeze_language_model: false for the part to adapt, or name layers of the language model")
+    names = [hf_module_name(p) for p in paths]
+    short = sorted({re.sub(r"(layers|blocks)\\\.\d+\\\.", r"\1\\.\\d+\\.", re.escape(n)) for n in names})
+    regex = "^(" + "|".join(short) + ")$"
+    if {n for n in map(hf_module_name, linears) if re.fullmatch(regex, n)} != set(names):
+        regex = "^(" + "|".join(re.escape(n) for n in names) + ")$"
+    return regex

@@ -106,6 +106,8 @@ class KVCache:
         self.max_len = max_len
         self.layers: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
         self.lengths = [0] * num_layers
+        #: per-row ``(batch, 1)`` M-RoPE offsets of a vision-language prefill (``QwenVL``); follows :meth:`reorder`
+        self.rope_deltas: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.lengths[0]
@@ -155,6 +157,8 @@ class KVCache:
 
         self.layers = [None if kv is None else (keep(kv[0], n), keep(kv[1], n))
                        for kv, n in zip(self.layers, self.lengths)]
+        if self.rope_deltas is not None:
+            self.rope_deltas = self.rope_deltas[index.to(self.rope_deltas.device)]
 
 
 class Attention(nn.Module):

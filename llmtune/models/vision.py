@@ -146,13 +146,15 @@ class VisionAttention(nn.Module):
         c, s = cos[:, None].float(), sin[:, None].float()
         q = (q.float() * c + rotate_half(q.float()) * s).to(x.dtype)
         k = (k.float() * c + rotate_half(k.float()) * s).to(x.dtype)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))                           # (heads, n, head_dim)
+        # (1, heads, n, head_dim): 4-D inputs reach PyTorch's fused (flash) CPU/GPU kernels; 3-D ones fall back to
+        # the unfused math path (n x n scores materialised, ~4x slower on the CPU)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
         if len(seqlens) == 1:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs) for qs, ks, vs in
-                             zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))], dim=1)
-        return self.proj(out.transpose(0, 1).reshape(n, -1))
+                             zip(q.split(seqlens, 2), k.split(seqlens, 2), v.split(seqlens, 2))], dim=2)
+        return self.proj(out[0].transpose(0, 1).reshape(n, -1))
 
 
 class VisionMLP(nn.Module):

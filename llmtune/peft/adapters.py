@@ -117,7 +117,8 @@ def adapter_parameters(model: nn.Module, adapter_name: str = "default") -> Itera
 def apply_lora(model: nn.Module, lora_rank: int = 8, lora_alpha: Optional[float] = None,
                lora_dropout: float = 0.0, lora_target: Union[str, Sequence[str]] = "all",
                use_rslora: bool = False, use_dora: bool = False, adapter_name: str = "default",
-               additional_target: Union[str, Sequence[str], None] = None, upcast: bool = True) -> nn.Module:
+               additional_target: Union[str, Sequence[str], None] = None, upcast: bool = True,
+               regex: bool = False) -> nn.Module:
     """Wrap ``model``'s linear layers with a new trainable LoRA adapter and freeze everything else.
 
     Args:
@@ -134,6 +135,8 @@ def apply_lora(model: nn.Module, lora_rank: int = 8, lora_alpha: Optional[float]
             e.g. ``embed_tokens,lm_head``.
         upcast: keep the trainable parameters in float32 when the base is float16/bfloat16 (as
             LLaMA-Factory does); the adapters cast their input and output, so the model runs as before.
+        regex: ``lora_target`` is a regular expression over whole module paths (PEFT's string
+            ``target_modules``), e.g. from :func:`llmtune.models.qwen_vl.vl_lora_target`.
 
     Returns:
         ``model`` (modified in place): only the new adapter's parameters have ``requires_grad=True``.
@@ -148,7 +151,7 @@ def apply_lora(model: nn.Module, lora_rank: int = 8, lora_alpha: Optional[float]
         if ref is not None and ref.dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
     inject_lora(model, lora_rank, lora_alpha, lora_dropout, lora_target, use_rslora, use_dora, adapter_name,
-                additional_target, dtype=dtype)
+                additional_target, dtype=dtype, regex=regex)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in adapter_parameters(model, adapter_name):

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from llmtune.errors import LLMTuneError
-from llmtune.peft.adapters import adapter_parameters, adapter_targets, inject_lora, list_adapters, lora_state_dict
+from llmtune.peft.adapters import (PEFT_PREFIX, adapter_parameters, adapter_targets, inject_lora, list_adapters,
+                                   lora_state_dict)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,6 +38,16 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "target_parameters": None,
     "exclude_modules": None,
 }
+
+
+def native_key(model: nn.Module, key: str) -> str:
+    """An adapter file's tensor key (``base_model.model.<module>.<tensor>``) in ``model``'s own module names: a
+    model with ``native_module_name`` (:class:`llmtune.models.qwen_vl.QwenVL`, whose adapters are written in
+    transformers' layout ``model.language_model.*`` / ``model.visual.*``) maps it; other keys are unchanged."""
+    native = getattr(model, "native_module_name", None)
+    if native is None or not key.startswith(PEFT_PREFIX):
+        return key
+    return PEFT_PREFIX + native(key[len(PEFT_PREFIX):])
 
 
 def _base_path(base_model_name_or_path: Optional[str]) -> Optional[str]:
@@ -61,6 +72,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     ``adapter_config.json`` holds PEFT's ``LoraConfig`` fields only (peft warns about any other key); llmtune's
     own record of a run goes beside it in ``llmtune.json`` (:mod:`llmtune.runs`).
 
+    A model with ``peft_module_name`` (:class:`llmtune.models.qwen_vl.QwenVL`) has its keys written in that
+    layout (transformers' module names, so peft loads the folder onto transformers' model).
+
     Returns:
         ``Path(out_dir)``. Tensors are saved contiguous in their current dtype (float32 when upcast).
 
@@ -78,7 +92,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
                            "apply_lora or load_adapter?)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(model, adapter_name).items()}
+    rename = getattr(model, "peft_module_name", None) or (lambda name: name)
+    tensors = {PEFT_PREFIX + rename(k[len(PEFT_PREFIX):]): v.detach().to("cpu").contiguous().clone()
+               for k, v in lora_state_dict(model, adapter_name).items()}
     target = cfg["target_modules"]
     config = {
         "peft_type": "LORA",
@@ -187,10 +203,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
                            "adapter again or retrain it") from None
     with handle as f:
         for key in f.keys():
-            name = key
+            name = native_key(model, key)
             if name not in params:
                 # peft writes no adapter name, but tolerate ".<adapter>." forms from hand-made files
-                name = key.replace(f".{adapter_name}.", ".").replace(".default.", ".")
+                name = name.replace(f".{adapter_name}.", ".").replace(".default.", ".")
                 if name.endswith(f"lora_magnitude_vector.weight"):
                     name = name[: -len(".weight")]
             if name not in params:

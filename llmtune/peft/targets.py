@@ -61,7 +61,8 @@ def select_lora_targets(model: nn.Module, lora_target: Union[str, Sequence[str]]
             matches a module whose path equals it or ends with ``"." + name`` (PEFT's rule), e.g.
             ``q_proj`` or ``self_attn.q_proj``.
         regex: treat a string ``lora_target`` as a regular expression that must match a whole path
-            (PEFT's rule for a string ``target_modules`` in ``adapter_config.json``).
+            (PEFT's rule for a string ``target_modules`` in ``adapter_config.json``); a model with a
+            ``peft_module_name(path)`` method (:class:`llmtune.models.qwen_vl.QwenVL`) also matches on that name.
 
     Returns:
         ``(paths, target_modules)``: the matched paths and the names to record as PEFT's
@@ -74,7 +75,9 @@ def select_lora_targets(model: nn.Module, lora_target: Union[str, Sequence[str]]
     linears = linear_modules(model)
     valid = sorted({p.rsplit(".", 1)[-1] for p in linears})
     if regex and isinstance(lora_target, str):
-        paths = [p for p in linears if re.fullmatch(lora_target, p)]
+        alias = getattr(model, "peft_module_name", None)   # e.g. QwenVL: transformers' layout of its names
+        paths = [p for p in linears if re.fullmatch(lora_target, p)
+                 or (alias is not None and re.fullmatch(lora_target, alias(p)))]
         if not paths:
             raise LLMTuneError(f"target_modules regex {lora_target!r} matches no linear layer; "
                                f"linear layers: {', '.join(valid)}")

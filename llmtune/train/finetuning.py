@@ -13,7 +13,9 @@ from llmtune.errors import LLMTuneError, notice
 def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
     """Choose the trainable parameters: ``lora`` (``llmtune.peft.apply_lora`` with the ``lora_*`` keys),
     ``freeze`` (``apply_freeze``) or ``full`` (everything, in float32). Trainable parameters end in float32
-    whatever the base dtype. Keys that do not apply to the chosen type get one notice.
+    whatever the base dtype. Keys that do not apply to the chosen type get one notice. Vision-language models:
+    LoRA targets follow LLaMA-Factory's freeze keys (:func:`llmtune.models.qwen_vl.vl_lora_target`: the vision
+    blocks too with ``freeze_vision_tower: false``), then :func:`~llmtune.models.qwen_vl.freeze_parts`.
 
     Raises:
         LLMTuneError: ``full`` on a 4-bit quantized model; the errors of ``apply_lora``/``apply_freeze``.
@@ -28,10 +30,17 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
             one = len(lora_keys) == 1
             notice(f"{', '.join(lora_keys)} only appl{'ies' if one else 'y'} to finetuning_type lora; "
                    f"finetuning_type is {cfg.finetuning_type}, so {'it is' if one else 'they are'} ignored")
+    vl = getattr(model, "visual", None) is not None
     if cfg.finetuning_type == "lora":
+        target, regex = cfg.lora_target, False
+        if vl:   # vision-language: LoRA also on the vision blocks when freeze_vision_tower is false
+            from llmtune.models.qwen_vl import vl_lora_target
+
+            target, regex = vl_lora_target(model, cfg.lora_target, cfg.freeze_vision_tower,
+                                           cfg.freeze_multi_modal_projector, cfg.freeze_language_model), True
         peft.apply_lora(model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        lora_target=cfg.lora_target, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-                        additional_target=cfg.additional_target)
+                        lora_target=target, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+                        additional_target=cfg.additional_target, regex=regex)
     elif cfg.finetuning_type == "freeze":
         peft.apply_freeze(model, freeze_trainable_layers=cfg.freeze_trainable_layers,
                           freeze_trainable_modules=cfg.freeze_trainable_modules,
@@ -44,7 +53,7 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
             p.requires_grad_(True)
             if p.dtype != torch.float32:
                 p.data = p.data.float()
-    if getattr(model, "visual", None) is not None:   # vision-language models: LLaMA-Factory's freeze_* keys
+    if vl:   # vision-language models: LLaMA-Factory's freeze_* keys
         from llmtune.models.qwen_vl import freeze_parts
 
         freeze_parts(model, cfg.freeze_vision_tower, cfg.freeze_multi_modal_projector, cfg.freeze_language_model)

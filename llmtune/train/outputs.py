@@ -100,11 +100,12 @@ def save_model(model: torch.nn.Module, out: Path, cfg: Any, base: str, parents: 
         return
     dtype = torch.bfloat16 if (cfg.bf16 or cfg.fp16) else torch.float32
     tensors, seen = {}, {}
+    rename = getattr(model, "checkpoint_name", None) or (lambda n: n)   # a VL model's checkpoint layout
     for name, t in (state_dict if state_dict is not None else model.state_dict(keep_vars=False)).items():
         if id(t) in seen or (name == "lm_head.weight" and model.config.tie_word_embeddings) or name.startswith("v_head."):
             continue
         seen[id(t)] = name
-        tensors[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+        tensors[rename(name)] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
     save_tensors(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf = model.config.to_hf_dict()
     hf["torch_dtype"] = str(dtype).replace("torch.", "")

@@ -29,12 +29,14 @@ Sources: Shao et al. 2024 (DeepSeekMath, GRPO); Yu et al. 2025 (DAPO); Liu et al
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from llmtune.data.multimodal import vision_inputs
 from llmtune.errors import LLMTuneError, notice
 from llmtune.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, grpo_num_items
 from llmtune.rewards import RewardFunc, compute_rewards, load_reward_funcs, parse_reward_weights, reward_metrics
@@ -43,7 +45,27 @@ from llmtune.train.distributed import all_reduce_sum, rank, unwrap, world_size
 from llmtune.train.stages.base import OnlineStep, StageContext
 from llmtune.train.stages.ppo import policy_forward
 
-__all__ = ["GRPOStage", "build_grpo_stage", "check_grpo_config", "scale_rewards_value"]
+__all__ = ["GRPOStage", "build_grpo_stage", "check_grpo_config", "drop_vision_completions", "scale_rewards_value"]
+
+
+def _cat_vision(rows: Sequence[dict]) -> dict:
+    """The model's vision arguments of several rows (each ``{}`` or one prompt's ``pixel_values`` /
+    ``image_grid_thw``), concatenated in row order; ``{}`` when no row has images."""
+    rows = [r for r in rows if r]
+    return {k: torch.cat([r[k] for r in rows]) for k in ("pixel_values", "image_grid_thw")} if rows else {}
+
+
+def drop_vision_completions(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, vision_ids: Sequence[int],
+                            pad_token_id: int) -> int:
+    """Completions of a vision-language policy that sampled an image/video pad token: such a token makes the
+    model look for image features it does not have, so it is replaced by ``pad_token_id`` in ``ids`` ``(N, P + C)``
+    and the completion leaves the loss (its row of ``mask`` ``(N, C)`` set to 0), in place. Returns how many."""
+    comp = ids[:, prompt_len:]
+    bad = torch.isin(comp, torch.tensor(list(vision_ids), device=ids.device))
+    rows = bad.any(1)
+    comp[bad] = pad_token_id
+    mask[rows] = 0
+    return int(rows.sum())
 
 
 def scale_rewards_value(value: Any) -> str:
@@ -103,13 +125,17 @@ class GRPOStage:
         pad_token_id, stop_token_ids: filler and generation stops.
         ref_model: frozen reference (full fine-tuning with ``beta > 0``); None = adapters disabled.
         on_save: called with the model before it is saved (drops a reward adapter).
+        processor: the image processor of a vision-language model (:func:`llmtune.data.multimodal.model_processor`)
+            when prompt rows hold ``images``: rollouts prefill with them, the policy/reference forwards see them,
+            and reward functions get them as the ``images`` column (absolute paths, one list per completion).
 
     Raises: :class:`LLMTuneError` for an empty prompt set.
     """
 
     def __init__(self, config: Any, prompts: Sequence[dict], reward_funcs: list[tuple[str, RewardFunc]],
                  weights: list[float], tokenizer: Any, pad_token_id: int, stop_token_ids: Sequence[int],
-                 ref_model: Optional[nn.Module] = None, on_save: Optional[Callable[[nn.Module], None]] = None) -> None:
+                 ref_model: Optional[nn.Module] = None, on_save: Optional[Callable[[nn.Module], None]] = None,
+                 processor: Any = None) -> None:
         self.cfg, self.prompts, self.funcs, self.weights = config, prompts, reward_funcs, weights
         self.tokenizer, self.pad, self.ref_model, self.on_save = tokenizer, int(pad_token_id), ref_model, on_save
         self.stop_ids = sorted({int(i) for i in stop_token_ids})
@@ -127,6 +153,8 @@ class GRPOStage:
         self.temperature = float(config.temperature) if config.do_sample else 1.0
         self._order: list[int] = []
         self._epoch = 0
+        #: prompts with images (vision-language models): the image processor and each row's processed images
+        self.processor, self._pixels = processor, {}
 
     def next_prompts(self) -> list[dict]:
         """The next step's prompt rows of a seeded shuffled order (``randperm`` seeded by ``seed + epoch``)."""
@@ -153,23 +181,39 @@ class GRPOStage:
         self._order, self._epoch = [int(i) for i in state["order"]], int(state["epoch"])
 
     def _logps(self, model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, p: int, mask: torch.Tensor,
-               trainer: Any, reference: bool) -> torch.Tensor:
+               trainer: Any, reference: bool, vision: Sequence[dict]) -> torch.Tensor:
         """``(N, C)`` log-probs of the completions, in micro-batches, no gradient (policy or reference)."""
         from llmtune import peft
 
         out = []
         for i in range(0, ids.shape[0], self.bs):
             sl = slice(i, i + self.bs)
+            vis = _cat_vision(vision[sl])
             with trainer.autocast():
                 if reference and self.ref_model is not None:
-                    lp = policy_forward(self.ref_model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False)
+                    lp = policy_forward(self.ref_model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False,
+                                        **vis)
                 elif reference:
                     with peft.disable_adapters(model):
-                        lp = policy_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False)
+                        lp = policy_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False,
+                                            **vis)
                 else:
-                    lp = policy_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False)
+                    lp = policy_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False, **vis)
             out.append(lp["logps"].float())
         return torch.cat(out)
+
+    def _vision(self, row: dict, model: nn.Module) -> dict:
+        """A prompt row's ``pixel_values`` / ``image_grid_thw`` on the model's device (computed once per row and
+        kept), ``{}`` for a text-only row."""
+        if not row.get("images"):
+            return {}
+        key = id(row)
+        if key not in self._pixels:
+            if self.processor is None:
+                raise LLMTuneError("stage grpo: prompts with images need a vision-language model_name_or_path")
+            device = next(model.parameters()).device
+            self._pixels[key] = {k: v.to(device) for k, v in self.processor(row["images"]).items()}
+        return self._pixels[key]
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         """``(local, ...)`` rows of every process in rank order: ``(world * local, ...)`` (exact: a sum of
@@ -193,7 +237,9 @@ class GRPOStage:
         model = unwrap(trainer.model)
         step_rows = self.next_prompts()
         rows = [step_rows[j // self.G] for j in range(self.rank * self.local, (self.rank + 1) * self.local)]
-        with trainer.autocast():
+        vision = [self._vision(r, model) for r in rows]   # per completion: its prompt's images (or {})
+        images = model.generation_images(vision) if any(vision) else contextlib.nullcontext()
+        with trainer.autocast(), images:
             ro = generate_rollouts(model, [r["input_ids"] for r in rows], max_new_tokens=int(c.max_new_tokens),
                                    do_sample=bool(c.do_sample), temperature=float(c.temperature), top_k=int(c.top_k),
                                    top_p=float(c.top_p), eos_token_ids=self.stop_ids, pad_token_id=self.pad,
@@ -203,6 +249,8 @@ class GRPOStage:
         completions = [self.tokenizer.decode(t, skip_special_tokens=True) for t in ro.completions()]
         names = sorted({k for r in rows for k in (r.get("columns") or {})})
         columns = {k: [(r.get("columns") or {}).get(k) for r in rows] for k in names}
+        if any(r.get("images") for r in rows):   # reward functions get each completion's prompt images (paths)
+            columns["images"] = [list(r.get("images") or []) for r in rows]
         rewards, per_func = compute_rewards(self.funcs, self.weights, prompts, completions, columns)
         scored = self._gather(torch.cat([rewards[:, None], per_func], dim=1).to(ids.device)).cpu()
         rewards, per_func = scored[:, 0], scored[:, 1:]
@@ -216,10 +264,16 @@ class GRPOStage:
                        f"({c.max_new_tokens}); training on them anyway (raise max_completion_length)")
             else:
                 mask = mask * (~ro.truncated).long()[:, None]
+        if getattr(model, "visual", None) is not None:
+            v = model.config.vision
+            n_bad = drop_vision_completions(ids, mask, p, (v["image_token_id"], v["video_token_id"]), self.pad)
+            if n_bad:
+                notice(f"stage grpo: {n_bad} completion(s) sampled an image/video pad token; they are left out of "
+                       "the loss (their tokens cannot be scored without image features)")
         model.eval()
         try:
-            old = self._logps(model, ids, attn, p, mask, trainer, False) if self.num_iterations > 1 else None
-            ref = self._logps(model, ids, attn, p, mask, trainer, True) if self.beta > 0 else None
+            old = self._logps(model, ids, attn, p, mask, trainer, False, vision) if self.num_iterations > 1 else None
+            ref = self._logps(model, ids, attn, p, mask, trainer, True, vision) if self.beta > 0 else None
         finally:
             model.train()
         metrics = reward_metrics(rewards, per_func, [n for n, _ in self.funcs], self.G)
@@ -230,6 +284,7 @@ class GRPOStage:
             sl = slice(s, s + self.bs)
             b = {"input_ids": ids[sl], "attention_mask": attn[sl], "completion_mask": mask[sl], "prompt_len": p,
                  "advantages": adv[sl]}
+            b.update(_cat_vision(vision[sl]))
             if old is not None:
                 b["old_logps"] = old[sl]
             if ref is not None:
@@ -244,7 +299,8 @@ class GRPOStage:
         """:func:`llmtune.losses.grpo_loss` of one micro-batch (``(loss_sum, num_items, metrics)``)."""
         c = self.cfg
         out = policy_forward(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
-                             batch["completion_mask"], self.temperature, values=False, entropy=True)
+                             batch["completion_mask"], self.temperature, values=False, entropy=True,
+                             **vision_inputs(batch))
         return grpo_loss(out["logps"], batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"],
                          batch["completion_mask"], loss_type=str(c.loss_type), epsilon=float(c.epsilon),
                          epsilon_high=c.epsilon_high, beta=self.beta,
@@ -314,5 +370,10 @@ def build_grpo_stage(model: nn.Module, cfg: Any, tokenizer: Any, template: Any, 
             peft.set_adapter(m, "default")
 
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    processor = None
+    if any(r.get("images") for r in rows):
+        from llmtune.data.multimodal import model_processor
+
+        processor = model_processor(cfg.model_name_or_path, cfg.image_max_pixels, cfg.image_min_pixels)
     return GRPOStage(cfg, rows, funcs, weights, tokenizer, pad, chat_stop_ids(tokenizer, template),
-                     ref_model=extra.get("ref_model"), on_save=drop_adapters)
+                     ref_model=extra.get("ref_model"), on_save=drop_adapters, processor=processor)

@@ -6,8 +6,9 @@ Source: Ethayarajh et al., 2024, "KTO: Model Alignment as Prospect Theoretic Opt
 Batch (``llmtune.data.collator.KTOCollator``): the completions ``input_ids, attention_mask, labels,
 position_ids`` ``(B, T)``, the mismatched pairs (prompt ``i`` with completion ``i+1``) ``kl_input_ids,
 kl_attention_mask, kl_labels, kl_position_ids`` ``(B, T_kl)``, and ``kto_tags`` bool ``(B,)`` (True =
-desirable). A paired dataset reaches this stage already split by the data layer into one desirable and one
-undesirable example per pair.
+desirable); a vision-language batch also ``pixel_values`` / ``image_grid_thw`` of each row's prompt images,
+fed to the completion, the KL and (twice, stacked) the reference forwards. A paired dataset reaches this
+stage already split by the data layer into one desirable and one undesirable example per pair.
 
 Per step: policy log-probs of the completions (with gradient) and of the KL pairs (without: ``z0`` is
 detached, as in TRL); reference log-probs of both in ONE stacked no-grad forward (``ctx.extra["ref_model"]``
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from llmtune.constants import IGNORE_INDEX
 from llmtune.data.collator import num_rows, unpack_rows
+from llmtune.data.multimodal import vision_inputs
 from llmtune.losses import kto_loss, sequence_logps
 from llmtune.train.stages.base import StageContext
 from llmtune.train.stages.pref import reference_logps
@@ -89,18 +91,21 @@ def kto_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[t
     b = num_rows(batch)
     cu, kl_cu = main["cu_seqlens"], kl["cu_seqlens"]          # padding-free batches: (1, N) packed rows
 
-    hidden = model(main["input_ids"], attention_mask=main["attention_mask"], position_ids=main["position_ids"])
+    vision = vision_inputs(batch)      # images: each row's, shared by its completion and its kl_ completion
+    hidden = model(main["input_ids"], attention_mask=main["attention_mask"], position_ids=main["position_ids"],
+                   **vision)
     labels = unpack_rows(main["labels"], cu, IGNORE_INDEX)
     policy = sequence_logps(unpack_rows(hidden, cu), weight, labels)                         # (B,) with grad
     with torch.no_grad():
-        kl_hidden = model(kl["input_ids"], attention_mask=kl["attention_mask"], position_ids=kl["position_ids"])
+        kl_hidden = model(kl["input_ids"], attention_mask=kl["attention_mask"], position_ids=kl["position_ids"],
+                          **vision)
         kl_labels = unpack_rows(kl["labels"], kl_cu, IGNORE_INDEX)
         policy_kl = sequence_logps(unpack_rows(kl_hidden, kl_cu), weight, kl_labels)          # (B,) no grad
     both = _stack(main, kl)
     both_labels = _stack({"input_ids": labels, "labels": labels}, {"input_ids": kl_labels, "labels": kl_labels}
                          )["labels"] if cu is not None else both["labels"]
     ref = reference_logps(model, ctx, both["input_ids"], both.get("attention_mask"), both.get("position_ids"),
-                          both_labels, both.get("cu_seqlens"))
+                          both_labels, both.get("cu_seqlens"), **{k: torch.cat([v, v]) for k, v in vision.items()})
     ref_main, ref_kl = ref[:b], ref[b:]
     z0 = global_kl_mean(policy_kl - ref_kl)
     tags = batch["kto_tags"].bool()

@@ -62,7 +62,7 @@ def response_labels(input_ids: torch.Tensor, prompt_len: int, response_mask: tor
 
 def policy_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                    response_mask: torch.Tensor, temperature: float = 1.0, values: bool = True,
-                   entropy: bool = False) -> dict[str, torch.Tensor]:
+                   entropy: bool = False, **vision: torch.Tensor) -> dict[str, torch.Tensor]:
     """One forward over prompt + response: per-token log-probs, critic values and entropy of the response.
 
     Response token ``t`` sits at column ``P + t``; its log-prob and the critic's value of the state before
@@ -74,11 +74,12 @@ def policy_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         prompt_len: ``P``. response_mask: ``(B, R)`` bool/int.
         temperature: log-probs of ``logits / temperature`` (the sampling temperature, as generation used).
         values: also return ``values``; entropy: also return ``entropy`` (no gradient).
+        vision: a vision-language model's ``pixel_values`` / ``image_grid_thw`` of the rows' prompt images.
 
     Returns: ``{"logps": (B, R) float32, "values": (B, R) float32, "entropy": (B, R) float32}`` (only the
     asked keys), 0 at masked positions; differentiable unless called under ``no_grad``.
     """
-    hidden = model(input_ids, attention_mask=attention_mask)
+    hidden = model(input_ids, attention_mask=attention_mask, **vision)
     labels = response_labels(input_ids, prompt_len, response_mask)
     out = {"logps": token_logps(hidden, model.lm_head.weight, labels, temperature=temperature)[:, prompt_len:]}
     state = hidden[:, prompt_len - 1:-1]

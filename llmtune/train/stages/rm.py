@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from llmtune.data.collator import num_rows, unpack_rows
+from llmtune.data.multimodal import vision_inputs
 from llmtune.errors import LLMTuneError, notice
 from llmtune.losses import reward_loss, value_head_scores
 from llmtune.models.value_head import add_value_head
@@ -89,11 +90,12 @@ def count_pairs(batch: dict) -> int:
 
 
 def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                    position_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None
-                    ) -> torch.Tensor:
+                    position_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                    **vision: torch.Tensor) -> torch.Tensor:
     """Reward ``(N,)`` float32 of each sequence: ``model.v_head`` at its last non-padding token.
 
     ``cu_seqlens`` ``(N + 1,)``: a padding-free batch (``input_ids (1, total)``), scored at each row's last token.
+    ``vision``: a vision-language batch's ``pixel_values`` / ``image_grid_thw`` (each pair's images, twice).
 
     Raises: LLMTuneError when the model has no value head.
     """
@@ -102,7 +104,7 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
                            "llmtune.train.stages.rm.prepare_reward_model(model, config, head_only=False)")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, **vision)
     if cu_seqlens is not None:   # the last token of each packed row
         return model.v_head(hidden[0, cu_seqlens[1:].to(hidden.device) - 1]).reshape(-1)
     return value_head_scores(model.v_head(hidden), attention_mask)
@@ -114,7 +116,7 @@ def rm_stage(model: torch.nn.Module, batch: dict, ctx: StageContext) -> tuple[to
     Returns: ``loss_sum`` float32 (sum of Bradley-Terry losses over the ``B`` pairs), ``B``, metrics.
     """
     scores = sequence_scores(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
-                             batch.get("cu_seqlens"))
+                             batch.get("cu_seqlens"), **vision_inputs(batch))
     b = scores.shape[0] // 2
     chosen, rejected = scores[:b], scores[b:]
     losses = reward_loss(chosen, rejected)
