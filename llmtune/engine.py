@@ -10,7 +10,9 @@ predict), chat (:mod:`llmtune.chat`), PPO/GRPO rollouts (:mod:`llmtune.rollout`)
 * **Prefill.** Requests that join are packed into one row (segment ids ``2, 3, ...``: the model's
   segment-aware attention keeps them apart, positions restart per segment) and each token's keys and values
   are written straight into its slot(s). A prefix-shared group (:meth:`Engine.add_group`, GRPO's
-  ``num_generations``) prefills its prompt once and writes it into all of its ``n`` slots.
+  ``num_generations``) prefills its prompt once and writes it into all of its ``n`` slots. A prompt with images
+  (:attr:`Request.images`) is prefilled alone in its row, and the model's M-RoPE offset for it becomes its
+  slots' :attr:`SlotKVCache.offsets` (copied with the keys when slots move), which the model adds at decode.
 * **Decode.** One forward over all live rows, one token each, with per-row position ids (the row's length)
   and, when lengths differ, a ``(n, 1, 1, L)`` mask hiding each row's unused tail.
 * **Per row**: :class:`~llmtune.sampling.SamplingParams`, stop ids, ``max_new_tokens``, a generator or seed,
@@ -59,14 +61,30 @@ class SlotKVCache:
         self.seq_len = 0
         #: ``(n, 1, 1, L)`` bool attention mask of a decode step whose rows differ in length, else None
         self.step_mask: Optional[torch.Tensor] = None
+        #: ``(max_slots,)`` int64 position offset per slot (M-RoPE models: decoding continues at ``length +
+        #: offset``), allocated by the first :meth:`set_offsets` with a nonzero offset; None = all 0
+        self.offsets: Optional[torch.Tensor] = None
+        #: what the model reads in a decode: ``(n, 1)`` int64 offsets of the live slots, or None (all 0); a model
+        #: may set it in a prefill (``QwenVL`` stores the prompt's offset there)
+        self.rope_deltas: Optional[torch.Tensor] = None
         self._plan: tuple = ()
 
     def prefill(self, slots: torch.Tensor, positions: torch.Tensor, sources: torch.Tensor) -> None:
         """Plan a packed prefill forward (``input_ids`` of shape ``(1, T)``): token ``sources[j]`` of it is
         written to slot ``slots[j]`` at position ``positions[j]`` (all three ``(N,)`` int64; a token may go to
         several slots). The attention of that forward uses its own keys only."""
-        self.seq_len, self.step_mask = 0, None
+        self.seq_len, self.step_mask, self.rope_deltas = 0, None, None
         self._plan = ("prefill", slots, positions, sources)
+
+    def set_offsets(self, slots: Sequence[int], offset: int, device: torch.device) -> None:
+        """Give ``slots`` (int list) the position offset ``offset`` (int; M-RoPE's ``rope_deltas`` of the prompt
+        just prefilled into them, as in ``transformers``' Qwen2-VL ``get_rope_index``). Allocates
+        :attr:`offsets` on ``device`` only for a nonzero offset, so text-only use costs nothing."""
+        if self.offsets is None:
+            if offset == 0:
+                return
+            self.offsets = torch.zeros(self.num_slots, dtype=torch.long, device=device)
+        self.offsets[torch.tensor(list(slots), device=self.offsets.device)] = int(offset)
 
     def decode(self, lengths: torch.Tensor, longest: int, uniform: bool, window: Optional[int]) -> None:
         """Plan a decode forward of the live slots ``0..n-1`` (``lengths`` ``(n,)`` int64 cached positions per
@@ -75,6 +93,7 @@ class SlotKVCache:
         n = lengths.shape[0]
         self.seq_len = longest
         self.step_mask = None
+        self.rope_deltas = None if self.offsets is None else self.offsets[:n, None]
         if not uniform:
             cols = torch.arange(longest + 1, device=lengths.device)[None, :]
             m = cols <= lengths[:, None]
@@ -111,11 +130,15 @@ class SlotKVCache:
         return kb[:n, :, :longest + 1], vb[:n, :, :longest + 1]
 
     def move(self, dst: Sequence[int], src: Sequence[int], upto: int) -> None:
-        """Copy positions ``0..upto-1`` of slots ``src`` into slots ``dst`` (same-length int lists)."""
+        """Copy positions ``0..upto-1`` of slots ``src`` into slots ``dst`` (same-length int lists), and their
+        position offsets."""
         if not dst:
             return
         d = torch.tensor(list(dst))
         s = torch.tensor(list(src))
+        if self.offsets is not None:
+            od, osrc = d.to(self.offsets.device), s.to(self.offsets.device)
+            self.offsets[od] = self.offsets[osrc]
         for buf in self.layers:
             if buf is not None:
                 d, s = d.to(buf[0].device), s.to(buf[0].device)
@@ -140,6 +163,10 @@ class Request:
             OpenAI's convention).
         top_logprobs: also report the ``k`` most likely tokens with their log-probs (same distribution).
         adapter: name of the LoRA adapter this row runs with (None = the model as it is); passed through.
+        images: extra model arguments of the prompt's prefill, e.g. ``{"pixel_values": ..., "image_grid_thw":
+            ...}`` of a :class:`~llmtune.models.qwen_vl.QwenVL` (None or ``{}`` = text only). Such a prompt is
+            prefilled alone in its row (never packed with others); the ``rope_deltas`` the model leaves on the
+            cache after that forward (``(1, 1)`` int64, M-RoPE) becomes its slots' position offset.
     """
 
     prompt: Sequence[int]
@@ -151,6 +178,7 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     adapter: Optional[str] = None
+    images: Optional[dict] = None
 
 
 @dataclass
@@ -357,14 +385,17 @@ class Engine:
         if not groups:
             return None
         by_adapter: dict = {}
-        for g in groups:
-            by_adapter.setdefault(g[0].req.adapter, []).append(g)
+        for g in groups:   # prompts with images: one forward each (M-RoPE offsets are per prompt)
+            key = ("images", len(by_adapter)) if g[0].req.images else g[0].req.adapter
+            by_adapter.setdefault(key, []).append(g)
         out = []
-        for adapter, gs in by_adapter.items():
-            ids, seg, slots, pos, src, last = [], [], [], [], [], []
+        for gs in by_adapter.values():
+            adapter, images = gs[0][0].req.adapter, gs[0][0].req.images or {}
+            ids, seg, slots, pos, src, last, spans = [], [], [], [], [], [], []
             for j, g in enumerate(gs):
                 prompt = [int(t) for t in g[0].req.prompt]
                 off = len(ids)
+                spans.append(list(range(len(self.rows), len(self.rows) + len(g))))
                 for r in g:
                     slot = len(self.rows)
                     self.rows.append(r)
@@ -381,7 +412,10 @@ class Engine:
             # segment ids from 2: even a lone prompt takes the segment-span attention that packed prompts take, so
             # a prompt's numerics do not depend on what it is packed with (bf16 greedy is batch-invariant)
             hidden = self._call(torch.tensor([ids], device=dev), [adapter],
-                                attention_mask=torch.tensor([seg], device=dev))
+                                attention_mask=torch.tensor([seg], device=dev), **images)
+            delta = self.cache.rope_deltas
+            for span in spans:   # a new row's offset: the model's (images) or 0, replacing the slot's old one
+                self.cache.set_offsets(span, 0 if delta is None else int(delta.reshape(-1)[0]), dev)
             # the shared hidden state is projected once per group, then repeated for its rows
             uniq = torch.tensor(sorted(set(last)), device=dev)
             logits = self.model.lm_head(hidden[0, uniq]).float()

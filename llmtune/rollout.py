@@ -97,6 +97,10 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
         return_logps: compute :attr:`Rollout.logps` (one ``log_softmax`` over the vocabulary per step and row).
         generator: a :class:`torch.Generator` on the model's device for reproducible sampling.
 
+    Vision-language models: rows queued by ``QwenVL.generation_images`` (one entry per output row) are taken from
+    the model and passed as each request's :attr:`~llmtune.engine.Request.images` (prefilled one prompt per row,
+    decoded with per-slot M-RoPE offsets); rows share a prefill only when prompt and images are equal.
+
     Returns:
         a :class:`Rollout` with ``N = len(prompts) * num_return_sequences`` rows; ``P`` is the longest prompt
         and ``C`` the longest completion (``<= max_new_tokens``). Under greedy decoding a row's tokens do not
@@ -124,14 +128,17 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
     engine = Engine(model, max_slots=min(n, batch_size or n), max_len=p + max_new_tokens)
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     stop = stop_id_list(eos_token_ids)
+    take = getattr(model, "take_generation_images", None)   # QwenVL.generation_images: each row's images
+    vision = (take(n) if take is not None else None) or [None] * n
     runs: list[list] = []   # consecutive equal prompts (GRPO passes each completion's prompt) share one prefill
-    for r in (list(r) for r in prompts for _ in range(num_return_sequences)):
-        if runs and runs[-1][0] == r:
+    for r, v in zip((list(r) for r in prompts for _ in range(num_return_sequences)), vision):
+        v = v or None
+        if runs and runs[-1][0] == r and _same_images(runs[-1][2], v):
             runs[-1][1] += 1
         else:
-            runs.append([r, 1])
-    done = engine.run([Request(r, max_new_tokens, params, stop, generator, logprobs=return_logps) for r, _ in runs],
-                      num_return_sequences=[k for _, k in runs])
+            runs.append([r, 1, v])
+    done = engine.run([Request(r, max_new_tokens, params, stop, generator, logprobs=return_logps, images=v)
+                       for r, _, v in runs], num_return_sequences=[k for _, k, _ in runs])
 
     lengths = torch.tensor([len(c.tokens) for c in done], dtype=torch.long, device=device)
     c = int(lengths.max())
@@ -152,6 +159,15 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
     stopped = torch.tensor([d.finish_reason == "stop" for d in done], dtype=torch.bool, device=device)
     return Rollout(input_ids=input_ids, attention_mask=attention_mask, prompt_len=p,
                    completion_mask=completion_mask, logps=logps, truncated=~stopped, completion_lengths=lengths)
+
+
+def _same_images(a: Optional[dict], b: Optional[dict]) -> bool:
+    """Whether two rows' vision inputs (None or dicts of tensors) are the same, so the rows may share a prefill."""
+    if a is b:
+        return True
+    if a is None or b is None or a.keys() != b.keys():
+        return False
+    return all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
 
 def completion_metrics(completion_lengths: torch.Tensor, truncated: torch.Tensor) -> dict[str, float]:

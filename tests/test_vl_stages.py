@@ -154,3 +154,34 @@ def test_grpo_run_with_images_gives_reward_functions_the_images(tmp_path):
     assert seen <= {("im0.png",), ("im1.png", "im2.png"), ()} and seen & {("im0.png",), ("im1.png", "im2.png")}
     for c in calls:
         assert all(p.startswith(str(data)) for imgs in c for p in imgs)
+
+
+def test_engine_slot_offsets_follow_moved_and_reused_slots(tmp_path):
+    """The generation engine with per-request images, two slots, greedy: A (one image) stops after one token, so B
+    (text only) moves into A's slot; C (two images) takes slot 1 and stops at once; D (text only) is prefilled
+    into that slot while B still runs. Every generated token's log-prob equals a full forward of that request's
+    prompt + completion with its own images (B decoding with A's M-RoPE offset, or D with C's, would differ).
+    Sampling a vision token stops a row (it cannot be fed back without image features)."""
+    from llmtune.engine import Engine, Request
+
+    tok, proc = _tokenizer(), QwenVLImageProcessor(min_pixels=16, max_pixels=64 * 64, patch_size=4)
+    examples, _ = convert(_attr(), [{"conversations": r["conversations"][:1], "images": r.get("images", [])}
+                                    for r in _kto_rows(tmp_path)])
+    enc = ImageEncoder(get_template("qwen2_vl", tok), tok, 512, processor=proc, dataset="prompts")
+    enc.prompts_with_images = True
+    rows = [enc.encode_ppo(ex) for ex in examples]
+    vision = [proc(r["images"]) if r.get("images") else None for r in rows]
+    model = _model(tok).eval()
+    stop = tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+    plan = [(0, 1), (2, 6), (1, 1), (2, 4)]          # (prompt row, max_new_tokens) of A, B, C, D
+    reqs = [Request(rows[i]["input_ids"], k, stop_ids=stop, logprobs=True, images=vision[i]) for i, k in plan]
+    engine = Engine(model, max_slots=2, max_len=max(len(r["input_ids"]) for r in rows) + 6)
+    done = engine.run(reqs)
+    assert len(done[0].tokens) == len(done[2].tokens) == 1 and len(done[1].tokens) >= 3 and len(done[3].tokens) >= 2
+    with torch.no_grad():
+        for (i, _), c in zip(plan, done):
+            ids = torch.tensor([list(rows[i]["input_ids"]) + c.tokens[:-1]])
+            h = model(ids, **(vision[i] or {}))
+            lp = torch.log_softmax(model.lm_head(h[0, -len(c.tokens):]).float(), -1)
+            want = lp[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
+            assert (want - torch.tensor(c.logprobs)).abs().max().item() <= 1e-4

@@ -292,8 +292,8 @@ class QwenVL(Transformer):
             position_ids, self.rope_deltas = self.position_ids(input_ids, attention_mask, image_grid_thw,
                                                                video_grid_thw, second_per_grid_ts)
         elif past > 0 and (position_ids is None or position_ids.dim() == 2):
-            deltas = getattr(past_key_values, "rope_deltas", None)   # follows the cache's rows (reorder)
-            deltas = self.rope_deltas if deltas is None else deltas
+            # the cache's per-row offsets (KVCache.reorder / SlotKVCache.move keep them with their rows)
+            deltas = past_key_values.rope_deltas if hasattr(past_key_values, "rope_deltas") else self.rope_deltas
             if deltas is not None:   # decoding after an image prefill: text ids shifted by each row's delta
                 b, t = input_ids.shape
                 base = position_ids if position_ids is not None else (
@@ -328,6 +328,21 @@ class QwenVL(Transformer):
             yield self
         finally:
             self._queued = []
+
+    def take_generation_images(self, n: int) -> Optional[list[dict]]:
+        """The next ``n`` rows queued by :meth:`generation_images` (each ``{}`` or that row's ``pixel_values`` /
+        ``image_grid_thw``), removed from the queue, for a caller that hands each request its own images (the
+        generation engine's :attr:`llmtune.engine.Request.images`); None when nothing is queued.
+
+        Raises:
+            ValueError: fewer than ``n`` rows queued.
+        """
+        if not self._queued:
+            return None
+        if n > len(self._queued):
+            raise ValueError(f"generation_images: {n} rows to generate but only {len(self._queued)} rows queued")
+        rows, self._queued = self._queued[:n], self._queued[n:]
+        return rows
 
     def _take_queued(self, b: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         if b > len(self._queued):
