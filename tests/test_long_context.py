@@ -164,3 +164,12 @@ def test_checkpointed_step_peak_memory_grows_at_most_linearly():
     small, large = _peak_mib(t), _peak_mib(2 * t)
     assert small > 4, (small, large)                              # the step itself was measured
     assert large <= 2 * small * 1.25 + 8, f"peak {small:.1f} MiB at {t} tokens, {large:.1f} MiB at {2 * t}"
+
+
+def test_llamafactory_keys_map_to_offloaded_checkpointing_or_explain(capsys):
+    from llmtune.config import parse_config
+
+    cfg = parse_config({"use_unsloth_gc": True, "enable_liger_kernel": True}, command=None)
+    assert cfg.offload_activations is True
+    err = capsys.readouterr().err
+    assert "enable_liger_kernel" in err and "use_kernels" in err and "chunked loss" in err
