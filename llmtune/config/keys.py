@@ -211,6 +211,8 @@ class TrainConfig:
     bf16: bool = train(False, "bfloat16 mixed precision")
     fp16: bool = train(False, "float16 mixed precision (bfloat16 on a CPU, which is faster there)")
     gradient_checkpointing: bool = train(False, "recompute activations in backward to save memory")
+    offload_activations: bool = train(False, "gradient checkpointing whose kept layer inputs wait in pinned CPU "
+                                      "memory (CUDA; implies gradient_checkpointing; no effect on a CPU)")
     torch_compile: bool = train(False, "compile each decoder layer once (regional torch.compile, dynamic lengths)")
     seed: int = train(42, "random seed (data order, initialisation, sampling)", ge=0, lt=2**64,
                       hint="torch seeds are unsigned 64-bit integers")
@@ -361,6 +363,14 @@ ALIASES = {
     "init_kl_coef": "ppo_kl_coeff",
     "tokenized_path": "data_cache_dir",
     "max_completion_length": "max_new_tokens",
+    "use_unsloth_gc": "offload_activations",    # Unsloth's gradient checkpointing = offloaded checkpointing
+}
+
+#: why some ignored keys change nothing here (appended to their notice)
+IGNORED_WHY = {
+    "enable_liger_kernel": ": what Liger's kernels fuse is built in (RMSNorm, RoPE and SwiGLU kernels on CUDA, "
+                           "see use_kernels; a chunked loss that never stores the logits; tiled MLP and "
+                           "offload_activations for long context)",
 }
 
 #: LLaMA-Factory / transformers keys accepted with a notice because they change nothing here

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from llmtune.config.checks import TYPES, base_type, coerce, validate
-from llmtune.config.keys import ALIASES, IGNORED_KEYS, KEYS, TrainConfig
+from llmtune.config.keys import ALIASES, IGNORED_KEYS, IGNORED_WHY, KEYS, TrainConfig
 from llmtune.config.relevance import check_relevance
 from llmtune.config.strict import load_json, load_yaml
 from llmtune.errors import LLMTuneError, nearest, notice
@@ -38,7 +38,7 @@ def _normalise_key(raw: str, source: str, notices: list[str]) -> Optional[str]:
     if key in KEYS:
         return key
     if key in IGNORED_KEYS:
-        notices.append(f"{source}: '{key}' has no effect in llmtune and is ignored")
+        notices.append(f"{source}: '{key}' has no effect in llmtune and is ignored" + IGNORED_WHY.get(key, ""))
         return None
     if key in ("load_in_4bit", "load_in_8bit"):
         return key

@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from llmtune.compat import is_cuda, varlen_attention
 from llmtune.kernels import use_triton as _use_kernels
 from llmtune.models.config import ModelConfig
+from llmtune.models.memory import checkpoint_layer, mlp_tile_rows, tiled_mlp
 from llmtune.models.moe import SparseMoeBlock, collect_aux_loss
 
 
@@ -216,6 +216,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in a checkpointed layer, a long sequence: in row tiles (the (T, intermediate) never whole)
+        return tiled_mlp(self, x, tile) if (tile := mlp_tile_rows(x)) else self.swiglu(x)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole MLP on ``x`` ``(..., hidden)`` at once."""
         if _use_kernels(x):  # fused silu(gate) * up (llmtune.kernels.swiglu)
             from llmtune.kernels.swiglu import swiglu
 
@@ -564,7 +569,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint_layer(self, layer, x, cos, sin, mask, cache)   # llmtune.models.memory
             else:
                 x = layer(x, cos, sin, mask, cache)
             x = x if layer_hook is None else layer_hook(i, x)

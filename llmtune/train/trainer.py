@@ -167,8 +167,10 @@ class Trainer:
         # precision, optimizer, schedule
         self.amp_dtype = resolve_precision(bool(config.bf16), bool(config.fp16), self.device.type)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
-        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        offload = bool(getattr(config, "offload_activations", False))
+        if (config.gradient_checkpointing or offload) and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
+            model.offload_activations = offload   # pinned CPU copies of the kept inputs on CUDA (models.memory)
         if config.torch_compile and hasattr(model, "compile_layers"):
             model.compile_layers()   # regional compilation: each decoder layer once, dynamic sequence length
         self.model = model = dist_hooks.wrap_model(model, config)  # DDP / FSDP2 under torchrun, else as is

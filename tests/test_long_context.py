@@ -1,0 +1,175 @@
+"""Long-context activation memory (llmtune.models.memory): the tiled MLP and the offloaded checkpoint give the
+plain path's gradients, and the checkpointed step's peak memory grows at most linearly with the length."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmtune.models import ModelConfig, Transformer
+from llmtune.models import memory
+
+CFG = dict(vocab_size=97, hidden_size=32, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+
+
+def _model(lora: bool, dropout: float = 0.0) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**CFG)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    if lora:
+        from llmtune.peft import apply_lora
+
+        apply_lora(model, lora_rank=4, lora_alpha=8, lora_target="all", lora_dropout=dropout)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)   # B = 0 at init would hide errors in the LoRA branch
+    return model.train()
+
+
+def _grads(model: Transformer, ids: torch.Tensor, seed: int = 1) -> tuple[torch.Tensor, dict]:
+    from llmtune.losses import causal_lm_loss
+
+    torch.manual_seed(seed)
+    loss, n = causal_lm_loss(model(ids), model.lm_head.weight, ids)
+    (loss / n).backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(ref, got):
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    assert ref[1].keys() == got[1].keys() and len(ref[1]) > 0
+    for k in ref[1]:
+        torch.testing.assert_close(got[1][k], ref[1][k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_tiled_mlp_equals_the_swiglu_formula():
+    """tiled_mlp against down(silu(gate x) * up x) written out with F.linear (Shazeer 2020), float32."""
+    torch.manual_seed(0)
+    mlp = Transformer(ModelConfig(**CFG)).model.layers[0].mlp.float()
+    x = torch.randn(2, 23, 32, requires_grad=True)
+    g = torch.randn(2, 23, 32)
+    out = memory.tiled_mlp(mlp, x, tile=5)          # 46 rows: 9 full tiles and one of 1
+    out.backward(g)
+    got = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+    x2 = x.detach().clone().requires_grad_(True)
+    for p in mlp.parameters():
+        p.grad = None
+    ref = F.linear(F.silu(F.linear(x2, mlp.gate_proj.weight)) * F.linear(x2, mlp.up_proj.weight),
+                   mlp.down_proj.weight)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    ref.backward(g)
+    for a, b in zip(got, [x2.grad] + [p.grad for p in mlp.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_checkpointed_tiled_mlp_gives_the_plain_gradients(monkeypatch, lora):
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(3))
+    ref = _grads(_model(lora), ids)
+    calls = []
+    monkeypatch.setattr(memory, "TILE_TOKENS", 7)                # 38 rows > 7: every layer's MLP tiles
+    real = memory._TiledMLP.apply
+    monkeypatch.setattr(memory._TiledMLP, "apply", lambda *a: calls.append(a[1]) or real(*a))
+    model = _model(lora)
+    model.gradient_checkpointing_enable()
+    _assert_same(ref, _grads(model, ids))
+    assert calls and set(calls) == {7} and len(calls) >= 2 * CFG["num_hidden_layers"]   # forward + recompute
+
+
+class _FakeOffload:
+    """The stand-in for pinned CPU memory: a device-to-device copy, counted."""
+
+    def __init__(self):
+        self.packed = self.unpacked = 0
+
+    def pack(self, x):
+        self.packed += 1
+        return x.clone()
+
+    def unpack(self, stored, device):
+        self.unpacked += 1
+        return stored.to(device, copy=True)
+
+
+@pytest.mark.parametrize("lora,dropout,tile", [(False, 0.0, 7), (True, 0.0, 7), (True, 0.2, 10_000)],
+                         ids=["full-tiled", "lora-tiled", "lora-dropout"])
+def test_offloaded_checkpoint_gives_the_plain_gradients(monkeypatch, lora, dropout, tile):
+    """Offloaded checkpointing with a fake offload equals the plain path (dropout: the same masks replayed)."""
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(4))
+    ref = _grads(_model(lora, dropout), ids)
+    monkeypatch.setattr(memory, "TILE_TOKENS", tile)
+    model = _model(lora, dropout)
+    model.gradient_checkpointing_enable()
+    model.offload_activations = fake = _FakeOffload()
+    _assert_same(ref, _grads(model, ids))
+    assert fake.packed == fake.unpacked == CFG["num_hidden_layers"]
+
+
+def test_offload_true_on_the_cpu_is_plain_checkpointing():
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(5))
+    ref = _grads(_model(True), ids)
+    model = _model(True)
+    model.gradient_checkpointing_enable()
+    model.offload_activations = True
+    _assert_same(ref, _grads(model, ids))
+
+
+_PEAK = textwrap.dedent("""
+    import json, resource, sys, torch
+    from llmtune.models import ModelConfig, Transformer
+    from llmtune.losses import causal_lm_loss
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
+    model = Transformer(cfg).train()
+    model.gradient_checkpointing_enable()
+    def step(t):
+        ids = torch.randint(0, 512, (1, t))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n = causal_lm_loss(model(ids), model.lm_head.weight, ids)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    step(256)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(int(sys.argv[1]))
+    print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))
+""")
+
+
+def _peak_mib(t: int) -> float:
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(t)], capture_output=True, text=True, env=env,
+                         timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_checkpointed_step_peak_memory_grows_at_most_linearly():
+    """Peak RSS above the warmed-up process, at T and 2T (separate processes): at most 2x plus a tolerance
+    (25% and 8 MiB of allocator noise). Storing T x T attention scores (4 x 8192^2 bf16 = 512 MiB at 2T) or
+    the whole (T, intermediate) activations of every layer would break it."""
+    t = 4096
+    small, large = _peak_mib(t), _peak_mib(2 * t)
+    assert small > 4, (small, large)                              # the step itself was measured
+    assert large <= 2 * small * 1.25 + 8, f"peak {small:.1f} MiB at {t} tokens, {large:.1f} MiB at {2 * t}"
+
+
+def test_llamafactory_keys_map_to_offloaded_checkpointing_or_explain(capsys):
+    from llmtune.config import parse_config
+
+    cfg = parse_config({"use_unsloth_gc": True, "enable_liger_kernel": True}, command=None)
+    assert cfg.offload_activations is True
+    err = capsys.readouterr().err
+    assert "enable_liger_kernel" in err and "use_kernels" in err and "chunked loss" in err
