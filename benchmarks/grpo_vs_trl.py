@@ -1,8 +1,7 @@
 """Benchmark: one GRPO job through TRL's ``GRPOTrainer`` and through ``llmtune train --stage grpo``, in one run.
 
 The job (the same on both sides): the real model (``--model``, SmolLM2-135M-Instruct Q4_1 GGUF; transformers
-dequantizes it with ``gguf_file=``, saved once as a float32 HF folder in a temp dir (transformers refuses to train
-a GGUF-loaded model) that TRL trains, llmtune loads the GGUF itself), LoRA rank 16 /
+dequantizes it with ``gguf_file=`` into float32 weights, unmarked as quantized so that TRL may train it, llmtune loads the GGUF itself), LoRA rank 16 /
 alpha 32 / dropout 0 on every linear layer of the decoder (``lora_target: all`` = peft's ``all-linear``), the
 prompts of ``examples/data/arith_grpo.json`` (the chatml prompt string llmtune's ``template: chatml`` builds,
 given to TRL as a plain-text prompt so both tokenize the same text), the reward ``examples/rewards.py:correct_sum``
@@ -72,12 +71,12 @@ def child_trl(a: argparse.Namespace) -> dict:
     torch.manual_seed(a.seed)
     gguf = Path(a.model)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf_dir = tempfile.mkdtemp(prefix="grpo_vs_trl_hf_")  # transformers refuses to train a GGUF-loaded model:
-    AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).save_pretrained(
-        hf_dir)                                           # saved once as a plain float32 HF folder
-    conf = Path(hf_dir) / "config.json"
-    conf.write_text(json.dumps({k: v for k, v in json.loads(conf.read_text()).items() if k != "quantization_config"}))
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are dequantized float32 tensors, but transformers marks a GGUF-loaded model quantized and
+    # refuses to train it: drop the mark (what saving it as a plain HF folder and reloading would give)
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     ds = Dataset.from_list([{"prompt": chatml_prompt(r["instruction"]), "solution": r["solution"]}
                             for r in load_rows()])
     n = a.prompts * a.generations
