@@ -15,7 +15,8 @@ per step, wall clock, each the sum of its calls in the step):
 * ``step``: the whole step (``Trainer.next_step`` + ``Trainer.train_step``); ``other``: step minus the phases.
 
 ``--variants`` runs several configurations (JSON: name -> extra config keys), interleaved ``--repeats`` times in
-one process (A, B, A, B...), for before/after figures on the same machine state. The load average is recorded:
+one process (A, B, A, B...), for before/after figures on the same machine state; ``"_cast_frozen": false`` runs
+rollouts without :func:`llmtune.train.precision.frozen_weights_cast` (autocast casting every call). The load average is recorded:
 on a shared machine timings are noisy.
 
 Usage (from the repository root)::
@@ -107,7 +108,10 @@ def run_job(a: argparse.Namespace, extra: dict, t: Timers) -> list[dict[str, flo
     cfg["reward_funcs"] = ",".join(f"{ROOT / 'examples' / 'rewards.py'}:{f}" for f in ("correct_sum", "brevity"))
     cfg.update(max_completion_length=a.new_tokens, max_steps=a.steps, plot_loss=False, disable_tqdm=True,
                overwrite_output_dir=True)
-    cfg.update(extra)
+    from llmtune.train.stages.grpo import GRPOStage
+
+    GRPOStage.cast_frozen = bool(extra.get("_cast_frozen", True))   # "_cast_frozen": false = the rollout before
+    cfg.update({k: v for k, v in extra.items() if not k.startswith("_")})
     n0 = len(t.steps)
     with tempfile.TemporaryDirectory() as out:
         cfg["output_dir"] = out

@@ -102,3 +102,27 @@ def test_log_prob_forwards_only_where_the_loss_needs_them(tmp_path, monkeypatch,
     assert len(calls) == forwards   # one micro-batch: reference (beta > 0) and old policy (num_iterations > 1)
     b = steps[0].updates[0][0]
     assert ("old_logps" in b) == (num_iterations > 1) and ("ref_logps" in b) == (beta > 0)
+
+
+def test_frozen_weights_cast_once_gives_autocasts_tokens_and_logps_bitwise_and_restores_the_weights():
+    from llmtune.train.precision import frozen_weights_cast
+
+    model = lora_model().eval()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as the real model
+    before = {k: p for k, p in model.named_parameters()}
+    runs = []
+    for cast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16), frozen_weights_cast(model, torch.bfloat16 if cast else None):
+            if cast:  # the frozen base linears hold bf16 copies; LoRA (trainable) and the embedding do not
+                assert model.lm_head.weight.dtype == torch.bfloat16
+                assert model.model.embed_tokens.weight.dtype == torch.float32
+                assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+            torch.manual_seed(0)
+            ro = generate_rollouts(model, [p for p in PROMPTS for _ in range(2)], max_new_tokens=6, do_sample=True,
+                                   temperature=1.0, top_k=0, eos_token_ids=EOS, pad_token_id=PAD, return_logps=True)
+        runs.append(ro)
+    assert torch.equal(runs[0].input_ids, runs[1].input_ids)
+    assert torch.equal(runs[0].logps, runs[1].logps)
+    after = {k: p for k, p in model.named_parameters()}
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight

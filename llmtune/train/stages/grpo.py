@@ -40,6 +40,7 @@ from llmtune.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages
 from llmtune.rewards import RewardFunc, compute_rewards, load_reward_funcs, parse_reward_weights, reward_metrics
 from llmtune.rollout import completion_metrics, generate_rollouts
 from llmtune.train.distributed import all_reduce_sum, rank, unwrap, world_size
+from llmtune.train.precision import frozen_weights_cast
 from llmtune.train.stages.base import OnlineStep, StageContext
 from llmtune.train.stages.ppo import policy_forward, response_labels
 
@@ -175,6 +176,9 @@ class GRPOStage:
     Raises: :class:`LLMTuneError` for an empty prompt set.
     """
 
+    #: rollouts under autocast hold the frozen weights cast once (:func:`llmtune.train.precision.frozen_weights_cast`)
+    cast_frozen: bool = True
+
     def __init__(self, config: Any, prompts: Sequence[dict], reward_funcs: list[tuple[str, RewardFunc]],
                  weights: list[float], tokenizer: Any, pad_token_id: int, stop_token_ids: Sequence[int],
                  ref_model: Optional[nn.Module] = None, on_save: Optional[Callable[[nn.Module], None]] = None) -> None:
@@ -266,7 +270,7 @@ class GRPOStage:
         model = unwrap(trainer.model)
         step_rows = self.next_prompts()
         rows = [step_rows[j // self.G] for j in range(self.rank * self.local, (self.rank + 1) * self.local)]
-        with trainer.autocast():
+        with trainer.autocast(), frozen_weights_cast(model, trainer.amp_dtype if self.cast_frozen else None):
             ro = generate_rollouts(model, [r["input_ids"] for r in rows], max_new_tokens=int(c.max_new_tokens),
                                    do_sample=bool(c.do_sample), temperature=float(c.temperature), top_k=int(c.top_k),
                                    top_p=float(c.top_p), eos_token_ids=self.stop_ids, pad_token_id=self.pad,
