@@ -16,8 +16,8 @@ per step, wall clock, each the sum of its calls in the step):
 
 ``--variants`` runs several configurations (JSON: name -> extra config keys), interleaved ``--repeats`` times in
 one process (A, B, A, B...), for before/after figures on the same machine state; ``"_cast_frozen": false`` runs
-rollouts without :func:`llmtune.train.precision.frozen_weights_cast` (autocast casting every call). The load average is recorded:
-on a shared machine timings are noisy.
+rollouts without :func:`llmtune.train.precision.frozen_weights_cast` (autocast casting every call). The load
+average is recorded: on a shared machine timings are noisy.
 
 Usage (from the repository root)::
 

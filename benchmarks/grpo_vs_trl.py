@@ -1,7 +1,8 @@
 """Benchmark: one GRPO job through TRL's ``GRPOTrainer`` and through ``llmtune train --stage grpo``, in one run.
 
 The job (the same on both sides): the real model (``--model``, SmolLM2-135M-Instruct Q4_1 GGUF; transformers
-dequantizes it with ``gguf_file=`` into float32 weights, unmarked as quantized so that TRL may train it, llmtune loads the GGUF itself), LoRA rank 16 /
+dequantizes it with ``gguf_file=`` into float32 weights, unmarked as quantized so that TRL may train it, llmtune
+loads the GGUF itself), LoRA rank 16 /
 alpha 32 / dropout 0 on every linear layer of the decoder (``lora_target: all`` = peft's ``all-linear``), the
 prompts of ``examples/data/arith_grpo.json`` (the chatml prompt string llmtune's ``template: chatml`` builds,
 given to TRL as a plain-text prompt so both tokenize the same text), the reward ``examples/rewards.py:correct_sum``

@@ -270,7 +270,8 @@ class GRPOStage:
         model = unwrap(trainer.model)
         step_rows = self.next_prompts()
         rows = [step_rows[j // self.G] for j in range(self.rank * self.local, (self.rank + 1) * self.local)]
-        with trainer.autocast(), frozen_weights_cast(model, trainer.amp_dtype if self.cast_frozen else None):
+        amp = getattr(trainer, "amp_dtype", None) if self.cast_frozen else None
+        with trainer.autocast(), frozen_weights_cast(model, amp):
             ro = generate_rollouts(model, [r["input_ids"] for r in rows], max_new_tokens=int(c.max_new_tokens),
                                    do_sample=bool(c.do_sample), temperature=float(c.temperature), top_k=int(c.top_k),
                                    top_p=float(c.top_p), eos_token_ids=self.stop_ids, pad_token_id=self.pad,
