@@ -277,6 +277,8 @@ class TrainConfig:
                             choices=("group", "batch", "none"), value_aliases={"true": "group", "false": "none"})
     num_iterations: int = rl(1, "grpo: optimisation passes per batch of completions", ge=1)
     mask_truncated_completions: bool = rl(False, "grpo: leave completions cut by max_new_tokens out of the loss")
+    max_tokens_per_micro_batch: Optional[int] = rl(None, "grpo: most prompt + completion tokens in one micro-batch "
+                                                   "(larger ones are split; unset = no limit)", ge=1)
 
     # -- generation ----------------------------------------------------------------------------------
     do_sample: bool = gen(True, "sample (false: greedy decoding)")

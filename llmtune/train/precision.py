@@ -6,9 +6,11 @@ bfloat16 support query for the CPU.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
+from torch import nn
 
 from llmtune.errors import LLMTuneError, notice
 
@@ -68,3 +70,35 @@ def resolve_precision(bf16: bool, fp16: bool, device_type: str) -> Optional[torc
             return None
         return torch.float16
     return None
+
+
+@contextlib.contextmanager
+def frozen_weights_cast(model: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """Inside the context every frozen float32 ``nn.Linear`` weight of ``model`` is a ``dtype`` copy, cast once.
+
+    Under ``torch.autocast(dtype=dtype)`` a linear layer casts its float32 weight to ``dtype`` on every call;
+    autocast caches that cast only for leaf tensors that require grad, so a frozen base (LoRA) is cast again at
+    every decode step of a rollout (on the CPU the cast costs more than the bf16 matmul). Holding the cast copy
+    gives the same ``dtype`` operands, hence the same outputs, once per context instead of once per call. A tied
+    ``lm_head`` gets its own copy (the embedding keeps its float32 weight); the original parameters are put back
+    on exit, whatever happens. Memory: one ``dtype`` copy of the frozen linear weights while inside.
+
+    Args:
+        model: any module; only ``nn.Linear`` layers whose weight is float32 and frozen are touched.
+        dtype: the autocast dtype; ``None`` or float32 = nothing is done. Use it only inside that autocast.
+
+    Source: ``torch.autocast``'s weight-cast cache rule (leaf tensors with ``requires_grad``), PyTorch AMP docs.
+    """
+    swapped: list[tuple[nn.Linear, nn.Parameter]] = []
+    try:
+        if dtype is not None and dtype != torch.float32:
+            for m in model.modules():
+                w = getattr(m, "weight", None)
+                if isinstance(m, nn.Linear) and isinstance(w, nn.Parameter) and w.dtype == torch.float32 \
+                        and not w.requires_grad:
+                    m.weight = nn.Parameter(w.detach().to(dtype), requires_grad=False)
+                    swapped.append((m, w))
+        yield
+    finally:
+        for m, w in swapped:
+            m.weight = w

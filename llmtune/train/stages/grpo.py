@@ -42,10 +42,12 @@ from llmtune.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages
 from llmtune.rewards import RewardFunc, compute_rewards, load_reward_funcs, parse_reward_weights, reward_metrics
 from llmtune.rollout import completion_metrics, generate_rollouts
 from llmtune.train.distributed import all_reduce_sum, rank, unwrap, world_size
+from llmtune.train.precision import frozen_weights_cast
 from llmtune.train.stages.base import OnlineStep, StageContext
-from llmtune.train.stages.ppo import policy_forward
+from llmtune.train.stages.ppo import policy_forward, response_labels
 
-__all__ = ["GRPOStage", "build_grpo_stage", "check_grpo_config", "drop_vision_completions", "scale_rewards_value"]
+__all__ = ["GRPOStage", "build_grpo_stage", "check_grpo_config", "completion_forward", "drop_vision_completions",
+           "micro_batch_slices", "scale_rewards_value"]
 
 
 def _cat_vision(rows: Sequence[dict]) -> dict:
@@ -114,6 +116,74 @@ def check_grpo_config(cfg: Any, reward_funcs: Optional[Sequence[Any]] = None) ->
                            "folder)")
 
 
+def completion_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                       completion_mask: torch.Tensor, temperature: float = 1.0, entropy: bool = False,
+                       packed: bool = True, **vision: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token log-probs (and entropy) of the completions of a rollout micro-batch, padding-free by default.
+
+    ``packed``: the rows' real tokens (``attention_mask > 0``: the prompt without its left padding, the completion
+    up to its stop token) are concatenated into one ``(1, K)`` row with segment ids ``1..N`` (segment-aware
+    attention, positions from 0 per segment, as the padding-free collator packs training rows), so no padding
+    column is computed; the log-probs are scattered back to the ``(N, C)`` completion layout. ``packed=False``:
+    :func:`llmtune.train.stages.ppo.policy_forward` on the padded ``(N, P + C)`` rows. Both give the same
+    values up to floating-point rounding (the same tokens attend to the same tokens).
+
+    Args:
+        model: the policy (or reference) transformer with ``lm_head``.
+        input_ids, attention_mask: ``(N, P + C)`` (:class:`llmtune.rollout.Rollout` layout; mask 0/1).
+        prompt_len: ``P``. completion_mask: ``(N, C)``: tokens whose log-prob is returned (0 elsewhere).
+        temperature: log-probs of ``logits / temperature``. entropy: also return the per-token entropy.
+        **vision: a vision-language policy's ``pixel_values`` / ``image_grid_thw`` (then the padded path).
+
+    Returns: ``{"logps": (N, C) float32}`` (+ ``"entropy": (N, C) float32``, no gradient), 0 where
+    ``completion_mask`` is 0; differentiable unless called under ``no_grad``.
+
+    Source: the rollout layout of :mod:`llmtune.rollout`; token log-probs as :func:`llmtune.losses.token_logps`.
+    """
+    if not packed or vision:   # images: the padded rows (M-RoPE positions are per row)
+        return policy_forward(model, input_ids, attention_mask, prompt_len, completion_mask, temperature,
+                              values=False, entropy=entropy, **vision)
+    from llmtune.losses import entropy_from_hidden, token_logps
+
+    keep = attention_mask > 0                                                    # (N, P + C)
+    n = input_ids.shape[0]
+    seg = torch.repeat_interleave(torch.arange(1, n + 1, device=input_ids.device), keep.sum(1))[None]
+    hidden = model(input_ids[keep][None], attention_mask=seg)                    # (1, K, H)
+    labels = response_labels(input_ids, prompt_len, completion_mask)[keep][None]  # -100 on every prompt token
+    lp = token_logps(hidden, model.lm_head.weight, labels, temperature=temperature)[0]
+    out = {"logps": lp.new_zeros(keep.shape).masked_scatter(keep, lp)[:, prompt_len:]}
+    if entropy:
+        h = hidden[0].detach()
+        full = h.new_zeros(keep.shape + (h.shape[-1],)).masked_scatter(keep[..., None], h)
+        out["entropy"] = entropy_from_hidden(full[:, prompt_len - 1:-1], model.lm_head.weight.detach(),
+                                             mask=completion_mask.bool(), temperature=temperature)
+    return out
+
+
+def micro_batch_slices(tokens: Sequence[int], batch_size: int, max_tokens: Optional[int]) -> list[slice]:
+    """Consecutive row slices: at most ``batch_size`` rows each and, with ``max_tokens``, at most that many tokens
+    (``tokens[i]``: what row ``i`` costs the forward), a batch_size chunk split greedily where it would exceed.
+
+    Raises:
+        LLMTuneError: a row alone over ``max_tokens`` (naming the key and the row's size).
+    """
+    out: list[slice] = []
+    for s in range(0, len(tokens), batch_size):
+        start, used = s, 0
+        for i in range(s, min(s + batch_size, len(tokens))):
+            t = int(tokens[i])
+            if max_tokens and t > max_tokens:
+                raise LLMTuneError(f"max_tokens_per_micro_batch: completion {i} of this step needs {t} tokens "
+                                   f"(prompt + completion), more than max_tokens_per_micro_batch {max_tokens}; "
+                                   f"raise it to at least {t} or lower cutoff_len / max_completion_length")
+            if max_tokens and used + t > max_tokens and i > start:
+                out.append(slice(start, i))
+                start, used = i, 0
+            used += t
+        out.append(slice(start, min(s + batch_size, len(tokens))))
+    return out
+
+
 class GRPOStage:
     """The GRPO online stage (see the module docstring).
 
@@ -131,6 +201,9 @@ class GRPOStage:
 
     Raises: :class:`LLMTuneError` for an empty prompt set.
     """
+
+    #: rollouts under autocast hold the frozen weights cast once (:func:`llmtune.train.precision.frozen_weights_cast`)
+    cast_frozen: bool = True
 
     def __init__(self, config: Any, prompts: Sequence[dict], reward_funcs: list[tuple[str, RewardFunc]],
                  weights: list[float], tokenizer: Any, pad_token_id: int, stop_token_ids: Sequence[int],
@@ -151,6 +224,8 @@ class GRPOStage:
         self.beta = float(config.beta)
         self.scale_rewards = scale_rewards_value(config.scale_rewards)
         self.temperature = float(config.temperature) if config.do_sample else 1.0
+        self.packed = bool(getattr(config, "padding_free", True))
+        self.max_tokens = getattr(config, "max_tokens_per_micro_batch", None)
         self._order: list[int] = []
         self._epoch = 0
         #: prompts with images (vision-language models): the image processor and each row's processed images
@@ -181,24 +256,25 @@ class GRPOStage:
         self._order, self._epoch = [int(i) for i in state["order"]], int(state["epoch"])
 
     def _logps(self, model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, p: int, mask: torch.Tensor,
-               trainer: Any, reference: bool, vision: Sequence[dict]) -> torch.Tensor:
-        """``(N, C)`` log-probs of the completions, in micro-batches, no gradient (policy or reference)."""
+               trainer: Any, reference: bool, slices: Sequence[slice], vision: Sequence[dict]) -> torch.Tensor:
+        """``(N, C)`` log-probs of the completions in the training micro-batches ``slices`` and the training
+        layout (:func:`completion_forward`), no gradient (policy or reference)."""
         from llmtune import peft
 
         out = []
-        for i in range(0, ids.shape[0], self.bs):
-            sl = slice(i, i + self.bs)
+        for sl in slices:
             vis = _cat_vision(vision[sl])
             with trainer.autocast():
                 if reference and self.ref_model is not None:
-                    lp = policy_forward(self.ref_model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False,
-                                        **vis)
+                    lp = completion_forward(self.ref_model, ids[sl], attn[sl], p, mask[sl], self.temperature,
+                                            packed=self.packed, **vis)
                 elif reference:
                     with peft.disable_adapters(model):
-                        lp = policy_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False,
-                                            **vis)
+                        lp = completion_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature,
+                                                packed=self.packed, **vis)
                 else:
-                    lp = policy_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature, values=False, **vis)
+                    lp = completion_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature,
+                                            packed=self.packed, **vis)
             out.append(lp["logps"].float())
         return torch.cat(out)
 
@@ -239,7 +315,8 @@ class GRPOStage:
         rows = [step_rows[j // self.G] for j in range(self.rank * self.local, (self.rank + 1) * self.local)]
         vision = [self._vision(r, model) for r in rows]   # per completion: its prompt's images (or {})
         images = model.generation_images(vision) if any(vision) else contextlib.nullcontext()
-        with trainer.autocast(), images:
+        amp = getattr(trainer, "amp_dtype", None) if self.cast_frozen else None
+        with trainer.autocast(), frozen_weights_cast(model, amp), images:
             ro = generate_rollouts(model, [r["input_ids"] for r in rows], max_new_tokens=int(c.max_new_tokens),
                                    do_sample=bool(c.do_sample), temperature=float(c.temperature), top_k=int(c.top_k),
                                    top_p=float(c.top_p), eos_token_ids=self.stop_ids, pad_token_id=self.pad,
@@ -270,18 +347,20 @@ class GRPOStage:
             if n_bad:
                 notice(f"stage grpo: {n_bad} completion(s) sampled an image/video pad token; they are left out of "
                        "the loss (their tokens cannot be scored without image features)")
+        cost = attn.sum(1).tolist() if self.packed else [ids.shape[1]] * ids.shape[0]
+        slices = micro_batch_slices(cost, self.bs, self.max_tokens)
         model.eval()
-        try:
-            old = self._logps(model, ids, attn, p, mask, trainer, False, vision) if self.num_iterations > 1 else None
-            ref = self._logps(model, ids, attn, p, mask, trainer, True, vision) if self.beta > 0 else None
+        try:  # with num_iterations 1 the ratio is exp(logps - logps.detach()): no old-policy forward
+            old = (self._logps(model, ids, attn, p, mask, trainer, False, slices, vision)
+                   if self.num_iterations > 1 else None)
+            ref = self._logps(model, ids, attn, p, mask, trainer, True, slices, vision) if self.beta > 0 else None
         finally:
             model.train()
         metrics = reward_metrics(rewards, per_func, [n for n, _ in self.funcs], self.G)
         metrics.update(completion_metrics(lengths[:, 0].long(), lengths[:, 1].bool()))
         metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
 
-        def micro(s: int) -> dict:
-            sl = slice(s, s + self.bs)
+        def micro(sl: slice) -> dict:
             b = {"input_ids": ids[sl], "attention_mask": attn[sl], "completion_mask": mask[sl], "prompt_len": p,
                  "advantages": adv[sl]}
             b.update(_cat_vision(vision[sl]))
@@ -291,16 +370,15 @@ class GRPOStage:
                 b["ref_logps"] = ref[sl]
             return b
 
-        n = ids.shape[0]
-        return [OnlineStep(updates=[[micro(s) for s in range(0, n, self.bs)]], metrics=dict(metrics))
+        return [OnlineStep(updates=[[micro(sl) for sl in slices]], metrics=dict(metrics))
                 for _ in range(self.num_iterations)]
 
     def loss(self, model: nn.Module, batch: dict, ctx: StageContext) -> tuple[torch.Tensor, int, dict]:
         """:func:`llmtune.losses.grpo_loss` of one micro-batch (``(loss_sum, num_items, metrics)``)."""
         c = self.cfg
-        out = policy_forward(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
-                             batch["completion_mask"], self.temperature, values=False, entropy=True,
-                             **vision_inputs(batch))
+        out = completion_forward(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
+                                 batch["completion_mask"], self.temperature, entropy=True, packed=self.packed,
+                                 **vision_inputs(batch))
         return grpo_loss(out["logps"], batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"],
                          batch["completion_mask"], loss_type=str(c.loss_type), epsilon=float(c.epsilon),
                          epsilon_high=c.epsilon_high, beta=self.beta,

@@ -45,6 +45,7 @@ from llmtune.losses import (AdaptiveKLController, FixedKLController, entropy_fro
                             kl_penalty_rewards, ppo_policy_loss, ppo_value_loss, token_logps, whiten)
 from llmtune.rollout import generate_rollouts
 from llmtune.train.distributed import all_reduce_sum, rank, unwrap, world_size
+from llmtune.train.precision import frozen_weights_cast
 from llmtune.train.stages.base import OnlineStep, StageContext
 from llmtune.train.stages.ppo_reward import (RewardFn, RewardModel, RunningMoments, check_reward_folder,
                                              load_reward_model)
@@ -183,7 +184,7 @@ class PPOStage:
         c = self.cfg
         model = unwrap(trainer.model)
         rows = self.next_prompts()
-        with trainer.autocast():
+        with trainer.autocast(), frozen_weights_cast(model, getattr(trainer, "amp_dtype", None)):  # cast once
             ro = generate_rollouts(model, [r["input_ids"] for r in rows], max_new_tokens=int(c.max_new_tokens),
                                    do_sample=bool(c.do_sample), temperature=float(c.temperature),
                                    top_k=int(c.top_k), top_p=float(c.top_p), eos_token_ids=self.stop_ids,

@@ -1,0 +1,128 @@
+"""GRPO step savings (issue 28): padding-free completion log-probs against per-row forwards computed by hand,
+micro-batches split by ``max_tokens_per_micro_batch`` without changing the loss or the gradients (float32,
+1e-6), and no old-policy forward when ``num_iterations`` is 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmtune.errors import LLMTuneError
+from llmtune.rollout import generate_rollouts
+from llmtune.train.stages import grpo as grpo_mod
+from llmtune.train.stages.grpo import GRPOStage, completion_forward, micro_batch_slices
+from llmtune.train.trainer import Trainer
+from test_grpo import ROWS, grpo_config
+from test_ppo import EOS, PAD, PROMPTS, FakeTokenizer, lora_model
+
+
+def _rollout(model, seed=0):
+    torch.manual_seed(seed)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    return generate_rollouts(model, prompts, max_new_tokens=6, do_sample=True, temperature=1.0, top_k=0,
+                             eos_token_ids=EOS, pad_token_id=PAD)
+
+
+def test_packed_completion_logps_and_entropy_equal_per_row_forwards_by_hand():
+    model = lora_model().eval()
+    ro = _rollout(model)
+    p, t = ro.prompt_len, 0.7
+    with torch.no_grad():
+        packed = completion_forward(model, ro.input_ids, ro.attention_mask, p, ro.completion_mask, t, entropy=True)
+        padded = completion_forward(model, ro.input_ids, ro.attention_mask, p, ro.completion_mask, t, entropy=True,
+                                    packed=False)
+        for i in range(ro.input_ids.shape[0]):  # reference: each row alone, no padding, softmax by hand
+            ids = ro.input_ids[i][ro.attention_mask[i] > 0]
+            plen = int(ro.attention_mask[i, :p].sum())
+            logits = model(ids[None])[0] @ model.lm_head.weight.T / t              # (L, V)
+            logp = torch.log_softmax(logits.float(), -1)
+            n = int(ro.completion_mask[i].sum())
+            want = logp[plen - 1:plen - 1 + n].gather(-1, ids[plen:plen + n, None])[:, 0]
+            ent = -(logp.exp() * logp).sum(-1)[plen - 1:plen - 1 + n]
+            torch.testing.assert_close(packed["logps"][i, :n], want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(packed["entropy"][i, :n], ent, atol=1e-5, rtol=0)
+            assert (packed["logps"][i, n:] == 0).all()
+    torch.testing.assert_close(packed["logps"], padded["logps"], atol=1e-5, rtol=0)
+
+
+def test_micro_batch_slices_hand_cases_and_one_row_over_the_budget_is_one_clear_error():
+    assert micro_batch_slices([3, 3, 3, 1], 4, None) == [slice(0, 4)]
+    assert micro_batch_slices([3, 3, 3, 1], 2, None) == [slice(0, 2), slice(2, 4)]
+    assert micro_batch_slices([3, 3, 3, 1], 4, 6) == [slice(0, 2), slice(2, 4)]
+    assert micro_batch_slices([3, 3, 3, 1, 5], 4, 7) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    with pytest.raises(LLMTuneError, match="max_tokens_per_micro_batch.*completion 1.*10 tokens"):
+        micro_batch_slices([3, 10, 2], 4, 5)
+
+
+def _step(tmp_path, **kw):
+    """One GRPO rollout (seeded) and its step loss + gradients, as the trainer accumulates them."""
+    cfg = grpo_config(tmp_path, **kw)  # float32: no bf16/fp16
+    model = lora_model()
+    stage = GRPOStage(cfg, ROWS, [("len", lambda prompts, completions, **k: [float(len(c)) for c in completions])],
+                      [1.0], FakeTokenizer(), PAD, EOS)
+    trainer = Trainer(model, cfg, ROWS, online=stage)
+    torch.manual_seed(0)
+    steps = stage.make_experience(trainer)
+    micro = steps[0].updates[0]
+    model.zero_grad()
+    total, items = torch.zeros(()), 0
+    for b in micro:
+        loss_sum, n, _ = stage.loss(model, b, None)
+        total, items = total + loss_sum, items + n
+    loss = total / items
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, micro
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_token_budget_splits_micro_batches_without_changing_the_loss(tmp_path, loss_type):
+    kw = dict(loss_type=loss_type, beta=0.1, num_iterations=2, per_device_train_batch_size=8,
+              gradient_accumulation_steps=1)
+    loss_a, grads_a, micro_a = _step(tmp_path / "a", **kw)
+    loss_b, grads_b, micro_b = _step(tmp_path / "b", max_tokens_per_micro_batch=20, **kw)
+    assert len(micro_a) == 1 and len(micro_b) > 1
+    assert all(int(b["attention_mask"].sum()) <= 20 for b in micro_b)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=0)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("num_iterations,beta,forwards", [(1, 0.0, 0), (1, 0.1, 1), (2, 0.1, 2), (2, 0.0, 1)])
+def test_log_prob_forwards_only_where_the_loss_needs_them(tmp_path, monkeypatch, num_iterations, beta, forwards):
+    calls = []
+    real = grpo_mod.completion_forward
+    monkeypatch.setattr(grpo_mod, "completion_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = grpo_config(tmp_path, beta=beta, num_iterations=num_iterations, per_device_train_batch_size=8,
+                      gradient_accumulation_steps=1)
+    stage = GRPOStage(cfg, ROWS, [("len", lambda prompts, completions, **k: [1.0] * len(completions))], [1.0],
+                      FakeTokenizer(), PAD, EOS)
+    steps = stage.make_experience(Trainer(lora_model(), cfg, ROWS, online=stage))
+    assert len(calls) == forwards   # one micro-batch: reference (beta > 0) and old policy (num_iterations > 1)
+    b = steps[0].updates[0][0]
+    assert ("old_logps" in b) == (num_iterations > 1) and ("ref_logps" in b) == (beta > 0)
+
+
+def test_frozen_weights_cast_once_gives_autocasts_tokens_and_logps_bitwise_and_restores_the_weights():
+    from llmtune.train.precision import frozen_weights_cast
+
+    model = lora_model().eval()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as the real model
+    before = {k: p for k, p in model.named_parameters()}
+    runs = []
+    for cast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16), frozen_weights_cast(model, torch.bfloat16 if cast else None):
+            if cast:  # the frozen base linears hold bf16 copies; LoRA (trainable) and the embedding do not
+                assert model.lm_head.weight.dtype == torch.bfloat16
+                assert model.model.embed_tokens.weight.dtype == torch.float32
+                assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+            torch.manual_seed(0)
+            ro = generate_rollouts(model, [p for p in PROMPTS for _ in range(2)], max_new_tokens=6, do_sample=True,
+                                   temperature=1.0, top_k=0, eos_token_ids=EOS, pad_token_id=PAD, return_logps=True)
+        runs.append(ro)
+    assert torch.equal(runs[0].input_ids, runs[1].input_ids)
+    assert torch.equal(runs[0].logps, runs[1].logps)
+    after = {k: p for k, p in model.named_parameters()}
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
