@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from llmtune.serve.errors import APIError
+
 __all__ = ["APIError", "GenParams", "parse_chat", "parse_completion", "error_body", "TextStream", "new_id"]
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -25,15 +27,6 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
           503: "service_unavailable", 504: "timeout", 500: "server_error"}
 
 _UNSUPPORTED = ("logit_bias", "functions", "function_call", "audio", "modalities", "prediction")
-
-
-class APIError(Exception):
-    """A client-facing error: ``status`` (int HTTP status), ``message`` (str), ``param`` (the request field or
-    None), ``code`` (OpenAI's short code or None)."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:

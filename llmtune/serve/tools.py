@@ -21,7 +21,7 @@ import re
 import uuid
 from typing import Any, Optional
 
-from llmtune.serve.protocol import APIError
+from llmtune.serve.errors import APIError
 
 __all__ = ["check_tools", "tool_call_turn", "parse_tool_calls"]
 
