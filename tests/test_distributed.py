@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tiny_helpers import VOCAB, rows, tiny_model
 
-from llmtune.train.distributed import fsdp_options, shard_indices
+from llmtune.train.distributed import shard_indices
+from llmtune.train.wrap import fsdp_options
 from llmtune.train.logging import read_log
 from config_helpers import make_config
 
@@ -114,7 +115,7 @@ def test_world_size_without_torchrun_variables_is_a_clear_error(monkeypatch):
 
 def test_fsdp_shards_lora_too():
     from llmtune.peft import apply_lora
-    from llmtune.train.distributed import choose_strategy
+    from llmtune.train.wrap import choose_strategy
 
     model = tiny_model()
     assert choose_strategy(model, make_config(fsdp="full_shard", finetuning_type="full")) == "fsdp"
@@ -128,7 +129,7 @@ def test_fsdp_shards_lora_too():
 def _ddp_worker(rank, init_file, tmp, _unused=None):
     _init(rank, init_file)
     from llmtune.peft import apply_lora
-    from llmtune.train.distributed import DDPModel
+    from llmtune.train.wrap import DDPModel
     from llmtune.train.trainer import Trainer
 
     data = rows(LENGTHS)
@@ -200,7 +201,7 @@ def _fsdp_worker(rank, init_file, tmp, _unused=None):
     _init(rank, init_file)
     from torch.distributed.fsdp import FSDPModule
 
-    from llmtune.train.distributed import gather_full_state_dict
+    from llmtune.train.wrap import gather_full_state_dict
     from llmtune.train.trainer import Trainer
 
     data = rows(LENGTHS)

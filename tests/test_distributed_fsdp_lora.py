@@ -68,7 +68,7 @@ def _worker(rank, init_file, tmp, bits):
     from torch.distributed.fsdp import FSDPModule
 
     from llmtune.peft.io import save_adapter
-    from llmtune.train.distributed import full_parameters, gather_full_state_dict
+    from llmtune.train.wrap import full_parameters, gather_full_state_dict
     from llmtune.train.trainer import Trainer
 
     data = rows(LENGTHS)
@@ -246,7 +246,7 @@ def _best_worker(rank, init_file, tmp):
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from llmtune.train.distributed import gather_full_state_dict
+    from llmtune.train.wrap import gather_full_state_dict
     from llmtune.train.trainer import Trainer
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
