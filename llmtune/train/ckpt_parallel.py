@@ -159,6 +159,7 @@ class TensorsView:
         self.named = named
 
     def named_parameters(self, remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` pairs as ``nn.Module.named_parameters`` gives them (shared tensors once by default)."""
         seen: set[int] = set()
         for n, t in self.named:
             if remove_duplicate and id(t) in seen:
@@ -175,9 +176,11 @@ class OptimizerView:
         self.sd, self.loaded = sd, None
 
     def state_dict(self) -> dict[str, Any]:
+        """The gathered optimizer state given at construction."""
         return self.sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Keep ``sd`` (full tensors) for the caller to shard."""
         self.loaded = sd
 
 
