@@ -28,7 +28,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from llmtune.errors import LLMTuneError
-from llmtune.fileio import publish_dir
+from llmtune.fileio import publish_dir, strict_dumps
 from llmtune.train import checkpoint as ckpt
 from llmtune.train.distributed import all_reduce_sum, barrier, rank, world_size
 from llmtune.train.wrap import full_tensor, gather_trainable, is_fsdp, unwrap
@@ -96,7 +96,7 @@ def save_sharded(trainer: Any, rng_state: dict[str, Any]) -> Optional[Path]:
         if trainer.scaler is not None and trainer.scaler.is_enabled():
             (tmp / "scaler.json").write_text(json.dumps(ckpt.to_jsonable(trainer.scaler.state_dict())))
         state = dict(trainer.state_dict(), strategy="fsdp")
-        (tmp / ckpt.TRAINER_STATE).write_text(ckpt.strict_dumps(state, indent=1))  # written last, strict JSON
+        (tmp / ckpt.TRAINER_STATE).write_text(strict_dumps(state, indent=1))  # written last, strict JSON
         publish_dir(tmp, final)
     barrier()
     return final if r == 0 else None
