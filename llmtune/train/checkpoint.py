@@ -1,5 +1,9 @@
 """Training checkpoints without pickles: safetensors for tensors, JSON for everything else.
 
+This is the single-process format (also written by rank 0 of DDP runs and of FSDP2 runs with frozen
+parameters) and the discovery, rotation and reading helpers of every format. The trainer does not call it
+directly: :mod:`llmtune.train.checkpointer` (``save``/``load``) picks the format.
+
 A checkpoint is a folder ``output_dir/checkpoint-<global_step>`` holding
 
 * ``trainable.safetensors``: the trainable parameters by their Hugging Face names (every parameter for full
