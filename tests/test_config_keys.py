@@ -168,7 +168,7 @@ def test_every_key_is_described_once_in_a_group():
 def test_allowed_values_agree_with_the_modules_that_use_them():
     from llmtune.config import keys
     from llmtune.models.gguf_writer import GGUF_TYPES
-    from llmtune.train.distributed import FSDP_TOKENS
+    from llmtune.train.wrap import FSDP_TOKENS
     from llmtune.train.stages.pref import PREF_LOSSES
 
     assert set(keys.PREF_LOSSES) == set(PREF_LOSSES)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,13 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import free_port, identity_data, subprocess_env
 from spawn_helpers import spawn_ranks
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tiny_helpers import VOCAB, rows, tiny_model
 
-from llmtune.train.distributed import fsdp_options, shard_indices
+from llmtune.train.distributed import shard_indices
+from llmtune.train.wrap import fsdp_options
 from llmtune.train.logging import read_log
 from config_helpers import make_config
 
@@ -114,7 +115,7 @@ def test_world_size_without_torchrun_variables_is_a_clear_error(monkeypatch):
 
 def test_fsdp_shards_lora_too():
     from llmtune.peft import apply_lora
-    from llmtune.train.distributed import choose_strategy
+    from llmtune.train.wrap import choose_strategy
 
     model = tiny_model()
     assert choose_strategy(model, make_config(fsdp="full_shard", finetuning_type="full")) == "fsdp"
@@ -128,7 +129,7 @@ def test_fsdp_shards_lora_too():
 def _ddp_worker(rank, init_file, tmp, _unused=None):
     _init(rank, init_file)
     from llmtune.peft import apply_lora
-    from llmtune.train.distributed import DDPModel
+    from llmtune.train.wrap import DDPModel
     from llmtune.train.trainer import Trainer
 
     data = rows(LENGTHS)
@@ -200,7 +201,7 @@ def _fsdp_worker(rank, init_file, tmp, _unused=None):
     _init(rank, init_file)
     from torch.distributed.fsdp import FSDPModule
 
-    from llmtune.train.distributed import gather_full_state_dict
+    from llmtune.train.wrap import gather_full_state_dict
     from llmtune.train.trainer import Trainer
 
     data = rows(LENGTHS)
@@ -266,44 +267,20 @@ def test_fsdp_full_finetuning_matches_single_process_and_resumes(tmp_path):
     print(f"fsdp test: {time.time() - t0:.1f} s")
 
 
-# -- the command line under torchrun, on the real model --------------------------------------------
-def _identity_data(shared_data_dir, folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    text = (shared_data_dir / "identity.json").read_text(encoding="utf-8")
-    (folder / "identity.json").write_text(text.replace("{{name}}", "Zorbly").replace("{{author}}", "Quill"),
-                                          encoding="utf-8")
-    (folder / "dataset_info.json").write_text(json.dumps({"identity": {"file_name": "identity.json"}}))
-    return folder
-
-
-def _env():
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
-    return env
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# -- the command line under torchrun, on the real model (tests/cli_helpers.py) -----------------------
 @pytest.mark.real
 def test_torchrun_sft_lora_on_the_real_model_saves_an_adapter(real_model_path, shared_data_dir, tmp_path):
     t0 = time.time()
-    data = _identity_data(shared_data_dir, tmp_path / "data")
+    data = identity_data(shared_data_dir, tmp_path / "data")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "llmtune", "train", "--stage", "sft", "--do_train", "true",
+           str(free_port()), "-m", "llmtune", "train", "--stage", "sft", "--do_train", "true",
            "--model_name_or_path", str(real_model_path), "--dataset", "identity", "--dataset_dir", str(data),
            "--template", "chatml", "--finetuning_type", "lora", "--lora_target", "q_proj,v_proj",
            "--lora_rank", "4", "--cutoff_len", "64", "--max_samples", "8", "--per_device_train_batch_size", "2",
            "--max_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-3", "--output_dir", str(out),
            "--ddp_timeout", "300", "--report_to", "none"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     adapter = load_file(str(out / "adapter_model.safetensors"))
@@ -327,13 +304,13 @@ def test_a_killed_rank_stops_the_other_with_a_message_within_ddp_timeout(real_mo
 
     folder = real_tokenizer_folder(real_model_path, tmp_path / "tiny", hidden_size=16, intermediate_size=32,
                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-    data = _identity_data(shared_data_dir, tmp_path / "data")
+    data = identity_data(shared_data_dir, tmp_path / "data")
     out = tmp_path / "out"
     timeout = 20
-    port = _free_port()
+    port = free_port()
     procs = []
     for r in range(WORLD):
-        env = dict(_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+        env = dict(subprocess_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         cmd = [sys.executable, "-m", "llmtune", "train", "--stage", "sft", "--model_name_or_path", str(folder),
                "--dataset", "identity", "--dataset_dir", str(data), "--template", "chatml", "--finetuning_type",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import identity_data, subprocess_env
 from spawn_helpers import spawn_ranks
 import torch
 from safetensors.torch import load_file
@@ -68,7 +69,7 @@ def _worker(rank, init_file, tmp, bits):
     from torch.distributed.fsdp import FSDPModule
 
     from llmtune.peft.io import save_adapter
-    from llmtune.train.distributed import full_parameters, gather_full_state_dict
+    from llmtune.train.wrap import full_parameters, gather_full_state_dict
     from llmtune.train.trainer import Trainer
 
     data = rows(LENGTHS)
@@ -246,7 +247,7 @@ def _best_worker(rank, init_file, tmp):
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from llmtune.train.distributed import gather_full_state_dict
+    from llmtune.train.wrap import gather_full_state_dict
     from llmtune.train.trainer import Trainer
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -280,13 +281,10 @@ def test_fsdp_lora_load_best_model_at_end_matches_one_process(tmp_path):
 
 # -- the command line under torchrun: a tiny model folder with the real model's tokenizer ---------------
 def _cli(args, nproc, cwd):
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
+    env = subprocess_env()
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     proc = subprocess.run([sys.executable, *launcher, "-m", "llmtune", "train", *args], capture_output=True, text=True,
                           env=env, timeout=600, cwd=cwd)
@@ -297,15 +295,9 @@ def _cli(args, nproc, cwd):
 @pytest.mark.real
 @pytest.mark.parametrize("bits", [None, 4])
 def test_torchrun_fsdp_lora_cli_matches_one_process(real_model_path, shared_data_dir, tmp_path, bits):
-    import json
-
     t0 = time.time()
     folder = real_tokenizer_folder(real_model_path, tmp_path / "tiny")
-    data = tmp_path / "data"
-    data.mkdir()
-    text = (shared_data_dir / "identity.json").read_text(encoding="utf-8")
-    (data / "identity.json").write_text(text.replace("{{name}}", "Zorbly").replace("{{author}}", "Quill"))
-    (data / "dataset_info.json").write_text(json.dumps({"identity": {"file_name": "identity.json"}}))
+    data = identity_data(shared_data_dir, tmp_path / "data")
     common = ["--stage", "sft", "--do_train", "true", "--model_name_or_path", str(folder), "--dataset", "identity",
               "--dataset_dir", str(data), "--template", "chatml", "--finetuning_type", "lora", "--lora_target", "all",
               "--lora_rank", "4", "--cutoff_len", "32", "--max_samples", "16", "--max_steps", "3",

@@ -6,14 +6,13 @@ chain (its rm command with `--lora_target value`, then its rlhf command with `--
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cli_helpers import run_cli
 from seed_commands import find_seed_command
 
 pytestmark = pytest.mark.real
@@ -91,14 +90,6 @@ RM_ROWS = [
 ]
 INFO = {"my_sft_data": {"file_name": "sft_data.json", "columns": ALPACA, "type": "sft"},
         "my_rm_data": {"file_name": "rm_data.json", "columns": ALPACA, "type": "rm"}}
-
-
-def run_cli(argv, cwd, ok=True):
-    env = dict(os.environ, LLMTUNE_CACHE=str(Path(cwd) / ".cache"), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if ok:
-        assert proc.returncode == 0, f"{' '.join(argv)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")

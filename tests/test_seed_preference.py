@@ -6,8 +6,6 @@ datasets registered the way the seed registers them (its "type" keys and columns
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import torch
 
 from config_helpers import make_config
+from cli_helpers import run_cli as run_seed
 from seed_commands import find_seed_command
 
 pytestmark = pytest.mark.real
@@ -59,13 +58,6 @@ INFO = {
     "my_knowledge_data": {"file_name": "knowledge_data.json", "columns": {"instruction": "instruction",
                                                                           "output": "output"}, "type": "sft"},
 }
-
-
-def run_seed(argv, cwd):
-    env = dict(os.environ, LLMTUNE_CACHE=str(Path(cwd) / ".cache"), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(argv)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    return proc
 
 
 def log_entries(folder):

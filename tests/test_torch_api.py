@@ -364,7 +364,7 @@ def test_fully_shard_call_binds_each_supported_signature(monkeypatch, version, o
     import torch.distributed.fsdp as fsdp
 
     from config_helpers import make_config
-    from llmtune.train.distributed import apply_fsdp
+    from llmtune.train.wrap import apply_fsdp
     from tiny_helpers import tiny_model
 
     calls: list = []
@@ -444,7 +444,7 @@ def test_fsdp_4bit_needs_the_release_that_shards_integer_parameters(monkeypatch,
     from config_helpers import make_config
     from llmtune.errors import LLMTuneError
     from llmtune.quant.linear4bit import Linear4bit
-    from llmtune.train.distributed import apply_fsdp
+    from llmtune.train.wrap import apply_fsdp
     from tiny_helpers import tiny_model
 
     fixed = [v for v in VERSIONS if FIXTURE[v]["features"]["fsdp_shards_integer_params"]]

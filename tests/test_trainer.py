@@ -408,3 +408,45 @@ def test_plot_loss_writes_pngs(tmp_path):
     written = plot_loss(out)
     assert [p.name for p in written] == ["training_loss.png"]
     assert (out / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_signal_during_a_steps_updates_is_held_until_the_step_is_whole_and_a_second_stops_at_once():
+    """The rule of llmtune.train.interrupt, by hand: outside a step's updates a signal stops at once
+    (SIGINT -> KeyboardInterrupt, SIGTERM -> Terminated); inside them the first is held and raised once the step
+    is counted, a second one stops at once."""
+    import signal
+
+    from llmtune.errors import Terminated
+    from llmtune.train.interrupt import Interrupt
+
+    it = Interrupt()
+    with pytest.raises(KeyboardInterrupt):
+        it.on_signal(signal.SIGINT, 1)
+    it.defer = True
+    it.on_signal(signal.SIGTERM, 1)
+    assert it.pending is Terminated
+    with pytest.raises(KeyboardInterrupt) as second:
+        it.on_signal(signal.SIGINT, 1)
+    assert type(second.value) is KeyboardInterrupt
+    it.start_step({"rng": 1}, None)
+    it.step_counted()
+    assert (it.defer, it.rng_at_step_start, it.updates_done) == (False, None, 0)
+    with pytest.raises(Terminated):
+        it.raise_pending()
+    it.raise_pending()   # nothing held any more: returns
+    assert it.pending is None
+
+
+def test_one_process_checkpoints_take_the_single_process_format(tmp_path):
+    """checkpointer picks the format; in one process (offline and online stages alike) it is the single-process
+    one: trainable.safetensors + optimizer.* + trainer_state.json, no fsdp_shards/, no rank<r>/ parts."""
+    from llmtune.train import checkpointer
+
+    tr = Trainer(tiny_model(), config(tmp_path, max_steps=1), rows([6] * 4))
+    assert checkpointer.format_for_save(tr, None) == "single"
+    assert checkpointer.format_for_save(tr, ({}, [])) == "single"
+    tr.train()
+    path = checkpointer.save(tr)
+    assert path == tmp_path / "out" / "checkpoint-1"
+    assert {p.name for p in path.iterdir()} >= {"optimizer.safetensors", "optimizer.json", ckpt.TRAINER_STATE}
+    assert not (path / "fsdp_shards").exists() and not list(path.glob("rank*"))

@@ -175,7 +175,7 @@ class Linear4bit(nn.Module):
         flat tensor before this layer's forward (and backward), which therefore sees the usual unsharded
         layout. Names, dtypes, values and ``state_dict`` keys are unchanged; the small code books
         (``quant_map``, ``nested_*``) stay replicated buffers. ``absmax=False`` converts ``weight`` alone.
-        Idempotent. Used by ``llmtune.train.distributed.apply_fsdp``; single-process runs keep buffers.
+        Idempotent. Used by ``llmtune.train.wrap.apply_fsdp``; single-process runs keep buffers.
         """
         for name in ("weight", "absmax") if absmax else ("weight",):
             t = getattr(self, name)

@@ -1,5 +1,9 @@
 """Training checkpoints without pickles: safetensors for tensors, JSON for everything else.
 
+This is the single-process format (also written by rank 0 of DDP runs and of FSDP2 runs with frozen
+parameters) and the discovery, rotation and reading helpers of every format. The trainer does not call it
+directly: :mod:`llmtune.train.checkpointer` (``save``/``load``) picks the format.
+
 A checkpoint is a folder ``output_dir/checkpoint-<global_step>`` holding
 
 * ``trainable.safetensors``: the trainable parameters by their Hugging Face names (every parameter for full
@@ -17,7 +21,7 @@ A checkpoint is a folder ``output_dir/checkpoint-<global_step>`` holding
   ``online_queue.safetensors`` (that queue's micro-batch tensors as ``s<step>.u<update>.m<micro>.<key>``).
   A data-parallel online run (``torchrun``, no FSDP) adds ``rank<r>/`` for every rank r > 0: that rank's
   ``rng_state.*``, ``online_state.json`` and ``online_queue.safetensors`` (each rank samples its own rollouts),
-  written into the temporary folder before it is published (``llmtune.train.distributed.save_online_checkpoint``).
+  written into the temporary folder before it is published (``llmtune.train.ckpt_parallel.save_per_rank_online``).
 
 It is written to ``output_dir/tmp-checkpoint-<step>`` and renamed when complete, so a killed run never
 leaves a half-written folder that looks like a checkpoint: :func:`latest_checkpoint` only considers names
@@ -103,23 +107,27 @@ def resolve_resume(resume_from_checkpoint: Any, output_dir: str | os.PathLike) -
 
 
 # -- optimizer --------------------------------------------------------------------------------------
-def _jsonable(x: Any) -> Any:
+def to_jsonable(x: Any) -> Any:
+    """``x`` (an optimizer/scheduler/scaler ``state_dict`` part) as JSON data: a tensor becomes
+    ``{"__tensor__": nested list, "dtype": name}``, tuples become lists, dict keys strings; inverse:
+    :func:`from_jsonable` (exact for the small tensors of these state dicts)."""
     if isinstance(x, torch.Tensor):
         return {"__tensor__": x.tolist(), "dtype": str(x.dtype).replace("torch.", "")}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [to_jsonable(v) for v in x]
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v) for k, v in x.items()}
     return x
 
 
-def _from_json(x: Any) -> Any:
+def from_jsonable(x: Any) -> Any:
+    """Inverse of :func:`to_jsonable`: ``{"__tensor__": ..., "dtype": ...}`` back to a tensor of that dtype."""
     if isinstance(x, dict) and "__tensor__" in x:
         return torch.tensor(x["__tensor__"], dtype=getattr(torch, x["dtype"]))
     if isinstance(x, list):
-        return [_from_json(v) for v in x]
+        return [from_jsonable(v) for v in x]
     if isinstance(x, dict):
-        return {k: _from_json(v) for k, v in x.items()}
+        return {k: from_jsonable(v) for k, v in x.items()}
     return x
 
 
@@ -135,9 +143,9 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
                 tensors[f"state.{idx}.{key}"] = val.detach().reshape(1).cpu()
                 scalars.setdefault(str(idx), {})[key] = "0d"
             else:
-                scalars.setdefault(str(idx), {})[key] = {"value": _jsonable(val)}
+                scalars.setdefault(str(idx), {})[key] = {"value": to_jsonable(val)}
     save_tensors(tensors, str(folder / "optimizer.safetensors"))
-    meta = {"param_groups": _jsonable(sd["param_groups"]), "scalars": scalars}
+    meta = {"param_groups": to_jsonable(sd["param_groups"]), "scalars": scalars}
     (folder / "optimizer.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -154,8 +162,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
             if spec == "0d":
                 state[int(idx)][key] = state[int(idx)][key].reshape(())
             else:
-                state.setdefault(int(idx), {})[key] = _from_json(spec["value"])
-    groups = _from_json(meta["param_groups"])
+                state.setdefault(int(idx), {})[key] = from_jsonable(spec["value"])
+    groups = from_jsonable(meta["param_groups"])
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
@@ -305,10 +313,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
             save_optimizer(optimizer, tmp)
         else:
             trainer_state = dict(trainer_state, optimizer_saved=False)
-        (tmp / "scheduler.json").write_text(json.dumps(_jsonable(scheduler.state_dict())))
+        (tmp / "scheduler.json").write_text(json.dumps(to_jsonable(scheduler.state_dict())))
         save_rng_state(rng_state, tmp)
         if scaler is not None and scaler.is_enabled():
-            (tmp / "scaler.json").write_text(json.dumps(_jsonable(scaler.state_dict())))
+            (tmp / "scaler.json").write_text(json.dumps(to_jsonable(scaler.state_dict())))
         if online is not None:
             save_online_state(online, tmp)
         if before_publish is not None:
@@ -404,12 +412,16 @@ def load_online_state(folder: Path, device: Any) -> tuple[dict[str, Any], list]:
     return meta.get("stage_state") or {}, queue
 
 
+def rank_part(folder: str | os.PathLike, rank: int) -> Path:
+    """Rank ``rank``'s part of a checkpoint written by several ranks: the folder itself for rank 0,
+    ``folder/rank<r>`` for the others (their RNG state; online stages: their rollout state)."""
+    return Path(folder) if rank == 0 else Path(folder) / f"rank{rank}"
+
+
 def last_checkpoint_text(output_dir: str | os.PathLike) -> str:
     """``"<path>"`` of the newest complete checkpoint in ``output_dir``, or a phrase saying there is none."""
     last = latest_checkpoint(output_dir)
     return str(last) if last is not None else "none (no checkpoint was saved yet)"
-
-
 
 
 def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -434,9 +446,9 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
         with checkpoint_file_errors(folder / "optimizer.safetensors"):
             load_optimizer(optimizer, folder)
     with checkpoint_file_errors(folder / "scheduler.json"):
-        scheduler.load_state_dict(_from_json(read_checkpoint_json(folder / "scheduler.json")))
+        scheduler.load_state_dict(from_jsonable(read_checkpoint_json(folder / "scheduler.json")))
     if scaler is not None and scaler.is_enabled() and (folder / "scaler.json").is_file():
-        scaler.load_state_dict(_from_json(read_checkpoint_json(folder / "scaler.json")))
+        scaler.load_state_dict(from_jsonable(read_checkpoint_json(folder / "scaler.json")))
     with checkpoint_file_errors(folder / "rng_state.safetensors"):
         rng = load_rng_state(folder)
     return state, rng

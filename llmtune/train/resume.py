@@ -93,10 +93,10 @@ def best_state_at_resume(trainer: Any, folder: Path) -> Optional[dict[str, Any]]
     the weights just loaded when the best step is the resumed one, else those of ``checkpoint-<best>``
     beside it (kept by ``save_total_limit``); None, with a notice, when that checkpoint was never saved."""
     from llmtune.train import checkpoint as ckpt
-    from llmtune.train import distributed as dist_hooks
+    from llmtune.train.wrap import unwrap
 
-    if trainer.best_step == trainer.global_step:   # set by Trainer._load from the same folder
-        return {k: v.clone() for k, v in ckpt.trainable_state_dict(dist_hooks.unwrap(trainer.model)).items()}
+    if trainer.best_step == trainer.global_step:   # set by Trainer.load_state_dict from the same folder
+        return {k: v.clone() for k, v in ckpt.trainable_state_dict(unwrap(trainer.model)).items()}
     best = folder.parent / f"checkpoint-{trainer.best_step}"
     if (best / ckpt.TRAINER_STATE).is_file():
         return ckpt.read_trainable(best, ckpt.read_checkpoint_json(best / ckpt.TRAINER_STATE))
@@ -114,8 +114,8 @@ def check_online_resume(trainer: Any, folder: Path) -> None:
         LLMTuneError: another stage, process count, fsdp, a stage object without state, a missing rank part.
     """
     from llmtune.train import checkpoint as ckpt
-    from llmtune.train import distributed as dist_hooks
     from llmtune.train.distributed import rank, world_size
+    from llmtune.train.wrap import is_fsdp
 
     name = trainer.stage_name
     state = ckpt.read_checkpoint_json(folder / ckpt.TRAINER_STATE)
@@ -129,14 +129,14 @@ def check_online_resume(trainer: Any, folder: Path) -> None:
                            f"run has {world_size()}: each process's pending rollouts are its own, so stage "
                            f"{name} resumes only with the same number (torchrun --nproc_per_node "
                            f"{saved_world}), or start afresh without resume_from_checkpoint")
-    if world_size() > 1 and (dist_hooks.is_fsdp(trainer.model) or state.get("strategy") == "fsdp"):
+    if world_size() > 1 and (is_fsdp(trainer.model) or state.get("strategy") == "fsdp"):
         raise LLMTuneError(f"resume_from_checkpoint: stage {name} with fsdp does not resume (its "
                            "checkpoints hold rank 0's rollout state only); resume data-parallel runs without "
                            "fsdp, or start afresh without resume_from_checkpoint")
     if not hasattr(trainer.online, "load_state_dict"):
         raise LLMTuneError(f"resume_from_checkpoint: this {name} stage object has no state_dict/"
                            "load_state_dict, so its rollout state cannot be restored; start afresh")
-    part = trainer._rank_part(folder)
+    part = ckpt.rank_part(folder, rank())
     if part != Path(folder) and not (part / ckpt.ONLINE_STATE).is_file():
         raise LLMTuneError(f"resume_from_checkpoint: {folder} has no {part.name}/{ckpt.ONLINE_STATE}, the "
                            f"rollout state of rank {rank()} (a checkpoint saved on Ctrl-C, or by an older "

@@ -43,8 +43,8 @@ from llmtune.locks import lock_output
 from llmtune.train import manifest
 from llmtune.train.checkpoint import clear_for_overwrite
 from llmtune.train import eval_report, summary
-from llmtune.train.distributed import (barrier, distributed_session, full_parameters, gather_full_state_dict, is_main,
-                                       unwrap)
+from llmtune.train.distributed import barrier, distributed_session, is_main
+from llmtune.train.wrap import full_parameters, gather_full_state_dict, unwrap
 from llmtune.train.finetuning import apply_finetuning_type
 from llmtune.train.metrics import write_predict_results
 from llmtune.train.outputs import RUN_OUTPUTS, prepare_output_dir, save_model, write_predictions

@@ -17,7 +17,9 @@ step may hold several optimizer updates (a PPO iteration); everything else is th
 
 Distributed training (DDP/FSDP2 under ``torchrun``, :mod:`llmtune.train.distributed`) touches only
 ``rank``, ``world_size``, ``all_reduce_sum`` and ``is_main`` here: each rank reads its own shard of the
-shuffled order, item counts are summed over ranks, rank 0 logs and saves. The optimizer and schedule come
+shuffled order, item counts are summed over ranks, rank 0 logs. Wrapping and clipping are
+:mod:`llmtune.train.wrap`'s; checkpoints go through one face, :mod:`llmtune.train.checkpointer`, which picks
+the format (single process, FSDP2 sharded or trainable-only, per-rank online). The optimizer and schedule come
 from :mod:`llmtune.train.optim`, the autocast dtype from :mod:`llmtune.train.precision`.
 
 Sources: AdamW (Loshchilov & Hutter, 2019); schedules as in Hugging Face ``transformers.optimization``
@@ -29,8 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -40,10 +40,12 @@ import torch
 from llmtune.data.collator import pad_collate
 from llmtune.errors import LLMTuneError, Terminated, notice
 from llmtune.train import checkpoint as ckpt
-from llmtune.train import distributed as dist_hooks
-from llmtune.train.distributed import all_reduce_sum, is_main, rank, world_size
+from llmtune.train import checkpointer
+from llmtune.train import wrap as dist_hooks
+from llmtune.train.distributed import all_reduce_sum, is_main, rank, shard_indices, world_size
 from llmtune.train import eval_report, guard
 from llmtune.train import resume as resume_rules
+from llmtune.train.interrupt import Interrupt
 from llmtune.train.logging import TrainLogger, resolve_report_to
 from llmtune.train.optim import build_optimizer, lr_lambda, num_warmup_steps
 from llmtune.train.precision import resolve_precision
@@ -98,13 +100,9 @@ class Trainer:
         self.model = model
         self.online = online
         self._queue: list[OnlineStep] = []
-        self._online_at_step_start: Optional[tuple[dict, list]] = None  # (stage state, queue) before the step
-        self._updates_in_step = 0  # optimizer updates the running step has applied (PPO: several)
         # Ctrl-C / SIGTERM while the step's updates are being applied (from its first optimizer update until
         # global_step counts it) is held until the step is whole: a checkpoint then is of a whole step
-        self._defer_stop = False
-        self._pending_stop: Optional[type] = None
-        self._updates_planned = 0
+        self.interrupt = Interrupt()
         self.config = config = as_train_config(config)
         self.train_dataset = train_dataset
         self.collator = collator or pad_collate
@@ -193,13 +191,12 @@ class Trainer:
         self.best_state: Optional[dict[str, torch.Tensor]] = None
         self.log_history: list[dict] = []
         self.run_loss = [0.0, 0]   # sum and count of the step losses of the whole run (kept in checkpoints)
-        self._rng_at_step_start = ckpt.capture_rng_state()
 
     # -- data -------------------------------------------------------------------------------------
     def _shard(self, indices: list[int], pad: bool = True) -> list[int]:
         """This rank's share of an index order (every ``world_size``-th index; padded so that every rank
         gets as many, see ``distributed.shard_indices``)."""
-        return dist_hooks.shard_indices(indices, rank(), world_size(), pad=pad)
+        return shard_indices(indices, rank(), world_size(), pad=pad)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The shuffled dataset order of ``epoch``: ``randperm`` from a generator seeded by ``seed + epoch``."""
@@ -313,13 +310,13 @@ class Trainer:
         rollout-level metrics merged in."""
         lr = self.scheduler.get_last_lr()[0]
         losses, norms, sums = [], [], {}
-        self._updates_in_step = 0
-        self._defer_stop = len(step.updates) > 1  # a PPO iteration: whole or not at all, from its start
+        self.interrupt.updates_done = 0
+        self.interrupt.defer = len(step.updates) > 1  # a PPO iteration: whole or not at all, from its start
         for micro in step.updates:
             loss, _, metrics = self.accumulate_gradients(micro)                # 2-3. count, fwd, bwd
-            self._defer_stop = True  # from the first update until the step is counted: no half step
+            self.interrupt.defer = True  # from the first update until the step is counted: no half step
             norms.append(self.optimizer_step(loss))                           # 4. clip, step (finite guard)
-            self._updates_in_step += 1
+            self.interrupt.updates_done += 1
             losses.append(loss)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -338,30 +335,11 @@ class Trainer:
         container's stop, ``kill``) does the same and raises :class:`Terminated` (a ``KeyboardInterrupt``);
         the handler is installed from the main thread only, for the duration of the call.
         """
-        if threading.current_thread() is not threading.main_thread():
+        with self.interrupt.handlers(lambda: self.global_step + 1):   # llmtune.train.interrupt
             return self._train_loop()
-        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return self._train_loop()
-        finally:
-            for sig, handler in previous.items():
-                default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
-                signal.signal(sig, handler if handler is not None else default)
-
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        """SIGINT raises ``KeyboardInterrupt``, SIGTERM :class:`Terminated`; while a step's optimizer updates
-        are applied (``_defer_stop``) the first one is held until the step is whole (a PPO iteration's several
-        updates: with a notice), a second one stops at once."""
-        stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-        if not self._defer_stop or self._pending_stop is not None:
-            raise stop
-        self._pending_stop = stop
-        if self._updates_planned > 1 and stop is KeyboardInterrupt:
-            notice(f"interrupt: finishing the optimizer updates of step {self.global_step + 1}, then saving a "
-                   "checkpoint (press Ctrl-C again to stop now without it)")
 
     def _train_loop(self) -> dict[str, Any]:
-        self._defer_stop, self._pending_stop = False, None
+        self.interrupt.clear()
         if is_main():  # tmp-checkpoint-N of a run killed while saving (the caller holds output_dir's lock)
             ckpt.remove_stale_temporaries(self.output_dir)
         resume = ckpt.resolve_resume(self.config.resume_from_checkpoint, self.output_dir)
@@ -384,19 +362,14 @@ class Trainer:
                 steps = self.epoch_steps(self.epoch) if self.online is None else None
                 n_steps = len(steps) if steps is not None else self.steps_per_epoch
                 while self.step_in_epoch < n_steps and self.global_step < self.total_steps:
-                    self._rng_at_step_start = ckpt.capture_rng_state()
-                    self._updates_in_step = 0
-                    if self.online is not None:
-                        self._online_at_step_start = self._online_state()
+                    self.interrupt.start_step(ckpt.capture_rng_state(), self.online_state())
                     self.ctx.global_step, self.ctx.training = self.global_step, True
                     step = self.next_step(steps)                # 1. pre-fetch the step (online: rollouts)
-                    self._updates_planned = len(step.updates)
+                    self.interrupt.updates_planned = len(step.updates)
                     loss, grad_norm, lr, metrics = self.train_step(step)       # 2-4. count, fwd, bwd, clip, step
                     self.global_step += 1
                     self.step_in_epoch += 1
-                    # from here an interrupt saves the state as it is now (the step is complete)
-                    self._rng_at_step_start, self._online_at_step_start, self._updates_in_step = None, None, 0
-                    self._defer_stop = False  # a signal from here on stops at once (this step is whole)
+                    self.interrupt.step_counted()  # from here a signal saves the state as it is now
                     logger.advance()
                     window_loss, window_steps = window_loss + loss, window_steps + 1
                     self.run_loss = [self.run_loss[0] + loss, self.run_loss[1] + 1]
@@ -418,17 +391,15 @@ class Trainer:
                     if (self.save_strategy == "steps" and self.global_step % self.save_steps == 0) or (
                             self.save_strategy == "epoch" and end_of_epoch):
                         self.save_checkpoint()
-                    if self._pending_stop is not None:  # held during the step's updates: the step is whole
-                        stop, self._pending_stop = self._pending_stop, None
-                        raise stop
+                    self.interrupt.raise_pending()  # a signal held during the step's updates: the step is whole
                 if self.step_in_epoch >= n_steps:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
         except KeyboardInterrupt as stop:
             how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
-            self._defer_stop, self._pending_stop = False, None
+            self.interrupt.clear()
             self.optimizer.zero_grad(set_to_none=True)
-            if self._updates_in_step:  # a multi-update (PPO) step stopped half-way: its weights are of no step
-                notice(f"interrupted during step {self.global_step + 1} after {self._updates_in_step} of its "
+            if self.interrupt.updates_done:  # a multi-update (PPO) step stopped half-way: of no step
+                notice(f"interrupted during step {self.global_step + 1} after {self.interrupt.updates_done} of its "
                        "optimizer updates, so no checkpoint of it is saved; continue from the last saved one, "
                        f"{ckpt.last_checkpoint_text(self.output_dir)}")
             elif self.online is not None and world_size() > 1:
@@ -439,7 +410,8 @@ class Trainer:
                            "checkpoint on Ctrl-C; continue from the last one saved by save_steps, "
                            f"{ckpt.last_checkpoint_text(self.output_dir)}")
             elif self.global_step > start_step:
-                path = self.save_checkpoint(rng_state=self._rng_at_step_start, online=self._online_at_step_start)
+                path = self.save_checkpoint(rng_state=self.interrupt.rng_at_step_start,
+                                            online=self.interrupt.online_at_step_start)
                 notice(f"{how}: saved {path}; continue with resume_from_checkpoint: {path}")
             elif is_main():   # no step completed: a checkpoint-0 would hold the untrained weights (issue 25)
                 notice(f"{how} before any step completed: nothing to save" + (
@@ -525,7 +497,7 @@ class Trainer:
                 "per_device_train_batch_size": self.bs, "gradient_accumulation_steps": self.ga,
                 "world_size": world_size(), "log_history": self.log_history, **resume_rules.extra_state(self)}
 
-    def _online_state(self) -> Optional[tuple[dict, list]]:
+    def online_state(self) -> Optional[tuple[dict, list]]:
         """``(stage.state_dict(), pending steps)`` of the online stage, or None (offline, or a stage without
         ``state_dict``). The steps are the queue's own objects: nothing modifies them once made."""
         if self.online is None or not hasattr(self.online, "state_dict"):
@@ -534,41 +506,19 @@ class Trainer:
 
     def save_checkpoint(self, rng_state: Optional[dict] = None,
                         online: Optional[tuple[dict, list]] = None) -> Optional[Path]:
-        """Write ``output_dir/checkpoint-<global_step>`` (rank 0; FSDP2: every rank its shards; an online stage
-        under DDP: every rank its rollout state), rotate by ``save_total_limit``. ``rng_state`` / ``online``
-        (an online stage's state and queue): those of a step's start (an interrupted step), else the current
-        ones."""
-        online = online if online is not None else self._online_state()
-        per_rank_online = online is not None and world_size() > 1 and not dist_hooks.is_fsdp(self.model)
-        if dist_hooks.is_fsdp(self.model):
-            path = dist_hooks.save_fsdp_checkpoint(self, rng_state or ckpt.capture_rng_state())
-        elif per_rank_online:  # every rank's rollouts are its own: each adds its part (collective)
-            path = dist_hooks.save_online_checkpoint(self, rng_state or ckpt.capture_rng_state(), online)
-        if not is_main():
-            return None
-        if not dist_hooks.is_fsdp(self.model) and not per_rank_online:
-            path = ckpt.save_checkpoint(self.output_dir, self.global_step, model=dist_hooks.unwrap(self.model), optimizer=self.optimizer,
-                                        scheduler=self.scheduler, trainer_state=self.state_dict(),
-                                        rng_state=rng_state or ckpt.capture_rng_state(), scaler=self.scaler,
-                                        online=online, with_optimizer=not self.config.save_only_model)
-        keep = self.output_dir / f"checkpoint-{self.best_step}" if self.best_step is not None else None
-        ckpt.rotate_checkpoints(self.output_dir, self.config.save_total_limit, keep=keep,
-                                newest=self.output_dir / f"checkpoint-{self.global_step}")
-        return path
+        """Write ``output_dir/checkpoint-<global_step>`` in the format the run needs and rotate by
+        ``save_total_limit`` (:func:`llmtune.train.checkpointer.save`; every rank calls it, rank 0 gets the path).
+        ``rng_state`` / ``online`` (an online stage's state and queue): those of a step's start (an interrupted
+        step), else the current ones."""
+        return checkpointer.save(self, rng_state, online)
 
-    @staticmethod
-    def _rank_part(folder: Path) -> Path:
-        """This rank's part of an online checkpoint: the folder itself on rank 0, ``rank<r>/`` elsewhere."""
-        return Path(folder) if rank() == 0 else Path(folder) / f"rank{rank()}"
+    def load_state_dict(self, state: dict[str, Any], folder: Path) -> None:
+        """Take a checkpoint's trainer state (:meth:`state_dict`) as this run's position: step, epoch, tokens,
+        best metric (and, for ``load_best_model_at_end``, the best weights), log history.
 
-    def _load(self, folder: Path) -> None:
-        if self.online is not None:  # before any weight is copied
-            resume_rules.check_online_resume(self, folder)
-        if dist_hooks.is_fsdp(self.model) or dist_hooks.is_fsdp_checkpoint(folder):
-            state, rng = dist_hooks.load_fsdp_checkpoint(self, folder)
-        else:
-            state, rng = ckpt.load_checkpoint(folder, model=dist_hooks.unwrap(self.model), optimizer=self.optimizer,
-                                              scheduler=self.scheduler, scaler=self.scaler)
+        Raises:
+            LLMTuneError: the checkpoint was trained with another batch size, accumulation or seed.
+        """
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "seed"):
             if state.get(key) is not None and state[key] != self.state_dict()[key]:
                 raise LLMTuneError(f"resume_from_checkpoint: {folder} was trained with {key} = {state[key]}, "
@@ -580,12 +530,13 @@ class Trainer:
         if self.load_best and self.best_step is not None:
             self.best_state = resume_rules.best_state_at_resume(self, folder)
         self.log_history = list(state.get("log_history", []))
-        if self.online is not None:
-            part = self._rank_part(folder)
-            stage_state, self._queue = ckpt.load_online_state(part, self.device)
-            self.online.load_state_dict(stage_state)
-            if part != Path(folder):  # this rank's own sampling state
-                rng = ckpt.load_rng_state(part)
+
+    def _load(self, folder: Path) -> None:
+        state, rng, online = checkpointer.load(self, folder)   # weights, optimizer, schedule: any format
+        self.load_state_dict(state, folder)
+        if online is not None:
+            self.online.load_state_dict(online[0])
+            self._queue = online[1]
         resume_rules.apply_on_resume(self, folder, state)
         if self.global_step >= self.total_steps:
             notice(f"resume_from_checkpoint: {folder} is already at step {self.global_step} of {self.total_steps}; "

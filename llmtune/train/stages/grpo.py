@@ -41,7 +41,8 @@ from llmtune.errors import LLMTuneError, notice
 from llmtune.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, grpo_num_items
 from llmtune.rewards import RewardFunc, compute_rewards, load_reward_funcs, parse_reward_weights, reward_metrics
 from llmtune.rollout import completion_metrics, generate_rollouts
-from llmtune.train.distributed import all_reduce_sum, rank, unwrap, world_size
+from llmtune.train.distributed import all_reduce_sum, rank, world_size
+from llmtune.train.wrap import unwrap
 from llmtune.train.precision import frozen_weights_cast
 from llmtune.train.stages.base import OnlineStep, StageContext
 from llmtune.train.stages.ppo import policy_forward, response_labels

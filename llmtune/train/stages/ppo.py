@@ -44,7 +44,8 @@ from llmtune.errors import LLMTuneError
 from llmtune.losses import (AdaptiveKLController, FixedKLController, entropy_from_hidden, gae_advantages,
                             kl_penalty_rewards, ppo_policy_loss, ppo_value_loss, token_logps, whiten)
 from llmtune.rollout import generate_rollouts
-from llmtune.train.distributed import all_reduce_sum, rank, unwrap, world_size
+from llmtune.train.distributed import all_reduce_sum, rank, world_size
+from llmtune.train.wrap import unwrap
 from llmtune.train.precision import frozen_weights_cast
 from llmtune.train.stages.base import OnlineStep, StageContext
 from llmtune.train.stages.ppo_reward import (RewardFn, RewardModel, RunningMoments, check_reward_folder,
