@@ -113,9 +113,11 @@ class Browser:
         return reply["result"]
 
     def open(self, url: str) -> None:
+        """Open ``url`` in a new page and wait until it has loaded."""
         target = self.call("Target.createTarget", session=False, url=url)["targetId"]
         self.session = self.call("Target.attachToTarget", session=False, targetId=target, flatten=True)["sessionId"]
         self.call("Runtime.enable")
+        self.wait(f"document.readyState === 'complete' && location.href === {json.dumps(url)}")
 
     def js(self, expr: str):
         """The value of a JavaScript expression in the page (JSON-serialisable results only)."""
@@ -127,12 +129,16 @@ class Browser:
     def wait(self, expr: str, timeout: float = 60.0):
         """Poll ``expr`` until it is truthy; returns its value."""
         deadline = time.monotonic() + timeout
+        last = None
         while True:
-            v = self.js(expr)
+            try:
+                v = self.js(expr)
+            except RuntimeError as e:     # e.g. the page is still navigating (its context was replaced)
+                v, last = None, e
             if v:
                 return v
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the page never got {expr!r}")
+                raise TimeoutError(f"the page never got {expr!r} (last error: {last})")
             time.sleep(0.1)
 
     def click(self, selector: str) -> None:
@@ -148,9 +154,11 @@ class Browser:
         self.call("Input.insertText", text=text)
 
     def screenshot(self, path: str) -> None:
+        """Save the page as a PNG (``Page.captureScreenshot``)."""
         Path(path).write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
 
     def close(self) -> None:
+        """Close the browser (``Browser.close``, else kill it) and the pipes."""
         try:
             self.call("Browser.close", session=False)
         except Exception:  # noqa: BLE001 - it may already be gone
@@ -192,7 +200,6 @@ def test_page_is_one_self_contained_file(tmp_path):
 
 def _chat_in_browser(b: Browser, base: str, model: str, text: str, max_tokens: int, key: str | None) -> dict:
     b.open(base + "/")
-    b.wait("document.readyState === 'complete'")
     if key is not None:
         assert "API key" in b.wait("document.getElementById('status').textContent.includes('API key') && "
                                    "document.getElementById('status').textContent")
@@ -253,3 +260,27 @@ def test_browser_chat_with_the_real_model(browser):
             browser.screenshot(shot)
     assert got["reply"] == expected and "Paris" in expected
     assert got["chunks"] >= 2
+
+
+def test_browser_stop_cancels_the_request_and_frees_its_slot(browser, tmp_path):
+    d = make_model_folder(tmp_path / "tiny", max_positions=4096)
+    with live_server(["--model_name_or_path", str(d), "--served_model_name", "tiny", "--max_model_len", "4096"]) \
+            as (base, _):
+        browser.open(base + "/")
+        browser.wait("document.getElementById('model').options.length")
+        browser.type("#temperature", "0")
+        browser.type("#max_tokens", "4000")
+        browser.type("#input", "tell me everything")
+        browser.click("#send")
+        browser.wait("(() => { const m = document.querySelector('.msg.assistant');"
+                     " return m && Number(m.dataset.chunks) >= 3; })()")
+        assert httpx.get(base + "/health", timeout=30).json()["running"] == 1
+        browser.click("#stop")
+        meta = browser.wait("(() => { const m = document.querySelector('.msg.assistant');"
+                            " return m.dataset.done && m.querySelector('.meta').textContent; })()")
+        assert "stopped" in meta
+        deadline = time.monotonic() + 30
+        while httpx.get(base + "/health", timeout=30).json()["running"] != 0:   # the server cancelled it
+            assert time.monotonic() < deadline, "the stopped request still holds its slot"
+            time.sleep(0.2)
+        assert browser.js("document.getElementById('send').disabled") is False
