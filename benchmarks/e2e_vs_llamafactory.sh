@@ -30,6 +30,7 @@
 #
 #   benchmarks/e2e_vs_llamafactory.sh                    # REPEATS=2 STEPS=6 WORK=/tmp/llmtune_e2e
 #   REPEATS=1 STEPS=2 OUT_JSON=/tmp/e2e.json benchmarks/e2e_vs_llamafactory.sh     # smoke run
+#   SETUP_ONLY=1 benchmarks/e2e_vs_llamafactory.sh     # only install LLaMA-Factory and convert the model
 # The shared inputs are found at ../shared beside the repository, else set LLMTUNE_SHARED (or GGUF).
 #
 # Output: a table on stdout and benchmarks/results/e2e_vs_llamafactory.json (medians and every run).
@@ -105,6 +106,8 @@ tok.save_pretrained(out)
 (out / ".llmtune_e2e_ready").write_text(f"eos {tok.eos_token} pad {tok.pad_token}\n")
 PY
 fi
+# SETUP_ONLY=1: stop here (benchmarks/serve.py reuses the venv and the model folder)
+[ "${SETUP_ONLY:-0}" = 1 ] && { echo "LF_VENV=$LF_VENV MODEL=$MODEL"; exit 0; }
 
 COMMON=(--stage sft --do_train true --model_name_or_path "$MODEL" --dataset alpaca_en_demo
         --dataset_dir "$SHARED/data" --template default --finetuning_type lora --lora_rank 8 --lora_target all

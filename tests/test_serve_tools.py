@@ -135,8 +135,23 @@ def test_tool_calls_through_the_openai_client(tmp_path):
         # (the scripted model starts the call again; cut by max_tokens it is no call, just text)
         assert r2.choices[0].message.content == "Action: get_color Action Input:"
         assert r2.choices[0].finish_reason == "length" and not r2.choices[0].message.tool_calls
-        with pytest.raises(openai.BadRequestError):     # streaming with tools is refused, as LLaMA-Factory does
-            c.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS, stream=True)
+        # streamed: the call arrives as delta.tool_calls, finish_reason "tool_calls", no content
+        content, deltas, finish = "", [], None
+        for chunk in c.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS, stream=True,
+                                               max_tokens=20, temperature=0):
+            for d in chunk.choices:
+                content += d.delta.content or ""
+                deltas += d.delta.tool_calls or []
+                finish = d.finish_reason or finish
+        assert content == "" and finish == "tool_calls"
+        (sc,) = deltas
+        assert sc.index == 0 and sc.id.startswith("call_") and sc.type == "function"
+        assert sc.function.name == "get_color" and json.loads(sc.function.arguments) == {"thing": "sky"}
+        # tool_choice "none": the same text streams as content
+        text = "".join(d.delta.content or "" for chunk in c.chat.completions.create(
+            model="scripted", messages=msgs, tools=TOOLS, tool_choice="none", stream=True, max_tokens=20,
+            temperature=0) for d in chunk.choices)
+        assert text == 'Action: get_color Action Input: {"thing": "sky"}'
         with pytest.raises(openai.BadRequestError):     # a tool result with no call before it
             c.chat.completions.create(model="scripted", messages=msgs + [{"role": "tool", "content": "x",
                                                                           "tool_call_id": "a"}])
@@ -168,3 +183,29 @@ def test_text_stream_pieces_join_to_the_text_cut_at_the_first_stop(text, stop):
     cut = min((text.find(s) for s in stop if s in text), default=len(text))
     assert "".join(pieces) == text[:cut]
     assert ts.stopped
+
+
+@pytest.mark.parametrize("fmt,text,content,call", [
+    ("default", 'Let me look.\nAction: get_color\nAction Input: {"thing": "sky"}', "Let me look.",
+     ("get_color", {"thing": "sky"})),
+    ("default", "The sky is blue. Actions speak.", "The sky is blue. Actions speak.", None),
+    ("default", "Action: broken", "Action: broken", None),
+    ("qwen", 'ok <tool_ <tool_call>{"name": "f", "arguments": {}}</tool_call>', "ok <tool_", ("f", {})),
+    ("llama3", ' {"name": "get_color", "parameters": {"thing": "sky"}}', "", ("get_color", {"thing": "sky"})),
+    ("llama3", "the sky {is} blue", "the sky {is} blue", None),
+    ("mistral", '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}]', "", ("f", {"a": 1})),
+])
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_tool_stream_holds_back_the_call(fmt, text, content, call, size):
+    from llmtune.serve.tools import ToolStream
+
+    ts = ToolStream(fmt)
+    sent = [ts.push(text[i:i + size]) for i in range(0, len(text), size)]
+    rest, calls = ts.finish()
+    assert "".join(sent) + rest == content
+    if call is None:
+        assert calls == []
+    else:
+        (got,) = calls
+        assert (got["function"]["name"], json.loads(got["function"]["arguments"])) == call
+        assert not any("{" in s and "name" in s for s in sent)     # the call itself never went out as text

@@ -1,6 +1,7 @@
 """The ASGI application of ``llmtune api``: OpenAI's endpoints over the serving scheduler.
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
+Endpoints: ``GET /`` (the chat page, ``static/chat.html``), ``GET /health``, ``GET /v1/models``,
+``POST /v1/chat/completions``, ``POST /v1/completions``
 (OpenAI's request and response shapes, :mod:`llmtune.serve.protocol`; ``stream: true`` answers with
 server-sent events ending in ``data: [DONE]``). The model loads in a background thread when the app starts;
 until it is ready every endpoint answers 503 (``/health`` too, with ``{"status": "loading"}``).
@@ -163,6 +164,12 @@ def create_app(load: Callable[[], ServerState], api_key: Optional[str] = None, d
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
 
+    @app.get("/")
+    async def page() -> Any:     # the chat page: no key needed to load it; it sends the key the user types
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(chat_page(), headers={"Cache-Control": "no-cache"})
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if box["state"] is None:
@@ -225,6 +232,14 @@ def create_app(load: Callable[[], ServerState], api_key: Optional[str] = None, d
         return JSONResponse(await collect(state, job, p, len(prompt), request, chat=False))
 
     return app
+
+
+def chat_page() -> str:
+    """The chat page served at ``/`` (``llmtune/serve/static/chat.html``, package data): one HTML file with its
+    CSS and JavaScript inline, nothing loaded from elsewhere."""
+    from importlib.resources import files
+
+    return files("llmtune.serve").joinpath("static", "chat.html").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------

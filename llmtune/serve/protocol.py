@@ -196,13 +196,12 @@ def parse_chat(body: Any, max_n: int = 16) -> tuple[GenParams, list[dict], Optio
     from llmtune.serve.tools import check_tools, tool_call_turn
 
     p.tools, p.parse_tools = check_tools(body)
-    if p.parse_tools and p.stream:
-        raise APIError(400, "'stream' with 'tools' is not supported (send stream: false, or tool_choice: 'none')",
-                       "stream", "unsupported_parameter")
     rf = body.get("response_format")
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise APIError(400, "'response_format' other than {'type': 'text'} is not supported", "response_format",
-                       "unsupported_parameter")
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        raise APIError(400, f"'response_format' {{'type': {kind!r}}} is not supported: this server does not "
+                            "constrain decoding to JSON; ask for JSON in the messages and parse the reply, or "
+                            "send {'type': 'text'}", "response_format", "unsupported_parameter")
     msgs = _typed(body, "messages", (list,), "a list of messages", required=True)
     if not msgs:
         raise APIError(400, "'messages' must not be empty", "messages", "invalid_value")

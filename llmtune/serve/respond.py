@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Optional
 
 from llmtune.errors import LLMTuneError
 from llmtune.serve.protocol import APIError, GenParams, TextStream, error_body, new_id, now
+from llmtune.serve.tools import ToolStream
 
 __all__ = ["collect", "sse"]
 
@@ -167,7 +168,13 @@ async def sse(state: Any, job: Any, p: GenParams, n_prompt: int, chat: bool) -> 
     """Server-sent events of ``job``: chunks as tokens arrive, a last chunk per choice with its
     ``finish_reason`` (it carries ``usage`` too), a usage-only chunk when ``stream_options.include_usage``,
     then ``data: [DONE]``. An error after the stream began is one ``data: {"error": ...}`` event. The job is
-    cancelled when the client leaves (the generator is closed or cancelled)."""
+    cancelled when the client leaves (the generator is closed or cancelled).
+
+    With ``tools`` (``p.parse_tools``), prose streams as ``content`` while a tool call is held back from where
+    it may begin (:class:`~llmtune.serve.tools.ToolStream`); when the choice ends, its calls go out in one
+    chunk as ``delta.tool_calls`` (each with ``index``, ``id``, ``type``, ``function.name`` and the whole
+    ``function.arguments``), then the last chunk with ``finish_reason`` ``"tool_calls"``; a reply without a
+    well-formed call streams whole as text."""
     choices = _choices(state, job, p, chat)
     rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -186,13 +193,29 @@ async def sse(state: Any, job: Any, p: GenParams, n_prompt: int, chat: bool) -> 
         lp = _text_lp(entries) if p.logprobs and entries else None
         return {"index": c.index, "text": piece, "logprobs": lp, "finish_reason": c.finish}
 
+    fmt = getattr(state.template, "tool_format", "default")
+    calls = [ToolStream(fmt) if chat and p.parse_tools else None for _ in choices]
+
     try:
         if chat:
             yield chunk([dict(item(c, "", [], first=True), finish_reason=None) for c in choices])
         async for events in _steps(state, job, None, poll_disconnect=False):
             for c, piece, entries in _route(state, job, choices, events):
+                found = []
+                if calls[c.index] is not None:      # tools: a call is held back and parsed at the end
+                    piece = calls[c.index].push(piece)
+                    if c.finish is not None:
+                        rest, found = calls[c.index].finish()
+                        piece += rest
                 if c.finish is not None:
                     last_usage = _usage(n_prompt, choices) if all(x.finish for x in choices) else None
+                    if found:
+                        c.finish = "tool_calls"
+                        delta = {"content": piece} if piece else {}
+                        delta["tool_calls"] = [dict(call, index=k) for k, call in enumerate(found)]
+                        yield chunk([{"index": c.index, "delta": delta, "logprobs": _chat_lp(entries)
+                                      if p.logprobs and entries else None, "finish_reason": None}])
+                        piece, entries = "", []
                     yield chunk([item(c, piece, entries)], last_usage)
                 elif piece or entries:
                     yield chunk([item(c, piece, entries)])

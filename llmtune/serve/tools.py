@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from llmtune.serve.errors import APIError
 
-__all__ = ["check_tools", "tool_call_turn", "parse_tool_calls"]
+__all__ = ["check_tools", "tool_call_turn", "parse_tool_calls", "ToolStream"]
 
 
 def check_tools(body: dict) -> tuple[Optional[list], bool]:
@@ -108,17 +108,8 @@ _ACTION = re.compile(r"Action:\s*(.+?)\s*Action Input:\s*(.+?)(?=\s*Action:|\Z)"
 _QWEN = re.compile(r"<tool_call>\s*(.+?)\s*</tool_call>", re.S)
 
 
-def parse_tool_calls(text: str, tool_format: str) -> tuple[Optional[str], list]:
-    """Find the tool calls in a reply written in ``tool_format``.
-
-    Args:
-        text: the reply (str); tool_format: ``default``, ``qwen``, ``llama3`` or ``mistral``.
-
-    Returns:
-        ``(content, tool_calls)``: with calls, ``content`` is the text before the first call (None when
-        empty) and ``tool_calls`` OpenAI's list (``{"id", "type": "function", "function": {"name",
-        "arguments": JSON str}}``); without (or with a malformed call), ``(text, [])``.
-    """
+def _find_calls(text: str, tool_format: str) -> tuple[int, list]:
+    """``(index where the first call starts, OpenAI tool_calls)``; ``(-1, [])`` without a (well-formed) call."""
     calls: list = []
     start = None
     if tool_format == "default":
@@ -126,14 +117,14 @@ def parse_tool_calls(text: str, tool_format: str) -> tuple[Optional[str], list]:
             try:
                 args = json.loads(m.group(2).strip())
             except ValueError:
-                return text, []
+                return -1, []
             calls.append(_call(m.group(1).strip(), args))
             start = m.start() if start is None else start
     elif tool_format == "qwen":
         for m in _QWEN.finditer(text):
             objs = _json_objects(m.group(1))
             if objs is None:
-                return text, []
+                return -1, []
             calls += [_call(o.get("name"), o.get("arguments")) for o in objs]
             start = m.start() if start is None else start
     else:
@@ -146,6 +137,91 @@ def parse_tool_calls(text: str, tool_format: str) -> tuple[Optional[str], list]:
             calls = [_call(o.get("name"), o.get(key, o.get("arguments"))) for o in objs]
             start = 0
     if not calls or any(c is None for c in calls):
+        return -1, []
+    return start, calls
+
+
+def parse_tool_calls(text: str, tool_format: str) -> tuple[Optional[str], list]:
+    """Find the tool calls in a reply written in ``tool_format``.
+
+    Args:
+        text: the reply (str); tool_format: ``default``, ``qwen``, ``llama3`` or ``mistral``.
+
+    Returns:
+        ``(content, tool_calls)``: with calls, ``content`` is the text before the first call (None when
+        empty) and ``tool_calls`` OpenAI's list (``{"id", "type": "function", "function": {"name",
+        "arguments": JSON str}}``); without (or with a malformed call), ``(text, [])``.
+    """
+    start, calls = _find_calls(text, tool_format)
+    if not calls:
         return text, []
     content = text[:start].strip()
     return (content or None), calls
+
+
+#: the text that begins a call in the formats where a call may follow some prose
+_MARKERS = {"default": "Action:", "qwen": "<tool_call>"}
+
+
+class ToolStream:
+    """The streamed text of one choice of a request with ``tools``: prose goes out as it arrives, a tool call
+    is held back from where it may begin and parsed when the choice ends.
+
+    :meth:`push` takes the choice's next text piece and returns what can be sent as ``content`` now: in the
+    ``default`` and ``qwen`` formats everything before the call's marker (``Action:``, ``<tool_call>``), less a
+    tail that could still be the start of the marker, and less trailing whitespace (the content of a reply
+    with a call is stripped); in ``llama3`` and ``mistral``, where a call is the whole reply, nothing while the
+    reply (leading whitespace skipped) begins with ``[`` or ``{``, else everything. :meth:`finish` parses the
+    whole text with :func:`parse_tool_calls` and returns ``(rest of the content to send, tool_calls)``: with
+    calls, the rest is the unsent prose before the first call (stripped); without, all the unsent text, so that
+    the pieces then join to the whole reply.
+
+    Args:
+        tool_format: the template's ``tool_format`` (``default``, ``qwen``, ``llama3``, ``mistral``).
+    """
+
+    def __init__(self, tool_format: str) -> None:
+        self.fmt = tool_format
+        self.text = ""
+        self.sent = 0        # characters of self.text sent
+        self.held = False    # a call may have begun at self.sent: nothing more goes out before finish()
+
+    def push(self, piece: str) -> str:
+        """Add the next text piece (str); returns the content to send now (str, maybe empty)."""
+        self.text += piece
+        if self.held:
+            return ""
+        marker = _MARKERS.get(self.fmt)
+        if marker is None:
+            body = self.text.lstrip()
+            if not body:
+                return ""
+            if self.sent == 0 and body[0] in "[{":
+                self.held = True
+                return ""
+            end = len(self.text)
+        else:
+            at = self.text.find(marker, self.sent)
+            if at >= 0:
+                self.held = True
+                end = at
+            else:
+                end = len(self.text) - next((k for k in range(len(marker) - 1, 0, -1)
+                                             if self.text.endswith(marker[:k])), 0)
+            end = len(self.text[:end].rstrip())
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def finish(self) -> tuple[str, list]:
+        """``(content still to send, OpenAI tool_calls)`` at the end of the choice (see the class)."""
+        start, calls = _find_calls(self.text, self.fmt)
+        if not calls:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out, []
+        rest = self.text[self.sent:start].rstrip() if start > self.sent else ""
+        if self.sent == 0:
+            rest = rest.lstrip()
+        self.sent = len(self.text)
+        return rest, calls
