@@ -205,6 +205,8 @@ def test_cli_adapter_matches_hflm_with_peft(hf_folder, task_dir, tmp_path):
     import transformers
     from lm_eval.models.huggingface import HFLM
 
+    from llmtune.eval.lm import lm_class
+
     base = transformers.AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                           init_lora_weights=False)           # random A and B: the adapter changes the numbers
@@ -237,3 +239,41 @@ def test_cli_adapter_matches_hflm_with_peft(hf_folder, task_dir, tmp_path):
     plain = _evaluate(base_lm, task_dir, ["llmtune_mc"], limit=2)
     a, b = _by_doc(ours, "llmtune_mc")[0]["resps"][0][0], _by_doc(plain, "llmtune_mc")[0]["resps"][0][0]
     assert abs(float(a[0]) - float(b[0])) > 1e-3            # the adapter really was applied
+
+    # the adapter folder given as the model (as an output / checkpoint-N folder is: its recorded base is loaded
+    # and the adapter merged), and a merged export of it, give the same numbers
+    from llmtune.eval.run import load_eval_model, parse_eval_args
+    from llmtune.export import export
+
+    merged = tmp_path / "merged"
+    export({"model_name_or_path": str(hf_folder), "adapter_name_or_path": str(adapter), "export_dir": str(merged),
+            "infer_dtype": "float32"})
+    for source in (adapter, merged):
+        args = parse_eval_args(["--tasks", "llmtune_mc", "--model_name_or_path", str(source),
+                                "--infer_dtype", "float32", "--device", "cpu"])
+        model, tok, _ = load_eval_model(args)
+        res = _evaluate(lm_class()(model, tok, batch_size=4), task_dir, ["llmtune_mc"], limit=3)
+        for doc, sample in _by_doc(res, "llmtune_mc").items():
+            for x, y in zip(sample["resps"], _by_doc(ours, "llmtune_mc")[doc]["resps"]):
+                assert abs(float(x[0][0]) - float(y[0][0])) < 1e-4, (source.name, doc)
+
+
+@pytest.mark.real
+def test_chat_prompts_match_hflm(real_model_path, hf_real_tokenizer):
+    """--apply_chat_template renders the harness's chats as HFLM does with the same chat template."""
+    _need_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+    from tiny_helpers import tiny_model
+
+    from llmtune.eval.lm import lm_class
+    from llmtune.tokenizer import load_tokenizer
+
+    ours = lm_class()(tiny_model().eval(), load_tokenizer(str(real_model_path)))
+    theirs = HFLM.__new__(HFLM)              # only its chat rendering: no model needed
+    theirs.tokenizer, theirs.chat_template_args = hf_real_tokenizer, {}
+    chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Question: 2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "Question: 3+3?"}]
+    assert ours.apply_chat_template(chat) == theirs.apply_chat_template(chat)
+    prefill = chat + [{"role": "assistant", "content": "Answer:"}]
+    assert ours.apply_chat_template(prefill, add_generation_prompt=False) == \
+        theirs.apply_chat_template(prefill, add_generation_prompt=False)
