@@ -277,3 +277,35 @@ def test_chat_prompts_match_hflm(real_model_path, hf_real_tokenizer):
     prefill = chat + [{"role": "assistant", "content": "Answer:"}]
     assert ours.apply_chat_template(prefill, add_generation_prompt=False) == \
         theirs.apply_chat_template(prefill, add_generation_prompt=False)
+
+
+@pytest.mark.real
+def test_run_eval_on_a_tiny_model(real_model_path, task_dir, tmp_path, capsys):
+    """The whole command on a random 2-layer model with the real vocabulary: chat prompts with an llmtune
+    template, the JSON file, and a task whose data file is missing (one error line naming it)."""
+    _need_lm_eval()
+    from tiny_helpers import real_tokenizer_folder
+
+    from llmtune.eval.run import run_eval
+
+    folder = real_tokenizer_folder(real_model_path, tmp_path / "tiny")
+    out = tmp_path / "r" / "scores.json"
+    res = run_eval(parse_eval_args(["--tasks", "llmtune_gen,llmtune_mc", "--include_path", str(task_dir),
+                                    "--model_name_or_path", str(folder), "--template", "chatml", "--limit", "2",
+                                    "--max_gen_toks", "4", "--output_path", str(out), "--infer_dtype", "float32",
+                                    "--log_samples", "true"]))
+    saved = json.loads(out.read_text())
+    assert saved["llmtune"]["template"] == "chatml" and set(saved["results"]) == {"llmtune_gen", "llmtune_mc"}
+    assert res["results"]["llmtune_mc"]["acc,none"] == saved["results"]["llmtune_mc"]["acc,none"]
+    prompt = json.dumps(saved["samples"]["llmtune_gen"][0]["arguments"])
+    assert "<|im_start|>user" in prompt and "<|im_start|>assistant" in prompt     # rendered as a chatml chat
+    assert "llmtune_mc" in capsys.readouterr().out
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "llmtune_missing.yaml").write_text(
+        (task_dir / "llmtune_mc.yaml").read_text().replace("task: llmtune_mc", "task: llmtune_missing")
+        .replace(f"{task_dir}/llmtune_mc.jsonl", str(tmp_path / "no-such-file.jsonl")))
+    with pytest.raises(LLMTuneError, match="no-such-file.jsonl"):
+        run_eval(parse_eval_args(["--tasks", "llmtune_missing", "--include_path", str(broken),
+                                  "--model_name_or_path", str(folder)]))

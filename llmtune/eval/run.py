@@ -275,10 +275,22 @@ def run_eval(args: dict[str, Any]) -> dict:
     lm = lm_class()(model, tokenizer, batch_size=args["batch_size"], max_length=args["max_length"],
                     max_gen_toks=args["max_gen_toks"], template=template)
     seed = args["seed"]
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=args["tasks"], num_fewshot=args["num_fewshot"], limit=args["limit"], task_manager=tm,
-        apply_chat_template=chat, system_instruction=args["system"], log_samples=bool(args["log_samples"]),
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=args["tasks"], num_fewshot=args["num_fewshot"], limit=args["limit"], task_manager=tm,
+            apply_chat_template=chat, system_instruction=args["system"], log_samples=bool(args["log_samples"]),
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    except FileNotFoundError as e:   # a task's data file (datasets raises it for local and Hub files alike)
+        what = e.filename or (e.args[0] if e.args else e)
+        raise LLMTuneError(f"eval: a task's data was not found: {what} (a task YAML's data_files are relative to "
+                           "the folder you run in; the harness's own tasks download their data from the Hugging "
+                           "Face Hub)") from None
+    except (ConnectionError, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise                  # a full disk, a read-only folder: the CLI's own one-line message
+        raise LLMTuneError(f"eval: could not load a task's dataset ({str(e).splitlines()[0] if str(e) else e!r}); "
+                           "the harness's own tasks download their data from the Hugging Face Hub: check the "
+                           "network, or HF_HUB_OFFLINE and the datasets cache") from None
     if results is None:
         raise LLMTuneError("eval: the harness returned no results")
     from lm_eval.utils import handle_non_serializable, make_table
