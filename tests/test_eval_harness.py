@@ -300,6 +300,10 @@ def test_run_eval_on_a_tiny_model(real_model_path, task_dir, tmp_path, capsys):
     prompt = json.dumps(saved["samples"]["llmtune_gen"][0]["arguments"])
     assert "<|im_start|>user" in prompt and "<|im_start|>assistant" in prompt     # rendered as a chatml chat
     assert "llmtune_mc" in capsys.readouterr().out
+    run_eval(parse_eval_args(["--tasks", "llmtune_mc", "--include_path", str(task_dir), "--limit", "1",
+                              "--model_name_or_path", str(folder), "--output_path", str(out)]))
+    assert "replacing the results of an earlier llmtune eval" in capsys.readouterr().err
+    assert set(json.loads(out.read_text())["results"]) == {"llmtune_mc"}
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -309,3 +313,15 @@ def test_run_eval_on_a_tiny_model(real_model_path, task_dir, tmp_path, capsys):
     with pytest.raises(LLMTuneError, match="no-such-file.jsonl"):
         run_eval(parse_eval_args(["--tasks", "llmtune_missing", "--include_path", str(broken),
                                   "--model_name_or_path", str(folder)]))
+
+
+def test_output_path_never_replaces_a_foreign_file(task_dir, tmp_path):
+    _need_lm_eval()
+    from llmtune.eval.run import run_eval
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"model_type": "llama"}')
+    with pytest.raises(LLMTuneError, match="was not written by llmtune eval"):
+        run_eval(parse_eval_args(["--tasks", "llmtune_mc", "--include_path", str(task_dir),
+                                  "--model_name_or_path", str(tmp_path / "no-model"), "--output_path", str(cfg)]))
+    assert cfg.read_text() == '{"model_type": "llama"}'

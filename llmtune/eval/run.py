@@ -46,7 +46,8 @@ Evaluate a model with lm-evaluation-harness (pip install 'llmtune[eval]').
   --max_length N          the context in tokens (default: the model's max_position_embeddings)
   --max_gen_toks 256      new tokens of a generation task that sets none
   --infer_dtype auto      auto, float32, bfloat16, float16     --device cpu|cuda|cuda:0
-  --quantization_bit 4    load the base weights as NF4         --seed 0"""
+  --quantization_bit 4    load the base weights as NF4
+  --seed N                the harness's four seeds (default: the harness's own: 0, 1234, 1234, 1234)"""
 
 #: key -> (type, default, one-line description)
 KEYS: dict[str, tuple[type, Any, str]] = {
@@ -70,7 +71,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "quantization_bit": (int, None, "4 for NF4"),
     "quantization_type": (str, "nf4", "nf4 or fp4"),
     "double_quantization": (bool, True, "quantize the NF4 scales"),
-    "seed": (int, 0, "seed of the harness's sampling and few-shot choice"),
+    "seed": (int, None, "seed of the harness's sampling and few-shot choice (None: the harness's defaults)"),
 }
 ALIASES = {"task": "tasks", "n_shot": "num_fewshot", "save_dir": "output_path", "output_dir": "output_path",
            "model": "model_name_or_path", "default_system": "system", "system_instruction": "system"}
@@ -254,6 +255,21 @@ def _output_file(path: str) -> Path:
     return p / "results.json"
 
 
+def _check_replaceable(out: Path) -> None:
+    """Refuse to write over a file that an earlier ``llmtune eval`` did not write (a model's ``config.json``)."""
+    if not out.exists():
+        return
+    try:
+        old = json.loads(out.read_text(encoding="utf-8"))
+        ours = isinstance(old, dict) and "llmtune" in old and "results" in old
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise LLMTuneError(f"--output_path: {out} exists and was not written by llmtune eval; choose another "
+                           "file or folder (it is left as it is)")
+    notice(f"{out}: replacing the results of an earlier llmtune eval")
+
+
 def run_eval(args: dict[str, Any]) -> dict:
     """Load the model, run the harness, print the table, write the JSON; returns the harness's results dict.
 
@@ -268,18 +284,22 @@ def run_eval(args: dict[str, Any]) -> dict:
     lm_eval = import_lm_eval()
     tm = _task_manager(lm_eval, args["include_path"], args["tasks"])
     out_file = _output_file(args["output_path"]) if args["output_path"] else None
+    if out_file is not None:
+        _check_replaceable(out_file)
     model, tokenizer, template = load_eval_model(args)
     chat = bool(args["template"] or args["apply_chat_template"])
     if args["template"] and not args["apply_chat_template"]:
         notice(f"--template {args['template']}: prompts are rendered as chats with it (as --apply_chat_template)")
     lm = lm_class()(model, tokenizer, batch_size=args["batch_size"], max_length=args["max_length"],
                     max_gen_toks=args["max_gen_toks"], template=template)
-    seed = args["seed"]
+    seed = args["seed"]      # one value for the harness's four seeds, as its own --seed N; None: its defaults
+    seeds = {} if seed is None else dict(random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                         fewshot_random_seed=seed)
     try:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=args["tasks"], num_fewshot=args["num_fewshot"], limit=args["limit"], task_manager=tm,
             apply_chat_template=chat, system_instruction=args["system"], log_samples=bool(args["log_samples"]),
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+            **seeds)
     except FileNotFoundError as e:   # a task's data file (datasets raises it for local and Hub files alike)
         what = e.filename or (e.args[0] if e.args else e)
         raise LLMTuneError(f"eval: a task's data was not found: {what} (a task YAML's data_files are relative to "
