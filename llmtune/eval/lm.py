@@ -36,7 +36,7 @@ import torch
 
 from llmtune.errors import LLMTuneError, notice
 
-__all__ = ["import_lm_eval", "score_continuations", "generate_texts", "lm_class", "LLMTuneLM"]
+__all__ = ["import_lm_eval", "score_continuations", "generate_texts", "lm_class"]   # and LLMTuneLM, built lazily
 
 #: max_gen_toks when a task does not set it (HFLM's default)
 DEFAULT_MAX_GEN_TOKS = 256
