@@ -92,6 +92,46 @@ def test_scores_match_one_request_at_a_time():
         assert greedy == bool((logits[-len(cont):].argmax(-1) == torch.tensor(cont)).all())
 
 
+def test_generation_settings_follow_the_harness_rule(capsys):
+    """No do_sample: sampling iff temperature > 0 (lm_eval.models.utils.normalize_gen_kwargs); do_sample with
+    temperature 0 is greedy; other keys get one notice."""
+    from llmtune.eval.lm import _sampling_from
+
+    warned: set = set()
+    assert not _sampling_from({"temperature": 0.0}, warned).do_sample
+    p = _sampling_from({"temperature": 0.7, "top_p": 0.9, "top_k": 5}, warned)
+    assert p.do_sample and (p.temperature, p.top_p, p.top_k) == (0.7, 0.9, 5)
+    assert not _sampling_from({"do_sample": False, "temperature": 0.7}, warned).do_sample
+    assert not _sampling_from({"do_sample": True, "temperature": 0.0}, warned).do_sample
+    _sampling_from({"num_beams": 4}, warned)
+    _sampling_from({"num_beams": 4}, warned)
+    assert capsys.readouterr().err.count("num_beams") == 1
+
+
+def test_generation_stops_at_the_stop_strings():
+    """generate_texts cuts at the first stop string and stops the row; the text before it is the greedy text."""
+    from tiny_helpers import tiny_model
+
+    from llmtune.eval.lm import generate_texts
+
+    class Tok:   # one character per token id: the text shows exactly which tokens were generated
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(65 + int(i) % 26) for i in ids)
+
+    model = tiny_model().eval()
+    prompt = [3, 9, 27, 4]
+    full = list(prompt)
+    with torch.no_grad():                  # the reference: greedy by whole forwards, no cache, no engine
+        for _ in range(12):
+            full.append(int(model.lm_head(model(torch.tensor([full])))[0, -1].argmax()))
+    full = full[len(prompt):]
+    text = Tok().decode(full)
+    stop = text[5:7]                       # a stop string that first appears at character text.index(stop)
+    got = generate_texts(model, Tok(), [prompt, prompt[:2]], [stop], max_gen_toks=12, batch_size=2)
+    assert got[0] == text[:text.index(stop)]
+    assert generate_texts(model, Tok(), [prompt], [], max_gen_toks=12)[0] == text
+
+
 # -- against the harness's own hf model on the real checkpoint ----------------------------------------------
 
 @pytest.fixture(scope="module")

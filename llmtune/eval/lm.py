@@ -280,10 +280,12 @@ def lm_class() -> type:
         # -- tokens --------------------------------------------------------------------------------------
         @property
         def eot_token_id(self) -> int:
+            """The tokenizer's eos id (int): its text is added to every generation's stop strings (HFLM)."""
             return self.tokenizer.eos_token_id
 
         @property
         def prefix_token_id(self) -> int:
+            """The id (int) an empty context and the first rolling window start with: given, else bos, else eos."""
             if self.custom_prefix_token_id is not None:
                 return self.custom_prefix_token_id
             bos = self.tokenizer.bos_token_id
@@ -291,6 +293,8 @@ def lm_class() -> type:
 
         @property
         def max_length(self) -> int:
+            """The context in tokens (int): given, else ``max_position_embeddings``, else the tokenizer's
+            ``model_max_length``, else 2048 (HFLM's order)."""
             if self._max_length:
                 return int(self._max_length)
             n = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
@@ -301,14 +305,17 @@ def lm_class() -> type:
 
         @property
         def max_gen_toks(self) -> int:
+            """New tokens (int) of a generation request that sets none."""
             return self._max_gen_toks
 
         @property
         def device(self) -> torch.device:
+            """The model's device."""
             return self._device
 
         @property
         def tokenizer_name(self) -> str:
+            """The tokenizer's path with ``/`` as ``__`` (the harness's cache key)."""
             return str(getattr(self.tokenizer, "name_or_path", "llmtune")).replace("/", "__")
 
         def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
@@ -326,11 +333,14 @@ def lm_class() -> type:
             return ids[-left_truncate_len:] if left_truncate_len else ids
 
         def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+            """Text (str) of token ids (list of int)."""
             return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
 
         # -- the three requests ----------------------------------------------------------------------------
         def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any
                                   ) -> list[tuple[float, bool]]:
+            """``(logprob, is_greedy)`` per ``((context, continuation), context_ids, continuation_ids)`` request
+            (:func:`score_continuations`); the harness's cache gets each answer."""
             res = score_continuations(self.model, [(r[1], r[2]) for r in requests], self.max_length,
                                       self.batch_size)
             for r, answer in zip(requests, res):
@@ -339,6 +349,7 @@ def lm_class() -> type:
             return res
 
         def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+            """Log-likelihood (float nats) of each request's whole text, in disjoint ``max_length`` windows."""
             windows, owners = [], []
             for k, req in enumerate(requests):
                 (string,) = req.args
@@ -356,6 +367,10 @@ def lm_class() -> type:
             return totals
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+            """Generated text (str) per ``(context, gen_kwargs)`` request; requests with equal ``gen_kwargs`` are
+            generated together (:func:`generate_texts`).
+
+            Raises: LLMTuneError for ``max_gen_toks`` outside ``[1, max_length)`` or a bad sampling setting."""
             eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
             groups: dict = {}
             for k, req in enumerate(requests):
@@ -402,6 +417,8 @@ def lm_class() -> type:
             return text + (prefill or "")
 
         def chat_template(self, chat_template: Any = False) -> Optional[str]:
+            """What renders chats (recorded by the harness): the llmtune template's name or the tokenizer's
+            ``chat_template`` string; None when chats are off."""
             if chat_template is False or chat_template is None:
                 return None
             if self.template is not None:
