@@ -247,7 +247,9 @@ def test_cli_adapter_matches_hflm_with_peft(hf_folder, task_dir, tmp_path):
 
     from llmtune.eval.lm import lm_class
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32).eval()
+    plain = _evaluate(HFLM(pretrained=base, tokenizer=transformers.AutoTokenizer.from_pretrained(str(hf_folder)),
+                           device="cpu", batch_size=1), task_dir, ["llmtune_mc"], limit=2)   # the base alone
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                           init_lora_weights=False)           # random A and B: the adapter changes the numbers
     torch.manual_seed(0)
@@ -275,8 +277,6 @@ def test_cli_adapter_matches_hflm_with_peft(hf_folder, task_dir, tmp_path):
     theirs_lm = HFLM(pretrained=str(hf_folder), peft=str(adapter), device="cpu", dtype="float32", batch_size=1)
     theirs = _evaluate(theirs_lm, task_dir, ["llmtune_mc"])
     _assert_same(ours, theirs, ["llmtune_mc"])
-    base_lm = HFLM(pretrained=str(hf_folder), device="cpu", dtype="float32", batch_size=1)
-    plain = _evaluate(base_lm, task_dir, ["llmtune_mc"], limit=2)
     a, b = _by_doc(ours, "llmtune_mc")[0]["resps"][0][0], _by_doc(plain, "llmtune_mc")[0]["resps"][0][0]
     assert abs(float(a[0]) - float(b[0])) > 1e-3            # the adapter really was applied
 
