@@ -1,4 +1,4 @@
-"""The ``llmtune`` command: ``train``, ``chat``, ``api``, ``export``, ``version``.
+"""The ``llmtune`` command: ``train``, ``chat``, ``api``, ``export``, ``eval``, ``version``.
 
 ``llmtune train [config.yaml] [--key value ...] [key=value ...]`` takes LLaMA-Factory's keys (and the seed
 document's spellings); flags override the file. A user mistake prints one ``llmtune: error: ...`` line and
@@ -20,6 +20,7 @@ commands:
   chat      chat with a model (and its adapters) in the terminal; reads stdin line by line when piped
   api       serve a model over OpenAI's HTTP API (chat and text completions, streaming)
   export    merge adapters and write a Hugging Face folder or a GGUF file
+  eval      evaluate a model (and its adapters) on lm-evaluation-harness tasks (pip install 'llmtune[eval]')
   version   print the version
 Run `llmtune <command> --help` for its keys, `llmtune train --help WORD` for the keys about WORD."""
 
@@ -83,10 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             from llmtune.export import main as export_main
 
             return export_main(rest)
+        if command == "eval":
+            from llmtune.eval.run import main as eval_main
+
+            return eval_main(rest)
         from llmtune.errors import nearest
 
-        raise LLMTuneError(f"unknown command {command!r}; use train, chat, api, export or version."
-                           + nearest(command, ["train", "chat", "api", "export", "version"]))
+        raise LLMTuneError(f"unknown command {command!r}; use train, chat, api, export, eval or version."
+                           + nearest(command, ["train", "chat", "api", "export", "eval", "version"]))
     except LLMTuneError as e:
         if debug:
             raise
