@@ -490,6 +490,31 @@ CASES: list = [
     ("train-bad-metric-for-best-model", _t(val_size=0.25, eval_strategy="steps", eval_steps=2,
                                            metric_for_best_model="eval_acuracy")),
     ("train-aliases-conflict", lambda c: c.train(cutoff_len=128) + ["--max_length", "64", "--cutoff_len", "100"]),
+    # ---- keys added in issue 25's last rounds: bad values (each must name the key and the fix) ----
+    ("train-max-tokens-per-micro-batch-0", _t(max_tokens_per_micro_batch=0)),
+    ("train-max-tokens-per-micro-batch-negative", _t(max_tokens_per_micro_batch=-1)),
+    ("train-max-tokens-per-micro-batch-not-a-number", _t(max_tokens_per_micro_batch="abc")),
+    ("train-offload-activations-not-bool", _t(offload_activations="maybe")),
+    ("train-use-unsloth-gc-not-bool", _t(use_unsloth_gc="unsloth")),
+    ("train-image-max-below-min-pixels", _t(image_max_pixels=100, image_min_pixels=200)),
+    ("train-image-max-pixels-negative", _t(image_max_pixels=-5)),
+    ("train-image-min-pixels-0", _t(image_min_pixels=0)),
+    ("api-port-70000", lambda c: ["api", "--model_name_or_path", c.model, "--port", "70000"]),
+    ("api-max-num-seqs-0", lambda c: ["api", "--model_name_or_path", c.model, "--max_num_seqs", "0"]),
+    # ---- LLaMA-Factory/TRL keys that were accepted with only a notice: now mapped, or refused with the reason ----
+    ("train-flash-attn-unknown", _t(flash_attn="fa3")),
+    ("train-infer-backend-unknown", _t(infer_backend="tgi")),
+    ("train-use-vllm-not-bool", _t(use_vllm="maybe")),
+    ("train-deepspeed-unknown-file", _t(deepspeed="my_ds.json")),
+    ("train-deepspeed-bad-stage", lambda c: c.train(deepspeed=_write(c.tmp / "ds.json", {"zero_optimization": {"stage": 7}}))),
+    ("train-deepspeed-not-json", lambda c: c.train(deepspeed=_write(c.tmp / "ds.json", "{zero"))),
+    ("train-push-to-hub-without-hub-model-id", _t(push_to_hub=True)),
+    ("train-push-to-hub-offline", lambda c: (c.monkeypatch.setenv("HF_HUB_OFFLINE", "1"),
+                                             c.train(push_to_hub=True, hub_model_id="me/tiny"))[1]),
+    ("train-push-to-hub-without-token", lambda c: (c.monkeypatch.setenv("HF_HUB_OFFLINE", "0"),
+                                                   c.monkeypatch.setattr("huggingface_hub.get_token", lambda: None),
+                                                   c.train(push_to_hub=True, hub_model_id="me/tiny"))[2]),
+    ("train-hub-model-id-not-a-repo-id", _t(hub_model_id="not a repo")),
     # ---- train: model folder and tokenizer ----
     ("model-tokenizer-config-not-utf8", lambda c: c.train(model=model_with(c, "tokenizer_config.json", b'{"eos_token": "' + BAD_UTF8 + b'"}'))),
     ("model-tokenizer-config-invalid", lambda c: c.train(model=model_with(c, "tokenizer_config.json", '{"eos_token": '))),
@@ -674,6 +699,19 @@ NOTICE_CASES = [
     ("training-keys-to-export", lambda c: c.export("--lora_dropout", "0.1", "--max_steps", "5"),
      "llmtune export ignores the training keys max_steps"),
     ("flag-given-twice", lambda c: c.train(cutoff_len=128) + ["--cutoff_len", "100"], "--cutoff_len is given twice"),
+    # issue 25: accepted with a notice that said only "has no effect": each now says what llmtune does instead
+    ("flash-attn-fa2", lambda c: c.train(flash_attn="fa2"), "which runs FlashAttention-2 kernels on CUDA"),
+    ("flash-attn-disabled", lambda c: c.train(flash_attn="eager"), "flash_attn: disabled: llmtune's attention is"),
+    ("infer-backend-vllm", lambda c: c.chat("--infer_backend", "vllm"), "infer_backend: vllm is not used; llmtune generates"),
+    ("use-vllm-grpo", lambda c: c.train(stage="grpo", use_vllm=True, reward_funcs="len", num_generations=2),
+     "use_vllm: rollouts run on llmtune's own generation engine"),
+    ("deepspeed-z3-by-name", lambda c: c.train(deepspeed="examples/deepspeed/ds_z3_config.json"),
+     "deepspeed: llmtune does not use DeepSpeed; ZeRO-3: fsdp: full_shard under torchrun"),
+    ("deepspeed-z2-offload-file", lambda c: c.train(deepspeed=_write(c.tmp / "ds.json", {"zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}})), "ZeRO-2 with offload: fsdp: shard_grad_op offload"),
+    ("deepspeed-z0", lambda c: c.train(deepspeed="ds_z0_config.json"), "ZeRO-0: DDP"),
+    ("deepspeed-with-fsdp-set", lambda c: c.train(deepspeed="ds_z3_config.json", fsdp="shard_grad_op"),
+     "the fsdp you set applies: fsdp: shard_grad_op"),
 ]
 
 

@@ -42,7 +42,7 @@ from llmtune.tokenizer import load_tokenizer
 from llmtune.locks import lock_output
 from llmtune.train import manifest
 from llmtune.train.checkpoint import clear_for_overwrite
-from llmtune.train import eval_report, summary
+from llmtune.train import eval_report, hub, summary
 from llmtune.train.distributed import (barrier, distributed_session, full_parameters, gather_full_state_dict, is_main,
                                        unwrap)
 from llmtune.train.finetuning import apply_finetuning_type
@@ -76,7 +76,11 @@ def run_train(config: Union[dict, str, Path, Any], **stage_options: Any) -> dict
     with _no_empty_output_dir_left(cfg), distributed_session(cfg), lock_output(out_dir, "output_dir"):
         # the model and trainer live in _run_steps' frame: they are gone (their FSDP/DDP state included)
         # before distributed_session destroys the process group
-        return _run_steps(cfg, stage_options)
+        results = _run_steps(cfg, stage_options)
+        push = cfg.push_to_hub and cfg.do_train and is_main()
+    if push:   # 9. the finished folder (lock released, manifest written), uploaded by rank 0 (train/hub.py)
+        hub.push_output(cfg, out_dir)
+    return results
 
 
 def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
