@@ -225,6 +225,35 @@ def _nan_adapter(ctx: Ctx) -> Path:
     return a
 
 
+def _moved_base(ctx: Ctx) -> Path:
+    """A copy of the trained adapter whose recorded base was moved away (the error named the base, as if given)."""
+    a = ctx.copy("adapter")
+    for name in ("adapter_config.json", "llmtune.json"):
+        if (a / name).is_file():
+            cfg = json.loads((a / name).read_text())
+            cfg["base_model_name_or_path"] = str(ctx.tmp / "moved-away")
+            _write(a / name, cfg)
+    return a
+
+
+def test_a_moved_base_is_reported_by_the_adapter_folder_given(ctx, capsys):
+    from llmtune.cli import main
+
+    adapter = _moved_base(ctx)
+    assert main(ctx.chat(model=adapter)) == 2
+    err = capsys.readouterr().err
+    assert f"{adapter} is a LoRA output folder whose recorded base" in err and "--adapter_name_or_path" in err, err
+
+
+def test_chat_help_names_the_session_commands_as_typed(capsys):
+    """`chat --help` said `clear`/`exit` while the session says `/clear`/`/exit`."""
+    from llmtune.cli import main
+
+    assert main(["chat", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "`/clear`" in out and "`/exit`" in out
+
+
 def _no_tokenizer(ctx: Ctx) -> Path:
     """The model without its word-level tokenizer (the GGUF writer takes byte-level BPE only)."""
     model = ctx.copy("model")
@@ -590,6 +619,8 @@ CASES: list = [
     ("export-template-include", lambda c: c.export(model=template(c, SOME_TEMPLATES["include"]), adapter=False)),
     ("export-gguf-dir-named-like-a-file", lambda c: c.export("--export_format", "gguf", model=_no_tokenizer(c), adapter=False, export_dir=c.tmp / "m.gguf")),
     ("export-weights-hold-nan", lambda c: c.export(adapter=_nan_adapter(c))),
+    ("chat-lora-folder-whose-base-moved", lambda c: c.chat(model=_moved_base(c))),
+    ("export-lora-folder-whose-base-moved", lambda c: c.export(model=_moved_base(c), adapter=False)),
     ("cli-unknown-command", lambda c: ["trian"]),
 ]
 
