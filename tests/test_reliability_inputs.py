@@ -708,6 +708,42 @@ def test_bad_cli_input_is_one_line_exit_2_and_nothing_changes(name, build, ctx, 
     assert _watch(ctx) == before, f"{name}: files changed"
 
 
+#: rows of the last round whose error line must also name the key (or flag) and the fix
+NAMES_THE_KEY = {
+    "train-max-tokens-per-micro-batch-0": ("max_tokens_per_micro_batch", ">= 1"),
+    "train-max-tokens-per-micro-batch-negative": ("max_tokens_per_micro_batch", ">= 1"),
+    "train-max-tokens-per-micro-batch-not-a-number": ("max_tokens_per_micro_batch", "whole number"),
+    "train-offload-activations-not-bool": ("offload_activations", "true/false"),
+    "train-use-unsloth-gc-not-bool": ("--use_unsloth_gc", "true/false"),
+    "train-image-max-below-min-pixels": ("image_max_pixels", ">= image_min_pixels"),
+    "train-image-max-pixels-negative": ("image_max_pixels", ">= 1"),
+    "train-image-min-pixels-0": ("image_min_pixels", ">= 1"),
+    "api-port-70000": ("--port", "0..65535"),
+    "api-max-num-seqs-0": ("--max_num_seqs", ">= 1"),
+    "train-flash-attn-unknown": ("flash_attn", "fa2"),
+    "train-infer-backend-unknown": ("infer_backend", "huggingface"),
+    "train-use-vllm-not-bool": ("use_vllm", "true/false"),
+    "train-deepspeed-unknown-file": ("deepspeed", "set fsdp"),
+    "train-deepspeed-bad-stage": ("deepspeed", "0, 1, 2 or 3"),
+    "train-deepspeed-not-json": ("deepspeed", "not a readable JSON file"),
+    "train-push-to-hub-without-hub-model-id": ("push_to_hub", "hub_model_id"),
+    "train-push-to-hub-offline": ("push_to_hub", "HF_HUB_OFFLINE"),
+    "train-push-to-hub-without-token": ("push_to_hub", "hf auth login"),
+    "train-hub-model-id-not-a-repo-id": ("hub_model_id", "owner/name"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMES_THE_KEY))
+def test_the_error_line_names_the_key_and_the_fix(name, ctx, capsys):
+    from llmtune.cli import main
+
+    build = {c[0]: c[1] for c in CASES if not hasattr(c, "values")}[name]
+    assert main([str(a) for a in build(ctx)]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("llmtune: error:")][0]
+    key, fix = NAMES_THE_KEY[name]
+    assert key in line and fix in line, line
+
+
 @pytest.mark.parametrize("name,call", API_CASES, ids=_ids(API_CASES))
 def test_bad_python_api_input_raises_one_clear_error(name, call, ctx):
     from llmtune.errors import LLMTuneError
