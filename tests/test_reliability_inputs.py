@@ -245,6 +245,19 @@ def test_a_moved_base_is_reported_by_the_adapter_folder_given(ctx, capsys):
     assert f"{adapter} is a LoRA output folder whose recorded base" in err and "--adapter_name_or_path" in err, err
 
 
+@pytest.mark.parametrize("command", ["train", "chat", "export"])
+def test_the_lora_output_folder_notice_prints_once(command, ctx, capsys):
+    """Issue 25's loose end: the 'LoRA output folder' notice printed twice when a chain was resolved."""
+    from llmtune.cli import main
+
+    argv = {"train": lambda: ctx.train(model=ctx.adapter, max_steps=1), "chat": lambda: ctx.chat(model=ctx.adapter),
+            "export": lambda: ctx.export(model=ctx.adapter, adapter=False)}[command]()
+    if ctx.stdin is not None:
+        ctx.monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(ctx.stdin), encoding="utf-8"))
+    assert main([str(a) for a in argv]) == 0
+    assert capsys.readouterr().err.count("is a LoRA output folder: using its base") == 1
+
+
 def test_chat_help_names_the_session_commands_as_typed(capsys):
     """`chat --help` said `clear`/`exit` while the session says `/clear`/`/exit`."""
     from llmtune.cli import main
