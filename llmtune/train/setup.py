@@ -42,7 +42,7 @@ from llmtune.tokenizer import load_tokenizer
 from llmtune.locks import lock_output
 from llmtune.train import manifest
 from llmtune.train.checkpoint import clear_for_overwrite
-from llmtune.train import eval_report, hub, summary
+from llmtune.train import eval_report, summary
 from llmtune.train.distributed import (barrier, distributed_session, full_parameters, gather_full_state_dict, is_main,
                                        unwrap)
 from llmtune.train.finetuning import apply_finetuning_type
@@ -79,7 +79,9 @@ def run_train(config: Union[dict, str, Path, Any], **stage_options: Any) -> dict
         results = _run_steps(cfg, stage_options)
         push = cfg.push_to_hub and cfg.do_train and is_main()
     if push:   # 9. the finished folder (lock released, manifest written), uploaded by rank 0 (train/hub.py)
-        hub.push_output(cfg, out_dir)
+        from llmtune.train.hub import push_output
+
+        push_output(cfg, out_dir)
     return results
 
 
