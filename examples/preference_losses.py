@@ -7,7 +7,8 @@ same LoRA model with its adapters disabled. Swap ``dpo_loss`` for ``simpo_loss``
 in ``llmtune/train/stages/pref.py``, ``kto.py``, ``rm.py``.
 
 Run from the repository root: python examples/preference_losses.py
-MODEL and DATA point at ../shared (the project's real inputs); replace them with your own.
+MODEL and DATA are the model examples/main_job.sh (or examples/fetch_model.sh) puts in examples/models/
+and the data shipped in examples/data/; replace them with your own.
 """
 
 import torch
@@ -19,8 +20,8 @@ from llmtune.losses import dpo_loss, sequence_logps
 from llmtune.peft import apply_lora, disable_adapters
 from llmtune.train.trainer import Trainer
 
-MODEL = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = "../shared/data"
+MODEL = "examples/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = "examples/data"
 CONFIG = {"stage": "dpo", "output_dir": "runs/custom_dpo", "per_device_train_batch_size": 2,
           "gradient_accumulation_steps": 2, "learning_rate": 2e-4, "max_steps": 10, "logging_steps": 1,
           "bf16": True, "seed": 0, "report_to": "none", "save_steps": 1000}

@@ -1,13 +1,14 @@
 """Continued pre-training with LoRA from Python (same keys as examples/train_pt_lora.yaml).
 
 Run from the repository root: python examples/train_pt_lora.py
-MODEL and DATA point at ../shared (the project's real inputs); replace them with your own.
+MODEL and DATA are the model examples/main_job.sh (or examples/fetch_model.sh) puts in examples/models/
+and the data shipped in examples/data/; replace them with your own.
 """
 
 import llmtune
 
-MODEL = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = "../shared/data"
+MODEL = "examples/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = "examples/data"
 
 results = llmtune.train({
     "stage": "pt", "model_name_or_path": MODEL, "dataset": "c4_demo", "dataset_dir": DATA,

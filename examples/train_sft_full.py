@@ -1,14 +1,15 @@
 """Full-parameter SFT from Python (keys as examples/train_sft_full.yaml).
 
 Run from the repository root: python examples/train_sft_full.py
-MODEL and DATA point at ../shared (the project's real inputs); replace them with your own. The output folder
+MODEL and DATA are the model examples/main_job.sh (or examples/fetch_model.sh) puts in examples/models/
+and the data shipped in examples/data/; replace them with your own. The output folder
 holds model.safetensors + config.json (Hugging Face names), loadable with llmtune.load_model or transformers.
 """
 
 import llmtune
 
-MODEL = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = "../shared/data"
+MODEL = "examples/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = "examples/data"
 
 results = llmtune.train({
     "stage": "sft", "model_name_or_path": MODEL, "template": "chatml", "dataset": "alpaca_en_demo",

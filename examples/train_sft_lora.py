@@ -1,15 +1,16 @@
 """SFT with LoRA from Python, then a question to the trained model (keys as examples/train_sft_lora.yaml).
 
 Run from the repository root: python examples/train_sft_lora.py
-MODEL and DATA point at ../shared (the project's real inputs); replace them with your own.
+MODEL and DATA are the model examples/main_job.sh (or examples/fetch_model.sh) puts in examples/models/
+and the data shipped in examples/data/; replace them with your own.
 """
 
 import llmtune
 from llmtune.data.templates import get_template
 from llmtune.chat import generate_reply
 
-MODEL = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = "../shared/data"
+MODEL = "examples/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = "examples/data"
 OUT = "runs/sft_lora_py"
 
 results = llmtune.train({

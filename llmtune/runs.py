@@ -218,6 +218,10 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
     say = (lambda message: None) if quiet else notice
     base, chain = resolve_model_chain(model_name_or_path)
     if chain:
+        if not Path(os.path.expanduser(base)).exists() and not is_hub_id(base):   # the base was moved or deleted
+            raise LLMTuneError(f"model_name_or_path: {model_name_or_path} is a LoRA output folder whose recorded base "
+                               f"{base} no longer exists; put the base back there, or give it: --model_name_or_path "
+                               f"BASE --adapter_name_or_path {model_name_or_path}")
         say(f"model_name_or_path {model_name_or_path} is a LoRA output folder: using its base {base} with "
                f"{len(chain)} adapter(s) merged")
     for item in _split(adapter_name_or_path):

@@ -474,3 +474,62 @@ def test_a_full_fine_tuning_checkpoint_is_a_model_folder_and_resumes_exactly(inp
     shutil.copytree(b, c)
     assert _train_in_process(_args(inputs, c, max_steps=4, resume_from_checkpoint=str(c / "checkpoint-2"), **kw)) == 0
     assert _log(c) == _log(b)
+
+
+# -- push_to_hub (issue 25: accepted with a notice, nothing uploaded) ------------------------------------------
+class _HubStandIn:
+    """A local stand-in of the Hub API: records create_repo/upload_folder calls and the files upload_folder would
+    send (huggingface_hub's own filter_repo_objects applied to the folder, as upload_folder does)."""
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[tuple] = []
+        self.fail = fail
+
+    def create_repo(self, api, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, api, *, repo_id, folder_path, ignore_patterns=None, **kw):
+        from huggingface_hub.utils import filter_repo_objects
+
+        if self.fail:
+            raise ConnectionError("the Hub cannot be reached")
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        sent = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        self.calls.append(("upload_folder", repo_id, sent))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+def _stand_in(monkeypatch, fail=False) -> _HubStandIn:
+    import huggingface_hub
+
+    hub = _HubStandIn(fail)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: hub.create_repo(self, repo_id, **kw))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: hub.upload_folder(self, **kw))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_standin")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    return hub
+
+
+def test_push_to_hub_uploads_the_output_folder_without_checkpoints(inputs, tmp_path, monkeypatch, capsys):
+    from llmtune.cli import main
+
+    out = tmp_path / "out"
+    hub = _stand_in(monkeypatch)
+    assert main(["train", *_args(inputs, out, max_steps=2, save_steps=1, push_to_hub=True,
+                                 hub_model_id="me/tiny-lora")]) == 0
+    assert [c[:2] for c in hub.calls] == [("create_repo", "me/tiny-lora"), ("upload_folder", "me/tiny-lora")]
+    sent = hub.calls[1][2]
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "trainer_log.jsonl"} <= set(sent)
+    assert (out / "checkpoint-2").is_dir() and not [f for f in sent if "checkpoint" in f or f.startswith(".llmtune")]
+    assert "push_to_hub: uploaded" in capsys.readouterr().err
+
+
+def test_push_to_hub_failure_keeps_the_run_and_says_how_to_upload(inputs, tmp_path, monkeypatch, capsys):
+    from llmtune.cli import main
+
+    out = tmp_path / "out"
+    _stand_in(monkeypatch, fail=True)
+    assert main(["train", *_args(inputs, out, max_steps=1, push_to_hub=True, hub_model_id="me/tiny-lora")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llmtune: error:")]
+    assert len(err) == 1 and "hf upload me/tiny-lora" in err[0] and "ConnectionError" in err[0], err
+    assert (out / "adapter_model.safetensors").is_file()

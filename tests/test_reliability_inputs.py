@@ -225,6 +225,48 @@ def _nan_adapter(ctx: Ctx) -> Path:
     return a
 
 
+def _moved_base(ctx: Ctx) -> Path:
+    """A copy of the trained adapter whose recorded base was moved away (the error named the base, as if given)."""
+    a = ctx.copy("adapter")
+    for name in ("adapter_config.json", "llmtune.json"):
+        if (a / name).is_file():
+            cfg = json.loads((a / name).read_text())
+            cfg["base_model_name_or_path"] = str(ctx.tmp / "moved-away")
+            _write(a / name, cfg)
+    return a
+
+
+def test_a_moved_base_is_reported_by_the_adapter_folder_given(ctx, capsys):
+    from llmtune.cli import main
+
+    adapter = _moved_base(ctx)
+    assert main(ctx.chat(model=adapter)) == 2
+    err = capsys.readouterr().err
+    assert f"{adapter} is a LoRA output folder whose recorded base" in err and "--adapter_name_or_path" in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "chat", "export"])
+def test_the_lora_output_folder_notice_prints_once(command, ctx, capsys):
+    """Issue 25's loose end: the 'LoRA output folder' notice printed twice when a chain was resolved."""
+    from llmtune.cli import main
+
+    argv = {"train": lambda: ctx.train(model=ctx.adapter, max_steps=1), "chat": lambda: ctx.chat(model=ctx.adapter),
+            "export": lambda: ctx.export(model=ctx.adapter, adapter=False)}[command]()
+    if ctx.stdin is not None:
+        ctx.monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(ctx.stdin), encoding="utf-8"))
+    assert main([str(a) for a in argv]) == 0
+    assert capsys.readouterr().err.count("is a LoRA output folder: using its base") == 1
+
+
+def test_chat_help_names_the_session_commands_as_typed(capsys):
+    """`chat --help` said `clear`/`exit` while the session says `/clear`/`/exit`."""
+    from llmtune.cli import main
+
+    assert main(["chat", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "`/clear`" in out and "`/exit`" in out
+
+
 def _no_tokenizer(ctx: Ctx) -> Path:
     """The model without its word-level tokenizer (the GGUF writer takes byte-level BPE only)."""
     model = ctx.copy("model")
@@ -490,6 +532,31 @@ CASES: list = [
     ("train-bad-metric-for-best-model", _t(val_size=0.25, eval_strategy="steps", eval_steps=2,
                                            metric_for_best_model="eval_acuracy")),
     ("train-aliases-conflict", lambda c: c.train(cutoff_len=128) + ["--max_length", "64", "--cutoff_len", "100"]),
+    # ---- keys added in issue 25's last rounds: bad values (each must name the key and the fix) ----
+    ("train-max-tokens-per-micro-batch-0", _t(max_tokens_per_micro_batch=0)),
+    ("train-max-tokens-per-micro-batch-negative", _t(max_tokens_per_micro_batch=-1)),
+    ("train-max-tokens-per-micro-batch-not-a-number", _t(max_tokens_per_micro_batch="abc")),
+    ("train-offload-activations-not-bool", _t(offload_activations="maybe")),
+    ("train-use-unsloth-gc-not-bool", _t(use_unsloth_gc="unsloth")),
+    ("train-image-max-below-min-pixels", _t(image_max_pixels=100, image_min_pixels=200)),
+    ("train-image-max-pixels-negative", _t(image_max_pixels=-5)),
+    ("train-image-min-pixels-0", _t(image_min_pixels=0)),
+    ("api-port-70000", lambda c: ["api", "--model_name_or_path", c.model, "--port", "70000"]),
+    ("api-max-num-seqs-0", lambda c: ["api", "--model_name_or_path", c.model, "--max_num_seqs", "0"]),
+    # ---- LLaMA-Factory/TRL keys that were accepted with only a notice: now mapped, or refused with the reason ----
+    ("train-flash-attn-unknown", _t(flash_attn="fa3")),
+    ("train-infer-backend-unknown", _t(infer_backend="tgi")),
+    ("train-use-vllm-not-bool", _t(use_vllm="maybe")),
+    ("train-deepspeed-unknown-file", _t(deepspeed="my_ds.json")),
+    ("train-deepspeed-bad-stage", lambda c: c.train(deepspeed=_write(c.tmp / "ds.json", {"zero_optimization": {"stage": 7}}))),
+    ("train-deepspeed-not-json", lambda c: c.train(deepspeed=_write(c.tmp / "ds.json", "{zero"))),
+    ("train-push-to-hub-without-hub-model-id", _t(push_to_hub=True)),
+    ("train-push-to-hub-offline", lambda c: (c.monkeypatch.setenv("HF_HUB_OFFLINE", "1"),
+                                             c.train(push_to_hub=True, hub_model_id="me/tiny"))[1]),
+    ("train-push-to-hub-without-token", lambda c: (c.monkeypatch.setenv("HF_HUB_OFFLINE", "0"),
+                                                   c.monkeypatch.setattr("huggingface_hub.get_token", lambda: None),
+                                                   c.train(push_to_hub=True, hub_model_id="me/tiny"))[2]),
+    ("train-hub-model-id-not-a-repo-id", _t(hub_model_id="not a repo")),
     # ---- train: model folder and tokenizer ----
     ("model-tokenizer-config-not-utf8", lambda c: c.train(model=model_with(c, "tokenizer_config.json", b'{"eos_token": "' + BAD_UTF8 + b'"}'))),
     ("model-tokenizer-config-invalid", lambda c: c.train(model=model_with(c, "tokenizer_config.json", '{"eos_token": '))),
@@ -565,6 +632,8 @@ CASES: list = [
     ("export-template-include", lambda c: c.export(model=template(c, SOME_TEMPLATES["include"]), adapter=False)),
     ("export-gguf-dir-named-like-a-file", lambda c: c.export("--export_format", "gguf", model=_no_tokenizer(c), adapter=False, export_dir=c.tmp / "m.gguf")),
     ("export-weights-hold-nan", lambda c: c.export(adapter=_nan_adapter(c))),
+    ("chat-lora-folder-whose-base-moved", lambda c: c.chat(model=_moved_base(c))),
+    ("export-lora-folder-whose-base-moved", lambda c: c.export(model=_moved_base(c), adapter=False)),
     ("cli-unknown-command", lambda c: ["trian"]),
 ]
 
@@ -652,6 +721,42 @@ def test_bad_cli_input_is_one_line_exit_2_and_nothing_changes(name, build, ctx, 
     assert _watch(ctx) == before, f"{name}: files changed"
 
 
+#: rows of the last round whose error line must also name the key (or flag) and the fix
+NAMES_THE_KEY = {
+    "train-max-tokens-per-micro-batch-0": ("max_tokens_per_micro_batch", ">= 1"),
+    "train-max-tokens-per-micro-batch-negative": ("max_tokens_per_micro_batch", ">= 1"),
+    "train-max-tokens-per-micro-batch-not-a-number": ("max_tokens_per_micro_batch", "whole number"),
+    "train-offload-activations-not-bool": ("offload_activations", "true/false"),
+    "train-use-unsloth-gc-not-bool": ("--use_unsloth_gc", "true/false"),
+    "train-image-max-below-min-pixels": ("image_max_pixels", ">= image_min_pixels"),
+    "train-image-max-pixels-negative": ("image_max_pixels", ">= 1"),
+    "train-image-min-pixels-0": ("image_min_pixels", ">= 1"),
+    "api-port-70000": ("--port", "0..65535"),
+    "api-max-num-seqs-0": ("--max_num_seqs", ">= 1"),
+    "train-flash-attn-unknown": ("flash_attn", "fa2"),
+    "train-infer-backend-unknown": ("infer_backend", "huggingface"),
+    "train-use-vllm-not-bool": ("use_vllm", "true/false"),
+    "train-deepspeed-unknown-file": ("deepspeed", "set fsdp"),
+    "train-deepspeed-bad-stage": ("deepspeed", "0, 1, 2 or 3"),
+    "train-deepspeed-not-json": ("deepspeed", "not a readable JSON file"),
+    "train-push-to-hub-without-hub-model-id": ("push_to_hub", "hub_model_id"),
+    "train-push-to-hub-offline": ("push_to_hub", "HF_HUB_OFFLINE"),
+    "train-push-to-hub-without-token": ("push_to_hub", "hf auth login"),
+    "train-hub-model-id-not-a-repo-id": ("hub_model_id", "owner/name"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMES_THE_KEY))
+def test_the_error_line_names_the_key_and_the_fix(name, ctx, capsys):
+    from llmtune.cli import main
+
+    build = {c[0]: c[1] for c in CASES if not hasattr(c, "values")}[name]
+    assert main([str(a) for a in build(ctx)]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("llmtune: error:")][0]
+    key, fix = NAMES_THE_KEY[name]
+    assert key in line and fix in line, line
+
+
 @pytest.mark.parametrize("name,call", API_CASES, ids=_ids(API_CASES))
 def test_bad_python_api_input_raises_one_clear_error(name, call, ctx):
     from llmtune.errors import LLMTuneError
@@ -674,6 +779,19 @@ NOTICE_CASES = [
     ("training-keys-to-export", lambda c: c.export("--lora_dropout", "0.1", "--max_steps", "5"),
      "llmtune export ignores the training keys max_steps"),
     ("flag-given-twice", lambda c: c.train(cutoff_len=128) + ["--cutoff_len", "100"], "--cutoff_len is given twice"),
+    # issue 25: accepted with a notice that said only "has no effect": each now says what llmtune does instead
+    ("flash-attn-fa2", lambda c: c.train(flash_attn="fa2"), "which runs FlashAttention-2 kernels on CUDA"),
+    ("flash-attn-disabled", lambda c: c.train(flash_attn="eager"), "flash_attn: disabled: llmtune's attention is"),
+    ("infer-backend-vllm", lambda c: c.chat("--infer_backend", "vllm"), "infer_backend: vllm is not used; llmtune generates"),
+    ("use-vllm-grpo", lambda c: c.train(stage="grpo", use_vllm=True, reward_funcs="len", num_generations=2),
+     "use_vllm: rollouts run on llmtune's own generation engine"),
+    ("deepspeed-z3-by-name", lambda c: c.train(deepspeed="examples/deepspeed/ds_z3_config.json"),
+     "deepspeed: llmtune does not use DeepSpeed; ZeRO-3: fsdp: full_shard under torchrun"),
+    ("deepspeed-z2-offload-file", lambda c: c.train(deepspeed=_write(c.tmp / "ds.json", {"zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}})), "ZeRO-2 with offload: fsdp: shard_grad_op offload"),
+    ("deepspeed-z0", lambda c: c.train(deepspeed="ds_z0_config.json"), "ZeRO-0: DDP"),
+    ("deepspeed-with-fsdp-set", lambda c: c.train(deepspeed="ds_z3_config.json", fsdp="shard_grad_op"),
+     "the fsdp you set applies: fsdp: shard_grad_op"),
 ]
 
 

@@ -108,6 +108,8 @@ def build(cfg: TrainConfig) -> None:
         object.__setattr__(cfg, name, value)
     if cfg.packing is None:           # LLaMA-Factory: packing defaults to true for pre-training only
         cfg.packing = cfg.stage == "pt"
+    if cfg.deepspeed and cfg.fsdp is None and not cfg.is_set("fsdp"):   # ZeRO stage -> FSDP2 (issue 25)
+        object.__setattr__(cfg, "fsdp", deepspeed_as_fsdp(cfg.deepspeed))
     check_values(cfg)
 
 
@@ -187,6 +189,7 @@ def check_values(cfg: TrainConfig) -> None:
             if not ok:
                 raise _refuse(name, value, _bounds_text(meta), meta["hint"])
     _check_relations(cfg)
+    _check_added_keys(cfg)
 
 
 def _check_relations(cfg: TrainConfig) -> None:
@@ -242,6 +245,107 @@ def _check_relations(cfg: TrainConfig) -> None:
         if funcs and len(weights) != len(funcs):
             raise LLMTuneError(f"reward_weights: {len(weights)} weights for {len(funcs)} reward_funcs; give one "
                                "weight per function (or leave reward_weights unset for 1 each)")
+
+
+def _check_added_keys(cfg: TrainConfig) -> None:
+    """Relations of keys added in issue 25's round (vision pixel bounds, push_to_hub's repo id)."""
+    if (cfg.image_max_pixels is not None and cfg.image_min_pixels is not None
+            and cfg.image_max_pixels < cfg.image_min_pixels):
+        raise LLMTuneError(f"image_max_pixels: {cfg.image_max_pixels} is below image_min_pixels "
+                           f"{cfg.image_min_pixels}, so no image size fits both; make image_max_pixels >= "
+                           "image_min_pixels (or unset one)")
+    if cfg.hub_model_id is not None:
+        check_hub_model_id(cfg.hub_model_id)
+
+
+def check_hub_model_id(hub_model_id: Any) -> None:
+    """Raise one :class:`LLMTuneError` when ``hub_model_id`` is not ``owner/name`` or ``name`` (Hugging Face Hub
+    repo names: letters, digits, ``-``, ``_``, ``.``; not ending in ``.`` or ``-``)."""
+    import re
+
+    text = str(hub_model_id or "")
+    if not re.match(r"^([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$", text) or text.endswith((".", "-")):
+        raise LLMTuneError(f"hub_model_id: {hub_model_id!r} is not a Hub repo id; give owner/name (or name, in your "
+                           "own namespace), e.g. my-user/smollm2-identity-lora")
+
+
+def deepspeed_zero(path: str) -> tuple[int, bool]:
+    """``(ZeRO stage, offload?)`` of a DeepSpeed config: ``zero_optimization.stage`` and whether
+    ``offload_optimizer``/``offload_param`` name a device of the JSON file; where the file is not there,
+    LLaMA-Factory's file names (``examples/deepspeed/ds_z3_offload_config.json``: stage 3, offload).
+
+    Source: DeepSpeed's config JSON (``zero_optimization``), LLaMA-Factory's ``examples/deepspeed`` names.
+
+    Raises:
+        LLMTuneError: a file that is not JSON, a stage that is not 0-3, or a missing file whose name does
+            not say its stage.
+    """
+    import json
+    import re
+    from pathlib import Path
+
+    p = Path(os.path.expanduser(str(path)))
+    fix = "llmtune shards with FSDP2, not DeepSpeed: remove deepspeed and set fsdp (full_shard for ZeRO-3) under torchrun"
+    if p.is_file():
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise LLMTuneError(f"deepspeed: {path}: not a readable JSON file ({type(e).__name__}); {fix}") from None
+        zero = data.get("zero_optimization", {}) if isinstance(data, dict) else {}
+        zero = zero if isinstance(zero, dict) else {}
+        stage = zero.get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            raise LLMTuneError(f"deepspeed: {path}: zero_optimization.stage {stage!r} is not 0, 1, 2 or 3; {fix}")
+        offload = any(isinstance(zero.get(k), dict) and str(zero[k].get("device", "none")).lower() not in ("none", "")
+                      for k in ("offload_optimizer", "offload_param"))
+        return int(stage), offload
+    m = re.search(r"(?:^|[_-])z(?:ero)?[_-]?([0-3])(?:[_.-]|$)", p.name.lower())
+    if m is None:
+        raise LLMTuneError(f"deepspeed: {path}: no such file, and its name does not say a ZeRO stage; {fix}")
+    return int(m.group(1)), "offload" in p.name.lower()
+
+
+def deepspeed_as_fsdp(path: str) -> Any:
+    """The ``fsdp`` value standing for a DeepSpeed config (:func:`deepspeed_zero`): ZeRO-3 shards parameters,
+    gradients and optimizer state (FSDP ``full_shard``), ZeRO-2 gradients and optimizer state (``shard_grad_op``:
+    parameters stay gathered between forward and backward), ZeRO-0/1 none or the optimizer state only (None:
+    DDP); offloading adds ``offload`` (to a sharded mode, ``shard_grad_op`` at least)."""
+    stage, offload = deepspeed_zero(path)
+    mode = {3: "full_shard", 2: "shard_grad_op"}.get(stage)
+    if offload:
+        mode = f"{mode or 'shard_grad_op'} offload"
+    return mode
+
+
+def notice_mapped_keys(cfg: TrainConfig, command: Any) -> None:
+    """One notice for each LLaMA-Factory/TRL key set that llmtune serves another way (what it does instead);
+    before ``llmtune train``, :func:`llmtune.train.hub.check_ready` for ``push_to_hub``.
+
+    Raises:
+        LLMTuneError: ``push_to_hub`` without ``hub_model_id``, offline, or without a Hub token.
+    """
+    from llmtune.errors import notice
+
+    if cfg.is_set("flash_attn") and cfg.flash_attn in ("fa2", "disabled"):
+        what = ("runs FlashAttention-2 kernels on CUDA by itself (bf16/fp16; the flash-attn package is not used)"
+                if cfg.flash_attn == "fa2" else "computes the same softmax(QK^T/sqrt(d))V as eager attention")
+        notice(f"flash_attn: {cfg.flash_attn}: llmtune's attention is torch's scaled_dot_product_attention "
+               f"(segment-aware for packed rows), which {what}")
+    if cfg.is_set("infer_backend") and cfg.infer_backend != "huggingface":
+        notice(f"infer_backend: {cfg.infer_backend} is not used; llmtune generates with its own engine (KV cache, "
+               "rows joining and leaving) in chat, predict, api and rollouts")
+    if command == "train" and cfg.use_vllm and cfg.stage in ("ppo", "grpo"):   # other stages: relevance's notice
+        notice("use_vllm: rollouts run on llmtune's own generation engine (KV cache, rows joining and leaving) in "
+               "this process; vllm is not used")
+    if command == "train" and cfg.deepspeed:
+        stage, offload = deepspeed_zero(cfg.deepspeed)
+        now = f"fsdp: {cfg.fsdp}" if cfg.fsdp else "DDP (each process holds the whole model and optimizer)"
+        what = "the fsdp you set applies" if cfg.is_set("fsdp") else f"ZeRO-{stage}{' with offload' if offload else ''}"
+        notice(f"deepspeed: llmtune does not use DeepSpeed; {what}: {now} under torchrun")
+    if command == "train" and cfg.push_to_hub and cfg.do_train:
+        from llmtune.train.hub import check_ready
+
+        check_ready(cfg)
 
 
 def validate(cfg: TrainConfig, command: Union[str, None] = "train") -> None:

@@ -27,7 +27,7 @@ USAGES = {
              "Train or fine-tune a model (stages pt, sft, rm, dpo, kto, ppo, grpo); flags override the file.",
     "chat": "usage: llmtune chat [config.yaml] --model_name_or_path PATH [--key value ...]\n"
             "Chat with a model in the terminal (reads one prompt per line when stdin is piped).\n"
-            "Commands while chatting: `clear` (forget the history), `exit` (quit).",
+            "Commands while chatting: `/clear` (forget the history), `/exit` (quit).",
     "export": "usage: llmtune export [config.yaml] --model_name_or_path M [--adapter_name_or_path A,...] "
               "--export_dir DIR [--key value ...]\nMerge adapters and write a Hugging Face folder or a GGUF file.",
 }

@@ -113,6 +113,11 @@ class TrainConfig:
                               "elsewhere)")
     moe_aux_loss_coef: Optional[float] = model(None, "weight of the MoE router's load-balancing loss (unset = "
                                                "the model's router_aux_loss_coef)", ge=0)
+    flash_attn: str = model("auto", "LLaMA-Factory's attention choice: every value runs llmtune's attention, "
+                            "torch's scaled_dot_product_attention (FlashAttention-2 kernels on CUDA in bf16/fp16); "
+                            "fa2 and disabled get a notice saying so",
+                            choices=("auto", "sdpa", "fa2", "disabled"),
+                            value_aliases={"flash_attention_2": "fa2", "eager": "disabled", "off": "disabled"})
 
     # -- fine-tuning method ----------------------------------------------------------------------------
     finetuning_type: str = tune("lora", "which weights train: LoRA adapters, the last layers (freeze) or all",
@@ -224,11 +229,18 @@ class TrainConfig:
     disable_tqdm: bool = train(False, "no progress bar")
     nonfinite_policy: str = train("stop", "a step with a non-finite loss or gradient norm stops the run, or is "
                                   "skipped", choices=("stop", "skip"))
+    push_to_hub: bool = train(False, "at the end, upload output_dir (checkpoints left out) to the Hugging Face "
+                              "Hub repo hub_model_id with huggingface_hub's upload_folder (needs a Hub token)")
+    hub_model_id: Optional[str] = train(None, "the Hub repo push_to_hub uploads to (owner/name, or name in your "
+                                        "own namespace); created if missing")
 
     # -- distributed ---------------------------------------------------------------------------------
     fsdp: Optional[str] = dist(None, "FSDP2 sharding (full, LoRA, QLoRA): full_shard, shard_grad_op, offload, "
                                "auto_wrap (space-separated); unset = DDP", choices=FSDP_TOKENS, multi=True)
     ddp_timeout: int = dist(1800, "seconds to wait for the other ranks", gt=0)
+    deepspeed: Optional[str] = dist(None, "a DeepSpeed config (LLaMA-Factory's key): llmtune shards with FSDP2 "
+                                    "instead, its ZeRO stage sets fsdp when fsdp is unset (3: full_shard, 2: "
+                                    "shard_grad_op, offload_*: + offload, 0/1: DDP), with a notice")
 
     # -- preference ----------------------------------------------------------------------------------
     pref_beta: float = pref(0.1, "beta of the preference loss (DPO's KL strength, KTO's, ORPO's lambda)", gt=0,
@@ -279,6 +291,8 @@ class TrainConfig:
     mask_truncated_completions: bool = rl(False, "grpo: leave completions cut by max_new_tokens out of the loss")
     max_tokens_per_micro_batch: Optional[int] = rl(None, "grpo: most prompt + completion tokens in one micro-batch "
                                                    "(larger ones are split; unset = no limit)", ge=1)
+    use_vllm: bool = rl(False, "TRL's key: grpo/ppo rollouts always run on llmtune's own engine (KV cache, rows "
+                        "joining and leaving); true gets a notice")
 
     # -- generation ----------------------------------------------------------------------------------
     do_sample: bool = gen(True, "sample (false: greedy decoding)")
@@ -288,6 +302,9 @@ class TrainConfig:
     top_k: int = gen(50, "sample among the k most likely tokens (0 = all)", ge=0)
     max_new_tokens: int = gen(512, "most tokens generated per answer (grpo: max_completion_length)", ge=0)
     repetition_penalty: float = gen(1.0, "penalty on tokens already generated (1 = none)", gt=0)
+    infer_backend: str = gen("huggingface", "LLaMA-Factory's generation engine choice: llmtune always generates "
+                             "with its own engine (chat, predict, api, rollouts); vllm and sglang get a notice",
+                             choices=("huggingface", "vllm", "sglang"), value_aliases={"hf": "huggingface"})
 
     # -- chat ------------------------------------------------------------------------------------------
     system: Optional[str] = chat(None, "system prompt of the conversation (unset: default_system)")
@@ -377,15 +394,15 @@ IGNORED_WHY = {
 
 #: LLaMA-Factory / transformers keys accepted with a notice because they change nothing here
 IGNORED_KEYS = {
-    "preprocessing_num_workers", "trust_remote_code", "flash_attn", "dataloader_num_workers",
+    "preprocessing_num_workers", "trust_remote_code", "dataloader_num_workers",
     "ddp_find_unused_parameters", "use_fast_tokenizer", "enable_liger_kernel", "use_unsloth",
     "upcast_layernorm", "upcast_lmhead_output", "use_cache", "low_cpu_mem_usage", "split_special_tokens",
     "new_special_tokens", "model_revision", "hf_hub_token", "ms_hub_token", "om_hub_token",
     "print_param_status", "include_num_input_tokens_seen", "streaming", "buffer_size", "mix_strategy",
     "interleave_probs", "preprocessing_batch_size", "dataloader_pin_memory", "remove_unused_columns",
-    "logging_dir", "run_name", "push_to_hub", "hub_model_id", "deepspeed", "ddp_backend", "local_rank",
+    "logging_dir", "run_name", "ddp_backend", "local_rank",
     "tf32", "disable_gradient_checkpointing", "use_reentrant_gc", "shift_attn", "rope_scaling",
-    "infer_backend", "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager",
+    "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager",
     "save_safetensors", "ignore_pad_token_for_loss", "log_level", "logging_first_step", "eval_on_start",
     "dataloader_persistent_workers", "use_llama_pro", "pissa_init", "pissa_convert", "pissa_iter",
     "export_device", "export_hub_model_id", "adapter_folder", "offload_folder",

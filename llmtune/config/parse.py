@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from llmtune.config.checks import TYPES, base_type, coerce, validate
+from llmtune.config.checks import TYPES, base_type, coerce, notice_mapped_keys, validate
 from llmtune.config.keys import ALIASES, IGNORED_KEYS, IGNORED_WHY, KEYS, TrainConfig
 from llmtune.config.relevance import check_relevance
 from llmtune.config.strict import load_json, load_yaml
@@ -225,4 +225,5 @@ def parse_config(source: Union[list[str], tuple, dict, str, Path, TrainConfig, N
     cfg = TrainConfig(**values, _explicit=explicit)
     validate(cfg, command)
     check_relevance(cfg, command)   # keys this command or stage would ignore: a notice; contradictions: an error
+    notice_mapped_keys(cfg, command)   # flash_attn, deepspeed, infer_backend, use_vllm: what runs instead
     return cfg

@@ -76,7 +76,13 @@ def run_train(config: Union[dict, str, Path, Any], **stage_options: Any) -> dict
     with _no_empty_output_dir_left(cfg), distributed_session(cfg), lock_output(out_dir, "output_dir"):
         # the model and trainer live in _run_steps' frame: they are gone (their FSDP/DDP state included)
         # before distributed_session destroys the process group
-        return _run_steps(cfg, stage_options)
+        results = _run_steps(cfg, stage_options)
+        push = cfg.push_to_hub and cfg.do_train and is_main()
+    if push:   # 9. the finished folder (lock released, manifest written), uploaded by rank 0 (train/hub.py)
+        from llmtune.train.hub import push_output
+
+        push_output(cfg, out_dir)
+    return results
 
 
 def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
