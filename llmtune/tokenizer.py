@@ -18,10 +18,12 @@ from typing import Any, Iterable
 
 from llmtune.errors import LLMTuneError
 from llmtune.fileio import read_json
+from llmtune.sampling import eos_id_list
 from llmtune.templating import RENDER_SECONDS, render_bounded
 from llmtune.templating import compile_template as _compile_template  # noqa: F401 - the old private name
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_EOS_WHERE = " in the model's generation_config.json/config.json"
 
 #: pre-tokenizer split regexes by GGUF ``tokenizer.ggml.pre`` (from the models' published tokenizer.json).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -71,25 +73,18 @@ class Tokenizer:
         self.chat_template = chat_template
         self.model_max_length = int(model_max_length) if model_max_length else 1 << 30
         self.name_or_path = name_or_path
-        ids = [self.eos_token_id] + [int(i) for i in generation_eos_token_ids]
-        self.eos_token_ids: list[int] = list(dict.fromkeys(i for i in ids if i is not None))
+        self.eos_token_ids: list[int] = eos_id_list(self.eos_token_id, list(generation_eos_token_ids))
 
     # -- ids ---------------------------------------------------------------------------------------
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.convert_tokens_to_ids(self.bos_token) if self.bos_token else None
+    def _special_id(self, key: str) -> int | None:
+        """The id of special token ``key`` (``bos_token``...), or None when unset."""
+        token = getattr(self, key)
+        return self.convert_tokens_to_ids(token) if token else None
 
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.convert_tokens_to_ids(self.eos_token) if self.eos_token else None
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.convert_tokens_to_ids(self.pad_token) if self.pad_token else None
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self.convert_tokens_to_ids(self.unk_token) if self.unk_token else None
+    bos_token_id = property(lambda self: self._special_id("bos_token"), doc="id of ``bos_token`` or None")
+    eos_token_id = property(lambda self: self._special_id("eos_token"), doc="id of ``eos_token`` or None")
+    pad_token_id = property(lambda self: self._special_id("pad_token"), doc="id of ``pad_token`` or None")
+    unk_token_id = property(lambda self: self._special_id("unk_token"), doc="id of ``unk_token`` or None")
 
     @property
     def vocab_size(self) -> int:
@@ -233,16 +228,6 @@ def _read_json(path: Path) -> dict:
     return read_json(path, "tokenizer", fix="copy the file again from the model's source", missing={})
 
 
-def _eos_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    try:
-        return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-    except (TypeError, ValueError):
-        raise LLMTuneError(f"eos_token_id: {value!r} in the model's generation_config.json/config.json is not a "
-                           "token id or a list of ids; fix that file") from None
-
-
 def _load_folder(folder: Path) -> Tokenizer:
     from tokenizers import Tokenizer as Backend
 
@@ -276,7 +261,7 @@ def _load_folder(folder: Path) -> Tokenizer:
     gen_eos = gen.get("eos_token_id") if gen else _read_json(folder / "config.json").get("eos_token_id")
     tok = Tokenizer(backend, **specials, add_bos_token=cfg.get("add_bos_token", False),
                     add_eos_token=cfg.get("add_eos_token", False), chat_template=template,
-                    model_max_length=cfg.get("model_max_length"), generation_eos_token_ids=_eos_list(gen_eos),
+                    model_max_length=cfg.get("model_max_length"), generation_eos_token_ids=eos_id_list(gen_eos, where=_EOS_WHERE),
                     name_or_path=str(folder))
     tok.chat_template_source = str(source)  # named in template errors
     return tok
@@ -355,7 +340,7 @@ def _load_gguf(path: Path) -> Tokenizer:
                      add_eos_token=bool(get("tokenizer.ggml.add_eos_token", False)),
                      chat_template=get("tokenizer.chat_template"),
                      model_max_length=get(f"{get('general.architecture')}.context_length"),
-                     generation_eos_token_ids=_eos_list(eos_id), name_or_path=str(path))
+                     generation_eos_token_ids=eos_id_list(eos_id, where=_EOS_WHERE), name_or_path=str(path))
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None) -> Tokenizer:
