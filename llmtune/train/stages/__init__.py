@@ -24,16 +24,16 @@ from llmtune.train.stages.pref import (check_dpo_config, count_dpo_items, count_
 from llmtune.train.stages.rm import count_pairs, prepare_reward_model, rm_stage, value_head_only
 
 STAGES: dict[str, Stage] = {
-    "pt": Stage("pt", loss=causal_lm_stage, count_items=count_label_tokens, collator="pt", data="pt",
+    "pt": Stage("pt", loss=causal_lm_stage, count_items=count_label_tokens, collator="pt",
                 perplexity=True, predict=True),
-    "sft": Stage("sft", loss=causal_lm_stage, count_items=count_label_tokens, collator="sft", data="sft",
+    "sft": Stage("sft", loss=causal_lm_stage, count_items=count_label_tokens, collator="sft",
                  perplexity=True, predict=True),
-    "rm": Stage("rm", loss=rm_stage, count_items=count_pairs, collator="rm", data="rm",
+    "rm": Stage("rm", loss=rm_stage, count_items=count_pairs, collator="rm",
                 head_only=value_head_only, prepare=prepare_reward_model, value_head=True),
-    "dpo": Stage("dpo", loss=dpo_stage, count_items=count_dpo_items, collator="dpo", data="dpo",
+    "dpo": Stage("dpo", loss=dpo_stage, count_items=count_dpo_items, collator="dpo",
                  check=check_dpo_config, reference=dpo_needs_reference, count_tokens=count_dpo_tokens),
-    "kto": Stage("kto", loss=kto_stage, count_items=count_kto_items, collator="kto", data="kto", reference=always),
-    "ppo": Stage("ppo", loss=None, count_items=None, collator="ppo", data="ppo", online=True, build=build_ppo_stage,
+    "kto": Stage("kto", loss=kto_stage, count_items=count_kto_items, collator="kto", reference=always),
+    "ppo": Stage("ppo", loss=None, count_items=None, collator="ppo", online=True, build=build_ppo_stage,
                  check=check_ppo_config, reference=always, value_head=True),
     "grpo": Stage("grpo", loss=None, count_items=None, collator="ppo", data="grpo", online=True,
                   build=build_grpo_stage, check=check_grpo_config, reference=grpo_needs_reference),

@@ -63,7 +63,7 @@ class Stage:
             ``dpo``, ``kto``, ``ppo``).
         data: the data kind for :func:`llmtune.data.get_dataset` (``pt`` text, ``sft`` answers, ``rm``/``dpo``
             pairs, ``kto`` labelled examples, ``ppo`` prompts, ``grpo`` prompts with their columns); a new
-            stage on existing data names an existing kind.
+            stage on existing data names an existing kind. Default: the ``collator`` kind of the same name.
         online: True when the stage makes its batches from rollouts (ppo, grpo) instead of a dataset.
         build: an online stage's factory ``(model, cfg, tokenizer, template, rows, extra, **options) ->``
             :class:`OnlineStage`, called by the setup path once the model's trainable parameters are chosen.
@@ -85,7 +85,7 @@ class Stage:
     loss: Optional[LossFn]
     count_items: Optional[Callable[[dict], int]]
     collator: str
-    data: str
+    data: Optional[str] = None
     online: bool = False
     build: Optional[Callable[..., "OnlineStage"]] = None
     check: Optional[Callable[..., None]] = None
@@ -96,6 +96,10 @@ class Stage:
     perplexity: bool = False
     predict: bool = False
     count_tokens: Callable[[dict], int] = count_input_tokens
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            object.__setattr__(self, "data", self.collator)
 
 
 @dataclass
