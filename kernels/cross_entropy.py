@@ -85,8 +85,12 @@ def cross_entropy_chunk_ref(logits: torch.Tensor, targets: torch.Tensor, grad_sc
             g = z.sub_(lse[:, None]).exp_()   # (z may be logits itself: float32, temperature 1)
     if write_grad:
         g.scatter_add_(1, safe, torch.full_like(g[:, :1], -1.0))
-        scale = torch.full_like(lse, 1.0 / temperature) if grad_scale is None else grad_scale.to(lse.dtype) / temperature
-        g.mul_(scale.masked_fill(ignored, 0.0)[:, None])
+        if grad_scale is None and temperature == 1.0:   # a scale of 1: only the ignored rows change (to 0)
+            g[ignored] = 0.0
+        else:
+            scale = (torch.full_like(lse, 1.0 / temperature) if grad_scale is None
+                     else grad_scale.to(lse.dtype) / temperature)
+            g.mul_(scale.masked_fill(ignored, 0.0)[:, None])
         if g is not logits:
             logits.copy_(g)
     return loss, lse
