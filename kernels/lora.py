@@ -55,6 +55,16 @@ def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_a), lora_b) * scaling
 
 
+def _adapter_grads(g: torch.Tensor, x2d: torch.Tensor, xa: torch.Tensor, gb: Optional[torch.Tensor], s: float,
+                   need_bias: bool, need_a: bool, need_b: bool) -> tuple:
+    """``(d bias, d A, d B)`` of ``y = x W^T + b + s (x A^T) B^T`` given ``g = dL/dy (M, out)``, ``x2d (M, in)``,
+    ``xa = x A^T (M, r)`` and ``gb = g B (M, r)``; None where not needed (the dense and 4-bit paths share it)."""
+    dbias = g.sum(0) if need_bias else None
+    da = (gb.t() @ x2d) * s if need_a else None
+    db = (g.t() @ xa) * s if need_b else None
+    return dbias, da, db
+
+
 class _LoraLinearFunction(torch.autograd.Function):
     """Autograd function around the fused kernel; saves ``x`` and ``xa = x A^T`` (not the output)."""
 
@@ -79,16 +89,9 @@ class _LoraLinearFunction(torch.autograd.Function):
         s = ctx.scaling
         g = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)
         need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        dx = dbias = da = db = None
         gb = g @ lora_b if (need_x or need_a) else None  # (M, r)
-        if need_x:
-            dx = T.lora_mm_triton(g, weight, gb, lora_a, None, s, backward=True).view(ctx.shape)
-        if need_a:
-            da = (gb.t() @ x2d) * s
-        if need_b:
-            db = (g.t() @ xa) * s
-        if need_bias:
-            dbias = g.sum(0)
+        dx = T.lora_mm_triton(g, weight, gb, lora_a, None, s, backward=True).view(ctx.shape) if need_x else None
+        dbias, da, db = _adapter_grads(g, x2d, xa, gb, s, need_bias, need_a, need_b)
         return dx, None, dbias, da, db, None
 
 
@@ -154,17 +157,12 @@ class _LoraLinear4bitFunction(torch.autograd.Function):
         g = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)
         need_x = ctx.needs_input_grad[0]
         need_bias, need_a, need_b = ctx.needs_input_grad[6:9]
-        dx = dbias = da = db = None
         gb = g @ lora_b if (need_x or need_a) else None
+        dx = None
         if need_x:
             dx = Q.lora_grad_input_4bit_triton(g, packed, absmax, code, x2d.shape[1], ctx.blocksize, gb, lora_a,
                                                s).view(ctx.shape)
-        if need_a:
-            da = (gb.t() @ x2d) * s
-        if need_b:
-            db = (g.t() @ xa) * s
-        if need_bias:
-            dbias = g.sum(0)
+        dbias, da, db = _adapter_grads(g, x2d, xa, gb, s, need_bias, need_a, need_b)
         return dx, None, None, None, None, None, dbias, da, db, None
 
 

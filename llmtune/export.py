@@ -41,6 +41,7 @@ from llmtune.errors import LLMTuneError, notice
 from llmtune.fileio import make_public_dir, publish_dir, read_json
 from llmtune.peft.io import native_key
 from llmtune.runs import apply_chain, read_training_args, recorded_template, resolve_chain
+from llmtune.sampling import eos_id_list
 
 #: bytes in one GB of ``export_size`` (transformers parses "5GB" as 5 * 10**9 bytes).
 GB = 10**9
@@ -119,17 +120,6 @@ def _quantization_config(compute_dtype: torch.dtype) -> dict[str, Any]:
     return bnb_quantization_config("nf4", True, compute_dtype)
 
 
-def _eos_list(*items: Any) -> list[int]:
-    out: list[int] = []
-    for item in items:
-        if item is None:
-            continue
-        for i in (item if isinstance(item, (list, tuple)) else [item]):
-            if i is not None and int(i) not in out:
-                out.append(int(i))
-    return out
-
-
 def save_hf_folder(model: torch.nn.Module, out_dir: Union[str, Path], *, dtype: torch.dtype = torch.bfloat16,
                    export_size: float = 5.0, tokenizer: Any = None, stop_token_ids: Iterable[int] = (),
                    quantization_bit: Optional[int] = None,
@@ -190,7 +180,7 @@ def save_hf_folder(model: torch.nn.Module, out_dir: Union[str, Path], *, dtype: 
     cfg.pop("dtype", None)
     stops = [int(i) for i in stop_token_ids]
     tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    eos = _eos_list(tok_eos if tok_eos is not None else cfg.get("eos_token_id"), stops)
+    eos = eos_id_list(tok_eos if tok_eos is not None else cfg.get("eos_token_id"), stops)
     if eos:
         cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     for key in ("bos_token_id", "pad_token_id"):
@@ -202,7 +192,7 @@ def save_hf_folder(model: torch.nn.Module, out_dir: Union[str, Path], *, dtype: 
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     gen = dict(base_generation_config or {})
-    gen_eos = _eos_list(eos, gen.get("eos_token_id"))
+    gen_eos = eos_id_list(eos, gen.get("eos_token_id"))
     if gen_eos:
         gen["eos_token_id"] = gen_eos
     for key in ("bos_token_id", "pad_token_id"):

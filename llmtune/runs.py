@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -38,6 +38,7 @@ from llmtune.errors import LLMTuneError, notice
 from llmtune.fileio import read_json, same_path, write_json
 from llmtune.models import loader
 from llmtune.models.hub import is_hub_id, resolve_path
+from llmtune.sampling import eos_id_list
 
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_RECORD = "llmtune.json"
@@ -55,10 +56,14 @@ class AdapterChain:
     Attributes:
         base: the root base model: an absolute local path (folder or ``.gguf`` file), or a Hub id.
         adapters: absolute adapter folders, root first (empty: the base alone).
+        local_base: where ``base`` is on this machine when :func:`resolve_chain` knows it (a local path, or the
+            snapshot of a Hub model it downloaded); None for a Hub id recorded by an adapter (the loader
+            downloads it). Not part of the chain's identity (equality ignores it).
     """
 
     base: str
     adapters: tuple[Path, ...] = ()
+    local_base: Optional[Path] = field(default=None, compare=False, repr=False)
 
     @property
     def parents(self) -> list[str]:
@@ -193,8 +198,20 @@ def _split(value: Union[None, str, Sequence[Any]]) -> list[str]:
     return [a.strip() for a in str(value).split(",") if a.strip()]
 
 
+def _local_paths(model_name_or_path: PathLike, adapters: list[str], revision: Optional[str]) -> list[Any]:
+    """The model and adapter names as local paths: Hub ids are downloaded here (:func:`resolve_path`), the one
+    place a chain touches the Hub. A model name that is neither local nor a Hub id passes through unchanged (the
+    loader names it in its error).
+
+    Raises: LLMTuneError for an adapter path that does not exist, or a Hub download that fails."""
+    model = str(model_name_or_path)
+    first = (resolve_path(model, revision) if Path(os.path.expanduser(model)).exists() or is_hub_id(model)
+             else model)
+    return [first] + [resolve_path(item, revision=None, what="adapter_name_or_path") for item in adapters]
+
+
 def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None, str, Sequence[Any]] = None,
-                  quiet: bool = False) -> AdapterChain:
+                  quiet: bool = False, revision: Optional[str] = None) -> AdapterChain:
     """The one rule deciding which adapters apply to which base, for every command.
 
     * ``model_name_or_path`` may be a LoRA output folder: its recorded root base is the base and its chain
@@ -206,17 +223,20 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
     * an adapter recorded against another base gets a notice (it is applied; its tensor shapes are checked
       when it is loaded).
 
-    ``quiet``: no notices (a check that resolves the chain before the load that prints them).
+    ``quiet``: no notices (a check that resolves the chain before the load that prints them). Hub ids (the
+    model, at ``revision``, and the adapters) are resolved once, first; everything after reads local folders.
 
     Returns:
-        the :class:`AdapterChain` (absolute adapter folders).
+        the :class:`AdapterChain` (absolute adapter folders; ``local_base`` set when the base is local).
 
     Raises:
         LLMTuneError: an adapter path that does not exist or has no ``adapter_config.json``; the errors of
             :func:`resolve_model_chain`.
     """
     say = (lambda message: None) if quiet else notice
-    base, chain = resolve_model_chain(model_name_or_path)
+    items = _split(adapter_name_or_path)
+    start, *locals_ = _local_paths(model_name_or_path, items, revision)
+    base, chain = resolve_model_chain(start)
     if chain:
         if not Path(os.path.expanduser(base)).exists() and not is_hub_id(base):   # the base was moved or deleted
             raise LLMTuneError(f"model_name_or_path: {model_name_or_path} is a LoRA output folder whose recorded base "
@@ -224,8 +244,11 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
                                f"BASE --adapter_name_or_path {model_name_or_path}")
         say(f"model_name_or_path {model_name_or_path} is a LoRA output folder: using its base {base} with "
                f"{len(chain)} adapter(s) merged")
-    for item in _split(adapter_name_or_path):
-        local = resolve_path(item, revision=None, what="adapter_name_or_path")
+    elif is_hub_id(str(model_name_or_path)) and not Path(os.path.expanduser(str(model_name_or_path))).exists():
+        base = str(model_name_or_path)   # a Hub model: the record names the Hub id; start is its snapshot
+    local_base = Path(start) if not chain and Path(str(start)).exists() else (
+        Path(base) if Path(base).exists() else None)
+    for item, local in zip(items, locals_):
         if not (local / ADAPTER_CONFIG).is_file():
             if (local / "trainer_state.json").is_file():    # a full, freeze or FSDP run's checkpoint-N
                 raise LLMTuneError(f"adapter_name_or_path: {item!r} is a training checkpoint without an adapter (a "
@@ -249,7 +272,7 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
                 say(f"adapter {item} was trained on base {recorded}, not {base}; applying it because its "
                        "tensor shapes fit")
         chain.append(local.resolve())
-    return AdapterChain(base, tuple(chain))
+    return AdapterChain(base, tuple(chain), local_base)
 
 
 # -- same base -------------------------------------------------------------------------------------
@@ -349,23 +372,17 @@ def load_model(name_or_path: PathLike, dtype: Union[str, torch.dtype] = "auto", 
     Raises:
         LLMTuneError: everything :func:`resolve_chain`, the loader and :func:`apply_chain` raise.
     """
+    chain = resolve_chain(name_or_path, adapter_name_or_path, revision=revision)   # Hub ids resolved here, once
+    base_path = chain.local_base if chain.local_base is not None else chain.base   # (a Hub base an adapter records)
     loader.check_quantization(quantization_bit, quantization_type)
-    chain = resolve_chain(name_or_path, adapter_name_or_path)
-    base_path = resolve_path(chain.base, revision)
-    if is_adapter_folder(base_path):  # a Hub adapter repo: follow its own record too
-        base2, chain2 = resolve_model_chain(base_path)
-        chain = AdapterChain(base2, tuple(chain2) + chain.adapters)
-        base_path = resolve_path(base2, revision)
-    if chain.adapters and quantization_bit:
-        model = loader.load_model(base_path, dtype=dtype, device=device, revision=revision)
-        apply_chain(model, chain.adapters)
+    merge_first = bool(chain.adapters and quantization_bit)   # merge in the compute dtype, then quantize
+    model = loader.load_model(base_path, dtype=dtype, device=device, revision=revision,
+                              quantization_bit=None if merge_first else quantization_bit,
+                              quantization_type=quantization_type, double_quantization=double_quantization)
+    apply_chain(model, chain.adapters)
+    if merge_first:
         loader.quantize_model(model, loader.parse_dtype(dtype, model.config.torch_dtype), quantization_type,
                               double_quantization)
-    else:
-        model = loader.load_model(base_path, dtype=dtype, device=device, revision=revision,
-                                  quantization_bit=quantization_bit, quantization_type=quantization_type,
-                                  double_quantization=double_quantization)
-        apply_chain(model, chain.adapters)
     model.eval()
     model.adapter_chain = chain
     return model
@@ -385,9 +402,7 @@ def save_metadata(out: Path, cfg: Any, tokenizer: Any, template: Any, base: str,
             "template": template.name, "base_model_name_or_path": base, "parent_adapters": list(parents)}
     write_json(out / RUN_RECORD, meta)
     tokenizer.save_pretrained(str(out))
-    eos = list(dict.fromkeys(list(getattr(tokenizer, "eos_token_ids", None) or
-                                  ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
-                             + list(template.stop_token_ids or [])))
+    eos = eos_id_list(getattr(tokenizer, "eos_token_ids", None) or tokenizer.eos_token_id, template.stop_token_ids)
     gen = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos,
            "pad_token_id": tokenizer.pad_token_id, "do_sample": bool(cfg.do_sample),
            "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,

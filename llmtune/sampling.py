@@ -9,9 +9,11 @@ argmax of the (repetition-penalised) logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
+
+from llmtune.errors import LLMTuneError
 
 __all__ = ["SamplingParams", "apply_repetition_penalty", "apply_temperature", "apply_top_k", "apply_top_p",
            "process_logits", "check_generation_args", "select_tokens", "stop_id_list"]
@@ -217,10 +219,33 @@ def select_tokens(logits: torch.Tensor, params: list, seen: Optional[torch.Tenso
     return out
 
 
+def eos_id_list(*values: Any, where: str = "") -> list[int]:
+    """Distinct token ids in first-seen order from ``values``, each None, one id, or an iterable of ids (None
+    entries skipped): the one reading of every eos/stop list (``eos_token_id`` of ``config.json`` and
+    ``generation_config.json``, which is an int or a list; a tokenizer's ``eos_token_ids``; a template's
+    ``stop_token_ids``). The first id stays first (``config.json``'s primary eos).
+
+    Raises:
+        LLMTuneError: an entry that is not a token id, naming the value and ``where`` it came from.
+    """
+    out: list[int] = []
+    for value in values:
+        if value is None:
+            continue
+        items = [value] if isinstance(value, (int, str)) or not hasattr(value, "__iter__") else value
+        for item in items:
+            if item is None:
+                continue
+            try:
+                i = int(item)
+            except (TypeError, ValueError):
+                raise LLMTuneError(f"eos_token_id: {value!r}{where} is not a token id or a list of ids; fix "
+                                   "that file") from None
+            if i not in out:
+                out.append(i)
+    return out
+
+
 def stop_id_list(eos_token_ids: Optional[Iterable[int] | int]) -> list[int]:
     """Sorted distinct stop ids from ``None`` (none), one int, or an iterable of ints (None entries skipped)."""
-    if eos_token_ids is None:
-        return []
-    if isinstance(eos_token_ids, int):
-        return [eos_token_ids]
-    return sorted({int(i) for i in eos_token_ids if i is not None})
+    return sorted(eos_id_list(eos_token_ids))

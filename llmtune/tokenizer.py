@@ -4,26 +4,26 @@ GGUF file or an llmtune output folder, with the model's own Jinja chat template.
 Sources: Hugging Face ``tokenizer.json`` / ``tokenizer_config.json`` / ``special_tokens_map.json`` /
 ``generation_config.json`` formats; GPT-2 byte-level BPE (Radford et al. 2019, the ``bytes_to_unicode``
 byte alphabet); llama.cpp's GGUF tokenizer metadata (``tokenizer.ggml.tokens|merges|token_type|pre``,
-token type 3 = control, 4 = user-defined); chat templates rendered as transformers does (jinja2
-``ImmutableSandboxedEnvironment``, ``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, ``tojson`` without
-HTML escaping, ``raise_exception``, ``strftime_now``).
+token type 3 = control, 4 = user-defined); chat templates rendered as transformers does, in jinja2's sandbox
+(:mod:`llmtune.templating`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-import time
-from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
 from llmtune.errors import LLMTuneError
 from llmtune.fileio import read_json
+from llmtune.sampling import eos_id_list
+from llmtune.templating import RENDER_SECONDS, render_bounded
+from llmtune.templating import compile_template as _compile_template  # noqa: F401 - the old private name
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_EOS_WHERE = " in the model's generation_config.json/config.json"
 
 #: pre-tokenizer split regexes by GGUF ``tokenizer.ggml.pre`` (from the models' published tokenizer.json).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -73,25 +73,18 @@ class Tokenizer:
         self.chat_template = chat_template
         self.model_max_length = int(model_max_length) if model_max_length else 1 << 30
         self.name_or_path = name_or_path
-        ids = [self.eos_token_id] + [int(i) for i in generation_eos_token_ids]
-        self.eos_token_ids: list[int] = list(dict.fromkeys(i for i in ids if i is not None))
+        self.eos_token_ids: list[int] = eos_id_list(self.eos_token_id, list(generation_eos_token_ids))
 
     # -- ids ---------------------------------------------------------------------------------------
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.convert_tokens_to_ids(self.bos_token) if self.bos_token else None
+    def _special_id(self, key: str) -> int | None:
+        """The id of special token ``key`` (``bos_token``...), or None when unset."""
+        token = getattr(self, key)
+        return self.convert_tokens_to_ids(token) if token else None
 
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.convert_tokens_to_ids(self.eos_token) if self.eos_token else None
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.convert_tokens_to_ids(self.pad_token) if self.pad_token else None
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self.convert_tokens_to_ids(self.unk_token) if self.unk_token else None
+    bos_token_id = property(lambda self: self._special_id("bos_token"), doc="id of ``bos_token`` or None")
+    eos_token_id = property(lambda self: self._special_id("eos_token"), doc="id of ``eos_token`` or None")
+    pad_token_id = property(lambda self: self._special_id("pad_token"), doc="id of ``pad_token`` or None")
+    unk_token_id = property(lambda self: self._special_id("unk_token"), doc="id of ``unk_token`` or None")
 
     @property
     def vocab_size(self) -> int:
@@ -163,8 +156,9 @@ class Tokenizer:
         Returns:
             the rendered string, or its token ids (no special tokens added) with ``tokenize=True``.
 
-        Rendering is bounded (:func:`render_bounded`): :data:`RENDER_SECONDS` of time, :data:`RENDER_MAX_CHARS`
-        of output, ``range`` up to :data:`RENDER_MAX_RANGE` items; ``include``/``import``/``extends`` refused.
+        Rendering is bounded (:func:`llmtune.templating.render_bounded`): :data:`RENDER_SECONDS` of time (this
+        module's value, read at each call), ``RENDER_MAX_CHARS`` of output, ``range`` up to ``RENDER_MAX_RANGE``
+        items; ``include``/``import``/``extends`` refused.
 
         Raises:
             LLMTuneError: the tokenizer has no chat template, or the template failed or passed a limit (one
@@ -185,7 +179,7 @@ class Tokenizer:
             compiled = _compile_template(template)
         except LLMTuneError as e:
             raise LLMTuneError(f"{source}: {e}") from None
-        text = render_bounded(compiled, source, messages=messages, tools=tools,
+        text = render_bounded(compiled, source, seconds=RENDER_SECONDS, messages=messages, tools=tools,
                               add_generation_prompt=add_generation_prompt, **context)
         if tokenize:
             return self.encode(text, add_special_tokens=False)
@@ -228,190 +222,10 @@ class Tokenizer:
                 f"eos={self.eos_token!r}, pad={self.pad_token!r}, eos_token_ids={self.eos_token_ids})")
 
 
-#: limits of one chat-template rendering (a real template renders a conversation in milliseconds)
-RENDER_SECONDS = 5.0
-RENDER_MAX_CHARS = 8_000_000
-RENDER_MAX_RANGE = 100_000
-
-
-class TemplateLimitError(Exception):
-    """A chat template ran past :data:`RENDER_SECONDS` or :data:`RENDER_MAX_CHARS`, or used a refused feature."""
-
-
-_render_state = threading.local()
-
-
-def _tick() -> None:
-    deadline = getattr(_render_state, "deadline", None)
-    if deadline is not None and time.monotonic() > deadline:
-        raise TemplateLimitError(f"rendering took over {RENDER_SECONDS:g} s (a loop that does not end?)")
-
-
-def _bounded_env_class():
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class BoundedSandbox(ImmutableSandboxedEnvironment):
-        """jinja2's immutable sandbox plus a deadline checked on every call, attribute and item access and
-        loop step over ``range``, a size cap on ``*`` / ``**`` results and on ``range``."""
-
-        intercepted_binops = frozenset(["*", "**"])
-
-        def call(self, __context, __obj, *args, **kwargs):  # noqa: N807 - jinja2's signature
-            _tick()
-            _check_call_size(__obj, args, kwargs)
-            return super().call(__context, __obj, *args, **kwargs)
-
-        def getattr(self, obj, attribute):
-            _tick()
-            return super().getattr(obj, attribute)
-
-        def getitem(self, obj, argument):
-            _tick()
-            return super().getitem(obj, argument)
-
-        def call_binop(self, context, operator, left, right):
-            _tick()
-            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-                raise TemplateLimitError(f"the power {left!r} ** {right!r} is too large")
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_MAX_CHARS:
-                        raise TemplateLimitError(f"a repeated sequence of {len(seq) * n} items is too large")
-            return super().call_binop(context, operator, left, right)
-
-    return BoundedSandbox
-
-
-#: str methods whose first argument is the width of the result (``'x'.ljust(4000000000)`` would allocate 4 GB)
-_WIDTH_METHODS = ("ljust", "rjust", "center", "zfill", "expandtabs")
-
-
-def _check_call_size(obj: Any, args: tuple, kwargs: dict) -> None:
-    """Refuse a str method call whose result would exceed :data:`RENDER_MAX_CHARS` before it allocates:
-    padding to a width, ``replace`` that multiplies the text, ``join`` of a long repeated sequence."""
-    owner = getattr(obj, "__self__", None)
-    name = getattr(obj, "__name__", "")
-    if not isinstance(owner, str):
-        return
-    if name in _WIDTH_METHODS:
-        width = args[0] if args else kwargs.get("width", kwargs.get("tabsize", 0))
-        if isinstance(width, int) and (width if name != "expandtabs" else width * len(owner)) > RENDER_MAX_CHARS:
-            raise TemplateLimitError(f"str.{name}({width}) would build a text over {RENDER_MAX_CHARS} characters")
-    elif name == "replace" and len(args) >= 2 and isinstance(args[1], str):
-        grow = max(1, len(args[1])) * (len(owner) + 1) + len(owner)
-        if grow > RENDER_MAX_CHARS and owner.count(args[0]) * len(args[1]) + len(owner) > RENDER_MAX_CHARS:
-            raise TemplateLimitError(f"str.replace would build a text over {RENDER_MAX_CHARS} characters")
-
-
-def _bounded_range(*args):
-    r = range(*args)
-    if len(r) > RENDER_MAX_RANGE:
-        raise TemplateLimitError(f"range() of {len(r)} items is too large (limit {RENDER_MAX_RANGE})")
-
-    def steps():
-        for i in r:
-            _tick()
-            yield i
-
-    return steps()
-
-
-def render_bounded(compiled, source: str, **context: Any) -> str:
-    """Render a compiled chat template within :data:`RENDER_SECONDS` and :data:`RENDER_MAX_CHARS`.
-
-    Raises:
-        LLMTuneError: any failure (the template's own ``raise_exception``, a limit, an error inside the
-            template), as one line naming ``source`` (the file the template came from).
-    """
-    import jinja2
-
-    _render_state.deadline = time.monotonic() + RENDER_SECONDS
-    size, parts = 0, []
-    try:
-        for piece in compiled.generate(**context):
-            size += len(piece)
-            if size > RENDER_MAX_CHARS:
-                raise TemplateLimitError(f"the output passed {RENDER_MAX_CHARS} characters")
-            _tick()
-            parts.append(piece)
-    except TemplateLimitError as e:
-        raise LLMTuneError(f"chat template of {source}: {e}; fix the template or choose a built-in one with "
-                           "--template (e.g. chatml, llama3, qwen)") from None
-    except jinja2.TemplateError as e:
-        raise LLMTuneError(f"chat template of {source}: {e}") from None
-    except RecursionError:
-        raise LLMTuneError(f"chat template of {source}: recursion too deep; fix the template or choose a "
-                           "built-in one with --template") from None
-    except Exception as e:  # noqa: BLE001 - any error raised inside a user's template: one line
-        raise LLMTuneError(f"chat template of {source}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                           "; fix the template or choose a built-in one with --template") from None
-    finally:
-        _render_state.deadline = None
-    return "".join(parts)
-
-
-@lru_cache(maxsize=16)
-def _compile_template(template: str):
-    import jinja2
-    import jinja2.ext
-
-    class _Generation(jinja2.ext.Extension):
-        """``{% generation %}...{% endgeneration %}`` (assistant-mask markers) render their body unchanged."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        return datetime.now().strftime(fmt)
-
-    env = _bounded_env_class()(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    env.globals["range"] = _bounded_range
-    try:
-        tree = env.parse(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise LLMTuneError(f"chat_template: Jinja syntax error at line {e.lineno}: {e.message}") from None
-    for node in tree.find_all((jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport,
-                               jinja2.nodes.Extends)):
-        raise LLMTuneError(f"chat_template: line {node.lineno} uses {type(node).__name__.lower()}, which a chat "
-                           "template may not do (it must be one self-contained template); inline that part")
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise LLMTuneError(f"chat_template: Jinja syntax error at line {e.lineno}: {e.message}") from None
-    except RecursionError:
-        raise LLMTuneError("chat_template: the template nests too deeply to compile") from None
-
-
 # -- loading --------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
     return read_json(path, "tokenizer", fix="copy the file again from the model's source", missing={})
-
-
-def _eos_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    try:
-        return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-    except (TypeError, ValueError):
-        raise LLMTuneError(f"eos_token_id: {value!r} in the model's generation_config.json/config.json is not a "
-                           "token id or a list of ids; fix that file") from None
 
 
 def _load_folder(folder: Path) -> Tokenizer:
@@ -447,7 +261,7 @@ def _load_folder(folder: Path) -> Tokenizer:
     gen_eos = gen.get("eos_token_id") if gen else _read_json(folder / "config.json").get("eos_token_id")
     tok = Tokenizer(backend, **specials, add_bos_token=cfg.get("add_bos_token", False),
                     add_eos_token=cfg.get("add_eos_token", False), chat_template=template,
-                    model_max_length=cfg.get("model_max_length"), generation_eos_token_ids=_eos_list(gen_eos),
+                    model_max_length=cfg.get("model_max_length"), generation_eos_token_ids=eos_id_list(gen_eos, where=_EOS_WHERE),
                     name_or_path=str(folder))
     tok.chat_template_source = str(source)  # named in template errors
     return tok
@@ -526,7 +340,7 @@ def _load_gguf(path: Path) -> Tokenizer:
                      add_eos_token=bool(get("tokenizer.ggml.add_eos_token", False)),
                      chat_template=get("tokenizer.chat_template"),
                      model_max_length=get(f"{get('general.architecture')}.context_length"),
-                     generation_eos_token_ids=_eos_list(eos_id), name_or_path=str(path))
+                     generation_eos_token_ids=eos_id_list(eos_id, where=_EOS_WHERE), name_or_path=str(path))
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None) -> Tokenizer:

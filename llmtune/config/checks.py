@@ -17,15 +17,14 @@ whole number of groups, NaN/inf numbers, and every value outside a key's ``choic
 from __future__ import annotations
 
 import math
-import os
-import typing
 from typing import Any, Union
 
-from llmtune.config.keys import BOOL_WORDS, KEYS, TrainConfig
+from llmtune.config.schema import KeyedConfig, coerce_value, field_types, user_fields
 from llmtune.errors import LLMTuneError, nearest
 
-#: key -> its annotated type (``Optional[int]`` etc.)
-TYPES: dict[str, Any] = {name: tp for name, tp in typing.get_type_hints(TrainConfig).items() if name in KEYS}
+#: a config built from :mod:`llmtune.config.keys` (this module never imports the table: it reads the fields of
+#: the config it is given, through :mod:`llmtune.config.schema`)
+TrainConfig = Any
 
 #: the keys each command needs, with what to give
 REQUIRED = {
@@ -41,68 +40,15 @@ REQUIRED = {
 COMMANDS = ("train", "chat", "export", "trainer", None)
 
 
-def base_type(tp: Any) -> tuple[Any, bool]:
-    """``(underlying type, optional?)`` of a field annotation (``Optional[int]`` -> ``(int, True)``)."""
-    if typing.get_origin(tp) is Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-def coerce(key: str, value: Any, source: str) -> Any:
-    """Convert ``value`` (often a string from the command line or YAML) to the type of key ``key``.
-
-    ``None``/``"none"``/``"null"``/``"~"`` give None for an optional key. Booleans accept true/false, yes/no,
-    on/off, 1/0. Lists become comma-joined strings for string keys.
-
-    Raises: :class:`LLMTuneError` naming ``source`` and ``key`` when the value does not convert.
-    """
-    tp, optional = base_type(TYPES[key])
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
-        if optional or tp is str:
-            return None if optional else value
-        raise LLMTuneError(f"{source}: {key} needs a value of type {tp.__name__}, got {value!r}")
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, (int, float)) and value in (0, 1):
-                return bool(value)
-            if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
-                return BOOL_WORDS[value.strip().lower()]
-        elif tp is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-                return int(value.strip())   # exact, also beyond 2**53
-            if isinstance(value, (float, str)) and not isinstance(value, bool):
-                number = float(str(value).strip())
-                if number.is_integer():
-                    return int(number)
-        elif tp is float:
-            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-                return float(value)
-        elif tp is str:
-            if isinstance(value, (list, tuple)):
-                return ",".join(str(v) for v in value)
-            if isinstance(value, (str, int, float, bool)):
-                return str(value)
-            if isinstance(value, os.PathLike):   # pathlib.Path from the Python API
-                return os.fspath(value)
-    except (TypeError, ValueError, OverflowError):
-        pass
-    want = "true/false" if tp is bool else {int: "a whole number", float: "a number", str: "text"}.get(tp, tp)
-    raise LLMTuneError(f"{source}: {key} expects {want}, got {value!r}")
-
-
 def build(cfg: TrainConfig) -> None:
     """Convert, normalise and check a config being constructed (called by ``TrainConfig.__post_init__``).
 
     Raises: :class:`LLMTuneError` naming the first bad key.
     """
-    for name in KEYS:
-        value = coerce(name, getattr(cfg, name), name)
-        meta = KEYS[name].metadata
+    keys, types = user_fields(type(cfg)), field_types(type(cfg))
+    for name in keys:
+        value = coerce_value(types[name], name, getattr(cfg, name), name)
+        meta = keys[name].metadata
         if meta["choices"] and isinstance(value, str):
             value = _normalise_choice(name, value, meta)
         object.__setattr__(cfg, name, value)
@@ -168,7 +114,7 @@ def check_values(cfg: TrainConfig) -> None:
 
     Raises: :class:`LLMTuneError` naming the first bad key, its value and what to use.
     """
-    for name, f in KEYS.items():
+    for name, f in user_fields(type(cfg)).items():
         value, meta = getattr(cfg, name), f.metadata
         if value is None:
             continue
@@ -357,7 +303,7 @@ def validate(cfg: TrainConfig, command: Union[str, None] = "train") -> None:
     """
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
-    if not isinstance(cfg, TrainConfig):
+    if not isinstance(cfg, KeyedConfig):
         raise LLMTuneError(f"expected an llmtune.config.TrainConfig, got {type(cfg).__name__}; build one with "
                            "llmtune.config.parse_config")
     check_values(cfg)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from llmtune.config.checks import TYPES, base_type
-from llmtune.config.keys import ALIASES, GROUPS, KEYS, STAGE_ALIASES
+from llmtune.config.keys import ALIASES, GROUPS, KEYS, STAGE_ALIASES, TYPES
+from llmtune.config.schema import base_type
 from llmtune.errors import nearest
 
 #: command -> (its topics in order, keys of other topics it also uses)

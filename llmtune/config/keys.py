@@ -12,7 +12,8 @@ unchanged). Each field is declared with :func:`key`, which stores in the field's
 
 Building a config (``TrainConfig(...)``, :func:`llmtune.config.parse_config`, :meth:`TrainConfig.replace`)
 converts the values to the field types, normalises them (aliases of values, lower-case choices) and
-checks them (:mod:`llmtune.config.checks`); a bad value raises one :class:`llmtune.errors.LLMTuneError`
+checks them (:mod:`llmtune.config.checks`, which knows keys only through :mod:`llmtune.config.schema`,
+where :func:`key` and :data:`GROUPS` live); a bad value raises one :class:`llmtune.errors.LLMTuneError`
 naming the key. Which keys a command requires is checked by ``parse_config(..., command=...)``.
 
 Sources: LLaMA-Factory's ``hparams`` argument groups (names, defaults, meanings); Hugging Face
@@ -26,19 +27,8 @@ import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-#: topics of ``--help``, in the order they are listed
-GROUPS = {
-    "model": "Model: what to load and how",
-    "finetuning": "Fine-tuning method: LoRA, freeze or full",
-    "data": "Data: datasets, template, lengths",
-    "training": "Training loop: steps, optimizer, schedule, precision, saving, logging",
-    "preference": "Preference stages: dpo, kto, rm (and their reference model)",
-    "rl": "Online RL stages: ppo and grpo (rewards, rollouts, losses)",
-    "generation": "Generation: sampling in chat, predict_with_generate and RL rollouts",
-    "chat": "Chat (llmtune chat)",
-    "export": "Export (llmtune export)",
-    "distributed": "Distributed training (torchrun)",
-}
+from llmtune.config.checks import build
+from llmtune.config.schema import BOOL_WORDS, GROUPS, KeyedConfig, field_types, key, user_fields  # noqa: F401
 
 STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "grpo")
 STAGE_ALIASES = {"pretrain": "pt", "pre-train": "pt", "pretraining": "pt", "rlhf": "ppo", "reward": "rm",
@@ -52,24 +42,6 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
 FSDP_TOKENS = ("full_shard", "shard_grad_op", "auto_wrap", "offload")
-BOOL_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False,
-              "off": False}
-
-
-def key(default: Any = None, help: str = "", *, group: str, choices: Optional[tuple] = None,
-        value_aliases: Optional[dict] = None, multi: bool = False, ge: Optional[float] = None,
-        gt: Optional[float] = None, le: Optional[float] = None, lt: Optional[float] = None,
-        hint: str = "", show_default: Optional[str] = None) -> Any:
-    """A :func:`dataclasses.field` carrying a key's help, group, allowed values and bounds (module docstring).
-
-    ``show_default`` replaces the default in ``--help`` where the real default is computed (e.g.
-    ``lora_alpha``: 2 x lora_rank).
-    """
-    if group not in GROUPS:
-        raise ValueError(f"unknown key group {group!r}")
-    meta = {"help": help, "group": group, "choices": choices, "value_aliases": value_aliases or {},
-            "multi": multi, "ge": ge, "gt": gt, "le": le, "lt": lt, "hint": hint, "show_default": show_default}
-    return field(default=default, metadata=meta)
 
 
 model = functools.partial(key, group="model")
@@ -85,7 +57,7 @@ dist = functools.partial(key, group="distributed")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(KeyedConfig):
     """Every setting of a run, flat, with LLaMA-Factory's key names (help and limits in each field's metadata).
 
     Build it with :func:`llmtune.config.parse_config` (argv, YAML/JSON file or dict: applies key aliases and
@@ -328,8 +300,6 @@ class TrainConfig:
     _explicit: set = field(default_factory=set, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from llmtune.config.checks import build
-
         build(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -361,7 +331,9 @@ class TrainConfig:
 DERIVED = ("packing",)
 
 #: every user key -> its dataclass field
-KEYS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig) if not f.name.startswith("_")}
+KEYS: dict[str, dataclasses.Field] = user_fields(TrainConfig)
+#: every user key -> its annotated type (``Optional[int]`` etc.)
+TYPES: dict[str, Any] = field_types(TrainConfig)
 
 #: seed-document and LLaMA-Factory/TRL spellings -> our key
 ALIASES = {

@@ -15,9 +15,10 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from llmtune.config.checks import TYPES, base_type, coerce, notice_mapped_keys, validate
-from llmtune.config.keys import ALIASES, IGNORED_KEYS, IGNORED_WHY, KEYS, TrainConfig
+from llmtune.config.checks import notice_mapped_keys, validate
+from llmtune.config.keys import ALIASES, IGNORED_KEYS, IGNORED_WHY, KEYS, TYPES, TrainConfig
 from llmtune.config.relevance import check_relevance
+from llmtune.config.schema import base_type, coerce_value
 from llmtune.config.strict import load_json, load_yaml
 from llmtune.errors import LLMTuneError, nearest, notice
 
@@ -29,6 +30,12 @@ _SEED_COMMENT_HINT = ("a lone ' ' argument: the command still has the seed docum
                       "the very end of each line) and run it again")
 
 
+def coerce(key: str, value: Any, source: str) -> Any:
+    """``value`` converted to the type of key ``key`` (:func:`llmtune.config.schema.coerce_value`).
+
+    Raises: :class:`LLMTuneError` naming ``source`` and ``key`` when the value does not convert.
+    """
+    return coerce_value(TYPES[key], key, value, source)
 
 
 def _normalise_key(raw: str, source: str, notices: list[str]) -> Optional[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from llmtune.data import cache
 from llmtune.data.encode import Encoder, pack_rows
@@ -32,7 +32,6 @@ from llmtune.data.registry import TYPE_STAGES, DatasetAttr, resolve
 from llmtune.errors import LLMTuneError, notice
 
 STAGE_ALIASES = {"pretrain": "pt", "rlhf": "ppo"}
-STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "grpo")
 
 
 @dataclass
@@ -66,7 +65,9 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
         args: the run's TrainConfig, or a dict of its keys (keys in the module docstring).
         tokenizer: llmtune ``Tokenizer`` (docs/internals.md).
         template: from :func:`llmtune.data.templates.get_template`.
-        stage: ``pt``, ``sft``, ``rm``, ``ppo``, ``dpo``, ``kto``, ``grpo`` (``pretrain``/``rlhf`` accepted).
+        stage: the data kind, a key of :data:`DATA_KINDS` (``pt``, ``sft``, ``rm``, ``ppo``, ``dpo``, ``kto``,
+            ``grpo``; ``pretrain``/``rlhf`` accepted): the ``data`` field of the stage's row in
+            :data:`llmtune.train.stages.STAGES`, which is the stage's own name for the stages built in.
 
     Returns:
         :class:`DatasetSplits` whose rows are dicts of lists of ints (plus ``kto_tag``/``sft_only`` bools), in
@@ -79,8 +80,9 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
     args = as_config(args)
     stage = STAGE_ALIASES.get(stage, stage)
     template = _with_overrides(template, args)
-    if stage not in STAGES:
-        raise LLMTuneError(f"stage: unknown stage {stage!r}; expected one of {', '.join(STAGES)}.")
+    if stage not in DATA_KINDS:
+        raise LLMTuneError(f"stage: unknown stage {stage!r}; expected one of {', '.join(DATA_KINDS)}.")
+    kind = DATA_KINDS[stage]
     names = _names(args.dataset)
     if not names:
         raise LLMTuneError("dataset: required (a name from dataset_info.json in dataset_dir, or a path to a "
@@ -107,7 +109,7 @@ def get_dataset(args: Any, tokenizer, template, stage: str) -> DatasetSplits:
         val_idx = set(perm[:n_val])
         eval_rows = [train[i] for i in sorted(val_idx)]
         train = [r for i, r in enumerate(train) if i not in val_idx]
-    if stage == "sft" and (args.packing or args.neat_packing):
+    if kind.packs_rows and (args.packing or args.neat_packing):
         cutoff, neat = args.cutoff_len, args.neat_packing
         train = pack_rows(train, cutoff, neat)
         if eval_rows:
@@ -136,11 +138,12 @@ def _cache_dir(args: Any) -> Path:
 def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     attr = resolve(name, args.dataset_dir)
     files = data_files(attr)
+    kind = DATA_KINDS[stage]
     kto_alpha = args.kto_alpha
-    mix_sft = stage == "dpo" and kto_alpha is not None and float(kto_alpha) > 0
+    mix_sft = kind.mixes_sft and kto_alpha is not None and float(kto_alpha) > 0
     opts = {"cutoff_len": args.cutoff_len, "train_on_prompt": args.train_on_prompt,
             "mask_history": args.mask_history, "mix_sft": mix_sft, "max_samples": args.max_samples, "seed": args.seed}
-    if stage == "pt" and args.is_set("packing") and not args.packing:   # LLaMA-Factory: unset means packed for pt
+    if kind.packs_documents and args.is_set("packing") and not args.packing:   # LLaMA-Factory: unset = packed (pt)
         opts["packing"] = False
     processor = model_processor(args.model_name_or_path, args.image_max_pixels, args.image_min_pixels)
     if processor is not None:   # a vision-language model: image token counts depend on the processor
@@ -177,13 +180,14 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     if text_only:
         _notice_media_placeholders(attr, examples)
     # grpo: the raw columns travel with each prompt (convert keeps the row order, skips malformed rows)
-    kept = _kept_rows(attr, raw) if stage == "grpo" else None
+    kept = _kept_rows(attr, raw) if kind.keeps_columns else None
     _check_type(attr, stage)
     enc = _encoder(attr, examples, processor, template, tokenizer, opts)
     if isinstance(enc, ImageEncoder):
-        enc.pairs_with_images = stage in ("dpo", "rm")
-        enc.prompts_with_images = stage == "grpo"
-    rows, stats = _encode(attr, examples, enc, stage, mix_sft, opts.get("packing", True), kept)
+        enc.pairs_with_images = kind.encode is _encode_pairs
+        enc.prompts_with_images = kind.keeps_columns
+    rows, stats = kind.encode(attr, examples, enc, stage, mix_sft=mix_sft, packing=opts.get("packing", True),
+                              raw_rows=kept)
     if getattr(enc, "cut_images", 0):
         stats["notes"].append(f"dropped {enc.cut_images} example(s) whose image tokens cutoff_len="
                               f"{opts['cutoff_len']} cut through; raise cutoff_len or lower image_max_pixels.")
@@ -273,68 +277,86 @@ def _document(ex: Example) -> str:
     return "\n".join(parts)
 
 
-def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, mix_sft: bool,
-            packing: bool = True, raw_rows: Optional[list[dict]] = None):
-    stats: dict = {"dropped": 0, "notes": []}
-    rows: list = []
+def _encode_text(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, *, packing: bool = True,
+                 **_: Any) -> tuple[list, dict]:
+    """Kind ``pt``: every example as one document (a row's messages joined by newlines), packed to cutoff_len."""
+    return enc.encode_pretrain([_document(ex) for ex in examples], packing=packing), {"dropped": 0, "notes": []}
 
-    def add(row):
-        if row is None:
-            stats["dropped"] += 1
-        else:
-            rows.append(row)
 
+def _encode_prompts(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, *,
+                    raw_rows: Optional[list[dict]] = None, **_: Any) -> tuple[list, dict]:
+    """Kinds ``ppo`` (prompts) and ``grpo`` (prompts, each keeping its raw dataset row under ``columns``)."""
+    rows, stats, add = _collector()
+    pairs = zip(examples, raw_rows) if raw_rows is not None else ((ex, None) for ex in examples)
+    for ex, raw in pairs:
+        row = enc.encode_ppo(ex)
+        if row is not None and raw is not None:
+            row["columns"] = dict(raw)
+        add(row)
+    return rows, stats
+
+
+def _encode_answers(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, **_: Any
+                    ) -> tuple[list, dict]:
+    """Kind ``sft``: rows with an answer (the chosen answer of pairs, the best of ranked lists, desirable KTO
+    examples).
+
+    Raises: LLMTuneError for data without answers."""
+    rows, stats, add = _collector()
     kinds = {ex.kind for ex in examples}
-    if stage == "pt":
-        return enc.encode_pretrain([_document(ex) for ex in examples], packing=packing), stats
-    if stage == "ppo":
-        for ex in examples:
-            add(enc.encode_ppo(ex))
-        return rows, stats
-    if stage == "grpo":
-        for ex, raw in zip(examples, raw_rows or []):
-            row = enc.encode_ppo(ex)
+    if kinds <= {"prompt"}:
+        raise LLMTuneError(f"dataset {attr.name!r} has no answers (no response/output column, or sharegpt "
+                           "conversations without an assistant turn); sft needs them (for plain text use "
+                           "stage pt).")
+    if kinds & {"pair", "ranked"}:
+        stats["notes"].append("preference rows: sft trains on the chosen (best) answer.")
+    if "kto" in kinds:
+        stats["notes"].append("KTO rows: sft trains on the desirable (kto_tag true) examples only.")
+    for ex in examples:
+        if ex.kind in ("sft", "pair", "ranked") or (ex.kind == "kto" and ex.kto_tag):
+            add(enc.encode_sft(ex))
+    return rows, stats
+
+
+def _encode_pairs(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, *, mix_sft: bool = False,
+                  **_: Any) -> tuple[list, dict]:
+    """Kinds ``rm`` and ``dpo``: chosen/rejected pairs (ranked lists give every ordered pair); with ``mix_sft``
+    (dpo + ``kto_alpha``) plain answers become ``sft_only`` rows.
+
+    Raises: LLMTuneError for data without pairs."""
+    rows, stats, add = _collector()
+    kinds = {ex.kind for ex in examples}
+    for ex in examples:
+        if ex.kind == "pair":
+            add(enc.encode_pair(ex, ex.responses[0], ex.responses[1]))
+        elif ex.kind == "ranked":
+            for i in range(len(ex.responses)):
+                for j in range(i + 1, len(ex.responses)):
+                    add(enc.encode_pair(ex, ex.responses[i], ex.responses[j]))
+        elif ex.kind in ("sft", "kto") and mix_sft:
+            row = enc.encode_sft(ex) if (ex.kind == "sft" or ex.kto_tag) else None
             if row is not None:
-                row["columns"] = dict(raw)
-            add(row)
-        return rows, stats
-    if stage == "sft":
-        if kinds <= {"prompt"}:
-            raise LLMTuneError(f"dataset {attr.name!r} has no answers (no response/output column, or sharegpt "
-                               "conversations without an assistant turn); sft needs them (for plain text use "
-                               "stage pt).")
-        if kinds & {"pair", "ranked"}:
-            stats["notes"].append("preference rows: sft trains on the chosen (best) answer.")
-        if "kto" in kinds:
-            stats["notes"].append("KTO rows: sft trains on the desirable (kto_tag true) examples only.")
-        for ex in examples:
-            if ex.kind in ("sft", "pair", "ranked") or (ex.kind == "kto" and ex.kto_tag):
-                add(enc.encode_sft(ex))
-        return rows, stats
-    if stage in ("rm", "dpo"):
-        for ex in examples:
-            if ex.kind == "pair":
-                add(enc.encode_pair(ex, ex.responses[0], ex.responses[1]))
-            elif ex.kind == "ranked":
-                for i in range(len(ex.responses)):
-                    for j in range(i + 1, len(ex.responses)):
-                        add(enc.encode_pair(ex, ex.responses[i], ex.responses[j]))
-            elif ex.kind in ("sft", "kto") and mix_sft:
-                row = enc.encode_sft(ex) if (ex.kind == "sft" or ex.kto_tag) else None
-                if row is not None:
-                    row["sft_only"] = True
-                    rows.append(row)
-        if not rows and kinds & {"sft", "kto"} and not (kinds & {"pair", "ranked"}):
-            if stage == "dpo":
-                raise LLMTuneError(f"dataset {attr.name!r} has no chosen/rejected pairs; stage dpo uses such plain "
-                                   "sft rows only as the knowledge term of the seed's mix (set kto_alpha, e.g. "
-                                   "--kto_alpha 0.5, and give a preference dataset too).")
-            raise LLMTuneError(f"dataset {attr.name!r} has no chosen/rejected pairs (columns chosen/rejected with "
-                               "\"ranking\": true, or an output list ranked best first); stage rm needs them.")
-        if not rows and kinds <= {"prompt"}:
-            raise LLMTuneError(f"dataset {attr.name!r} has no answers; stage {stage} needs chosen/rejected pairs.")
-        return rows, stats
-    # kto
+                row["sft_only"] = True
+                rows.append(row)
+    if not rows and kinds & {"sft", "kto"} and not (kinds & {"pair", "ranked"}):
+        if DATA_KINDS[stage].mixes_sft:
+            raise LLMTuneError(f"dataset {attr.name!r} has no chosen/rejected pairs; stage {stage} uses such plain "
+                               "sft rows only as the knowledge term of the seed's mix (set kto_alpha, e.g. "
+                               "--kto_alpha 0.5, and give a preference dataset too).")
+        raise LLMTuneError(f"dataset {attr.name!r} has no chosen/rejected pairs (columns chosen/rejected with "
+                           f"\"ranking\": true, or an output list ranked best first); stage {stage} needs them.")
+    if not rows and kinds <= {"prompt"}:
+        raise LLMTuneError(f"dataset {attr.name!r} has no answers; stage {stage} needs chosen/rejected pairs.")
+    return rows, stats
+
+
+def _encode_labelled(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str, **_: Any
+                     ) -> tuple[list, dict]:
+    """Kind ``kto``: examples labelled desirable/undesirable (a pair gives one of each).
+
+    Raises: LLMTuneError for data with neither labels nor pairs."""
+    rows, stats, add = _collector()
+    kinds = {ex.kind for ex in examples}
     items: list[Example] = []
     for ex in examples:
         if ex.kind == "kto":
@@ -352,3 +374,49 @@ def _encode(attr: DatasetAttr, examples: list[Example], enc: Encoder, stage: str
     for i, ex in enumerate(items):
         add(enc.encode_kto(ex, items[(i + 1) % len(items)].responses[0]))
     return rows, stats
+
+
+def _collector() -> tuple[list, dict, Callable[[Optional[dict]], None]]:
+    """``(rows, stats, add)``: ``add(row)`` appends a row, or counts a dropped example for None."""
+    rows: list = []
+    stats: dict = {"dropped": 0, "notes": []}
+
+    def add(row: Optional[dict]) -> None:
+        if row is None:
+            stats["dropped"] += 1
+        else:
+            rows.append(row)
+
+    return rows, stats, add
+
+
+@dataclass(frozen=True)
+class DataKind:
+    """What one kind of training data needs (a stage row names its kind: ``Stage.data``).
+
+    Attributes:
+        encode: ``(attr, examples, encoder, kind_name, *, mix_sft, packing, raw_rows) -> (rows, stats)``.
+        packs_documents: documents are packed to ``cutoff_len`` unless ``packing: false`` is given (pt).
+        packs_rows: encoded rows are packed after the split when ``packing``/``neat_packing`` (sft).
+        mixes_sft: plain answers may join as ``sft_only`` rows with ``kto_alpha`` (the seed's dpo mix).
+        keeps_columns: each row keeps its raw dataset columns (grpo's reward functions read them); images
+            travel with the prompts.
+    """
+
+    encode: Callable[..., tuple[list, dict]]
+    packs_documents: bool = False
+    packs_rows: bool = False
+    mixes_sft: bool = False
+    keeps_columns: bool = False
+
+
+#: data kind -> how it is encoded (module docstring: which data serves which kind)
+DATA_KINDS: dict[str, DataKind] = {
+    "pt": DataKind(_encode_text, packs_documents=True),
+    "sft": DataKind(_encode_answers, packs_rows=True),
+    "rm": DataKind(_encode_pairs),
+    "ppo": DataKind(_encode_prompts),
+    "dpo": DataKind(_encode_pairs, mixes_sft=True),
+    "kto": DataKind(_encode_labelled),
+    "grpo": DataKind(_encode_prompts, keeps_columns=True),
+}

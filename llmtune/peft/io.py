@@ -24,8 +24,9 @@ from llmtune.peft.adapters import (PEFT_PREFIX, adapter_parameters, adapter_targ
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
-# Fields of PEFT's LoraConfig whose only supported value here is the default: anything else is refused.
-_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+# Fields of PEFT's LoraConfig whose only supported value here is the default: anything else is refused when
+# reading. The first ones are also written into every adapter_config.json (fields older PEFT versions know).
+_WRITTEN_DEFAULTS: dict[str, Any] = {
     "bias": "none",
     "fan_in_fan_out": False,
     "layers_to_transform": None,
@@ -33,6 +34,9 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "rank_pattern": {},
     "alpha_pattern": {},
     "lora_bias": False,
+}
+_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    **_WRITTEN_DEFAULTS,
     "layer_replication": None,
     "trainable_token_indices": None,
     "target_parameters": None,
@@ -110,13 +114,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "use_dora": cfg["use_dora"],
         "modules_to_save": cfg["modules_to_save"],
         "init_lora_weights": True,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "lora_bias": False,
+        **_WRITTEN_DEFAULTS,
     }
     save_tensors(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -8,6 +8,7 @@ import torch
 
 from llmtune import peft
 from llmtune.errors import LLMTuneError, notice
+from llmtune.train.stages import STAGES, stage_info
 
 
 def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
@@ -20,8 +21,9 @@ def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:
     Raises:
         LLMTuneError: ``full`` on a 4-bit quantized model; the errors of ``apply_lora``/``apply_freeze``.
     """
-    if cfg.stage not in ("rm", "ppo") and cfg.value_head_lr is not None:
-        notice(f"value_head_lr only applies to stages rm and ppo (the value head's learning rate); stage is "
+    if not stage_info(cfg.stage).value_head and cfg.value_head_lr is not None:
+        heads = " and ".join(name for name, row in STAGES.items() if row.value_head)
+        notice(f"value_head_lr only applies to stages {heads} (the value head's learning rate); stage is "
                f"{cfg.stage}, so it is ignored")
     if cfg.finetuning_type != "lora":
         lora_keys = [k for k in ("lora_target", "lora_rank", "lora_alpha", "use_dora", "use_rslora")

@@ -17,7 +17,7 @@ import torch
 
 from llmtune.constants import IGNORE_INDEX
 from llmtune.errors import LLMTuneError, notice
-from llmtune.fileio import save_tensors
+from llmtune.fileio import same_path, save_tensors
 from llmtune.chat import chat_stop_ids
 from llmtune.engine import Engine, Request
 from llmtune.sampling import SamplingParams
@@ -57,7 +57,7 @@ def prepare_output_dir(cfg: Any) -> Path:
                     "reward_model_adapters"):
             for item in str(getattr(cfg, key) or "").split(","):
                 src = Path(item.strip()).expanduser() if item.strip() else None
-                if src is not None and src.exists() and src.resolve() == out.resolve():
+                if src is not None and src.exists() and same_path(src, out):
                     raise LLMTuneError(f"output_dir: {out} is the {key} folder, which this run reads; write to a "
                                        "new folder")
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint not in (

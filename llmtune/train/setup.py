@@ -53,7 +53,6 @@ from llmtune.train.precision import load_dtype, train_device
 from llmtune.train.seed import set_seed
 from llmtune.train.stages import Stage, stage_info
 from llmtune.train.stages.pref import reference_extra
-from llmtune.train.stages.rm import prepare_reward_model, value_head_only
 from llmtune.train.trainer import Trainer
 
 
@@ -148,24 +147,26 @@ def load_base_model(cfg: Any) -> torch.nn.Module:
     fine-tuning type needs (:func:`llmtune.train.precision.load_dtype`), 4-bit when ``quantization_bit``.
     ``model.adapter_chain`` is the chain applied: the one the outputs record."""
     device = train_device(cfg)
+    dtype = load_dtype(cfg, device.split(":")[0])
     set_kernels_enabled(cfg.use_kernels)  # Triton kernels on CUDA (llmtune.kernels); off: PyTorch references
     if cfg.adapter_name_or_path and cfg.finetuning_type == "lora" and not cfg.create_new_adapter:
         notice("adapter_name_or_path: the given adapter(s) are merged into the base and a new adapter is trained "
                "on top (as create_new_adapter: true; llmtune does not continue an adapter in place); the output "
                "records them as parent_adapters, which llmtune chat/export apply")
-    return runs.load_model(cfg.model_name_or_path, dtype=load_dtype(cfg, device.split(":")[0]), device=device,
+    return runs.load_model(cfg.model_name_or_path, dtype=dtype, device=device,
                            adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
                            quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)
 
 
 def check_trainable_targets(model: torch.nn.Module, cfg: Any) -> bool:
-    """Check ``lora_target`` against the model before the data is read; returns True when stage rm trains the
-    value head alone (the seed's ``--lora_target value``).
+    """Check ``lora_target`` against the model before the data is read; returns True when the stage trains a
+    head alone (its row's ``head_only``: rm with the seed's ``--lora_target value``).
 
     Raises:
         LLMTuneError: a ``lora_target`` naming no module of the model.
     """
-    head_only = value_head_only(model, cfg)
+    stage = stage_info(cfg.stage)
+    head_only = stage.head_only is not None and stage.head_only(model, cfg)
     if cfg.finetuning_type == "lora" and not head_only:
         select_lora_targets(model, cfg.lora_target)
     return head_only
@@ -182,7 +183,7 @@ def load_tokenizer_and_template(cfg: Any, chain: runs.AdapterChain) -> tuple[Any
 def load_data(cfg: Any, tokenizer: Any, template: Any) -> tuple[Sequence[dict], Optional[Sequence[dict]]]:
     """Step 5: ``(train_rows, eval_rows)`` of the stage (``llmtune.data.get_dataset``), with a notice when
     evaluation rows are set aside but nothing evaluates them."""
-    splits = get_dataset(cfg, tokenizer, template, cfg.stage)
+    splits = get_dataset(cfg, tokenizer, template, stage_info(cfg.stage).data)
     if splits.eval and cfg.do_train and not cfg.do_eval and cfg.eval_strategy == "no":
         notice(f"{len(splits.eval)} evaluation rows (val_size / eval_dataset) are set aside but nothing evaluates "
                "them; set do_eval: true (after training) or eval_strategy: steps/epoch (during training)")
@@ -190,14 +191,17 @@ def load_data(cfg: Any, tokenizer: Any, template: Any) -> tuple[Sequence[dict], 
 
 
 def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool) -> dict:
-    """Step 6: choose the trainable parameters (``finetuning_type``), add the reward model's value head
-    (stage rm) and set up the reference policy (dpo/kto without LoRA: a frozen copy or ``ref_model``).
-    Returns the stage context's ``extra`` dict."""
+    """Step 6: choose the trainable parameters (``finetuning_type``), then what the stage's row asks for:
+    ``prepare`` (rm: the value head) and ``reference`` (a reference policy: adapters disabled, ``ref_model``,
+    or a frozen copy). Returns the stage context's ``extra`` dict."""
+    stage = stage_info(cfg.stage)
     if not head_only:
         apply_finetuning_type(model, cfg)
-    if cfg.stage == "rm":
-        prepare_reward_model(model, cfg, head_only)  # model.v_head, trainable
-    return reference_extra(model, cfg, train_device(cfg))
+    if stage.prepare is not None:
+        stage.prepare(model, cfg, head_only)  # rm: model.v_head, trainable
+    if stage.reference is None:
+        return {}
+    return reference_extra(model, cfg, needed=stage.reference(cfg))   # on the model's device
 
 
 def build_trainer(model: torch.nn.Module, cfg: Any, stage: Stage, tokenizer: Any, train_rows: Sequence[dict],
@@ -241,7 +245,7 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
             notice("do_eval: there is no evaluation data (set val_size or eval_dataset); skipping evaluation")
         else:
             ev = trainer.evaluate()
-            ev["perplexity"] = math.exp(min(ev["eval_loss"], 700.0)) if cfg.stage in ("pt", "sft") else None
+            ev["perplexity"] = math.exp(min(ev["eval_loss"], 700.0)) if stage_info(cfg.stage).perplexity else None
             ev = {k: v for k, v in ev.items() if v is not None}
             results.update(ev)
             eval_report.print_metrics("eval", ev)
@@ -253,7 +257,7 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
             notice("do_predict without predict_with_generate: nothing to predict; set predict_with_generate: true")
         elif rows is None:
             notice("do_predict: there is no evaluation data (set val_size or eval_dataset); skipping predictions")
-        elif cfg.stage not in ("pt", "sft"):
+        elif not stage_info(cfg.stage).predict:
             notice(f"do_predict: predictions are written for stage sft only, not {cfg.stage}; skipping")
         elif is_main():
             write_predictions(model, tokenizer, template, rows, out / "generated_predictions.jsonl", cfg)

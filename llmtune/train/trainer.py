@@ -49,7 +49,7 @@ from llmtune.train.interrupt import Interrupt
 from llmtune.train.logging import TrainLogger, resolve_report_to
 from llmtune.train.optim import build_optimizer, lr_lambda, num_warmup_steps
 from llmtune.train.precision import resolve_precision
-from llmtune.train.stages import StageContext, get_stage, item_counter
+from llmtune.train.stages import StageContext, get_stage, item_counter, token_counter
 from llmtune.train.stages.base import OnlineStage, OnlineStep
 
 
@@ -252,12 +252,7 @@ class Trainer:
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
                 metric_counts[k] = metric_counts.get(k, 0) + 1
-            if "attention_mask" in batch:
-                self.tokens_seen += int((batch["attention_mask"] > 0).sum())
-            elif "input_ids" in batch:
-                self.tokens_seen += int(batch["input_ids"].numel())
-            if "sft_attention_mask" in batch:  # dpo + kto_alpha: the plain SFT rows of the batch
-                self.tokens_seen += int((batch["sft_attention_mask"] > 0).sum())
+            self.tokens_seen += token_counter(self.stage_name)(batch)   # the stage row's count_tokens
         total_items = int(all_reduce_sum(torch.tensor(items_seen, dtype=torch.long, device=self.device)).item())
         if counted is not None and counted != total_items:
             raise RuntimeError(f"stage {self.stage_name!r}: its item counter gave {counted} items but the "

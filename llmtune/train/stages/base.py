@@ -33,29 +33,73 @@ import torch
 LossFn = Callable[..., tuple[torch.Tensor, Any, dict]]
 
 
+def count_input_tokens(batch: dict) -> int:
+    """Tokens a micro-batch feeds the model (the trainer's ``tokens_seen``, for throughput): the non-padding
+    positions of ``attention_mask`` (a segment id > 0 counts, padding-free batches included), else every
+    position of ``input_ids``, else 0. Pairwise batches count chosen and rejected rows (both are forwarded)."""
+    if "attention_mask" in batch:
+        return int((batch["attention_mask"] > 0).sum())
+    if "input_ids" in batch:
+        return int(batch["input_ids"].numel())
+    return 0
+
+
+def always(config: Any) -> bool:
+    """A :attr:`Stage.reference` rule: the stage always compares against a reference policy (kto, ppo)."""
+    return True
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One row of the stage table (:data:`llmtune.train.stages.STAGES`).
+    """One row of the stage table (:data:`llmtune.train.stages.STAGES`): everything the setup path, the data
+    layer and the trainer need to know about a stage, so a new stage is a new file and a row (no
+    ``if stage == ...`` elsewhere).
 
     Attributes:
-        name: the ``stage`` key value (``pt``, ``sft``, ``rm``, ``dpo``, ``kto``, ``ppo``).
+        name: the ``stage`` key value (``pt``, ``sft``, ``rm``, ``dpo``, ``kto``, ``ppo``, ``grpo``).
         loss: the stage's loss function (None for an online stage: its loss comes with the object ``build`` makes).
         count_items: ``batch -> int`` items of a collated batch without a forward pass, or None.
-        collator: the collator kind for :func:`llmtune.data.collator.get_collator` (``sft``, ``rm``,
+        collator: the collator kind for :func:`llmtune.data.collator.get_collator` (``pt``, ``sft``, ``rm``,
             ``dpo``, ``kto``, ``ppo``).
+        data: the data kind for :func:`llmtune.data.get_dataset` (``pt`` text, ``sft`` answers, ``rm``/``dpo``
+            pairs, ``kto`` labelled examples, ``ppo`` prompts, ``grpo`` prompts with their columns); a new
+            stage on existing data names an existing kind. Default: the ``collator`` kind of the same name.
         online: True when the stage makes its batches from rollouts (ppo, grpo) instead of a dataset.
         build: an online stage's factory ``(model, cfg, tokenizer, template, rows, extra, **options) ->``
             :class:`OnlineStage`, called by the setup path once the model's trainable parameters are chosen.
         check: ``(cfg, **options) -> None``, run before any weights load (a wrong reward model fails fast).
+        head_only: ``(model, cfg) -> bool``, run before the data is read: True when the run trains a head
+            alone on the frozen model (rm with ``lora_target value``); None: never.
+        prepare: ``(model, cfg, head_only) -> Any``, run after the trainable parameters are chosen: adds what
+            the stage trains besides them (rm: the value head); None: nothing.
+        reference: ``cfg -> bool``, whether the run compares against a reference policy (then
+            :func:`llmtune.train.stages.pref.reference_extra` sets one up: adapters disabled, ``ref_model`` or a
+            frozen copy); None: the stage never does.
+        value_head: the stage trains a value head (rm's reward head, ppo's critic): ``value_head_lr`` applies.
+        perplexity: the evaluation loss is a mean token NLL, so ``eval`` also reports ``perplexity``.
+        predict: ``do_predict`` with ``predict_with_generate`` writes generated predictions for this stage.
+        count_tokens: ``batch -> int`` tokens a micro-batch feeds the model (throughput, ``tokens_seen``).
     """
 
     name: str
     loss: Optional[LossFn]
     count_items: Optional[Callable[[dict], int]]
     collator: str
+    data: Optional[str] = None
     online: bool = False
     build: Optional[Callable[..., "OnlineStage"]] = None
     check: Optional[Callable[..., None]] = None
+    head_only: Optional[Callable[[Any, Any], bool]] = None
+    prepare: Optional[Callable[[Any, Any, bool], Any]] = None
+    reference: Optional[Callable[[Any], bool]] = None
+    value_head: bool = False
+    perplexity: bool = False
+    predict: bool = False
+    count_tokens: Callable[[dict], int] = count_input_tokens
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            object.__setattr__(self, "data", self.collator)
 
 
 @dataclass

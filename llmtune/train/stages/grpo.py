@@ -421,6 +421,12 @@ def reward_model_func(model: nn.Module, cfg: Any, tokenizer: Any, folder: str, a
     return score
 
 
+def grpo_needs_reference(config: Any) -> bool:
+    """Stage grpo's :attr:`~llmtune.train.stages.base.Stage.reference` rule: a reference policy when the KL
+    term is on (``beta > 0``, TRL's rule)."""
+    return float(config.beta or 0.0) > 0
+
+
 def build_grpo_stage(model: nn.Module, cfg: Any, tokenizer: Any, template: Any, rows: Sequence[dict], extra: dict,
                      reward_funcs: Optional[Sequence[Any]] = None) -> GRPOStage:
     """The :class:`GRPOStage` of a run (the stage table's ``build`` for ``grpo``).

@@ -45,7 +45,7 @@ from llmtune.errors import LLMTuneError, nearest, notice
 from llmtune.losses import DPO_LOSS_TYPES, dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from llmtune.peft import disable_adapters, lora_layers
 from llmtune.runs import load_model
-from llmtune.train.stages.base import StageContext
+from llmtune.train.stages.base import StageContext, count_input_tokens
 
 #: every ``pref_loss`` value stage dpo accepts
 PREF_LOSSES = DPO_LOSS_TYPES + ("orpo", "simpo")
@@ -78,53 +78,68 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
-def needs_reference(config: Any) -> bool:
-    """True for stages kto and ppo, for stage grpo with ``beta > 0``, and for stage dpo unless ``pref_loss`` is
-    reference-free (orpo, simpo)."""
-    stage = config.stage
-    if stage in ("kto", "ppo"):
-        return True
-    if stage == "grpo":
-        return float(config.beta or 0.0) > 0
-    return stage == "dpo" and config.pref_loss not in REFERENCE_FREE
+def dpo_needs_reference(config: Any) -> bool:
+    """Stage dpo's :attr:`~llmtune.train.stages.base.Stage.reference` rule: a reference policy unless
+    ``pref_loss`` is reference-free (orpo, simpo)."""
+    return config.pref_loss not in REFERENCE_FREE
 
 
-def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] = None) -> dict:
-    """Set up the reference policy of stages dpo/kto; returns ``{"ref_model": module}`` or ``{}``.
+def check_dpo_config(config: Any, **_: Any) -> None:
+    """Stage dpo's check before any weights load: ``pref_loss`` is one this stage implements.
 
+    Raises: LLMTuneError naming the valid values."""
+    check_pref_loss(config.pref_loss)
+
+
+def count_dpo_tokens(batch: dict) -> int:
+    """Tokens a dpo micro-batch feeds the model: its pairs' and its plain SFT rows' (``kto_alpha``)."""
+    tokens = count_input_tokens(batch)
+    if "sft_attention_mask" in batch:
+        tokens += int((batch["sft_attention_mask"] > 0).sum())
+    return tokens
+
+
+def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] = None,
+                    needed: Optional[bool] = None) -> dict:
+    """Set up the reference policy of a stage whose row asks for one (dpo, kto, ppo, grpo); returns
+    ``{"ref_model": module}`` or ``{}``.
+
+    * ``needed``: the row's ``reference(config)`` (the setup path passes it); None (a direct call): stage dpo's
+      rule after checking ``pref_loss`` (:func:`dpo_needs_reference`);
+    * not needed (a reference-free ``pref_loss``, grpo with ``beta`` 0): ``{}``, with a notice when
+      ``ref_model`` is set for a reference-free ``pref_loss``;
     * ``ref_model`` set (a path, with optional ``ref_model_adapters``): loaded with
       :func:`llmtune.runs.load_model`, frozen, in the policy's dtype;
     * otherwise with LoRA: ``{}`` (the stage disables the adapters: no second copy);
     * otherwise (full / freeze fine-tuning): a frozen copy of the initial model, with a notice giving its
       memory in MiB.
-    Reference-free losses (orpo, simpo) and other stages return ``{}``. Call it after the trainable
-    parameters are chosen and before training.
+    Call it after the trainable parameters are chosen and before training.
 
-    Raises: LLMTuneError from the loader (bad ``ref_model`` path) or for an unknown ``pref_loss``.
+    Raises: LLMTuneError from the loader (bad ``ref_model`` path), or for an unknown ``pref_loss`` (direct call).
     """
-    if config.stage == "dpo":
-        check_pref_loss(config.pref_loss)
-    if not needs_reference(config):
-        if config.ref_model and config.stage in ("dpo", "kto"):   # other stages: the config's notice says why
+    if needed is None:
+        needed = dpo_needs_reference(config) if check_pref_loss(config.pref_loss) else False
+    if not needed:
+        if config.ref_model and config.pref_loss in REFERENCE_FREE:   # other stages: the config's notice says why
             notice(f"ref_model is ignored: pref_loss {config.pref_loss} needs no reference model")
         return {}
     ref_path = config.ref_model
-    if ref_path:
-        frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
-        dtype = frozen[0] if frozen else torch.float32   # the base's dtype (LoRA/freeze), float32 for full
-        ref = load_model(ref_path, dtype=dtype, device=device or str(next(model.parameters()).device),
-                         adapter_name_or_path=config.ref_model_adapters)
-        ref.eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
+    if not ref_path:
+        if has_lora(model):
+            return {}
+        ref = frozen_copy(model)
+        mib = sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20
+        notice(f"stage {config.stage} with finetuning_type {config.finetuning_type}: the "
+               f"reference model is a frozen copy of the initial model ({mib:.0f} MiB more memory); use "
+               "finetuning_type lora to get it for free (adapters disabled) or set ref_model")
         return {"ref_model": ref}
-    if has_lora(model):
-        return {}
-    ref = frozen_copy(model)
-    mib = sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20
-    notice(f"stage {config.stage} with finetuning_type {config.finetuning_type}: the "
-           f"reference model is a frozen copy of the initial model ({mib:.0f} MiB more memory); use "
-           "finetuning_type lora to get it for free (adapters disabled) or set ref_model")
+    frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    dtype = frozen[0] if frozen else torch.float32   # the base's dtype (LoRA/freeze), float32 for full
+    ref = load_model(ref_path, dtype=dtype, device=device or str(next(model.parameters()).device),
+                     adapter_name_or_path=config.ref_model_adapters)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
     return {"ref_model": ref}
 
 
