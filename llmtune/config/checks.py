@@ -17,6 +17,7 @@ whole number of groups, NaN/inf numbers, and every value outside a key's ``choic
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Union
 
 from llmtune.config.schema import KeyedConfig, coerce_value, field_types, user_fields
