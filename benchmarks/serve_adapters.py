@@ -138,7 +138,8 @@ def bench_train(model, args) -> list:
             for key, fwd in impls.items():
                 LoraLinear.forward = fwd
                 t0 = time.perf_counter()
-                hidden, _ = model(ids)
+                out = model(ids)
+                hidden = out[0] if isinstance(out, tuple) else out
                 hidden.float().pow(2).mean().backward()
                 dt = time.perf_counter() - t0
                 if r:                                   # the first round warms up
@@ -175,11 +176,11 @@ def main() -> None:
     adapters = add_adapters(model, args.adapters, args.rank)
     load0 = os.getloadavg()[0]
     rows = bench_decode(model, adapters, args)
-    train = bench_train(model, args) if args.train else []
     print(f"{'config':<22}{'batch':>6}{'ms/step':>10}{'decode tok/s':>14}{'tok/s':>9}{'vs single':>11}")
     for r in rows:
         print(f"{r['config']:<22}{r['batch']:>6}{r['decode_ms_per_step']:>10}{r['decode_tok_s']:>14}"
-              f"{r['tok_s']:>9}{r['vs_single']:>11}")
+              f"{r['tok_s']:>9}{r['vs_single']:>11}", flush=True)
+    train = bench_train(model, args) if args.train else []
     for r in train:
         print(f"{r['config']:<26}{r['batch']:>8}{r['step_ms']:>10} ms")
     out = {"model": args.model, "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len,
