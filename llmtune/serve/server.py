@@ -46,8 +46,10 @@ _ENV = {"host": "API_HOST", "port": "API_PORT", "api_key": "API_KEY"}
 
 USAGE = "usage: llmtune api [config.yaml] --model_name_or_path PATH [--key value ...]\n\n" \
         "Serve the model over OpenAI's API (GET /v1/models, POST /v1/chat/completions, POST /v1/completions,\n" \
-        "GET /health). Model keys as `llmtune chat` (model_name_or_path, adapter_name_or_path, template,\n" \
-        "infer_dtype, quantization_bit, device, max_new_tokens, system); server keys:\n" + \
+        "GET /health, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter). Model keys as `llmtune chat`\n" \
+        "(model_name_or_path, adapter_name_or_path, template, infer_dtype, quantization_bit, device,\n" \
+        "max_new_tokens, system); --adapter_name_or_path a,b or name=path,...: each adapter is served by name.\n" \
+        "Server keys:\n" + \
         "\n".join(f"  --{k:<24}{h} (default {d})" for k, (_, d, h) in API_KEYS.items())
 
 
