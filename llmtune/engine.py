@@ -16,8 +16,10 @@ predict), chat (:mod:`llmtune.chat`), PPO/GRPO rollouts (:mod:`llmtune.rollout`)
 * **Decode.** One forward over all live rows, one token each, with per-row position ids (the row's length)
   and, when lengths differ, a ``(n, 1, 1, L)`` mask hiding each row's unused tail.
 * **Per row**: :class:`~llmtune.sampling.SamplingParams`, stop ids, ``max_new_tokens``, a generator or seed,
-  log-probs of the sampled tokens (and the top-k log-probs), and an ``adapter`` name that is handed to the
-  model call (``model(..., adapters=[one per input row])``) when any row has one.
+  log-probs of the sampled tokens (and the top-k log-probs), and an ``adapter`` name. A model with LoRA
+  adapters runs each row with its own (:func:`llmtune.peft.row_adapters`: rows of different adapters and of
+  none decode in one forward, the base product once); another model gets the names as
+  ``model(..., adapters=[one per input row])`` when any row has one. A prefill packs the prompts of one adapter.
 
 Step API (what a scheduler drives): :meth:`Engine.add_request` / :meth:`Engine.add_group` queue work,
 :meth:`Engine.step` admits queued rows into free slots (within ``max_prefill_tokens``), decodes one token for
@@ -31,14 +33,16 @@ Source: the static KV cache and decode loop of gpt-fast / ``transformers.StaticC
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from llmtune.errors import LLMTuneError
+from llmtune.peft.rows import has_lora_config, row_adapters
 from llmtune.sampling import SamplingParams, select_tokens
 
 __all__ = ["SlotKVCache", "Request", "TokenEvent", "Completion", "Engine"]
@@ -162,7 +166,7 @@ class Request:
             temperature (1 when greedy), before repetition penalty and top-k/top-p filtering (TRL's and
             OpenAI's convention).
         top_logprobs: also report the ``k`` most likely tokens with their log-probs (same distribution).
-        adapter: name of the LoRA adapter this row runs with (None = the model as it is); passed through.
+        adapter: name of the LoRA adapter this row runs with (None = the model as it is: its active adapter).
         images: extra model arguments of the prompt's prefill, e.g. ``{"pixel_values": ..., "image_grid_thw":
             ...}`` of a :class:`~llmtune.models.qwen_vl.QwenVL` (None or ``{}`` = text only). Such a prompt is
             prefilled alone in its row (never packed with others); the ``rope_deltas`` the model leaves on the
@@ -337,17 +341,27 @@ class Engine:
             if was_training:
                 self.model.train(True)
 
-    def _call(self, input_ids: torch.Tensor, adapters: list, **kw: Any) -> torch.Tensor:
-        if any(a is not None for a in adapters):
+    def _call(self, input_ids: torch.Tensor, adapters: list, pick: Callable[[torch.Tensor], torch.Tensor],
+              **kw: Any) -> torch.Tensor:
+        """The forward of ``input_ids`` and ``lm_head(pick(hidden)).float()``. ``adapters``: one name per input
+        row (or one for a packed row): a model with LoRA adapters runs them per row
+        (:func:`llmtune.peft.row_adapters`), another model gets them as ``adapters=`` when any is named."""
+        named = any(a is not None for a in adapters)
+        ctx = contextlib.nullcontext()
+        if named and has_lora_config(self.model):
+            ctx, named = row_adapters(self.model, adapters), False
+        if named:
             kw["adapters"] = adapters
-        try:
-            hidden, _ = self.model(input_ids, past_key_values=self.cache, use_cache=True, **kw)
-        except TypeError as e:
-            if "adapters" in kw and "adapters" in str(e):
-                raise LLMTuneError("a request names an adapter, but this model takes no per-row adapters: load "
-                                   "the model with its adapters for serving") from None
-            raise
-        return hidden
+        with ctx:
+            try:
+                hidden, _ = self.model(input_ids, past_key_values=self.cache, use_cache=True, **kw)
+            except TypeError as e:
+                if "adapters" in kw and "adapters" in str(e):
+                    raise LLMTuneError("a request names an adapter, but this model has no LoRA adapters and takes "
+                                       "no per-row adapters: load the model with its adapters "
+                                       "(llmtune.peft.load_adapter) for serving") from None
+                raise
+            return self.model.lm_head(pick(hidden)).float()
 
     def _decode(self) -> Optional[torch.Tensor]:
         if not self.rows:
@@ -357,10 +371,10 @@ class Engine:
         lengths = torch.tensor(lens, device=self.device)
         self.cache.decode(lengths, longest, min(lens) == longest, self.window)
         ids = torch.tensor([[r.last] for r in self.rows], device=self.device)
-        hidden = self._call(ids, [r.req.adapter for r in self.rows], position_ids=lengths[:, None])
+        logits = self._call(ids, [r.req.adapter for r in self.rows], lambda h: h[:, -1], position_ids=lengths[:, None])
         for r in self.rows:
             r.length += 1
-        return self.model.lm_head(hidden[:, -1]).float()
+        return logits
 
     def _admit(self) -> list[list[_Row]]:
         free = self.max_slots - len(self.rows)
@@ -411,14 +425,13 @@ class Engine:
                                torch.tensor(src, device=dev))
             # segment ids from 2: even a lone prompt takes the segment-span attention that packed prompts take, so
             # a prompt's numerics do not depend on what it is packed with (bf16 greedy is batch-invariant)
-            hidden = self._call(torch.tensor([ids], device=dev), [adapter],
+            # the shared hidden state is projected once per group, then repeated for its rows
+            uniq = torch.tensor(sorted(set(last)), device=dev)
+            logits = self._call(torch.tensor([ids], device=dev), [adapter], lambda h: h[0, uniq],
                                 attention_mask=torch.tensor([seg], device=dev), **images)
             delta = self.cache.rope_deltas
             for span in spans:   # a new row's offset: the model's (images) or 0, replacing the slot's old one
                 self.cache.set_offsets(span, 0 if delta is None else int(delta.reshape(-1)[0]), dev)
-            # the shared hidden state is projected once per group, then repeated for its rows
-            uniq = torch.tensor(sorted(set(last)), device=dev)
-            logits = self.model.lm_head(hidden[0, uniq]).float()
             rank = {p: i for i, p in enumerate(sorted(set(last)))}
             out.append(logits[torch.tensor([rank[p] for p in last], device=dev)])
         return out[0] if len(out) == 1 else torch.cat(out)

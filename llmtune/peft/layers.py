@@ -30,6 +30,7 @@ from torch import nn
 
 from llmtune.errors import LLMTuneError
 from llmtune.kernels.lora import fused_lora_forward
+from llmtune.peft.rows import _ROWS, RowAdapters
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -104,6 +105,9 @@ class LoraLinear(nn.Module):
     is :meth:`effective_weight` (base plus active adapters, differentiable), so code that projects with
     ``F.linear(h, module.weight)`` (chunked losses on ``lm_head``) still sees the adapters; the base
     weight itself is ``base_layer.weight``.
+
+    Inside :func:`llmtune.peft.row_adapters` each batch row runs with its own adapter (the base product once,
+    each row's delta from its adapter: :mod:`llmtune.peft.rows`); outside it nothing changes.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -125,6 +129,7 @@ class LoraLinear(nn.Module):
         self.adapters_disabled = False
         self.merged_adapters: list[str] = []
         self._dora_merge_norms: dict[str, torch.Tensor] = {}
+        self._row_stacks: dict = {}   # per-row adapters: concatenated (A, s*B) per adapter set (llmtune.peft.rows)
         self.train(base_layer.training)  # new adapters follow the model's train/eval mode
 
     def __getattr__(self, name: str):
@@ -202,6 +207,7 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.to(dtype))
         if adapter_name not in self.active_adapters:
             self.active_adapters = [adapter_name]
+        self._row_stacks.clear()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove adapter ``adapter_name`` (unmerging it first if merged)."""
@@ -213,6 +219,7 @@ class LoraLinear(nn.Module):
         for d in (self.r, self.lora_alpha, self.scaling, self.use_dora):
             d.pop(adapter_name, None)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        self._row_stacks.clear()
 
     # -- math -------------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -228,6 +235,13 @@ class LoraLinear(nn.Module):
         return torch.linalg.norm(weight + delta, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _ROWS.get()
+        if rows is not None and not self.adapters_disabled:   # inside llmtune.peft.row_adapters: per-row adapters
+            return self._forward_rows(x, rows)
+        return self._forward_active(x)
+
+    def _forward_active(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer with its active adapters (summed) on every row."""
         if self.adapters_disabled:
             if self.merged_adapters:
                 self.unmerge()
@@ -253,6 +267,67 @@ class LoraLinear(nn.Module):
             else:
                 result = result + self._dora_extra(name, xl, base_result).to(result.dtype)
         return result
+
+    # -- per-row adapters (llmtune.peft.rows) ------------------------------------------------------
+    def _forward_only(self, x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
+        """The layer with adapter ``name`` alone (None: the base) on every row: the usual single-adapter code."""
+        saved = self.active_adapters
+        self.active_adapters = [] if name is None else [name]
+        try:
+            return self._forward_active(x)
+        finally:
+            self.active_adapters = saved
+
+    def _forward_rows(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """``x`` ``(rows, ..., in)`` with row ``i``'s own adapter: ``W0 x + B_cat ((A_cat x) * M)`` (see
+        :mod:`llmtune.peft.rows`); a batch of one adapter takes :meth:`_forward_only`. Output as ``forward``.
+
+        Raises:
+            LLMTuneError: ``x.shape[0]`` differs from the number of row names in a mixed batch.
+        """
+        if self.merged_adapters:
+            self.unmerge()
+        if rows.uniform:
+            name = rows.names[0]
+            if name is None:
+                return self._forward_active(x)
+            return self._forward_only(x, name if name in self.lora_A else None)
+        names = rows.local_names(self.lora_A, self.active_adapters)
+        used = set(names)
+        present = [n for n in self.lora_A if n in used]
+        if len(used) == 1:
+            return self._forward_only(x, names[0])
+        if x.dim() < 2 or x.shape[0] != len(names):
+            raise LLMTuneError(f"per-row adapters: {len(names)} row names for an input of shape {tuple(x.shape)} "
+                               "(dim 0 must be the rows)")
+        if any(self.use_dora[n] for n in present):   # not a low-rank delta: one call per group of rows
+            return _per_group(x, names, self._forward_only)
+        a_cat, b_cat, spans, total = self._stacked(present)
+        result = self.base_layer(x)
+        xl = x if torch.is_autocast_enabled(x.device.type) else x.to(a_cat.dtype)
+        h = F.linear(xl, a_cat)                                                   # (rows, ..., sum r)
+        m = rows.mask(names, spans, total, h.device, h.dtype)
+        h = h * m.view(m.shape[0], *([1] * (h.dim() - 2)), total)
+        return result + F.linear(h, b_cat).to(result.dtype)
+
+    def _stacked(self, present: list) -> tuple:
+        """``(A_cat (sum r, in), B_cat (out, sum r) with each block scaled, {name: (start, stop)}, sum r)`` of
+        adapters ``present`` (detached; cached until their tensors change)."""
+        key = tuple((n, id(self.lora_A[n].weight), self.lora_A[n].weight._version, self.lora_B[n].weight._version)
+                    for n in present)
+        hit = self._row_stacks.get(key)
+        if hit is None:
+            with torch.no_grad():
+                a_cat = torch.cat([self.lora_A[n].weight.detach() for n in present])
+                b_cat = torch.cat([self.lora_B[n].weight.detach() * self.scaling[n] for n in present], dim=1)
+            spans, off = {}, 0
+            for n in present:
+                spans[n] = (off, off + self.r[n])
+                off += self.r[n]
+            if len(self._row_stacks) >= 8:
+                self._row_stacks.pop(next(iter(self._row_stacks)))
+            hit = self._row_stacks[key] = (a_cat, b_cat, spans, off)
+        return hit
 
     def _dora_extra(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
         """DoRA output minus the base output: ``(m/||W0+sBA|| - 1) * W0 x' + m/||W0+sBA|| * s B A x'``.
@@ -406,7 +481,20 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
-        mod = self.active_module
+        rows = _ROWS.get()
+        if rows is not None and not self.adapters_disabled:   # per-row adapters (llmtune.peft.rows)
+            default = self.active_adapter if self.active_adapter in self.modules_to_save else None
+            names = [default if n is None else (n if n in self.modules_to_save else None) for n in rows.names]
+            if len(set(names)) > 1:
+                return _per_group(args[0], names, lambda x, n: self._run(self._module(n), (x,) + args[1:], kwargs))
+            return self._run(self._module(names[0]), args, kwargs)
+        return self._run(self.active_module, args, kwargs)
+
+    def _module(self, name: Optional[str]) -> nn.Module:
+        return self.original_module if name is None else self.modules_to_save[name]
+
+    def _run(self, mod: nn.Module, args: tuple, kwargs: dict):
+        """``mod(*args, **kwargs)`` with floating inputs cast to ``mod``'s dtype and outputs to the original's."""
         if mod is self.original_module:
             return mod(*args, **kwargs)
         p = next(mod.parameters(), None)
@@ -419,3 +507,21 @@ class ModulesToSave(nn.Module):
 
         out = mod(*[cast_in(a) for a in args], **{k: cast_in(v) for k, v in kwargs.items()})
         return out.to(out_dtype) if torch.is_tensor(out) and out.is_floating_point() else out
+
+
+def _per_group(x: torch.Tensor, names: list,
+               run: Callable[[torch.Tensor, Optional[str]], torch.Tensor]) -> torch.Tensor:
+    """``run(x[rows of name], name)`` for each distinct name of ``names`` (one per row of ``x``'s dim 0), the
+    outputs put back in row order: per-row adapters for modules that are not a low-rank delta (DoRA,
+    modules_to_save)."""
+    if x.shape[0] != len(names):
+        raise LLMTuneError(f"per-row adapters: {len(names)} row names for an input of shape {tuple(x.shape)} "
+                           "(dim 0 must be the rows)")
+    out = None
+    for name in dict.fromkeys(names):
+        idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+        y = run(x.index_select(0, idx), name)
+        if out is None:
+            out = y.new_empty((x.shape[0],) + tuple(y.shape[1:]))
+        out.index_copy_(0, idx, y)
+    return out

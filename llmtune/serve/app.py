@@ -1,7 +1,8 @@
 """The ASGI application of ``llmtune api``: OpenAI's endpoints over the serving scheduler.
 
 Endpoints: ``GET /`` (the chat page, ``static/chat.html``), ``GET /health``, ``GET /v1/models``,
-``POST /v1/chat/completions``, ``POST /v1/completions``
+``POST /v1/chat/completions``, ``POST /v1/completions``, vLLM's ``POST /v1/load_lora_adapter`` and
+``POST /v1/unload_lora_adapter`` (:mod:`llmtune.serve.adapters`)
 (OpenAI's request and response shapes, :mod:`llmtune.serve.protocol`; ``stream: true`` answers with
 server-sent events ending in ``data: [DONE]``). The model loads in a background thread when the app starts;
 until it is ready every endpoint answers 503 (``/health`` too, with ``{"status": "loading"}``).
@@ -48,6 +49,7 @@ class ServerState:
         api_key: the bearer token clients must send (None: no check).
         request_timeout: seconds a request may take before it is cancelled (504).
         max_n: the most choices per request.
+        adapters: the LoRA adapters served by name beside the base (``model_id``), or None.
     """
 
     model_id: str
@@ -63,6 +65,8 @@ class ServerState:
     request_timeout: float = 600.0
     max_n: int = 16
     created: int = field(default_factory=now)
+    #: the served LoRA adapters (:class:`llmtune.serve.adapters.AdapterRegistry`); None: the base model alone
+    adapters: Optional[Any] = None
 
 
 _MAX_BODY = 4 << 20   # bytes
@@ -85,7 +89,7 @@ def create_app(load: Callable[[], ServerState], api_key: Optional[str] = None, d
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     box: dict = {"state": None, "error": None}
@@ -189,15 +193,38 @@ def create_app(load: Callable[[], ServerState], api_key: Optional[str] = None, d
 
     @app.get("/v1/models", dependencies=keyed)
     async def models(request: HTTPRequest) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [model_card(ready())]})
+        state = ready()
+        return JSONResponse({"object": "list", "data": [model_card(state, n) for n in served_names(state)]})
 
     @app.get("/v1/models/{model_id:path}", dependencies=keyed)
     async def model(model_id: str) -> JSONResponse:
         state = ready()
-        if model_id != state.model_id:
-            raise APIError(404, f"the model '{model_id}' does not exist; this server has '{state.model_id}'",
-                           "model", "model_not_found")
-        return JSONResponse(model_card(state))
+        if model_id not in served_names(state):
+            raise APIError(404, f"the model '{model_id}' does not exist; this server has "
+                                f"{', '.join(repr(n) for n in served_names(state))}", "model", "model_not_found")
+        return JSONResponse(model_card(state, model_id))
+
+    @app.post("/v1/load_lora_adapter", dependencies=keyed)
+    async def load_lora_adapter(request: HTTPRequest) -> Any:
+        state = ready()
+        name, path = adapter_fields(await read_json(request), ("lora_name", "lora_path"))
+        if state.adapters is None:
+            raise APIError(400, "this server takes no LoRA adapters (its model is not a Transformer with "
+                                "adapters)", None, "invalid_request_error")
+        try:
+            await asyncio.to_thread(state.adapters.add, name, path)
+        except LLMTuneError as e:
+            raise APIError(400, str(e), "lora_path", "invalid_adapter") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=keyed)
+    async def unload_lora_adapter(request: HTTPRequest) -> Any:
+        state = ready()
+        (name,) = adapter_fields(await read_json(request), ("lora_name",))
+        if state.adapters is None:
+            raise APIError(404, f"no LoRA adapter named {name!r} is loaded", "lora_name", "model_not_found")
+        await asyncio.to_thread(state.adapters.remove, name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat(request: HTTPRequest) -> Any:
@@ -245,17 +272,47 @@ def chat_page() -> str:
 # ---------------------------------------------------------------------------------------------------
 # request -> job
 # ---------------------------------------------------------------------------------------------------
-def model_card(state: ServerState) -> dict:
-    """OpenAI's model object for the served model."""
-    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "llmtune",
+def served_names(state: ServerState) -> list:
+    """The model names clients may pass: the base model's, then each LoRA adapter's."""
+    return [state.model_id] if state.adapters is None else state.adapters.names()
+
+
+def model_card(state: ServerState, name: Optional[str] = None) -> dict:
+    """OpenAI's model object for the served model ``name`` (default the base; an adapter's card names the base
+    as ``parent`` and its folder as ``root``, as vLLM's does)."""
+    name = state.model_id if name is None else name
+    card = {"id": name, "object": "model", "created": state.created, "owned_by": "llmtune",
             "max_model_len": state.max_model_len}
+    root = None if state.adapters is None or name == state.model_id else state.adapters.paths.get(name)
+    if root is not None:
+        card.update(root=root, parent=state.model_id)
+    return card
 
 
 def check_model(state: ServerState, p: GenParams) -> None:
-    """404 unless ``p.model`` is the served model's id."""
-    if p.model != state.model_id:
-        raise APIError(404, f"the model '{p.model}' does not exist; this server has '{state.model_id}'", "model",
-                       "model_not_found")
+    """404 unless ``p.model`` is a served model name (the base or a loaded adapter)."""
+    names = served_names(state)
+    if p.model not in names:
+        raise APIError(404, f"the model '{p.model}' does not exist; this server has "
+                            f"{', '.join(repr(n) for n in names)}", "model", "model_not_found")
+
+
+def adapter_fields(body: Any, keys: tuple) -> tuple:
+    """The non-empty string fields ``keys`` of a load/unload request body (vLLM's ``lora_name``, ``lora_path``).
+
+    Raises:
+        APIError: 400 when the body is not an object or a field is missing, empty or not a string (named)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object with " + " and ".join(repr(k) for k in keys),
+                       None, "invalid_request_error")
+    out = []
+    for k in keys:
+        v = body.get(k)
+        if not isinstance(v, str) or not v.strip():
+            raise APIError(400, f"'{k}' is required: a non-empty string (" + " and ".join(repr(x) for x in keys)
+                                + " must be provided)", k, "invalid_value")
+        out.append(v.strip())
+    return tuple(out)
 
 
 def submit(state: ServerState, p: GenParams, prompt: list, stop_ids: list) -> Job:
@@ -284,8 +341,16 @@ def submit(state: ServerState, p: GenParams, prompt: list, stop_ids: list) -> Jo
         sampling = SamplingParams(repetition_penalty=p.repetition_penalty)
     req = Request(list(prompt), max_new, sampling, list(stop_ids), seed=p.seed,
                   logprobs=p.logprobs, top_logprobs=p.top_logprobs)
+    reg = state.adapters
     try:
-        return state.scheduler.submit(req, p.n)
+        if reg is None:
+            return state.scheduler.submit(req, p.n)
+        with reg.lock:   # the adapter cannot be unloaded between this look-up and the queueing
+            if p.model not in (reg.base_name, *reg.paths):
+                raise APIError(404, f"the model '{p.model}' does not exist (its adapter was unloaded)", "model",
+                               "model_not_found")
+            req.adapter = None if p.model == reg.base_name else p.model
+            return state.scheduler.submit(req, p.n)
     except QueueFull as e:
         raise APIError(429, str(e), None, "queue_full") from None
     except Closed as e:

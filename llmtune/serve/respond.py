@@ -156,7 +156,7 @@ async def collect(state: Any, job: Any, p: GenParams, n_prompt: int, request: An
             out.append({"index": c.index, "text": texts[c.index],
                         "logprobs": _text_lp(c.entries) if p.logprobs else None, "finish_reason": c.finish})
     kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
-    return {"id": new_id(kind[0]), "object": kind[1], "created": now(), "model": state.model_id,
+    return {"id": new_id(kind[0]), "object": kind[1], "created": now(), "model": p.model or state.model_id,
             "choices": out, "usage": _usage(n_prompt, choices)}
 
 
@@ -180,7 +180,7 @@ async def sse(state: Any, job: Any, p: GenParams, n_prompt: int, chat: bool) -> 
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(items: list, usage: Optional[dict] = None) -> str:
-        d = {"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": items}
+        d = {"id": rid, "object": obj, "created": created, "model": p.model or state.model_id, "choices": items}
         if usage is not None:
             d["usage"] = usage
         return _event(d)

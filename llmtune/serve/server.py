@@ -1,4 +1,4 @@
-"""``llmtune api``: serve a model (with its merged LoRA adapters) over OpenAI's HTTP API.
+"""``llmtune api``: serve a model and its LoRA adapters (each a model name) over OpenAI's HTTP API.
 
 ``llmtune api [config.yaml] --model_name_or_path M [--adapter_name_or_path A] [--template T] [--device D]
 [--infer_dtype D] [--quantization_bit 4] [--host 127.0.0.1] [--port 8000] [--api_key KEY] [--max_num_seqs 8]
@@ -7,7 +7,10 @@
 The model keys are ``llmtune chat``'s (parsed by :func:`llmtune.config.parse_config`; ``max_new_tokens`` is
 the default ``max_tokens`` of a request and ``system``/``default_system`` the system prompt of a chat without
 one). ``API_HOST``, ``API_PORT`` and ``API_KEY`` in the environment are read as LLaMA-Factory reads them (a flag
-wins). The server binds 127.0.0.1 unless ``--host`` says otherwise. SIGTERM or Ctrl-C: no new requests; the
+wins). ``--adapter_name_or_path a,b`` or ``name=path,...``: each adapter is served unmerged under its name (a
+plain path is its own name), the base model under ``--served_model_name`` (default the model path); requests of
+different adapters decode in one batch (:mod:`llmtune.serve.adapters`). The server binds 127.0.0.1 unless
+``--host`` says otherwise. SIGTERM or Ctrl-C: no new requests; the
 running ones get ``--drain_timeout`` seconds (default 10) to finish, then are cancelled; exit status 0.
 
 Source: LLaMA-Factory's ``llamafactory-cli api`` (keys, environment names); vLLM's ``--max-num-seqs``,
@@ -23,7 +26,7 @@ from typing import Any
 
 from llmtune.errors import LLMTuneError
 
-__all__ = ["main", "split_api_args", "build_state", "API_KEYS"]
+__all__ = ["main", "split_api_args", "build_state", "load_served_model", "API_KEYS"]
 
 #: the server's own keys: name -> (type, default, help)
 API_KEYS = {
@@ -36,14 +39,17 @@ API_KEYS = {
     "max_queue": (int, 64, "requests waiting for a slot before 429"),
     "request_timeout": (float, 600.0, "seconds a request may run before it is cancelled (504)"),
     "drain_timeout": (float, 10.0, "seconds running requests get to finish at shutdown"),
-    "served_model_name": (str, None, "the model name clients pass (default: the model path)"),
+    "served_model_name": (str, None, "the base model's name for clients (default: the model path); each adapter "
+                          "of --adapter_name_or_path is served under its own name"),
 }
 _ENV = {"host": "API_HOST", "port": "API_PORT", "api_key": "API_KEY"}
 
 USAGE = "usage: llmtune api [config.yaml] --model_name_or_path PATH [--key value ...]\n\n" \
         "Serve the model over OpenAI's API (GET /v1/models, POST /v1/chat/completions, POST /v1/completions,\n" \
-        "GET /health). Model keys as `llmtune chat` (model_name_or_path, adapter_name_or_path, template,\n" \
-        "infer_dtype, quantization_bit, device, max_new_tokens, system); server keys:\n" + \
+        "GET /health, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter). Model keys as `llmtune chat`\n" \
+        "(model_name_or_path, adapter_name_or_path, template, infer_dtype, quantization_bit, device,\n" \
+        "max_new_tokens, system); --adapter_name_or_path a,b or name=path,...: each adapter is served by name.\n" \
+        "Server keys:\n" + \
         "\n".join(f"  --{k:<24}{h} (default {d})" for k, (_, d, h) in API_KEYS.items())
 
 
@@ -116,28 +122,81 @@ def build_state(cfg: Any, opts: dict) -> Any:
     Raises:
         LLMTuneError: a loading error, or ``--max_model_len`` over the model's positions.
     """
-    from llmtune.chat import chat_stop_ids, load_chat_model
-    from llmtune.engine import Engine
+    from llmtune.chat import chat_stop_ids
+    from llmtune.serve.adapters import AdapterRegistry, LockedEngine
     from llmtune.serve.app import ServerState
     from llmtune.serve.scheduler import Scheduler
 
-    model, tokenizer, template = load_chat_model(cfg)
+    specs, model, tokenizer, template = load_served_model(cfg)
     positions = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     max_len = opts["max_model_len"] or min(2048, positions)
     if max_len > positions:
         raise LLMTuneError(f"--max_model_len {max_len} is over the model's max_position_embeddings {positions}")
-    engine = Engine(model, max_slots=opts["max_num_seqs"], max_len=max_len,
-                    max_prefill_tokens=opts["max_num_batched_tokens"] or max_len)
+    engine = LockedEngine(model, max_slots=opts["max_num_seqs"], max_len=max_len,
+                          max_prefill_tokens=opts["max_num_batched_tokens"] or max_len)
     eos = [int(i) for i in (getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
            if i is not None]
-    adapters = [a for a in str(cfg.adapter_name_or_path or "").split(",") if a.strip()]
-    model_id = opts["served_model_name"] or (adapters[-1].strip() if adapters else str(cfg.model_name_or_path))
-    return ServerState(model_id=model_id, tokenizer=tokenizer, template=template,
-                       scheduler=Scheduler(engine, max_queue=opts["max_queue"]),
+    model_id = opts["served_model_name"] or str(cfg.model_name_or_path)
+    chain = getattr(model, "adapter_chain", None)
+    registry = AdapterRegistry(model, model_id, chain.base if chain else str(cfg.model_name_or_path),
+                               chain.adapters if chain else (), engine)
+    for name, path in specs:
+        registry.add(name, path)
+    scheduler = Scheduler(engine, max_queue=opts["max_queue"])
+    registry.scheduler = scheduler
+    return ServerState(model_id=model_id, tokenizer=tokenizer, template=template, scheduler=scheduler,
                        chat_stop_ids=chat_stop_ids(tokenizer, template), text_stop_ids=eos, max_model_len=max_len,
                        default_max_tokens=max(1, int(cfg.max_new_tokens or 512)),
                        system=cfg.system if cfg.system is not None else cfg.default_system,
-                       api_key=opts["api_key"], request_timeout=opts["request_timeout"])
+                       api_key=opts["api_key"], request_timeout=opts["request_timeout"], adapters=registry)
+
+
+def load_served_model(cfg: Any) -> tuple[list, Any, Any, Any]:
+    """The base model of ``llmtune api`` and the adapters to serve on it, unmerged.
+
+    ``cfg.adapter_name_or_path`` lists the served adapters (:func:`llmtune.serve.adapters.parse_adapter_specs`).
+    The model loads as ``llmtune chat`` loads it (:func:`llmtune.chat.load_chat_model`) with, merged, only the
+    adapters the served ones were trained on top of (the same for all of them); the tokenizer and the template
+    are those ``llmtune chat --adapter_name_or_path <first adapter>`` uses (its folder's tokenizer files and
+    recorded template, unless ``--template`` is given).
+
+    Returns:
+        ``([(name, path), ...], model, tokenizer, template)``.
+
+    Raises:
+        LLMTuneError: a bad ``--adapter_name_or_path`` item, a folder that is not an adapter, adapters trained on
+            top of different parent adapters, or any loading error.
+    """
+    import copy
+    from pathlib import Path
+
+    from llmtune.chat import load_chat_model
+    from llmtune.serve.adapters import adapter_lineage, parse_adapter_specs
+
+    specs = parse_adapter_specs(cfg.adapter_name_or_path)
+    lineages = [adapter_lineage(path) for _, path in specs]
+    parents = lineages[0][2] if lineages else []
+    for (name, path), (_, _, other) in zip(specs, lineages):
+        if other != parents:
+            raise LLMTuneError(f"--adapter_name_or_path: {path} was trained on top of other adapters "
+                               f"({', '.join(map(str, other)) or 'none'}) than {specs[0][1]} "
+                               f"({', '.join(map(str, parents)) or 'none'}); serve adapters of one base chain "
+                               "together")
+    base_cfg = copy.copy(cfg)
+    base_cfg.adapter_name_or_path = ",".join(str(p) for p in parents) or None
+    model, tokenizer, template = load_chat_model(base_cfg)
+    if specs:
+        from llmtune.data.templates import get_template
+        from llmtune.runs import recorded_template
+        from llmtune.tokenizer import load_tokenizer
+
+        first = lineages[0][0]
+        if any((Path(first) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            tokenizer = load_tokenizer(str(first))
+        name = cfg.template or recorded_template(first, *reversed(model.adapter_chain.parents),
+                                                 cfg.model_name_or_path)
+        template = get_template(name, tokenizer)
+    return specs, model, tokenizer, template
 
 
 def make_server(app: Any, host: str, port: int, drain_s: float) -> Any:
