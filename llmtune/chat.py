@@ -167,7 +167,8 @@ def reply_events(model: torch.nn.Module, prompt: Sequence[int], stop_ids: Sequen
     if max_new == 0:
         return
     engine = Engine(model, max_slots=1, max_len=len(prompt) + max_new)
-    engine.add_request(Request(list(prompt), max_new, params, list(stop_ids), generator, adapter=adapter, images=images))
+    engine.add_request(Request(list(prompt), max_new, params, list(stop_ids), generator, adapter=adapter,
+                               images=images))
     for events in engine.iter_steps():
         yield from events
 

@@ -229,5 +229,6 @@ def test_api_image_url_parts(tmp_path):
                        json=_body([{"type": "image_url", "image_url": {"url": data}}]))
         assert r.status_code == 400, r.text
         err = r.json()["error"]
-        assert err["param"] == "messages[0].content[0]" and "text-only model" in err["message"]
+        assert err["param"] == "messages[0].content" and "messages[0].content[0]: the served model 'vl' is a " \
+            "text-only model" in err["message"]
         assert json.loads(r.text)["error"]["code"] == "unsupported_parameter"

@@ -185,7 +185,8 @@ def image_source(part: dict, where: str) -> Any:
         try:
             src, name = base64.b64decode(data, validate=True), "the data URL's image"
         except (binascii.Error, ValueError):
-            raise APIError(400, f"{where}: the data URL's base64 data does not decode", where, "invalid_value") from None
+            raise APIError(400, f"{where}: the data URL's base64 data does not decode", where,
+                           "invalid_value") from None
     else:
         if url.startswith("file://"):
             url = unquote(urlparse(url).path)
@@ -219,7 +220,8 @@ def _content(m: dict, i: int, images_refused: Optional[str] = None) -> tuple[str
             where = f"messages[{i}].content[{j}]"
             if isinstance(part, dict) and part.get("type") == "image_url":
                 if images_refused:
-                    raise APIError(400, f"{where}: {images_refused}", where, "unsupported_parameter")
+                    raise APIError(400, f"{where}: {images_refused}", f"messages[{i}].content",
+                                   "unsupported_parameter")
                 images.append(image_source(part, where))
                 parts.append("<image>")
                 continue
