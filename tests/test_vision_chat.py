@@ -99,6 +99,10 @@ def test_chat_images_and_image_command_give_the_reference_tokens(tmp_path, spy):
                     [ims[2], ims[0]])
     assert spy[2] == want3
     assert out.getvalue().splitlines()[0] == "Assistant: " + d(want1, skip_special_tokens=True) + " [...]"
+    # the prompt itself (the random model barely reacts to where an image is): placeholders before the text
+    tpl = get_template("qwen2_vl", tok)
+    assert session._encode([{"role": "user", "content": "red square", "images": [ims[1]]}])[0] == \
+        list(tpl.encode_prompt([{"role": "user", "content": _vision(1) + "red square"}], system=None))
     # the image matters (another picture gives other tokens)
     assert want1 != _greedy(model, tok, [{"role": "user", "content": _vision(1) + "describe the picture"}], [ims[1]])
 
@@ -201,6 +205,25 @@ def test_api_image_url_parts(tmp_path):
             replies.append(r.json()["choices"][0]["message"]["content"])
             assert r.json()["usage"]["completion_tokens"] == N_NEW
         assert replies == [want] * 3
+        from llmtune.serve.app import chat_prompt
+        from llmtune.serve.protocol import parse_chat
+
+        for k, parts in ((1, [{"type": "text", "text": "describe "},
+                               {"type": "image_url", "image_url": {"url": ims[1]}},
+                               {"type": "text", "text": " the picture"}]),
+                         (2, [{"type": "image_url", "image_url": {"url": ims[2]}}, {"type": "text", "text": "hello"}])):
+            _, turns, system = parse_chat(_body(parts))
+            prompt, vision = chat_prompt(state, turns, system, None)     # the image where its part is
+            text = "describe " + _vision(1) + " the picture" if k == 1 else _vision(2) + "hello"
+            assert prompt == list(get_template("qwen2_vl", tok).encode_prompt([{"role": "user", "content": text}],
+                                                                               system=state.system))
+            assert torch.equal(vision["pixel_values"], _proc()([ims[k]])["pixel_values"])
+        parts = [{"type": "text", "text": "describe "}, {"type": "image_url", "image_url": {"url": data}},
+                 {"type": "text", "text": " the picture"}]
+        with httpx.stream("POST", base + "/v1/chat/completions", json=_body(parts, stream=True), timeout=120) as r:
+            lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        assert "".join(json.loads(x)["choices"][0]["delta"].get("content") or "" for x in lines[:-1]) == want
         (tmp_path / "notes.txt").write_text("not an image")
         bad = [({"url": "https://example.com/a.png"}, "does not fetch URLs"),
                ({"url": str(tmp_path / "missing.png")}, "no such image file on the server: .*missing.png"),
