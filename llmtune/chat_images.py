@@ -28,7 +28,7 @@ from llmtune.errors import LLMTuneError
 __all__ = ["ChatImages", "chat_images", "check_image_file", "pop_images_flag", "TEXT_ONLY"]
 
 #: the reason a text-only model refuses images (completed by the caller with the model's name)
-TEXT_ONLY = ("is a text-only model (its config.json has no vision_config): images need a vision-language model "
+TEXT_ONLY = ("is a text-only model (no vision tower, no vision_config): images need a vision-language model "
              "(Qwen2-VL, Qwen2.5-VL or Qwen3-VL)")
 
 
