@@ -2,7 +2,7 @@
 
 ``llmtune chat [config.yaml] --model_name_or_path M [--adapter_name_or_path A1,A2] [--template T]
 [--device cuda:0] [--max_new_tokens 512] [--do_sample False] [--temperature T] [--top_p P] [--top_k K]
-[--repetition_penalty R] [--system S] [--quantization_bit 4] [--infer_dtype bfloat16]``
+[--repetition_penalty R] [--system S] [--quantization_bit 4] [--infer_dtype bfloat16] [--images a.png,b.png]``
 
 Keys are LLaMA-Factory's (parsed by :func:`llmtune.config.parse_config`), and so are the defaults (sampling
 on, temperature 0.95, top_p 0.7, top_k 50, max_new_tokens 512); sampling is seeded with ``seed`` (default 42),
@@ -11,7 +11,9 @@ streams after ``Assistant: ``, one conversation whose history ``/clear`` forgets
 input) quits (``clear`` and ``exit`` too, as LLaMA-Factory). With piped stdin: one independent question per
 line, each reply printed as ``Assistant: <reply>``, exit status 0 at the end; ``--history true`` makes the
 lines one conversation. A reply cut by ``max_new_tokens`` ends in `` [...]`` (with a notice the first time).
-Input must be UTF-8 (anything else is one error line).
+Input must be UTF-8 (anything else is one error line). With a vision-language model (Qwen2/2.5/3-VL),
+``--images`` go with the first message and ``/image PATH`` attaches an image to the next one
+(:mod:`llmtune.chat_images`); a text-only model refuses both with one error line.
 
 The template is ``--template``, else the one recorded by the llmtune run that wrote the adapter or model
 folder (``template`` in its ``training_args.yaml``), else the model's own ``chat_template``. Replies end
@@ -28,6 +30,7 @@ from typing import Any, Iterator, Optional, Sequence, TextIO
 
 import torch
 
+from llmtune.chat_images import TEXT_ONLY, ChatImages, chat_images, check_image_file, pop_images_flag
 from llmtune.errors import LLMTuneError, notice
 from llmtune.engine import Engine, Request, TokenEvent
 from llmtune.sampling import SamplingParams, check_generation_args
@@ -57,7 +60,8 @@ Chat with a model in the terminal; with piped stdin, each line is an independent
   --max_new_tokens 512  --do_sample True  --temperature 0.95  --top_p 0.7  --top_k 50
   --repetition_penalty 1.0  --system "You are ..."
   --history true         piped lines are one conversation (default: each line is answered on its own)
-Commands while chatting: `/clear` (forget the history), `/exit` (quit).
+  --images a.png,b.png   images for the first message (vision-language models: Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+Commands while chatting: `/clear` (forget the history), `/exit` (quit), `/image PATH` (attach to the next message).
 A reply cut by --max_new_tokens ends in " [...]"."""
 
 
@@ -147,7 +151,8 @@ def reply_events(model: torch.nn.Module, prompt: Sequence[int], stop_ids: Sequen
         model: the model (:class:`llmtune.engine.Engine` requirements).
         prompt: the prompt's token ids; stop_ids: ids that end the reply.
         **gen: :func:`llmtune.generation.generate` settings: ``max_new_tokens`` (default 512), ``do_sample``,
-            ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``generator``, ``adapter``;
+            ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``generator``, ``adapter``,
+            ``images`` (the prefill's ``pixel_values``/``image_grid_thw``: :attr:`llmtune.engine.Request.images`);
             ``pad_token_id`` is accepted and unused.
 
     Raises:
@@ -156,13 +161,14 @@ def reply_events(model: torch.nn.Module, prompt: Sequence[int], stop_ids: Sequen
     gen = dict(gen)
     gen.pop("pad_token_id", None)
     max_new = int(gen.pop("max_new_tokens", 512))
-    generator, adapter = gen.pop("generator", None), gen.pop("adapter", None)
+    generator, adapter, images = gen.pop("generator", None), gen.pop("adapter", None), gen.pop("images", None)
     params = SamplingParams(**gen)
     check_generation_args(max_new, **gen)
     if max_new == 0:
         return
     engine = Engine(model, max_slots=1, max_len=len(prompt) + max_new)
-    engine.add_request(Request(list(prompt), max_new, params, list(stop_ids), generator, adapter=adapter))
+    engine.add_request(Request(list(prompt), max_new, params, list(stop_ids), generator, adapter=adapter,
+                               images=images))
     for events in engine.iter_steps():
         yield from events
 
@@ -327,14 +333,17 @@ class ChatSession:
         template: an ``llmtune.data.templates`` template or ``None`` (the tokenizer's ``chat_template``).
         system: the system prompt (``None``: the template's default).
         max_context: the most prompt tokens (``cutoff_len``); older turns are dropped, with a notice, to fit.
+        vision: the model's :class:`~llmtune.chat_images.ChatImages` (None: a text-only model, images refused).
         **gen: :func:`reply_events` settings (``max_new_tokens``, ``do_sample``,
             ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``generator``).
 
-    ``history`` is a list of ``{"role", "content"}`` dicts (user and assistant turns).
+    ``history`` is a list of ``{"role", "content"}`` dicts (user and assistant turns; a user turn with images
+    also has ``"images"``, its image paths); ``pending`` the image paths that go with the next message.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, template: Any = None, system: Optional[str] = None,
-                 max_context: Optional[int] = None, **gen: Any) -> None:
+                 max_context: Optional[int] = None, vision: Optional[ChatImages] = None, **gen: Any) -> None:
+        self.vision, self.pending = vision, []
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.system = system
         self.max_context = max_context
@@ -344,9 +353,26 @@ class ChatSession:
         #: True when the last reply was cut by ``max_new_tokens`` (no stop token came)
         self.truncated = False
 
-    def clear(self) -> None:
-        """Forget the history."""
+    def clear(self, keep_images: bool = False) -> None:
+        """Forget the history (and the images waiting for the next message unless ``keep_images``)."""
         self.history = []
+        self.pending = self.pending if keep_images else []
+
+    def attach(self, path: str) -> None:
+        """Attach the image file ``path`` to the next message (``/image PATH``).
+
+        Raises: LLMTuneError: a text-only model, or a missing or unreadable file (the path is named)."""
+        path = path.strip().strip("\"'")
+        if self.vision is None:
+            raise LLMTuneError(f"/image {path}: this model {TEXT_ONLY}")
+        self.pending.append(check_image_file(path, "/image"))
+
+    def _encode(self, messages: list[dict]) -> tuple[list[int], list]:
+        """The prompt ids of ``messages`` (their images' placeholders expanded) and the images in order."""
+        images: list = []
+        if self.vision is not None:
+            messages, images = self.vision.expand(messages)
+        return encode_chat_prompt(self.tokenizer, self.template, messages, system=self.system), images
 
     def _fit(self, messages: list[dict]) -> list[dict]:
         """The latest turns of ``messages`` that fit :attr:`max_context` prompt tokens (older turns dropped,
@@ -358,7 +384,7 @@ class ChatSession:
         limit, dropped = self.max_context, False
 
         def size(msgs: list[dict]) -> int:
-            return len(encode_chat_prompt(self.tokenizer, self.template, msgs, system=self.system))
+            return len(self._encode(msgs)[0])
 
         # a cheap bound first: text of many times the limit's characters cannot fit (a 4 MB paste)
         cap = 16 * limit + 1024
@@ -398,10 +424,13 @@ class ChatSession:
         ``tokenizer.decode(reply_ids, skip_special_tokens=True)`` (as :func:`stream_reply`).
         Afterwards :attr:`truncated` says whether ``max_new_tokens`` ended the reply (no stop token came).
         """
-        messages = self._fit(self.history + [{"role": "user", "content": query}])
-        prompt = encode_chat_prompt(self.tokenizer, self.template, messages, system=self.system)
+        turn = dict(role="user", content=query, **({"images": self.pending} if self.pending else {}))
+        messages = self._fit(self.history + [turn])
+        prompt, images = self._encode(messages)
+        vision = {"images": self.vision.inputs(images)} if images else {}
+        self.pending = []
         state: dict = {}
-        yield from _text_pieces(self.tokenizer, reply_events(self.model, prompt, self.stop_ids, **self.gen),
+        yield from _text_pieces(self.tokenizer, reply_events(self.model, prompt, self.stop_ids, **self.gen, **vision),
                                 set(self.stop_ids), state)
         self.truncated = state["finish"] != "stop"
         text = state["text"]
@@ -487,8 +516,19 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, interactive: O
             if interactive:
                 print("History has been removed.", file=stdout, flush=True)
             continue
+        if query == "/image" or query.startswith("/image "):
+            try:
+                session.attach(query[len("/image"):].strip() or "(no path given: /image PATH)")
+            except LLMTuneError as e:
+                if not interactive:
+                    raise
+                print(f"Error: {e}", file=sys.stderr, flush=True)
+                continue
+            if interactive:
+                print("Image attached to your next message.", file=stdout, flush=True)
+            continue
         if not keep:
-            session.clear()
+            session.clear(keep_images=True)
         print("Assistant: ", end="", file=stdout, flush=True)
         try:
             for piece in session.stream(query):
@@ -523,6 +563,8 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
+    argv, images = pop_images_flag(argv)
+    images = [check_image_file(p, "--images") for p in images]   # before the model loads
     cfg = parse_config(argv, command="chat")
     gen: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -538,7 +580,11 @@ def main(argv: list[str]) -> int:
     system = cfg.system if cfg.system is not None else cfg.default_system
     limit = getattr(model.config, "max_position_embeddings", None)
     max_context = cfg.cutoff_len if not limit else max(1, min(cfg.cutoff_len, limit - cfg.max_new_tokens))
-    session = ChatSession(model, tokenizer, template, system=system, max_context=max_context, **gen)
+    vision = chat_images(cfg, model, tokenizer)
+    if images and vision is None:
+        raise LLMTuneError(f"--images: the model {cfg.model_name_or_path} {TEXT_ONLY}")
+    session = ChatSession(model, tokenizer, template, system=system, max_context=max_context, vision=vision, **gen)
+    session.pending = images
     stdin = sys.stdin
     if hasattr(stdin, "reconfigure"):  # UTF-8 whatever the locale; undecodable bytes raise, not mojibake
         stdin.reconfigure(encoding="utf-8", errors="strict")

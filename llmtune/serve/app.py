@@ -50,6 +50,8 @@ class ServerState:
         request_timeout: seconds a request may take before it is cancelled (504).
         max_n: the most choices per request.
         adapters: the LoRA adapters served by name beside the base (``model_id``), or None.
+        images: the model's :class:`~llmtune.chat_images.ChatImages` (``image_url`` parts); None: a text-only
+            model (image parts are refused with a 400).
     """
 
     model_id: str
@@ -64,6 +66,7 @@ class ServerState:
     api_key: Optional[str] = None
     request_timeout: float = 600.0
     max_n: int = 16
+    images: Any = None
     created: int = field(default_factory=now)
     #: the served LoRA adapters (:class:`llmtune.serve.adapters.AdapterRegistry`); None: the base model alone
     adapters: Optional[Any] = None
@@ -230,16 +233,16 @@ def create_app(load: Callable[[], ServerState], api_key: Optional[str] = None, d
     async def chat(request: HTTPRequest) -> Any:
         state = ready()
         body = await read_json(request)
-        p, turns, system = parse_chat(body, state.max_n)
-        check_model(state, p)
-        from llmtune.chat import encode_chat_prompt
+        from llmtune.chat_images import TEXT_ONLY
 
+        refused = None if state.images is not None else f"the served model '{state.model_id}' {TEXT_ONLY}"
+        p, turns, system = parse_chat(body, state.max_n, refused)
+        check_model(state, p)
         try:
-            prompt = encode_chat_prompt(state.tokenizer, state.template, turns,
-                                        system=system if system is not None else state.system, tools=p.tools)
+            prompt, vision = await asyncio.to_thread(chat_prompt, state, turns, system, p.tools)
         except LLMTuneError as e:
             raise APIError(400, f"the messages cannot be rendered by the chat template: {e}", "messages") from None
-        job = submit(state, p, prompt, state.chat_stop_ids)
+        job = submit(state, p, prompt, state.chat_stop_ids, vision)
         if p.stream:
             return stream_response(state, job, p, len(prompt), request, chat=True)
         return JSONResponse(await collect(state, job, p, len(prompt), request, chat=True))
@@ -315,8 +318,23 @@ def adapter_fields(body: Any, keys: tuple) -> tuple:
     return tuple(out)
 
 
-def submit(state: ServerState, p: GenParams, prompt: list, stop_ids: list) -> Job:
-    """Check lengths, build the engine request and queue it; returns the :class:`Job`.
+def chat_prompt(state: ServerState, turns: list, system: Optional[str], tools: Any) -> tuple[list, Optional[dict]]:
+    """The prompt ids of a chat and its images' model inputs (None without images; ``state.images``).
+
+    Raises:
+        LLMTuneError: the template cannot render the messages, or an image's placeholders do not add up.
+    """
+    from llmtune.chat import encode_chat_prompt
+
+    turns, images = state.images.expand(turns) if state.images is not None else (turns, [])
+    prompt = encode_chat_prompt(state.tokenizer, state.template, turns,
+                                system=system if system is not None else state.system, tools=tools)
+    return prompt, (state.images.inputs(images) if images else None)
+
+
+def submit(state: ServerState, p: GenParams, prompt: list, stop_ids: list, images: Optional[dict] = None) -> Job:
+    """Check lengths, build the engine request and queue it (``images``: :attr:`llmtune.engine.Request.images`);
+    returns the :class:`Job`.
 
     Raises:
         APIError: 400 ``context_length_exceeded`` (prompt + max_tokens over ``max_model_len``), 429 queue full,
@@ -340,7 +358,7 @@ def submit(state: ServerState, p: GenParams, prompt: list, stop_ids: list) -> Jo
     if p.temperature == 0 and p.repetition_penalty != 1.0:
         sampling = SamplingParams(repetition_penalty=p.repetition_penalty)
     req = Request(list(prompt), max_new, sampling, list(stop_ids), seed=p.seed,
-                  logprobs=p.logprobs, top_logprobs=p.top_logprobs)
+                  logprobs=p.logprobs, top_logprobs=p.top_logprobs, images=images)
     reg = state.adapters
     try:
         if reg is None:

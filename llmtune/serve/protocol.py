@@ -154,26 +154,96 @@ def _common(body: Any, max_n: int) -> GenParams:
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def _content(m: dict, i: int) -> str:
+def image_source(part: dict, where: str) -> Any:
+    """The image of an ``image_url`` content part ``{"type": "image_url", "image_url": {"url": ...}}``: the
+    decoded bytes of a ``data:image/...;base64,...`` URL, or the path of a local file (a path, or a ``file://``
+    URL). Pillow must be able to read it (only the header is read here).
+
+    Raises:
+        APIError: 422 no ``url`` string; 400 an http(s) URL (this server does not fetch), another scheme, a data
+            URL that is not base64, a missing file or an unreadable image (``where`` names the part).
+    """
+    import base64
+    import binascii
+    import io
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    iu = part.get("image_url")
+    url = iu.get("url") if isinstance(iu, dict) else iu
+    if not isinstance(url, str) or not url:
+        raise APIError(422, f"{where}.image_url.url must be a string (a data: URL or a path on the server)", where,
+                       "invalid_type")
+    if url[:8].lower().startswith(("http://", "https://")):
+        raise APIError(400, f"{where}: this server does not fetch URLs ({url[:80]}); send the image inline as a "
+                            "data URL (data:image/png;base64,...) or as a path on the server", where, "invalid_value")
+    if url.startswith("data:"):
+        head, sep, data = url.partition(",")
+        if not sep or not head.lower().endswith(";base64"):
+            raise APIError(400, f"{where}: a data URL must be data:image/<type>;base64,<data> ({head[:40]!r})",
+                           where, "invalid_value")
+        try:
+            src, name = base64.b64decode(data, validate=True), "the data URL's image"
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{where}: the data URL's base64 data does not decode", where,
+                           "invalid_value") from None
+    else:
+        if url.startswith("file://"):
+            url = unquote(urlparse(url).path)
+        elif "://" in url:
+            raise APIError(400, f"{where}: unsupported URL scheme in {url[:80]!r}; use a data URL or a local path",
+                           where, "invalid_value")
+        if not Path(url).is_file():
+            raise APIError(400, f"{where}: no such image file on the server: {url}", where, "invalid_value")
+        src = name = url
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src):
+            pass
+    except (UnidentifiedImageError, OSError) as e:
+        raise APIError(400, f"{where}: {name} is not an image Pillow can read ({e})", where, "invalid_value") from None
+    return src
+
+
+def _content(m: dict, i: int, images_refused: Optional[str] = None) -> tuple[str, list]:
+    """``(text, images)`` of message ``i``: text parts joined, an ``<image>`` placeholder where each image part
+    is (as the Qwen-VL chat templates place an image), the images' sources (:func:`image_source`)."""
     c = m.get("content")
     if c is None:
-        return ""
+        return "", []
     if isinstance(c, str):
-        return c
-    if isinstance(c, list):      # [{"type": "text", "text": ...}, ...]
-        parts = []
-        for part in c:
+        return c, []
+    if isinstance(c, list):      # [{"type": "text", "text": ...}, {"type": "image_url", ...}, ...]
+        parts, images = [], []
+        for j, part in enumerate(c):
+            where = f"messages[{i}].content[{j}]"
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                if images_refused:
+                    raise APIError(400, f"{where}: {images_refused}", f"messages[{i}].content",
+                                   "unsupported_parameter")
+                images.append(image_source(part, where))
+                parts.append("<image>")
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported "
-                                    "({'type': 'text', 'text': ...})", f"messages[{i}].content", "invalid_value")
+                raise APIError(400, f"{where}: only text and image_url parts are supported "
+                                    "({'type': 'text', 'text': ...})", where, "invalid_value")
             parts.append(part["text"])
-        return "".join(parts)
+        if images and m.get("role") != "user":
+            raise APIError(400, f"messages[{i}]: image_url parts are only allowed in user messages",
+                           f"messages[{i}].content", "invalid_value")
+        return "".join(parts), images
     raise APIError(422, f"messages[{i}].content must be a string or a list of text parts",
                    f"messages[{i}].content", "invalid_type")
 
 
-def parse_chat(body: Any, max_n: int = 16) -> tuple[GenParams, list[dict], Optional[str]]:
+def parse_chat(body: Any, max_n: int = 16, images_refused: Optional[str] = None
+               ) -> tuple[GenParams, list[dict], Optional[str]]:
     """Check a ``POST /v1/chat/completions`` body.
+
+    ``image_url`` content parts of user messages (:func:`image_source`) put an ``<image>`` placeholder in the
+    text where they are and their sources in the turn's ``"images"``; ``images_refused`` (the reason, for a
+    text-only model) makes any image part a 400.
 
     Returns:
         ``(params, messages, system)``: ``messages`` the turns as ``{"role", "content"}`` (str content; roles
@@ -214,7 +284,7 @@ def parse_chat(body: Any, max_n: int = 16) -> tuple[GenParams, list[dict], Optio
         if role not in _ROLES:
             raise APIError(400, f"messages[{i}].role {role!r} is not supported; use system, user, assistant or tool",
                            f"messages[{i}].role", "invalid_value")
-        text = _content(m, i)
+        text, images = _content(m, i, images_refused)
         if role in ("system", "developer"):
             if turns:
                 raise APIError(400, f"messages[{i}]: a system message must come first", f"messages[{i}].role",
@@ -232,7 +302,7 @@ def parse_chat(body: Any, max_n: int = 16) -> tuple[GenParams, list[dict], Optio
                                     "tool_calls", f"messages[{i}].role", "invalid_value")
             turn = {"role": "observation", "content": text}
         else:
-            turn = {"role": role, "content": text}
+            turn = {"role": role, "content": text, **({"images": images} if images else {})}
         asks = turn["role"] in ("user", "observation")
         if (not turns and turn["role"] != "user") or (turns and asks == (turns[-1]["role"] in ("user", "observation"))):
             what = "start with a user turn" if not turns else "alternate user (or tool) and assistant turns"

@@ -123,6 +123,7 @@ def build_state(cfg: Any, opts: dict) -> Any:
         LLMTuneError: a loading error, or ``--max_model_len`` over the model's positions.
     """
     from llmtune.chat import chat_stop_ids
+    from llmtune.chat_images import chat_images
     from llmtune.serve.adapters import AdapterRegistry, LockedEngine
     from llmtune.serve.app import ServerState
     from llmtune.serve.scheduler import Scheduler
@@ -148,7 +149,8 @@ def build_state(cfg: Any, opts: dict) -> Any:
                        chat_stop_ids=chat_stop_ids(tokenizer, template), text_stop_ids=eos, max_model_len=max_len,
                        default_max_tokens=max(1, int(cfg.max_new_tokens or 512)),
                        system=cfg.system if cfg.system is not None else cfg.default_system,
-                       api_key=opts["api_key"], request_timeout=opts["request_timeout"], adapters=registry)
+                       api_key=opts["api_key"], request_timeout=opts["request_timeout"], adapters=registry,
+                       images=chat_images(cfg, model, tokenizer))
 
 
 def load_served_model(cfg: Any) -> tuple[list, Any, Any, Any]:
