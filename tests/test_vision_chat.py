@@ -194,7 +194,7 @@ def test_api_image_url_parts(tmp_path):
     want = tok.decode(_greedy(_model(tok).eval(), tok, [{"role": "user", "content": "describe " + _vision(0) +
                                                          " the picture"}], [ims[0]]), skip_special_tokens=True)
     with live_server(["--model_name_or_path", str(folder), "--template", "qwen2_vl", "--infer_dtype", "float32",
-                      "--served_model_name", "vl"]) as (base, state):
+                      "--served_model_name", "vl", "--allowed_local_media_path", str(tmp_path)]) as (base, state):
         state.chat_stop_ids = []      # see the module docstring
         replies = []
         for url in (data, ims[0], "file://" + ims[0]):
@@ -212,7 +212,7 @@ def test_api_image_url_parts(tmp_path):
                                {"type": "image_url", "image_url": {"url": ims[1]}},
                                {"type": "text", "text": " the picture"}]),
                          (2, [{"type": "image_url", "image_url": {"url": ims[2]}}, {"type": "text", "text": "hello"}])):
-            _, turns, system = parse_chat(_body(parts))
+            _, turns, system = parse_chat(_body(parts), media_root=str(tmp_path.resolve()))
             prompt, vision = chat_prompt(state, turns, system, None)     # the image where its part is
             text = "describe " + _vision(1) + " the picture" if k == 1 else _vision(2) + "hello"
             assert prompt == list(get_template("qwen2_vl", tok).encode_prompt([{"role": "user", "content": text}],
@@ -225,12 +225,22 @@ def test_api_image_url_parts(tmp_path):
         assert lines[-1] == "[DONE]"
         assert "".join(json.loads(x)["choices"][0]["delta"].get("content") or "" for x in lines[:-1]) == want
         (tmp_path / "notes.txt").write_text("not an image")
+        outside = tmp_path.parent / (tmp_path.name + "-outside") / "a.png"     # a real image, not in the folder
+        outside.parent.mkdir(exist_ok=True)
+        outside.write_bytes(open(ims[0], "rb").read())
+        from llmtune.serve.errors import APIError
+
+        with pytest.raises(APIError, match="reads no local files.*--allowed_local_media_path"):
+            parse_chat(_body([{"type": "image_url", "image_url": {"url": ims[0]}}]))   # no folder allowed
         bad = [({"url": "https://example.com/a.png"}, "does not fetch URLs"),
                ({"url": str(tmp_path / "missing.png")}, "no such image file on the server: .*missing.png"),
                ({"url": str(tmp_path / "notes.txt")}, "not an image Pillow can read"),
                ({"url": "data:image/png;base64,@@@"}, "base64 data does not decode"),
                ({"url": "data:image/png;base64," + base64.b64encode(b"text").decode()}, "not an image Pillow"),
-               ({"url": "ftp://host/a.png"}, "unsupported URL scheme")]
+               ({"url": "ftp://host/a.png"}, "unsupported URL scheme"),
+               ({"url": str(outside)}, "outside the folder this server may read images from"),
+               ({"url": str(tmp_path / ".." / outside.parent.name / outside.name)}, "outside the folder"),
+               ({"url": "file://" + str(outside)}, "outside the folder")]
         for image_url, msg in bad:
             parts = [{"type": "text", "text": "describe"}, {"type": "image_url", "image_url": image_url}]
             r = httpx.post(base + "/v1/chat/completions", json=_body(parts), timeout=60)

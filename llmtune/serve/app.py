@@ -50,6 +50,7 @@ class ServerState:
         request_timeout: seconds a request may take before it is cancelled (504).
         max_n: the most choices per request.
         adapters: the LoRA adapters served by name beside the base (``model_id``), or None.
+        media_root: the folder (resolved) whose files ``image_url`` parts may name; None: data URLs only.
         images: the model's :class:`~llmtune.chat_images.ChatImages` (``image_url`` parts); None: a text-only
             model (image parts are refused with a 400).
     """
@@ -67,6 +68,7 @@ class ServerState:
     request_timeout: float = 600.0
     max_n: int = 16
     images: Any = None
+    media_root: Optional[str] = None
     created: int = field(default_factory=now)
     #: the served LoRA adapters (:class:`llmtune.serve.adapters.AdapterRegistry`); None: the base model alone
     adapters: Optional[Any] = None
@@ -236,7 +238,7 @@ def create_app(load: Callable[[], ServerState], api_key: Optional[str] = None, d
         from llmtune.chat_images import TEXT_ONLY
 
         refused = None if state.images is not None else f"the served model '{state.model_id}' {TEXT_ONLY}"
-        p, turns, system = parse_chat(body, state.max_n, refused)
+        p, turns, system = parse_chat(body, state.max_n, refused, state.media_root)
         check_model(state, p)
         try:
             prompt, vision = await asyncio.to_thread(chat_prompt, state, turns, system, p.tools)

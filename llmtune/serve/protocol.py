@@ -154,14 +154,17 @@ def _common(body: Any, max_n: int) -> GenParams:
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def image_source(part: dict, where: str) -> Any:
+def image_source(part: dict, where: str, media_root: Optional[str] = None) -> Any:
     """The image of an ``image_url`` content part ``{"type": "image_url", "image_url": {"url": ...}}``: the
     decoded bytes of a ``data:image/...;base64,...`` URL, or the path of a local file (a path, or a ``file://``
-    URL). Pillow must be able to read it (only the header is read here).
+    URL) inside ``media_root`` (the server's ``--allowed_local_media_path``, as vLLM names it; None: no local
+    file may be named, so a client cannot make the server read its files). Pillow must be able to read it (only
+    the header is read here).
 
     Raises:
         APIError: 422 no ``url`` string; 400 an http(s) URL (this server does not fetch), another scheme, a data
-            URL that is not base64, a missing file or an unreadable image (``where`` names the part).
+            URL that is not base64, a local file without ``media_root`` or outside it, a missing file or an
+            unreadable image (``where`` names the part).
     """
     import base64
     import binascii
@@ -193,7 +196,15 @@ def image_source(part: dict, where: str) -> Any:
         elif "://" in url:
             raise APIError(400, f"{where}: unsupported URL scheme in {url[:80]!r}; use a data URL or a local path",
                            where, "invalid_value")
-        if not Path(url).is_file():
+        if media_root is None:
+            raise APIError(400, f"{where}: this server reads no local files (start it with "
+                                "--allowed_local_media_path DIR to allow a folder); send the image as a data URL "
+                                "(data:image/png;base64,...)", where, "invalid_value")
+        real = Path(url).resolve()
+        if not real.is_relative_to(media_root):
+            raise APIError(400, f"{where}: {url} is outside the folder this server may read images from "
+                                f"(--allowed_local_media_path {media_root})", where, "invalid_value")
+        if not real.is_file():
             raise APIError(400, f"{where}: no such image file on the server: {url}", where, "invalid_value")
         src = name = url
     from PIL import Image, UnidentifiedImageError
@@ -206,7 +217,8 @@ def image_source(part: dict, where: str) -> Any:
     return src
 
 
-def _content(m: dict, i: int, images_refused: Optional[str] = None) -> tuple[str, list]:
+def _content(m: dict, i: int, images_refused: Optional[str] = None, media_root: Optional[str] = None
+             ) -> tuple[str, list]:
     """``(text, images)`` of message ``i``: text parts joined, an ``<image>`` placeholder where each image part
     is (as the Qwen-VL chat templates place an image), the images' sources (:func:`image_source`)."""
     c = m.get("content")
@@ -222,7 +234,7 @@ def _content(m: dict, i: int, images_refused: Optional[str] = None) -> tuple[str
                 if images_refused:
                     raise APIError(400, f"{where}: {images_refused}", f"messages[{i}].content",
                                    "unsupported_parameter")
-                images.append(image_source(part, where))
+                images.append(image_source(part, where, media_root))
                 parts.append("<image>")
                 continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -237,13 +249,13 @@ def _content(m: dict, i: int, images_refused: Optional[str] = None) -> tuple[str
                    f"messages[{i}].content", "invalid_type")
 
 
-def parse_chat(body: Any, max_n: int = 16, images_refused: Optional[str] = None
-               ) -> tuple[GenParams, list[dict], Optional[str]]:
+def parse_chat(body: Any, max_n: int = 16, images_refused: Optional[str] = None,
+               media_root: Optional[str] = None) -> tuple[GenParams, list[dict], Optional[str]]:
     """Check a ``POST /v1/chat/completions`` body.
 
     ``image_url`` content parts of user messages (:func:`image_source`) put an ``<image>`` placeholder in the
     text where they are and their sources in the turn's ``"images"``; ``images_refused`` (the reason, for a
-    text-only model) makes any image part a 400.
+    text-only model) makes any image part a 400; ``media_root`` is the folder local image paths may be in.
 
     Returns:
         ``(params, messages, system)``: ``messages`` the turns as ``{"role", "content"}`` (str content; roles
@@ -284,7 +296,7 @@ def parse_chat(body: Any, max_n: int = 16, images_refused: Optional[str] = None
         if role not in _ROLES:
             raise APIError(400, f"messages[{i}].role {role!r} is not supported; use system, user, assistant or tool",
                            f"messages[{i}].role", "invalid_value")
-        text, images = _content(m, i, images_refused)
+        text, images = _content(m, i, images_refused, media_root)
         if role in ("system", "developer"):
             if turns:
                 raise APIError(400, f"messages[{i}]: a system message must come first", f"messages[{i}].role",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from llmtune.errors import LLMTuneError
@@ -39,6 +40,8 @@ API_KEYS = {
     "max_queue": (int, 64, "requests waiting for a slot before 429"),
     "request_timeout": (float, 600.0, "seconds a request may run before it is cancelled (504)"),
     "drain_timeout": (float, 10.0, "seconds running requests get to finish at shutdown"),
+    "allowed_local_media_path": (str, None, "a folder whose image files clients may name in image_url parts (a path "
+                                 "or file:// URL; vLLM's flag); unset: only data URLs"),
     "served_model_name": (str, None, "the base model's name for clients (default: the model path); each adapter "
                           "of --adapter_name_or_path is served under its own name"),
 }
@@ -106,6 +109,12 @@ def split_api_args(argv: list[str]) -> tuple[dict, list[str]]:
         raise LLMTuneError(f"--port must be in 0..65535 (got {out['port']})")
     if out["request_timeout"] <= 0:
         raise LLMTuneError(f"--request_timeout must be > 0 seconds (got {out['request_timeout']})")
+    media = out["allowed_local_media_path"]
+    if media is not None:
+        if not Path(media).is_dir():
+            raise LLMTuneError(f"--allowed_local_media_path {media}: no such folder (give a folder of images, or "
+                               "leave it out so clients send images as data URLs)")
+        out["allowed_local_media_path"] = str(Path(media).resolve())
     return out, rest
 
 
@@ -150,6 +159,7 @@ def build_state(cfg: Any, opts: dict) -> Any:
                        default_max_tokens=max(1, int(cfg.max_new_tokens or 512)),
                        system=cfg.system if cfg.system is not None else cfg.default_system,
                        api_key=opts["api_key"], request_timeout=opts["request_timeout"], adapters=registry,
+                       media_root=opts.get("allowed_local_media_path"),
                        images=chat_images(cfg, model, tokenizer))
 
 
