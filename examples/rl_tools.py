@@ -64,11 +64,48 @@ def _is_error(result):
 
 
 def tool_call(prompts, completions, **kwargs):
-    """1.0 when the completion made at least one calculator call that ran without error, else 0.0 (a small weight
-    in grpo_tools.yaml: it rewards a well-formed call, the first thing the policy has to learn)."""
+    """A small shaping reward for calling the calculator (a small weight in grpo_tools.yaml): 1.0 when a call ran
+    without error, 0.5 when a call was parsed but failed, 0.25 when the text opens a ``<tool_call>`` that could not
+    be parsed, else 0.0."""
     out = []
     for completion in completions:
-        results = [m["content"] for m in _messages(completion) if m["role"] == "tool"]
-        ok = [r for r in results if not _is_error(r)]
-        out.append(1.0 if ok else 0.0)
+        messages = _messages(completion)
+        results = [m["content"] for m in messages if m["role"] == "tool"]
+        if any(not _is_error(r) for r in results):
+            out.append(1.0)
+        elif results or any(m.get("tool_calls") for m in messages):
+            out.append(0.5)
+        else:
+            out.append(0.25 if any("<tool_call>" in m["content"] for m in messages) else 0.0)
     return out
+
+
+def plot(run_dir, png):
+    """Draw ``reward``, ``rewards/correct_answer/mean`` and ``tools/call_frequency`` per step of a run's
+    ``trainer_log.jsonl`` into ``png`` (matplotlib, imported here only)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = [json.loads(line) for line in (Path(run_dir) / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in [("reward", "reward (weighted sum)"), ("rewards/correct_answer/mean", "correct answer"),
+                       ("tools/call_frequency", "tool calls per completion")]:
+        pts = [(e["current_steps"], e[key]) for e in log if key in e]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("step")
+    ax.set_title("GRPO with a calculator tool (examples/grpo_tools.yaml)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    import sys
+
+    plot(sys.argv[1], sys.argv[2])

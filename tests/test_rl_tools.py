@@ -258,3 +258,33 @@ def test_tools_template_lists_the_tools_in_the_prompt(tok):
     assert text.index('"lookup"') < text.index('"add"')
     assert wrapped.encode_prompt(msgs, None, json.dumps([function_schema(add)])) == wrapped.encode_prompt(msgs)
     assert wrapped.tool_format == "qwen" and wrapped.stop_token_ids == tpl.stop_token_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the example on the real model
+# ---------------------------------------------------------------------------------------------------------------
+def _log(folder):
+    return [json.loads(line) for line in (Path(folder) / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.real
+def test_the_tool_example_learns_to_call_the_calculator(tmp_path, real_model_path):
+    """examples/grpo_tools.yaml, shortened (STEPS steps, the example's prompts, tool and rewards): the tool-call
+    reward (a calculator call that ran) of the last steps must exceed that of the first ones, every step's tool
+    metrics are logged, and the run finishes."""
+    from llmtune.config import parse_config
+    from llmtune.train.setup import run_train
+
+    cfg = parse_config(str(ROOT / "examples" / "grpo_tools.yaml"), command="train")
+    ex = ROOT / "examples"
+    cfg = cfg.replace(model_name_or_path=str(real_model_path), dataset_dir=str(ex / "data"),
+                      tools=f"{ex / 'rl_tools.py'}:calculator",
+                      reward_funcs=f"{ex / 'rl_tools.py'}:correct_answer,{ex / 'rl_tools.py'}:tool_call",
+                      output_dir=str(tmp_path / "out"), max_steps=STEPS, plot_loss=False)
+    run_train(cfg)
+    log = _log(tmp_path / "out")
+    assert [e["current_steps"] for e in log] == list(range(1, STEPS + 1))
+    calls = [e["rewards/tool_call/mean"] for e in log]
+    assert all("tools/call_frequency" in e and "tools/failure_frequency" in e for e in log)
+    k = STEPS // 3
+    assert sum(calls[-k:]) / k > sum(calls[:k]) / k + MARGIN, calls
