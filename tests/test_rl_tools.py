@@ -263,6 +263,10 @@ def test_tools_template_lists_the_tools_in_the_prompt(tok):
 # ---------------------------------------------------------------------------------------------------------------
 # the example on the real model
 # ---------------------------------------------------------------------------------------------------------------
+#: the shortened example: steps, and how much the tool-call reward of the last third must exceed the first third's
+STEPS, MARGIN = 6, 0.15
+
+
 def _log(folder):
     return [json.loads(line) for line in (Path(folder) / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
 

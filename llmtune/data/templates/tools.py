@@ -8,6 +8,9 @@ A conversation with tools has three tool-related pieces of text:
   role;
 * the tool's answer (``observation`` role), which the template itself wraps.
 
+:func:`parse_tool_calls` reads calls back out of a model's reply in each format (used by ``llmtune api`` and by
+tool rollouts in online RL, :mod:`llmtune.rl_tools`).
+
 Formats (facts from LLaMA-Factory's ``data/tool_utils.py``; the text is reproduced because the trained
 model must see exactly these strings):
 

@@ -19,6 +19,10 @@ update of ``gradient_accumulation_steps`` micro-batches of ``per_device_train_ba
    ``epsilon_high``, ``beta``, ``importance_sampling_level``) as ``(loss_sum, num_items)``, counted by
    :func:`llmtune.losses.grpo_num_items`, so accumulation gives the variant's loss of the whole step.
 
+With ``tools`` (:mod:`llmtune.rl_tools`), step 1 is multi-turn: tool calls in the template's format are run and
+their results appended as tool turns (``completion_mask`` 0) until an answer or ``max_tool_turns``; the reward
+functions get each completion as messages, and ``tools/call_frequency`` / ``tools/failure_frequency`` are logged.
+
 Logged with TRL's names: ``reward``, ``reward_std``, ``rewards/<fn>/mean`` / ``std``, ``frac_reward_zero_std``,
 ``completions/mean_length`` ... ``completions/clipped_ratio``, ``clip_ratio/low_mean`` / ``high_mean`` /
 ``region_mean``, ``kl`` (``beta > 0``), ``entropy``.
@@ -203,6 +207,10 @@ class GRPOStage:
         processor: the image processor of a vision-language model (:func:`llmtune.data.multimodal.model_processor`)
             when prompt rows hold ``images``: rollouts prefill with them, the policy/reference forwards see them,
             and reward functions get them as the ``images`` column (absolute paths, one list per completion).
+        tools: ``{name: function}`` the policy may call (the ``tools`` key): multi-turn rollouts
+            (:func:`llmtune.rl_tools.generate_tool_rollouts`, ``max_tool_turns``, ``tool_timeout``), tool-result
+            tokens masked from the loss, completions passed to the reward functions as messages; template: the
+            chat template the calls are parsed and the tool turns rendered with. None = single-turn rollouts.
 
     Raises: :class:`LLMTuneError` for an empty prompt set.
     """
@@ -430,6 +438,8 @@ def reward_model_func(model: nn.Module, cfg: Any, tokenizer: Any, folder: str, a
     device = next(model.parameters()).device
 
     def score(prompts: list, completions: list, **_: Any) -> list[float]:
+        completions = [co if isinstance(co, str) else "\n".join(str(m.get("content") or "") for m in co)
+                       for co in completions]   # with tools: the messages' texts
         seqs = [tokenizer.encode(pr + co, add_special_tokens=False) or [0] for pr, co in zip(prompts, completions)]
         t = max(len(s) for s in seqs)
         ids = torch.tensor([s + [0] * (t - len(s)) for s in seqs], device=device)
@@ -475,6 +485,9 @@ def build_grpo_stage(model: nn.Module, cfg: Any, tokenizer: Any, template: Any, 
         processor = model_processor(cfg.model_name_or_path, cfg.image_max_pixels, cfg.image_min_pixels)
     tools, tool_template = None, template
     if getattr(cfg, "tools", None):
+        if processor is not None:
+            raise LLMTuneError("tools: tool calls in rollouts are not supported with image prompts yet; drop the "
+                               "tools key or the images column")
         tools = dict(load_tools(cfg.tools))
         tool_template, rows = tool_prompt_rows(cfg, tokenizer, template, list(tools.values()))
     return GRPOStage(cfg, rows, funcs, weights, tokenizer, pad, chat_stop_ids(tokenizer, template),
