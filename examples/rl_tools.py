@@ -81,7 +81,7 @@ def tool_call(prompts, completions, **kwargs):
 
 
 def plot(run_dir, png):
-    """Draw ``reward``, ``rewards/correct_answer/mean`` and ``tools/call_frequency`` per step of a run's
+    """Draw ``reward``, ``rewards/correct_answer/mean``, ``rewards/tool_call/mean`` and ``tools/call_frequency`` per step of a run's
     ``trainer_log.jsonl`` into ``png`` (matplotlib, imported here only)."""
     from pathlib import Path
 
@@ -93,6 +93,7 @@ def plot(run_dir, png):
     log = [json.loads(line) for line in (Path(run_dir) / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, label in [("reward", "reward (weighted sum)"), ("rewards/correct_answer/mean", "correct answer"),
+                       ("rewards/tool_call/mean", "tool-call reward"),
                        ("tools/call_frequency", "tool calls per completion")]:
         pts = [(e["current_steps"], e[key]) for e in log if key in e]
         if pts:
