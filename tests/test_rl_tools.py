@@ -275,7 +275,8 @@ def _log(folder):
 def test_the_tool_example_learns_to_call_the_calculator(tmp_path, real_model_path):
     """examples/grpo_tools.yaml, shortened (STEPS steps, the example's prompts, tool and rewards): the tool-call
     reward (a calculator call that ran) of the last steps must exceed that of the first ones, every step's tool
-    metrics are logged, and the run finishes."""
+    metrics are logged, and the run finishes (measured: 7 min 18 s on the shared 2-core machine at load ~20,
+    OMP_NUM_THREADS=1; the same config's 12-step run: tool-call reward 0.27 in steps 1-2, 0.67 in steps 5-6)."""
     from llmtune.config import parse_config
     from llmtune.train.setup import run_train
 
