@@ -39,6 +39,7 @@ __all__ = [
     "accuracy_reward",
     "format_reward",
     "make_format_reward",
+    "load_callable",
     "load_reward_funcs",
     "parse_reward_weights",
     "compute_rewards",
@@ -198,9 +199,9 @@ BUILTIN_REWARDS: dict[str, RewardFunc] = {"accuracy": accuracy_reward, "format":
 # ---------------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------------
-def _load_file(path: Path, entry: str):
+def _load_file(path: Path, entry: str, key: str = "reward_funcs"):
     if not path.is_file():
-        raise LLMTuneError(f"reward_funcs: {entry!r}: no file {path}")
+        raise LLMTuneError(f"{key}: {entry!r}: no file {path}")
     path = path.resolve()
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
     mod_name = f"llmtune_reward_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{digest}"
@@ -208,7 +209,7 @@ def _load_file(path: Path, entry: str):
         return sys.modules[mod_name]
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
-        raise LLMTuneError(f"reward_funcs: {entry!r}: {path} cannot be imported as a Python file")
+        raise LLMTuneError(f"{key}: {entry!r}: {path} cannot be imported as a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
     sys.path.insert(0, str(path.parent))  # the file may import its neighbours
@@ -216,13 +217,50 @@ def _load_file(path: Path, entry: str):
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[mod_name]
-        raise LLMTuneError(f"reward_funcs: importing {path} failed: {type(exc).__name__}: {exc}") from None
+        raise LLMTuneError(f"{key}: importing {path} failed: {type(exc).__name__}: {exc}") from None
     finally:
         try:
             sys.path.remove(str(path.parent))
         except ValueError:
             pass
     return module
+
+
+def load_callable(entry: str, key: str) -> Callable[..., Any]:
+    """The function named by ``path/to/file.py:function`` (the user's file, imported with :mod:`importlib`; its
+    folder is on ``sys.path`` while it imports) or ``package.module:function``.
+
+    Args:
+        entry: the text of one entry (str); key: the config key it came from, named in errors
+            (``reward_funcs``, ``tools``).
+
+    Raises:
+        LLMTuneError: one line naming ``key`` and ``entry``: no ``:``, a missing file or module, a file that fails
+            to import (with its error), a missing function (with the nearest name), or a value that is not callable.
+    """
+    if ":" not in entry:
+        raise LLMTuneError(f"{key}: {entry!r} must read path/to/file.py:function or package.module:function")
+    target, fn_name = entry.rsplit(":", 1)
+    if not target or not fn_name:
+        raise LLMTuneError(f"{key}: {entry!r} must read path/to/file.py:function or package.module:function")
+    is_file = target.endswith(".py") or "/" in target or os.sep in target
+    if is_file:
+        module, where = _load_file(Path(target).expanduser(), entry, key), target
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise LLMTuneError(f"{key}: {entry!r}: cannot import module {target}: "
+                               f"{type(exc).__name__}: {exc}") from None
+        where = f"module {target}"
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise LLMTuneError(f"{key}: {where} has no function {fn_name!r}" + nearest(fn_name, names)
+                           + (f" (its functions: {', '.join(sorted(names))})" if names else ""))
+    if not callable(fn):
+        raise LLMTuneError(f"{key}: {fn_name} in {where} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def _resolve(entry: str, reward_model_loader: Optional[Callable[[str], RewardFunc]]) -> tuple[str, RewardFunc]:
@@ -237,27 +275,8 @@ def _resolve(entry: str, reward_model_loader: Optional[Callable[[str], RewardFun
         raise LLMTuneError(f"reward_funcs: unknown reward {entry!r}: give a built-in name "
                            f"({', '.join(BUILTIN_REWARDS)}), path/to/file.py:function, package.module:function "
                            "or a reward model folder." + nearest(entry, BUILTIN_REWARDS))
-    target, fn_name = entry.rsplit(":", 1)
-    if not target or not fn_name:
-        raise LLMTuneError(f"reward_funcs: {entry!r} must read path/to/file.py:function or package.module:function")
-    is_file = target.endswith(".py") or "/" in target or os.sep in target
-    if is_file:
-        module, where = _load_file(Path(target).expanduser(), entry), target
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as exc:
-            raise LLMTuneError(f"reward_funcs: {entry!r}: cannot import module {target}: "
-                               f"{type(exc).__name__}: {exc}") from None
-        where = f"module {target}"
-    fn = getattr(module, fn_name, None)
-    if fn is None:
-        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        raise LLMTuneError(f"reward_funcs: {where} has no function {fn_name!r}" + nearest(fn_name, names)
-                           + (f" (its functions: {', '.join(sorted(names))})" if names else ""))
-    if not callable(fn):
-        raise LLMTuneError(f"reward_funcs: {fn_name} in {where} is a {type(fn).__name__}, not a function")
-    return getattr(fn, "__name__", fn_name), fn
+    fn = load_callable(entry, "reward_funcs")
+    return getattr(fn, "__name__", entry.rsplit(":", 1)[1]), fn
 
 
 def load_reward_funcs(spec: str | Sequence[str],

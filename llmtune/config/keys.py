@@ -265,6 +265,12 @@ class TrainConfig(KeyedConfig):
                                                    "(larger ones are split; unset = no limit)", ge=1)
     use_vllm: bool = rl(False, "TRL's key: grpo/ppo rollouts always run on llmtune's own engine (KV cache, rows "
                         "joining and leaving); true gets a notice")
+    tools: Optional[str] = rl(None, "grpo: functions the policy may call in rollouts, comma list of "
+                              "path/file.py:fn or pkg.mod:fn (schemas from signatures and docstrings)")
+    max_tool_turns: int = rl(2, "grpo: most tool-calling turns per completion (0 = tools described but never run)",
+                             ge=0)
+    tool_timeout: float = rl(5.0, "grpo: seconds a tool call may run before the model gets a timeout error",
+                             gt=0, hint="e.g. 5")
 
     # -- generation ----------------------------------------------------------------------------------
     do_sample: bool = gen(True, "sample (false: greedy decoding)")
@@ -354,6 +360,7 @@ ALIASES = {
     "init_kl_coef": "ppo_kl_coeff",
     "tokenized_path": "data_cache_dir",
     "max_completion_length": "max_new_tokens",
+    "max_tool_calling_iterations": "max_tool_turns",   # TRL's GRPOConfig name
     "use_unsloth_gc": "offload_activations",    # Unsloth's gradient checkpointing = offloaded checkpointing
 }
 

@@ -5,7 +5,7 @@ template's tool format (:mod:`llmtune.data.templates.tools`).
   to the template, which writes them into the system prompt in its ``tool_format``; an assistant message with
   ``tool_calls`` becomes the template's ``function`` turn (content: the JSON list of ``{"name", "arguments"}``),
   and ``tool`` messages become one ``observation`` turn (several results of parallel calls joined by newlines).
-* Reply side: :func:`parse_tool_calls` finds the calls the model wrote in the template's format and returns
+* Reply side: :func:`parse_tool_calls` (shared with RL rollouts, in :mod:`llmtune.data.templates.tools`) finds the calls the model wrote in the template's format and returns
   OpenAI's ``tool_calls`` (``arguments`` as a JSON string) plus the text before them.
 
 Source: the OpenAI API reference (function calling); the text formats are LLaMA-Factory's
@@ -17,10 +17,9 @@ Source: the OpenAI API reference (function calling); the text formats are LLaMA-
 from __future__ import annotations
 
 import json
-import re
-import uuid
-from typing import Any, Optional
+from typing import Optional
 
+from llmtune.data.templates.tools import find_tool_calls, parse_tool_calls
 from llmtune.serve.errors import APIError
 
 __all__ = ["check_tools", "tool_call_turn", "parse_tool_calls", "ToolStream"]
@@ -82,84 +81,6 @@ def tool_call_turn(m: dict, i: int) -> dict:
     return {"role": "function", "content": json.dumps(out, ensure_ascii=False)}
 
 
-def _json_objects(text: str) -> Optional[list]:
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return None
-    objs = obj if isinstance(obj, list) else [obj]
-    return objs if objs and all(isinstance(o, dict) for o in objs) else None
-
-
-def _call(name: Any, args: Any) -> Optional[dict]:
-    if not isinstance(name, str) or not name:
-        return None
-    if isinstance(args, str):   # some models write the arguments as a JSON string
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(args if args is not None else {},
-                                                               ensure_ascii=False)}}
-
-
-_ACTION = re.compile(r"Action:\s*(.+?)\s*Action Input:\s*(.+?)(?=\s*Action:|\Z)", re.S)
-_QWEN = re.compile(r"<tool_call>\s*(.+?)\s*</tool_call>", re.S)
-
-
-def _find_calls(text: str, tool_format: str) -> tuple[int, list]:
-    """``(index where the first call starts, OpenAI tool_calls)``; ``(-1, [])`` without a (well-formed) call."""
-    calls: list = []
-    start = None
-    if tool_format == "default":
-        for m in _ACTION.finditer(text):
-            try:
-                args = json.loads(m.group(2).strip())
-            except ValueError:
-                return -1, []
-            calls.append(_call(m.group(1).strip(), args))
-            start = m.start() if start is None else start
-    elif tool_format == "qwen":
-        for m in _QWEN.finditer(text):
-            objs = _json_objects(m.group(1))
-            if objs is None:
-                return -1, []
-            calls += [_call(o.get("name"), o.get("arguments")) for o in objs]
-            start = m.start() if start is None else start
-    else:
-        body = text.strip()
-        if tool_format == "mistral" and body.startswith("[TOOL_CALLS]"):
-            body = body[len("[TOOL_CALLS]"):].strip()
-        objs = _json_objects(body) if body[:1] in "[{" and body else None
-        if objs is not None:
-            key = "parameters" if tool_format == "llama3" else "arguments"
-            calls = [_call(o.get("name"), o.get(key, o.get("arguments"))) for o in objs]
-            start = 0
-    if not calls or any(c is None for c in calls):
-        return -1, []
-    return start, calls
-
-
-def parse_tool_calls(text: str, tool_format: str) -> tuple[Optional[str], list]:
-    """Find the tool calls in a reply written in ``tool_format``.
-
-    Args:
-        text: the reply (str); tool_format: ``default``, ``qwen``, ``llama3`` or ``mistral``.
-
-    Returns:
-        ``(content, tool_calls)``: with calls, ``content`` is the text before the first call (None when
-        empty) and ``tool_calls`` OpenAI's list (``{"id", "type": "function", "function": {"name",
-        "arguments": JSON str}}``); without (or with a malformed call), ``(text, [])``.
-    """
-    start, calls = _find_calls(text, tool_format)
-    if not calls:
-        return text, []
-    content = text[:start].strip()
-    return (content or None), calls
-
-
-#: the text that begins a call in the formats where a call may follow some prose
 _MARKERS = {"default": "Action:", "qwen": "<tool_call>"}
 
 
@@ -216,7 +137,7 @@ class ToolStream:
 
     def finish(self) -> tuple[str, list]:
         """``(content still to send, OpenAI tool_calls)`` at the end of the choice (see the class)."""
-        start, calls = _find_calls(self.text, self.fmt)
+        start, calls = find_tool_calls(self.text, self.fmt)
         if not calls:
             out, self.sent = self.text[self.sent:], len(self.text)
             return out, []

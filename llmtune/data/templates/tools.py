@@ -8,6 +8,9 @@ A conversation with tools has three tool-related pieces of text:
   role;
 * the tool's answer (``observation`` role), which the template itself wraps.
 
+:func:`parse_tool_calls` reads calls back out of a model's reply in each format (used by ``llmtune api`` and by
+tool rollouts in online RL, :mod:`llmtune.rl_tools`).
+
 Formats (facts from LLaMA-Factory's ``data/tool_utils.py``; the text is reproduced because the trained
 model must see exactly these strings):
 
@@ -29,7 +32,9 @@ model must see exactly these strings):
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+import uuid
+from typing import Any, Optional
 
 from llmtune.errors import LLMTuneError, nearest
 
@@ -132,6 +137,86 @@ def format_call(content: str, tool_format: str) -> str:
         objs = [{"name": n, "parameters": a} for n, a in pairs]
         return json.dumps(objs[0] if len(objs) == 1 else objs, ensure_ascii=False)
     return json.dumps([{"name": n, "arguments": a} for n, a in pairs], ensure_ascii=False)
+
+
+def _json_objects(text: str) -> Optional[list]:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    objs = obj if isinstance(obj, list) else [obj]
+    return objs if objs and all(isinstance(o, dict) for o in objs) else None
+
+
+def _call(name: Any, args: Any) -> Optional[dict]:
+    if not isinstance(name, str) or not name:
+        return None
+    if isinstance(args, str):   # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args if args is not None else {},
+                                                               ensure_ascii=False)}}
+
+
+_ACTION = re.compile(r"Action:\s*(.+?)\s*Action Input:\s*(.+?)(?=\s*Action:|\Z)", re.S)
+_QWEN = re.compile(r"<tool_call>\s*(.+?)\s*</tool_call>", re.S)
+
+
+def find_tool_calls(text: str, tool_format: str) -> tuple[int, list]:
+    """``(index where the first call starts, OpenAI tool_calls)``; ``(-1, [])`` without a (well-formed) call."""
+    calls: list = []
+    start = None
+    if tool_format == "default":
+        for m in _ACTION.finditer(text):
+            try:
+                args = json.loads(m.group(2).strip())
+            except ValueError:
+                return -1, []
+            calls.append(_call(m.group(1).strip(), args))
+            start = m.start() if start is None else start
+    elif tool_format == "qwen":
+        for m in _QWEN.finditer(text):
+            objs = _json_objects(m.group(1))
+            if objs is None:
+                return -1, []
+            calls += [_call(o.get("name"), o.get("arguments")) for o in objs]
+            start = m.start() if start is None else start
+    else:
+        body = text.strip()
+        if tool_format == "mistral" and body.startswith("[TOOL_CALLS]"):
+            body = body[len("[TOOL_CALLS]"):].strip()
+        objs = _json_objects(body) if body[:1] in "[{" and body else None
+        if objs is not None:
+            key = "parameters" if tool_format == "llama3" else "arguments"
+            calls = [_call(o.get("name"), o.get(key, o.get("arguments"))) for o in objs]
+            start = 0
+    if not calls or any(c is None for c in calls):
+        return -1, []
+    return start, calls
+
+
+def parse_tool_calls(text: str, tool_format: str) -> tuple[Optional[str], list]:
+    """Find the tool calls in a reply written in ``tool_format``.
+
+    Args:
+        text: the reply (str); tool_format: ``default``, ``qwen``, ``llama3`` or ``mistral``.
+
+    Returns:
+        ``(content, tool_calls)``: with calls, ``content`` is the text before the first call (None when
+        empty) and ``tool_calls`` OpenAI's list (``{"id", "type": "function", "function": {"name",
+        "arguments": JSON str}}``); without (or with a malformed call), ``(text, [])``.
+    """
+    start, calls = find_tool_calls(text, tool_format)
+    if not calls:
+        return text, []
+    content = text[:start].strip()
+    return (content or None), calls
+
+
+#: the text that begins a call in the formats where a call may follow some prose
 
 
 def check_tool_format(name: str) -> None:

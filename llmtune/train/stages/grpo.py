@@ -19,6 +19,10 @@ update of ``gradient_accumulation_steps`` micro-batches of ``per_device_train_ba
    ``epsilon_high``, ``beta``, ``importance_sampling_level``) as ``(loss_sum, num_items)``, counted by
    :func:`llmtune.losses.grpo_num_items`, so accumulation gives the variant's loss of the whole step.
 
+With ``tools`` (:mod:`llmtune.rl_tools`), step 1 is multi-turn: tool calls in the template's format are run and
+their results appended as tool turns (``completion_mask`` 0) until an answer or ``max_tool_turns``; the reward
+functions get each completion as messages, and ``tools/call_frequency`` / ``tools/failure_frequency`` are logged.
+
 Logged with TRL's names: ``reward``, ``reward_std``, ``rewards/<fn>/mean`` / ``std``, ``frac_reward_zero_std``,
 ``completions/mean_length`` ... ``completions/clipped_ratio``, ``clip_ratio/low_mean`` / ``high_mean`` /
 ``region_mean``, ``kl`` (``beta > 0``), ``entropy``.
@@ -40,6 +44,7 @@ from llmtune.data.multimodal import vision_inputs
 from llmtune.errors import LLMTuneError, notice
 from llmtune.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, grpo_num_items
 from llmtune.rewards import RewardFunc, compute_rewards, load_reward_funcs, parse_reward_weights, reward_metrics
+from llmtune.rl_tools import ToolsTemplate, function_schema, generate_tool_rollouts, load_tools, tool_metrics
 from llmtune.rollout import completion_metrics, generate_rollouts
 from llmtune.train.distributed import all_reduce_sum, rank, world_size
 from llmtune.train.wrap import unwrap
@@ -111,6 +116,10 @@ def check_grpo_config(cfg: Any, reward_funcs: Optional[Sequence[Any]] = None) ->
     scale_rewards_value(cfg.scale_rewards)
     if float(cfg.beta) < 0 or float(cfg.epsilon) < 0 or (cfg.epsilon_high is not None and float(cfg.epsilon_high) < 0):
         raise LLMTuneError("beta, epsilon and epsilon_high must be >= 0")
+    if getattr(cfg, "tools", None):   # a bad tools entry fails before the weights load
+        load_tools(cfg.tools)
+        if not float(cfg.tool_timeout) > 0:
+            raise LLMTuneError(f"tool_timeout must be > 0 seconds (got {cfg.tool_timeout}); e.g. tool_timeout: 5")
     if not reward_funcs and not cfg.reward_funcs:
         raise LLMTuneError("stage grpo needs reward functions: set reward_funcs (a comma list of built-in names "
                            "accuracy/format, path/to/file.py:function, package.module:function or an rm output "
@@ -199,6 +208,10 @@ class GRPOStage:
         processor: the image processor of a vision-language model (:func:`llmtune.data.multimodal.model_processor`)
             when prompt rows hold ``images``: rollouts prefill with them, the policy/reference forwards see them,
             and reward functions get them as the ``images`` column (absolute paths, one list per completion).
+        tools: ``{name: function}`` the policy may call (the ``tools`` key): multi-turn rollouts
+            (:func:`llmtune.rl_tools.generate_tool_rollouts`, ``max_tool_turns``, ``tool_timeout``), tool-result
+            tokens masked from the loss, completions passed to the reward functions as messages; template: the
+            chat template the calls are parsed and the tool turns rendered with. None = single-turn rollouts.
 
     Raises: :class:`LLMTuneError` for an empty prompt set.
     """
@@ -209,7 +222,7 @@ class GRPOStage:
     def __init__(self, config: Any, prompts: Sequence[dict], reward_funcs: list[tuple[str, RewardFunc]],
                  weights: list[float], tokenizer: Any, pad_token_id: int, stop_token_ids: Sequence[int],
                  ref_model: Optional[nn.Module] = None, on_save: Optional[Callable[[nn.Module], None]] = None,
-                 processor: Any = None) -> None:
+                 processor: Any = None, tools: Optional[dict] = None, template: Any = None) -> None:
         self.cfg, self.prompts, self.funcs, self.weights = config, prompts, reward_funcs, weights
         self.tokenizer, self.pad, self.ref_model, self.on_save = tokenizer, int(pad_token_id), ref_model, on_save
         self.stop_ids = sorted({int(i) for i in stop_token_ids})
@@ -231,6 +244,9 @@ class GRPOStage:
         self._epoch = 0
         #: prompts with images (vision-language models): the image processor and each row's processed images
         self.processor, self._pixels = processor, {}
+        #: ``{name: function}`` the policy may call (the ``tools`` key; :mod:`llmtune.rl_tools`) and the template
+        #: whose tool format its calls are parsed in; None = plain single-turn rollouts
+        self.tools, self.template = tools, template
 
     def next_prompts(self) -> list[dict]:
         """The next step's prompt rows of a seeded shuffled order (``randperm`` seeded by ``seed + epoch``)."""
@@ -317,14 +333,23 @@ class GRPOStage:
         vision = [self._vision(r, model) for r in rows]   # per completion: its prompt's images (or {})
         images = model.generation_images(vision) if any(vision) else contextlib.nullcontext()
         amp = getattr(trainer, "amp_dtype", None) if self.cast_frozen else None
+        gen = dict(max_new_tokens=int(c.max_new_tokens), do_sample=bool(c.do_sample), temperature=float(c.temperature),
+                   top_k=int(c.top_k), top_p=float(c.top_p), eos_token_ids=self.stop_ids, pad_token_id=self.pad,
+                   return_logps=False)
         with trainer.autocast(), frozen_weights_cast(model, amp), images:
-            ro = generate_rollouts(model, [r["input_ids"] for r in rows], max_new_tokens=int(c.max_new_tokens),
-                                   do_sample=bool(c.do_sample), temperature=float(c.temperature), top_k=int(c.top_k),
-                                   top_p=float(c.top_p), eos_token_ids=self.stop_ids, pad_token_id=self.pad,
-                                   return_logps=False)
+            if self.tools is None:
+                ro, tro = generate_rollouts(model, [r["input_ids"] for r in rows], **gen), None
+            else:   # multi-turn: tool-result tokens stay in the sequence with completion_mask 0
+                tro = generate_tool_rollouts(model, [r["input_ids"] for r in rows], tokenizer=self.tokenizer,
+                                             template=self.template, tools=self.tools,
+                                             max_tool_turns=int(c.max_tool_turns), tool_timeout=float(c.tool_timeout),
+                                             **gen)
+                ro = tro.rollout
         ids, attn, p = ro.input_ids, ro.attention_mask, ro.prompt_len
         prompts = [self.tokenizer.decode(list(r["input_ids"]), skip_special_tokens=False) for r in rows]
-        completions = [self.tokenizer.decode(t, skip_special_tokens=True) for t in ro.completions()]
+        # with tools, reward functions get the whole completion as messages (TRL's conversational completions)
+        completions = tro.conversations if tro is not None else \
+            [self.tokenizer.decode(t, skip_special_tokens=True) for t in ro.completions()]
         names = sorted({k for r in rows for k in (r.get("columns") or {})})
         columns = {k: [(r.get("columns") or {}).get(k) for r in rows] for k in names}
         if any(r.get("images") for r in rows):   # reward functions get each completion's prompt images (paths)
@@ -359,6 +384,9 @@ class GRPOStage:
             model.train()
         metrics = reward_metrics(rewards, per_func, [n for n, _ in self.funcs], self.G)
         metrics.update(completion_metrics(lengths[:, 0].long(), lengths[:, 1].bool()))
+        if tro is not None:
+            counts = self._gather(torch.stack([tro.tool_calls, tro.tool_failures], 1).to(ids.device)).cpu()
+            metrics.update(tool_metrics(counts[:, 0], counts[:, 1]))
         metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
 
         def micro(sl: slice) -> dict:
@@ -411,6 +439,8 @@ def reward_model_func(model: nn.Module, cfg: Any, tokenizer: Any, folder: str, a
     device = next(model.parameters()).device
 
     def score(prompts: list, completions: list, **_: Any) -> list[float]:
+        completions = [co if isinstance(co, str) else "\n".join(str(m.get("content") or "") for m in co)
+                       for co in completions]   # with tools: the messages' texts
         seqs = [tokenizer.encode(pr + co, add_special_tokens=False) or [0] for pr, co in zip(prompts, completions)]
         t = max(len(s) for s in seqs)
         ids = torch.tensor([s + [0] * (t - len(s)) for s in seqs], device=device)
@@ -460,5 +490,29 @@ def build_grpo_stage(model: nn.Module, cfg: Any, tokenizer: Any, template: Any, 
         from llmtune.data.multimodal import model_processor
 
         processor = model_processor(cfg.model_name_or_path, cfg.image_max_pixels, cfg.image_min_pixels)
+    tools, tool_template = None, template
+    if getattr(cfg, "tools", None):
+        if processor is not None:
+            raise LLMTuneError("tools: tool calls in rollouts are not supported with image prompts yet; drop the "
+                               "tools key or the images column")
+        tools = dict(load_tools(cfg.tools))
+        tool_template, rows = tool_prompt_rows(cfg, tokenizer, template, list(tools.values()))
     return GRPOStage(cfg, rows, funcs, weights, tokenizer, pad, chat_stop_ids(tokenizer, template),
-                     ref_model=extra.get("ref_model"), on_save=drop_adapters, processor=processor)
+                     ref_model=extra.get("ref_model"), on_save=drop_adapters, processor=processor, tools=tools,
+                     template=tool_template)
+
+
+def tool_prompt_rows(cfg: Any, tokenizer: Any, template: Any, functions: Sequence[Callable]) -> tuple[Any, list]:
+    """``(template, prompt rows)`` of a run with the ``tools`` key: the template (``tool_format`` and
+    ``default_system`` applied) wrapped in :class:`llmtune.rl_tools.ToolsTemplate` with the functions' schemas, and
+    the dataset's prompt rows encoded with it (each prompt lists the tools; a row's own ``tools`` column first).
+    The rows are encoded again into a throwaway cache folder, so the shared data cache never holds them."""
+    import tempfile
+
+    from llmtune.data import get_dataset
+    from llmtune.data.dataset import _with_overrides
+
+    wrapped = ToolsTemplate(_with_overrides(template, cfg), [function_schema(f) for f in functions])
+    with tempfile.TemporaryDirectory(prefix="llmtune-tool-prompts-") as tmp:
+        sub = cfg.replace(data_cache_dir=tmp, overwrite_cache=True, tool_format=None, default_system=None)
+        return wrapped, list(get_dataset(sub, tokenizer, wrapped, "grpo").train)
