@@ -174,6 +174,8 @@ RUNS = {
     "dpo_lora.yaml": ["--val_size", "2", "--eval_steps", "2", "--per_device_eval_batch_size", "1"],
     "kto_lora.yaml": [],
     "grpo_lora.yaml": ["--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "4"],
+    "grpo_tools.yaml": ["--num_generations", "2", "--per_device_train_batch_size", "2",
+                        "--max_completion_length", "16"],
 }
 #: not run: train_sft_full.yaml (a full fine-tuning's optimizer state, 2.2 GB; its keys differ from
 #: train_sft_lora.yaml's only in finetuning_type), vlm_lora.yaml (a 3B Hub model); rm_lora -> ppo_lora below
