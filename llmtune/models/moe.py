@@ -31,6 +31,7 @@ Qwen3 technical report (2025); transformers' ``modeling_qwen2_moe.py`` / ``model
 
 from __future__ import annotations
 
+import os
 import re
 import weakref
 from typing import Any, Optional, Sequence
@@ -41,6 +42,11 @@ from torch import nn
 
 from llmtune.compat import is_cuda
 from llmtune.models.config import ModelConfig
+from llmtune.peft.experts import base_linear, grouped_project, lora_terms
+
+#: the grouped path for frozen (LoRA-trained, evaluated) experts; ``LLMTUNE_MOE_GROUPED=0`` keeps the per-expert
+#: loop (for before/after benchmarks)
+GROUPED_FROZEN = os.environ.get("LLMTUNE_MOE_GROUPED", "1") != "0"
 
 
 class ExpertMLP(nn.Module):
@@ -152,6 +158,123 @@ def _grouped_swiglu(rows: torch.Tensor, counts: torch.Tensor, experts: Sequence[
     return torch._grouped_mm(F.silu(g) * u, w_down, offs=offs)
 
 
+def _sort_assignments(top_experts: torch.Tensor, num_experts: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order, token, counts)``: the ``N * k`` assignments sorted by expert (stable), the token row of each
+    sorted assignment, and the rows per expert ``(E,)``."""
+    flat = top_experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order, order // top_experts.shape[1], torch.bincount(flat, minlength=num_experts)
+
+
+def _views_of(groups: tuple[torch.Tensor, torch.Tensor], bases: list[list[nn.Module]]) -> bool:
+    """True when every expert's gate/up/down weight is still the slice of ``groups`` it was made (a reload,
+    ``.to()`` or ``weight.data = ...`` gives a weight its own storage again)."""
+    gate_up, down = groups
+    inter = gate_up.shape[1] // 2
+    for e in range(gate_up.shape[0]):
+        for w, want in ((bases[0][e].weight, gate_up[e, :inter]), (bases[1][e].weight, gate_up[e, inter:]),
+                        (bases[2][e].weight, down[e])):
+            if w.data_ptr() != want.data_ptr() or w.dtype != want.dtype or w.shape != want.shape \
+                    or w.stride() != want.stride():
+                return False
+    return True
+
+
+def frozen_groups(experts: Sequence[nn.Module]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The experts' frozen base weights stored grouped: ``gate_up`` ``(E, 2I, H)`` (rows ``[:I]`` gate, ``[I:]``
+    up, transformers 5's layout) and ``down`` ``(E, H, I)``, of which each expert's ``weight`` parameters are
+    views (the parameters keep their identity and names, so loading, saving, LoRA targets and merging see the
+    per-expert layout; the grouped compute reads the stacks without copying them).
+
+    Made once (one copy of the layer's experts while it is made) and kept on ``experts`` as
+    ``_llmtune_groups``; made again when a weight stopped being a view. None (the per-expert loop is used) when
+    any projection is not a bias-free ``nn.Linear`` (a 4-bit layer), requires grad while autograd is on (full
+    fine-tuning: the gradients must reach the per-expert parameters; without autograd they are grouped too, and
+    an optimizer's in-place updates of the per-expert parameters write into the stacks), or the experts differ
+    in dtype/device.
+    """
+    names = ("gate_proj", "up_proj", "down_proj")
+    bases = [[base_linear(getattr(e, n)) for e in experts] for n in names]
+    first = bases[0][0].weight
+    grad = torch.is_grad_enabled()
+    for group in bases:
+        for m in group:
+            if type(m) is not nn.Linear or m.bias is not None or (grad and m.weight.requires_grad) \
+                    or m.weight.dtype != first.dtype or m.weight.device != first.device or first.is_meta:
+                return None
+    kept = getattr(experts, "_llmtune_groups", None)
+    if kept is not None and _views_of(kept, bases):
+        return kept
+    num, (inter, hidden) = len(experts), first.shape
+    with torch.no_grad():
+        gate_up = torch.empty(num, 2 * inter, hidden, dtype=first.dtype, device=first.device)
+        down = torch.empty(num, hidden, inter, dtype=first.dtype, device=first.device)
+        for e in range(num):
+            gate_up[e, :inter].copy_(bases[0][e].weight)
+            gate_up[e, inter:].copy_(bases[1][e].weight)
+            down[e].copy_(bases[2][e].weight)
+            bases[0][e].weight.data = gate_up[e, :inter]
+            bases[1][e].weight.data = gate_up[e, inter:]
+            bases[2][e].weight.data = down[e]
+    object.__setattr__(experts, "_llmtune_groups", (gate_up, down))
+    return gate_up, down
+
+
+def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: torch.Tensor,
+                    top_weights: torch.Tensor) -> Optional[torch.Tensor]:
+    """:func:`experts_forward` for frozen experts (LoRA training, evaluation) as grouped products; None when the
+    experts cannot be grouped (see :func:`frozen_groups` and :func:`llmtune.peft.experts.lora_terms`).
+
+    Two layouts of the sorted rows, the same products: on CUDA in bfloat16 with widths that are multiples of 8,
+    ``torch._grouped_mm`` over the ``(M, H)`` sorted rows; elsewhere one ``torch.bmm`` over ``(E, C, H)`` groups
+    padded with zero rows to the largest group ``C`` (measured on this CPU at Qwen3-MoE shapes: 2-3x faster than
+    ``torch._grouped_mm``'s CPU kernel and 6x the per-expert loop, forward and backward; docs/performance.md),
+    used while the padding at most doubles the rows (``E * C <= 2 M``; else the per-expert loop).
+    """
+    groups = frozen_groups(experts)
+    if groups is None:
+        return None
+    gate_up, down = groups
+    num, inter = len(experts), gate_up.shape[1] // 2
+    terms_gu = lora_terms([e.gate_proj for e in experts], 0)
+    terms_up = lora_terms([e.up_proj for e in experts], inter)
+    terms_d = lora_terms([e.down_proj for e in experts], 0)
+    if terms_gu is None or terms_up is None or terms_d is None:
+        return None
+    n, k = top_experts.shape
+    m, h = n * k, x.shape[1]
+    order, token, counts = _sort_assignments(top_experts, num)
+    w_sorted = top_weights.reshape(-1)[order]
+    ranks = {t.a.shape[1] for t in terms_gu + terms_up + terms_d}
+    if is_cuda(x) and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 == gate_up.dtype \
+            and h % 8 == 0 and inter % 8 == 0 and all(r % 8 == 0 for r in ranks):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+
+        def mm(a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+            return torch._grouped_mm(a, w_t, offs=offs)
+
+        gu = grouped_project(x[token], gate_up, terms_gu + terms_up, mm)
+        y = grouped_project(F.silu(gu[:, :inter]) * gu[:, inter:], down, terms_d, mm)
+        y = y * w_sorted[:, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+    sizes = counts.tolist()
+    cap = max(sizes) if m else 0
+    if m == 0 or num * cap > 2 * m:
+        return None
+    eid = top_experts.reshape(-1)[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = eid * cap + (torch.arange(m, device=x.device) - starts[eid])
+    src = torch.full((num * cap,), n, dtype=torch.long, device=x.device)   # padding rows read row n: zeros
+    src[slot] = token
+    wslot = w_sorted.new_zeros(num * cap).index_put((slot,), w_sorted)
+    xp = torch.cat([x, x.new_zeros(1, h)])[src].view(num, cap, h)
+    gu = grouped_project(xp, gate_up, terms_gu + terms_up, torch.bmm)
+    y = grouped_project(F.silu(gu[..., :inter]) * gu[..., inter:], down, terms_d, torch.bmm)
+    y = y.reshape(num * cap, h) * wslot[:, None].to(y.dtype)
+    return x.new_zeros(n + 1, h).index_add_(0, src, y.to(x.dtype))[:n]
+
+
 def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: torch.Tensor,
                     top_weights: torch.Tensor, grouped: Optional[bool] = None) -> torch.Tensor:
     """``y[n] = sum_j top_weights[n, j] * experts[top_experts[n, j]](x[n])``, grouped by expert.
@@ -160,8 +283,11 @@ def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
     expert order as the reference does), the rows gathered once, each expert applied to all of its rows in
     one call (with autograd on, experts with no rows are called on an empty batch, so every expert and adapter
     takes part in the graph and gets a (zero) gradient, as DDP requires; without autograd they are skipped),
-    and the weighted outputs summed back per token with ``index_add``. With ``grouped`` (default: when :func:`_can_group` holds) the experts run as
-    ``torch._grouped_mm`` products instead of the per-expert loop.
+    and the weighted outputs summed back per token with ``index_add``. With ``grouped`` (default: when
+    :func:`_can_group` holds) the experts run as ``torch._grouped_mm`` products instead of the per-expert loop.
+    By default, frozen experts (LoRA training, evaluation, on any device), LoRA'd or not, run as grouped
+    products with their adapters as grouped low-rank products (:func:`_grouped_frozen`); every expert's
+    adapters take part (zero gradients for experts without rows).
 
     Args:
         x: ``(N, H)`` token rows, any float dtype.
@@ -169,21 +295,22 @@ def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
             projections).
         top_experts: ``(N, k)`` int64 expert ids.
         top_weights: ``(N, k)`` routing weights (same dtype as ``x`` or castable).
-        grouped: force (True) or forbid (False) the ``torch._grouped_mm`` path.
+        grouped: force (True) or forbid (False: the per-expert loop) the ``torch._grouped_mm`` path of
+            :func:`_grouped_swiglu`.
 
     Returns:
         ``(N, H)`` in ``x``'s dtype.
     """
     global _GROUPED_MM_FAILED
-    n, k = top_experts.shape
     num_experts = len(experts)
-    flat = top_experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token = order // k
-    counts = torch.bincount(flat, minlength=num_experts)
-    rows = x[token]
     if grouped is None:
         grouped = not _GROUPED_MM_FAILED and _can_group(x, experts)
+        if not grouped and GROUPED_FROZEN:
+            out = _grouped_frozen(x, experts, top_experts, top_weights)
+            if out is not None:
+                return out
+    order, token, counts = _sort_assignments(top_experts, num_experts)
+    rows = x[token]
     out_rows = None
     if grouped:
         try:
