@@ -212,20 +212,33 @@ def test_sorted_grouped_mm_layout_equals_the_padded_one(folder, monkeypatch):
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=3e-2, rtol=3e-2)
 
 
-def test_unbalanced_routing_or_dora_experts_take_the_loop(folder):
-    """Padding that would more than double the rows and DoRA: no grouped path (None)."""
+@pytest.mark.parametrize("overflow", ["grouped_mm", "loop"])
+def test_unbalanced_routing_and_dora(folder, monkeypatch, overflow):
+    """Unbalanced routing (expert 0 gets every token): the rows beyond the padded capacity take the overflow
+    pass (``torch._grouped_mm`` or a loop over the crowded experts); output and adapter gradients equal the
+    per-expert loop's. DoRA experts: no grouped path (None)."""
     from llmtune.peft import apply_lora
 
+    if overflow == "loop":
+        monkeypatch.setattr(moe, "_CPU_GROUPED_MM_FAILED", True)
     model = _lora_model(folder)
-    block = model.model.layers[0].mlp
-    x = torch.randn(30, 32)
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(30, 32, requires_grad=True)
     top = torch.zeros(30, 2, dtype=torch.long)
-    top[:, 1] = torch.arange(30) % 7 + 1   # expert 0 gets every token: padding 8 x 30 > 2 x 60
-    w = torch.full((30, 2), 0.5)
-    assert moe._grouped_frozen(x, block.experts, top, w) is None
-    top[:, 0] = torch.arange(30) % 8
-    top[:, 1] = (torch.arange(30) + 3) % 8
-    assert moe._grouped_frozen(x, block.experts, top, w) is not None
+    top[:, 1] = torch.arange(30) % 7 + 1
+    w = torch.softmax(torch.randn(30, 2), -1)
+    sizes = torch.bincount(top.reshape(-1), minlength=8).tolist()
+    assert moe._capacity(sizes) < max(sizes)
+    params = [experts[0].gate_proj.lora_A["default"].weight, experts[0].down_proj.lora_B["default"].weight,
+              experts[3].up_proj.lora_B["default"].weight]
+    runs = []
+    for fn in (lambda: moe._grouped_frozen(x, experts, top, w),
+               lambda: moe.experts_forward(x, experts, top, w, grouped=False)):
+        y = fn()
+        runs.append((y.detach(), torch.autograd.grad(y.square().sum(), [x] + params)))
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     dora = load_model(folder, dtype="float32")
     apply_lora(dora, lora_rank=4, lora_target="gate_proj", use_dora=True)
     assert moe._grouped_frozen(x, dora.model.layers[0].mlp.experts, top, w) is None

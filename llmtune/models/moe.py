@@ -20,8 +20,13 @@ and PEFT adapters address each expert projection by its name.
 
 Expert compute never loops over tokens: the ``N * top_k`` (token, expert) assignments are sorted by expert,
 the token rows gathered once, and each expert multiplies all of its rows at once
-(:func:`experts_forward`); on CUDA with ``torch._grouped_mm`` and plain bfloat16 experts all experts run as
-one grouped matrix product per projection. The results are scattered back weighted by the routing weights.
+(:func:`experts_forward`). Frozen experts (LoRA training, evaluation) are stored grouped: on first use their
+per-expert weights become views of one ``(E, 2I, H)`` gate+up stack and one ``(E, H, I)`` down stack
+(:func:`frozen_groups`), and all experts run as one grouped product per projection (padded ``torch.bmm`` on the
+CPU, ``torch._grouped_mm`` on CUDA in bfloat16), their LoRA adapters as grouped low-rank products
+(:mod:`llmtune.peft.experts`). Trainable experts (full fine-tuning) run the per-expert loop, or, on CUDA with
+``torch._grouped_mm`` and plain bfloat16 experts without autograd, one grouped product per projection over
+stacked copies. The results are scattered back weighted by the routing weights.
 
 Sources: Shazeer et al. 2017 (sparsely-gated MoE, top-k gating); Fedus et al. 2021, Switch Transformers,
 eq. 4-6 (load-balancing loss); Qwen team, Qwen1.5-MoE / Qwen2 technical report (shared experts, 2024) and
@@ -228,9 +233,10 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
 
     Two layouts of the sorted rows, the same products: on CUDA in bfloat16 with widths that are multiples of 8,
     ``torch._grouped_mm`` over the ``(M, H)`` sorted rows; elsewhere one ``torch.bmm`` over ``(E, C, H)`` groups
-    padded with zero rows to the largest group ``C`` (measured on this CPU at Qwen3-MoE shapes: 2-3x faster than
-    ``torch._grouped_mm``'s CPU kernel and 6x the per-expert loop, forward and backward; docs/performance.md),
-    used while the padding at most doubles the rows (``E * C <= 2 M``; else the per-expert loop).
+    padded with zero rows to a group size ``C`` (measured on this CPU at Qwen3-MoE shapes: 2-3x faster than
+    ``torch._grouped_mm``'s CPU kernel and 6x the per-expert loop, forward and backward; docs/performance.md).
+    ``C`` is chosen by :func:`_capacity` (the largest group when routing is balanced); the rows of crowded
+    experts beyond ``C`` go through one more grouped product over sorted rows (:func:`_overflow_mm`).
     """
     groups = frozen_groups(experts)
     if groups is None:
@@ -259,20 +265,71 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
         y = y * w_sorted[:, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
     sizes = counts.tolist()
-    cap = max(sizes) if m else 0
-    if m == 0 or num * cap > 2 * m:
+    if m == 0:
         return None
+    cap = _capacity(sizes)
     eid = top_experts.reshape(-1)[order]
-    starts = torch.cumsum(counts, 0) - counts
-    slot = eid * cap + (torch.arange(m, device=x.device) - starts[eid])
+    pos = torch.arange(m, device=x.device) - (torch.cumsum(counts, 0) - counts)[eid]
+    first = pos < cap
+    slot = eid[first] * cap + pos[first]
     src = torch.full((num * cap,), n, dtype=torch.long, device=x.device)   # padding rows read row n: zeros
-    src[slot] = token
-    wslot = w_sorted.new_zeros(num * cap).index_put((slot,), w_sorted)
+    src[slot] = token[first]
+    wslot = w_sorted.new_zeros(num * cap).index_put((slot,), w_sorted[first])
     xp = torch.cat([x, x.new_zeros(1, h)])[src].view(num, cap, h)
     gu = grouped_project(xp, gate_up, terms_gu + terms_up, torch.bmm)
     y = grouped_project(F.silu(gu[..., :inter]) * gu[..., inter:], down, terms_d, torch.bmm)
     y = y.reshape(num * cap, h) * wslot[:, None].to(y.dtype)
-    return x.new_zeros(n + 1, h).index_add_(0, src, y.to(x.dtype))[:n]
+    out = x.new_zeros(n + 1, h).index_add_(0, src, y.to(x.dtype))
+    over = [max(0, c - cap) for c in sizes]
+    if sum(over):   # the rows of crowded experts beyond the capacity: sorted, one grouped product
+        rest = ~first
+        tok2 = token[rest]
+        mm = _overflow_mm(over, x.device)
+        gu = grouped_project(x[tok2], gate_up, terms_gu + terms_up, mm)
+        y = grouped_project(F.silu(gu[:, :inter]) * gu[:, inter:], down, terms_d, mm)
+        out = out.index_add_(0, tok2, (y * w_sorted[rest][:, None].to(y.dtype)).to(x.dtype))
+    return out[:n]
+
+
+#: cost of a row in the overflow pass relative to a (padded) row of the batched product, measured on the CPU
+_OVERFLOW_COST = 2.5
+
+
+def _capacity(sizes: list[int]) -> int:
+    """The padded group size ``C`` minimising ``E * C + 2.5 * (rows beyond C)``: the batched product pays
+    for padding, the overflow pass (``torch._grouped_mm``'s CPU kernel, or a loop over the crowded experts)
+    is about 2.5x slower per row. Balanced routing gives ``C = max(sizes)`` (no overflow)."""
+    best, best_cost = max(sizes), float("inf")
+    for c in sorted(set(sizes)):
+        cost = len(sizes) * c + _OVERFLOW_COST * sum(max(0, s - c) for s in sizes)
+        if cost < best_cost and c > 0:
+            best, best_cost = c, cost
+    return best
+
+
+_CPU_GROUPED_MM_FAILED = False
+
+
+def _overflow_mm(sizes: list[int], device: torch.device):
+    """The grouped product ``mm(rows (M, in), w_t (E, in, out))`` for rows sorted by expert with ``sizes``
+    rows per expert: ``torch._grouped_mm`` where it runs here (in ``w_t``'s dtype), else a loop over the experts
+    that have rows."""
+    offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+
+    def loop(a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        parts = a.split(sizes)
+        return torch.cat([parts[e] @ w_t[e] for e in range(len(sizes)) if sizes[e]])
+
+    def mm(a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        global _CPU_GROUPED_MM_FAILED
+        if not _CPU_GROUPED_MM_FAILED and hasattr(torch, "_grouped_mm"):
+            try:
+                return torch._grouped_mm(a.to(w_t.dtype), w_t, offs=offs)
+            except (RuntimeError, NotImplementedError):
+                _CPU_GROUPED_MM_FAILED = True
+        return loop(a, w_t)
+
+    return mm
 
 
 def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: torch.Tensor,
