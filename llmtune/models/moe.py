@@ -47,7 +47,7 @@ from torch import nn
 
 from llmtune.compat import is_cuda
 from llmtune.models.config import ModelConfig
-from llmtune.peft.experts import base_linear, grouped_project, lora_terms
+from llmtune.peft.experts import LoraTerm, base_linear, grouped_project, lora_terms
 
 #: the grouped path for frozen (LoRA-trained, evaluated) experts; ``LLMTUNE_MOE_GROUPED=0`` keeps the per-expert
 #: loop (for before/after benchmarks)
@@ -236,7 +236,8 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
     padded with zero rows to a group size ``C`` (measured on this CPU at Qwen3-MoE shapes: 2-3x faster than
     ``torch._grouped_mm``'s CPU kernel and 6x the per-expert loop, forward and backward; docs/performance.md).
     ``C`` is chosen by :func:`_capacity` (the largest group when routing is balanced); the rows of crowded
-    experts beyond ``C`` go through one more grouped product over sorted rows (:func:`_overflow_mm`).
+    experts beyond ``C`` go through a second (and at most a third) padded product over those experts alone,
+    their weights gathered (a copy of the crowded experts' weights only).
     """
     groups = frozen_groups(experts)
     if groups is None:
@@ -267,69 +268,58 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
     sizes = counts.tolist()
     if m == 0:
         return None
-    cap = _capacity(sizes)
     eid = top_experts.reshape(-1)[order]
     pos = torch.arange(m, device=x.device) - (torch.cumsum(counts, 0) - counts)[eid]
-    first = pos < cap
-    slot = eid[first] * cap + pos[first]
-    src = torch.full((num * cap,), n, dtype=torch.long, device=x.device)   # padding rows read row n: zeros
-    src[slot] = token[first]
-    wslot = w_sorted.new_zeros(num * cap).index_put((slot,), w_sorted[first])
-    xp = torch.cat([x, x.new_zeros(1, h)])[src].view(num, cap, h)
-    gu = grouped_project(xp, gate_up, terms_gu + terms_up, torch.bmm)
-    y = grouped_project(F.silu(gu[..., :inter]) * gu[..., inter:], down, terms_d, torch.bmm)
-    y = y.reshape(num * cap, h) * wslot[:, None].to(y.dtype)
-    out = x.new_zeros(n + 1, h).index_add_(0, src, y.to(x.dtype))
-    over = [max(0, c - cap) for c in sizes]
-    if sum(over):   # the rows of crowded experts beyond the capacity: sorted, one grouped product
-        rest = ~first
-        tok2 = token[rest]
-        mm = _overflow_mm(over, x.device)
-        gu = grouped_project(x[tok2], gate_up, terms_gu + terms_up, mm)
-        y = grouped_project(F.silu(gu[:, :inter]) * gu[:, inter:], down, terms_d, mm)
-        out = out.index_add_(0, tok2, (y * w_sorted[rest][:, None].to(y.dtype)).to(x.dtype))
+    xz = torch.cat([x, x.new_zeros(1, h)])    # row n: the zero row that padding slots read
+    out = x.new_zeros(n + 1, h)
+    ids = None                                 # level 0: all experts, the stacks themselves (no copy)
+    keep = torch.ones(m, dtype=torch.bool, device=x.device)
+    for level in range(3):
+        cap = max(sizes) if level == 2 else _capacity(sizes)
+        here = keep & (pos < cap)
+        local = eid if ids is None else remap[eid]
+        w_gu, w_d, t_gu, t_d = (gate_up, down, terms_gu + terms_up, terms_d) if ids is None else (
+            gate_up[ids], down[ids], _select(terms_gu + terms_up, ids), _select(terms_d, ids))
+        num_l = len(sizes)
+        slot = local[here] * cap + pos[here]
+        src = torch.full((num_l * cap,), n, dtype=torch.long, device=x.device)
+        src[slot] = token[here]
+        wslot = w_sorted.new_zeros(num_l * cap).index_put((slot,), w_sorted[here])
+        xp = xz[src].view(num_l, cap, h)
+        gu = grouped_project(xp, w_gu, t_gu, torch.bmm)
+        y = grouped_project(F.silu(gu[..., :inter]) * gu[..., inter:], w_d, t_d, torch.bmm)
+        out = out.index_add_(0, src, (y.reshape(num_l * cap, h) * wslot[:, None].to(y.dtype)).to(x.dtype))
+        crowded = [i for i, c in enumerate(sizes) if c > cap]
+        if not crowded:
+            break
+        # the experts with rows beyond ``cap``: their remaining rows, a smaller padded product over them alone
+        new_ids = torch.tensor(crowded, device=x.device)
+        ids = new_ids if ids is None else ids[new_ids]
+        remap = torch.full((num,), -1, dtype=torch.long, device=x.device)
+        remap[ids] = torch.arange(len(crowded), device=x.device)
+        keep = keep & (pos >= cap)
+        pos = pos - cap
+        sizes = [sizes[i] - cap for i in crowded]
     return out[:n]
 
 
-#: cost of a row in the overflow pass relative to a (padded) row of the batched product, measured on the CPU
-_OVERFLOW_COST = 2.5
+def _select(terms: list, ids: torch.Tensor) -> list:
+    """The adapters of the experts ``ids`` only (differentiable row selection of the stacked factors)."""
+    return [LoraTerm(a=t.a[ids], b=t.b[ids], scale=t.scale, dropout=t.dropout, start=t.start) for t in terms]
 
 
 def _capacity(sizes: list[int]) -> int:
-    """The padded group size ``C`` minimising ``E * C + 2.5 * (rows beyond C)``: the batched product pays
-    for padding, the overflow pass (``torch._grouped_mm``'s CPU kernel, or a loop over the crowded experts)
-    is about 2.5x slower per row. Balanced routing gives ``C = max(sizes)`` (no overflow)."""
-    best, best_cost = max(sizes), float("inf")
+    """The padded group size ``C`` of one batched product over ``E`` experts with ``sizes`` rows: the ``C``
+    minimising ``E * C + k(C) * (max(sizes) - C)``, the padded rows of this product plus those of a second one
+    over the ``k(C)`` experts with more than ``C`` rows. Balanced routing gives ``C = max(sizes)``."""
+    top, best, best_cost = max(sizes), max(sizes), float("inf")
     for c in sorted(set(sizes)):
-        cost = len(sizes) * c + _OVERFLOW_COST * sum(max(0, s - c) for s in sizes)
-        if cost < best_cost and c > 0:
+        if c <= 0:
+            continue
+        cost = len(sizes) * c + sum(1 for s in sizes if s > c) * (top - c)
+        if cost < best_cost:
             best, best_cost = c, cost
     return best
-
-
-_CPU_GROUPED_MM_FAILED = False
-
-
-def _overflow_mm(sizes: list[int], device: torch.device):
-    """The grouped product ``mm(rows (M, in), w_t (E, in, out))`` for rows sorted by expert with ``sizes``
-    rows per expert: ``torch._grouped_mm`` where it runs here (in ``w_t``'s dtype), else a loop over the experts
-    that have rows."""
-    offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
-
-    def loop(a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        parts = a.split(sizes)
-        return torch.cat([parts[e] @ w_t[e] for e in range(len(sizes)) if sizes[e]])
-
-    def mm(a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        global _CPU_GROUPED_MM_FAILED
-        if not _CPU_GROUPED_MM_FAILED and hasattr(torch, "_grouped_mm"):
-            try:
-                return torch._grouped_mm(a.to(w_t.dtype), w_t, offs=offs)
-            except (RuntimeError, NotImplementedError):
-                _CPU_GROUPED_MM_FAILED = True
-        return loop(a, w_t)
-
-    return mm
 
 
 def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: torch.Tensor,
