@@ -236,7 +236,7 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
     padded with zero rows to a group size ``C`` (measured on this CPU at Qwen3-MoE shapes: 2-3x faster than
     ``torch._grouped_mm``'s CPU kernel and 6x the per-expert loop, forward and backward; docs/performance.md).
     ``C`` is chosen by :func:`_capacity` (the largest group when routing is balanced); the rows of crowded
-    experts beyond ``C`` go through a second (and at most a third) padded product over those experts alone,
+    experts beyond ``C`` go through a second padded product over those experts alone,
     their weights gathered (a copy of the crowded experts' weights only).
     """
     groups = frozen_groups(experts)
@@ -274,8 +274,8 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
     out = x.new_zeros(n + 1, h)
     ids = None                                 # level 0: all experts, the stacks themselves (no copy)
     keep = torch.ones(m, dtype=torch.bool, device=x.device)
-    for level in range(3):
-        cap = max(sizes) if level == 2 else _capacity(sizes)
+    for level in range(2):
+        cap = max(sizes) if level == 1 else _capacity(sizes)
         here = keep & (pos < cap)
         local = eid if ids is None else remap[eid]
         w_gu, w_d, t_gu, t_d = (gate_up, down, terms_gu + terms_up, terms_d) if ids is None else (
@@ -310,13 +310,15 @@ def _select(terms: list, ids: torch.Tensor) -> list:
 
 def _capacity(sizes: list[int]) -> int:
     """The padded group size ``C`` of one batched product over ``E`` experts with ``sizes`` rows: the ``C``
-    minimising ``E * C + k(C) * (max(sizes) - C)``, the padded rows of this product plus those of a second one
-    over the ``k(C)`` experts with more than ``C`` rows. Balanced routing gives ``C = max(sizes)``."""
+    minimising ``E * C + k(C) * (max(sizes) - C) + E / 4 [k(C) > 0]``, the padded rows of this product plus
+    those of a second one over the ``k(C)`` experts with more than ``C`` rows, plus the fixed cost of a second
+    product (gathering the crowded experts' weights). Balanced routing gives ``C = max(sizes)``."""
     top, best, best_cost = max(sizes), max(sizes), float("inf")
     for c in sorted(set(sizes)):
         if c <= 0:
             continue
-        cost = len(sizes) * c + sum(1 for s in sizes if s > c) * (top - c)
+        crowded = sum(1 for s in sizes if s > c)
+        cost = len(sizes) * c + crowded * (top - c) + (len(sizes) / 4 if crowded else 0)
         if cost < best_cost:
             best, best_cost = c, cost
     return best

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmtune.peft.layers import LoraLinear
@@ -115,10 +114,11 @@ def grouped_project(inp: torch.Tensor, weight: torch.Tensor, terms: Sequence[Lor
         xa = mm(xin, a.transpose(1, 2))                                         # (..., R)
     else:   # each adapter sees its own dropout mask of the input, as in LoraLinear
         xa = torch.cat([mm(t.dropout(xin), t.a.to(cdt).transpose(1, 2)) for t in terms], dim=-1)
-    n_out = weight.shape[1]
-    scale = torch.cat([torch.full((t.a.shape[1],), float(t.scale), dtype=xa.dtype, device=xa.device)
-                       for t in terms])
-    # B of every term placed at its output rows of the (possibly fused gate+up) projection: (E, out, R)
-    b = torch.cat([F.pad(t.b, (0, 0, t.start, n_out - t.start - t.b.shape[1])) for t in terms], dim=2).to(cdt)
-    delta = mm(xa * scale, b.transpose(1, 2))
-    return out + delta.to(out.dtype)
+    col = 0
+    for t in terms:   # each adapter's B product added in place into its rows of the base product
+        r = t.a.shape[1]
+        sl = slice(t.start, t.start + t.b.shape[1])
+        delta = mm(xa[..., col:col + r] * t.scale, t.b.to(cdt).transpose(1, 2))
+        out[..., sl] += delta.to(out.dtype)
+        col += r
+    return out
