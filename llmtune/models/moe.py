@@ -272,12 +272,12 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
     pos = torch.arange(m, device=x.device) - (torch.cumsum(counts, 0) - counts)[eid]
     xz = torch.cat([x, x.new_zeros(1, h)])    # row n: the zero row that padding slots read
     out = x.new_zeros(n + 1, h)
-    ids = None                                 # level 0: all experts, the stacks themselves (no copy)
+    ids = remap = None                         # level 0: all experts, the stacks themselves (no copy)
     keep = torch.ones(m, dtype=torch.bool, device=x.device)
     for level in range(2):
         cap = max(sizes) if level == 1 else _capacity(sizes)
         here = keep & (pos < cap)
-        local = eid if ids is None else remap[eid]
+        local = eid if remap is None else remap[eid]
         w_gu, w_d, t_gu, t_d = (gate_up, down, terms_gu + terms_up, terms_d) if ids is None else (
             gate_up[ids], down[ids], _select(terms_gu + terms_up, ids), _select(terms_d, ids))
         num_l = len(sizes)
