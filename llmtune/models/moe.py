@@ -20,8 +20,13 @@ and PEFT adapters address each expert projection by its name.
 
 Expert compute never loops over tokens: the ``N * top_k`` (token, expert) assignments are sorted by expert,
 the token rows gathered once, and each expert multiplies all of its rows at once
-(:func:`experts_forward`); on CUDA with ``torch._grouped_mm`` and plain bfloat16 experts all experts run as
-one grouped matrix product per projection. The results are scattered back weighted by the routing weights.
+(:func:`experts_forward`). Frozen experts (LoRA training, evaluation) are stored grouped: on first use their
+per-expert weights become views of one ``(E, 2I, H)`` gate+up stack and one ``(E, H, I)`` down stack
+(:func:`frozen_groups`), and all experts run as one grouped product per projection (padded ``torch.bmm`` on the
+CPU, ``torch._grouped_mm`` on CUDA in bfloat16), their LoRA adapters as grouped low-rank products
+(:mod:`llmtune.peft.experts`). Trainable experts (full fine-tuning) run the per-expert loop, or, on CUDA with
+``torch._grouped_mm`` and plain bfloat16 experts without autograd, one grouped product per projection over
+stacked copies. The results are scattered back weighted by the routing weights.
 
 Sources: Shazeer et al. 2017 (sparsely-gated MoE, top-k gating); Fedus et al. 2021, Switch Transformers,
 eq. 4-6 (load-balancing loss); Qwen team, Qwen1.5-MoE / Qwen2 technical report (shared experts, 2024) and
@@ -31,6 +36,7 @@ Qwen3 technical report (2025); transformers' ``modeling_qwen2_moe.py`` / ``model
 
 from __future__ import annotations
 
+import os
 import re
 import weakref
 from typing import Any, Optional, Sequence
@@ -41,6 +47,11 @@ from torch import nn
 
 from llmtune.compat import is_cuda
 from llmtune.models.config import ModelConfig
+from llmtune.peft.experts import LoraTerm, base_linear, grouped_project, lora_terms
+
+#: the grouped path for frozen (LoRA-trained, evaluated) experts; ``LLMTUNE_MOE_GROUPED=0`` keeps the per-expert
+#: loop (for before/after benchmarks)
+GROUPED_FROZEN = os.environ.get("LLMTUNE_MOE_GROUPED", "1") != "0"
 
 
 class ExpertMLP(nn.Module):
@@ -152,6 +163,167 @@ def _grouped_swiglu(rows: torch.Tensor, counts: torch.Tensor, experts: Sequence[
     return torch._grouped_mm(F.silu(g) * u, w_down, offs=offs)
 
 
+def _sort_assignments(top_experts: torch.Tensor, num_experts: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order, token, counts)``: the ``N * k`` assignments sorted by expert (stable), the token row of each
+    sorted assignment, and the rows per expert ``(E,)``."""
+    flat = top_experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order, order // top_experts.shape[1], torch.bincount(flat, minlength=num_experts)
+
+
+def _views_of(groups: tuple[torch.Tensor, torch.Tensor], bases: list[list[nn.Module]]) -> bool:
+    """True when every expert's gate/up/down weight is still the slice of ``groups`` it was made (a reload,
+    ``.to()`` or ``weight.data = ...`` gives a weight its own storage again)."""
+    gate_up, down = groups
+    inter = gate_up.shape[1] // 2
+    for e in range(gate_up.shape[0]):
+        for w, want in ((bases[0][e].weight, gate_up[e, :inter]), (bases[1][e].weight, gate_up[e, inter:]),
+                        (bases[2][e].weight, down[e])):
+            if w.data_ptr() != want.data_ptr() or w.dtype != want.dtype or w.shape != want.shape \
+                    or w.stride() != want.stride():
+                return False
+    return True
+
+
+def frozen_groups(experts: Sequence[nn.Module]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The experts' frozen base weights stored grouped: ``gate_up`` ``(E, 2I, H)`` (rows ``[:I]`` gate, ``[I:]``
+    up, transformers 5's layout) and ``down`` ``(E, H, I)``, of which each expert's ``weight`` parameters are
+    views (the parameters keep their identity and names, so loading, saving, LoRA targets and merging see the
+    per-expert layout; the grouped compute reads the stacks without copying them).
+
+    Made once (one copy of the layer's experts while it is made) and kept on ``experts`` as
+    ``_llmtune_groups``; made again when a weight stopped being a view. None (the per-expert loop is used) when
+    any projection is not a bias-free ``nn.Linear`` (a 4-bit layer), requires grad while autograd is on (full
+    fine-tuning: the gradients must reach the per-expert parameters; without autograd they are grouped too, and
+    an optimizer's in-place updates of the per-expert parameters write into the stacks), or the experts differ
+    in dtype/device.
+    """
+    names = ("gate_proj", "up_proj", "down_proj")
+    bases = [[base_linear(getattr(e, n)) for e in experts] for n in names]
+    first = bases[0][0].weight
+    grad = torch.is_grad_enabled()
+    for group in bases:
+        for m in group:
+            if type(m) is not nn.Linear or m.bias is not None or (grad and m.weight.requires_grad) \
+                    or m.weight.dtype != first.dtype or m.weight.device != first.device or first.is_meta:
+                return None
+    kept = getattr(experts, "_llmtune_groups", None)
+    if kept is not None and _views_of(kept, bases):
+        return kept
+    num, (inter, hidden) = len(experts), first.shape
+    with torch.no_grad():
+        gate_up = torch.empty(num, 2 * inter, hidden, dtype=first.dtype, device=first.device)
+        down = torch.empty(num, hidden, inter, dtype=first.dtype, device=first.device)
+        for e in range(num):
+            gate_up[e, :inter].copy_(bases[0][e].weight)
+            gate_up[e, inter:].copy_(bases[1][e].weight)
+            down[e].copy_(bases[2][e].weight)
+            bases[0][e].weight.data = gate_up[e, :inter]
+            bases[1][e].weight.data = gate_up[e, inter:]
+            bases[2][e].weight.data = down[e]
+    object.__setattr__(experts, "_llmtune_groups", (gate_up, down))
+    return gate_up, down
+
+
+def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: torch.Tensor,
+                    top_weights: torch.Tensor) -> Optional[torch.Tensor]:
+    """:func:`experts_forward` for frozen experts (LoRA training, evaluation) as grouped products; None when the
+    experts cannot be grouped (see :func:`frozen_groups` and :func:`llmtune.peft.experts.lora_terms`).
+
+    Two layouts of the sorted rows, the same products: on CUDA in bfloat16 with widths that are multiples of 8,
+    ``torch._grouped_mm`` over the ``(M, H)`` sorted rows; elsewhere one ``torch.bmm`` over ``(E, C, H)`` groups
+    padded with zero rows to a group size ``C`` (measured on this CPU at Qwen3-MoE shapes: 2-3x faster than
+    ``torch._grouped_mm``'s CPU kernel and 6x the per-expert loop, forward and backward; docs/performance.md).
+    ``C`` is chosen by :func:`_capacity` (the largest group when routing is balanced); the rows of crowded
+    experts beyond ``C`` go through a second padded product over those experts alone,
+    their weights gathered (a copy of the crowded experts' weights only).
+    """
+    groups = frozen_groups(experts)
+    if groups is None:
+        return None
+    gate_up, down = groups
+    num, inter = len(experts), gate_up.shape[1] // 2
+    terms_gu = lora_terms([e.gate_proj for e in experts], 0)
+    terms_up = lora_terms([e.up_proj for e in experts], inter)
+    terms_d = lora_terms([e.down_proj for e in experts], 0)
+    if terms_gu is None or terms_up is None or terms_d is None:
+        return None
+    n, k = top_experts.shape
+    m, h = n * k, x.shape[1]
+    order, token, counts = _sort_assignments(top_experts, num)
+    w_sorted = top_weights.reshape(-1)[order]
+    ranks = {t.a.shape[1] for t in terms_gu + terms_up + terms_d}
+    if is_cuda(x) and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 == gate_up.dtype \
+            and h % 8 == 0 and inter % 8 == 0 and all(r % 8 == 0 for r in ranks):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+
+        def mm(a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+            return torch._grouped_mm(a, w_t, offs=offs)
+
+        gu = grouped_project(x[token], gate_up, terms_gu + terms_up, mm)
+        y = grouped_project(F.silu(gu[:, :inter]) * gu[:, inter:], down, terms_d, mm)
+        y = y * w_sorted[:, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+    sizes = counts.tolist()
+    if m == 0:
+        return None
+    eid = top_experts.reshape(-1)[order]
+    pos = torch.arange(m, device=x.device) - (torch.cumsum(counts, 0) - counts)[eid]
+    xz = torch.cat([x, x.new_zeros(1, h)])    # row n: the zero row that padding slots read
+    out = x.new_zeros(n + 1, h)
+    ids = remap = None                         # level 0: all experts, the stacks themselves (no copy)
+    keep = torch.ones(m, dtype=torch.bool, device=x.device)
+    for level in range(2):
+        cap = max(sizes) if level == 1 else _capacity(sizes)
+        here = keep & (pos < cap)
+        local = eid if remap is None else remap[eid]
+        w_gu, w_d, t_gu, t_d = (gate_up, down, terms_gu + terms_up, terms_d) if ids is None else (
+            gate_up[ids], down[ids], _select(terms_gu + terms_up, ids), _select(terms_d, ids))
+        num_l = len(sizes)
+        slot = local[here] * cap + pos[here]
+        src = torch.full((num_l * cap,), n, dtype=torch.long, device=x.device)
+        src[slot] = token[here]
+        wslot = w_sorted.new_zeros(num_l * cap).index_put((slot,), w_sorted[here])
+        xp = xz[src].view(num_l, cap, h)
+        gu = grouped_project(xp, w_gu, t_gu, torch.bmm)
+        y = grouped_project(F.silu(gu[..., :inter]) * gu[..., inter:], w_d, t_d, torch.bmm)
+        out = out.index_add_(0, src, (y.reshape(num_l * cap, h) * wslot[:, None].to(y.dtype)).to(x.dtype))
+        crowded = [i for i, c in enumerate(sizes) if c > cap]
+        if not crowded:
+            break
+        # the experts with rows beyond ``cap``: their remaining rows, a smaller padded product over them alone
+        new_ids = torch.tensor(crowded, device=x.device)
+        ids = new_ids if ids is None else ids[new_ids]
+        remap = torch.full((num,), -1, dtype=torch.long, device=x.device)
+        remap[ids] = torch.arange(len(crowded), device=x.device)
+        keep = keep & (pos >= cap)
+        pos = pos - cap
+        sizes = [sizes[i] - cap for i in crowded]
+    return out[:n]
+
+
+def _select(terms: list, ids: torch.Tensor) -> list:
+    """The adapters of the experts ``ids`` only (differentiable row selection of the stacked factors)."""
+    return [LoraTerm(a=t.a[ids], b=t.b[ids], scale=t.scale, dropout=t.dropout, start=t.start) for t in terms]
+
+
+def _capacity(sizes: list[int]) -> int:
+    """The padded group size ``C`` of one batched product over ``E`` experts with ``sizes`` rows: the ``C``
+    minimising ``E * C + k(C) * (max(sizes) - C) + E / 4 [k(C) > 0]``, the padded rows of this product plus
+    those of a second one over the ``k(C)`` experts with more than ``C`` rows, plus the fixed cost of a second
+    product (gathering the crowded experts' weights). Balanced routing gives ``C = max(sizes)``."""
+    top, best, best_cost = max(sizes), max(sizes), float("inf")
+    for c in sorted(set(sizes)):
+        if c <= 0:
+            continue
+        crowded = sum(1 for s in sizes if s > c)
+        cost = len(sizes) * c + crowded * (top - c) + (len(sizes) / 4 if crowded else 0)
+        if cost < best_cost:
+            best, best_cost = c, cost
+    return best
+
+
 def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: torch.Tensor,
                     top_weights: torch.Tensor, grouped: Optional[bool] = None) -> torch.Tensor:
     """``y[n] = sum_j top_weights[n, j] * experts[top_experts[n, j]](x[n])``, grouped by expert.
@@ -160,8 +332,11 @@ def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
     expert order as the reference does), the rows gathered once, each expert applied to all of its rows in
     one call (with autograd on, experts with no rows are called on an empty batch, so every expert and adapter
     takes part in the graph and gets a (zero) gradient, as DDP requires; without autograd they are skipped),
-    and the weighted outputs summed back per token with ``index_add``. With ``grouped`` (default: when :func:`_can_group` holds) the experts run as
-    ``torch._grouped_mm`` products instead of the per-expert loop.
+    and the weighted outputs summed back per token with ``index_add``. With ``grouped`` (default: when
+    :func:`_can_group` holds) the experts run as ``torch._grouped_mm`` products instead of the per-expert loop.
+    By default, frozen experts (LoRA training, evaluation, on any device), LoRA'd or not, run as grouped
+    products with their adapters as grouped low-rank products (:func:`_grouped_frozen`); every expert's
+    adapters take part (zero gradients for experts without rows).
 
     Args:
         x: ``(N, H)`` token rows, any float dtype.
@@ -169,21 +344,22 @@ def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
             projections).
         top_experts: ``(N, k)`` int64 expert ids.
         top_weights: ``(N, k)`` routing weights (same dtype as ``x`` or castable).
-        grouped: force (True) or forbid (False) the ``torch._grouped_mm`` path.
+        grouped: force (True) or forbid (False: the per-expert loop) the ``torch._grouped_mm`` path of
+            :func:`_grouped_swiglu`.
 
     Returns:
         ``(N, H)`` in ``x``'s dtype.
     """
     global _GROUPED_MM_FAILED
-    n, k = top_experts.shape
     num_experts = len(experts)
-    flat = top_experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token = order // k
-    counts = torch.bincount(flat, minlength=num_experts)
-    rows = x[token]
     if grouped is None:
         grouped = not _GROUPED_MM_FAILED and _can_group(x, experts)
+        if not grouped and GROUPED_FROZEN:
+            out = _grouped_frozen(x, experts, top_experts, top_weights)
+            if out is not None:
+                return out
+    order, token, counts = _sort_assignments(top_experts, num_experts)
+    rows = x[token]
     out_rows = None
     if grouped:
         try:
