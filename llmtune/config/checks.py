@@ -265,12 +265,9 @@ def deepspeed_as_fsdp(path: str) -> Any:
 
 
 def notice_mapped_keys(cfg: TrainConfig, command: Any) -> None:
-    """One notice for each LLaMA-Factory/TRL key set that llmtune serves another way (what it does instead);
-    before ``llmtune train``, :func:`llmtune.train.hub.check_ready` for ``push_to_hub``.
-
-    Raises:
-        LLMTuneError: ``push_to_hub`` without ``hub_model_id``, offline, or without a Hub token.
-    """
+    """One notice for each LLaMA-Factory/TRL key set that llmtune serves another way (what it does instead).
+    ``push_to_hub``'s readiness (a repo id, online, a token) is checked by ``run_train`` first thing
+    (:func:`llmtune.train.hub.check_ready`)."""
     from llmtune.errors import notice
 
     if cfg.is_set("flash_attn") and cfg.flash_attn in ("fa2", "disabled"):
@@ -289,10 +286,6 @@ def notice_mapped_keys(cfg: TrainConfig, command: Any) -> None:
         now = f"fsdp: {cfg.fsdp}" if cfg.fsdp else "DDP (each process holds the whole model and optimizer)"
         what = "the fsdp you set applies" if cfg.is_set("fsdp") else f"ZeRO-{stage}{' with offload' if offload else ''}"
         notice(f"deepspeed: llmtune does not use DeepSpeed; {what}: {now} under torchrun")
-    if command == "train" and cfg.push_to_hub and cfg.do_train:
-        from llmtune.train.hub import check_ready
-
-        check_ready(cfg)
 
 
 def validate(cfg: TrainConfig, command: Union[str, None] = "train") -> None:

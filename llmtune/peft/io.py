@@ -205,7 +205,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, adapter_name: str = 
             if name not in params:
                 # peft writes no adapter name, but tolerate ".<adapter>." forms from hand-made files
                 name = name.replace(f".{adapter_name}.", ".").replace(".default.", ".")
-                if name.endswith(f"lora_magnitude_vector.weight"):
+                if name.endswith("lora_magnitude_vector.weight"):
                     name = name[: -len(".weight")]
             if name not in params:
                 raise LLMTuneError(f"adapter {d}: tensor {key!r} in {WEIGHTS_NAME} has no matching module in "

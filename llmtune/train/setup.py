@@ -71,6 +71,10 @@ def run_train(config: Union[dict, str, Path, Any], **stage_options: Any) -> dict
     (``llmtune.train.distributed.distributed_session``): every rank trains its data shard, rank 0 writes.
     """
     cfg = parse_config(config, command="train")                          # 1. the config, validated
+    if cfg.push_to_hub and cfg.do_train:   # before anything is written: a repo id, online, a token
+        from llmtune.train.hub import check_ready
+
+        check_ready(cfg)
     out_dir = Path(str(cfg.output_dir)).expanduser()
     with _no_empty_output_dir_left(cfg), distributed_session(cfg), lock_output(out_dir, "output_dir"):
         # the model and trainer live in _run_steps' frame: they are gone (their FSDP/DDP state included)
