@@ -406,6 +406,9 @@ class SparseMoeBlock(nn.Module):
         self.router_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[batch, seq, hidden]`` -> the top-k experts' SwiGLU outputs weighted by the router's probabilities,
+        same shape and dtype (Qwen2/3-MoE routing, plus the gated shared expert where the model has one); the
+        router's ``(probs, top)`` are kept in ``router_state`` for :func:`collect_aux_loss`."""
         b, t, h = x.shape
         flat = x.reshape(-1, h)
         weights, top, probs = route(self.gate(flat), self.top_k, self.norm_topk_prob)

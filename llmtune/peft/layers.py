@@ -235,6 +235,9 @@ class LoraLinear(nn.Module):
         return torch.linalg.norm(weight + delta, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = base(x) + sum_active (alpha/r) * dropout(x) A^T B^T`` (LoRA, Hu et al. 2021, eq. 3; DoRA rescales
+        by the magnitude vector), x ``[..., in_features]`` -> ``[..., out_features]`` in x's dtype; inside
+        :func:`llmtune.peft.row_adapters` each row of the batch takes its own adapter (or none)."""
         rows = _ROWS.get()
         if rows is not None and not self.adapters_disabled:   # inside llmtune.peft.row_adapters: per-row adapters
             return self._forward_rows(x, rows)
