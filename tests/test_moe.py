@@ -39,10 +39,10 @@ def hf_config(family: str, **extra):
     return tf.Qwen3MoeConfig(**kw)
 
 
-def make_hf(family: str, seed: int = 0, **extra):
-    """A float32 transformers MoE model with well-spread random weights (routing differs per token)."""
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(hf_config(family, **extra), dtype=torch.float32).eval()
+
+def spread_weights(model) -> None:
+    """Weights spread widely enough for routing and logits to differ between implementations' mistakes: norms
+    around 1, router logits N(0, 0.5), the rest N(0, 0.15), in place from the current torch seed."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -51,6 +51,12 @@ def make_hf(family: str, seed: int = 0, **extra):
                 p.copy_(0.5 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
+
+def make_hf(family: str, seed: int = 0, **extra):
+    """A float32 transformers MoE model with well-spread random weights (routing differs per token)."""
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(hf_config(family, **extra), dtype=torch.float32).eval()
+    spread_weights(model)
     return model
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import llmtune.models.moe as moe
 from llmtune.models.loader import load_model
+from test_moe import spread_weights
 
 tf = pytest.importorskip("transformers")
 
@@ -28,14 +29,7 @@ def folder(tmp_path_factory):
     """A tiny random-init Qwen3-MoE (transformers, float32, well-spread weights) saved as safetensors."""
     torch.manual_seed(0)
     ref = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**CFG)).float()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith("mlp.gate.weight"):
-                p.copy_(0.5 * torch.randn_like(p))
-            else:
-                p.copy_(0.15 * torch.randn_like(p))
+    spread_weights(ref)
     out = tmp_path_factory.mktemp("q3moe")
     ref.save_pretrained(out, safe_serialization=True)
     return out
