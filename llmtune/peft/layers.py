@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,11 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def _add_lora(result: torch.Tensor, xa: torch.Tensor, lora_b: nn.Linear, s: float) -> torch.Tensor:
-    """``result + s * xa @ B^T`` for ``result`` ``(..., out)``, ``xa = A x`` ``(..., r)``, ``B`` ``(out, r)``.
+def _add_lora(result: torch.Tensor, xa: torch.Tensor, lora_b: Union[nn.Linear, torch.Tensor],
+              s: Union[float, torch.Tensor]) -> torch.Tensor:
+    """``result + (s * xa) @ B^T`` for ``result`` ``(..., out)``, ``xa = A x`` ``(..., r)``, ``B`` ``(out, r)``
+    (``lora_b`` an ``nn.Linear`` or its weight); ``s`` a float, or a tensor broadcast against ``xa`` (per-row
+    adapters pass their rank mask).
 
     When the product runs in ``result``'s dtype (autocast on, or adapters in the base dtype) this is one
     ``addmm`` (GEMM with accumulate into a copy of ``result``) with the scale applied to the small ``(..., r)``
@@ -77,12 +80,14 @@ def _add_lora(result: torch.Tensor, xa: torch.Tensor, lora_b: nn.Linear, s: floa
     product runs in the adapters' dtype and is cast to ``result``'s dtype, as before.
     """
     dev = result.device.type
+    b = lora_b if isinstance(lora_b, torch.Tensor) else lora_b.weight
     if (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == result.dtype) \
-            or (lora_b.weight.dtype == result.dtype == xa.dtype):
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), (xa * s).reshape(-1, xa.shape[-1]),
-                          lora_b.weight.t())
+            or (b.dtype == result.dtype == xa.dtype):
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), (xa * s).reshape(-1, xa.shape[-1]), b.t())
         return out.view(result.shape)
-    return result + (lora_b(xa) * s).to(result.dtype)
+    if isinstance(s, torch.Tensor):
+        return result + F.linear(xa * s, b).to(result.dtype)
+    return result + (F.linear(xa, b) * s).to(result.dtype)
 
 
 class LoraLinear(nn.Module):
@@ -295,10 +300,8 @@ class LoraLinear(nn.Module):
             if name is None:
                 return self._forward_active(x)
             return self._forward_only(x, name if name in self.lora_A else None)
-        names = rows.local_names(self.lora_A, self.active_adapters)
-        used = set(names)
-        present = [n for n in self.lora_A if n in used]
-        if len(used) == 1:
+        names, present, single = rows.plan(self.lora_A, self.active_adapters)
+        if single:
             return self._forward_only(x, names[0])
         if x.dim() < 2 or x.shape[0] != len(names):
             raise LLMTuneError(f"per-row adapters: {len(names)} row names for an input of shape {tuple(x.shape)} "
@@ -309,9 +312,8 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x)
         xl = x if torch.is_autocast_enabled(x.device.type) else x.to(a_cat.dtype)
         h = F.linear(xl, a_cat)                                                   # (rows, ..., sum r)
-        m = rows.mask(names, spans, total, h.device, h.dtype)
-        h = h * m.view(m.shape[0], *([1] * (h.dim() - 2)), total)
-        return result + F.linear(h, b_cat).to(result.dtype)
+        m = rows.mask(names, spans, total, h.device, h.dtype, h.dim())
+        return _add_lora(result, h, b_cat, m)   # the mask in the place of the scale (built into b_cat)
 
     def _stacked(self, present: list) -> tuple:
         """``(A_cat (sum r, in), B_cat (out, sum r) with each block scaled, {name: (start, stop)}, sum r)`` of

@@ -46,6 +46,20 @@ class RowAdapters:
         self.names = list(names)
         self.uniform = len(set(self.names)) == 1
         self._masks: dict = {}
+        self._plans: dict = {}
+
+    def plan(self, have: Sequence[str], active: Sequence[str]) -> tuple:
+        """``(names, present, single)`` for a layer holding adapters ``have`` (in order) with ``active`` active:
+        each row's name there (:meth:`local_names`), the adapters of ``have`` that some row uses (in ``have``'s
+        order), and whether every row runs the same one. Cached for the step by the layer layout (most layers
+        of a model share one), so the per-layer cost is one dictionary lookup. Raises as :meth:`local_names`."""
+        key = (tuple(have), tuple(active))
+        hit = self._plans.get(key)
+        if hit is None:
+            names = self.local_names(have, active)
+            used = set(names)
+            hit = self._plans[key] = (names, [n for n in have if n in used], len(used) == 1)
+        return hit
 
     def local_names(self, have: Sequence[str], active: Sequence[str]) -> list:
         """The name each row runs in a layer holding adapters ``have`` with ``active`` active: a name of
@@ -58,10 +72,11 @@ class RowAdapters:
         default = live[0] if live else None
         return [default if n is None else (n if n in have else None) for n in self.names]
 
-    def mask(self, names: list, spans: dict, total: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``(rows, total)`` 0/1 tensor: row ``i`` keeps columns ``spans[names[i]]`` (``(start, stop)``) of the
-        concatenated rank; cached for the step by the layout."""
-        key = (tuple(names), tuple(sorted(spans.items())), total, device, dtype)
+    def mask(self, names: list, spans: dict, total: int, device: torch.device, dtype: torch.dtype,
+             ndim: int = 2) -> torch.Tensor:
+        """0/1 tensor ``(rows, 1, ..., 1, total)`` of ``ndim`` dims: row ``i`` keeps columns ``spans[names[i]]``
+        (``(start, stop)``) of the concatenated rank; cached for the step by the layout."""
+        key = (id(names), tuple(spans.values()), total, device, dtype, ndim)
         m = self._masks.get(key)
         if m is None:
             rows = []
@@ -71,8 +86,10 @@ class RowAdapters:
                     a, b = spans[n]
                     row[a:b] = [1.0] * (b - a)
                 rows.append(row)
-            m = self._masks[key] = torch.tensor(rows, dtype=dtype, device=device)
-        return m
+            m = torch.tensor(rows, dtype=dtype, device=device).view(len(names), *([1] * (ndim - 2)), total)
+            self._masks[key] = (names, m)   # names kept alive: its id stays unique while cached
+            return m
+        return m[1]
 
 
 def current_rows() -> Optional[RowAdapters]:
