@@ -46,14 +46,23 @@ def split_adapter(model: Any, weights: dict[str, torch.Tensor]) -> dict[str, str
 
 
 def write_adapter(model: Any, folder: Path, output_dir: Path) -> None:
-    """Write the PEFT adapter files of ``model`` into ``folder`` and copy the run's record from ``output_dir``."""
+    """Write the PEFT adapter files of ``model`` into ``folder`` and copy the run's record from ``output_dir``.
+    (An FSDP2 model is passed inside :func:`llmtune.train.wrap.full_parameters`: its parameters are then the
+    gathered full tensors.)"""
     from llmtune.peft import save_adapter
 
     chain = getattr(model, "adapter_chain", None)
     save_adapter(model, folder, base_model_name_or_path=getattr(chain, "base", None))
+    copy_record(folder, output_dir)
+
+
+def copy_record(folder: Path, output_dir: Path) -> None:
+    """Copy the run's record (:data:`RECORD_FILES` that exist in ``output_dir``) into the checkpoint ``folder``:
+    every checkpoint carries it (a freeze or sharded FSDP checkpoint finds its base there,
+    :mod:`llmtune.ckpt_weights`). Small files only (about 3.5 MB with a tokenizer.json)."""
     for name in RECORD_FILES:
-        if (output_dir / name).is_file():
-            shutil.copy2(output_dir / name, folder / name)
+        if (Path(output_dir) / name).is_file():
+            shutil.copy2(Path(output_dir) / name, Path(folder) / name)
 
 
 def full_model_names(model: Any, weights: dict[str, torch.Tensor]) -> list[str]:
@@ -77,9 +86,7 @@ def write_model_config(model: Any, folder: Path, output_dir: Path, weights: dict
     hf = model.config.to_hf_dict()
     hf["torch_dtype"] = str(weights[names[0]].dtype).replace("torch.", "")
     (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    for name in RECORD_FILES:
-        if (output_dir / name).is_file():
-            shutil.copy2(output_dir / name, folder / name)
+    copy_record(folder, output_dir)
 
 
 def rename(state: Any, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,4 +96,4 @@ def rename(state: Any, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {(names or {}).get(k, k): v for k, v in adapter.items()}
 
 
-__all__ = ["split_adapter", "write_adapter", "full_model_names", "write_model_config", "rename", "ADAPTER_WEIGHTS", "RECORD_FILES"]
+__all__ = ["split_adapter", "write_adapter", "copy_record", "full_model_names", "write_model_config", "rename", "ADAPTER_WEIGHTS", "RECORD_FILES"]
