@@ -31,6 +31,7 @@ Sources: the safetensors format; PyTorch's ``torch.distributed.checkpoint`` docu
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -150,7 +151,9 @@ def lay_over(model: torch.nn.Module, folder: PathLike) -> torch.nn.Module:
                     if t is not None:   # straight into the parameter when it has the stored dtype, else cast after
                         same = t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
                         state["model." + name] = t if same else torch.empty(shape, dtype=dtype)
-                dcp.load(state, storage_reader=HuggingFaceStorageReader(str(storage)), no_dist=True)
+                with warnings.catch_warnings():   # its notice that no_dist means one process: what we ask for
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(storage)), no_dist=True)
             except LLMTuneError:
                 raise
             except Exception as e:  # noqa: BLE001 - a truncated or foreign shard file: one line naming it
