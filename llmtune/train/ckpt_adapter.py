@@ -10,7 +10,11 @@ A full fine-tuning checkpoint is a model folder the same way: ``model.safetensor
 Hugging Face name, in the training dtype) + ``config.json``, with ``trainable.safetensors`` holding only a
 value head (``trainer_state.json``: ``"weights_file": "model.safetensors"``).
 The run's record (``llmtune.json``, ``training_args.yaml``, tokenizer files, ``generation_config.json``),
-written into ``output_dir`` when training starts, is copied into every checkpoint (small files only).
+written into ``output_dir`` when training starts, is copied into every checkpoint (small files only,
+:func:`copy_record`). A freeze-tuning checkpoint stays ``trainable.safetensors`` (the trained layers only):
+with the record it is used as a model by laying those tensors over the recorded base
+(:mod:`llmtune.ckpt_weights`), which costs no second copy of the weights (DESIGN.md takes a model folder as
+the checkpoint's form; for freeze tuning the base + tensors form is chosen to keep the disk cost at zero).
 
 Source: PEFT's saved key names (``base_model.model.<module path>.lora_A.weight``; see
 :func:`llmtune.peft.adapters.lora_state_dict`).
