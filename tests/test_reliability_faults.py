@@ -528,6 +528,24 @@ def test_a_freeze_checkpoint_is_a_model_for_chat_and_export(inputs, tmp_path, ca
     msg = str(err.value)
     assert msg.startswith("adapter_name_or_path:") and f"--model_name_or_path {ck}" in msg and "\n" not in msg
 
+    # a LoRA stage trained on the checkpoint: its output folder brings the checkpoint (recorded as a parent) and
+    # equals transformers+peft on the base + the checkpoint's tensors + the adapter; api serves it unmerged
+    from peft import PeftModel
+
+    from llmtune.config import parse_config
+    from llmtune.serve.server import load_served_model
+
+    lora = tmp_path / "lora"
+    assert _train_in_process(_args(inputs, lora, max_steps=2, model_name_or_path=str(ck))) == 0
+    chained = load_model(str(lora), dtype=torch.float32)
+    assert [str(a) for a in chained.adapter_chain.adapters] == [str(ck.resolve()), str(lora.resolve())]
+    with torch.no_grad():
+        expect = PeftModel.from_pretrained(hf, str(lora)).eval()(input_ids=ids).logits
+        torch.testing.assert_close(chained.lm_head(chained(ids)).float(), expect, atol=1e-5, rtol=1e-5)
+    specs, served, _, _ = load_served_model(parse_config(["--model_name_or_path", str(inputs["model"]),
+                                                          "--adapter_name_or_path", str(lora)], command="chat"))
+    assert [str(a) for a in served.adapter_chain.adapters] == [str(ck.resolve())] and len(specs) == 1
+
 
 # -- push_to_hub (issue 25: accepted with a notice, nothing uploaded) ------------------------------------------
 class _HubStandIn:
