@@ -220,7 +220,8 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
     """The one rule deciding which adapters apply to which base, for every command.
 
     * ``model_name_or_path`` may be a LoRA output folder: its recorded root base is the base and its chain
-      goes first (one notice).
+      goes first (one notice); or a freeze / sharded FSDP ``checkpoint-N`` (:mod:`llmtune.ckpt_weights`): the base
+      its ``llmtune.json`` records, its parent adapters, then the checkpoint itself (its tensors laid over).
     * ``adapter_name_or_path`` (a comma list or a list) is applied in the given order, each folder as is;
     * except that the first adapter, given on a plain base, whose own recorded chain roots at that base (same
       path or same weights, :func:`same_base`) brings its whole chain (the seed's chat and export give only
@@ -235,8 +236,9 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
         the :class:`AdapterChain` (absolute adapter folders; ``local_base`` set when the base is local).
 
     Raises:
-        LLMTuneError: an adapter path that does not exist or has no ``adapter_config.json``; the errors of
-            :func:`resolve_model_chain`.
+        LLMTuneError: an adapter path that does not exist or has no ``adapter_config.json`` (a freeze or sharded
+            FSDP checkpoint given as an adapter: the message says to pass it as ``model_name_or_path``); a
+            checkpoint whose recorded base no longer exists; the errors of :func:`resolve_model_chain`.
     """
     say = (lambda message: None) if quiet else notice
     items = _split(adapter_name_or_path)
@@ -269,8 +271,8 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
                                    f"adapter: pass it as --model_name_or_path {item} (its recorded base is loaded "
                                    "and its trained tensors laid over) and leave adapter_name_or_path unset")
             if (local / "trainer_state.json").is_file():    # a checkpoint-N of an older llmtune run
-                raise LLMTuneError(f"adapter_name_or_path: {item!r} is a training checkpoint without an adapter (a "
-                                   "full/freeze fine-tuning, FSDP or older llmtune run: for resume_from_checkpoint); "
+                raise LLMTuneError(f"adapter_name_or_path: {item!r} is a training checkpoint without an adapter or "
+                                   "trained tensors (an older llmtune run's: for resume_from_checkpoint only); "
                                    "give the run's output_dir (its final model) instead")
             raise LLMTuneError(f"adapter_name_or_path: {item!r} has no {ADAPTER_CONFIG} (in {local}); give the "
                                "output folder of a LoRA training run (or leave adapter_name_or_path unset)")
@@ -380,7 +382,8 @@ def load_model(name_or_path: PathLike, dtype: Union[str, torch.dtype] = "auto", 
 
     Args:
         name_or_path: a model folder, Hub id, ``.gguf`` file, or an llmtune/PEFT LoRA output folder (its
-            base is loaded and its recorded chain merged).
+            base is loaded and its recorded chain merged), or a freeze / sharded FSDP ``checkpoint-N`` (its
+            recorded base with its trained tensors laid over, :mod:`llmtune.ckpt_weights`).
         adapter_name_or_path: adapter folder(s) to merge after it (comma list or list; see
             :func:`resolve_chain` for the whole-chain rule).
         dtype, device, revision, quantization_bit, quantization_type, double_quantization: as
