@@ -547,6 +547,32 @@ def test_a_freeze_checkpoint_is_a_model_for_chat_and_export(inputs, tmp_path, ca
     assert [str(a) for a in served.adapter_chain.adapters] == [str(ck.resolve())] and len(specs) == 1
 
 
+@pytest.mark.real
+def test_a_freeze_checkpoint_of_the_real_model_is_the_runs_model_at_that_step(real_model_path, shared_data_dir,
+                                                                               tmp_path):
+    """SmolLM2 (GGUF base), freeze_trainable_layers 2, one step, save_steps 1: checkpoint-1 stores the two trained
+    layers only (about 28 MB in float32; the final model folder is about 514 MB) and, as model_name_or_path, has
+    weights bit-equal to the run's final output folder of the same step, which is written and loaded by the other
+    path (a whole model folder)."""
+    import torch
+
+    from llmtune.runs import load_model
+
+    out = tmp_path / "real"
+    args = ["--stage", "sft", "--model_name_or_path", str(real_model_path), "--dataset", "identity",
+            "--dataset_dir", str(shared_data_dir), "--template", "chatml", "--finetuning_type", "freeze",
+            "--freeze_trainable_layers", "2", "--output_dir", str(out), "--cutoff_len", "64",
+            "--per_device_train_batch_size", "1", "--max_steps", "1", "--save_steps", "1", "--max_samples", "8",
+            "--report_to", "none", "--disable_tqdm", "true"]
+    assert _train_in_process(args) == 0
+    ck = out / "checkpoint-1"
+    assert (ck / "trainable.safetensors").stat().st_size * 10 < (out / "model.safetensors").stat().st_size
+    laid, final = load_model(str(ck), dtype=torch.float32).state_dict(), load_model(str(out), dtype=torch.float32)
+    final = final.state_dict()
+    assert sorted(laid) == sorted(final)
+    assert all(torch.equal(laid[k], final[k]) for k in final), [k for k in final if not torch.equal(laid[k], final[k])][:3]
+
+
 # -- push_to_hub (issue 25: accepted with a notice, nothing uploaded) ------------------------------------------
 class _HubStandIn:
     """A local stand-in of the Hub API: records create_repo/upload_folder calls and the files upload_folder would
