@@ -40,6 +40,7 @@ import torch
 from llmtune.errors import LLMTuneError, notice
 from llmtune.fileio import make_public_dir, publish_dir, read_json
 from llmtune.peft.io import native_key
+from llmtune.ckpt_weights import checkpoint_kind
 from llmtune.runs import apply_chain, read_training_args, recorded_template, resolve_chain
 from llmtune.sampling import eos_id_list
 
@@ -275,7 +276,8 @@ def merge_chain(model: torch.nn.Module, adapters: Sequence[Path]) -> torch.nn.Mo
     Returns the model with plain ``nn.Linear`` layers (no LoRA wrappers).
     """
     for i, folder in enumerate(adapters):
-        check_adapter_fits(model, folder)
+        if not checkpoint_kind(folder):   # a freeze/FSDP checkpoint's tensors are checked as they are laid over
+            check_adapter_fits(model, folder)
         apply_chain(model, [folder], prefix=f"export{i}_")
     return model
 

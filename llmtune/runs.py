@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import yaml
 
-from llmtune import __version__, peft
+from llmtune import __version__, ckpt_weights, peft
 from llmtune.errors import LLMTuneError, notice
 from llmtune.fileio import read_json, same_path, write_json
 from llmtune.models import loader
@@ -137,7 +137,9 @@ def resolve_model_chain(path: PathLike) -> tuple[str, list[Path]]:
 
     Args:
         path: a model folder, ``.gguf`` file, Hub id, or a LoRA adapter folder (``adapter_config.json``
-            without ``config.json``), whose base may itself be an adapter folder.
+            without ``config.json``), whose base may itself be an adapter folder; or a freeze / sharded FSDP
+            ``checkpoint-N`` (:func:`llmtune.ckpt_weights.checkpoint_kind`), whose base and parents come from its
+            ``llmtune.json`` and which takes its place in the chain like an adapter (its tensors are laid over).
 
     Returns:
         ``(base, adapters)``: the root base (an absolute local path, or the name as given when it is not a
@@ -157,14 +159,18 @@ def _resolve(current: str, seen: tuple) -> tuple[str, list[Path]]:
     adapters: list[Path] = []
     while True:
         p = Path(os.path.expanduser(current))
-        if not is_adapter_folder(p):
+        tensors = ckpt_weights.checkpoint_kind(p) is not None   # a freeze or sharded FSDP checkpoint-N
+        if not (tensors or is_adapter_folder(p)):
             break
         p = p.resolve()
         if p in adapters or p in seen:
             raise LLMTuneError(f"{p}/{ADAPTER_CONFIG}: base_model_name_or_path chain loops back to {p}")
         adapters.append(p)
-        cfg = read_json(p / ADAPTER_CONFIG, "adapter_name_or_path")
-        base = cfg.get("base_model_name_or_path")
+        if tensors:   # its llmtune.json records the base and the parents, as an adapter's do
+            base, parents = ckpt_weights.checkpoint_record(p)
+        else:
+            cfg = read_json(p / ADAPTER_CONFIG, "adapter_name_or_path")
+            base, parents = cfg.get("base_model_name_or_path"), _recorded_parents(p, cfg)
         if not base:
             raise LLMTuneError(f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; pass the base model as "
                                f"model_name_or_path and this folder as adapter_name_or_path")
@@ -174,7 +180,6 @@ def _resolve(current: str, seen: tuple) -> tuple[str, list[Path]]:
                 base = str((p / base).resolve())
             elif Path(base).exists():
                 base = str(Path(base).resolve())
-        parents = _recorded_parents(p, cfg)
         if parents:
             # an llmtune run on top of earlier adapters records them (root first) and the root base: expand
             # each parent's own record too, so the whole chain is applied in training order
@@ -215,7 +220,8 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
     """The one rule deciding which adapters apply to which base, for every command.
 
     * ``model_name_or_path`` may be a LoRA output folder: its recorded root base is the base and its chain
-      goes first (one notice).
+      goes first (one notice); or a freeze / sharded FSDP ``checkpoint-N`` (:mod:`llmtune.ckpt_weights`): the base
+      its ``llmtune.json`` records, its parent adapters, then the checkpoint itself (its tensors laid over).
     * ``adapter_name_or_path`` (a comma list or a list) is applied in the given order, each folder as is;
     * except that the first adapter, given on a plain base, whose own recorded chain roots at that base (same
       path or same weights, :func:`same_base`) brings its whole chain (the seed's chat and export give only
@@ -230,14 +236,24 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
         the :class:`AdapterChain` (absolute adapter folders; ``local_base`` set when the base is local).
 
     Raises:
-        LLMTuneError: an adapter path that does not exist or has no ``adapter_config.json``; the errors of
-            :func:`resolve_model_chain`.
+        LLMTuneError: an adapter path that does not exist or has no ``adapter_config.json`` (a freeze or sharded
+            FSDP checkpoint given as an adapter: the message says to pass it as ``model_name_or_path``); a
+            checkpoint whose recorded base no longer exists; the errors of :func:`resolve_model_chain`.
     """
     say = (lambda message: None) if quiet else notice
     items = _split(adapter_name_or_path)
     start, *locals_ = _local_paths(model_name_or_path, items, revision)
     base, chain = resolve_model_chain(start)
-    if chain:
+    if chain and ckpt_weights.checkpoint_kind(chain[-1]):   # a freeze or sharded FSDP checkpoint-N
+        what = ckpt_weights.describe(chain[-1])
+        if not Path(os.path.expanduser(base)).exists() and not is_hub_id(base):
+            raise LLMTuneError(f"model_name_or_path: {model_name_or_path} is {what} that stores only its trained "
+                               f"tensors; its recorded base {base} no longer exists: put the base back there, or "
+                               "give the run's output_dir (its final model)")
+        merged = f", {len(chain) - 1} parent adapter(s) merged" if len(chain) > 1 else ""
+        say(f"model_name_or_path {model_name_or_path} is {what}: using its base {base}{merged}, with its "
+            "trained tensors laid over")
+    elif chain:
         if not Path(os.path.expanduser(base)).exists() and not is_hub_id(base):   # the base was moved or deleted
             raise LLMTuneError(f"model_name_or_path: {model_name_or_path} is a LoRA output folder whose recorded base "
                                f"{base} no longer exists; put the base back there, or give it: --model_name_or_path "
@@ -250,9 +266,13 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
         Path(base) if Path(base).exists() else None)
     for item, local in zip(items, locals_):
         if not (local / ADAPTER_CONFIG).is_file():
-            if (local / "trainer_state.json").is_file():    # a full, freeze or FSDP run's checkpoint-N
-                raise LLMTuneError(f"adapter_name_or_path: {item!r} is a training checkpoint without an adapter (a "
-                                   "full/freeze fine-tuning, FSDP or older llmtune run: for resume_from_checkpoint); "
+            if ckpt_weights.checkpoint_kind(local):   # its trained tensors replace the base's: not an adapter
+                raise LLMTuneError(f"adapter_name_or_path: {item!r} is {ckpt_weights.describe(local)}, not an "
+                                   f"adapter: pass it as --model_name_or_path {item} (its recorded base is loaded "
+                                   "and its trained tensors laid over) and leave adapter_name_or_path unset")
+            if (local / "trainer_state.json").is_file():    # a checkpoint-N of an older llmtune run
+                raise LLMTuneError(f"adapter_name_or_path: {item!r} is a training checkpoint without an adapter or "
+                                   "trained tensors (an older llmtune run's: for resume_from_checkpoint only); "
                                    "give the run's output_dir (its final model) instead")
             raise LLMTuneError(f"adapter_name_or_path: {item!r} has no {ADAPTER_CONFIG} (in {local}); give the "
                                "output folder of a LoRA training run (or leave adapter_name_or_path unset)")
@@ -336,7 +356,9 @@ def same_base(a: Any, b: Any) -> bool:
 # -- applying chains -------------------------------------------------------------------------------
 
 def apply_chain(model: torch.nn.Module, adapters: Sequence[PathLike], prefix: str = "chain") -> torch.nn.Module:
-    """Load and merge each adapter folder of ``adapters`` into ``model``, in order (:mod:`llmtune.peft`).
+    """Load and merge each adapter folder of ``adapters`` into ``model``, in order (:mod:`llmtune.peft`); a
+    freeze or sharded FSDP ``checkpoint-N`` in the chain has its trained tensors laid over the model instead
+    (:func:`llmtune.ckpt_weights.lay_over`).
 
     Returns ``model`` with plain ``nn.Linear`` layers again (the merged weights).
 
@@ -344,6 +366,9 @@ def apply_chain(model: torch.nn.Module, adapters: Sequence[PathLike], prefix: st
         LLMTuneError: from :func:`llmtune.peft.load_adapter` (missing files, shapes that do not fit).
     """
     for i, folder in enumerate(adapters):
+        if ckpt_weights.checkpoint_kind(folder):   # a freeze/FSDP checkpoint: its tensors replace the model's
+            ckpt_weights.lay_over(model, folder)
+            continue
         peft.load_adapter(model, str(folder), adapter_name=f"{prefix}{i}", is_trainable=False)
         peft.merge_adapters(model)
     return model
@@ -357,7 +382,8 @@ def load_model(name_or_path: PathLike, dtype: Union[str, torch.dtype] = "auto", 
 
     Args:
         name_or_path: a model folder, Hub id, ``.gguf`` file, or an llmtune/PEFT LoRA output folder (its
-            base is loaded and its recorded chain merged).
+            base is loaded and its recorded chain merged), or a freeze / sharded FSDP ``checkpoint-N`` (its
+            recorded base with its trained tensors laid over, :mod:`llmtune.ckpt_weights`).
         adapter_name_or_path: adapter folder(s) to merge after it (comma list or list; see
             :func:`resolve_chain` for the whole-chain rule).
         dtype, device, revision, quantization_bit, quantization_type, double_quantization: as

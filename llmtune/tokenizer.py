@@ -233,9 +233,10 @@ def _load_folder(folder: Path) -> Tokenizer:
 
     tj = folder / "tokenizer.json"
     if not tj.is_file():
+        from llmtune.ckpt_weights import checkpoint_kind
         from llmtune.runs import is_adapter_folder, resolve_model_chain
 
-        if is_adapter_folder(folder):  # an adapter folder without tokenizer files: use its base's
+        if is_adapter_folder(folder) or checkpoint_kind(folder):  # no tokenizer files here: use its base's
             base, _ = resolve_model_chain(folder)
             return load_tokenizer(base)
         raise LLMTuneError(f"{folder}: no tokenizer.json; llmtune reads fast-tokenizer files. Create it once "

@@ -239,7 +239,7 @@ def test_fsdp_full_finetuning_matches_single_process_and_resumes(tmp_path):
 
     data = rows(LENGTHS)
     model = tiny_model()
-    Trainer(model, config(tmp_path / "single", per_device_train_batch_size=4), data).train()
+    Trainer(model, config(tmp_path / "single", per_device_train_batch_size=4, save_steps=2), data).train()
     ref = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     ref_losses = [r["loss"] for r in read_log(tmp_path / "single") if "loss" in r]
 
@@ -264,6 +264,24 @@ def test_fsdp_full_finetuning_matches_single_process_and_resumes(tmp_path):
     got_b = load_file(str(tmp_path / "fsdp-resumed-weights.safetensors"))
     for k in ref:
         assert rel(got_b[k], got[k]) <= 1e-6, k
+
+    # issue 25: the sharded checkpoint as model_name_or_path in ONE process, without a process group: its recorded
+    # base (written here as `llmtune train` copies the run record in; another seed, so every tensor must come from
+    # the shards) with the shards laid over == the one-process run's checkpoint-2, a model folder
+    from llmtune.runs import load_model
+
+    base, other = tmp_path / "base", tiny_model(seed=5)
+    base.mkdir()
+    save_file({k: v.contiguous() for k, v in other.state_dict().items() if k != "lm_head.weight"},
+              str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps(other.config.to_hf_dict()))
+    (ck / "llmtune.json").write_text(json.dumps({"finetuning_type": "full", "base_model_name_or_path": str(base),
+                                                 "parent_adapters": []}))
+    laid = load_model(str(ck), dtype=torch.float32).state_dict()
+    step2 = load_file(str(tmp_path / "single" / "checkpoint-2" / "model.safetensors"))
+    assert sorted(step2) == sorted(ref) and not torch.distributed.is_initialized()
+    for k in step2:
+        assert rel(laid[k], step2[k]) <= 1e-5, (k, rel(laid[k], step2[k]))
     print(f"fsdp test: {time.time() - t0:.1f} s")
 
 

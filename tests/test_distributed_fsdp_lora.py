@@ -134,6 +134,12 @@ def _check(tmp_path, bits):
     ck = tmp_path / "fsdp" / "checkpoint-2"
     assert (ck / "trainable.safetensors").is_file() and not (ck / "fsdp_shards").exists()
     assert all(".lora_" in k for k in load_file(str(ck / "trainable.safetensors")))
+    # issue 25: it is also an adapter folder, as the one-process run's checkpoint-2 is, with the same tensors
+    one = load_file(str(tmp_path / "single" / "checkpoint-2" / "adapter_model.safetensors"))
+    two = load_file(str(ck / "adapter_model.safetensors"))
+    assert (ck / "adapter_config.json").is_file() and sorted(two) == sorted(one) and len(one) == 2 * 7 * 2
+    for k in one:
+        assert rel(two[k], one[k]) <= 1e-5, (k, rel(two[k], one[k]))
     resumed = {r["current_steps"]: r["loss"] for r in read_log(tmp_path / "fsdp-resumed") if "loss" in r}
     assert sorted(resumed) == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's history, as the uninterrupted log
     for step in (1, 2, 3, 4):

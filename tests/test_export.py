@@ -371,3 +371,51 @@ def test_a_checkpoint_folder_as_adapter_is_named_as_a_checkpoint(tiny, tmp_path)
     assert msg.startswith("adapter_name_or_path:") and "training checkpoint" in msg
     assert "resume_from_checkpoint" in msg and "\n" not in msg
     assert not (tmp_path / "out").exists()
+
+
+def _tensors_checkpoint(folder: Path, base, record: bool = True, sharded: bool = False) -> Path:
+    """A checkpoint-N folder as a freeze run (``trainable.safetensors``) or an FSDP full run (``fsdp_shards/``)
+    writes it, with the run record naming ``base`` unless ``record`` is False."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text('{"global_step": 2}')
+    if sharded:
+        (folder / "fsdp_shards").mkdir()
+    else:
+        save_file({"model.norm.weight": torch.ones(64)}, str(folder / "trainable.safetensors"))
+    if record:
+        (folder / "llmtune.json").write_text(json.dumps({"finetuning_type": "full" if sharded else "freeze",
+                                                         "base_model_name_or_path": str(base), "parent_adapters": []}))
+    return folder
+
+
+def test_a_freeze_or_sharded_checkpoint_as_adapter_says_to_pass_it_as_the_model(tiny, tmp_path):
+    """issue 25: a freeze or sharded FSDP checkpoint is not an adapter: one line naming it and saying to give it as
+    model_name_or_path; nothing written."""
+    for name, sharded, what in (("freeze", False, "a freeze fine-tuning checkpoint"),
+                                ("fsdp", True, "an FSDP full fine-tuning checkpoint (sharded)")):
+        ck = _tensors_checkpoint(tmp_path / name / "checkpoint-2", tiny["base"], sharded=sharded)
+        with pytest.raises(LLMTuneError) as err:
+            export({"model_name_or_path": str(tiny["base"]), "adapter_name_or_path": str(ck),
+                    "export_dir": str(tmp_path / "out")})
+        msg = str(err.value)
+        assert msg.startswith("adapter_name_or_path:") and what in msg and "\n" not in msg
+        assert f"pass it as --model_name_or_path {ck}" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tensors_checkpoint_without_its_record_or_base_is_refused_with_what_to_give(tiny, tmp_path):
+    """issue 25: a freeze checkpoint as model_name_or_path needs its run record (written by older versions
+    without one) and its recorded base; each missing piece is one line saying what to give instead."""
+    old = _tensors_checkpoint(tmp_path / "old" / "checkpoint-2", tiny["base"], record=False)
+    with pytest.raises(LLMTuneError) as err:
+        export({"model_name_or_path": str(old), "export_dir": str(tmp_path / "out")})
+    msg = str(err.value)
+    assert msg.startswith("model_name_or_path:") and "without a run record" in msg and "output_dir" in msg
+    moved = _tensors_checkpoint(tmp_path / "moved" / "checkpoint-2", tmp_path / "gone")
+    with pytest.raises(LLMTuneError) as err:
+        export({"model_name_or_path": str(moved), "export_dir": str(tmp_path / "out")})
+    msg = str(err.value)
+    assert msg.startswith("model_name_or_path:") and f"base {tmp_path / 'gone'} no longer exists" in msg
+    assert "\n" not in msg and not (tmp_path / "out").exists()

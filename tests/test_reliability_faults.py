@@ -476,6 +476,103 @@ def test_a_full_fine_tuning_checkpoint_is_a_model_folder_and_resumes_exactly(inp
     assert _log(c) == _log(b)
 
 
+def test_a_freeze_checkpoint_is_a_model_for_chat_and_export(inputs, tmp_path, capsys):
+    """checkpoint-2 of a freeze run (3 steps) stores only the trained layer and the run's record, no second copy
+    of the weights; as model_name_or_path it is the recorded base with those tensors laid over: llmtune's logits
+    and the export's equal transformers' on the base with the checkpoint's tensors loaded by their Hugging Face
+    names (fp32, 1e-5); chat takes it; as adapter_name_or_path one line says to pass it as model_name_or_path."""
+    import io
+    import sys as _sys
+
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from llmtune.cli import main
+    from llmtune.errors import LLMTuneError
+    from llmtune.runs import load_model
+
+    out = tmp_path / "out"
+    assert _train_in_process(_args(inputs, out, max_steps=3, save_steps=2, finetuning_type="freeze",
+                                   freeze_trainable_layers=1, learning_rate=1e-2)) == 0
+    ck = out / "checkpoint-2"
+    names = {p.name for p in ck.iterdir()}
+    assert {"llmtune.json", "training_args.yaml", "tokenizer.json", "trainable.safetensors"} <= names
+    assert not names & {"config.json", "model.safetensors", "adapter_config.json"}
+    trained = load_file(str(ck / "trainable.safetensors"))
+    assert trained and all(n.startswith("model.layers.1.") for n in trained)   # the trained layer only
+    ids = torch.tensor([[4, 9, 10, 11, 12, 13, 3]])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(inputs["model"]), dtype=torch.float32)
+    with torch.no_grad():
+        before = hf(input_ids=ids).logits
+        assert hf.load_state_dict(trained, strict=False).unexpected_keys == []
+        theirs = hf(input_ids=ids).logits
+    assert (theirs - before).abs().max() > 1e-3   # the checkpoint's layer moved
+    capsys.readouterr()
+    ours = load_model(str(ck), dtype=torch.float32)
+    assert "freeze fine-tuning checkpoint" in capsys.readouterr().err
+    with torch.no_grad():
+        torch.testing.assert_close(ours.lm_head(ours(ids)).float(), theirs, atol=1e-5, rtol=1e-5)
+    assert main(["export", "--model_name_or_path", str(ck), "--export_dir", str(tmp_path / "exp")]) == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exp"), dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, theirs, atol=1e-5, rtol=1e-5)
+    stdin = _sys.stdin
+    _sys.stdin = io.StringIO("hello\n")
+    try:
+        assert main(["chat", "--model_name_or_path", str(ck), "--max_new_tokens", "3"]) == 0
+    finally:
+        _sys.stdin = stdin
+    with pytest.raises(LLMTuneError) as err:
+        load_model(str(inputs["model"]), adapter_name_or_path=str(ck))
+    msg = str(err.value)
+    assert msg.startswith("adapter_name_or_path:") and f"--model_name_or_path {ck}" in msg and "\n" not in msg
+
+    # a LoRA stage trained on the checkpoint: its output folder brings the checkpoint (recorded as a parent) and
+    # equals transformers+peft on the base + the checkpoint's tensors + the adapter; api serves it unmerged
+    from peft import PeftModel
+
+    from llmtune.config import parse_config
+    from llmtune.serve.server import load_served_model
+
+    lora = tmp_path / "lora"
+    assert _train_in_process(_args(inputs, lora, max_steps=2, model_name_or_path=str(ck))) == 0
+    chained = load_model(str(lora), dtype=torch.float32)
+    assert [str(a) for a in chained.adapter_chain.adapters] == [str(ck.resolve()), str(lora.resolve())]
+    with torch.no_grad():
+        expect = PeftModel.from_pretrained(hf, str(lora)).eval()(input_ids=ids).logits
+        torch.testing.assert_close(chained.lm_head(chained(ids)).float(), expect, atol=1e-5, rtol=1e-5)
+    specs, served, _, _ = load_served_model(parse_config(["--model_name_or_path", str(inputs["model"]),
+                                                          "--adapter_name_or_path", str(lora)], command="chat"))
+    assert [str(a) for a in served.adapter_chain.adapters] == [str(ck.resolve())] and len(specs) == 1
+
+
+@pytest.mark.real
+def test_a_freeze_checkpoint_of_the_real_model_is_the_runs_model_at_that_step(real_model_path, shared_data_dir,
+                                                                               tmp_path):
+    """SmolLM2 (GGUF base), freeze_trainable_layers 2, one step, save_steps 1: checkpoint-1 stores the two trained
+    layers only (about 28 MB in float32; the final model folder is about 514 MB) and, as model_name_or_path, has
+    weights bit-equal to the run's final output folder of the same step, which is written and loaded by the other
+    path (a whole model folder)."""
+    import torch
+
+    from llmtune.runs import load_model
+
+    out = tmp_path / "real"
+    args = ["--stage", "sft", "--model_name_or_path", str(real_model_path), "--dataset", "identity",
+            "--dataset_dir", str(shared_data_dir), "--template", "chatml", "--finetuning_type", "freeze",
+            "--freeze_trainable_layers", "2", "--output_dir", str(out), "--cutoff_len", "64",
+            "--per_device_train_batch_size", "1", "--max_steps", "1", "--save_steps", "1", "--max_samples", "8",
+            "--report_to", "none", "--disable_tqdm", "true"]
+    assert _train_in_process(args) == 0
+    ck = out / "checkpoint-1"
+    assert (ck / "trainable.safetensors").stat().st_size * 10 < (out / "model.safetensors").stat().st_size
+    laid, final = load_model(str(ck), dtype=torch.float32).state_dict(), load_model(str(out), dtype=torch.float32)
+    final = final.state_dict()
+    assert sorted(laid) == sorted(final)
+    assert all(torch.equal(laid[k], final[k]) for k in final), [k for k in final if not torch.equal(laid[k], final[k])][:3]
+
+
 # -- push_to_hub (issue 25: accepted with a notice, nothing uploaded) ------------------------------------------
 class _HubStandIn:
     """A local stand-in of the Hub API: records create_repo/upload_folder calls and the files upload_folder would

@@ -195,7 +195,13 @@ def load_served_model(cfg: Any) -> tuple[list, Any, Any, Any]:
                                f"({', '.join(map(str, parents)) or 'none'}); serve adapters of one base chain "
                                "together")
     base_cfg = copy.copy(cfg)
-    base_cfg.adapter_name_or_path = ",".join(str(p) for p in parents) or None
+    from llmtune.ckpt_weights import checkpoint_kind
+
+    cut = max((i for i, p in enumerate(parents) if checkpoint_kind(p)), default=None)
+    if cut is not None:   # trained on a freeze/FSDP checkpoint: that is the model (it brings its own parents)
+        base_cfg.model_name_or_path = str(parents[cut])
+    rest = parents if cut is None else parents[cut + 1:]
+    base_cfg.adapter_name_or_path = ",".join(str(p) for p in rest) or None
     model, tokenizer, template = load_chat_model(base_cfg)
     if specs:
         from llmtune.data.templates import get_template

@@ -9,6 +9,9 @@ A checkpoint is a folder ``output_dir/checkpoint-<global_step>`` holding
 * ``trainable.safetensors``: the trainable parameters by their Hugging Face names (every parameter for full
   fine-tuning), in their training dtype; for LoRA the adapter is in ``adapter_model.safetensors`` +
   ``adapter_config.json`` (PEFT's layout, with the run's record: :mod:`llmtune.train.ckpt_adapter`) instead;
+  for freeze tuning it holds the trained layers only, and the run's record copied beside it names the base they
+  are laid over when the checkpoint is used as ``model_name_or_path`` (:mod:`llmtune.ckpt_weights`; no second
+  copy of the weights);
 * ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's per-parameter state tensors as
   ``state.<param_index>.<key>`` and the rest of ``optimizer.state_dict()`` (param groups, scalars) as JSON;
 * ``scheduler.json``: ``LambdaLR.state_dict()`` (the lambdas themselves are rebuilt from the config);
@@ -294,7 +297,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
         raise LLMTuneError(f"step {step}: the trained weights hold NaN/inf ({bad}), so no checkpoint is saved; "
                            f"the last finite checkpoint is {last_checkpoint_text(out)}; lower learning_rate or "
                            "set max_grad_norm, then resume from it")
-    names = ckpt_adapter.split_adapter(model, weights)  # LoRA: the adapter goes to PEFT's files, not twice
+    module = getattr(model, "source", model)   # the FSDP2 model behind a view of its gathered tensors
+    names = ckpt_adapter.split_adapter(module, weights)  # LoRA: the adapter goes to PEFT's files, not twice
     full = [] if names else ckpt_adapter.full_model_names(model, weights)   # full: model.safetensors
     try:
         if tmp.exists():  # our own half-written folder from a killed run
@@ -303,12 +307,14 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
         kept = set(names.values()) | set(full)
         save_tensors({n: t for n, t in weights.items() if n not in kept}, str(tmp / "trainable.safetensors"))
         if names:
-            ckpt_adapter.write_adapter(model, tmp, out)
+            ckpt_adapter.write_adapter(module, tmp, out)
             trainer_state = dict(trainer_state, adapter_tensors=names)
         elif full:
             save_tensors({n: weights[n] for n in full}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             ckpt_adapter.write_model_config(model, tmp, out, weights, full)
             trainer_state = dict(trainer_state, weights_file="model.safetensors")
+        else:   # freeze tuning: the trained tensors alone, over the recorded base (llmtune.ckpt_weights)
+            ckpt_adapter.copy_record(tmp, out)
         if with_optimizer:
             save_optimizer(optimizer, tmp)
         else:

@@ -10,7 +10,11 @@ A full fine-tuning checkpoint is a model folder the same way: ``model.safetensor
 Hugging Face name, in the training dtype) + ``config.json``, with ``trainable.safetensors`` holding only a
 value head (``trainer_state.json``: ``"weights_file": "model.safetensors"``).
 The run's record (``llmtune.json``, ``training_args.yaml``, tokenizer files, ``generation_config.json``),
-written into ``output_dir`` when training starts, is copied into every checkpoint (small files only).
+written into ``output_dir`` when training starts, is copied into every checkpoint (small files only,
+:func:`copy_record`). A freeze-tuning checkpoint stays ``trainable.safetensors`` (the trained layers only):
+with the record it is used as a model by laying those tensors over the recorded base
+(:mod:`llmtune.ckpt_weights`), which costs no second copy of the weights (DESIGN.md takes a model folder as
+the checkpoint's form; for freeze tuning the base + tensors form is chosen to keep the disk cost at zero).
 
 Source: PEFT's saved key names (``base_model.model.<module path>.lora_A.weight``; see
 :func:`llmtune.peft.adapters.lora_state_dict`).
@@ -46,14 +50,23 @@ def split_adapter(model: Any, weights: dict[str, torch.Tensor]) -> dict[str, str
 
 
 def write_adapter(model: Any, folder: Path, output_dir: Path) -> None:
-    """Write the PEFT adapter files of ``model`` into ``folder`` and copy the run's record from ``output_dir``."""
+    """Write the PEFT adapter files of ``model`` into ``folder`` and copy the run's record from ``output_dir``.
+    (An FSDP2 model is passed inside :func:`llmtune.train.wrap.full_parameters`: its parameters are then the
+    gathered full tensors.)"""
     from llmtune.peft import save_adapter
 
     chain = getattr(model, "adapter_chain", None)
     save_adapter(model, folder, base_model_name_or_path=getattr(chain, "base", None))
+    copy_record(folder, output_dir)
+
+
+def copy_record(folder: Path, output_dir: Path) -> None:
+    """Copy the run's record (:data:`RECORD_FILES` that exist in ``output_dir``) into the checkpoint ``folder``:
+    every checkpoint carries it (a freeze or sharded FSDP checkpoint finds its base there,
+    :mod:`llmtune.ckpt_weights`). Small files only (about 3.5 MB with a tokenizer.json)."""
     for name in RECORD_FILES:
-        if (output_dir / name).is_file():
-            shutil.copy2(output_dir / name, folder / name)
+        if (Path(output_dir) / name).is_file():
+            shutil.copy2(Path(output_dir) / name, Path(folder) / name)
 
 
 def full_model_names(model: Any, weights: dict[str, torch.Tensor]) -> list[str]:
@@ -77,9 +90,7 @@ def write_model_config(model: Any, folder: Path, output_dir: Path, weights: dict
     hf = model.config.to_hf_dict()
     hf["torch_dtype"] = str(weights[names[0]].dtype).replace("torch.", "")
     (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    for name in RECORD_FILES:
-        if (output_dir / name).is_file():
-            shutil.copy2(output_dir / name, folder / name)
+    copy_record(folder, output_dir)
 
 
 def rename(state: Any, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,4 +100,4 @@ def rename(state: Any, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {(names or {}).get(k, k): v for k, v in adapter.items()}
 
 
-__all__ = ["split_adapter", "write_adapter", "full_model_names", "write_model_config", "rename", "ADAPTER_WEIGHTS", "RECORD_FILES"]
+__all__ = ["split_adapter", "write_adapter", "copy_record", "full_model_names", "write_model_config", "rename", "ADAPTER_WEIGHTS", "RECORD_FILES"]

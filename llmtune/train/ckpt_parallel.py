@@ -27,14 +27,12 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from llmtune.ckpt_weights import FSDP_DIR  # noqa: F401 - the sharded storage's folder (read back by lay_over)
 from llmtune.errors import LLMTuneError
 from llmtune.fileio import publish_dir, strict_dumps
-from llmtune.train import checkpoint as ckpt
+from llmtune.train import checkpoint as ckpt, ckpt_adapter
 from llmtune.train.distributed import all_reduce_sum, barrier, rank, world_size
-from llmtune.train.wrap import full_tensor, gather_trainable, is_fsdp, unwrap
-
-#: the folder of a sharded checkpoint's ``torch.distributed.checkpoint`` storage
-FSDP_DIR = "fsdp_shards"
+from llmtune.train.wrap import full_parameters, full_tensor, gather_trainable, is_fsdp, unwrap
 
 
 # -- FSDP2 full fine-tuning: every rank its shards ----------------------------------------------------------
@@ -95,6 +93,7 @@ def save_sharded(trainer: Any, rng_state: dict[str, Any]) -> Optional[Path]:
         (tmp / "scheduler.json").write_text(json.dumps(ckpt.to_jsonable(trainer.scheduler.state_dict())))
         if trainer.scaler is not None and trainer.scaler.is_enabled():
             (tmp / "scaler.json").write_text(json.dumps(ckpt.to_jsonable(trainer.scaler.state_dict())))
+        ckpt_adapter.copy_record(tmp, out)   # the base its tensors belong to: usable as model_name_or_path
         state = dict(trainer.state_dict(), strategy="fsdp")
         (tmp / ckpt.TRAINER_STATE).write_text(strict_dumps(state, indent=1))  # written last, strict JSON
         publish_dir(tmp, final)
@@ -153,10 +152,11 @@ def load_sharded(trainer: Any, folder: Path) -> tuple[dict[str, Any], dict[str, 
 
 # -- FSDP2 with frozen parameters: checkpoints of the trainable state, in the single-process format ---------
 class TensorsView:
-    """Stands in for a model in ``llmtune.train.checkpoint``: ``named_parameters`` yields the given tensors."""
+    """Stands in for a model in ``llmtune.train.checkpoint``: ``named_parameters`` yields the given tensors;
+    ``source``: the model they were gathered from (its LoRA adapter is then written in PEFT's layout)."""
 
-    def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        self.named = named
+    def __init__(self, named: list[tuple[str, torch.Tensor]], source: Optional[torch.nn.Module] = None) -> None:
+        self.named, self.source = named, source
 
     def named_parameters(self, remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` pairs as ``nn.Module.named_parameters`` gives them (shared tensors once by default)."""
@@ -197,7 +197,9 @@ def save_trainable(trainer: Any, rng_state: dict[str, Any]) -> Optional[Path]:
     """FSDP2 with frozen parameters: every rank all-gathers the trainable parameters and their AdamW state,
     rank 0 writes ``checkpoint-<step>`` in the single-process format (``llmtune.train.checkpoint``:
     ``trainable.safetensors``, ``optimizer.*``, ``scheduler.json``, ``rng_state.*``, ``trainer_state.json``;
-    small for LoRA, and it resumes on any number of ranks or in one process); then ranks r > 0 add their RNG
+    small for LoRA, and it resumes on any number of ranks or in one process). A LoRA adapter is written in PEFT's
+    layout from the gathered tensors (inside ``full_parameters``), so the checkpoint is an adapter folder as a
+    single-process one is; a freeze run's is a tensors checkpoint (:mod:`llmtune.ckpt_weights`). Then ranks r > 0 add their RNG
     state in ``rank<r>/``. Returns the path on rank 0, None elsewhere."""
     model = trainer.model
     names = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
@@ -208,10 +210,12 @@ def save_trainable(trainer: Any, rng_state: dict[str, Any]) -> Optional[Path]:
     if r == 0:
         ids = {id(p): n for n, p in reversed(names)}
         named = [(n, full[ids[id(p)]].requires_grad_(True)) for n, p in names if p.requires_grad and ids[id(p)] in full]
-        try:
-            path = ckpt.save_checkpoint(trainer.output_dir, step, model=TensorsView(named),
-                                        optimizer=OptimizerView(osd), scheduler=trainer.scheduler,
-                                        trainer_state=trainer.state_dict(), rng_state=rng_state, scaler=trainer.scaler)
+        try:   # the model's parameters are the gathered full tensors meanwhile: a LoRA adapter is written as one
+            with full_parameters(model, full):
+                path = ckpt.save_checkpoint(trainer.output_dir, step, model=TensorsView(named, source=model),
+                                            optimizer=OptimizerView(osd), scheduler=trainer.scheduler,
+                                            trainer_state=trainer.state_dict(), rng_state=rng_state,
+                                            scaler=trainer.scaler)
         except LLMTuneError as err:  # NaN weights, disk full: every rank stops with it instead of waiting
             error = err
     dev = next(model.parameters()).device  # nccl reduces CUDA tensors only
