@@ -10,7 +10,7 @@ outside the decoder layers (``embed_tokens``, ``norm``, ``lm_head``).
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
