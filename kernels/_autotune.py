@@ -92,35 +92,29 @@ def matmul_configs(interpret_block: int = 32, nf4: bool = False) -> list:
     ``BR = 16`` ranks), so they need about the registers of the plain kernel.
     Interpreter: one config with ``interpret_block`` in every dimension; ``LLMTUNE_AUTOTUNE=0``: 64 x 64 x 64,
     4 warps (4-bit weight: 8 warps), 3 stages (float32: 64 x 64 x 16, 8 warps), which fit every GPU."""
-    C = triton.Config
     if interpreting():
         b = interpret_block
-        return [C({"BM": b, "BN": b, "BK": b, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    f32 = [C({"BM": 64, "BN": 64, "BK": 16, "GROUP_M": 8}, num_warps=8, num_stages=3)]
+        return [_config(b, b, b, 4, 1, group_m=4)]
+    f32 = [_config(64, 64, 16, 8, 3)]
     if not nf4:  # BK = 32 spills in the 4-bit kernels (their gathered tile is staged in registers too)
-        f32.append(C({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=3))
+        f32.append(_config(64, 64, 32, 8, 3))
     if not autotuning():
-        half = [C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8 if nf4 else 4, num_stages=3)]
-        return _mark(half, f32[:1])
-    if nf4:
-        # 8 warps for the large tiles: with 4 warps these tiles need 255+ registers and spill (the gathered
-        # weight tile is staged in registers by the software pipeline), on sm_80 with Triton 3.6 at least
-        half = [
-            C({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            C({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            C({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
-        ]
-        return _mark(half, f32)
-    half = [
-        # Hopper and Ampere: 128 x 128 tiles (a 128 x 256 x 64 tile with 8 warps spills on sm_80)
-        C({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        C({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        # smaller problems
-        C({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        C({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    ]
-    return _mark(half, f32)
+        return _mark([_config(64, 64, 64, 8 if nf4 else 4, 3)], f32[:1])
+    return _mark([_config(*t) for t in (_HALF_NF4 if nf4 else _HALF_DENSE)], f32)
+
+
+#: The autotuned half-precision configs on the GPU, (BM, BN, BK, num_warps, num_stages) with GROUP_M = 8.
+#: 4-bit weight: 8 warps for the large tiles: with 4 warps these tiles need 255+ registers and spill (the
+#: gathered weight tile is staged in registers by the software pipeline), on sm_80 with Triton 3.6 at least.
+_HALF_NF4 = ((128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3))
+#: Dense operands: Hopper and Ampere 128 x 128 tiles (a 128 x 256 x 64 tile with 8 warps spills on sm_80),
+#: then two for smaller problems.
+_HALF_DENSE = ((128, 128, 64, 8, 4), (128, 128, 32, 4, 4), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3))
+
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    """One tile config of the tiled kernels (a new object each call: :func:`_mark` tags it)."""
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
 
 
 def _mark(half: list, fp32: list) -> list:

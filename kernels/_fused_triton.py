@@ -294,6 +294,10 @@ def cross_entropy_chunk_triton(logits: torch.Tensor, targets: torch.Tensor, grad
 # Both are the same kernel on strided views; the rank-r term is added to the float32 accumulator of the
 # big product before the single store, so no second (M, N) tensor is written and re-read.
 
+from llmtune.kernels import _tiles  # noqa: E402
+
+_tiles.reload_if_stale()  # before the helpers are imported (see there)
+from llmtune.kernels._tiles import grouped_tile, ieee_products, mm_acc, store_tile, upcast_operands  # noqa: E402
 from llmtune.kernels._autotune import m_bucket as _m_bucket  # noqa: E402
 from llmtune.kernels._autotune import matmul_configs as _matmul_configs  # noqa: E402
 from llmtune.kernels._autotune import matmul_key as _matmul_key  # noqa: E402
@@ -306,52 +310,17 @@ def _lora_mm_kernel(a_ptr, b_ptr, p_ptr, q_ptr, bias_ptr, c_ptr, M, N, K, R, M_B
                     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # program -> (row tile, column tile), GROUP_M row tiles at a time (L2 reuse of the column tiles)
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BM)
-    tiles_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_in_group
-    pid_n = (pid % per_group) // rows_in_group
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
     # the rank-r term first, scaled, as the initial value of the one float32 accumulator (a second
     # (BM, BN) accumulator for it would double the registers and spill)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for r0 in range(0, R, BR):
-        rr = r0 + tl.arange(0, BR)
-        p = tl.load(p_ptr + rm64[:, None] * s_pm + rr[None, :] * s_pr,
-                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        q = tl.load(q_ptr + rr[:, None] * s_qr + rn64[None, :] * s_qn,
-                    mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-        if UPCAST:
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(p, q, input_precision="ieee")
-        else:
-            acc += tl.dot(p, q)
-    acc = acc * scaling
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        a = tl.load(a_ptr + rm64[:, None] * s_am + rk[None, :] * s_ak,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + rk[:, None].to(tl.int64) * s_bk + rn64[None, :] * s_bn,
-                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+    acc = mm_acc(acc, p_ptr, q_ptr, rm, rn, M, N, R, s_pm, s_pr, s_qr, s_qn, UPCAST, IEEE, BR) * scaling
+    acc = mm_acc(acc, a_ptr, b_ptr, rm, rn, M, N, K, s_am, s_ak, s_bk, s_bn, UPCAST, IEEE, BK)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + rm64[:, None] * s_cm + rn64[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    store_tile(c_ptr, acc, rm, rn, M, N, s_cm, s_cn)
 
 
 # Two tuners over one kernel: forward (W read transposed) and input gradient (W read as stored) keep
@@ -360,11 +329,6 @@ _LORA_CONFIGS = _matmul_configs(interpret_block=32)
 _LORA_KEY = _matmul_key("HAS_BIAS", "UPCAST", "IEEE", "BR")
 _lora_fwd_kernel = triton.autotune(configs=_LORA_CONFIGS, key=_LORA_KEY, **_tuner_kwargs())(_lora_mm_kernel)
 _lora_dx_kernel = triton.autotune(configs=_LORA_CONFIGS, key=_LORA_KEY, **_tuner_kwargs())(_lora_mm_kernel)
-
-
-def _ieee(t: torch.Tensor) -> bool:
-    """float32 operands on the GPU: full float32 products (as torch's matmul) unless the user allowed TF32."""
-    return t.is_cuda and t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def lora_mm_triton(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
@@ -385,5 +349,5 @@ def lora_mm_triton(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, q: torch.T
     kernel[grid](a, b, p, q, bias.contiguous() if bias is not None else c, c, m, n, k, r, _m_bucket(m), float(scaling),
                  a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0), p.stride(1), q.stride(0),
                  q.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None,
-                 UPCAST=(not a.is_cuda) and a.dtype == torch.bfloat16, IEEE=_ieee(a), BR=br)
+                 UPCAST=upcast_operands(a), IEEE=ieee_products(a), BR=br)
     return c

@@ -10,7 +10,8 @@ scales expanded in the kernel); the decode kernel (M <= 16) is in ``_nf4_decode`
 the input-gradient kernel dequantize (BN, BK) tiles into registers and feed ``tl.dot``; no dequantized
 weight is ever written to global memory. On the GPU their tile sizes are autotuned per shape and variant
 (``_autotune``: Ampere and Hopper configs, float32 configs for ``IEEE``; key = M bucket, N, K, variant
-flags); under the interpreter one fixed config (64-wide tiles) is used.
+flags); under the interpreter one fixed config (64-wide tiles) is used. The tile loads, stores, grouped
+program order and the LoRA term's loop are the helpers of ``_tiles``, shared with the fused LoRA kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from llmtune.kernels import _tiles
 from llmtune.kernels._autotune import m_bucket, matmul_configs, matmul_key, tuner_kwargs
+
+_tiles.reload_if_stale()  # before the helpers are imported (see there)
+from llmtune.kernels._tiles import (  # noqa: E402
+    dot, grouped_tile, ieee_products, load_tile, mm_acc, store_tile, upcast_operands)
 
 # Interpreter: the 64-wide tiles these kernels always had (the tests' odd shapes are chosen around them).
 _MM_CONFIGS = matmul_configs(interpret_block=64, nf4=True)
@@ -65,44 +71,35 @@ def dequant_compile_ptrs(p: str, nested: bool) -> dict:
 
 
 @triton.jit
-def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program ``pid`` on a 1-D grid, in groups of GROUP_M row tiles: consecutive
-    programs share weight tiles (and row tiles) while they are still in L2."""
-    tiles_m = tl.cdiv(M, BM)
-    tiles_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """``tl.dot`` in full float32 precision when ``IEEE`` (float32 operands, TF32 not allowed), else default."""
-    if IEEE:
-        out = tl.dot(a, b, input_precision="ieee")
+def _nf4_acc(pid, a_ptr, s_am, packed_ptr, absmax_ptr, code_ptr, M, N, K, p_ptr, q_ptr, R, s_pm, s_pr, s_qr, s_qc,
+             scaling, BLOCKSIZE: tl.constexpr, W_T: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+             HAS_LORA: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
+             GROUP_M: tl.constexpr):
+    """Program ``pid``'s float32 (BM, BC) output tile of ``A @ W^T`` (``W_T``, the matmul: ``A (M, K)``, the
+    columns are W's N rows, the loop runs over K) or ``A @ W`` (the input gradient: ``A (M, N)``, the columns
+    are W's K columns, the loop runs over N), with the 4-bit ``W (N, K)`` dequantized tile by tile and ``A``'s
+    rows at stride ``s_am``. With ``HAS_LORA`` the rank-r term ``scaling * P[rm, :R] @ Q[:R, rc]`` (float32,
+    in chunks of BR) starts the accumulator BEFORE the main loop: one (BM, BC) float32 accumulator instead
+    of two (a second one for the rank-r term doubled the registers and spilled). Returns (acc, rm, rc)."""
+    if W_T:
+        C, L = N, K
     else:
-        out = tl.dot(a, b)
-    return out
-
-
-@triton.jit
-def _low_rank(acc, p_ptr, q_ptr, rm, rc, M, C, R, s_pm, s_pr, s_qr, s_qc, scaling,
-              UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr):
-    """``scaling * (acc + P[rm, :R] @ Q[:R, rc])`` (the LoRA term, accumulated in float32 in chunks of BR).
-    The kernels call it on their zero accumulator BEFORE the main loop: one (BM, BN) float32 accumulator
-    instead of two (a second one for the rank-r term doubled the registers and spilled)."""
-    for r0 in range(0, R, BR):
-        rr = r0 + tl.arange(0, BR)
-        pt = tl.load(p_ptr + rm[:, None].to(tl.int64) * s_pm + rr[None, :] * s_pr,
-                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        qt = tl.load(q_ptr + rr[:, None] * s_qr + rc[None, :].to(tl.int64) * s_qc,
-                     mask=(rr[:, None] < R) & (rc[None, :] < C), other=0.0)
-        if UPCAST:
-            pt = pt.to(tl.float32)
-            qt = qt.to(tl.float32)
-        acc += _dot(pt, qt, IEEE)
-    return acc * scaling
+        C, L = K, N
+    pid_m, pid_c = grouped_tile(pid, M, C, BM, BC, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rc = pid_c * BC + tl.arange(0, BC)
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    if HAS_LORA:
+        acc = mm_acc(acc, p_ptr, q_ptr, rm, rc, M, C, R, s_pm, s_pr, s_qr, s_qc, UPCAST, IEEE, BR) * scaling
+    for l0 in range(0, L, BL):
+        rl = l0 + tl.arange(0, BL)
+        a = load_tile(a_ptr, rm, rl, M, L, s_am, 1, UPCAST)
+        if W_T:
+            w = tl.trans(_w_tile(packed_ptr, absmax_ptr, code_ptr, rc, rl, N, K, BLOCKSIZE).to(a.dtype))
+        else:
+            w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rl, rc, N, K, BLOCKSIZE).to(a.dtype)
+        acc += dot(a, w, IEEE)
+    return acc, rm, rc
 
 
 @triton.autotune(configs=_MM_CONFIGS, key=matmul_key("HAS_LORA", "HAS_BIAS", "UPCAST", "IEEE", "BR", "BLOCKSIZE"),
@@ -113,25 +110,13 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, st
                    BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
                    HAS_BIAS: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                    GROUP_M: tl.constexpr):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if HAS_LORA:  # QLoRA: scaling * (x A^T) B^T starts the accumulator (p = x A^T, q = B^T)
-        acc = _low_rank(acc, p_ptr, q_ptr, rm, rn, M, N, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, IEEE, BR)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-        w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE).to(x.dtype)
-        acc += _dot(x, tl.trans(w), IEEE)
+    # HAS_LORA (QLoRA): the rank-r term is scaling * (x A^T) B^T, p = x A^T, q = B^T
+    acc, rm, rn = _nf4_acc(tl.program_id(0), x_ptr, stride_xm, packed_ptr, absmax_ptr, code_ptr, M, N, K, p_ptr,
+                           q_ptr, R, s_pm, s_pr, s_qr, s_qc, scaling, BLOCKSIZE, True, UPCAST, IEEE, HAS_LORA, BR,
+                           BM, BN, BK, GROUP_M)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    store_tile(out_ptr, acc, rm, rn, M, N, stride_om, 1)
 
 
 @triton.autotune(configs=_MM_CONFIGS, key=matmul_key("HAS_LORA", "UPCAST", "IEEE", "BR", "BLOCKSIZE"),
@@ -142,34 +127,11 @@ def _grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K
                        BLOCKSIZE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_LORA: tl.constexpr,
                        BR: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BM, BK, GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rk = pid_k * BK + tl.arange(0, BK)
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
-    if HAS_LORA:  # QLoRA: scaling * (g B) A starts the accumulator (p = g B, q = A)
-        acc = _low_rank(acc, p_ptr, q_ptr, rm, rk, M, K, R, s_pm, s_pr, s_qr, s_qc, scaling, UPCAST, IEEE, BR)
-    for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
-        g = tl.load(g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :],
-                    mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-        if UPCAST:
-            g = g.to(tl.float32)
-        w = _w_tile(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE).to(g.dtype)
-        acc += _dot(g, w, IEEE)
-    mask = (rm[:, None] < M) & (rk[None, :] < K)
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rk[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask)
-
-
-def _upcast(t: torch.Tensor) -> bool:
-    """Feed ``tl.dot`` float32 instead of bfloat16 off the GPU: Triton 3.9's interpreter (TRITON_INTERPRET=1)
-    returns garbage (~1e10) for bf16 ``tl.dot`` operands (fp16/fp32 are right); on CUDA bf16 stays."""
-    return (not t.is_cuda) and t.dtype == torch.bfloat16
-
-
-def _ieee(t: torch.Tensor) -> bool:
-    """float32 operands on the GPU: full float32 products (as torch's matmul) unless the user allowed TF32."""
-    return t.is_cuda and t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    # HAS_LORA (QLoRA): the rank-r term is scaling * (g B) A, p = g B, q = A
+    acc, rm, rk = _nf4_acc(tl.program_id(0), g_ptr, stride_gm, packed_ptr, absmax_ptr, code_ptr, M, N, K, p_ptr,
+                           q_ptr, R, s_pm, s_pr, s_qr, s_qc, scaling, BLOCKSIZE, False, UPCAST, IEEE, HAS_LORA, BR,
+                           BM, BK, BN, GROUP_M)
+    store_tile(out_ptr, acc, rm, rk, M, K, stride_om, 1)
 
 
 def _prep(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor):
@@ -221,38 +183,39 @@ def _expand(absmax: torch.Tensor, nested) -> torch.Tensor:
     return expand_absmax(absmax, nested)
 
 
+def _launch(kernel, a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, cols: int,
+            blocksize: int, col_block: str, lora_args: tuple, **consts) -> torch.Tensor:
+    """Launch ``kernel`` (``_matmul_kernel``, whose output columns are W's rows, ``col_block="BN"``; or
+    ``_grad_input_kernel``, columns = W's columns, ``"BK"``) on ``a (M, L)``: ``(M, cols)`` in ``a.dtype``.
+    ``lora_args``: the kernel's arguments from ``p_ptr`` to ``scaling``; a ``None`` pointer is unused (the
+    output stands in). ``consts``: its variant flags besides BLOCKSIZE, UPCAST and IEEE."""
+    packed, absmax, code = _prep(packed, absmax, code)
+    a = a.contiguous()
+    m, inner = a.shape
+    out = torch.empty(m, cols, dtype=a.dtype, device=a.device)
+    if m == 0 or cols == 0:
+        return out
+    n, k = (cols, inner) if col_block == "BN" else (inner, cols)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(cols, meta[col_block]),)  # noqa: E731
+    kernel[grid](a, packed, absmax, code, out, m, n, k, a.stride(0), out.stride(0), m_bucket(m),
+                 *(out if t is None else t for t in lora_args),
+                 BLOCKSIZE=blocksize, UPCAST=upcast_operands(a), IEEE=ieee_products(a), **consts)
+    return out
+
+
 def matmul_4bit_tiled_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                              out_features: int, blocksize: int) -> torch.Tensor:
     """Triton version of ``matmul_4bit_ref`` (tiles autotuned per (M bucket, N, K) on the GPU, see
     ``_autotune``; 64 x 64 x 64 under the interpreter)."""
-    packed, absmax, code = _prep(packed, absmax, code)
-    x = x.contiguous()
-    m, k = x.shape
-    out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    if m == 0 or out_features == 0:
-        return out
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(out_features, meta["BN"]),)  # noqa: E731
-    _matmul_kernel[grid](x, packed, absmax, code, out, m, out_features, k, x.stride(0), out.stride(0), m_bucket(m),
-                         out, out, out, 0, 0, 0, 0, 0, 0.0,
-                         BLOCKSIZE=blocksize, UPCAST=_upcast(x), IEEE=_ieee(x), HAS_LORA=False, HAS_BIAS=False,
-                         BR=16)
-    return out
+    return _launch(_matmul_kernel, x, packed, absmax, code, out_features, blocksize, "BN",
+                   (None, None, None, 0, 0, 0, 0, 0, 0.0), HAS_LORA=False, HAS_BIAS=False, BR=16)
 
 
 def matmul_4bit_grad_input_triton(grad_out: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                                   code: torch.Tensor, in_features: int, blocksize: int) -> torch.Tensor:
     """Triton version of ``matmul_4bit_grad_input_ref`` (tiles autotuned like the tiled matmul's)."""
-    packed, absmax, code = _prep(packed, absmax, code)
-    g = grad_out.contiguous()
-    m, n = g.shape
-    out = torch.empty(m, in_features, dtype=g.dtype, device=g.device)
-    if m == 0 or in_features == 0:
-        return out
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(in_features, meta["BK"]),)  # noqa: E731
-    _grad_input_kernel[grid](g, packed, absmax, code, out, m, n, in_features, g.stride(0), out.stride(0),
-                             m_bucket(m), out, out, 0, 0, 0, 0, 0, 0.0,
-                             BLOCKSIZE=blocksize, UPCAST=_upcast(g), IEEE=_ieee(g), HAS_LORA=False, BR=16)
-    return out
+    return _launch(_grad_input_kernel, grad_out, packed, absmax, code, in_features, blocksize, "BK",
+                   (None, None, 0, 0, 0, 0, 0, 0.0), HAS_LORA=False, BR=16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,20 +235,11 @@ def lora_matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch
     ``xa = x A^T (M, r)``, ``lora_b (out_features, r)``, ``bias (out_features,)`` or None, all in
     ``x.dtype``; ``(M, out_features)`` in ``x.dtype``. One tiled kernel (the tiled matmul's, autotuned
     alike) adds the rank-r term to its float32 accumulator before the single store."""
-    packed, absmax, code = _prep(packed, absmax, code)
-    x = x.contiguous()
-    m, k = x.shape
-    out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    if m == 0 or out_features == 0:
-        return out
     r = xa.shape[1]
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(out_features, meta["BN"]),)  # noqa: E731
-    _matmul_kernel[grid](x, packed, absmax, code, out, m, out_features, k, x.stride(0), out.stride(0), m_bucket(m),
-                         xa, lora_b, bias.contiguous() if bias is not None else out, r, xa.stride(0), xa.stride(1),
-                         lora_b.stride(1), lora_b.stride(0), float(scaling),
-                         BLOCKSIZE=blocksize, UPCAST=_upcast(x), IEEE=_ieee(x), HAS_LORA=True,
-                         HAS_BIAS=bias is not None, BR=_rank_block(r))
-    return out
+    return _launch(_matmul_kernel, x, packed, absmax, code, out_features, blocksize, "BN",
+                   (xa, lora_b, bias.contiguous() if bias is not None else None, r, xa.stride(0), xa.stride(1),
+                    lora_b.stride(1), lora_b.stride(0), float(scaling)),
+                   HAS_LORA=True, HAS_BIAS=bias is not None, BR=_rank_block(r))
 
 
 def lora_grad_input_4bit_triton(grad_out: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
@@ -294,16 +248,7 @@ def lora_grad_input_4bit_triton(grad_out: torch.Tensor, packed: torch.Tensor, ab
     """``grad_out W + scaling * gb A`` for a 4-bit ``W (N, in_features)``: ``grad_out (M, N)``,
     ``gb = grad_out B (M, r)``, ``lora_a (r, in_features)``, all in ``grad_out.dtype``;
     ``(M, in_features)`` in that dtype. The input-gradient kernel with the rank-r term fused."""
-    packed, absmax, code = _prep(packed, absmax, code)
-    g = grad_out.contiguous()
-    m, n = g.shape
-    out = torch.empty(m, in_features, dtype=g.dtype, device=g.device)
-    if m == 0 or in_features == 0:
-        return out
     r = gb.shape[1]
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(in_features, meta["BK"]),)  # noqa: E731
-    _grad_input_kernel[grid](g, packed, absmax, code, out, m, n, in_features, g.stride(0), out.stride(0),
-                             m_bucket(m), gb, lora_a, r, gb.stride(0), gb.stride(1), lora_a.stride(0),
-                             lora_a.stride(1), float(scaling),
-                             BLOCKSIZE=blocksize, UPCAST=_upcast(g), IEEE=_ieee(g), HAS_LORA=True, BR=_rank_block(r))
-    return out
+    return _launch(_grad_input_kernel, grad_out, packed, absmax, code, in_features, blocksize, "BK",
+                   (gb, lora_a, r, gb.stride(0), gb.stride(1), lora_a.stride(0), lora_a.stride(1), float(scaling)),
+                   HAS_LORA=True, BR=_rank_block(r))

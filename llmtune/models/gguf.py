@@ -86,6 +86,8 @@ _SKIPPED_TENSORS = {"rope_freqs.weight"}
 #: rows dequantized at once (keeps temporaries of the 49k-row embedding small).
 _CHUNK_ROWS = 4096
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+#: both per-layer tables in one (their keys are disjoint), for :func:`map_tensor_name`.
+_ALL_LAYER_TENSORS = {**LAYER_TENSORS, **MOE_LAYER_TENSORS}
 
 
 def _reader(path: str | Path):
@@ -330,16 +332,30 @@ def gguf_to_hf_name(name: str) -> str | None:
     """
     if name in _SKIPPED_TENSORS:
         return None
-    m = _BLOCK.match(name)
-    if m and m.group(2) in LAYER_TENSORS:
-        return f"model.layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
-    if m and m.group(2) in MOE_LAYER_TENSORS:
-        return f"model.layers.{m.group(1)}.{MOE_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+    hf = map_tensor_name(name, _BLOCK, _ALL_LAYER_TENSORS, GLOBAL_TENSORS, "model.layers")
+    if hf is None:
+        raise LLMTuneError(f"GGUF tensor {name!r} has no counterpart in a Llama model; the file is not a "
+                           "plain llama-architecture model")
+    return hf
+
+
+def map_tensor_name(name: str, block: re.Pattern, layer_names: dict[str, str], global_names: dict[str, str],
+                    layer_prefix: str) -> str | None:
+    """Rename a tensor between the llama.cpp and Hugging Face spellings with one direction's tables.
+
+    ``name`` matching ``block`` (groups: layer index, module name, ``weight``/``bias``) with a module in
+    ``layer_names`` becomes ``{layer_prefix}.{index}.{layer_names[module]}.{weight|bias}``; otherwise a name
+    ``{base}.{suffix}`` with ``base`` in ``global_names`` becomes ``{global_names[base]}.{suffix}``. Used by
+    :func:`gguf_to_hf_name` (the tables above) and ``gguf_writer.hf_to_gguf_name`` (their inverses).
+
+    Returns:
+        The new name, or ``None`` when neither table names the tensor.
+    """
+    m = block.match(name)
+    if m and m.group(2) in layer_names:
+        return f"{layer_prefix}.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
     base, _, suffix = name.rpartition(".")
-    if base in GLOBAL_TENSORS:
-        return f"{GLOBAL_TENSORS[base]}.{suffix}"
-    raise LLMTuneError(f"GGUF tensor {name!r} has no counterpart in a Llama model; the file is not a "
-                       "plain llama-architecture model")
+    return f"{global_names[base]}.{suffix}" if base in global_names else None
 
 
 def iter_gguf_tensors(path: str | Path, config: dict[str, Any] | None = None

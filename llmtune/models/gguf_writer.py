@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from llmtune.errors import LLMTuneError, notice
-from llmtune.models.gguf import GLOBAL_TENSORS, LAYER_TENSORS, MOE_LAYER_TENSORS
+from llmtune.models.gguf import GLOBAL_TENSORS, LAYER_TENSORS, MOE_LAYER_TENSORS, map_tensor_name
 
 #: ``--gguf_type`` -> (ggml tensor type name, ``general.file_type`` value of llama.cpp's ``LlamaFileType``).
 GGUF_TYPES = {
@@ -42,11 +42,10 @@ GGUF_TYPES = {
 
 #: Hugging Face name (after ``model.layers.N.``) -> llama.cpp name (after ``blk.N.``): the inverse of the
 #: importer's tables (:mod:`llmtune.models.gguf`), so one table names each tensor both ways.
-_LAYER_NAMES = {hf: gg for gg, hf in LAYER_TENSORS.items()}
+#: The MoE and Qwen3 names (gguf ``MODEL_TENSORS[QWEN2MOE / QWEN3MOE]``) are in it too.
+_LAYER_NAMES = {hf: gg for gg, hf in {**LAYER_TENSORS, **MOE_LAYER_TENSORS}.items()}
 _GLOBAL_NAMES = {hf: gg for gg, hf in GLOBAL_TENSORS.items()}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-#: MoE and Qwen3 names (gguf ``MODEL_TENSORS[QWEN2MOE / QWEN3MOE]``), after ``model.layers.N.`` / ``blk.N.``.
-_MOE_LAYER_NAMES = {hf: gg for gg, hf in MOE_LAYER_TENSORS.items()}
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 #: Hugging Face family -> GGUF ``general.architecture`` of the MoE models.
 MOE_GGUF_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
@@ -84,16 +83,11 @@ def hf_to_gguf_name(name: str) -> str:
     Raises:
         LLMTuneError: a name with no llama.cpp counterpart.
     """
-    m = _LAYER.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    if m and m.group(2) in _MOE_LAYER_NAMES:
-        return f"blk.{m.group(1)}.{_MOE_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    base, _, suffix = name.rpartition(".")
-    if base in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[base]}.{suffix}"
-    raise LLMTuneError(f"parameter {name!r} has no llama.cpp GGUF counterpart; GGUF export supports plain "
-                       "Llama-architecture models")
+    gguf_name = map_tensor_name(name, _LAYER, _LAYER_NAMES, _GLOBAL_NAMES, "blk")
+    if gguf_name is None:
+        raise LLMTuneError(f"parameter {name!r} has no llama.cpp GGUF counterpart; GGUF export supports plain "
+                           "Llama-architecture models")
+    return gguf_name
 
 
 def tokenizer_fields_from_json(tokenizer_json: dict, vocab_size: int) -> dict[str, Any]:

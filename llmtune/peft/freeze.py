@@ -10,22 +10,15 @@ outside the decoder layers (``embed_tokens``, ``norm``, ``lm_head``).
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
 
 from llmtune.errors import LLMTuneError, nearest
+from llmtune.peft.targets import as_names
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.([^.]+)")
-
-
-def _names(value: Union[str, Sequence[str], None]) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = value.split(",")
-    return [v.strip() for v in value if v and v.strip()]
 
 
 def apply_freeze(model: nn.Module, freeze_trainable_layers: int = 2,
@@ -71,12 +64,12 @@ def apply_freeze(model: nn.Module, freeze_trainable_layers: int = 2,
         raise LLMTuneError("freeze fine-tuning needs a model with decoder layers (model.layers.<i>)")
     n = int(freeze_trainable_layers)
     ids = set(range(max(0, num_layers - n), num_layers)) if n > 0 else set(range(min(-n, num_layers)))
-    modules = _names(freeze_trainable_modules) or ["all"]
+    modules = as_names(freeze_trainable_modules) or ["all"]
     for mod in modules:
         if mod != "all" and mod not in hidden:
             raise LLMTuneError(f"freeze_trainable_modules: no module {mod!r} in a decoder layer; choose from "
                                f"all, {', '.join(sorted(hidden))}.{nearest(mod, sorted(hidden))}")
-    extras = _names(freeze_extra_modules)
+    extras = as_names(freeze_extra_modules)
     for mod in extras:
         if mod not in non_hidden:
             raise LLMTuneError(f"freeze_extra_modules: no module {mod!r} outside the decoder layers; choose from "

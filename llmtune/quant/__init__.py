@@ -7,18 +7,8 @@ See ``docs/quantization.md``. Public API:
 """
 
 from llmtune.quant.linear4bit import Linear4bit, place_quantized
-from llmtune.quant.nf4 import (
-    FP4_CODE_VALUES,
-    NF4_CODE_VALUES,
-    QuantState,
-    create_dynamic_map,
-    dequantize_4bit,
-    dequantize_nf4,
-    get_4bit_code,
-    quantize_4bit,
-    quantize_fp4,
-    quantize_nf4,
-)
+from llmtune.quant.nf4 import (FP4_CODE_VALUES, NF4_CODE_VALUES, QuantState, create_dynamic_map, dequantize_4bit,
+                               dequantize_nf4, get_4bit_code, quantize_4bit, quantize_fp4, quantize_nf4)
 
 __all__ = [
     "FP4_CODE_VALUES", "NF4_CODE_VALUES", "QuantState", "create_dynamic_map", "dequantize_4bit", "dequantize_nf4",

@@ -232,6 +232,11 @@ _CHATML_SYSTEM = ("<|im_start|>system\n{{content}}<|im_end|>\n",)
 _QWEN_OBS = ("<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",)
 _L3_USER = ("<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n",)
+#: the Qwen chat format (ChatML, tool calls and results in Qwen's tags), shared by its text and VL templates
+_QWEN = dict(user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM, function=_CHATML_ASSISTANT,
+             observation=_QWEN_OBS, tool_format="qwen", stop_words=("<|im_end|>",))
+#: Qwen3's reasoning delimiters
+_THINK = ("<think>\n", "\n</think>\n\n")
 
 #: Built-in templates by LLaMA-Factory's names (facts from its ``data/template.py``).
 TEMPLATES: dict[str, Template] = {t.name: t for t in [
@@ -256,24 +261,13 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
              system=("{{content}}\n\n",), function=("[TOOL_CALLS] {{content}}", EOS),
              observation=('[TOOL_RESULTS] {"content": {{content}}}[/TOOL_RESULTS]',), prefix=(BOS,),
              tool_format="mistral", fuse_system=True),
-    Template("qwen", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
-             function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen",
-             default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-             stop_words=("<|im_end|>",)),
-    Template("qwen3", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
-             function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen", stop_words=("<|im_end|>",),
-             thought_words=("<think>\n", "\n</think>\n\n")),
-    Template("qwen3_nothink", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
-             function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen", stop_words=("<|im_end|>",)),
+    Template("qwen", **_QWEN, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    Template("qwen3", **_QWEN, thought_words=_THINK),
+    Template("qwen3_nothink", **_QWEN),
     # vision-language: the text format of qwen / qwen3; <image> placeholders are expanded by llmtune.data.multimodal
-    Template("qwen2_vl", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
-             function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen",
-             default_system="You are a helpful assistant.", stop_words=("<|im_end|>",)),
-    Template("qwen3_vl", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
-             function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen", stop_words=("<|im_end|>",),
-             thought_words=("<think>\n", "\n</think>\n\n")),
-    Template("qwen3_vl_nothink", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
-             function=_CHATML_ASSISTANT, observation=_QWEN_OBS, tool_format="qwen", stop_words=("<|im_end|>",)),
+    Template("qwen2_vl", **_QWEN, default_system="You are a helpful assistant."),
+    Template("qwen3_vl", **_QWEN, thought_words=_THINK),
+    Template("qwen3_vl_nothink", **_QWEN),
     Template("smollm2", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
              default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face.",
              stop_words=("<|im_end|>",)),
