@@ -164,9 +164,9 @@ def lay_over(model: torch.nn.Module, folder: PathLike) -> torch.nn.Module:
                 if value is not t:
                     t.copy_(value)
         else:
-            from llmtune.models.loader import _iter_safetensors
+            from llmtune.models.loader import iter_safetensors
 
-            for name, value in _iter_safetensors([p / TRAINABLE]):
+            for name, value in iter_safetensors([p / TRAINABLE]):
                 t = target(name, tuple(value.shape))
                 if t is not None:
                     t.copy_(value)

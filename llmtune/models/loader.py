@@ -153,7 +153,7 @@ def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], P
     return out
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in file order, each read with one ``readinto`` into a fresh CPU tensor.
 
     Plain reads instead of a memory map: mapped file pages would count in the process's resident memory
@@ -296,7 +296,7 @@ def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) 
         bnb_4bit = _bnb_placer_factory(config.raw)
         files = _safetensors_files(path)
         found_fn = lambda model: _safetensors_shapes(files)  # noqa: E731
-        tensors = lambda: _iter_safetensors(files)  # noqa: E731
+        tensors = lambda: iter_safetensors(files)  # noqa: E731
         source = str(path)
     else:
         raise LLMTuneError(f"model_name_or_path {str(path)!r}: a file that is not a .gguf model; give a model "
