@@ -109,3 +109,17 @@ def test_examples_seen_counts_a_short_last_batch(tiny_folder, data_dir, tmp_path
                                per_device_train_batch_size=5))
     text = buf.getvalue()
     assert "examples: 24   steps: 5" in text and "examples seen: 24 " in text
+
+
+def test_examples_seen_is_counted_not_estimated(tiny_folder, data_dir, tmp_path):  # noqa: F811
+    """24 rows in batches of 5 are steps of 5, 5, 5, 5, 4 rows: 4 steps trained 20 rows (an estimate from the
+    epoch fraction, 4/5 x 24, says 19); the count is kept in the checkpoint's trainer state."""
+    import llmtune
+
+    buf = io.StringIO()
+    out = tmp_path / "o"
+    with contextlib.redirect_stdout(buf):
+        llmtune.train(base_cfg(tiny_folder, data_dir, out, max_steps=4, per_device_train_batch_size=5,
+                               save_steps=3))
+    assert "examples seen: 20 " in buf.getvalue()
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["examples_seen"] == 15

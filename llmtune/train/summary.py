@@ -91,7 +91,8 @@ def format_end(final_loss: Optional[float], examples_seen: int, tokens_seen: Opt
 
     Args:
         final_loss: the training loss of the last logged steps (``None``: not known).
-        examples_seen: training examples processed (epochs done x examples; PPO: steps x rollout size).
+        examples_seen: training examples processed (dataset rows, counted by the trainer step by step; PPO: steps x
+            rollout size).
         tokens_seen: input tokens processed (``None``: not counted by this stage).
         runtime_s: training time in seconds; tokens per second is ``session_tokens / runtime_s``.
         peak_memory_bytes: peak memory in bytes (``None``: unknown); peak_memory_kind says what was
@@ -208,6 +209,8 @@ def report_end(cfg: Any, results: dict, out: Any, trainer: Any, device: Any,
     per_step = getattr(trainer, "rollout_size", None)
     if per_step is not None:  # PPO: each step samples a rollout of prompts
         seen = step * int(per_step)
+    elif isinstance(getattr(trainer, "examples_seen", None), int) and getattr(trainer, "online", None) is None:
+        seen = trainer.examples_seen   # counted by the trainer, step by step (a resumed run: since step 0)
     elif rows is not None and hasattr(trainer, "epoch_float"):  # epochs done x rows (the last batch may be short)
         seen = int(round(float(trainer.epoch_float()) * len(rows)))
     else:

@@ -186,6 +186,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.tokens_seen = 0
         self.tokens_at_start = 0   # tokens_seen when this process began training (set again on resume)
+        self.examples_seen = 0     # dataset rows trained on, all processes (offline stages; kept in checkpoints)
         self.best_metric: Optional[float] = None
         self.best_step: Optional[int] = None
         self.best_state: Optional[dict[str, torch.Tensor]] = None
@@ -360,10 +361,12 @@ class Trainer:
                     self.interrupt.start_step(ckpt.capture_rng_state(), self.online_state())
                     self.ctx.global_step, self.ctx.training = self.global_step, True
                     step = self.next_step(steps)                # 1. pre-fetch the step (online: rollouts)
+                    rows = 0 if steps is None else sum(map(len, steps[self.step_in_epoch])) * world_size()
                     self.interrupt.updates_planned = len(step.updates)
                     loss, grad_norm, lr, metrics = self.train_step(step)       # 2-4. count, fwd, bwd, clip, step
                     self.global_step += 1
                     self.step_in_epoch += 1
+                    self.examples_seen += rows   # every rank holds as many rows (shard_indices pads)
                     self.interrupt.step_counted()  # from here a signal saves the state as it is now
                     logger.advance()
                     window_loss, window_steps = window_loss + loss, window_steps + 1
@@ -487,7 +490,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The JSON trainer state saved in checkpoints (step, data position, best metric, log history)."""
         return {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "total_steps": self.total_steps, "tokens_seen": self.tokens_seen, "best_metric": self.best_metric,
+                "total_steps": self.total_steps, "tokens_seen": self.tokens_seen, "examples_seen": self.examples_seen,
+                "best_metric": self.best_metric,
                 "best_global_step": self.best_step, "stage": self.stage_name, "seed": self.seed,
                 "per_device_train_batch_size": self.bs, "gradient_accumulation_steps": self.ga,
                 "world_size": world_size(), "log_history": self.log_history, **resume_rules.extra_state(self)}
@@ -521,6 +525,8 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.examples_seen = int(state["examples_seen"]) if "examples_seen" in state else int(round(   # older
+            self.epoch_float() * len(self.train_dataset))) if self.online is None else 0          # checkpoints
         self.best_metric, self.best_step = state.get("best_metric"), state.get("best_global_step")
         if self.load_best and self.best_step is not None:
             self.best_state = resume_rules.best_state_at_resume(self, folder)
