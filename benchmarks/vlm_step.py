@@ -84,10 +84,12 @@ def lora_regex(model, args) -> str:
 def _profile(step, path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
     Path(path).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
-                          + prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+                          + prof.key_averages(group_by_input_shape=True).table(
+                              sort_by="self_cpu_time_total", row_limit=80, max_name_column_width=40,
+                              max_shapes_column_width=120))
 
 
 def worker_llmtune(args, batch) -> tuple:
