@@ -14,9 +14,16 @@ Batch: ``--batch`` rows, each one ``--image``-pixel square image (``(image/14)**
 tokens) and ``--text`` text tokens, every text token a label, no padding. Step: forward, loss, backward, grad-norm
 clip 1.0, AdamW (float32). ``--warmup`` untimed and ``--steps`` timed steps; ``--repeats R`` runs the
 implementations in turn (A B A B ...) and the table shows medians. Tokens/s counts all tokens (image tokens too).
+``CPU s`` is the process's CPU time per step (all its threads): on a machine shared with other jobs it moves far
+less than the wall time, most of all with ``--threads 1`` (no OpenMP threads waiting on each other).
 
     python benchmarks/vlm_step.py --repeats 2 --out benchmarks/results/vlm_step.json
     python benchmarks/vlm_step.py --impl llmtune --profile /tmp/vlm_prof     # one profiled step per worker
+    python benchmarks/vlm_step.py --baseline /tmp/main_tree --repeats 2      # + llmtune from another tree
+
+``--baseline DIR`` adds the implementation ``baseline``: the llmtune worker importing ``llmtune`` from ``DIR``
+(another checkout, e.g. ``git archive main llmtune | tar -x -C DIR``), run in turn with the others (before/after
+comparisons on a shared machine).
 """
 
 from __future__ import annotations
@@ -81,13 +88,53 @@ def lora_regex(model, args) -> str:
     return vl_lora_target(model, "all", vision=not args.vision_lora)
 
 
-def _profile(step, path: str) -> None:
+def _mark(module, label: str) -> list:
+    """Hooks that wrap each forward call of ``module`` in a profiler range named ``label``."""
+    import torch
+
+    open_ranges = []
+
+    def pre(_m, _args):
+        rf = torch.profiler.record_function(label)
+        rf.__enter__()
+        open_ranges.append(rf)
+
+    def post(_m, _args, _out):
+        open_ranges.pop().__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+def _profile(step, path: str, model) -> None:
+    """One profiled step: where its time goes (vision tower forward, decoder layers forward, the rest =
+    backward + lm_head/loss + optimizer), then the ops by self time, and by op and input shapes."""
+    import re
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    parts = {"vision tower (forward)": [m for n, m in model.named_modules() if n.endswith("visual")][:1],
+             "decoder layers (forward)": [m for n, m in model.named_modules() if re.search(r"\blayers\.\d+$", n)]}
+    hooks = [h for label, mods in parts.items() for m in mods for h in _mark(m, label)]
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
-    Path(path).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
-                          + prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+    wall = time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
+    rows = {e.key: e for e in prof.key_averages()}
+    lines = [f"profiled step: {wall:.2f} s wall"]
+    rest = wall
+    for label in list(parts) + ["Optimizer.step#AdamW.step"]:
+        if label in rows:
+            sec = rows[label].cpu_time_total / 1e6
+            rest -= sec
+            lines.append(f"  {label}: {sec:.2f} s ({rows[label].count} calls)")
+    lines.append(f"  the rest (backward, lm_head + loss, embedding, M-RoPE ids): {rest:.2f} s")
+    Path(path).write_text("\n".join(lines) + "\n\n"
+                          + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
+                          + prof.key_averages(group_by_input_shape=True).table(
+                              sort_by="self_cpu_time_total", row_limit=80, max_name_column_width=40,
+                              max_shapes_column_width=120))
 
 
 def worker_llmtune(args, batch) -> tuple:
@@ -111,7 +158,7 @@ def worker_llmtune(args, batch) -> tuple:
         trainer.accumulate_gradients([batch])
         trainer.optimizer_step()
 
-    return step, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return step, sum(p.numel() for p in model.parameters() if p.requires_grad), model
 
 
 def worker_hf(args, batch) -> tuple:
@@ -141,7 +188,7 @@ def worker_hf(args, batch) -> tuple:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, sum(p.numel() for p in params)
+    return step, sum(p.numel() for p in params), model
 
 
 def run_worker(args) -> None:
@@ -150,18 +197,20 @@ def run_worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = make_batch(args)
-    step, trainable = (worker_hf if args.worker == "hf" else worker_llmtune)(args, batch)
-    times = []
+    step, trainable, model = (worker_hf if args.worker == "hf" else worker_llmtune)(args, batch)
+    times, cpu = [], []
     for _ in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     if args.profile:
-        _profile(step, f"{args.profile}.{args.worker}.txt")
+        _profile(step, f"{args.profile}.{args.worker}.txt", model)
     tokens = int(batch["attention_mask"].sum())
     timed = times[args.warmup:]
     print("RESULT " + json.dumps({
-        "impl": args.worker, "step_s": timed, "first_step_s": times[0], "tokens_per_step": tokens,
+        "impl": args.worker, "step_s": timed, "step_cpu_s": cpu[args.warmup:], "first_step_s": times[0],
+        "tokens_per_step": tokens,
         "tokens_per_s": tokens * len(timed) / sum(timed), "trainable_params": trainable,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads()}), flush=True)
@@ -181,9 +230,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--impl", default="llmtune,hf")
+    ap.add_argument("--baseline", default=None, help="also run llmtune imported from this folder ('baseline')")
     ap.add_argument("--profile", default=None, help="profile one extra step; tables at PROFILE.<impl>.txt")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=IMPLS + ("baseline",), help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/llmtune_bench_vlm", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.image % 28:
@@ -194,6 +244,10 @@ def main() -> None:
     impls = [i.strip() for i in args.impl.split(",") if i.strip()]
     if any(i not in IMPLS for i in impls):
         sys.exit(f"--impl: use {', '.join(IMPLS)}")
+    if args.baseline:
+        if not (Path(args.baseline) / "llmtune" / "__init__.py").is_file():
+            sys.exit(f"--baseline {args.baseline}: no llmtune/__init__.py there (extract a tree with llmtune/ into it)")
+        impls.insert(0, "baseline")
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     make_model(args)
     passed = [f"--vision-depth={args.vision_depth}", f"--lm-layers={args.lm_layers}", f"--vocab={args.vocab}",
@@ -205,7 +259,10 @@ def main() -> None:
     for _ in range(args.repeats):
         for impl in impls:
             cmd = [sys.executable, __file__, *passed, "--worker", impl, "--tmp", args.tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            env = dict(os.environ)
+            if impl == "baseline":
+                env["PYTHONPATH"] = os.pathsep.join([str(Path(args.baseline).resolve()), env.get("PYTHONPATH", "")])
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(f"{impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -221,18 +278,24 @@ def main() -> None:
             summary[impl] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
                              "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in ok),
                              "step_s": statistics.median(s for r in ok for s in r["step_s"]),
+                             "step_cpu_s": statistics.median(s for r in ok for s in r["step_cpu_s"]),
                              "trainable_params": ok[0]["trainable_params"]}
-    print(f"\n{'impl':<10} {'tokens/s':>10} {'step s':>8} {'peak RSS MiB':>13} {'trainable':>11}")
+    print(f"\n{'impl':<10} {'tokens/s':>10} {'step s':>8} {'CPU s':>8} {'peak RSS MiB':>13} {'trainable':>11}")
     for impl, s in summary.items():
-        print(f"{impl:<10} {s['tokens_per_s']:>10.1f} {s['step_s']:>8.2f} {s['peak_rss_mib']:>13.0f} "
-              f"{s['trainable_params']:>11,}")
+        print(f"{impl:<10} {s['tokens_per_s']:>10.1f} {s['step_s']:>8.2f} {s['step_cpu_s']:>8.2f} "
+              f"{s['peak_rss_mib']:>13.0f} {s['trainable_params']:>11,}")
     if "llmtune" in summary and "hf" in summary:
         a, b = summary["llmtune"], summary["hf"]
         print(f"llmtune / transformers+peft: tokens/s x{a['tokens_per_s'] / b['tokens_per_s']:.2f}, "
               f"peak RSS x{a['peak_rss_mib'] / b['peak_rss_mib']:.2f}")
+    if "llmtune" in summary and "baseline" in summary:
+        a, b = summary["llmtune"], summary["baseline"]
+        print(f"llmtune / baseline ({args.baseline}): tokens/s x{a['tokens_per_s'] / b['tokens_per_s']:.2f}, "
+              f"peak RSS x{a['peak_rss_mib'] / b['peak_rss_mib']:.2f}")
     if args.out:
         settings = {k: getattr(args, k) for k in ("vision_depth", "lm_layers", "vocab", "batch", "image", "text",
                                                   "vision_lora", "warmup", "steps", "repeats", "threads")}
+        settings["baseline"] = args.baseline
         Path(args.out).write_text(json.dumps({"settings": settings, "summary": summary, "runs": results,
                                               "load": os.getloadavg()}, indent=2) + "\n")
 

@@ -28,6 +28,8 @@ patches.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,7 +134,12 @@ class PatchEmbed(nn.Module):
 
 class VisionAttention(nn.Module):
     """Bidirectional multi-head attention inside segments (frames or windows), with 2-D rotary embeddings
-    applied in float32 (``qkv``, ``proj`` as in the checkpoint)."""
+    applied in float32 (``qkv``, ``proj`` as in the checkpoint).
+
+    Runs of consecutive segments of one length (the windows inside an image, the frames of same-sized images)
+    go through one batched ``scaled_dot_product_attention`` call, ``(segments, heads, length, head_dim)``,
+    instead of one call per segment and a concatenation; each segment still attends to itself only, so the
+    result is that of a per-segment loop."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -142,19 +149,22 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)           # (n, heads, head_dim)
-        c, s = cos[:, None].float(), sin[:, None].float()
-        q = (q.float() * c + rotate_half(q.float()) * s).to(x.dtype)
-        k = (k.float() * c + rotate_half(k.float()) * s).to(x.dtype)
-        # (1, heads, n, head_dim): 4-D inputs reach PyTorch's fused (flash) CPU/GPU kernels; 3-D ones fall back to
-        # the unfused math path (n x n scores materialised, ~4x slower on the CPU)
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
-        if len(seqlens) == 1:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs) for qs, ks, vs in
-                             zip(q.split(seqlens, 2), k.split(seqlens, 2), v.split(seqlens, 2))], dim=2)
-        return self.proj(out[0].transpose(0, 1).reshape(n, -1))
+        qkv = self.qkv(x).view(n, 3, self.num_heads, -1)
+        # q and k rotated together: (n, 2, heads, head_dim), one set of elementwise ops for both
+        c, s = cos[:, None, None].float(), sin[:, None, None].float()
+        qk = qkv[:, :2].float()
+        qk = (qk * c + rotate_half(qk) * s).to(x.dtype)
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]                                    # (n, heads, head_dim)
+        # 4-D (segments, heads, length, head_dim) inputs reach PyTorch's fused (flash) CPU/GPU kernels; 3-D ones
+        # fall back to the unfused math path (n x n scores materialised, ~4x slower on the CPU)
+        outs, start = [], 0
+        for length, group in itertools.groupby(seqlens):
+            m = len(list(group))
+            end = start + m * length
+            qs, ks, vs = (t[start:end].view(m, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(m * length, -1))
+            start = end
+        return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 class VisionMLP(nn.Module):
@@ -177,6 +187,8 @@ class VisionMLP(nn.Module):
         if self.family == "qwen2_vl":
             return self.fc2(self.act(self.fc1(x)))
         if self.family == "qwen2_5_vl":
+            if not torch.is_grad_enabled() and self.act is F.silu:   # frozen tower: no (n, inter) temporaries
+                return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.linear_fc2(self.act(self.linear_fc1(x)))
 
@@ -191,7 +203,11 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cos, sin, seqlens):
+    def forward(self, x, cos, sin, seqlens, inplace: bool = False):
+        """``x`` ``(n, hidden)`` -> ``(n, hidden)``; ``inplace`` (no autograd only): add the residuals into ``x``."""
+        if inplace:
+            x = x.add_(self.attn(self.norm1(x), cos, sin, seqlens))
+            return x.add_(self.mlp(self.norm2(x)))
         x = x + self.attn(self.norm1(x), cos, sin, seqlens)
         return x + self.mlp(self.norm2(x))
 
@@ -316,7 +332,16 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # a frozen tower (LLaMA-Factory's default freeze_vision_tower + freeze_multi_modal_projector) on inputs
+        # without gradients: nothing to record for backward, so run it without autograd and update in place
+        frozen = not pixel_values.requires_grad and not any(p.requires_grad for p in self.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            return self._forward(pixel_values, grid_thw)
+
+    def _forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         cfg = self.cfg
+        inplace = not torch.is_grad_enabled()
         grid_thw = grid_thw.long()
         n_expected = int(grid_thw.prod(-1).sum())
         if pixel_values.shape[0] != n_expected:
@@ -340,7 +365,7 @@ class VisionTower(nn.Module):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, cos, sin, seqlens, use_reentrant=False)
             else:
-                x = blk(x, cos, sin, seqlens)
+                x = blk(x, cos, sin, seqlens, inplace=inplace)
             if i in cfg.deepstack_visual_indexes and cfg.family == "qwen3_vl":
                 deepstack.append(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(i)](x))
         out = self.merger(x)
