@@ -1,4 +1,8 @@
-"""Which parameters a run trains: ``finetuning_type`` lora, freeze or full (LLaMA-Factory's keys)."""
+"""Which parameters a run trains: ``finetuning_type`` lora, freeze or full (LLaMA-Factory's keys).
+
+Steps 3 (the ``lora_target`` check, before the data is read) and 6 (the trainable parameters, then what the
+stage's row asks for: a value head, a reference policy) of :func:`llmtune.train.setup.run_train`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,42 @@ import torch
 
 from llmtune import peft
 from llmtune.errors import LLMTuneError, notice
+from llmtune.peft.targets import select_lora_targets
 from llmtune.train.stages import STAGES, stage_info
+from llmtune.train.stages.pref import reference_extra
+
+
+def check_trainable_targets(model: torch.nn.Module, cfg: Any) -> bool:
+    """Check ``lora_target`` against the model before the data is read; returns True when the stage trains a
+    head alone (its row's ``head_only``: rm with the seed's ``--lora_target value``).
+
+    Raises:
+        LLMTuneError: a ``lora_target`` naming no module of the model.
+    """
+    stage = stage_info(cfg.stage)
+    head_only = stage.head_only is not None and stage.head_only(model, cfg)
+    if cfg.finetuning_type == "lora" and not head_only:
+        select_lora_targets(model, cfg.lora_target)
+    return head_only
+
+
+def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool) -> dict:
+    """Step 6: choose the trainable parameters (:func:`apply_finetuning_type`, unless ``head_only``), then what
+    the stage's row asks for: ``prepare`` (rm: the value head) and ``reference`` (a reference policy: adapters
+    disabled, ``ref_model``, or a frozen copy; :func:`llmtune.train.stages.pref.reference_extra`). Returns the
+    stage context's ``extra`` dict.
+
+    Raises:
+        LLMTuneError: the errors of :func:`apply_finetuning_type` and of loading ``ref_model``.
+    """
+    stage = stage_info(cfg.stage)
+    if not head_only:
+        apply_finetuning_type(model, cfg)
+    if stage.prepare is not None:
+        stage.prepare(model, cfg, head_only)  # rm: model.v_head, trainable
+    if stage.reference is None:
+        return {}
+    return reference_extra(model, cfg, needed=stage.reference(cfg))   # on the model's device
 
 
 def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:

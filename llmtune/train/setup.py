@@ -36,8 +36,6 @@ from llmtune.data.multimodal import ImageCollator, model_processor
 from llmtune.data.templates import get_template
 from llmtune.errors import notice
 from llmtune.fileio import write_json
-from llmtune.kernels import set_enabled as set_kernels_enabled
-from llmtune.peft.targets import select_lora_targets
 from llmtune.tokenizer import load_tokenizer
 from llmtune.locks import lock_output
 from llmtune.train import manifest
@@ -45,14 +43,13 @@ from llmtune.train.checkpoint import clear_for_overwrite
 from llmtune.train import eval_report, summary
 from llmtune.train.distributed import barrier, distributed_session, is_main
 from llmtune.train.wrap import full_parameters, gather_full_state_dict, unwrap
-from llmtune.train.finetuning import apply_finetuning_type
+from llmtune.train.finetuning import check_trainable_targets, prepare_stage
 from llmtune.train.metrics import write_predict_results
 from llmtune.train.outputs import RUN_OUTPUTS, prepare_output_dir, save_model, write_predictions
 from llmtune.train.plotting import plot_loss
-from llmtune.train.precision import load_dtype, train_device
+from llmtune.train.precision import load_base_model, train_device
 from llmtune.train.seed import set_seed
 from llmtune.train.stages import Stage, stage_info
-from llmtune.train.stages.pref import reference_extra
 from llmtune.train.trainer import Trainer
 
 
@@ -98,8 +95,10 @@ def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
     set_seed(cfg.seed)
     model = load_base_model(cfg)                                      # 3. base + adapter chain (+ 4-bit)
     head_only = check_trainable_targets(model, cfg)                   #    (a bad lora_target fails here)
-    tokenizer, template = load_tokenizer_and_template(cfg, model.adapter_chain)   # 4. tokenizer, template
-    train_rows, eval_rows = load_data(cfg, tokenizer, template)       # 5. data
+    tokenizer = load_tokenizer(cfg.model_name_or_path)                # 4. tokenizer, template (else the one
+    template = get_template(cfg.template or model.adapter_chain.template, tokenizer)   # the chain recorded)
+    data = get_dataset(cfg, tokenizer, template, stage.data)          # 5. data
+    train_rows, eval_rows = data.train, data.eval
     set_seed(cfg.seed)  # LoRA init depends on the seed only
     extra = prepare_stage(model, cfg, head_only)                      # 6. trainable params, head, reference
     online = (stage.build(model, cfg, tokenizer, template, train_rows, extra, **stage_options)
@@ -143,69 +142,6 @@ def _no_empty_output_dir_left(cfg: Any) -> Iterator[None]:
             except OSError:
                 pass
         raise
-
-
-def load_base_model(cfg: Any) -> torch.nn.Module:
-    """Step 3: the base model with its adapter chain merged (a LoRA output folder as ``model_name_or_path``
-    loads its base and merges the chain; ``adapter_name_or_path`` adds adapters), in the dtype the
-    fine-tuning type needs (:func:`llmtune.train.precision.load_dtype`), 4-bit when ``quantization_bit``.
-    ``model.adapter_chain`` is the chain applied: the one the outputs record."""
-    device = train_device(cfg)
-    dtype = load_dtype(cfg, device.split(":")[0])
-    set_kernels_enabled(cfg.use_kernels)  # Triton kernels on CUDA (llmtune.kernels); off: PyTorch references
-    if cfg.adapter_name_or_path and cfg.finetuning_type == "lora" and not cfg.create_new_adapter:
-        notice("adapter_name_or_path: the given adapter(s) are merged into the base and a new adapter is trained "
-               "on top (as create_new_adapter: true; llmtune does not continue an adapter in place); the output "
-               "records them as parent_adapters, which llmtune chat/export apply")
-    return runs.load_model(cfg.model_name_or_path, dtype=dtype, device=device,
-                           adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
-                           quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)
-
-
-def check_trainable_targets(model: torch.nn.Module, cfg: Any) -> bool:
-    """Check ``lora_target`` against the model before the data is read; returns True when the stage trains a
-    head alone (its row's ``head_only``: rm with the seed's ``--lora_target value``).
-
-    Raises:
-        LLMTuneError: a ``lora_target`` naming no module of the model.
-    """
-    stage = stage_info(cfg.stage)
-    head_only = stage.head_only is not None and stage.head_only(model, cfg)
-    if cfg.finetuning_type == "lora" and not head_only:
-        select_lora_targets(model, cfg.lora_target)
-    return head_only
-
-
-def load_tokenizer_and_template(cfg: Any, chain: runs.AdapterChain) -> tuple[Any, Any]:
-    """Step 4: the tokenizer of ``model_name_or_path`` and the template: ``template``, else the one recorded
-    by the last run of the chain (chained stages), else the model's own ``chat_template``."""
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    name = cfg.template or runs.recorded_template(cfg.model_name_or_path, *reversed(chain.parents))
-    return tokenizer, get_template(name, tokenizer)
-
-
-def load_data(cfg: Any, tokenizer: Any, template: Any) -> tuple[Sequence[dict], Optional[Sequence[dict]]]:
-    """Step 5: ``(train_rows, eval_rows)`` of the stage (``llmtune.data.get_dataset``), with a notice when
-    evaluation rows are set aside but nothing evaluates them."""
-    splits = get_dataset(cfg, tokenizer, template, stage_info(cfg.stage).data)
-    if splits.eval and cfg.do_train and not cfg.do_eval and cfg.eval_strategy == "no":
-        notice(f"{len(splits.eval)} evaluation rows (val_size / eval_dataset) are set aside but nothing evaluates "
-               "them; set do_eval: true (after training) or eval_strategy: steps/epoch (during training)")
-    return splits.train, splits.eval
-
-
-def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool) -> dict:
-    """Step 6: choose the trainable parameters (``finetuning_type``), then what the stage's row asks for:
-    ``prepare`` (rm: the value head) and ``reference`` (a reference policy: adapters disabled, ``ref_model``,
-    or a frozen copy). Returns the stage context's ``extra`` dict."""
-    stage = stage_info(cfg.stage)
-    if not head_only:
-        apply_finetuning_type(model, cfg)
-    if stage.prepare is not None:
-        stage.prepare(model, cfg, head_only)  # rm: model.v_head, trainable
-    if stage.reference is None:
-        return {}
-    return reference_extra(model, cfg, needed=stage.reference(cfg))   # on the model's device
 
 
 def build_trainer(model: torch.nn.Module, cfg: Any, stage: Stage, tokenizer: Any, train_rows: Sequence[dict],
