@@ -322,10 +322,11 @@ def _vl_config(cls, cfg: dict[str, Any], arch: str, source: str) -> "ModelConfig
 class CheckpointSource:
     """A checkpoint ready to stream into a model: what one source format (a GGUF file,
     :func:`llmtune.models.gguf.gguf_source`; a model folder, :func:`llmtune.models.folder.folder_source`) gives
-    :func:`llmtune.models.loader.load_model`.
+    :func:`llmtune.models.loader.load_model`, which builds the :class:`ModelConfig` and the model from it.
 
     Attributes:
-        config: the model's :class:`ModelConfig`.
+        hf_config: the model's Hugging Face ``config.json`` dict (for GGUF: mapped from its metadata).
+        config_name: where ``hf_config`` came from, named in config errors (``.../config.json``, the ``.gguf``).
         shapes: Hugging Face tensor name -> ``(shape, file)`` for every tensor the checkpoint holds.
         tensors: ``() -> iterator of (name, CPU tensor)``, one tensor at a time (the loader casts it).
         name: the source named in error messages (the folder or file).
@@ -334,7 +335,8 @@ class CheckpointSource:
         release: called once the tensors are loaded (drops cached readers), or None.
     """
 
-    config: ModelConfig
+    hf_config: dict[str, Any]
+    config_name: str
     shapes: dict[str, tuple[tuple[int, ...], Path]]
     tensors: Callable[[], Iterator[tuple[str, Any]]]
     name: str

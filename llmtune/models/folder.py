@@ -16,26 +16,32 @@ from typing import Iterator
 import torch
 
 from llmtune.errors import LLMTuneError
-from llmtune.models.config import CheckpointSource, ModelConfig
+from llmtune.fileio import read_json
+from llmtune.models.config import CheckpointSource
 
 
 def folder_source(path: Path) -> CheckpointSource:
-    """The checkpoint of a model folder: its :class:`ModelConfig` (``config.json``), every tensor's shape (from
+    """The checkpoint of a model folder: its ``config.json``, every tensor's shape (from
     the safetensors headers), a reader that streams the tensors one at a time, and, for a pre-quantized
     bitsandbytes 4-bit checkpoint, the factory of its placer.
 
     Raises:
         LLMTuneError: no ``config.json``; no safetensors weights (pickled ones are refused); a malformed or
-            truncated safetensors file or shard index; a bitsandbytes 8-bit checkpoint; the errors of
-            :meth:`ModelConfig.from_file`.
+            truncated safetensors file or shard index; a ``config.json`` that is not a JSON object; a
+            bitsandbytes 8-bit checkpoint.
     """
     if not (path / "config.json").is_file():
         raise LLMTuneError(f"{path}: no config.json; a model folder needs config.json and safetensors "
                            "weights (or pass a .gguf file, or a LoRA output folder with adapter_config.json)")
     files = _safetensors_files(path)
     shapes, tensors = _safetensors_shapes(files), functools.partial(_iter_safetensors, files)
-    config = ModelConfig.from_file(path / "config.json")
-    return CheckpointSource(config, shapes, tensors, str(path), placer=_bnb_placer_factory(config.raw))
+    hf_config = read_json(path / "config.json", fix="copy config.json again from the model")
+    placer = None
+    if isinstance(hf_config.get("quantization_config"), dict):   # (llmtune.quant loads for such folders only)
+        from llmtune.quant.bnb import bnb_placer_for
+
+        placer = bnb_placer_for(hf_config)   # a pre-quantized bitsandbytes 4-bit checkpoint (*-bnb-4bit)
+    return CheckpointSource(hf_config, str(path / "config.json"), shapes, tensors, str(path), placer=placer)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -146,17 +152,3 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     raise LLMTuneError(f"{file}: tensor {name!r} is truncated; download the file again")
                 dtype = _ST_DTYPES[info["dtype"]]
                 yield name, buf.view(dtype).reshape([int(d) for d in info["shape"]])
-
-
-def _bnb_placer_factory(raw_config: dict):
-    """For a pre-quantized bitsandbytes 4-bit checkpoint (``*-bnb-4bit``), a ``(model, dtype) -> placer``
-    factory that reads its packed layers into ``Linear4bit`` modules; None for any other checkpoint."""
-    q = raw_config.get("quantization_config")
-    if not isinstance(q, dict) or q.get("quant_method") != "bitsandbytes":
-        return None
-    from llmtune.quant.bnb import BnbPlacer, is_bnb_4bit_config
-
-    if not is_bnb_4bit_config(raw_config):
-        raise LLMTuneError("config.json: this is a bitsandbytes 8-bit checkpoint; llmtune reads 4-bit "
-                           "(NF4/FP4) bitsandbytes checkpoints only. Use the unquantized model instead")
-    return lambda model, dtype: BnbPlacer(model, dtype)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from llmtune.errors import LLMTuneError, notice
-from llmtune.models.config import CheckpointSource
+from llmtune.models.config import CheckpointSource, ModelConfig
 from llmtune.models.folder import folder_source
 from llmtune.models.gguf import gguf_source
 from llmtune.models.hub import is_hub_id, resolve_path
@@ -151,9 +151,9 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 def _stream_into_model(source: CheckpointSource, path: Path, dtype, device: torch.device,
                        quantize: tuple | None) -> Transformer:
-    """Build the model of ``source`` on the meta device, check the checkpoint's tensors against it, then fill
+    """Build the model of ``source`` (its :class:`ModelConfig`) on the meta device, check the checkpoint's tensors against it, then fill
     it tensor by tensor (cast, or quantized, or placed by a bitsandbytes placer) on ``device``."""
-    config, bnb_4bit = source.config, source.placer
+    config, bnb_4bit = ModelConfig.from_hf_dict(source.hf_config, source=source.config_name), source.placer
     target = parse_dtype(dtype, config.torch_dtype)
     with torch.device("meta"), _no_init():
         model = QwenVL(config) if config.vision else Transformer(config)

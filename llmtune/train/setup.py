@@ -73,7 +73,7 @@ def run_train(config: Union[dict, str, Path, Any], **stage_options: Any) -> dict
 
         check_ready(cfg)
     out_dir = Path(str(cfg.output_dir)).expanduser()
-    with _no_empty_output_dir_left(cfg), distributed_session(cfg), lock_output(out_dir, "output_dir"):
+    with distributed_session(cfg), _no_empty_output_dir_left(cfg), lock_output(out_dir, "output_dir"):
         # the model and trainer live in _run_steps' frame: they are gone (their FSDP/DDP state included)
         # before distributed_session destroys the process group
         results = _run_steps(cfg, stage_options)
