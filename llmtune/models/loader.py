@@ -151,16 +151,17 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 def _stream_into_model(source: CheckpointSource, path: Path, dtype, device: torch.device,
                        quantize: tuple | None) -> Transformer:
-    """Build the model of ``source`` (its :class:`ModelConfig`) on the meta device, check the checkpoint's tensors against it, then fill
-    it tensor by tensor (cast, or quantized, or placed by a bitsandbytes placer) on ``device``."""
+    """Build the model of ``source`` (its :class:`ModelConfig`) on the meta device, check the checkpoint's
+    tensors against it, then fill it tensor by tensor (cast to the dtype, quantized, or placed by a
+    bitsandbytes placer) on ``device``."""
     config, bnb_4bit = ModelConfig.from_hf_dict(source.hf_config, source=source.config_name), source.placer
-    target = parse_dtype(dtype, config.torch_dtype)
     with torch.device("meta"), _no_init():
         model = QwenVL(config) if config.vision else Transformer(config)
     found = source.shapes
     if config.vision:   # checkpoints in transformers' model.language_model.* / model.visual.* layout
         found = {native_name(n): v for n, v in found.items()}
     _check_tensors(model, found, source.name, bnb_4bit=bnb_4bit is not None)
+    target = parse_dtype(dtype, config.torch_dtype)   # "auto": the checkpoint's dtype
     place_quantized = _quant_hook() if quantize else None
     placer = bnb_4bit(model, target) if bnb_4bit is not None else None
     tied = config.tie_word_embeddings

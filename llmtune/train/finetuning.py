@@ -1,7 +1,7 @@
 """Which parameters a run trains: ``finetuning_type`` lora, freeze or full (LLaMA-Factory's keys).
 
-Steps 3 (the ``lora_target`` check, before the data is read) and 6 (the trainable parameters, then what the
-stage's row asks for: a value head, a reference policy) of :func:`llmtune.train.setup.run_train`.
+Step 6 of :func:`llmtune.train.setup.run_train` (:func:`prepare_stage`): the trainable parameters, then what the
+stage's row asks for (a value head, a reference policy).
 """
 
 from __future__ import annotations
@@ -12,23 +12,8 @@ import torch
 
 from llmtune import peft
 from llmtune.errors import LLMTuneError, notice
-from llmtune.peft.targets import select_lora_targets
 from llmtune.train.stages import STAGES, stage_info
 from llmtune.train.stages.pref import reference_extra
-
-
-def check_trainable_targets(model: torch.nn.Module, cfg: Any) -> bool:
-    """Check ``lora_target`` against the model before the data is read; returns True when the stage trains a
-    head alone (its row's ``head_only``: rm with the seed's ``--lora_target value``).
-
-    Raises:
-        LLMTuneError: a ``lora_target`` naming no module of the model.
-    """
-    stage = stage_info(cfg.stage)
-    head_only = stage.head_only is not None and stage.head_only(model, cfg)
-    if cfg.finetuning_type == "lora" and not head_only:
-        select_lora_targets(model, cfg.lora_target)
-    return head_only
 
 
 def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool) -> dict:

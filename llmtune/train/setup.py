@@ -1,10 +1,12 @@
 """``llmtune train``: one setup path for every stage, read top to bottom in :func:`run_train`.
 
 config -> output folder -> model (base + adapter chain, 4-bit, then the trainable parameters) ->
-tokenizer/template -> data -> stage -> :class:`~llmtune.train.trainer.Trainer` -> outputs. Each step is one
-small function below, in that order. An online stage (ppo) takes the same path: its prompt rows are the data,
-and step 6 also builds the stage object (``build`` in :data:`llmtune.train.stages.STAGES`) whose rollouts
-feed the Trainer.
+tokenizer/template -> data -> stage -> :class:`~llmtune.train.trainer.Trainer` -> outputs. Each step is a line
+or a few of :func:`_run_steps`, in that order, calling the module that does the work (the base model:
+``train/precision.py``; the trainable parameters and the stage's extras: ``train/finetuning.py``; the data:
+``llmtune.data``), so a reader goes down into each part once. An online stage (ppo) takes the same path: its
+prompt rows are the data, and step 6 also builds the stage object (``build`` in
+:data:`llmtune.train.stages.STAGES`) whose rollouts feed the Trainer.
 
 What the output folder holds (DESIGN.md "Outputs describe themselves"):
 
@@ -26,8 +28,6 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-import torch
-
 from llmtune import runs
 from llmtune.config import parse_config
 from llmtune.data import get_dataset
@@ -36,6 +36,7 @@ from llmtune.data.multimodal import ImageCollator, model_processor
 from llmtune.data.templates import get_template
 from llmtune.errors import notice
 from llmtune.fileio import write_json
+from llmtune.peft.targets import select_lora_targets
 from llmtune.tokenizer import load_tokenizer
 from llmtune.locks import lock_output
 from llmtune.train import manifest
@@ -43,13 +44,13 @@ from llmtune.train.checkpoint import clear_for_overwrite
 from llmtune.train import eval_report, summary
 from llmtune.train.distributed import barrier, distributed_session, is_main
 from llmtune.train.wrap import full_parameters, gather_full_state_dict, unwrap
-from llmtune.train.finetuning import check_trainable_targets, prepare_stage
+from llmtune.train.finetuning import prepare_stage
 from llmtune.train.metrics import write_predict_results
 from llmtune.train.outputs import RUN_OUTPUTS, prepare_output_dir, save_model, write_predictions
 from llmtune.train.plotting import plot_loss
 from llmtune.train.precision import load_base_model, train_device
 from llmtune.train.seed import set_seed
-from llmtune.train.stages import Stage, stage_info
+from llmtune.train.stages import stage_info
 from llmtune.train.trainer import Trainer
 
 
@@ -94,16 +95,27 @@ def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
     barrier()  # every rank has checked output_dir before rank 0 writes into it
     set_seed(cfg.seed)
     model = load_base_model(cfg)                                      # 3. base + adapter chain (+ 4-bit)
-    head_only = check_trainable_targets(model, cfg)                   #    (a bad lora_target fails here)
-    tokenizer = load_tokenizer(cfg.model_name_or_path)                # 4. tokenizer, template (else the one
-    template = get_template(cfg.template or model.adapter_chain.template, tokenizer)   # the chain recorded)
+    head_only = stage.head_only is not None and stage.head_only(model, cfg)   # rm: the value head alone
+    if cfg.finetuning_type == "lora" and not head_only:
+        select_lora_targets(model, cfg.lora_target)                   #    (a bad lora_target fails here)
+    tokenizer = load_tokenizer(cfg.model_name_or_path)                # 4. tokenizer; template: the given one,
+    template = get_template(cfg.template or model.adapter_chain.template, tokenizer)   # else the chain's
     data = get_dataset(cfg, tokenizer, template, stage.data)          # 5. data
     train_rows, eval_rows = data.train, data.eval
     set_seed(cfg.seed)  # LoRA init depends on the seed only
     extra = prepare_stage(model, cfg, head_only)                      # 6. trainable params, head, reference
     online = (stage.build(model, cfg, tokenizer, template, train_rows, extra, **stage_options)
               if stage.online else None)                              #    (ppo: reward model, critic)
-    trainer = build_trainer(model, cfg, stage, tokenizer, train_rows, eval_rows, extra, online)  # 7. the loop
+    # 7. the loop: the stage's collator (packed where exact; with the images for a vision-language model)
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    collator = get_collator(stage.collator, pad, padding_free=cfg.padding_free)
+    processor = model_processor(cfg.model_name_or_path, cfg.image_max_pixels, cfg.image_min_pixels)
+    if processor is not None and getattr(unwrap(model), "visual", None) is not None:
+        collator = ImageCollator(collator, processor)   # + pixel_values, image_grid_thw of the rows' images
+    rows = train_rows if cfg.do_train else (eval_rows or train_rows)   # (evaluation only: the eval rows)
+    trainer = Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra,
+                      online=online)
+    eval_report.check_best_metric(trainer, cfg.do_eval)   # a bad metric_for_best_model: now, not after training
     if not is_main():
         return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)
     clear_for_overwrite(cfg, out)  # all checked (config, model, adapters, data, optimizer): only now clear an old run
@@ -142,22 +154,6 @@ def _no_empty_output_dir_left(cfg: Any) -> Iterator[None]:
             except OSError:
                 pass
         raise
-
-
-def build_trainer(model: torch.nn.Module, cfg: Any, stage: Stage, tokenizer: Any, train_rows: Sequence[dict],
-                  eval_rows: Optional[Sequence[dict]], extra: dict, online: Any = None) -> Trainer:
-    """Step 7: the :class:`Trainer` with the stage's loss and collator, or the online stage (an evaluation-only
-    run evaluates its eval rows, else the training rows)."""
-    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-    rows = train_rows if cfg.do_train else (eval_rows or train_rows)
-    collator = get_collator(stage.collator, pad, padding_free=cfg.padding_free)  # packed where exact
-    processor = model_processor(cfg.model_name_or_path, cfg.image_max_pixels, cfg.image_min_pixels)
-    if processor is not None and getattr(unwrap(model), "visual", None) is not None:
-        collator = ImageCollator(collator, processor)   # + pixel_values, image_grid_thw of the rows' images
-    trainer = Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra,
-                      online=online)
-    eval_report.check_best_metric(trainer, cfg.do_eval)   # a bad metric_for_best_model: now, not after training
-    return trainer
 
 
 def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, template: Any,
