@@ -34,7 +34,7 @@ def folder_source(path: Path) -> CheckpointSource:
         raise LLMTuneError(f"{path}: no config.json; a model folder needs config.json and safetensors "
                            "weights (or pass a .gguf file, or a LoRA output folder with adapter_config.json)")
     files = _safetensors_files(path)
-    shapes, tensors = _safetensors_shapes(files), functools.partial(_iter_safetensors, files)
+    shapes, tensors = _safetensors_shapes(files), functools.partial(iter_safetensors, files)
     hf_config = read_json(path / "config.json", fix="copy config.json again from the model")
     placer = None
     if isinstance(hf_config.get("quantization_config"), dict):   # (llmtune.quant loads for such folders only)
@@ -134,7 +134,7 @@ def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], P
     return out
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in file order, each read with one ``readinto`` into a fresh CPU tensor.
 
     Plain reads instead of a memory map: mapped file pages would count in the process's resident memory

@@ -28,7 +28,7 @@ from torch import nn
 
 from llmtune.errors import LLMTuneError, notice
 from llmtune.models.config import CheckpointSource, ModelConfig
-from llmtune.models.folder import folder_source
+from llmtune.models.folder import folder_source, iter_safetensors   # (iter_safetensors: re-exported)
 from llmtune.models.gguf import gguf_source
 from llmtune.models.hub import is_hub_id, resolve_path
 from llmtune.models.qwen_vl import QwenVL, native_name
@@ -270,4 +270,5 @@ def is_gguf(name_or_path: str | os.PathLike) -> bool:
     return str(name_or_path).lower().endswith(".gguf")
 
 
-__all__ = ["load_model", "check_quantization", "quantize_model", "parse_dtype", "is_hub_id", "is_gguf"]
+__all__ = ["load_model", "check_quantization", "quantize_model", "parse_dtype", "is_hub_id", "is_gguf",
+           "iter_safetensors"]
