@@ -164,7 +164,7 @@ def lay_over(model: torch.nn.Module, folder: PathLike) -> torch.nn.Module:
                 if value is not t:
                     t.copy_(value)
         else:
-            from llmtune.models.loader import iter_safetensors
+            from llmtune.models.folder import iter_safetensors
 
             for name, value in iter_safetensors([p / TRAINABLE]):
                 t = target(name, tuple(value.shape))

@@ -59,11 +59,15 @@ class AdapterChain:
         local_base: where ``base`` is on this machine when :func:`resolve_chain` knows it (a local path, or the
             snapshot of a Hub model it downloaded); None for a Hub id recorded by an adapter (the loader
             downloads it). Not part of the chain's identity (equality ignores it).
+        template: the template recorded by the last run of the chain (:func:`recorded_template` of the last
+            adapter first, then the model given), or None; set by :func:`resolve_chain`. Not part of the
+            chain's identity.
     """
 
     base: str
     adapters: tuple[Path, ...] = ()
     local_base: Optional[Path] = field(default=None, compare=False, repr=False)
+    template: Optional[str] = field(default=None, compare=False, repr=False)
 
     @property
     def parents(self) -> list[str]:
@@ -233,12 +237,14 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
     model, at ``revision``, and the adapters) are resolved once, first; everything after reads local folders.
 
     Returns:
-        the :class:`AdapterChain` (absolute adapter folders; ``local_base`` set when the base is local).
+        the :class:`AdapterChain` (absolute adapter folders; ``local_base`` set when the base is local;
+        ``template`` the one the chain's last run recorded).
 
     Raises:
         LLMTuneError: an adapter path that does not exist or has no ``adapter_config.json`` (a freeze or sharded
             FSDP checkpoint given as an adapter: the message says to pass it as ``model_name_or_path``); a
-            checkpoint whose recorded base no longer exists; the errors of :func:`resolve_model_chain`.
+            checkpoint whose recorded base no longer exists; the errors of :func:`resolve_model_chain`; a
+            recorded ``training_args.yaml`` that is not YAML.
     """
     say = (lambda message: None) if quiet else notice
     items = _split(adapter_name_or_path)
@@ -292,7 +298,8 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
                 say(f"adapter {item} was trained on base {recorded}, not {base}; applying it because its "
                        "tensor shapes fit")
         chain.append(local.resolve())
-    return AdapterChain(base, tuple(chain), local_base)
+    template = recorded_template(*reversed(chain), start)   # the last run of the chain first
+    return AdapterChain(base, tuple(chain), local_base, template)
 
 
 # -- same base -------------------------------------------------------------------------------------

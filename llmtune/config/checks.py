@@ -265,7 +265,8 @@ def deepspeed_as_fsdp(path: str) -> Any:
 
 
 def notice_mapped_keys(cfg: TrainConfig, command: Any) -> None:
-    """One notice for each LLaMA-Factory/TRL key set that llmtune serves another way (what it does instead).
+    """One notice for each LLaMA-Factory/TRL key set that llmtune serves another way (what it does instead;
+    ``adapter_name_or_path`` without ``create_new_adapter``: merged, and a new adapter trained on top).
     ``push_to_hub``'s readiness (a repo id, online, a token) is checked by ``run_train`` first thing
     (:func:`llmtune.train.hub.check_ready`)."""
     from llmtune.errors import notice
@@ -281,6 +282,11 @@ def notice_mapped_keys(cfg: TrainConfig, command: Any) -> None:
     if command == "train" and cfg.use_vllm and cfg.stage in ("ppo", "grpo"):   # other stages: relevance's notice
         notice("use_vllm: rollouts run on llmtune's own generation engine (KV cache, rows joining and leaving) in "
                "this process; vllm is not used")
+    if (command == "train" and cfg.adapter_name_or_path and cfg.finetuning_type == "lora"
+            and not cfg.create_new_adapter):
+        notice("adapter_name_or_path: the given adapter(s) are merged into the base and a new adapter is trained "
+               "on top (as create_new_adapter: true; llmtune does not continue an adapter in place); the output "
+               "records them as parent_adapters, which llmtune chat/export apply")
     if command == "train" and cfg.deepspeed:
         stage, offload = deepspeed_zero(cfg.deepspeed)
         now = f"fsdp: {cfg.fsdp}" if cfg.fsdp else "DDP (each process holds the whole model and optimizer)"

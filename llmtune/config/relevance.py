@@ -61,6 +61,10 @@ def check_relevance(cfg: Any, command: Any) -> None:
     if cfg.is_set("packing") and cfg.packing and stage not in ("pt", "sft"):
         raise LLMTuneError(f"packing: true: stage {stage} never packs examples into one sequence (its pairs or "
                            "rollouts are batched padding-free instead); remove packing, or use stage pt or sft")
+    if ((cfg.eval_dataset or float(cfg.val_size or 0) > 0) and cfg.do_train and not cfg.do_eval
+            and cfg.eval_strategy == "no"):
+        notice("val_size / eval_dataset set evaluation rows aside but nothing evaluates them; set do_eval: true "
+               "(after training) or eval_strategy: steps/epoch (during training)")
     if cfg.fsdp and "WORLD_SIZE" not in os.environ:
         notice(f"fsdp: {cfg.fsdp} shards a model across processes started by torchrun; this is one process, so "
                "nothing is sharded (run: torchrun --nproc_per_node N -m llmtune train ...)")

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Optional
 
 from llmtune.errors import LLMTuneError
 
@@ -316,3 +316,29 @@ def _vl_config(cls, cfg: dict[str, Any], arch: str, source: str) -> "ModelConfig
                   mrope_section=[int(s) for s in section],
                   **{k: int(cfg[k] if cfg.get(k) is not None else v) for k, v in ids.items()})
     return dataclasses.replace(base, vision=vision, raw=dict(cfg))
+
+
+@dataclass
+class CheckpointSource:
+    """A checkpoint ready to stream into a model: what one source format (a GGUF file,
+    :func:`llmtune.models.gguf.gguf_source`; a model folder, :func:`llmtune.models.folder.folder_source`) gives
+    :func:`llmtune.models.loader.load_model`, which builds the :class:`ModelConfig` and the model from it.
+
+    Attributes:
+        hf_config: the model's Hugging Face ``config.json`` dict (for GGUF: mapped from its metadata).
+        config_name: where ``hf_config`` came from, named in config errors (``.../config.json``, the ``.gguf``).
+        shapes: Hugging Face tensor name -> ``(shape, file)`` for every tensor the checkpoint holds.
+        tensors: ``() -> iterator of (name, CPU tensor)``, one tensor at a time (the loader casts it).
+        name: the source named in error messages (the folder or file).
+        placer: for a pre-quantized bitsandbytes 4-bit checkpoint, ``(model, dtype) -> placer`` whose
+            ``place(name, tensor)`` takes the packed tensors and ``finish()`` builds the 4-bit layers; else None.
+        release: called once the tensors are loaded (drops cached readers), or None.
+    """
+
+    hf_config: dict[str, Any]
+    config_name: str
+    shapes: dict[str, tuple[tuple[int, ...], Path]]
+    tensors: Callable[[], Iterator[tuple[str, Any]]]
+    name: str
+    placer: Optional[Callable[[Any, Any], Any]] = None
+    release: Optional[Callable[[], None]] = None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from llmtune.errors import LLMTuneError
+from llmtune.models.config import CheckpointSource
 
 #: GGUF ``general.architecture`` values we import (llama.cpp writes Llama, Mistral and SmolLM as "llama";
 #: Qwen's mixtures of experts as "qwen2moe" / "qwen3moe").
@@ -259,6 +260,20 @@ def _moe_config(path, arch: str, meta: dict, reader, cfg: dict) -> dict[str, Any
     else:
         out["attention_bias"] = "blk.0.attn_q.bias" in names
     return out
+
+
+def gguf_source(path: Path) -> CheckpointSource:
+    """A ``.gguf`` file as a checkpoint, read in one pass: its Hugging Face config (:func:`gguf_config`), every
+    tensor's Hugging Face name and shape (:func:`hf_tensor_shapes`), the
+    dequantizing tensor stream (:func:`iter_gguf_tensors`) and :func:`release_readers` for afterwards.
+
+    Raises:
+        LLMTuneError: a missing, corrupt or unsupported GGUF file (architecture, tensor type).
+    """
+    cfg_dict = gguf_config(path)
+    shapes = {name: (shape, path) for name, shape in hf_tensor_shapes(path).items()}
+    tensors = functools.partial(iter_gguf_tensors, path, cfg_dict)
+    return CheckpointSource(cfg_dict, str(path), shapes, tensors, str(path), release=release_readers)
 
 
 def hf_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:

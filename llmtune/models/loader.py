@@ -2,6 +2,10 @@
 file. Adapters are not this module's business: :func:`llmtune.runs.load_model` resolves a LoRA output folder's
 chain and merges it (``llmtune.load_model`` is that function).
 
+One pass per source format: a GGUF file (:func:`llmtune.models.gguf.gguf_source`) or a model folder
+(:func:`llmtune.models.folder.folder_source`) gives a :class:`~llmtune.models.config.CheckpointSource` (config,
+tensor shapes, tensor stream), which :func:`load_model` checks against the model and streams in.
+
 Streaming load: the model is built on the ``meta`` device (no memory), then each parameter is replaced
 by the checkpoint tensor as it arrives from a memory-mapped safetensors file (or a dequantized GGUF
 tensor), cast to the target dtype on the way; peak memory is the final model plus about one tensor.
@@ -15,17 +19,17 @@ Formats: safetensors (https://github.com/huggingface/safetensors, header + raw l
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from llmtune.errors import LLMTuneError, notice
-from llmtune.models.config import ModelConfig
+from llmtune.models.config import CheckpointSource, ModelConfig
+from llmtune.models.folder import folder_source, iter_safetensors   # (iter_safetensors: re-exported)
+from llmtune.models.gguf import gguf_source
 from llmtune.models.hub import is_hub_id, resolve_path
 from llmtune.models.qwen_vl import QwenVL, native_name
 from llmtune.models.transformer import Transformer, rope_inv_freq
@@ -59,124 +63,6 @@ def parse_dtype(dtype: str | torch.dtype | None, checkpoint_dtype: str | None = 
         raise LLMTuneError(f"dtype {dtype!r} is not known; use one of auto, float32, bfloat16 (bf16), "
                            f"float16 (fp16).{nearest(key, list(_DTYPES) + ['auto'])}")
     return _DTYPES[key]
-
-
-# -- tensor sources -------------------------------------------------------------------------------
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    """The safetensors weight files of a model folder (from the shard index when there is one)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LLMTuneError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise LLMTuneError(f"{index} lists shard files that are missing: {', '.join(missing)}; "
-                               "download the complete checkpoint")
-        return files
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    files = sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("adapter_model"))
-    if files:
-        return files
-    pickled = sorted(f.name for f in folder.iterdir()
-                     if f.suffix in (".bin", ".pt", ".pth", ".ckpt") or f.name.endswith(".bin.index.json"))
-    if pickled:
-        raise LLMTuneError(
-            f"{folder}: holds only pickled weights ({', '.join(pickled[:3])}); llmtune never unpickles "
-            "files (they can run arbitrary code). Convert once with transformers: "
-            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out_folder, safe_serialization=True)")
-    raise LLMTuneError(f"{folder}: no model.safetensors (or sharded *.safetensors with "
-                       "model.safetensors.index.json) found; is this a model folder?")
-
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def _read_safetensors_header(file: Path) -> tuple[dict, int]:
-    """Parse a safetensors header: ``({name: {dtype, shape, data_offsets}}, data_start)``.
-
-    Format (safetensors spec): 8-byte little-endian header length N, N bytes of JSON, then the raw
-    little-endian tensor data; ``data_offsets`` are ``[begin, end)`` byte offsets into that data.
-
-    Raises:
-        LLMTuneError: unreadable, malformed or truncated file (named).
-    """
-    bad = (f"{file}: not a valid safetensors file (%s); the download is probably incomplete or corrupt: "
-           "download it again")
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise LLMTuneError(bad % "file shorter than its 8-byte header length")
-            n = int.from_bytes(head, "little")
-            if n > size - 8 or n > 100_000_000:
-                raise LLMTuneError(bad % f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise LLMTuneError(f"{file}: cannot be read ({e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LLMTuneError(bad % "header is not JSON") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + n
-    for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            dtype = _ST_DTYPES[info["dtype"]]
-            numel = 1
-            for d in info["shape"]:
-                numel *= int(d)
-        except (KeyError, TypeError, ValueError):
-            raise LLMTuneError(bad % f"tensor {name!r} has a malformed entry") from None
-        if end - begin != numel * dtype.itemsize:
-            raise LLMTuneError(bad % f"tensor {name!r} has {end - begin} bytes for shape {info['shape']}")
-        if data_start + end > size:
-            raise LLMTuneError(bad % f"truncated: tensor {name!r} ends at byte {data_start + end}, the file "
-                               f"has {size}")
-    return header, data_start
-
-
-def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    out: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for file in files:
-        header, _ = _read_safetensors_header(file)
-        for name, info in header.items():
-            out[name] = (tuple(int(d) for d in info["shape"]), file)
-    return out
-
-
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` in file order, each read with one ``readinto`` into a fresh CPU tensor.
-
-    Plain reads instead of a memory map: mapped file pages would count in the process's resident memory
-    until the file is closed, so peak RSS would be model + whole checkpoint instead of model + one tensor.
-    """
-    for file in files:
-        header, data_start = _read_safetensors_header(file)
-        order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        with open(file, "rb") as f:
-            for name, info in order:
-                begin, end = info["data_offsets"]
-                buf = torch.empty(end - begin, dtype=torch.uint8)
-                f.seek(data_start + begin)
-                if f.readinto(memoryview(buf.numpy())) != end - begin:
-                    raise LLMTuneError(f"{file}: tensor {name!r} is truncated; download the file again")
-                dtype = _ST_DTYPES[info["dtype"]]
-                yield name, buf.view(dtype).reshape([int(d) for d in info["shape"]])
-
-
-def _gguf_shapes(path: Path, cfg: dict) -> dict[str, tuple[tuple[int, ...], Path]]:
-    from llmtune.models.gguf import hf_tensor_shapes
-
-    return {name: (shape, path) for name, shape in hf_tensor_shapes(path).items()}
 
 
 # -- the loader ------------------------------------------------------------------------------------
@@ -263,55 +149,23 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _bnb_placer_factory(raw_config: dict):
-    """For a pre-quantized bitsandbytes 4-bit checkpoint (``*-bnb-4bit``), a ``(model, dtype) -> placer``
-    factory that reads its packed layers into ``Linear4bit`` modules; None for any other checkpoint."""
-    q = raw_config.get("quantization_config")
-    if not isinstance(q, dict) or q.get("quant_method") != "bitsandbytes":
-        return None
-    from llmtune.quant.bnb import BnbPlacer, is_bnb_4bit_config
-
-    if not is_bnb_4bit_config(raw_config):
-        raise LLMTuneError("config.json: this is a bitsandbytes 8-bit checkpoint; llmtune reads 4-bit "
-                           "(NF4/FP4) bitsandbytes checkpoints only. Use the unquantized model instead")
-    return lambda model, dtype: BnbPlacer(model, dtype)
-
-
-def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) -> Transformer:
-    """Stream a plain checkpoint (folder of safetensors or a .gguf file) into a new Transformer."""
-    if path.is_file() and path.suffix == ".gguf":
-        from llmtune.models.gguf import gguf_config, iter_gguf_tensors
-
-        cfg_dict = gguf_config(path)
-        config = ModelConfig.from_hf_dict(cfg_dict, source=str(path))
-        bnb_4bit = None
-        found_fn = lambda model: _gguf_shapes(path, cfg_dict)  # noqa: E731
-        tensors = lambda: iter_gguf_tensors(path, cfg_dict)  # noqa: E731
-        source = str(path)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise LLMTuneError(f"{path}: no config.json; a model folder needs config.json and safetensors "
-                               "weights (or pass a .gguf file, or a LoRA output folder with adapter_config.json)")
-        config = ModelConfig.from_file(path / "config.json")
-        bnb_4bit = _bnb_placer_factory(config.raw)
-        files = _safetensors_files(path)
-        found_fn = lambda model: _safetensors_shapes(files)  # noqa: E731
-        tensors = lambda: iter_safetensors(files)  # noqa: E731
-        source = str(path)
-    else:
-        raise LLMTuneError(f"model_name_or_path {str(path)!r}: a file that is not a .gguf model; give a model "
-                           "folder (config.json + safetensors) or a .gguf file")
-    target = parse_dtype(dtype, config.torch_dtype)
+def _stream_into_model(source: CheckpointSource, path: Path, dtype, device: torch.device,
+                       quantize: tuple | None) -> Transformer:
+    """Build the model of ``source`` (its :class:`ModelConfig`) on the meta device, check the checkpoint's
+    tensors against it, then fill it tensor by tensor (cast to the dtype, quantized, or placed by a
+    bitsandbytes placer) on ``device``."""
+    config, bnb_4bit = ModelConfig.from_hf_dict(source.hf_config, source=source.config_name), source.placer
     with torch.device("meta"), _no_init():
         model = QwenVL(config) if config.vision else Transformer(config)
-    found = found_fn(model)
+    found = source.shapes
     if config.vision:   # checkpoints in transformers' model.language_model.* / model.visual.* layout
         found = {native_name(n): v for n, v in found.items()}
-    _check_tensors(model, found, source, bnb_4bit=bnb_4bit is not None)
+    _check_tensors(model, found, source.name, bnb_4bit=bnb_4bit is not None)
+    target = parse_dtype(dtype, config.torch_dtype)   # "auto": the checkpoint's dtype
     place_quantized = _quant_hook() if quantize else None
     placer = bnb_4bit(model, target) if bnb_4bit is not None else None
     tied = config.tie_word_embeddings
-    for name, tensor in tensors():
+    for name, tensor in source.tensors():
         name = native_name(name) if config.vision else name
         if tied and name == "lm_head.weight":
             continue
@@ -329,12 +183,10 @@ def _load_base(path: Path, dtype, device: torch.device, quantize: tuple | None) 
     model.inv_freq = rope_inv_freq(config).to(device)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
-        raise LLMTuneError(f"{source}: tensors were not loaded: {', '.join(left[:8])}")
+        raise LLMTuneError(f"{source.name}: tensors were not loaded: {', '.join(left[:8])}")
     model.name_or_path = str(path)
-    if path.suffix == ".gguf":
-        from llmtune.models.gguf import release_readers
-
-        release_readers()
+    if source.release is not None:
+        source.release()
     return model
 
 
@@ -387,7 +239,14 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise LLMTuneError(f"{name_or_path} is a LoRA output folder (adapter_config.json, no config.json); load "
                            "it with llmtune.load_model (llmtune.runs.load_model), which merges its adapter chain")
-    model = _load_base(path, dtype, dev, quantize)
+    if path.is_file() and path.suffix == ".gguf":   # one pass per source format
+        source = gguf_source(path)
+    elif path.is_dir():
+        source = folder_source(path)
+    else:
+        raise LLMTuneError(f"model_name_or_path {str(path)!r}: a file that is not a .gguf model; give a model "
+                           "folder (config.json + safetensors) or a .gguf file")
+    model = _stream_into_model(source, path, dtype, dev, quantize)
     model.eval()
     return model
 
@@ -411,4 +270,5 @@ def is_gguf(name_or_path: str | os.PathLike) -> bool:
     return str(name_or_path).lower().endswith(".gguf")
 
 
-__all__ = ["load_model", "check_quantization", "quantize_model", "parse_dtype", "is_hub_id", "is_gguf"]
+__all__ = ["load_model", "check_quantization", "quantize_model", "parse_dtype", "is_hub_id", "is_gguf",
+           "iter_safetensors"]

@@ -272,3 +272,20 @@ class BnbPlacer:
             raise LLMTuneError(f"bitsandbytes 4-bit checkpoint is incomplete: layer {prefix} has only "
                                f"{', '.join(sorted(group))} ({len(self.pending)} layer(s) incomplete); re-download "
                                f"the checkpoint.")
+
+
+def bnb_placer_for(config_json: dict) -> Optional[type[BnbPlacer]]:
+    """The placer class (``(model, compute_dtype) -> BnbPlacer``) for a pre-quantized bitsandbytes 4-bit
+    checkpoint's ``config.json`` (``quantization_config.quant_method`` ``bitsandbytes``, 4-bit); None for a
+    checkpoint quantized another way or not at all.
+
+    Raises:
+        LLMTuneError: a bitsandbytes 8-bit checkpoint (llmtune reads the 4-bit NF4/FP4 layout only).
+    """
+    q = config_json.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "bitsandbytes":
+        return None
+    if not is_bnb_4bit_config(config_json):
+        raise LLMTuneError("config.json: this is a bitsandbytes 8-bit checkpoint; llmtune reads 4-bit "
+                           "(NF4/FP4) bitsandbytes checkpoints only. Use the unquantized model instead")
+    return BnbPlacer

@@ -1,4 +1,8 @@
-"""Which parameters a run trains: ``finetuning_type`` lora, freeze or full (LLaMA-Factory's keys)."""
+"""Which parameters a run trains: ``finetuning_type`` lora, freeze or full (LLaMA-Factory's keys).
+
+Step 6 of :func:`llmtune.train.setup.run_train` (:func:`prepare_stage`): the trainable parameters, then what the
+stage's row asks for (a value head, a reference policy).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,26 @@ import torch
 from llmtune import peft
 from llmtune.errors import LLMTuneError, notice
 from llmtune.train.stages import STAGES, stage_info
+from llmtune.train.stages.pref import reference_extra
+
+
+def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool) -> dict:
+    """Step 6: choose the trainable parameters (:func:`apply_finetuning_type`, unless ``head_only``), then what
+    the stage's row asks for: ``prepare`` (rm: the value head) and ``reference`` (a reference policy: adapters
+    disabled, ``ref_model``, or a frozen copy; :func:`llmtune.train.stages.pref.reference_extra`). Returns the
+    stage context's ``extra`` dict.
+
+    Raises:
+        LLMTuneError: the errors of :func:`apply_finetuning_type` and of loading ``ref_model``.
+    """
+    stage = stage_info(cfg.stage)
+    if not head_only:
+        apply_finetuning_type(model, cfg)
+    if stage.prepare is not None:
+        stage.prepare(model, cfg, head_only)  # rm: model.v_head, trainable
+    if stage.reference is None:
+        return {}
+    return reference_extra(model, cfg, needed=stage.reference(cfg))   # on the model's device
 
 
 def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:

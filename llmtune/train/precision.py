@@ -1,4 +1,5 @@
-"""Devices and dtypes of a training run: where it runs, the dtype the base is loaded in, the autocast dtype.
+"""Devices and dtypes of a training run: where it runs, the dtype the base is loaded in (and the base loaded
+there: step 3 of :func:`llmtune.train.setup.run_train`), the autocast dtype.
 
 Sources: mixed precision with ``torch.autocast`` and ``GradScaler`` (Micikevicius et al., 2018); oneDNN's
 bfloat16 support query for the CPU.
@@ -12,7 +13,9 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from llmtune import runs
 from llmtune.errors import LLMTuneError, notice
+from llmtune.kernels import set_enabled as set_kernels_enabled
 
 
 def train_device(config: Any) -> str:
@@ -46,6 +49,23 @@ def load_dtype(config: Any, device_type: str) -> torch.dtype:
             return torch.bfloat16 if cpu_supports_bf16() else torch.float32
         return torch.float16
     return torch.float32
+
+
+def load_base_model(cfg: Any) -> torch.nn.Module:
+    """Step 3 of a run: the base model with its adapter chain merged (a LoRA output folder as
+    ``model_name_or_path`` loads its base and merges the chain; ``adapter_name_or_path`` adds adapters), on
+    :func:`train_device` in :func:`load_dtype`, 4-bit when ``quantization_bit``; the Triton kernels switched
+    on or off (``use_kernels``) first. ``model.adapter_chain`` is the chain applied: the one the outputs record.
+
+    Raises:
+        LLMTuneError: the errors of :func:`llmtune.runs.load_model` (paths, formats, shapes, quantization).
+    """
+    device = train_device(cfg)
+    dtype = load_dtype(cfg, device.split(":")[0])
+    set_kernels_enabled(cfg.use_kernels)  # Triton kernels on CUDA (llmtune.kernels); off: PyTorch references
+    return runs.load_model(cfg.model_name_or_path, dtype=dtype, device=device,
+                           adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
+                           quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)
 
 
 def resolve_precision(bf16: bool, fp16: bool, device_type: str) -> Optional[torch.dtype]:

@@ -1,10 +1,12 @@
 """``llmtune train``: one setup path for every stage, read top to bottom in :func:`run_train`.
 
 config -> output folder -> model (base + adapter chain, 4-bit, then the trainable parameters) ->
-tokenizer/template -> data -> stage -> :class:`~llmtune.train.trainer.Trainer` -> outputs. Each step is one
-small function below, in that order. An online stage (ppo) takes the same path: its prompt rows are the data,
-and step 6 also builds the stage object (``build`` in :data:`llmtune.train.stages.STAGES`) whose rollouts
-feed the Trainer.
+tokenizer/template -> data -> stage -> :class:`~llmtune.train.trainer.Trainer` -> outputs. Each step is a line
+or a few of :func:`_run_steps`, in that order, calling the module that does the work (the base model:
+``train/precision.py``; the trainable parameters and the stage's extras: ``train/finetuning.py``; the data:
+``llmtune.data``), so a reader goes down into each part once. An online stage (ppo) takes the same path: its
+prompt rows are the data, and step 6 also builds the stage object (``build`` in
+:data:`llmtune.train.stages.STAGES`) whose rollouts feed the Trainer.
 
 What the output folder holds (DESIGN.md "Outputs describe themselves"):
 
@@ -26,8 +28,6 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-import torch
-
 from llmtune import runs
 from llmtune.config import parse_config
 from llmtune.data import get_dataset
@@ -36,7 +36,6 @@ from llmtune.data.multimodal import ImageCollator, model_processor
 from llmtune.data.templates import get_template
 from llmtune.errors import notice
 from llmtune.fileio import write_json
-from llmtune.kernels import set_enabled as set_kernels_enabled
 from llmtune.peft.targets import select_lora_targets
 from llmtune.tokenizer import load_tokenizer
 from llmtune.locks import lock_output
@@ -45,14 +44,13 @@ from llmtune.train.checkpoint import clear_for_overwrite
 from llmtune.train import eval_report, summary
 from llmtune.train.distributed import barrier, distributed_session, is_main
 from llmtune.train.wrap import full_parameters, gather_full_state_dict, unwrap
-from llmtune.train.finetuning import apply_finetuning_type
+from llmtune.train.finetuning import prepare_stage
 from llmtune.train.metrics import write_predict_results
 from llmtune.train.outputs import RUN_OUTPUTS, prepare_output_dir, save_model, write_predictions
 from llmtune.train.plotting import plot_loss
-from llmtune.train.precision import load_dtype, train_device
+from llmtune.train.precision import load_base_model, train_device
 from llmtune.train.seed import set_seed
-from llmtune.train.stages import Stage, stage_info
-from llmtune.train.stages.pref import reference_extra
+from llmtune.train.stages import stage_info
 from llmtune.train.trainer import Trainer
 
 
@@ -76,7 +74,7 @@ def run_train(config: Union[dict, str, Path, Any], **stage_options: Any) -> dict
 
         check_ready(cfg)
     out_dir = Path(str(cfg.output_dir)).expanduser()
-    with _no_empty_output_dir_left(cfg), distributed_session(cfg), lock_output(out_dir, "output_dir"):
+    with distributed_session(cfg), _no_empty_output_dir_left(cfg), lock_output(out_dir, "output_dir"):
         # the model and trainer live in _run_steps' frame: they are gone (their FSDP/DDP state included)
         # before distributed_session destroys the process group
         results = _run_steps(cfg, stage_options)
@@ -97,14 +95,27 @@ def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
     barrier()  # every rank has checked output_dir before rank 0 writes into it
     set_seed(cfg.seed)
     model = load_base_model(cfg)                                      # 3. base + adapter chain (+ 4-bit)
-    head_only = check_trainable_targets(model, cfg)                   #    (a bad lora_target fails here)
-    tokenizer, template = load_tokenizer_and_template(cfg, model.adapter_chain)   # 4. tokenizer, template
-    train_rows, eval_rows = load_data(cfg, tokenizer, template)       # 5. data
+    head_only = stage.head_only is not None and stage.head_only(model, cfg)   # rm: the value head alone
+    if cfg.finetuning_type == "lora" and not head_only:
+        select_lora_targets(model, cfg.lora_target)                   #    (a bad lora_target fails here)
+    tokenizer = load_tokenizer(cfg.model_name_or_path)                # 4. tokenizer; template: the given one,
+    template = get_template(cfg.template or model.adapter_chain.template, tokenizer)   # else the chain's
+    data = get_dataset(cfg, tokenizer, template, stage.data)          # 5. data
+    train_rows, eval_rows = data.train, data.eval
     set_seed(cfg.seed)  # LoRA init depends on the seed only
     extra = prepare_stage(model, cfg, head_only)                      # 6. trainable params, head, reference
     online = (stage.build(model, cfg, tokenizer, template, train_rows, extra, **stage_options)
               if stage.online else None)                              #    (ppo: reward model, critic)
-    trainer = build_trainer(model, cfg, stage, tokenizer, train_rows, eval_rows, extra, online)  # 7. the loop
+    # 7. the loop: the stage's collator (packed where exact; with the images for a vision-language model)
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    collator = get_collator(stage.collator, pad, padding_free=cfg.padding_free)
+    processor = model_processor(cfg.model_name_or_path, cfg.image_max_pixels, cfg.image_min_pixels)
+    if processor is not None and getattr(unwrap(model), "visual", None) is not None:
+        collator = ImageCollator(collator, processor)   # + pixel_values, image_grid_thw of the rows' images
+    rows = train_rows if cfg.do_train else (eval_rows or train_rows)   # (evaluation only: the eval rows)
+    trainer = Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra,
+                      online=online)
+    eval_report.check_best_metric(trainer, cfg.do_eval)   # a bad metric_for_best_model: now, not after training
     if not is_main():
         return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)
     clear_for_overwrite(cfg, out)  # all checked (config, model, adapters, data, optimizer): only now clear an old run
@@ -143,85 +154,6 @@ def _no_empty_output_dir_left(cfg: Any) -> Iterator[None]:
             except OSError:
                 pass
         raise
-
-
-def load_base_model(cfg: Any) -> torch.nn.Module:
-    """Step 3: the base model with its adapter chain merged (a LoRA output folder as ``model_name_or_path``
-    loads its base and merges the chain; ``adapter_name_or_path`` adds adapters), in the dtype the
-    fine-tuning type needs (:func:`llmtune.train.precision.load_dtype`), 4-bit when ``quantization_bit``.
-    ``model.adapter_chain`` is the chain applied: the one the outputs record."""
-    device = train_device(cfg)
-    dtype = load_dtype(cfg, device.split(":")[0])
-    set_kernels_enabled(cfg.use_kernels)  # Triton kernels on CUDA (llmtune.kernels); off: PyTorch references
-    if cfg.adapter_name_or_path and cfg.finetuning_type == "lora" and not cfg.create_new_adapter:
-        notice("adapter_name_or_path: the given adapter(s) are merged into the base and a new adapter is trained "
-               "on top (as create_new_adapter: true; llmtune does not continue an adapter in place); the output "
-               "records them as parent_adapters, which llmtune chat/export apply")
-    return runs.load_model(cfg.model_name_or_path, dtype=dtype, device=device,
-                           adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
-                           quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)
-
-
-def check_trainable_targets(model: torch.nn.Module, cfg: Any) -> bool:
-    """Check ``lora_target`` against the model before the data is read; returns True when the stage trains a
-    head alone (its row's ``head_only``: rm with the seed's ``--lora_target value``).
-
-    Raises:
-        LLMTuneError: a ``lora_target`` naming no module of the model.
-    """
-    stage = stage_info(cfg.stage)
-    head_only = stage.head_only is not None and stage.head_only(model, cfg)
-    if cfg.finetuning_type == "lora" and not head_only:
-        select_lora_targets(model, cfg.lora_target)
-    return head_only
-
-
-def load_tokenizer_and_template(cfg: Any, chain: runs.AdapterChain) -> tuple[Any, Any]:
-    """Step 4: the tokenizer of ``model_name_or_path`` and the template: ``template``, else the one recorded
-    by the last run of the chain (chained stages), else the model's own ``chat_template``."""
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    name = cfg.template or runs.recorded_template(cfg.model_name_or_path, *reversed(chain.parents))
-    return tokenizer, get_template(name, tokenizer)
-
-
-def load_data(cfg: Any, tokenizer: Any, template: Any) -> tuple[Sequence[dict], Optional[Sequence[dict]]]:
-    """Step 5: ``(train_rows, eval_rows)`` of the stage (``llmtune.data.get_dataset``), with a notice when
-    evaluation rows are set aside but nothing evaluates them."""
-    splits = get_dataset(cfg, tokenizer, template, stage_info(cfg.stage).data)
-    if splits.eval and cfg.do_train and not cfg.do_eval and cfg.eval_strategy == "no":
-        notice(f"{len(splits.eval)} evaluation rows (val_size / eval_dataset) are set aside but nothing evaluates "
-               "them; set do_eval: true (after training) or eval_strategy: steps/epoch (during training)")
-    return splits.train, splits.eval
-
-
-def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool) -> dict:
-    """Step 6: choose the trainable parameters (``finetuning_type``), then what the stage's row asks for:
-    ``prepare`` (rm: the value head) and ``reference`` (a reference policy: adapters disabled, ``ref_model``,
-    or a frozen copy). Returns the stage context's ``extra`` dict."""
-    stage = stage_info(cfg.stage)
-    if not head_only:
-        apply_finetuning_type(model, cfg)
-    if stage.prepare is not None:
-        stage.prepare(model, cfg, head_only)  # rm: model.v_head, trainable
-    if stage.reference is None:
-        return {}
-    return reference_extra(model, cfg, needed=stage.reference(cfg))   # on the model's device
-
-
-def build_trainer(model: torch.nn.Module, cfg: Any, stage: Stage, tokenizer: Any, train_rows: Sequence[dict],
-                  eval_rows: Optional[Sequence[dict]], extra: dict, online: Any = None) -> Trainer:
-    """Step 7: the :class:`Trainer` with the stage's loss and collator, or the online stage (an evaluation-only
-    run evaluates its eval rows, else the training rows)."""
-    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-    rows = train_rows if cfg.do_train else (eval_rows or train_rows)
-    collator = get_collator(stage.collator, pad, padding_free=cfg.padding_free)  # packed where exact
-    processor = model_processor(cfg.model_name_or_path, cfg.image_max_pixels, cfg.image_min_pixels)
-    if processor is not None and getattr(unwrap(model), "visual", None) is not None:
-        collator = ImageCollator(collator, processor)   # + pixel_values, image_grid_thw of the rows' images
-    trainer = Trainer(model, cfg, rows, eval_rows, collator=collator, tokenizer=tokenizer, ctx_extra=extra,
-                      online=online)
-    eval_report.check_best_metric(trainer, cfg.do_eval)   # a bad metric_for_best_model: now, not after training
-    return trainer
 
 
 def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, template: Any,
