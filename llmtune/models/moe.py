@@ -47,7 +47,7 @@ from torch import nn
 
 from llmtune.compat import is_cuda
 from llmtune.models.config import ModelConfig
-from llmtune.models.moe_padded import PaddedExpertsLora
+from llmtune.models.moe_padded import PaddedExpertsLora, _capacity, _plan  # noqa: F401 (_capacity: tests)
 from llmtune.peft.experts import LoraTerm, base_linear, grouped_project, lora_terms
 
 #: the grouped path for frozen (LoRA-trained, evaluated) experts; ``LLMTUNE_MOE_GROUPED=0`` keeps the per-expert
@@ -236,9 +236,13 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
     ``torch._grouped_mm`` over the ``(M, H)`` sorted rows; elsewhere one ``torch.bmm`` over ``(E, C, H)`` groups
     padded with zero rows to a group size ``C`` (measured on this CPU at Qwen3-MoE shapes: 2-3x faster than
     ``torch._grouped_mm``'s CPU kernel and 6x the per-expert loop, forward and backward; docs/performance.md).
-    ``C`` is chosen by :func:`_capacity` (the largest group when routing is balanced); the rows of crowded
-    experts beyond ``C`` go through a second padded product over those experts alone,
-    their weights gathered (a copy of the crowded experts' weights only).
+    The levels come from :func:`~llmtune.models.moe_padded._plan`: the first is one product over all experts
+    padded to ``C`` rows (the largest group when routing is balanced); the rows of crowded experts beyond ``C``
+    go through up to three more padded products over those experts alone, their weights gathered (a copy of
+    the crowded experts' weights only). With one adapter per projection and no active dropout (LoRA training)
+    each level is one :class:`~llmtune.models.moe_padded.PaddedExpertsLora` (forward and backward written out,
+    the routing weight applied before the down projection); otherwise autograd runs through
+    :func:`grouped_project` (:func:`_padded_level`).
     """
     groups = frozen_groups(experts)
     if groups is None:
@@ -351,41 +355,6 @@ def _fused_padded(x: torch.Tensor, gate_up: torch.Tensor, terms_gu: list, terms_
 def _select(terms: list, ids: torch.Tensor) -> list:
     """The adapters of the experts ``ids`` only (differentiable row selection of the stacked factors)."""
     return [LoraTerm(a=t.a[ids], b=t.b[ids], scale=t.scale, dropout=t.dropout, start=t.start) for t in terms]
-
-
-def _plan(sizes: list[int], max_levels: int = 4) -> tuple[int, ...]:
-    """The padded levels of :func:`_grouped_frozen` for experts with ``sizes`` rows: thresholds
-    ``c_1 < c_2 < ... < c_L = max(sizes)`` (at most ``max_levels``); level ``l`` is one batched product over the
-    ``n_l`` experts with more than ``c_{l-1}`` rows (``c_0 = 0``), each padded to ``c_l - c_{l-1}`` rows.
-
-    Chosen (exact dynamic programme over the distinct sizes) to minimise the padded rows ``sum_l n_l (c_l -
-    c_{l-1})`` plus, for every level after the first, ``40 n_l + 10`` rows: the cost of gathering those experts'
-    weights (measured on this CPU at Qwen3-MoE shapes, one thread: copying one expert's gate, up and down
-    weights, about 5 ms, costs as much as 40-75 padded rows' products forward and backward) and of the level's
-    fixed work. Balanced routing gives one level, ``(max(sizes),)``."""
-    cands = sorted({s for s in sizes if s > 0})
-    if not cands:
-        return (max(sizes),) if sizes else (0,)
-    above = {c: sum(1 for s in sizes if s > c) for c in [0] + cands}
-    # best[(c, levels left)] = (cost, thresholds) to cover every row above threshold c
-    best: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {(cands[-1], 0): (0.0, ())}
-    for left in range(1, max_levels + 1):
-        for c in reversed([0] + cands):
-            if c == cands[-1]:
-                best[(c, left)] = (0.0, ())
-                continue
-            fixed = 0.0 if c == 0 else 40.0 * above[c] + 10.0
-            opts = [(above[c] * (c2 - c) + fixed + best[(c2, left - 1)][0], (c2,) + best[(c2, left - 1)][1])
-                    for c2 in cands if c2 > c and (c2, left - 1) in best]
-            if opts:
-                best[(c, left)] = min(opts)
-    return best[(0, max_levels)][1]
-
-
-def _capacity(sizes: list[int]) -> int:
-    """The padded group size ``C`` of the first level of :func:`_plan` (all ``E`` experts in one batched
-    product); ``max(sizes)`` when one level is best (balanced routing)."""
-    return _plan(sizes)[0]
 
 
 def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: torch.Tensor,
