@@ -15,6 +15,8 @@ Implementations (``--impl``, comma list):
 * ``llmtune-attn``: LoRA on attention only (q/k/v/o), the same adapters as ``hf-attn``;
 * ``llmtune-loop``: as ``llmtune`` with the grouped expert path switched off (the per-expert loop of earlier
   versions; ``LLMTUNE_MOE_GROUPED=0``), for before/after numbers in the same run;
+* ``llmtune-before``: as ``llmtune``, importing llmtune from the source tree given by ``--before`` (e.g. an
+  older commit from ``git archive``), for before/after numbers in one run;
 * ``hf-attn``: transformers + peft, ``target_modules`` q/k/v/o (peft's ``target_modules`` cannot reach
   transformers 5's fused 3-D expert parameters);
 * ``hf-experts``: transformers + peft with q/k/v/o plus ``target_parameters`` on ``mlp.experts.gate_up_proj``
@@ -41,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-IMPLS = ("llmtune", "llmtune-attn", "llmtune-loop", "hf-attn", "hf-experts")
+IMPLS = ("llmtune", "llmtune-attn", "llmtune-loop", "llmtune-before", "hf-attn", "hf-experts")
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -107,7 +109,7 @@ def worker_llmtune(args) -> dict:
         os.environ["LLMTUNE_MOE_GROUPED"] = "0"
     model = load_model(args.ckpt, dtype="bfloat16")
     torch.manual_seed(0)
-    target = ",".join(ATTN) if args.worker == "llmtune-attn" else "all"
+    target = ",".join(ATTN) if args.worker == "llmtune-attn" else "all"   # llmtune-before: as llmtune
     apply_lora(model, lora_rank=8, lora_alpha=16, lora_target=target)
     ids = _batch(args, model.config.vocab_size)
     rows = [{"input_ids": r.tolist(), "attention_mask": [1] * args.seq, "labels": r.tolist()} for r in ids]
@@ -122,7 +124,9 @@ def worker_llmtune(args) -> dict:
         trainer.accumulate_gradients([batch])
         trainer.optimizer_step()
 
-    return {"step_s": _time_steps(step, args),
+    import llmtune
+
+    return {"step_s": _time_steps(step, args), "llmtune": str(Path(llmtune.__file__).parent),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
@@ -194,6 +198,7 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="profile one extra step per worker; tables go to PREFIX.IMPL.txt")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--tmp", default="/tmp/llmtune_bench_moe")
+    ap.add_argument("--before", default=None, help="llmtune source tree of the llmtune-before implementation")
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -219,7 +224,12 @@ def main() -> None:
                 cmd += [flag, str(getattr(args, flag[2:]))]
             if args.profile:
                 cmd += ["--profile", args.profile]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            env = dict(os.environ)
+            if impl == "llmtune-before":
+                if not args.before:
+                    sys.exit("--impl llmtune-before needs --before SRC (an llmtune source tree)")
+                env["PYTHONPATH"] = str(Path(args.before).resolve())
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(f"{impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -242,6 +252,7 @@ def main() -> None:
           f"{args.steps} timed steps after {args.warmup} warm-up; medians of {args.repeats} interleaved run(s)")
     print(f"{'implementation':14s} | {'adapters on':22s} | {'trainable':>10s} | {'tokens/s':>8s} | {'peak MiB':>8s}")
     where = {"llmtune": "attention + experts", "llmtune-attn": "attention", "llmtune-loop": "attention + experts",
+             "llmtune-before": "attention + experts",
              "hf-attn": "attention", "hf-experts": "attention + experts(*)"}
     for impl in impls:
         m = med.get(impl)
@@ -251,7 +262,7 @@ def main() -> None:
         print(f"{impl:14s} | {where[impl]:22s} | {m['trainable']:10d} | {m['tokens_per_s']:8.1f} | {m['peak_rss_mib']:8.0f}")
     ratios = {}
     for ours, theirs in (("llmtune", "hf-experts"), ("llmtune", "hf-attn"), ("llmtune-attn", "hf-attn"),
-                         ("llmtune", "llmtune-loop")):
+                         ("llmtune", "llmtune-loop"), ("llmtune", "llmtune-before"), ("llmtune-before", "hf-experts")):
         if ours in med and theirs in med:
             ratios[f"{ours}/{theirs}"] = {
                 "speed": med[ours]["tokens_per_s"] / med[theirs]["tokens_per_s"],
