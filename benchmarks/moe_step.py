@@ -88,11 +88,14 @@ def _profile(step, path: str) -> None:
 
 
 def _time_steps(step, args) -> list[float]:
-    times = []
+    """Wall seconds of each step; the process CPU seconds of each (all threads, a measure of the work done
+    that a loaded machine disturbs less than the wall time) go to ``args.cpu_s``."""
+    times, args.cpu_s = [], []
     for _ in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        args.cpu_s.append(time.process_time() - c0)
     if args.profile:
         _profile(step, f"{args.profile}.{args.worker}.txt")
     return times
@@ -171,6 +174,8 @@ def run_worker(args) -> None:
         torch.set_num_threads(args.threads)
     res = (worker_hf if args.worker.startswith("hf") else worker_llmtune)(args)
     timed = res["step_s"][args.warmup:]
+    res["cpu_s"] = args.cpu_s
+    res["cpu_s_per_step"] = statistics.median(args.cpu_s[args.warmup:])
     res.update({"impl": args.worker, "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed),
                 "first_step_s": res["step_s"][0], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "threads": torch.get_num_threads(), "load_avg": os.getloadavg()})
@@ -238,7 +243,8 @@ def main() -> None:
             r = json.loads(line[7:])
             results.append(r)
             print(f"  run {rep + 1} {impl:13s}: {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
-                  f"steps {', '.join(f'{s:.2f}' for s in r['step_s'])} s, load {r['load_avg'][0]:.1f}",
+                  f"steps {', '.join(f'{s:.2f}' for s in r['step_s'])} s, CPU s/step {r['cpu_s_per_step']:.1f}, "
+                  f"load {r['load_avg'][0]:.1f}",
                   file=sys.stderr, flush=True)
     med = {}
     for impl in impls:
@@ -246,6 +252,7 @@ def main() -> None:
         if rs:
             med[impl] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                          "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
+                         "cpu_s_per_step": statistics.median(r["cpu_s_per_step"] for r in rs),
                          "trainable": rs[0]["trainable"], "runs": len(rs)}
     print(f"\nMoE LoRA step (rank 8, bf16 autocast): Qwen3-MoE-shaped random init, {args.layers} layers, hidden "
           f"{args.hidden}, {args.experts} experts x {args.width}, top-{args.top_k}; batch {args.batch} x {args.seq}; "
@@ -266,9 +273,11 @@ def main() -> None:
         if ours in med and theirs in med:
             ratios[f"{ours}/{theirs}"] = {
                 "speed": med[ours]["tokens_per_s"] / med[theirs]["tokens_per_s"],
-                "peak_rss": med[ours]["peak_rss_mib"] / med[theirs]["peak_rss_mib"]}
+                "peak_rss": med[ours]["peak_rss_mib"] / med[theirs]["peak_rss_mib"],
+                "cpu_per_step": med[ours]["cpu_s_per_step"] / med[theirs]["cpu_s_per_step"]}
             print(f"{ours} / {theirs}: {ratios[f'{ours}/{theirs}']['speed']:.2f}x tokens/s, "
-                  f"{ratios[f'{ours}/{theirs}']['peak_rss']:.2f}x peak RSS")
+                  f"{ratios[f'{ours}/{theirs}']['peak_rss']:.2f}x peak RSS, "
+                  f"{ratios[f'{ours}/{theirs}']['cpu_per_step']:.2f}x CPU seconds per step")
     print("(*) peft's ParamWrapper on the fused gate_up_proj: gate and up share one A per expert")
     if args.out:
         Path(args.out).write_text(json.dumps({
