@@ -15,6 +15,8 @@ Implementations (``--impl``, comma list):
 * ``llmtune-attn``: LoRA on attention only (q/k/v/o), the same adapters as ``hf-attn``;
 * ``llmtune-loop``: as ``llmtune`` with the grouped expert path switched off (the per-expert loop of earlier
   versions; ``LLMTUNE_MOE_GROUPED=0``), for before/after numbers in the same run;
+* ``llmtune-before``: as ``llmtune``, importing llmtune from the source tree given by ``--before`` (e.g. an
+  older commit from ``git archive``), for before/after numbers in one run;
 * ``hf-attn``: transformers + peft, ``target_modules`` q/k/v/o (peft's ``target_modules`` cannot reach
   transformers 5's fused 3-D expert parameters);
 * ``hf-experts``: transformers + peft with q/k/v/o plus ``target_parameters`` on ``mlp.experts.gate_up_proj``
@@ -41,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-IMPLS = ("llmtune", "llmtune-attn", "llmtune-loop", "hf-attn", "hf-experts")
+IMPLS = ("llmtune", "llmtune-attn", "llmtune-loop", "llmtune-before", "hf-attn", "hf-experts")
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -86,11 +88,14 @@ def _profile(step, path: str) -> None:
 
 
 def _time_steps(step, args) -> list[float]:
-    times = []
+    """Wall seconds of each step; the process CPU seconds of each (all threads, a measure of the work done
+    that a loaded machine disturbs less than the wall time) go to ``args.cpu_s``."""
+    times, args.cpu_s = [], []
     for _ in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        args.cpu_s.append(time.process_time() - c0)
     if args.profile:
         _profile(step, f"{args.profile}.{args.worker}.txt")
     return times
@@ -107,7 +112,7 @@ def worker_llmtune(args) -> dict:
         os.environ["LLMTUNE_MOE_GROUPED"] = "0"
     model = load_model(args.ckpt, dtype="bfloat16")
     torch.manual_seed(0)
-    target = ",".join(ATTN) if args.worker == "llmtune-attn" else "all"
+    target = ",".join(ATTN) if args.worker == "llmtune-attn" else "all"   # llmtune-before: as llmtune
     apply_lora(model, lora_rank=8, lora_alpha=16, lora_target=target)
     ids = _batch(args, model.config.vocab_size)
     rows = [{"input_ids": r.tolist(), "attention_mask": [1] * args.seq, "labels": r.tolist()} for r in ids]
@@ -122,7 +127,9 @@ def worker_llmtune(args) -> dict:
         trainer.accumulate_gradients([batch])
         trainer.optimizer_step()
 
-    return {"step_s": _time_steps(step, args),
+    import llmtune
+
+    return {"step_s": _time_steps(step, args), "llmtune": str(Path(llmtune.__file__).parent),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
@@ -167,6 +174,8 @@ def run_worker(args) -> None:
         torch.set_num_threads(args.threads)
     res = (worker_hf if args.worker.startswith("hf") else worker_llmtune)(args)
     timed = res["step_s"][args.warmup:]
+    res["cpu_s"] = args.cpu_s
+    res["cpu_s_per_step"] = statistics.median(args.cpu_s[args.warmup:])
     res.update({"impl": args.worker, "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed),
                 "first_step_s": res["step_s"][0], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "threads": torch.get_num_threads(), "load_avg": os.getloadavg()})
@@ -194,6 +203,7 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="profile one extra step per worker; tables go to PREFIX.IMPL.txt")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--tmp", default="/tmp/llmtune_bench_moe")
+    ap.add_argument("--before", default=None, help="llmtune source tree of the llmtune-before implementation")
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -219,7 +229,12 @@ def main() -> None:
                 cmd += [flag, str(getattr(args, flag[2:]))]
             if args.profile:
                 cmd += ["--profile", args.profile]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            env = dict(os.environ)
+            if impl == "llmtune-before":
+                if not args.before:
+                    sys.exit("--impl llmtune-before needs --before SRC (an llmtune source tree)")
+                env["PYTHONPATH"] = str(Path(args.before).resolve())
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(f"{impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -228,7 +243,8 @@ def main() -> None:
             r = json.loads(line[7:])
             results.append(r)
             print(f"  run {rep + 1} {impl:13s}: {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
-                  f"steps {', '.join(f'{s:.2f}' for s in r['step_s'])} s, load {r['load_avg'][0]:.1f}",
+                  f"steps {', '.join(f'{s:.2f}' for s in r['step_s'])} s, CPU s/step {r['cpu_s_per_step']:.1f}, "
+                  f"load {r['load_avg'][0]:.1f}",
                   file=sys.stderr, flush=True)
     med = {}
     for impl in impls:
@@ -236,12 +252,14 @@ def main() -> None:
         if rs:
             med[impl] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                          "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
+                         "cpu_s_per_step": statistics.median(r["cpu_s_per_step"] for r in rs),
                          "trainable": rs[0]["trainable"], "runs": len(rs)}
     print(f"\nMoE LoRA step (rank 8, bf16 autocast): Qwen3-MoE-shaped random init, {args.layers} layers, hidden "
           f"{args.hidden}, {args.experts} experts x {args.width}, top-{args.top_k}; batch {args.batch} x {args.seq}; "
           f"{args.steps} timed steps after {args.warmup} warm-up; medians of {args.repeats} interleaved run(s)")
     print(f"{'implementation':14s} | {'adapters on':22s} | {'trainable':>10s} | {'tokens/s':>8s} | {'peak MiB':>8s}")
     where = {"llmtune": "attention + experts", "llmtune-attn": "attention", "llmtune-loop": "attention + experts",
+             "llmtune-before": "attention + experts",
              "hf-attn": "attention", "hf-experts": "attention + experts(*)"}
     for impl in impls:
         m = med.get(impl)
@@ -251,13 +269,15 @@ def main() -> None:
         print(f"{impl:14s} | {where[impl]:22s} | {m['trainable']:10d} | {m['tokens_per_s']:8.1f} | {m['peak_rss_mib']:8.0f}")
     ratios = {}
     for ours, theirs in (("llmtune", "hf-experts"), ("llmtune", "hf-attn"), ("llmtune-attn", "hf-attn"),
-                         ("llmtune", "llmtune-loop")):
+                         ("llmtune", "llmtune-loop"), ("llmtune", "llmtune-before"), ("llmtune-before", "hf-experts")):
         if ours in med and theirs in med:
             ratios[f"{ours}/{theirs}"] = {
                 "speed": med[ours]["tokens_per_s"] / med[theirs]["tokens_per_s"],
-                "peak_rss": med[ours]["peak_rss_mib"] / med[theirs]["peak_rss_mib"]}
+                "peak_rss": med[ours]["peak_rss_mib"] / med[theirs]["peak_rss_mib"],
+                "cpu_per_step": med[ours]["cpu_s_per_step"] / med[theirs]["cpu_s_per_step"]}
             print(f"{ours} / {theirs}: {ratios[f'{ours}/{theirs}']['speed']:.2f}x tokens/s, "
-                  f"{ratios[f'{ours}/{theirs}']['peak_rss']:.2f}x peak RSS")
+                  f"{ratios[f'{ours}/{theirs}']['peak_rss']:.2f}x peak RSS, "
+                  f"{ratios[f'{ours}/{theirs}']['cpu_per_step']:.2f}x CPU seconds per step")
     print("(*) peft's ParamWrapper on the fused gate_up_proj: gate and up share one A per expert")
     if args.out:
         Path(args.out).write_text(json.dumps({

@@ -47,6 +47,7 @@ from torch import nn
 
 from llmtune.compat import is_cuda
 from llmtune.models.config import ModelConfig
+from llmtune.models.moe_padded import PaddedExpertsLora, _capacity, _plan  # noqa: F401 (_capacity: tests)
 from llmtune.peft.experts import LoraTerm, base_linear, grouped_project, lora_terms
 
 #: the grouped path for frozen (LoRA-trained, evaluated) experts; ``LLMTUNE_MOE_GROUPED=0`` keeps the per-expert
@@ -235,9 +236,13 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
     ``torch._grouped_mm`` over the ``(M, H)`` sorted rows; elsewhere one ``torch.bmm`` over ``(E, C, H)`` groups
     padded with zero rows to a group size ``C`` (measured on this CPU at Qwen3-MoE shapes: 2-3x faster than
     ``torch._grouped_mm``'s CPU kernel and 6x the per-expert loop, forward and backward; docs/performance.md).
-    ``C`` is chosen by :func:`_capacity` (the largest group when routing is balanced); the rows of crowded
-    experts beyond ``C`` go through a second padded product over those experts alone,
-    their weights gathered (a copy of the crowded experts' weights only).
+    The levels come from :func:`~llmtune.models.moe_padded._plan`: the first is one product over all experts
+    padded to ``C`` rows (the largest group when routing is balanced); the rows of crowded experts beyond ``C``
+    go through up to three more padded products over those experts alone, their weights gathered (a copy of
+    the crowded experts' weights only). With one adapter per projection and no active dropout (LoRA training)
+    each level is one :class:`~llmtune.models.moe_padded.PaddedExpertsLora` (forward and backward written out,
+    the routing weight applied before the down projection); otherwise autograd runs through
+    :func:`grouped_project` (:func:`_padded_level`).
     """
     groups = frozen_groups(experts)
     if groups is None:
@@ -270,25 +275,33 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
         return None
     eid = top_experts.reshape(-1)[order]
     pos = torch.arange(m, device=x.device) - (torch.cumsum(counts, 0) - counts)[eid]
-    xz = torch.cat([x, x.new_zeros(1, h)])    # row n: the zero row that padding slots read
-    out = x.new_zeros(n + 1, h)
+    fused = _fused_padded(x, gate_up, terms_gu, terms_up, terms_d)
+    if fused is not None:
+        xc, lora = fused
+        out = None
+    else:
+        xz = torch.cat([x, x.new_zeros(1, h)])    # row n: the zero row that padding slots read
+        out = x.new_zeros(n + 1, h)
     ids = remap = None                         # level 0: all experts, the stacks themselves (no copy)
     keep = torch.ones(m, dtype=torch.bool, device=x.device)
-    for level in range(2):
-        cap = max(sizes) if level == 1 else _capacity(sizes)
+    plan = _plan(sizes)
+    for level, end in enumerate(plan):
+        cap = end - (plan[level - 1] if level else 0)
         here = keep & (pos < cap)
         local = eid if remap is None else remap[eid]
-        w_gu, w_d, t_gu, t_d = (gate_up, down, terms_gu + terms_up, terms_d) if ids is None else (
-            gate_up[ids], down[ids], _select(terms_gu + terms_up, ids), _select(terms_d, ids))
+        w_gu, w_d = (gate_up, down) if ids is None else (gate_up.index_select(0, ids), down.index_select(0, ids))
+        t_gu, t_d = (terms_gu + terms_up, terms_d) if ids is None or fused is not None else (
+            _select(terms_gu + terms_up, ids), _select(terms_d, ids))
         num_l = len(sizes)
         slot = local[here] * cap + pos[here]
-        src = torch.full((num_l * cap,), n, dtype=torch.long, device=x.device)
-        src[slot] = token[here]
-        wslot = w_sorted.new_zeros(num_l * cap).index_put((slot,), w_sorted[here])
-        xp = xz[src].view(num_l, cap, h)
-        gu = grouped_project(xp, w_gu, t_gu, torch.bmm)
-        y = grouped_project(F.silu(gu[..., :inter]) * gu[..., inter:], w_d, t_d, torch.bmm)
-        out = out.index_add_(0, src, (y.reshape(num_l * cap, h) * wslot[:, None].to(y.dtype)).to(x.dtype))
+        if fused is not None:   # padding slots read row 0 with routing weight 0 (exact zeros)
+            src = torch.zeros(num_l * cap, dtype=torch.long, device=x.device).index_put_((slot,), token[here])
+            wslot = w_sorted.new_zeros(num_l * cap).index_put((slot,), w_sorted[here]).view(num_l, cap)
+            fac = lora if ids is None else [f.index_select(0, ids) for f in lora[:-1]] + [lora[-1]]
+            part = PaddedExpertsLora.apply(xc, wslot, src, w_gu, w_d, *fac)
+            out = part if out is None else out + part
+        else:
+            out = _padded_level(xz, out, w_sorted, here, slot, token, num_l, cap, n, w_gu, w_d, t_gu, t_d, inter)
         crowded = [i for i, c in enumerate(sizes) if c > cap]
         if not crowded:
             break
@@ -300,28 +313,48 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
         keep = keep & (pos >= cap)
         pos = pos - cap
         sizes = [sizes[i] - cap for i in crowded]
-    return out[:n]
+    return out.to(x.dtype) if fused is not None else out[:n]
+
+
+def _padded_level(xz: torch.Tensor, out: torch.Tensor, w_sorted: torch.Tensor, here: torch.Tensor,
+                  slot: torch.Tensor, token: torch.Tensor, num_l: int, cap: int, n: int, w_gu: torch.Tensor,
+                  w_d: torch.Tensor, t_gu: list, t_d: list, inter: int) -> torch.Tensor:
+    """One padded level of :func:`_grouped_frozen` with autograd through every op (any number of adapters,
+    dropout): ``xz`` ``(n + 1, H)`` the rows and a zero row ``n`` that padding slots read; adds the weighted
+    expert outputs into ``out`` ``(n + 1, H)`` and returns it."""
+    h = xz.shape[1]
+    src = torch.full((num_l * cap,), n, dtype=torch.long, device=xz.device)
+    src[slot] = token[here]
+    wslot = w_sorted.new_zeros(num_l * cap).index_put((slot,), w_sorted[here])
+    xp = xz[src].view(num_l, cap, h)
+    gu = grouped_project(xp, w_gu, t_gu, torch.bmm)
+    y = grouped_project(F.silu(gu[..., :inter]) * gu[..., inter:], w_d, t_d, torch.bmm)
+    return out.index_add_(0, src, (y.reshape(num_l * cap, h) * wslot[:, None].to(y.dtype)).to(xz.dtype))
+
+
+def _fused_padded(x: torch.Tensor, gate_up: torch.Tensor, terms_gu: list, terms_up: list, terms_d: list
+                  ) -> Optional[tuple[torch.Tensor, list]]:
+    """``(x in the compute dtype, [a_gu, b_g, b_u, a_d, b_d, scale])`` when the padded levels can run as
+    :class:`~llmtune.models.moe_padded.PaddedExpertsLora`: exactly one adapter on each of gate, up and down
+    with one rank and scale, no active dropout, and base weights in the compute dtype (autocast's, else
+    ``x``'s); None otherwise (the autograd path :func:`_padded_level`)."""
+    if not (len(terms_gu) == len(terms_up) == len(terms_d) == 1):
+        return None
+    tg, tu, td = terms_gu[0], terms_up[0], terms_d[0]
+    if len({tg.scale, tu.scale, td.scale}) != 1 or len({tg.a.shape[1], tu.a.shape[1], td.a.shape[1]}) != 1:
+        return None
+    if any(not isinstance(t.dropout, nn.Identity) and t.dropout.training for t in (tg, tu, td)):
+        return None
+    dev = x.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if gate_up.dtype != cdt or not x.is_floating_point():
+        return None
+    return x.to(cdt), [torch.cat([tg.a, tu.a], dim=1), tg.b, tu.b, td.a, td.b, float(tg.scale)]
 
 
 def _select(terms: list, ids: torch.Tensor) -> list:
     """The adapters of the experts ``ids`` only (differentiable row selection of the stacked factors)."""
     return [LoraTerm(a=t.a[ids], b=t.b[ids], scale=t.scale, dropout=t.dropout, start=t.start) for t in terms]
-
-
-def _capacity(sizes: list[int]) -> int:
-    """The padded group size ``C`` of one batched product over ``E`` experts with ``sizes`` rows: the ``C``
-    minimising ``E * C + k(C) * (max(sizes) - C) + E / 4 [k(C) > 0]``, the padded rows of this product plus
-    those of a second one over the ``k(C)`` experts with more than ``C`` rows, plus the fixed cost of a second
-    product (gathering the crowded experts' weights). Balanced routing gives ``C = max(sizes)``."""
-    top, best, best_cost = max(sizes), max(sizes), float("inf")
-    for c in sorted(set(sizes)):
-        if c <= 0:
-            continue
-        crowded = sum(1 for s in sizes if s > c)
-        cost = len(sizes) * c + crowded * (top - c) + (len(sizes) / 4 if crowded else 0)
-        if cost < best_cost:
-            best, best_cost = c, cost
-    return best
 
 
 def experts_forward(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: torch.Tensor,
