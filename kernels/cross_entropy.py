@@ -16,9 +16,6 @@ logits in the compute dtype.
 
 Labels equal to ``ignore_index`` (-100) contribute nothing (loss 0, log-prob 0, gradient 0). Both run the
 chunk kernel in Triton on CUDA and in PyTorch elsewhere (:func:`cross_entropy_chunk_ref`, same signature).
-These two autograd functions are llmtune's only chunked cross entropy: ``llmtune.losses.logps``
-(``causal_lm_loss``, ``token_logps``, ``sequence_logps``) calls :func:`linear_cross_entropy_sum` and
-:func:`linear_label_logps` after its own checks, on every device.
 
 Dtypes: the projection runs in the autocast dtype when autocast is on for the device (as ``nn.Linear``
 would), else in ``promote(hidden.dtype, weight.dtype)``; softmax arithmetic is float32 (float64 for float64
@@ -49,9 +46,9 @@ _MIN_CHUNK_ROWS_CPU = 64
 
 
 def cross_entropy_chunk_ref(logits: torch.Tensor, targets: torch.Tensor, grad_scale: Optional[torch.Tensor] = None,
-                            temperature: float = 1.0, write_grad: bool = False, ignore_index: int = IGNORE_INDEX,
-                            lse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference softmax cross entropy of one chunk of logits (the CPU path of every chunked loss).
+                            temperature: float = 1.0, write_grad: bool = False, ignore_index: int = IGNORE_INDEX
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference softmax cross entropy of one chunk of logits.
 
     Args:
         logits: ``(n, V)`` float (bf16/fp16/fp32/fp64), unit stride along V; divided by ``temperature``.
@@ -60,59 +57,38 @@ def cross_entropy_chunk_ref(logits: torch.Tensor, targets: torch.Tensor, grad_sc
         write_grad: when True, ``logits`` is overwritten in place by
             ``d loss_i / d logits_i * grad_scale_i = (softmax(z_i) - onehot(y_i)) / temperature * grad_scale_i``
             (0 for ignored rows), rounded to the logits' dtype.
-        lse: optional ``(n,)`` log-sum-exps of these rows from an earlier call (a recomputing backward): the
-            softmax is then ``exp(z - lse)``, without a log-softmax pass. The Triton kernel recomputes it.
 
     Returns:
-        ``(loss (n,), lse (n,))`` float32 (float64 for float64 logits): ``loss = -log_softmax(z)_y`` (nats; 0
-        for ignored rows) and the log-sum-exp ``z_y - log_softmax(z)_y`` of ``z = logits / temperature``.
-
-    Cost: one float32 copy of the chunk (none for float32 logits at temperature 1), one fused log-softmax
-    pass, then the gradient in place over that buffer (exp, ``-1`` at the targets, a row scale only when
-    one is given, ignored rows zeroed one by one) and one rounding copy back into ``logits``.
+        ``(loss (n,), lse (n,))`` float32 (float64 for float64 logits): ``loss = lse - z_y`` (nats; 0 for
+        ignored rows) and the log-sum-exp of ``z = logits / temperature``.
     """
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
     ignored = targets == ignore_index
     safe = targets.masked_fill(ignored, 0)[:, None]
-    z_y = z.gather(1, safe).squeeze(1)
-    if lse is None:
-        logp = torch.log_softmax(z, dim=-1)
-        lp = logp.gather(1, safe).squeeze(1)
-        loss, lse = (-lp).masked_fill(ignored, 0.0), z_y - lp
-        if write_grad:   # softmax = exp(log_softmax), straight into logits when the dtypes agree
-            g = torch.exp(logp, out=logits) if logits.dtype == logp.dtype else logp.exp_()
-        del logp
-    else:
-        loss = (lse - z_y).masked_fill(ignored, 0.0)
-        if write_grad:   # z is a fresh buffer, or logits itself (overwritten anyway)
-            g = z.sub_(lse[:, None]).exp_()
-    del z
+    loss = (lse - z.gather(1, safe).squeeze(1)).masked_fill(ignored, 0.0)
     if write_grad:
+        g = torch.exp(z - lse[:, None])
         g.scatter_add_(1, safe, torch.full_like(g[:, :1], -1.0))
-        if grad_scale is not None or temperature != 1.0:
-            scale = (torch.full_like(lse, 1.0 / temperature) if grad_scale is None
-                     else grad_scale.to(lse.dtype) / temperature)
-            g.mul_(scale.masked_fill(ignored, 0.0)[:, None])
-        elif bool(ignored.any()):   # a scale of 1: only the ignored rows change (to 0)
-            g.index_fill_(0, ignored.nonzero().squeeze(1), 0.0)
-        if g is not logits:
-            logits.copy_(g)
+        scale = torch.full_like(lse, 1.0 / temperature) if grad_scale is None else grad_scale.to(lse.dtype) / temperature
+        g.mul_(scale.masked_fill(ignored, 0.0)[:, None])
+        logits.copy_(g)
     return loss, lse
 
 
 def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, grad_scale: Optional[torch.Tensor] = None,
-                        temperature: float = 1.0, write_grad: bool = False, ignore_index: int = IGNORE_INDEX,
-                        lse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        temperature: float = 1.0, write_grad: bool = False, ignore_index: int = IGNORE_INDEX
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cross_entropy_chunk_ref` (same arguments and results), in Triton on CUDA: one program per row,
     an online log-sum-exp pass over the vocabulary and, with ``write_grad``, a second pass that writes the
-    gradient over the logits (``lse`` is recomputed there). Float64 logits always take the reference."""
+    gradient over the logits. Float64 logits always take the reference."""
     if use_triton(logits) and logits.dtype != torch.float64:
         from llmtune.kernels import _fused_triton as T
 
         return T.cross_entropy_chunk_triton(logits, targets, grad_scale, temperature, write_grad, ignore_index)
-    return cross_entropy_chunk_ref(logits, targets, grad_scale, temperature, write_grad, ignore_index, lse)
+    return cross_entropy_chunk_ref(logits, targets, grad_scale, temperature, write_grad, ignore_index)
 
 
 def rows_per_chunk(chunk_size: Optional[int], vocab: int, device: Optional[torch.device] = None) -> int:
@@ -206,22 +182,21 @@ class _FusedLinearLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, ignore_index, rows, temperature):  # noqa: D401
         cdtype = compute_dtype(hidden, weight)
         out = torch.empty(hidden.shape[0], dtype=torch.promote_types(cdtype, torch.float32), device=hidden.device)
-        lse = torch.empty_like(out)   # kept for the backward (the reference then skips a log-softmax pass)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(cdtype)
             for s in range(0, hidden.shape[0], rows):
                 logits = hidden[s : s + rows].to(cdtype) @ w.t()
-                loss, lse[s : s + rows] = cross_entropy_chunk(logits, labels[s : s + rows], temperature=temperature,
-                                                              ignore_index=ignore_index)
+                loss, _ = cross_entropy_chunk(logits, labels[s : s + rows], temperature=temperature,
+                                              ignore_index=ignore_index)
                 out[s : s + rows] = -loss
                 del logits
-        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.save_for_backward(hidden, weight, labels)
         ctx.args = (ignore_index, rows, temperature, cdtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, labels, lse = ctx.saved_tensors
+        hidden, weight, labels = ctx.saved_tensors
         ignore_index, rows, temperature, cdtype = ctx.args
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -233,8 +208,8 @@ class _FusedLinearLogps(torch.autograd.Function):
             for s in range(0, hidden.shape[0], rows):
                 h = hidden[s : s + rows].to(cdtype)
                 logits = h @ w.t()
-                cross_entropy_chunk(logits, labels[s : s + rows], grad_scale=neg[s : s + rows], temperature=temperature,
-                                    write_grad=True, ignore_index=ignore_index, lse=lse[s : s + rows])
+                cross_entropy_chunk(logits, labels[s : s + rows], grad_scale=neg[s : s + rows],
+                                    temperature=temperature, write_grad=True, ignore_index=ignore_index)
                 if need_h:
                     grad_h[s : s + rows] = (logits @ w).to(hidden.dtype)
                 if need_w:
@@ -243,25 +218,6 @@ class _FusedLinearLogps(torch.autograd.Function):
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None
-
-
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int,
-                             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """:func:`fused_linear_cross_entropy`'s loss sum (0-dim float32, nats) without its input checks, ``rows``
-    per chunk: for callers that validated their inputs (``llmtune.losses.causal_lm_loss``). Gradients are
-    computed in the forward, except in float16 (the recomputing, scale-correct backward: see
-    :func:`grads_in_forward`). Raises nothing itself; bad shapes fail inside the matrix products."""
-    if grads_in_forward(hidden, weight):
-        return _FusedLinearCE.apply(hidden, weight, labels, int(ignore_index), rows)
-    # float16: gradients made in the backward, scaled before rounding (loss scaling works)
-    return -_FusedLinearLogps.apply(hidden, weight, labels, int(ignore_index), rows, 1.0).sum()
-
-
-def linear_label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int,
-                       temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """:func:`fused_linear_logps` (``(N,)`` float32 log-probs, nats) without its input checks, ``rows`` per
-    chunk: for callers that validated their inputs (``llmtune.losses.token_logps`` / ``sequence_logps``)."""
-    return _FusedLinearLogps.apply(hidden, weight, labels, int(ignore_index), rows, float(temperature))
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -286,7 +242,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """
     _check(hidden, weight, labels, ignore_index)
     rows = rows_per_chunk(chunk_size, weight.shape[0], hidden.device)
-    return linear_cross_entropy_sum(hidden, weight, labels, rows, ignore_index), (labels != ignore_index).sum()
+    if grads_in_forward(hidden, weight):
+        loss = _FusedLinearCE.apply(hidden, weight, labels, int(ignore_index), rows)
+    else:   # float16: gradients made in the backward, scaled before rounding (loss scaling works)
+        loss = -_FusedLinearLogps.apply(hidden, weight, labels, int(ignore_index), rows, 1.0).sum()
+    return loss, (labels != ignore_index).sum()
 
 
 def fused_linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -305,5 +265,5 @@ def fused_linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         ValueError: on mismatched shapes, labels outside ``[0, V)``, or a chunk_size < 1.
     """
     _check(hidden, weight, labels, ignore_index)
-    return linear_label_logps(hidden, weight, labels, rows_per_chunk(chunk_size, weight.shape[0], hidden.device),
-                              temperature, ignore_index)
+    rows = rows_per_chunk(chunk_size, weight.shape[0], hidden.device)
+    return _FusedLinearLogps.apply(hidden, weight, labels, int(ignore_index), rows, float(temperature))
