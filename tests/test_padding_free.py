@@ -348,3 +348,28 @@ def test_compiled_layers_agree_with_eager(backend):
         torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
         for n in outs[0][1]:
             torch.testing.assert_close(outs[1][1][n], outs[0][1][n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_decode_attention_equals_the_softmax_formula(dtype):
+    """A decode step's attention on the CPU (one query per row, grouped key/value heads, a ragged mask) against
+    ``softmax(q k^T / sqrt(d) + mask) v`` in float64 with each key/value head repeated (Vaswani et al. 2017,
+    eq. 1; Ainslie et al. 2023)."""
+    from llmtune.models.transformer import attend
+
+    torch.manual_seed(0)
+    b, h, hk, length, d = 3, 6, 2, 7, 8
+    q, k, v = torch.randn(b, h, 1, d), torch.randn(b, hk, length, d), torch.randn(b, hk, length, d)
+    lengths = torch.tensor([7, 4, 1])
+    mask = (torch.arange(length)[None, :] < lengths[:, None])[:, None, None, :]
+    got = attend(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    qd, kd, vd = (t.to(dtype).double() for t in (q, k, v))
+    kd, vd = kd.repeat_interleave(h // hk, dim=1), vd.repeat_interleave(h // hk, dim=1)
+    s = (qd @ kd.transpose(-1, -2)) / math.sqrt(d)
+    want = (s.masked_fill(~mask, float("-inf")).softmax(-1) @ vd).transpose(1, 2)
+    assert got.shape == (b, 1, h, d) and got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
+    no_mask = attend(q.to(dtype), k.to(dtype), v.to(dtype), None)   # no mask: every key
+    want_all = ((s.softmax(-1) @ vd).transpose(1, 2))
+    torch.testing.assert_close(no_mask.double(), want_all, rtol=0, atol=tol)

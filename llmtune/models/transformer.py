@@ -24,6 +24,7 @@ from torch import nn
 from llmtune.compat import is_cuda, varlen_attention
 from llmtune.kernels import use_triton as _use_kernels
 from llmtune.models.config import ModelConfig
+from llmtune.models.kv_cache import KVCache
 from llmtune.models.memory import checkpoint_layer, mlp_tile_rows, tiled_mlp
 from llmtune.models.moe import SparseMoeBlock, collect_aux_loss
 
@@ -84,81 +85,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """``[x1, x2] -> [-x2, x1]`` on the last dim (the Hugging Face RoPE layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-class KVCache:
-    """Key/value cache for incremental decoding, written in place into buffers allocated once per layer.
-
-    Each layer's buffer has shape ``(batch, num_key_value_heads, capacity, head_dim)`` in the dtype of the
-    first keys written (the model's or autocast dtype); the first ``seq_len`` positions are filled.
-    With ``max_len`` the capacity is ``max_len`` (allocated at the first :meth:`update`, writing past it
-    raises); without, it starts at the first write's length rounded up to 256 positions and doubles when
-    full (amortised copies, never one ``torch.cat`` per token). ``attention_mask`` given to later forward
-    calls must cover cached plus new tokens.
-
-    Source: the static (preallocated) KV cache of gpt-fast / ``transformers.StaticCache``, where decoding
-    writes each step's keys and values into a fixed buffer instead of concatenating.
-    """
-
-    def __init__(self, num_layers: int, max_len: Optional[int] = None) -> None:
-        if max_len is not None and max_len < 1:
-            raise ValueError(f"KVCache: max_len must be >= 1 (got {max_len})")
-        self.max_len = max_len
-        self.layers: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
-        self.lengths = [0] * num_layers
-        #: per-row ``(batch, 1)`` M-RoPE offsets of a vision-language prefill (``QwenVL``); follows :meth:`reorder`
-        self.rope_deltas: Optional[torch.Tensor] = None
-
-    def __len__(self) -> int:
-        return self.lengths[0]
-
-    @property
-    def seq_len(self) -> int:
-        """Number of cached positions."""
-        return self.lengths[0]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k, v`` (batch, kv_heads, new_len, head_dim) after layer ``layer``'s cached positions.
-
-        Returns views ``(batch, kv_heads, cached + new_len, head_dim)`` of the buffers (valid until the next
-        update of this layer). Raises ValueError when a preallocated cache (``max_len``) would overflow.
-        """
-        start, new = self.lengths[layer], k.shape[2]
-        end = start + new
-        buf = self.layers[layer]
-        cap = 0 if buf is None else buf[0].shape[2]
-        if end > cap:
-            if self.max_len is not None:
-                if end > self.max_len:
-                    raise ValueError(f"KVCache: {end} positions exceed the preallocated max_len {self.max_len}")
-                cap = self.max_len
-            else:
-                cap = max(2 * cap, -(-end // 256) * 256)
-            b, h, _, d = k.shape
-            grown = (k.new_empty(b, h, cap, d), v.new_empty(b, h, cap, d))
-            if buf is not None:
-                grown[0][:, :, :start] = buf[0][:, :, :start]
-                grown[1][:, :, :start] = buf[1][:, :, :start]
-            buf = self.layers[layer] = grown
-        buf[0][:, :, start:end] = k
-        buf[1][:, :, start:end] = v
-        self.lengths[layer] = end
-        return buf[0][:, :, :end], buf[1][:, :, :end]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows ``index`` (LongTensor) of every layer (for dropping finished sequences).
-
-        Copies the filled positions of the kept rows into new buffers of the same capacity.
-        """
-        def keep(buf: torch.Tensor, filled: int) -> torch.Tensor:
-            out = buf.new_empty((index.shape[0],) + tuple(buf.shape[1:]))
-            out[:, :, :filled] = buf[index, :, :filled]
-            return out
-
-        self.layers = [None if kv is None else (keep(kv[0], n), keep(kv[1], n))
-                       for kv, n in zip(self.layers, self.lengths)]
-        if self.rope_deltas is not None:
-            self.rope_deltas = self.rope_deltas[index.to(self.rope_deltas.device)]
 
 
 class Attention(nn.Module):
@@ -373,6 +299,23 @@ def _varlen(q, k, v, segs: SegmentSpans):
     return None if out is None else out.view(b, t, h, d)
 
 
+def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`attend` for one query per row on the CPU (a decode step): ``softmax(q k^T / sqrt(D)) v`` as two
+    batched float32 products, the query heads of each key/value head grouped (no repeat of K or V).
+
+    q ``(B, H, 1, D)``, k/v ``(B, H_kv, L, D)``, mask None or boolean ``(B, 1, 1, L)``; returns ``(B, 1, H, D)``
+    in ``q``'s dtype. Torch's CPU SDPA kernel tiles for long queries: with one query and a bfloat16 cache it
+    took 3x the time of these products (docs/performance.md).
+    """
+    b, h, _, d = q.shape
+    hk, length = k.shape[1], k.shape[2]
+    s = torch.matmul(q.float().view(b, hk, h // hk, d), k.float().transpose(-1, -2)) * (d ** -0.5)
+    if mask is not None:
+        s = s.masked_fill(~mask.reshape(mask.shape[0], 1, 1, length), float("-inf"))
+    return torch.matmul(s.softmax(-1), v.float()).to(q.dtype).view(b, 1, h, d)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al., 2017) with grouped-query heads (Ainslie et al., 2023).
 
@@ -392,6 +335,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     """
     b, h, t, d = q.shape
     gqa = k.shape[1] != h
+    if t == 1 and q.device.type == "cpu" and not isinstance(mask, SegmentSpans):
+        return _attend_one_query(q, k, v, mask)
     if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         return out.transpose(1, 2)
