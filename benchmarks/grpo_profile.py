@@ -16,7 +16,9 @@ per step, wall clock, each the sum of its calls in the step):
 
 ``--variants`` runs several configurations (JSON: name -> extra config keys), interleaved ``--repeats`` times in
 one process (A, B, A, B...), for before/after figures on the same machine state; ``"_cast_frozen": false`` runs
-rollouts without :func:`llmtune.train.precision.frozen_weights_cast` (autocast casting every call). The load
+rollouts without :func:`llmtune.train.precision.frozen_weights_cast` (autocast casting every call), ``"_merge":
+false`` rollouts with the LoRA products at every step (no merged weights), ``"_sdpa_decode": true`` decode steps
+with torch's SDPA instead of the one-query attention. The load
 average is recorded: on a shared machine timings are noisy.
 
 Usage (from the repository root)::
@@ -39,6 +41,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+_ONE_QUERY = None   # llmtune's one-query decode attention, saved by main() before any variant replaces it
 PHASES = ("rollout", "prefill", "decode", "rewards", "ref_logps", "old_logps", "loss_fwd", "backward", "optimizer")
 
 
@@ -98,6 +101,13 @@ def install(t: Timers) -> None:
     Trainer.next_step, Trainer.train_step = next_step, train_step
 
 
+def _sdpa_one_query(q, k, v, mask):
+    """A decode step's attention as before the one-query path: torch's SDPA (``"_sdpa_decode": true``)."""
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)
+
+
 def run_job(a: argparse.Namespace, extra: dict, t: Timers) -> list[dict[str, float]]:
     """One training run of the job; returns its per-step phase times."""
     from llmtune.train.setup import run_train
@@ -111,6 +121,10 @@ def run_job(a: argparse.Namespace, extra: dict, t: Timers) -> list[dict[str, flo
     from llmtune.train.stages.grpo import GRPOStage
 
     GRPOStage.cast_frozen = bool(extra.get("_cast_frozen", True))   # "_cast_frozen": false = the rollout before
+    GRPOStage.merge_adapters = bool(extra.get("_merge", True))       # "_merge": false = LoRA products per step
+    from llmtune.models import transformer
+
+    transformer._attend_one_query = _sdpa_one_query if extra.get("_sdpa_decode") else _ONE_QUERY
     cfg.update({k: v for k, v in extra.items() if not k.startswith("_")})
     n0 = len(t.steps)
     with tempfile.TemporaryDirectory() as out:
@@ -129,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grpo_profile.json"))
     a = ap.parse_args(argv)
     variants = json.loads(a.variants)
+    global _ONE_QUERY
+    from llmtune.models import transformer
+
+    _ONE_QUERY = transformer._attend_one_query
     t = Timers()
     install(t)
     load0 = os.getloadavg()

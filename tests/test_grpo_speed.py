@@ -126,3 +126,32 @@ def test_frozen_weights_cast_once_gives_autocasts_tokens_and_logps_bitwise_and_r
     after = {k: p for k, p in model.named_parameters()}
     assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_merged_rollout_weights_equal_the_merge_formula_and_are_restored():
+    """``merge_adapters``: each LoRA layer runs on ``bf16(W0 + s B A)`` (Hu et al. 2021, section 4.1, computed by
+    hand here) with its adapter path off; on exit the original parameters and active adapters are back."""
+    from llmtune import peft
+    from llmtune.train.precision import frozen_weights_cast
+
+    model = lora_model().eval()
+    before = {k: p for k, p in model.named_parameters()}
+    layer = dict(peft.lora_layers(model))["model.layers.0.mlp.up_proj"]
+    w0, a, b = (t.detach().double() for t in (layer.base_layer.weight, layer.lora_A["default"].weight,
+                                               layer.lora_B["default"].weight))
+    want_w = (w0 + layer.scaling["default"] * (b @ a)).to(torch.bfloat16)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+            frozen_weights_cast(model, torch.bfloat16, merge_adapters=True):
+        assert torch.equal(layer.base_layer.weight, want_w) and layer.active_adapters == []
+        got = layer(x)
+        assert torch.equal(got, torch.nn.functional.linear(x.to(torch.bfloat16), want_w))
+        ro = generate_rollouts(model, PROMPTS, max_new_tokens=6, do_sample=False, eos_token_ids=EOS,
+                               pad_token_id=PAD)
+    with torch.no_grad():   # greedy tokens of the unmerged float32 policy (no near-ties at this size)
+        ref = generate_rollouts(model, PROMPTS, max_new_tokens=6, do_sample=False, eos_token_ids=EOS,
+                                pad_token_id=PAD)
+    assert torch.equal(ro.input_ids, ref.input_ids)
+    after = {k: p for k, p in model.named_parameters()}
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    assert layer.active_adapters == ["default"]
