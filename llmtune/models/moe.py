@@ -278,7 +278,7 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
         return None
     eid = top_experts.reshape(-1)[order]
     pos = torch.arange(m, device=x.device) - (torch.cumsum(counts, 0) - counts)[eid]
-    fused = _fused_padded(x, gate_up, terms_gu, terms_up, terms_d)
+    fused = _fused_lora(x, gate_up, terms_gu, terms_up, terms_d)
     if fused is not None:   # padding slots read row 0 with routing weight 0 (exact zeros)
         xc, lora = fused
         slot, spans, total = slot_layout(sizes, eid, pos)
@@ -330,10 +330,10 @@ def _padded_level(xz: torch.Tensor, out: torch.Tensor, w_sorted: torch.Tensor, h
     return out.index_add_(0, src, (y.reshape(num_l * cap, h) * wslot[:, None].to(y.dtype)).to(xz.dtype))
 
 
-def _fused_padded(x: torch.Tensor, gate_up: torch.Tensor, terms_gu: list, terms_up: list, terms_d: list
+def _fused_lora(x: torch.Tensor, gate_up: torch.Tensor, terms_gu: list, terms_up: list, terms_d: list
                   ) -> Optional[tuple[torch.Tensor, list]]:
-    """``(x in the compute dtype, [a_gu, b_g, b_u, a_d, b_d, scale])`` when the padded levels can run as
-    :class:`~llmtune.models.moe_padded.PaddedExpertsLora`: exactly one adapter on each of gate, up and down
+    """``(x in the compute dtype, [a_gu, b_g, b_u, a_d, b_d, scale])`` when the experts can run as
+    :class:`~llmtune.models.moe_sorted.SortedExpertsLora`: exactly one adapter on each of gate, up and down
     with one rank and scale, no active dropout, and base weights in the compute dtype (autocast's, else
     ``x``'s); None otherwise (the autograd path :func:`_padded_level`)."""
     if not (len(terms_gu) == len(terms_up) == len(terms_d) == 1):

@@ -56,23 +56,24 @@ class SortedExpertsLora(torch.autograd.Function):
         cdt = x.dtype
         inter = w_d.shape[2]
         with torch.autocast(x.device.type, enabled=False):
-            fa_gu, fa_d, fb_d = (t.to(cdt) for t in (a_gu, a_d, b_d))
-            fb_gu = _block_diag_b(b_g.to(cdt), b_u.to(cdt))                   # (E, 2I, 2r)
-            xs = x.index_select(0, src)                                    # (S, H)
+            fa_gu, fa_d = a_gu.to(cdt), a_d.to(cdt)
+            sb_gu = _block_diag_b(b_g.to(cdt), b_u.to(cdt)).mul_(scale)       # (E, 2I, 2r), times s
+            sb_d = b_d.to(cdt) * scale                                        # (E, H, r), times s
+            xs = x.index_select(0, src)                                       # (S, H)
             m = xs.shape[0]
             gu = xs.new_empty(m, w_gu.shape[1])
             xa = xs.new_empty(m, fa_gu.shape[1])
             for e, a, b in spans:
                 torch.mm(xs[a:b], w_gu[e].t(), out=gu[a:b])
                 torch.mm(xs[a:b], fa_gu[e].t(), out=xa[a:b])
-                gu[a:b].addmm_(xa[a:b], fb_gu[e].t(), alpha=scale)
+                gu[a:b].addmm_(xa[a:b], sb_gu[e].t())
             h = F.silu(gu[:, :inter]).mul_(gu[:, inter:]).mul_(w_slot.to(cdt)[:, None])   # (S, I)
             y = xs.new_empty(m, w_d.shape[1])
             ha = xs.new_empty(m, fa_d.shape[1])
             for e, a, b in spans:
                 torch.mm(h[a:b], w_d[e].t(), out=y[a:b])
                 torch.mm(h[a:b], fa_d[e].t(), out=ha[a:b])
-                y[a:b].addmm_(ha[a:b], fb_d[e].t(), alpha=scale)
+                y[a:b].addmm_(ha[a:b], sb_d[e].t())
             out = torch.zeros_like(x).index_add_(0, src, y)
         ctx.save_for_backward(xs, gu, xa, h, ha, w_slot, src, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d)
         ctx.scale, ctx.n, ctx.spans = scale, x.shape[0], spans
@@ -86,21 +87,20 @@ class SortedExpertsLora(torch.autograd.Function):
         inter = w_d.shape[2]
         r = b_g.shape[2]
         with torch.autocast(xs.device.type, enabled=False):
-            fa_gu, fa_d, fb_d = (t.to(cdt) for t in (a_gu, a_d, b_d))
-            fb_gu = _block_diag_b(b_g.to(cdt), b_u.to(cdt))
-            gy = grad_out.to(cdt).index_select(0, src)                     # (S, H)
-            g_b_d = torch.zeros(b_d.shape, dtype=cdt, device=xs.device)      # (E, H, r)
+            fa_gu, fa_d = a_gu.to(cdt), a_d.to(cdt)
+            sb_gu = _block_diag_b(b_g.to(cdt), b_u.to(cdt)).mul_(s)
+            sb_d = b_d.to(cdt) * s
+            gy = grad_out.to(cdt).index_select(0, src)                        # (S, H)
+            g_b_d = torch.zeros(b_d.shape, dtype=cdt, device=xs.device)      # (E, H, r), over s
             g_a_d = torch.zeros(a_d.shape, dtype=cdt, device=xs.device)      # (E, r, I)
             g_ha = torch.empty_like(ha)                                      # (S, r)
             g_h = torch.empty_like(h)                                        # (S, I)
-            for e, a, b in spans:
-                torch.mm(gy[a:b].t(), ha[a:b], out=g_b_d[e])
-                torch.mm(gy[a:b], fb_d[e], out=g_ha[a:b])
-            g_ha.mul_(s)
-            for e, a, b in spans:
-                torch.mm(g_ha[a:b].t(), h[a:b], out=g_a_d[e])
-                torch.mm(gy[a:b], w_d[e], out=g_h[a:b])
-                g_h[a:b].addmm_(g_ha[a:b], fa_d[e])
+            for e, a, b in spans:   # one expert's block at a time, while its rows are in cache
+                gy_e, g_ha_e = gy[a:b], g_ha[a:b]
+                torch.mm(gy_e.t(), ha[a:b], out=g_b_d[e])
+                torch.mm(gy_e, sb_d[e], out=g_ha_e)
+                torch.mm(g_ha_e.t(), h[a:b], out=g_a_d[e])
+                torch.mm(gy_e, w_d[e], out=g_h[a:b]).addmm_(g_ha_e, fa_d[e])
             del gy
             g, u = gu[:, :inter], gu[:, inter:]
             act = F.silu(g)
@@ -111,18 +111,16 @@ class SortedExpertsLora(torch.autograd.Function):
             g_w = t.mul_(act).sum(-1)                                         # (S,)
             torch.mul(g_h.mul_(wc), act, out=gu_grad[:, inter:])
             del t, act, g_h
-            g_b = torch.zeros(fb_gu.shape, dtype=cdt, device=xs.device)      # (E, 2I, 2r): diagonal blocks used
+            g_b = torch.zeros(sb_gu.shape, dtype=cdt, device=xs.device)      # (E, 2I, 2r) over s: diagonal blocks
             g_a_gu = torch.zeros(a_gu.shape, dtype=cdt, device=xs.device)    # (E, 2r, H)
             g_xa = torch.empty_like(xa)                                       # (S, 2r)
             g_xs = torch.empty_like(xs)                                       # (S, H)
             for e, a, b in spans:
-                torch.mm(gu_grad[a:b].t(), xa[a:b], out=g_b[e])
-                torch.mm(gu_grad[a:b], fb_gu[e], out=g_xa[a:b])
-            g_xa.mul_(s)
-            for e, a, b in spans:
-                torch.mm(g_xa[a:b].t(), xs[a:b], out=g_a_gu[e])
-                torch.mm(gu_grad[a:b], w_gu[e], out=g_xs[a:b])
-                g_xs[a:b].addmm_(g_xa[a:b], fa_gu[e])
+                gg_e, g_xa_e = gu_grad[a:b], g_xa[a:b]
+                torch.mm(gg_e.t(), xa[a:b], out=g_b[e])
+                torch.mm(gg_e, sb_gu[e], out=g_xa_e)
+                torch.mm(g_xa_e.t(), xs[a:b], out=g_a_gu[e])
+                torch.mm(gg_e, w_gu[e], out=g_xs[a:b]).addmm_(g_xa_e, fa_gu[e])
             g_b.mul_(s)
             g_b_d.mul_(s)
             g_x = xs.new_zeros(ctx.n, xs.shape[1]).index_add_(0, src, g_xs)
