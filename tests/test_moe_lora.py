@@ -233,3 +233,39 @@ def test_unbalanced_routing_and_dora(folder):
     dora = load_model(folder, dtype="float32")
     apply_lora(dora, lora_rank=4, lora_target="gate_proj", use_dora=True)
     assert moe._grouped_frozen(x, dora.model.layers[0].mlp.experts, top, w) is None
+
+
+def test_slot_layout_hand_case():
+    """Experts with 3, 0, 17 and 16 rows: blocks of 16, (none), 32 and 16 slots, rows in sort order."""
+    from llmtune.models.moe_sorted import slot_layout
+
+    sizes = [3, 0, 17, 16]
+    eid = torch.tensor([0] * 3 + [2] * 17 + [3] * 16)
+    pos = torch.cat([torch.arange(n) for n in sizes if n])
+    slot, spans, total = slot_layout(sizes, eid, pos)
+    assert spans == [(0, 0, 16), (2, 16, 48), (3, 48, 64)] and total == 64
+    assert slot.tolist() == [0, 1, 2] + list(range(16, 33)) + list(range(48, 64))
+
+
+def test_lora_training_runs_the_sorted_function_and_equals_the_loop(folder, monkeypatch):
+    """LoRA on every expert projection, float32, no dropout: the CPU path is ``SortedExpertsLora`` (counted
+    here), and its output and every adapter gradient equal the per-expert loop's (1e-5)."""
+    calls = []
+    real = moe.SortedExpertsLora.apply
+    monkeypatch.setattr(moe.SortedExpertsLora, "apply", lambda *a: calls.append(1) or real(*a))
+    model = _lora_model(folder, seed=5)
+    experts = model.model.layers[1].mlp.experts
+    x = torch.randn(37, 32, requires_grad=True)
+    top = torch.randint(0, 8, (37, 2))
+    top[:, 1] = (top[:, 0] + 1 + torch.arange(37) % 7) % 8
+    w = torch.softmax(torch.randn(37, 2), -1)
+    params = [p for n, p in experts.named_parameters() if "lora_" in n]
+    runs = []
+    for fn in (lambda: moe._grouped_frozen(x, experts, top, w),
+               lambda: moe.experts_forward(x, experts, top, w, grouped=False)):
+        y = fn()
+        runs.append((y.detach(), torch.autograd.grad(y.square().sum(), [x] + params)))
+    assert calls == [1]
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

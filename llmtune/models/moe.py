@@ -47,7 +47,8 @@ from torch import nn
 
 from llmtune.compat import is_cuda
 from llmtune.models.config import ModelConfig
-from llmtune.models.moe_padded import PaddedExpertsLora, _capacity, _plan  # noqa: F401 (_capacity: tests)
+from llmtune.models.moe_padded import _capacity, _plan  # noqa: F401 (_capacity: tests)
+from llmtune.models.moe_sorted import SortedExpertsLora, slot_layout
 from llmtune.peft.experts import LoraTerm, base_linear, grouped_project, lora_terms
 
 #: the grouped path for frozen (LoRA-trained, evaluated) experts; ``LLMTUNE_MOE_GROUPED=0`` keeps the per-expert
@@ -232,17 +233,19 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
     """:func:`experts_forward` for frozen experts (LoRA training, evaluation) as grouped products; None when the
     experts cannot be grouped (see :func:`frozen_groups` and :func:`llmtune.peft.experts.lora_terms`).
 
-    Two layouts of the sorted rows, the same products: on CUDA in bfloat16 with widths that are multiples of 8,
-    ``torch._grouped_mm`` over the ``(M, H)`` sorted rows; elsewhere one ``torch.bmm`` over ``(E, C, H)`` groups
-    padded with zero rows to a group size ``C`` (measured on this CPU at Qwen3-MoE shapes: 2-3x faster than
-    ``torch._grouped_mm``'s CPU kernel and 6x the per-expert loop, forward and backward; docs/performance.md).
-    The levels come from :func:`~llmtune.models.moe_padded._plan`: the first is one product over all experts
-    padded to ``C`` rows (the largest group when routing is balanced); the rows of crowded experts beyond ``C``
-    go through up to three more padded products over those experts alone, their weights gathered (a copy of
-    the crowded experts' weights only). With one adapter per projection and no active dropout (LoRA training)
-    each level is one :class:`~llmtune.models.moe_padded.PaddedExpertsLora` (forward and backward written out,
-    the routing weight applied before the down projection); otherwise autograd runs through
-    :func:`grouped_project` (:func:`_padded_level`).
+    Three layouts of the sorted rows, the same products. On CUDA in bfloat16 with widths that are multiples of
+    8: ``torch._grouped_mm`` over the ``(M, H)`` sorted rows. Elsewhere, with one adapter per projection and no
+    active dropout (LoRA training): :class:`~llmtune.models.moe_sorted.SortedExpertsLora`, one ``torch.mm`` per
+    expert and projection on views of the stacked weights over the expert's block of sorted rows (rounded up
+    to 16 rows by :func:`~llmtune.models.moe_sorted.slot_layout`), forward and backward written out, the
+    routing weight applied before the down projection (measured on this CPU at Qwen3-MoE shapes, one thread:
+    0.75x the CPU time of the padded ``torch.bmm`` levels below, which pad 1.3-1.5x on random-init routing and
+    copy the crowded experts' weights; docs/performance.md). Otherwise (no adapters, several adapters, active
+    dropout) autograd runs through :func:`grouped_project` on one ``torch.bmm`` over ``(E, C, H)`` groups
+    padded with zero rows (:func:`_padded_level`); the levels come from
+    :func:`~llmtune.models.moe_padded._plan`: the first over all experts padded to ``C`` rows (the largest
+    group when routing is balanced), the rows of crowded experts beyond ``C`` in up to three more padded
+    products over those experts alone, their weights gathered.
     """
     groups = frozen_groups(experts)
     if groups is None:
@@ -275,13 +278,15 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
         return None
     eid = top_experts.reshape(-1)[order]
     pos = torch.arange(m, device=x.device) - (torch.cumsum(counts, 0) - counts)[eid]
-    fused = _fused_padded(x, gate_up, terms_gu, terms_up, terms_d)
-    if fused is not None:
+    fused = _fused_lora(x, gate_up, terms_gu, terms_up, terms_d)
+    if fused is not None:   # padding slots read row 0 with routing weight 0 (exact zeros)
         xc, lora = fused
-        out = None
-    else:
-        xz = torch.cat([x, x.new_zeros(1, h)])    # row n: the zero row that padding slots read
-        out = x.new_zeros(n + 1, h)
+        slot, spans, total = slot_layout(sizes, eid, pos)
+        src = torch.zeros(total, dtype=torch.long, device=x.device).index_put_((slot,), token)
+        wslot = w_sorted.new_zeros(total).index_put((slot,), w_sorted)
+        return SortedExpertsLora.apply(xc, wslot, src, spans, gate_up, down, *lora).to(x.dtype)
+    xz = torch.cat([x, x.new_zeros(1, h)])    # row n: the zero row that padding slots read
+    out = x.new_zeros(n + 1, h)
     ids = remap = None                         # level 0: all experts, the stacks themselves (no copy)
     keep = torch.ones(m, dtype=torch.bool, device=x.device)
     plan = _plan(sizes)
@@ -290,18 +295,11 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
         here = keep & (pos < cap)
         local = eid if remap is None else remap[eid]
         w_gu, w_d = (gate_up, down) if ids is None else (gate_up.index_select(0, ids), down.index_select(0, ids))
-        t_gu, t_d = (terms_gu + terms_up, terms_d) if ids is None or fused is not None else (
+        t_gu, t_d = (terms_gu + terms_up, terms_d) if ids is None else (
             _select(terms_gu + terms_up, ids), _select(terms_d, ids))
         num_l = len(sizes)
         slot = local[here] * cap + pos[here]
-        if fused is not None:   # padding slots read row 0 with routing weight 0 (exact zeros)
-            src = torch.zeros(num_l * cap, dtype=torch.long, device=x.device).index_put_((slot,), token[here])
-            wslot = w_sorted.new_zeros(num_l * cap).index_put((slot,), w_sorted[here]).view(num_l, cap)
-            fac = lora if ids is None else [f.index_select(0, ids) for f in lora[:-1]] + [lora[-1]]
-            part = PaddedExpertsLora.apply(xc, wslot, src, w_gu, w_d, *fac)
-            out = part if out is None else out + part
-        else:
-            out = _padded_level(xz, out, w_sorted, here, slot, token, num_l, cap, n, w_gu, w_d, t_gu, t_d, inter)
+        out = _padded_level(xz, out, w_sorted, here, slot, token, num_l, cap, n, w_gu, w_d, t_gu, t_d, inter)
         crowded = [i for i, c in enumerate(sizes) if c > cap]
         if not crowded:
             break
@@ -313,7 +311,7 @@ def _grouped_frozen(x: torch.Tensor, experts: Sequence[nn.Module], top_experts: 
         keep = keep & (pos >= cap)
         pos = pos - cap
         sizes = [sizes[i] - cap for i in crowded]
-    return out.to(x.dtype) if fused is not None else out[:n]
+    return out[:n]
 
 
 def _padded_level(xz: torch.Tensor, out: torch.Tensor, w_sorted: torch.Tensor, here: torch.Tensor,
@@ -332,10 +330,10 @@ def _padded_level(xz: torch.Tensor, out: torch.Tensor, w_sorted: torch.Tensor, h
     return out.index_add_(0, src, (y.reshape(num_l * cap, h) * wslot[:, None].to(y.dtype)).to(xz.dtype))
 
 
-def _fused_padded(x: torch.Tensor, gate_up: torch.Tensor, terms_gu: list, terms_up: list, terms_d: list
+def _fused_lora(x: torch.Tensor, gate_up: torch.Tensor, terms_gu: list, terms_up: list, terms_d: list
                   ) -> Optional[tuple[torch.Tensor, list]]:
-    """``(x in the compute dtype, [a_gu, b_g, b_u, a_d, b_d, scale])`` when the padded levels can run as
-    :class:`~llmtune.models.moe_padded.PaddedExpertsLora`: exactly one adapter on each of gate, up and down
+    """``(x in the compute dtype, [a_gu, b_g, b_u, a_d, b_d, scale])`` when the experts can run as
+    :class:`~llmtune.models.moe_sorted.SortedExpertsLora`: exactly one adapter on each of gate, up and down
     with one rank and scale, no active dropout, and base weights in the compute dtype (autocast's, else
     ``x``'s); None otherwise (the autograd path :func:`_padded_level`)."""
     if not (len(terms_gu) == len(terms_up) == len(terms_d) == 1):
