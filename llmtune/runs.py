@@ -13,8 +13,8 @@ An llmtune output folder describes itself (DESIGN.md, "Outputs describe themselv
 An **adapter chain** (:class:`AdapterChain`) is a base model plus the adapters to merge into it, in order.
 :func:`resolve_chain` decides it from ``model_name_or_path`` and ``adapter_name_or_path`` for every command
 (train, chat, export, the reference and reward models); :func:`load_model` loads the base weights
-(:func:`llmtune.models.loader.load_model`) and merges the chain (:mod:`llmtune.peft`), and records on the
-model the chain it applied (``model.adapter_chain``), which a training run then writes into ``llmtune.json``.
+(:func:`llmtune.models.loader.load_model`) and merges the chain (:func:`llmtune.ckpt_weights.apply_chain`), and
+records on the model the chain it applied (``model.adapter_chain``), which a training run then writes into ``llmtune.json``.
 
 Two bases are the same base when they are the same path or hold the same weights (:func:`same_base`: a
 SHA-256 of the weight files' bytes; for a ``.gguf`` file its first 16 MiB and its size; cached per process).
@@ -33,7 +33,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import yaml
 
-from llmtune import __version__, ckpt_weights, peft
+from llmtune import __version__, ckpt_weights
+from llmtune.ckpt_weights import apply_chain   # (re-exported: the chain's links laid into a model)
 from llmtune.errors import LLMTuneError, notice
 from llmtune.fileio import read_json, same_path, write_json
 from llmtune.models import loader
@@ -360,26 +361,7 @@ def same_base(a: Any, b: Any) -> bool:
     return base_fingerprint(pa) == base_fingerprint(pb)
 
 
-# -- applying chains -------------------------------------------------------------------------------
-
-def apply_chain(model: torch.nn.Module, adapters: Sequence[PathLike], prefix: str = "chain") -> torch.nn.Module:
-    """Load and merge each adapter folder of ``adapters`` into ``model``, in order (:mod:`llmtune.peft`); a
-    freeze or sharded FSDP ``checkpoint-N`` in the chain has its trained tensors laid over the model instead
-    (:func:`llmtune.ckpt_weights.lay_over`).
-
-    Returns ``model`` with plain ``nn.Linear`` layers again (the merged weights).
-
-    Raises:
-        LLMTuneError: from :func:`llmtune.peft.load_adapter` (missing files, shapes that do not fit).
-    """
-    for i, folder in enumerate(adapters):
-        if ckpt_weights.checkpoint_kind(folder):   # a freeze/FSDP checkpoint: its tensors replace the model's
-            ckpt_weights.lay_over(model, folder)
-            continue
-        peft.load_adapter(model, str(folder), adapter_name=f"{prefix}{i}", is_trainable=False)
-        peft.merge_adapters(model)
-    return model
-
+# -- loading a chain -------------------------------------------------------------------------------
 
 def load_model(name_or_path: PathLike, dtype: Union[str, torch.dtype] = "auto", device: Union[str, torch.device] = "cpu",
                revision: Optional[str] = None, adapter_name_or_path: Union[None, str, Sequence[Any]] = None,
