@@ -34,9 +34,10 @@ import torch
 import yaml
 
 from llmtune import __version__, ckpt_weights
-from llmtune.ckpt_weights import apply_chain   # (re-exported: the chain's links laid into a model)
+# apply_chain, same_base and base_fingerprint are re-exported: callers import them from here too
+from llmtune.ckpt_weights import apply_chain
 from llmtune.errors import LLMTuneError, notice
-from llmtune.fileio import base_fingerprint, read_json, same_base, same_path, write_json   # (same_base, base_fingerprint: re-exported)
+from llmtune.fileio import base_fingerprint, read_json, same_base, same_path, write_json
 from llmtune.models import loader
 from llmtune.models.hub import is_hub_id, resolve_path
 from llmtune.sampling import eos_id_list

@@ -284,8 +284,9 @@ def test_ref_model_is_loaded_with_the_policy_and_used_as_the_reference(tiny_fold
     rows = [{"instruction": f"what is the color of {t}", "input": "", "chosen": c, "rejected": "no idea"}
             for t, c in (("sky", "blue"), ("grass", "green"), ("snow", "white"), ("sun", "yellow"))]
     (data / "pairs.json").write_text(json.dumps(rows * 2))
-    (data / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": "pairs.json", "ranking": True, "columns": {
-        "prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}}}))
+    columns = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
+    (data / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": "pairs.json", "ranking": True,
+                                                                  "columns": columns}}))
     out = tmp_path / "dpo"
     llmtune.train(base_cfg(tiny_folder, data, out, stage="dpo", dataset="pairs", finetuning_type="full",
                            learning_rate=1e-3, max_steps=2, pref_loss="sigmoid", pref_beta=0.1,
