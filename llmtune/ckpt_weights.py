@@ -24,6 +24,9 @@ output folder), and a sharded one with ``torch.distributed.checkpoint.load(..., 
 ``HuggingFaceStorageReader``, which builds its metadata from the safetensors headers (no pickle) and copies
 each rank's slice into place: one process, no process group.
 
+:func:`apply_chain` lays every link of an adapter chain (:class:`llmtune.runs.AdapterChain`) into a loaded base, in
+order: a PEFT adapter folder is merged (:mod:`llmtune.peft`), a checkpoint of the two kinds above laid over.
+
 Sources: the safetensors format; PyTorch's ``torch.distributed.checkpoint`` documentation (``load``,
 ``no_dist``, ``HuggingFaceStorageReader``).
 """
@@ -33,10 +36,11 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
+from llmtune import peft
 from llmtune.errors import LLMTuneError
 from llmtune.fileio import read_json
 
@@ -173,4 +177,24 @@ def lay_over(model: torch.nn.Module, folder: PathLike) -> torch.nn.Module:
     return model
 
 
-__all__ = ["checkpoint_kind", "checkpoint_record", "describe", "lay_over", "FSDP_DIR", "TRAINABLE"]
+def apply_chain(model: torch.nn.Module, adapters: Sequence[PathLike], prefix: str = "chain") -> torch.nn.Module:
+    """Load and merge each adapter folder of ``adapters`` into ``model``, in order (:mod:`llmtune.peft`); a
+    freeze or sharded FSDP ``checkpoint-N`` in the chain has its trained tensors laid over the model instead
+    (:func:`lay_over`).
+
+    Returns ``model`` with plain ``nn.Linear`` layers again (the merged weights).
+
+    Raises:
+        LLMTuneError: from :func:`llmtune.peft.load_adapter` (missing files, shapes that do not fit) and
+            :func:`lay_over`.
+    """
+    for i, folder in enumerate(adapters):
+        if checkpoint_kind(folder):   # a freeze/FSDP checkpoint: its tensors replace the model's
+            lay_over(model, folder)
+            continue
+        peft.load_adapter(model, str(folder), adapter_name=f"{prefix}{i}", is_trainable=False)
+        peft.merge_adapters(model)
+    return model
+
+
+__all__ = ["apply_chain", "checkpoint_kind", "checkpoint_record", "describe", "lay_over", "FSDP_DIR", "TRAINABLE"]

@@ -40,8 +40,8 @@ import torch
 from llmtune.errors import LLMTuneError, notice
 from llmtune.fileio import make_public_dir, publish_dir, read_json
 from llmtune.peft.io import native_key
-from llmtune.ckpt_weights import checkpoint_kind
-from llmtune.runs import apply_chain, read_training_args, recorded_template, resolve_chain
+from llmtune.ckpt_weights import apply_chain, checkpoint_kind
+from llmtune.runs import read_training_args, recorded_template, resolve_chain
 from llmtune.sampling import eos_id_list
 
 #: bytes in one GB of ``export_size`` (transformers parses "5GB" as 5 * 10**9 bytes).
@@ -271,7 +271,7 @@ def check_adapter_fits(model: torch.nn.Module, folder: Union[str, Path]) -> None
 def merge_chain(model: torch.nn.Module, adapters: Sequence[Path]) -> torch.nn.Module:
     """Load and merge each adapter of ``adapters`` into ``model`` in order (float32 math in the model's
     dtype, which :func:`export` makes float32), each checked by :func:`check_adapter_fits` first
-    (:func:`llmtune.runs.apply_chain`).
+    (:func:`llmtune.ckpt_weights.apply_chain`).
 
     Returns the model with plain ``nn.Linear`` layers (no LoRA wrappers).
     """

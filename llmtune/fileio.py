@@ -3,8 +3,8 @@
 Publishing a folder (:func:`publish_dir`: fsync every file, then one rename, so a reader never sees half a
 checkpoint or export), flushing (:func:`fsync_tree`, :func:`fsync_dir`), the one-line reason of an I/O
 failure (:func:`io_reason`: disk full, read-only, permission), JSON reading with one clear error
-(:func:`read_json`) and path identity (:func:`same_path`) live here, used by training checkpoints, export and
-the run records alike.
+(:func:`read_json`), path identity (:func:`same_path`) and weight identity (:func:`same_base`: the same path, or
+weight files with the same bytes) live here, used by training checkpoints, export and the run records alike.
 
 ``safetensors.torch.save_file`` creates files readable by their owner only (mode 0600) and
 ``tempfile.mkdtemp`` creates 0700 folders; llmtune's outputs (adapters, merged models, checkpoints) are meant
@@ -15,6 +15,7 @@ to be read by other users and serving processes, so they get the ordinary permis
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
@@ -129,6 +130,64 @@ def same_path(a: Any, b: Any) -> bool:
     if pa.exists() and pb.exists():
         return pa.resolve() == pb.resolve()
     return str(a).rstrip("/") == str(b).rstrip("/")
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+_GGUF_HEAD = 16 * 2**20
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files of a local base: the file itself (``.gguf``), else the folder's ``*.safetensors`` but an
+    adapter's ``adapter_model*``."""
+    if path.is_file():
+        return [path]
+    return sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_model"))
+
+
+def base_fingerprint(path: str | os.PathLike) -> Optional[str]:
+    """A SHA-256 hex digest of a local base model's weights (None when ``path`` is not a local model).
+
+    A folder: the names and bytes of its ``*.safetensors`` weight files; a ``.gguf`` file: its size and first
+    16 MiB (header, metadata and the first tensors). Cached per process by path, size and mtime.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        return None
+    files = _weight_files(p.resolve())
+    if not files:
+        return None
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name if p.is_dir() else ''}:{size}\n".encode())
+            with open(f, "rb") as fh:
+                left = min(size, _GGUF_HEAD) if f.suffix == ".gguf" else size
+                while left > 0:
+                    block = fh.read(min(left, 2**22))
+                    if not block:
+                        break
+                    h.update(block)
+                    left -= len(block)
+        _FINGERPRINTS[key] = h.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+def same_base(a: Any, b: Any) -> bool:
+    """True when ``a`` and ``b`` name the same base model: the same path (or Hub id), or local models whose
+    weight files have the same size and bytes (:func:`base_fingerprint`)."""
+    if a is None or b is None:
+        return False
+    if same_path(a, b):
+        return True
+    pa, pb = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
+    if not (pa.exists() and pb.exists()) or pa.is_file() != pb.is_file():
+        return False
+    sizes = [sorted(f.stat().st_size for f in _weight_files(p.resolve())) for p in (pa, pb)]
+    if sizes[0] != sizes[1] or not sizes[0]:
+        return False
+    return base_fingerprint(pa) == base_fingerprint(pb)
 
 
 def read_json(path: str | Path, what: str = "", fix: str = "copy the file again from its source",

@@ -13,18 +13,18 @@ An llmtune output folder describes itself (DESIGN.md, "Outputs describe themselv
 An **adapter chain** (:class:`AdapterChain`) is a base model plus the adapters to merge into it, in order.
 :func:`resolve_chain` decides it from ``model_name_or_path`` and ``adapter_name_or_path`` for every command
 (train, chat, export, the reference and reward models); :func:`load_model` loads the base weights
-(:func:`llmtune.models.loader.load_model`) and merges the chain (:mod:`llmtune.peft`), and records on the
-model the chain it applied (``model.adapter_chain``), which a training run then writes into ``llmtune.json``.
+(:func:`llmtune.models.loader.load_model`) and merges the chain (:func:`llmtune.ckpt_weights.apply_chain`), and
+records on the model the chain it applied (``model.adapter_chain``), which a training run then writes into
+``llmtune.json``.
 
-Two bases are the same base when they are the same path or hold the same weights (:func:`same_base`: a
-SHA-256 of the weight files' bytes; for a ``.gguf`` file its first 16 MiB and its size; cached per process).
+Two bases are the same base when they are the same path or hold the same weights (:func:`llmtune.fileio.same_base`:
+a SHA-256 of the weight files' bytes; for a ``.gguf`` file its first 16 MiB and its size; cached per process).
 
 Formats: PEFT's ``adapter_config.json`` (``base_model_name_or_path``); YAML for ``training_args.yaml``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +33,11 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import yaml
 
-from llmtune import __version__, ckpt_weights, peft
+from llmtune import __version__, ckpt_weights
+# apply_chain, same_base and base_fingerprint are re-exported: callers import them from here too
+from llmtune.ckpt_weights import apply_chain
 from llmtune.errors import LLMTuneError, notice
-from llmtune.fileio import read_json, same_path, write_json
+from llmtune.fileio import base_fingerprint, read_json, same_base, same_path, write_json
 from llmtune.models import loader
 from llmtune.models.hub import is_hub_id, resolve_path
 from llmtune.sampling import eos_id_list
@@ -156,11 +158,40 @@ def resolve_model_chain(path: PathLike) -> tuple[str, list[Path]]:
     Raises:
         LLMTuneError: unreadable ``adapter_config.json``, missing ``base_model_name_or_path``, or a cycle.
     """
-    return _resolve(str(path), ())
+    root, adapters, _ = _resolve(str(path), ())
+    return root, adapters
 
 
-def _resolve(current: str, seen: tuple) -> tuple[str, list[Path]]:
+def _adapter_config(item: str, folder: Path) -> dict:
+    """The ``adapter_config.json`` of ``folder``, the local folder of the ``adapter_name_or_path`` item ``item``.
+
+    Raises:
+        LLMTuneError: ``folder`` has none; the message says what it is instead (a freeze or sharded FSDP
+            checkpoint: pass it as ``model_name_or_path``; an older run's checkpoint; anything else), or the file
+            is not JSON.
+    """
+    if not (folder / ADAPTER_CONFIG).is_file():
+        if ckpt_weights.checkpoint_kind(folder):   # its trained tensors replace the base's: not an adapter
+            raise LLMTuneError(f"adapter_name_or_path: {item!r} is {ckpt_weights.describe(folder)}, not an "
+                               f"adapter: pass it as --model_name_or_path {item} (its recorded base is loaded "
+                               "and its trained tensors laid over) and leave adapter_name_or_path unset")
+        if (folder / "trainer_state.json").is_file():    # a checkpoint-N of an older llmtune run
+            raise LLMTuneError(f"adapter_name_or_path: {item!r} is a training checkpoint without an adapter or "
+                               "trained tensors (an older llmtune run's: for resume_from_checkpoint only); "
+                               "give the run's output_dir (its final model) instead")
+        raise LLMTuneError(f"adapter_name_or_path: {item!r} has no {ADAPTER_CONFIG} (in {folder}); give the "
+                           "output folder of a LoRA training run (or leave adapter_name_or_path unset)")
+    return read_json(folder / ADAPTER_CONFIG, "adapter_name_or_path")
+
+
+def _resolve(current: str, seen: tuple, given: Optional[str] = None) -> tuple[str, list[Path], Optional[str]]:
+    """:func:`resolve_model_chain`'s ``(base, adapters)``, and third the ``base_model_name_or_path`` that
+    ``current``'s own ``adapter_config.json`` records, as written (None when it records none, or when ``given``
+    is None). ``given``: the ``adapter_name_or_path`` item that named ``current``, which must then be an adapter
+    folder (:func:`_adapter_config`); its ``adapter_config.json`` is read once."""
     adapters: list[Path] = []
+    first = _adapter_config(given, Path(os.path.expanduser(current))) if given is not None else None
+    recorded = first.get("base_model_name_or_path") if first is not None else None
     while True:
         p = Path(os.path.expanduser(current))
         tensors = ckpt_weights.checkpoint_kind(p) is not None   # a freeze or sharded FSDP checkpoint-N
@@ -173,8 +204,9 @@ def _resolve(current: str, seen: tuple) -> tuple[str, list[Path]]:
         if tensors:   # its llmtune.json records the base and the parents, as an adapter's do
             base, parents = ckpt_weights.checkpoint_record(p)
         else:
-            cfg = read_json(p / ADAPTER_CONFIG, "adapter_name_or_path")
+            cfg = first if first is not None else read_json(p / ADAPTER_CONFIG, "adapter_name_or_path")
             base, parents = cfg.get("base_model_name_or_path"), _recorded_parents(p, cfg)
+        first = None   # read for the first folder only
         if not base:
             raise LLMTuneError(f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; pass the base model as "
                                f"model_name_or_path and this folder as adapter_name_or_path")
@@ -189,14 +221,14 @@ def _resolve(current: str, seen: tuple) -> tuple[str, list[Path]]:
             # each parent's own record too, so the whole chain is applied in training order
             chain: list[Path] = []
             for parent in parents:
-                _, sub = _resolve(parent, seen + tuple(adapters))
+                _, sub, _ = _resolve(parent, seen + tuple(adapters))
                 chain.extend(a for a in sub if a not in chain)
             adapters = chain + [a for a in reversed(adapters) if a not in chain]
             adapters.reverse()
         current = base
     adapters.reverse()
     p = Path(os.path.expanduser(current))
-    return (str(p.resolve()) if p.exists() else current), adapters
+    return (str(p.resolve()) if p.exists() else current), adapters, recorded
 
 
 def _split(value: Union[None, str, Sequence[Any]]) -> list[str]:
@@ -271,27 +303,16 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
     local_base = Path(start) if not chain and Path(str(start)).exists() else (
         Path(base) if Path(base).exists() else None)
     for item, local in zip(items, locals_):
-        if not (local / ADAPTER_CONFIG).is_file():
-            if ckpt_weights.checkpoint_kind(local):   # its trained tensors replace the base's: not an adapter
-                raise LLMTuneError(f"adapter_name_or_path: {item!r} is {ckpt_weights.describe(local)}, not an "
-                                   f"adapter: pass it as --model_name_or_path {item} (its recorded base is loaded "
-                                   "and its trained tensors laid over) and leave adapter_name_or_path unset")
-            if (local / "trainer_state.json").is_file():    # a checkpoint-N of an older llmtune run
-                raise LLMTuneError(f"adapter_name_or_path: {item!r} is a training checkpoint without an adapter or "
-                                   "trained tensors (an older llmtune run's: for resume_from_checkpoint only); "
-                                   "give the run's output_dir (its final model) instead")
-            raise LLMTuneError(f"adapter_name_or_path: {item!r} has no {ADAPTER_CONFIG} (in {local}); give the "
-                               "output folder of a LoRA training run (or leave adapter_name_or_path unset)")
-        root, sub = resolve_model_chain(local)
+        root, sub, recorded = _resolve(str(local), (), given=item)   # (an error unless it is an adapter folder)
+        on_adapter = bool(recorded) and is_adapter_folder(os.path.expanduser(str(recorded)))
         if len(sub) > 1 and not chain and same_base(root, base):
             say(f"adapter {item} was trained on top of {len(sub) - 1} other adapter(s) on this base "
                    f"({', '.join(p.name for p in sub[:-1])}); applying the whole recorded chain")
             chain.extend(sub)
             continue
-        recorded = read_json(local / ADAPTER_CONFIG, "adapter_name_or_path").get("base_model_name_or_path")
         if (recorded and not same_base(recorded, base) and not (chain and same_path(recorded, chain[-1]))
                 and not (len(sub) > 1 and same_base(root, base))):
-            if is_adapter_folder(os.path.expanduser(str(recorded))):
+            if on_adapter:
                 say(f"adapter {item} was trained on top of adapter {recorded}, whose chain does not root at "
                        f"{base}; applying {item} alone")
             else:
@@ -302,84 +323,7 @@ def resolve_chain(model_name_or_path: PathLike, adapter_name_or_path: Union[None
     return AdapterChain(base, tuple(chain), local_base, template)
 
 
-# -- same base -------------------------------------------------------------------------------------
-
-_FINGERPRINTS: dict[tuple, str] = {}
-_GGUF_HEAD = 16 * 2**20
-
-
-def _weight_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_model"))
-
-
-def base_fingerprint(path: PathLike) -> Optional[str]:
-    """A SHA-256 hex digest of a local base model's weights (None when ``path`` is not a local model).
-
-    A folder: the names and bytes of its ``*.safetensors`` weight files; a ``.gguf`` file: its size and first
-    16 MiB (header, metadata and the first tensors). Cached per process by path, size and mtime.
-    """
-    p = Path(os.path.expanduser(str(path)))
-    if not p.exists():
-        return None
-    files = _weight_files(p.resolve())
-    if not files:
-        return None
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if key not in _FINGERPRINTS:
-        h = hashlib.sha256()
-        for f in files:
-            size = f.stat().st_size
-            h.update(f"{f.name if p.is_dir() else ''}:{size}\n".encode())
-            with open(f, "rb") as fh:
-                left = min(size, _GGUF_HEAD) if f.suffix == ".gguf" else size
-                while left > 0:
-                    block = fh.read(min(left, 2**22))
-                    if not block:
-                        break
-                    h.update(block)
-                    left -= len(block)
-        _FINGERPRINTS[key] = h.hexdigest()
-    return _FINGERPRINTS[key]
-
-
-def same_base(a: Any, b: Any) -> bool:
-    """True when ``a`` and ``b`` name the same base model: the same path (or Hub id), or local models whose
-    weight files have the same size and bytes (:func:`base_fingerprint`)."""
-    if a is None or b is None:
-        return False
-    if same_path(a, b):
-        return True
-    pa, pb = Path(os.path.expanduser(str(a))), Path(os.path.expanduser(str(b)))
-    if not (pa.exists() and pb.exists()) or pa.is_file() != pb.is_file():
-        return False
-    sizes = [sorted(f.stat().st_size for f in _weight_files(p.resolve())) for p in (pa, pb)]
-    if sizes[0] != sizes[1] or not sizes[0]:
-        return False
-    return base_fingerprint(pa) == base_fingerprint(pb)
-
-
-# -- applying chains -------------------------------------------------------------------------------
-
-def apply_chain(model: torch.nn.Module, adapters: Sequence[PathLike], prefix: str = "chain") -> torch.nn.Module:
-    """Load and merge each adapter folder of ``adapters`` into ``model``, in order (:mod:`llmtune.peft`); a
-    freeze or sharded FSDP ``checkpoint-N`` in the chain has its trained tensors laid over the model instead
-    (:func:`llmtune.ckpt_weights.lay_over`).
-
-    Returns ``model`` with plain ``nn.Linear`` layers again (the merged weights).
-
-    Raises:
-        LLMTuneError: from :func:`llmtune.peft.load_adapter` (missing files, shapes that do not fit).
-    """
-    for i, folder in enumerate(adapters):
-        if ckpt_weights.checkpoint_kind(folder):   # a freeze/FSDP checkpoint: its tensors replace the model's
-            ckpt_weights.lay_over(model, folder)
-            continue
-        peft.load_adapter(model, str(folder), adapter_name=f"{prefix}{i}", is_trainable=False)
-        peft.merge_adapters(model)
-    return model
-
+# -- loading a chain -------------------------------------------------------------------------------
 
 def load_model(name_or_path: PathLike, dtype: Union[str, torch.dtype] = "auto", device: Union[str, torch.device] = "cpu",
                revision: Optional[str] = None, adapter_name_or_path: Union[None, str, Sequence[Any]] = None,

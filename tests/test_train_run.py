@@ -270,3 +270,28 @@ def test_resume_into_another_output_dir_logs_from_step_one(tiny_folder, data_dir
         return [(r["current_steps"], r["loss"]) for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())]
 
     assert records(second) == records(first) and [s for s, _ in records(second)] == [1, 2, 3, 4]
+
+
+def test_ref_model_is_loaded_with_the_policy_and_used_as_the_reference(tiny_folder, tmp_path, capsys):
+    """dpo, full fine-tuning, ``ref_model`` = the policy's own base: the reference is that loaded model (no frozen
+    copy), so before the first update policy and reference agree and the first loss is -log sigmoid(0) = ln 2."""
+    import math
+
+    import llmtune
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"instruction": f"what is the color of {t}", "input": "", "chosen": c, "rejected": "no idea"}
+            for t, c in (("sky", "blue"), ("grass", "green"), ("snow", "white"), ("sun", "yellow"))]
+    (data / "pairs.json").write_text(json.dumps(rows * 2))
+    columns = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
+    (data / "dataset_info.json").write_text(json.dumps({"pairs": {"file_name": "pairs.json", "ranking": True,
+                                                                  "columns": columns}}))
+    out = tmp_path / "dpo"
+    llmtune.train(base_cfg(tiny_folder, data, out, stage="dpo", dataset="pairs", finetuning_type="full",
+                           learning_rate=1e-3, max_steps=2, pref_loss="sigmoid", pref_beta=0.1,
+                           ref_model=str(tiny_folder)))
+    assert "frozen copy" not in capsys.readouterr().err
+    logs = [json.loads(l) for l in (out / "trainer_log.jsonl").read_text().splitlines()]
+    first = next(r for r in logs if "loss" in r)
+    assert abs(first["loss"] - math.log(2)) < 1e-4, first

@@ -6,24 +6,25 @@ stage's row asks for (a value head, a reference policy).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from llmtune import peft
 from llmtune.errors import LLMTuneError, notice
 from llmtune.train.stages import STAGES, stage_info
-from llmtune.train.stages.pref import reference_extra
+from llmtune.train.stages.pref import reference_policy
 
 
-def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool) -> dict:
+def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool,
+                  ref: Optional[torch.nn.Module] = None) -> dict:
     """Step 6: choose the trainable parameters (:func:`apply_finetuning_type`, unless ``head_only``), then what
     the stage's row asks for: ``prepare`` (rm: the value head) and ``reference`` (a reference policy: adapters
-    disabled, ``ref_model``, or a frozen copy; :func:`llmtune.train.stages.pref.reference_extra`). Returns the
-    stage context's ``extra`` dict.
+    disabled, ``ref`` (``ref_model``, loaded in step 3), or a frozen copy;
+    :func:`llmtune.train.stages.pref.reference_policy`). Returns the stage context's ``extra`` dict.
 
     Raises:
-        LLMTuneError: the errors of :func:`apply_finetuning_type` and of loading ``ref_model``.
+        LLMTuneError: the errors of :func:`apply_finetuning_type`.
     """
     stage = stage_info(cfg.stage)
     if not head_only:
@@ -32,7 +33,7 @@ def prepare_stage(model: torch.nn.Module, cfg: Any, head_only: bool) -> dict:
         stage.prepare(model, cfg, head_only)  # rm: model.v_head, trainable
     if stage.reference is None:
         return {}
-    return reference_extra(model, cfg, needed=stage.reference(cfg))   # on the model's device
+    return reference_policy(model, cfg, stage.reference(cfg), ref)
 
 
 def apply_finetuning_type(model: torch.nn.Module, cfg: Any) -> None:

@@ -51,11 +51,15 @@ def load_dtype(config: Any, device_type: str) -> torch.dtype:
     return torch.float32
 
 
-def load_base_model(cfg: Any) -> torch.nn.Module:
+def load_base_model(cfg: Any, reference: bool = False) -> torch.nn.Module:
     """Step 3 of a run: the base model with its adapter chain merged (a LoRA output folder as
     ``model_name_or_path`` loads its base and merges the chain; ``adapter_name_or_path`` adds adapters), on
     :func:`train_device` in :func:`load_dtype`, 4-bit when ``quantization_bit``; the Triton kernels switched
     on or off (``use_kernels``) first. ``model.adapter_chain`` is the chain applied: the one the outputs record.
+
+    ``reference``: the reference policy ``ref_model`` instead, with ``ref_model_adapters`` merged, loaded the
+    same way (same dtype and device) but never quantized (the stage freezes it:
+    :func:`llmtune.train.stages.pref.reference_policy`).
 
     Raises:
         LLMTuneError: the errors of :func:`llmtune.runs.load_model` (paths, formats, shapes, quantization).
@@ -63,8 +67,10 @@ def load_base_model(cfg: Any) -> torch.nn.Module:
     device = train_device(cfg)
     dtype = load_dtype(cfg, device.split(":")[0])
     set_kernels_enabled(cfg.use_kernels)  # Triton kernels on CUDA (llmtune.kernels); off: PyTorch references
-    return runs.load_model(cfg.model_name_or_path, dtype=dtype, device=device,
-                           adapter_name_or_path=cfg.adapter_name_or_path, quantization_bit=cfg.quantization_bit,
+    name, adapters = (cfg.ref_model, cfg.ref_model_adapters) if reference else (cfg.model_name_or_path,
+                                                                                cfg.adapter_name_or_path)
+    return runs.load_model(name, dtype=dtype, device=device, adapter_name_or_path=adapters,
+                           quantization_bit=None if reference else cfg.quantization_bit,
                            quantization_type=cfg.quantization_type, double_quantization=cfg.double_quantization)
 
 

@@ -1,6 +1,6 @@
 """``llmtune train``: one setup path for every stage, read top to bottom in :func:`run_train`.
 
-config -> output folder -> model (base + adapter chain, 4-bit, then the trainable parameters) ->
+config -> output folder -> model (base + adapter chain, 4-bit, then the trainable parameters; ``ref_model``) ->
 tokenizer/template -> data -> stage -> :class:`~llmtune.train.trainer.Trainer` -> outputs. Each step is a line
 or a few of :func:`_run_steps`, in that order, calling the module that does the work (the base model:
 ``train/precision.py``; the trainable parameters and the stage's extras: ``train/finetuning.py``; the data:
@@ -95,6 +95,8 @@ def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
     barrier()  # every rank has checked output_dir before rank 0 writes into it
     set_seed(cfg.seed)
     model = load_base_model(cfg)                                      # 3. base + adapter chain (+ 4-bit)
+    uses_ref = cfg.ref_model and stage.reference is not None and stage.reference(cfg)
+    ref = load_base_model(cfg, reference=True) if uses_ref else None  #    ref_model: a stage's reference policy
     head_only = stage.head_only is not None and stage.head_only(model, cfg)   # rm: the value head alone
     if cfg.finetuning_type == "lora" and not head_only:
         select_lora_targets(model, cfg.lora_target)                   #    (a bad lora_target fails here)
@@ -103,7 +105,7 @@ def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
     data = get_dataset(cfg, tokenizer, template, stage.data)          # 5. data
     train_rows, eval_rows = data.train, data.eval
     set_seed(cfg.seed)  # LoRA init depends on the seed only
-    extra = prepare_stage(model, cfg, head_only)                      # 6. trainable params, head, reference
+    extra = prepare_stage(model, cfg, head_only, ref)                 # 6. trainable params, head, reference
     online = (stage.build(model, cfg, tokenizer, template, train_rows, extra, **stage_options)
               if stage.online else None)                              #    (ppo: reward model, critic)
     # 7. the loop: the stage's collator (packed where exact; with the images for a vision-language model)

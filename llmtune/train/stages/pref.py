@@ -102,29 +102,46 @@ def count_dpo_tokens(batch: dict) -> int:
 def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] = None,
                     needed: Optional[bool] = None) -> dict:
     """Set up the reference policy of a stage whose row asks for one (dpo, kto, ppo, grpo); returns
-    ``{"ref_model": module}`` or ``{}``.
+    ``{"ref_model": module}`` or ``{}`` (:func:`reference_policy`).
 
-    * ``needed``: the row's ``reference(config)`` (the setup path passes it); None (a direct call): stage dpo's
-      rule after checking ``pref_loss`` (:func:`dpo_needs_reference`);
-    * not needed (a reference-free ``pref_loss``, grpo with ``beta`` 0): ``{}``, with a notice when
+    * ``needed``: the row's ``reference(config)``; None: stage dpo's rule after checking ``pref_loss``
+      (:func:`dpo_needs_reference`);
+    * ``ref_model`` set and needed (a path, with optional ``ref_model_adapters``): loaded here with
+      :func:`llmtune.runs.load_model` on ``device`` (default: the policy's), in the dtype of the policy's frozen
+      weights (float32 when none is frozen). A training run loads it in step 3 with the policy instead
+      (:func:`llmtune.train.precision.load_base_model`) and passes it to :func:`reference_policy`.
+    Call it after the trainable parameters are chosen and before training.
+
+    Raises: LLMTuneError from the loader (bad ``ref_model`` path), or for an unknown ``pref_loss``.
+    """
+    if needed is None:
+        needed = dpo_needs_reference(config) if check_pref_loss(config.pref_loss) else False
+    ref = None
+    if needed and config.ref_model:
+        frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+        dtype = frozen[0] if frozen else torch.float32   # the base's dtype (LoRA/freeze), float32 for full
+        ref = load_model(config.ref_model, dtype=dtype, device=device or str(next(model.parameters()).device),
+                         adapter_name_or_path=config.ref_model_adapters)
+    return reference_policy(model, config, needed, ref)
+
+
+def reference_policy(model: torch.nn.Module, config: Any, needed: bool, ref: Optional[torch.nn.Module]) -> dict:
+    """The reference policy of a run: ``{"ref_model": module}`` or ``{}`` (the stage then uses ``model`` with its
+    adapters disabled).
+
+    * not ``needed`` (a reference-free ``pref_loss``, grpo with ``beta`` 0): ``{}``, with a notice when
       ``ref_model`` is set for a reference-free ``pref_loss``;
-    * ``ref_model`` set (a path, with optional ``ref_model_adapters``): loaded with
-      :func:`llmtune.runs.load_model`, frozen, in the policy's dtype;
+    * ``ref``: the loaded ``ref_model`` (with its ``ref_model_adapters``), frozen here, in eval mode;
     * otherwise with LoRA: ``{}`` (the stage disables the adapters: no second copy);
     * otherwise (full / freeze fine-tuning): a frozen copy of the initial model, with a notice giving its
       memory in MiB.
     Call it after the trainable parameters are chosen and before training.
-
-    Raises: LLMTuneError from the loader (bad ``ref_model`` path), or for an unknown ``pref_loss`` (direct call).
     """
-    if needed is None:
-        needed = dpo_needs_reference(config) if check_pref_loss(config.pref_loss) else False
     if not needed:
         if config.ref_model and config.pref_loss in REFERENCE_FREE:   # other stages: the config's notice says why
             notice(f"ref_model is ignored: pref_loss {config.pref_loss} needs no reference model")
         return {}
-    ref_path = config.ref_model
-    if not ref_path:
+    if ref is None:
         if has_lora(model):
             return {}
         ref = frozen_copy(model)
@@ -133,10 +150,6 @@ def reference_extra(model: torch.nn.Module, config: Any, device: Optional[str] =
                f"reference model is a frozen copy of the initial model ({mib:.0f} MiB more memory); use "
                "finetuning_type lora to get it for free (adapters disabled) or set ref_model")
         return {"ref_model": ref}
-    frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
-    dtype = frozen[0] if frozen else torch.float32   # the base's dtype (LoRA/freeze), float32 for full
-    ref = load_model(ref_path, dtype=dtype, device=device or str(next(model.parameters()).device),
-                     adapter_name_or_path=config.ref_model_adapters)
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
