@@ -306,7 +306,7 @@ def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q ``(B, H, 1, D)``, k/v ``(B, H_kv, L, D)``, mask None or boolean ``(B, 1, 1, L)``; returns ``(B, 1, H, D)``
     in ``q``'s dtype. Torch's CPU SDPA kernel tiles for long queries: with one query and a bfloat16 cache it
-    took 3x the time of these products (docs/performance.md).
+    took 3-5x the time of these products (docs/performance.md).
     """
     b, h, _, d = q.shape
     hk, length = k.shape[1], k.shape[2]
