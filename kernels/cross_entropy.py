@@ -16,6 +16,15 @@ logits in the compute dtype.
 
 Labels equal to ``ignore_index`` (-100) contribute nothing (loss 0, log-prob 0, gradient 0). Both run the
 chunk kernel in Triton on CUDA and in PyTorch elsewhere (:func:`cross_entropy_chunk_ref`, same signature).
+These two autograd functions are llmtune's only chunked cross entropy: ``llmtune.losses.logps``
+(``causal_lm_loss``, ``token_logps``, ``sequence_logps``) calls :func:`linear_cross_entropy_sum` and
+:func:`linear_label_logps` after its own checks, on every device. On the CPU a chunk costs: the projection
+(compute dtype), one float32 copy of it (the compute-dtype logits then freed), one log-softmax pass (forward;
+the recomputing backward reuses the forward's log-sum-exp instead), the softmax in place over that buffer,
+``-1`` at the targets, a row scale only when one is given, and one rounding to the compute dtype into a NEW
+buffer: the same operators, allocations and values as ``losses/logps.py``'s former own chunks (the
+training step's profile in ``benchmarks/ce_step_profile.py``). Writing it back over the logits instead (as the
+Triton kernel does) would keep the logits alive through the float32 passes, one chunk more of working set.
 
 Dtypes: the projection runs in the autocast dtype when autocast is on for the device (as ``nn.Linear``
 would), else in ``promote(hidden.dtype, weight.dtype)``; softmax arithmetic is float32 (float64 for float64
