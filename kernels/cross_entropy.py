@@ -98,8 +98,8 @@ def _softmax_chunk(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
         logp = torch.log_softmax(z, dim=-1)
         lp = logp.gather(1, tgt).squeeze(1)
         lse = z.gather(1, tgt).squeeze(1) - lp
-        del z
         loss = -lp if ignored is None else (-lp).masked_fill(ignored, 0.0)
+        del z   # after the small results: none of them is carved out of this freed block (glibc heap)
         g = logp.exp_() if want_grad else None   # softmax, in place over the log-softmax buffer
         del logp
     else:
