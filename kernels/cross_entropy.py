@@ -16,6 +16,15 @@ logits in the compute dtype.
 
 Labels equal to ``ignore_index`` (-100) contribute nothing (loss 0, log-prob 0, gradient 0). Both run the
 chunk kernel in Triton on CUDA and in PyTorch elsewhere (:func:`cross_entropy_chunk_ref`, same signature).
+These two autograd functions are llmtune's only chunked cross entropy: ``llmtune.losses.logps``
+(``causal_lm_loss``, ``token_logps``, ``sequence_logps``) calls :func:`linear_cross_entropy_sum` and
+:func:`linear_label_logps` after its own checks, on every device. On the CPU a chunk costs: the projection
+(compute dtype), one float32 copy of it (the compute-dtype logits then freed), one log-softmax pass (forward;
+the recomputing backward reuses the forward's log-sum-exp instead), the softmax in place over that buffer,
+``-1`` at the targets, a row scale only when one is given, and one rounding to the compute dtype into a NEW
+buffer: the same operators, allocations and values as ``losses/logps.py``'s former own chunks (the
+training step's profile in ``benchmarks/ce_step_profile.py``). Writing it back over the logits instead (as the
+Triton kernel does) would keep the logits alive through the float32 passes, one chunk more of working set.
 
 Dtypes: the projection runs in the autocast dtype when autocast is on for the device (as ``nn.Linear``
 would), else in ``promote(hidden.dtype, weight.dtype)``; softmax arithmetic is float32 (float64 for float64
@@ -62,20 +71,63 @@ def cross_entropy_chunk_ref(logits: torch.Tensor, targets: torch.Tensor, grad_sc
         ``(loss (n,), lse (n,))`` float32 (float64 for float64 logits): ``loss = lse - z_y`` (nats; 0 for
         ignored rows) and the log-sum-exp of ``z = logits / temperature``.
     """
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if temperature != 1.0:
-        z = z / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    ignored = targets == ignore_index
-    safe = targets.masked_fill(ignored, 0)[:, None]
-    loss = (lse - z.gather(1, safe).squeeze(1)).masked_fill(ignored, 0.0)
+    loss, lse, g = _softmax_chunk(logits, targets, temperature, ignore_index, grad_scale=grad_scale,
+                                  want_grad=write_grad, has_ignored=True, gdtype=logits.dtype)
     if write_grad:
-        g = torch.exp(z - lse[:, None])
-        g.scatter_add_(1, safe, torch.full_like(g[:, :1], -1.0))
-        scale = torch.full_like(lse, 1.0 / temperature) if grad_scale is None else grad_scale.to(lse.dtype) / temperature
-        g.mul_(scale.masked_fill(ignored, 0.0)[:, None])
         logits.copy_(g)
     return loss, lse
+
+
+def _softmax_chunk(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int,
+                   lse: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None,
+                   want_grad: bool = False, has_ignored: bool = True, gdtype: Optional[torch.dtype] = None
+                   ) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """The PyTorch softmax cross entropy of one chunk, with as few full ``(n, V)`` passes and live buffers as
+    it can: ``logits`` is cast to float32 once (then dropped by the caller: pass a temporary), and the
+    gradient ``(softmax - onehot) / T * grad_scale`` (0 for ignored rows) is made in place over the float32
+    buffer and rounded once to ``gdtype``. With ``lse`` (a recomputing backward) the log-softmax pass is
+    skipped and ``loss`` is None. Returns ``(loss (n,), lse (n,), grad (n, V) or None)``."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    del logits
+    if temperature != 1.0:
+        z = z / temperature
+    ignored = targets == ignore_index if has_ignored else None
+    tgt = (targets.masked_fill(ignored, 0) if has_ignored else targets)[:, None]
+    loss = None
+    if lse is None:
+        logp = torch.log_softmax(z, dim=-1)
+        lp = logp.gather(1, tgt).squeeze(1)
+        lse = z.gather(1, tgt).squeeze(1) - lp
+        loss = -lp if ignored is None else (-lp).masked_fill(ignored, 0.0)
+        del z   # after the small results: none of them is carved out of this freed block (glibc heap)
+        g = logp.exp_() if want_grad else None   # softmax, in place over the log-softmax buffer
+        del logp
+    else:
+        g = z.sub_(lse[:, None]).exp_() if want_grad else None
+        del z
+    if g is None:
+        return loss, lse, None
+    g.scatter_add_(1, tgt, torch.full_like(g[:, :1], -1.0))
+    if grad_scale is not None or temperature != 1.0:
+        scale = torch.full_like(lse, 1.0 / temperature) if grad_scale is None else grad_scale.to(lse.dtype) / temperature
+        g.mul_((scale if ignored is None else scale.masked_fill(ignored, 0.0))[:, None])
+    elif ignored is not None and bool(ignored.any()):
+        g.masked_fill_(ignored[:, None], 0.0)
+    return loss, lse, g.to(gdtype or g.dtype)
+
+
+def _chunk(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int,
+           has_ignored: bool, lse: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None,
+           want_grad: bool = False) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """Logits ``h @ w.T`` of one chunk (compute dtype) and their cross entropy: ``(loss (n,) or None, lse (n,),
+    d loss / d logits * grad_scale (n, V) in the compute dtype, or None)``. Triton on CUDA (the gradient
+    written over the logits; ``lse`` recomputed there), else :func:`_softmax_chunk`."""
+    if use_triton(h) and h.dtype != torch.float64:
+        logits = h @ w.t()
+        loss, lse = cross_entropy_chunk(logits, targets, grad_scale, temperature, want_grad, ignore_index)
+        return loss, lse, (logits if want_grad else None)
+    return _softmax_chunk(h @ w.t(), targets, temperature, ignore_index, lse, grad_scale, want_grad, has_ignored,
+                          h.dtype)
 
 
 def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, grad_scale: Optional[torch.Tensor] = None,
@@ -145,28 +197,41 @@ def scale_saved_grads(ctx, grad_out: torch.Tensor) -> tuple:
     return gh, gw
 
 
+def _chunked_grads(hidden, weight, labels, rows, ignore_index, need_h, need_w, cdtype, temperature=1.0, lse=None,
+                   grad_scale=None):
+    """The one chunk loop with gradients: per chunk of ``rows`` rows, the logits, their cross entropy
+    (:func:`_chunk`) and the two gradient products. Returns ``(loss_sum or None (lse given), grad_hidden
+    (N, H) in hidden's dtype or None, grad_weight (V, H) float32 (float64 for float64) or None)``; ``cdtype``:
+    the projection's dtype (:func:`compute_dtype` of the forward: a backward runs outside autocast)."""
+    has_ignored = bool((labels == ignore_index).any())
+    total = None if lse is not None else torch.zeros((), dtype=torch.promote_types(cdtype, torch.float32),
+                                                     device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(cdtype)
+        for s in range(0, hidden.shape[0], rows):
+            h = hidden[s : s + rows].to(cdtype)
+            loss, _, g = _chunk(h, w, labels[s : s + rows], temperature, ignore_index, has_ignored,
+                                None if lse is None else lse[s : s + rows],
+                                None if grad_scale is None else grad_scale[s : s + rows], need_h or need_w)
+            if total is not None:
+                total += loss.sum().to(total.dtype)
+            if need_h:
+                grad_h[s : s + rows] = (g @ w).to(hidden.dtype)
+            if need_w:
+                grad_w.add_((g.t() @ h).to(acc))
+            del g
+    return total, grad_h, grad_w
+
+
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, rows):  # noqa: D401
-        cdtype = compute_dtype(hidden, weight)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.promote_types(cdtype, torch.float32), device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(cdtype)
-            for s in range(0, hidden.shape[0], rows):
-                h = hidden[s : s + rows].to(cdtype)
-                logits = h @ w.t()
-                loss, _ = cross_entropy_chunk(logits, labels[s : s + rows], write_grad=need_h or need_w,
-                                              ignore_index=ignore_index)
-                total += loss.sum().to(total.dtype)
-                if need_h:
-                    grad_h[s : s + rows] = (logits @ w).to(hidden.dtype)
-                if need_w:
-                    grad_w.add_((logits.t() @ h).to(acc))
-                del logits
+        total, grad_h, grad_w = _chunked_grads(hidden, weight, labels, rows, ignore_index, need_h, need_w,
+                                               compute_dtype(hidden, weight))
         ctx.save_for_backward(grad_h, grad_w)
         ctx.need = (need_h, need_w)
         ctx.wdtype = weight.dtype
@@ -181,43 +246,49 @@ class _FusedLinearLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, rows, temperature):  # noqa: D401
         cdtype = compute_dtype(hidden, weight)
+        has_ignored = bool((labels == ignore_index).any())
         out = torch.empty(hidden.shape[0], dtype=torch.promote_types(cdtype, torch.float32), device=hidden.device)
+        lse = torch.empty_like(out)   # kept: the PyTorch backward then skips the log-softmax pass
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(cdtype)
             for s in range(0, hidden.shape[0], rows):
-                logits = hidden[s : s + rows].to(cdtype) @ w.t()
-                loss, _ = cross_entropy_chunk(logits, labels[s : s + rows], temperature=temperature,
-                                              ignore_index=ignore_index)
+                loss, lse[s : s + rows], _ = _chunk(hidden[s : s + rows].to(cdtype), w, labels[s : s + rows],
+                                                    temperature, ignore_index, has_ignored)
                 out[s : s + rows] = -loss
-                del logits
-        ctx.save_for_backward(hidden, weight, labels)
+        ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.args = (ignore_index, rows, temperature, cdtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, labels = ctx.saved_tensors
+        hidden, weight, labels, lse = ctx.saved_tensors
         ignore_index, rows, temperature, cdtype = ctx.args
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         neg = -grad_out.to(torch.promote_types(grad_out.dtype, torch.float32))  # d logp = - d loss
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(cdtype)
-            for s in range(0, hidden.shape[0], rows):
-                h = hidden[s : s + rows].to(cdtype)
-                logits = h @ w.t()
-                cross_entropy_chunk(logits, labels[s : s + rows], grad_scale=neg[s : s + rows],
-                                    temperature=temperature, write_grad=True, ignore_index=ignore_index)
-                if need_h:
-                    grad_h[s : s + rows] = (logits @ w).to(hidden.dtype)
-                if need_w:
-                    grad_w.add_((logits.t() @ h).to(acc))
-                del logits
+        _, grad_h, grad_w = _chunked_grads(hidden, weight, labels, rows, ignore_index, need_h, need_w, cdtype,
+                                           temperature, lse, neg)
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int,
+                             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """:func:`fused_linear_cross_entropy`'s loss sum (0-dim float32, nats) without its input checks, ``rows``
+    per chunk: for callers that validated their inputs (``llmtune.losses.causal_lm_loss``). Gradients are
+    computed in the forward, except in float16 (the recomputing, scale-correct backward: see
+    :func:`grads_in_forward`). Raises nothing itself; bad shapes fail inside the matrix products."""
+    if grads_in_forward(hidden, weight):
+        return _FusedLinearCE.apply(hidden, weight, labels, int(ignore_index), rows)
+    # float16: gradients made in the backward, scaled before rounding (loss scaling works)
+    return -_FusedLinearLogps.apply(hidden, weight, labels, int(ignore_index), rows, 1.0).sum()
+
+
+def linear_label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int,
+                       temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """:func:`fused_linear_logps` (``(N,)`` float32 log-probs, nats) without its input checks, ``rows`` per
+    chunk: for callers that validated their inputs (``llmtune.losses.token_logps`` / ``sequence_logps``)."""
+    return _FusedLinearLogps.apply(hidden, weight, labels, int(ignore_index), rows, float(temperature))
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -242,11 +313,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """
     _check(hidden, weight, labels, ignore_index)
     rows = rows_per_chunk(chunk_size, weight.shape[0], hidden.device)
-    if grads_in_forward(hidden, weight):
-        loss = _FusedLinearCE.apply(hidden, weight, labels, int(ignore_index), rows)
-    else:   # float16: gradients made in the backward, scaled before rounding (loss scaling works)
-        loss = -_FusedLinearLogps.apply(hidden, weight, labels, int(ignore_index), rows, 1.0).sum()
-    return loss, (labels != ignore_index).sum()
+    return linear_cross_entropy_sum(hidden, weight, labels, rows, ignore_index), (labels != ignore_index).sum()
 
 
 def fused_linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -265,5 +332,5 @@ def fused_linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         ValueError: on mismatched shapes, labels outside ``[0, V)``, or a chunk_size < 1.
     """
     _check(hidden, weight, labels, ignore_index)
-    rows = rows_per_chunk(chunk_size, weight.shape[0], hidden.device)
-    return _FusedLinearLogps.apply(hidden, weight, labels, int(ignore_index), rows, float(temperature))
+    return linear_label_logps(hidden, weight, labels, rows_per_chunk(chunk_size, weight.shape[0], hidden.device),
+                              temperature, ignore_index)

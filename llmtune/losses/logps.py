@@ -3,15 +3,16 @@
 The model returns final hidden states ``(B, T, H)``; these functions project them to the vocabulary
 ``rows`` at a time, take a float32 log-softmax per chunk and keep only what is needed (the label's
 log-prob and the log-sum-exp per row). A ``(B, T, V)`` float32 logits tensor is never materialised, in
-the forward pass or the backward pass, by two custom autograd functions:
+the forward pass or the backward pass: the chunking and both backwards are those of
+``llmtune.kernels.cross_entropy`` (one implementation; the chunk's softmax runs in Triton on CUDA and in
+PyTorch elsewhere):
 
-- :class:`_ChunkedLabelLogps` (per-token log-probs, any downstream use such as DPO): backward recomputes
-  each chunk's logits and accumulates the gradients of the hidden states and of the weight chunk by chunk;
-- :class:`_ChunkedNLLSum` (the summed cross entropy of ``causal_lm_loss``): since the output is a plain
-  sum, each chunk's gradients are computed in forward right after its loss (no recomputation) and
-  backward only scales them. Not in float16: unscaled gradients rounded to float16 underflow before a
-  ``GradScaler``'s scale reaches them, so a float16 loss is the sum of :class:`_ChunkedLabelLogps`, whose
-  backward applies the incoming (scaled) gradient in float32 before rounding.
+- per-token log-probs (any downstream use such as DPO) use its ``linear_label_logps``, whose backward
+  recomputes each chunk's logits and accumulates the gradients of the hidden states and of the weight;
+- the summed cross entropy of ``causal_lm_loss`` uses its ``linear_cross_entropy_sum``: since the output is
+  a plain sum, each chunk's gradients are computed in forward right after its loss (no recomputation) and
+  backward only scales them. Not in float16: there it is the sum of the per-token log-probs, whose backward
+  applies the incoming (scaled) gradient in float32 before rounding (``GradScaler`` works).
 
 Only rows whose next label is valid are projected, so prompt and padding tokens cost nothing.
 
@@ -37,9 +38,7 @@ import torch
 
 from llmtune.constants import IGNORE_INDEX
 from llmtune.kernels.cross_entropy import compute_dtype as _compute_dtype, rows_per_chunk as _rows_per_chunk
-from llmtune.kernels.cross_entropy import grads_in_forward, scale_saved_grads
-from llmtune.kernels.dispatch import use_triton
-
+from llmtune.kernels.cross_entropy import linear_cross_entropy_sum, linear_label_logps
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -49,112 +48,6 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch
     if temperature != 1.0:
         logits = logits / temperature
     return logits
-
-
-def _onehot_minus_softmax_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """In place on a chunk's float logits ``(n, V)``: ``onehot(targets) - softmax(logits)`` (d logp / d z)."""
-    g = logits.sub_(lse[:, None]).exp_().neg_()
-    return g.scatter_add_(1, targets[:, None], torch.ones_like(g[:, :1]))
-
-
-class _ChunkedLabelLogps(torch.autograd.Function):
-    """Autograd function: ``(hidden (N, H), weight (V, H), targets (N,)) -> logps (N,)`` float32.
-
-    ``logps[i] = log_softmax(hidden[i] @ weight.T / temperature)[targets[i]]``, all targets valid
-    (0 <= target < V). Forward keeps ``(N,)`` log-sum-exps; backward recomputes logits per chunk (the
-    incoming gradient differs per row, e.g. DPO's per-sequence weights, so it cannot be folded earlier).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, rows, temperature):  # noqa: D401
-        cdtype = _compute_dtype(hidden, weight)
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(cdtype)
-            n = hidden.shape[0]
-            odtype = torch.promote_types(cdtype, torch.float32)
-            out = torch.empty(n, dtype=odtype, device=hidden.device)
-            lse = torch.empty(n, dtype=odtype, device=hidden.device)
-            for s in range(0, n, rows):
-                tgt = targets[s : s + rows, None]
-                logits = _chunk_logits(hidden[s : s + rows].to(cdtype), w, temperature)
-                lp = torch.log_softmax(logits, dim=-1).gather(1, tgt).squeeze(1)
-                out[s : s + rows] = lp
-                lse[s : s + rows] = logits.gather(1, tgt).squeeze(1) - lp
-                del logits
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.rows, ctx.temperature, ctx.cdtype = rows, temperature, cdtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        rows, temperature, cdtype = ctx.rows, ctx.temperature, ctx.cdtype
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_out = grad_out.to(torch.promote_types(grad_out.dtype, torch.float32))
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(cdtype)
-            for s in range(0, hidden.shape[0], rows):
-                h = hidden[s : s + rows].to(cdtype)
-                logits = _chunk_logits(h, w, temperature)
-                g = _onehot_minus_softmax_(logits, targets[s : s + rows], lse[s : s + rows])
-                g = g.mul_(grad_out[s : s + rows, None] / temperature).to(cdtype)
-                if need_h:
-                    grad_h[s : s + rows] = (g @ w).to(hidden.dtype)
-                if need_w:
-                    grad_w.add_((g.t() @ h).to(acc))
-                del logits, g
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
-
-
-class _ChunkedNLLSum(torch.autograd.Function):
-    """Autograd function: ``(hidden (N, H), weight (V, H), targets (N,)) -> -sum_i logps[i]`` (0-dim).
-
-    The output is a plain sum, so d loss / d logits is known in forward: each chunk's gradients wrt
-    ``hidden`` and ``weight`` are computed right after its loss and kept; backward only scales them by
-    the incoming scalar. This saves the logits recomputation (3 matmuls per chunk instead of 4), at the
-    cost of holding ``grad_hidden`` ``(N, H)`` and ``grad_weight`` ``(V, H)`` from forward to backward.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, rows):  # noqa: D401
-        cdtype = _compute_dtype(hidden, weight)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        odtype = torch.promote_types(cdtype, torch.float32)
-        total = torch.zeros((), dtype=odtype, device=hidden.device)
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(cdtype)
-            for s in range(0, hidden.shape[0], rows):
-                tgt = targets[s : s + rows, None]
-                h = hidden[s : s + rows].to(cdtype)
-                logits = _chunk_logits(h, w, 1.0)
-                logp = torch.log_softmax(logits, dim=-1)
-                del logits
-                total -= logp.gather(1, tgt).sum()
-                if need_h or need_w:
-                    # d(-logp_target)/dz = softmax - onehot
-                    g = logp.exp_().scatter_add_(1, tgt, torch.full_like(logp[:, :1], -1.0)).to(cdtype)
-                    if need_h:
-                        grad_h[s : s + rows] = (g @ w).to(hidden.dtype)
-                    if need_w:
-                        grad_w.add_((g.t() @ h).to(acc))
-                    del g
-                del logp
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.need = (need_h, need_w)
-        ctx.wdtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return scale_saved_grads(ctx, grad_out) + (None, None)
 
 
 def _select_label_rows(hidden, lm_head_weight, labels, chunk_size):
@@ -191,12 +84,7 @@ def _select_label_rows(hidden, lm_head_weight, labels, chunk_size):
 def _label_logps_flat(hidden, lm_head_weight, labels, chunk_size, temperature):
     """Per-token log-probs of the valid labels: ``(logps (n_valid,), valid (B, T) bool aligned with labels)``."""
     h_sel, targets, rows, valid = _select_label_rows(hidden, lm_head_weight, labels, chunk_size)
-    if use_triton(h_sel):  # CUDA + Triton + kernels on: the softmax of each chunk in one Triton kernel
-        from llmtune.kernels.cross_entropy import fused_linear_logps
-
-        return fused_linear_logps(h_sel, lm_head_weight, targets, chunk_size=rows, temperature=temperature), valid
-    logps = _ChunkedLabelLogps.apply(h_sel, lm_head_weight, targets, rows, float(temperature))
-    return logps, valid
+    return linear_label_logps(h_sel, lm_head_weight, targets, rows, temperature), valid
 
 
 def causal_lm_loss(
@@ -234,13 +122,7 @@ def causal_lm_loss(
     Face's ``ForCausalLMLoss``.
     """
     h_sel, targets, rows, valid = _select_label_rows(hidden, lm_head_weight, labels, chunk_size)
-    if use_triton(h_sel):  # CUDA + Triton + kernels on: fused linear cross entropy (llmtune.kernels)
-        from llmtune.kernels.cross_entropy import fused_linear_cross_entropy
-
-        return fused_linear_cross_entropy(h_sel, lm_head_weight, targets, chunk_size=rows)[0], valid.sum()
-    if not grads_in_forward(h_sel, lm_head_weight):   # float16: scale-correct recomputing backward
-        return -_ChunkedLabelLogps.apply(h_sel, lm_head_weight, targets, rows, 1.0).sum(), valid.sum()
-    return _ChunkedNLLSum.apply(h_sel, lm_head_weight, targets, rows), valid.sum()
+    return linear_cross_entropy_sum(h_sel, lm_head_weight, targets, rows), valid.sum()
 
 
 def token_logps(
