@@ -37,6 +37,21 @@ def _block_diag_b(b_g: torch.Tensor, b_u: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _blocks_lora_mm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, sb: torch.Tensor,
+                    spans) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert blocks of sorted rows through their frozen weight plus LoRA: for each ``(e, lo, hi)`` of ``spans``,
+    ``y[lo:hi] = x[lo:hi] W_e^T + (x[lo:hi] A_e^T) (s B_e)^T``; x ``(S, in)``, w ``(E, out, in)``, a ``(E, r, in)``,
+    sb ``(E, out, r)`` (the scale folded in), all one dtype. Returns ``(y (S, out), x A^T (S, r))``, each product
+    a ``torch.mm`` on a view (LoRA, Hu et al. 2021, eq. 3, per expert)."""
+    y = x.new_empty(x.shape[0], w.shape[1])
+    xa = x.new_empty(x.shape[0], a.shape[1])
+    for e, lo, hi in spans:
+        torch.mm(x[lo:hi], w[e].t(), out=y[lo:hi])
+        torch.mm(x[lo:hi], a[e].t(), out=xa[lo:hi])
+        y[lo:hi].addmm_(xa[lo:hi], sb[e].t())
+    return y, xa
+
+
 class SortedExpertsLora(torch.autograd.Function):
     """``out (N, H)``: for every slot, ``y[slot]`` added into token row ``src[slot]`` (module docstring).
 
@@ -60,20 +75,9 @@ class SortedExpertsLora(torch.autograd.Function):
             sb_gu = _block_diag_b(b_g.to(cdt), b_u.to(cdt)).mul_(scale)       # (E, 2I, 2r), times s
             sb_d = b_d.to(cdt) * scale                                        # (E, H, r), times s
             xs = x.index_select(0, src)                                       # (S, H)
-            m = xs.shape[0]
-            gu = xs.new_empty(m, w_gu.shape[1])
-            xa = xs.new_empty(m, fa_gu.shape[1])
-            for e, a, b in spans:
-                torch.mm(xs[a:b], w_gu[e].t(), out=gu[a:b])
-                torch.mm(xs[a:b], fa_gu[e].t(), out=xa[a:b])
-                gu[a:b].addmm_(xa[a:b], sb_gu[e].t())
+            gu, xa = _blocks_lora_mm(xs, w_gu, fa_gu, sb_gu, spans)           # (S, 2I), (S, 2r)
             h = F.silu(gu[:, :inter]).mul_(gu[:, inter:]).mul_(w_slot.to(cdt)[:, None])   # (S, I)
-            y = xs.new_empty(m, w_d.shape[1])
-            ha = xs.new_empty(m, fa_d.shape[1])
-            for e, a, b in spans:
-                torch.mm(h[a:b], w_d[e].t(), out=y[a:b])
-                torch.mm(h[a:b], fa_d[e].t(), out=ha[a:b])
-                y[a:b].addmm_(ha[a:b], sb_d[e].t())
+            y, ha = _blocks_lora_mm(h, w_d, fa_d, sb_d, spans)                # (S, H), (S, r)
             out = torch.zeros_like(x).index_add_(0, src, y)
         ctx.save_for_backward(xs, gu, xa, h, ha, w_slot, src, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d)
         ctx.scale, ctx.n, ctx.spans = scale, x.shape[0], spans
