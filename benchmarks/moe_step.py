@@ -26,7 +26,9 @@ Implementations (``--impl``, comma list):
 transformers runs its default experts implementation (``config._experts_implementation``, recorded; 5.x
 picks ``grouped_mm`` where torch has it) with sdpa attention. With ``--repeats R`` the list runs R times in
 turn (A B A B ...), which spreads the noise of a shared machine over every implementation; the table shows
-medians. ``--profile PREFIX`` writes a torch.profiler table of one extra step per worker.
+medians. ``--profile PREFIX`` writes a torch.profiler table of one extra step per worker, headed by a summary of
+its self CPU time by where it comes from (``_category``: lm_head, experts' base, LoRA/router and attention
+products, sdpa, the loss's passes over the logits, other ops by name).
 
     python benchmarks/moe_step.py --repeats 2 --out benchmarks/results/moe_step.json
 """
