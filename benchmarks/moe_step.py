@@ -26,7 +26,9 @@ Implementations (``--impl``, comma list):
 transformers runs its default experts implementation (``config._experts_implementation``, recorded; 5.x
 picks ``grouped_mm`` where torch has it) with sdpa attention. With ``--repeats R`` the list runs R times in
 turn (A B A B ...), which spreads the noise of a shared machine over every implementation; the table shows
-medians. ``--profile PREFIX`` writes a torch.profiler table of one extra step per worker.
+medians. ``--profile PREFIX`` writes a torch.profiler table of one extra step per worker, headed by a summary of
+its self CPU time by where it comes from (``_category``: lm_head, experts' base, LoRA/router and attention
+products, sdpa, the loss's passes over the logits, other ops by name).
 
     python benchmarks/moe_step.py --repeats 2 --out benchmarks/results/moe_step.json
 """
@@ -77,14 +79,45 @@ def _batch(args, vocab: int):
     return ids
 
 
-def _profile(step, path: str) -> None:
+def _category(name: str, shapes: list, args) -> str:
+    """Where one profiled op's time comes from, by its name and input shapes at the benchmark's sizes: the
+    vocabulary projection (a ``vocab``-wide operand), LoRA and router products (an operand dimension of at most
+    2 x rank = 16 or the expert count), the experts' base products (``width`` or 2 x ``width`` wide), the
+    attention projections (other products), the loss's elementwise passes (``vocab``-wide tensors), else the
+    op's own name."""
+    dims = [d for s in shapes for d in (s if isinstance(s, list) else [])]
+    if name in ("aten::mm", "aten::addmm_", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"):
+        if args.vocab in dims:
+            return "matmul: lm_head (loss)"
+        if dims and min(dims) <= max(16, args.experts):
+            return "matmul: LoRA factors, router"
+        if args.width in dims or 2 * args.width in dims:
+            return "matmul: experts' base weights"
+        return "matmul: attention projections"
+    if "scaled_dot_product" in name:
+        return "attention (sdpa)"
+    if args.vocab in dims:
+        return "loss: float32 passes over logits"
+    return name
+
+
+def _profile(step, path: str, args) -> None:
+    from collections import Counter
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
-    Path(path).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45) + "\n\n"
-                          + prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
-                                                                                row_limit=30))
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    cats, total = Counter(), 0.0
+    for ev in by_shape:
+        total += ev.self_cpu_time_total / 1e6
+        cats[_category(ev.key, ev.input_shapes, args)] += ev.self_cpu_time_total / 1e6
+    summary = [f"{'where (self CPU)':45s} {'s':>7s} {'%':>6s}"] + [
+        f"{k:45s} {v:7.3f} {100 * v / max(total, 1e-9):6.1f}" for k, v in cats.most_common(25)]
+    Path(path).write_text("\n".join(summary) + f"\ntotal {total:.3f} s\n\n"
+                          + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45) + "\n\n"
+                          + by_shape.table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 def _time_steps(step, args) -> list[float]:
@@ -97,7 +130,7 @@ def _time_steps(step, args) -> list[float]:
         times.append(time.perf_counter() - t0)
         args.cpu_s.append(time.process_time() - c0)
     if args.profile:
-        _profile(step, f"{args.profile}.{args.worker}.txt")
+        _profile(step, f"{args.profile}.{args.worker}.txt", args)
     return times
 
 
