@@ -18,7 +18,8 @@ per step, wall clock, each the sum of its calls in the step):
 one process (A, B, A, B...), for before/after figures on the same machine state; ``"_cast_frozen": false`` runs
 rollouts without :func:`llmtune.train.precision.frozen_weights_cast` (autocast casting every call), ``"_merge":
 false`` rollouts with the LoRA products at every step (no merged weights), ``"_sdpa_decode": true`` decode steps
-with torch's SDPA instead of the one-query attention. The load
+with torch's SDPA instead of the one-query attention, ``"_pack": false`` rollouts without oneDNN-prepacked
+weights, ``"_draw": "multinomial"`` rollout tokens drawn with ``torch.multinomial`` (generate's draw). The load
 average is recorded: on a shared machine timings are noisy.
 
 Usage (from the repository root)::
@@ -42,6 +43,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 _ONE_QUERY = None   # llmtune's one-query decode attention, saved by main() before any variant replaces it
+_DRAW: list = [None]   # a variant's rollout draw ("multinomial" / "inverse_cdf"); None = llmtune's own
 PHASES = ("rollout", "prefill", "decode", "rewards", "ref_logps", "old_logps", "loss_fwd", "backward", "optimizer")
 
 
@@ -83,6 +85,13 @@ def install(t: Timers) -> None:
     t.wrap(Trainer, "accumulate_gradients", lambda a, k: "_accumulate")
     t.wrap(Trainer, "optimizer_step", lambda a, k: "optimizer")
     real_next, real_train = Trainer.next_step, Trainer.train_step
+    real_init = Engine.__init__
+
+    def engine_init(self, *args, **kwargs):   # a variant's "_draw" replaces the rollout engine's draw
+        if _DRAW[0] is not None and "draw" in kwargs:
+            kwargs["draw"] = _DRAW[0]
+        real_init(self, *args, **kwargs)
+    Engine.__init__ = engine_init
 
     def next_step(self, steps):
         t.on, t.cur, t.t0 = True, defaultdict(float), time.perf_counter()
@@ -122,6 +131,8 @@ def run_job(a: argparse.Namespace, extra: dict, t: Timers) -> list[dict[str, flo
 
     GRPOStage.cast_frozen = bool(extra.get("_cast_frozen", True))   # "_cast_frozen": false = the rollout before
     GRPOStage.merge_adapters = bool(extra.get("_merge", True))       # "_merge": false = LoRA products per step
+    GRPOStage.pack_weights = bool(extra.get("_pack", True))          # "_pack": false = plain bf16 weights
+    _DRAW[0] = extra.get("_draw")                                    # "_draw": the rollout engine's draw
     from llmtune.models import transformer
 
     transformer._attend_one_query = _sdpa_one_query if extra.get("_sdpa_decode") else _ONE_QUERY

@@ -235,13 +235,19 @@ class Engine:
         max_len: positions per slot: prompt + ``max_new_tokens`` of every request must fit.
         max_prefill_tokens: prompt tokens admitted per :meth:`step` (None = as many as slots allow); a longer
             prompt is still admitted alone.
+        draw: how sampled tokens are drawn: ``"multinomial"`` (``transformers.generate``'s ``torch.multinomial``:
+            ``generate`` and serving) or ``"inverse_cdf"`` (:func:`llmtune.sampling.inverse_cdf_draw`: the same
+            distribution at one uniform per row; RL rollouts).
 
     The engine runs the model in eval mode under :func:`torch.inference_mode` inside :meth:`step` (the
     training flag is restored after each step); everything it returns is plain Python values.
     """
 
     def __init__(self, model: nn.Module, max_slots: int, max_len: int,
-                 max_prefill_tokens: Optional[int] = None) -> None:
+                 max_prefill_tokens: Optional[int] = None, draw: str = "multinomial") -> None:
+        if draw not in ("multinomial", "inverse_cdf"):
+            raise LLMTuneError(f"generation engine: draw must be 'multinomial' or 'inverse_cdf' (got {draw!r})")
+        self.draw = draw
         if max_slots < 1:
             raise LLMTuneError(f"generation engine: max_slots must be >= 1 (got {max_slots})")
         if max_len < 2:
@@ -455,7 +461,7 @@ class Engine:
                 self.seen[i, [t for t in rows[i].req.prompt if 0 <= t < vocab]] = True
         gens = [r.generator for r in rows]
         tokens = select_tokens(logits, params, None if self.seen is None else self.seen[:len(rows)],
-                               None if all(g is None for g in gens) else gens)
+                               None if all(g is None for g in gens) else gens, self.draw)
         if self.seen is not None:
             self.seen[torch.arange(len(rows), device=self.device), tokens] = True
         lps, tops = self._logprobs(logits, tokens, rows)

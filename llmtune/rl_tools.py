@@ -385,7 +385,7 @@ def generate_tool_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *
             cont.append((i, seq, max_new_tokens - used - len(suffix)))
         if not cont:
             break
-        engine = Engine(model, max_slots=len(cont), max_len=max(len(s) + b for _, s, b in cont))
+        engine = Engine(model, max_slots=len(cont), max_len=max(len(s) + b for _, s, b in cont), draw="inverse_cdf")
         done = engine.run([Request(s, b, params, stop, generator, logprobs=return_logps) for _, s, b in cont])
         for (i, _, _), d in zip(cont, done):
             parts[i].append((list(d.tokens), True))

@@ -95,7 +95,9 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
             prompt, and equal consecutive prompts (GRPO passes one per completion), share one prefill (as many as
             free slots allow at a time).
         return_logps: compute :attr:`Rollout.logps` (one ``log_softmax`` over the vocabulary per step and row).
-        generator: a :class:`torch.Generator` on the model's device for reproducible sampling.
+        generator: a :class:`torch.Generator` on the model's device for reproducible sampling. Sampled tokens
+            are drawn by :func:`llmtune.sampling.inverse_cdf_draw` (the same distribution as
+            ``torch.multinomial``, one uniform per row; a seed gives other draws than ``generate``'s).
 
     Vision-language models: rows queued by ``QwenVL.generation_images`` (one entry per output row) are taken from
     the model and passed as each request's :attr:`~llmtune.engine.Request.images` (prefilled one prompt per row,
@@ -125,7 +127,7 @@ def generate_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], *, max
     device = next(model.parameters()).device
     n = len(prompts) * num_return_sequences
     p = max(len(r) for r in prompts)
-    engine = Engine(model, max_slots=min(n, batch_size or n), max_len=p + max_new_tokens)
+    engine = Engine(model, max_slots=min(n, batch_size or n), max_len=p + max_new_tokens, draw="inverse_cdf")
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     stop = stop_id_list(eos_token_ids)
     take = getattr(model, "take_generation_images", None)   # QwenVL.generation_images: each row's images

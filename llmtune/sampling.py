@@ -176,22 +176,44 @@ def _groups(keys: list) -> list[tuple[object, list[int]]]:
     return list(out.items())
 
 
-def _draw(scores: torch.Tensor, generators: Optional[list]) -> torch.Tensor:
-    """One ``torch.multinomial`` draw per row of ``softmax(scores)``, rows sharing a generator drawn together."""
+def inverse_cdf_draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row of ``probs`` by inversion of its cumulative distribution.
+
+    ``probs``: ``(rows, vocab)`` non-negative float weights (each row with a positive sum; need not sum to 1).
+    Returns ``(rows,)`` int64: the first index ``i`` with ``cdf[i] > u``, ``u = U * cdf[-1]``, ``U ~ Uniform[0, 1)``
+    one float64 draw per row from ``generator``, ``cdf`` the float64 running sum. Index ``i`` is drawn with
+    probability ``probs[i] / sum(probs)`` (inverse transform sampling; Devroye, Non-Uniform Random Variate
+    Generation, 1986, ch. II.2), and a zero-weight index never (its interval is empty; the ``U * cdf[-1] ==
+    cdf[-1]`` rounding case maps to the last positive index). One uniform per row instead of the exponential
+    per vocabulary entry that ``torch.multinomial`` draws (13 ns each on this CPU: 5 ms a step for 8 rows of a
+    49,152-token vocabulary), so the draws differ from ``torch.multinomial``'s for the same seed: rollouts use
+    it, ``generate`` keeps ``transformers.generate``'s draw.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=probs.device) * total
+    idx = torch.searchsorted(cdf, u, right=True)
+    return torch.minimum(idx, torch.searchsorted(cdf, total)).squeeze(1)
+
+
+def _draw(scores: torch.Tensor, generators: Optional[list], draw: str = "multinomial") -> torch.Tensor:
+    """One draw per row of ``softmax(scores)`` (``torch.multinomial``, or :func:`inverse_cdf_draw` for
+    ``draw="inverse_cdf"``), rows sharing a generator drawn together."""
     probs = scores.softmax(dim=-1)
+    one = (lambda p, g: torch.multinomial(p, 1, generator=g).squeeze(1)) if draw == "multinomial" else inverse_cdf_draw
     gens = [None] * probs.shape[0] if generators is None else generators
     groups = _groups([id(g) for g in gens])
     if len(groups) == 1:
-        return torch.multinomial(probs, 1, generator=gens[0]).squeeze(1)
+        return one(probs, gens[0])
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     for _, rows in groups:
         idx = torch.tensor(rows, device=probs.device)
-        out[idx] = torch.multinomial(probs[idx], 1, generator=gens[rows[0]]).squeeze(1)
+        out[idx] = one(probs[idx], gens[rows[0]])
     return out
 
 
 def select_tokens(logits: torch.Tensor, params: list, seen: Optional[torch.Tensor] = None,
-                  generators: Optional[list] = None) -> torch.Tensor:
+                  generators: Optional[list] = None, draw: str = "multinomial") -> torch.Tensor:
     """Each row's next token under its own :class:`SamplingParams`.
 
     Args:
@@ -201,6 +223,8 @@ def select_tokens(logits: torch.Tensor, params: list, seen: Optional[torch.Tenso
             repetition penalty).
         generators: one :class:`torch.Generator` (or None = the global generator) per row; rows sharing one
             generator draw with one ``torch.multinomial`` call, in row order.
+        draw: ``"multinomial"`` (``transformers.generate``'s draw) or ``"inverse_cdf"``
+            (:func:`inverse_cdf_draw`: the same distribution, cheaper, different draws for a seed).
 
     Returns:
         ``(rows,)`` int64 token ids. Rows with equal settings are processed as one batch with the scalar
@@ -210,12 +234,12 @@ def select_tokens(logits: torch.Tensor, params: list, seen: Optional[torch.Tenso
     if len(groups) == 1:
         p = params[0]
         scores = process_logits(logits, seen if p.repetition_penalty != 1.0 else None, **p.kwargs())
-        return _draw(scores, generators) if p.do_sample else scores.argmax(dim=-1)
+        return _draw(scores, generators, draw) if p.do_sample else scores.argmax(dim=-1)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for p, rows in groups:
         idx = torch.tensor(rows, device=logits.device)
         out[idx] = select_tokens(logits[idx], [p] * len(rows), None if seen is None else seen[idx],
-                                 None if generators is None else [generators[i] for i in rows])
+                                 None if generators is None else [generators[i] for i in rows], draw)
     return out
 
 

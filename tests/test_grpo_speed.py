@@ -155,3 +155,44 @@ def test_merged_rollout_weights_equal_the_merge_formula_and_are_restored():
     after = {k: p for k, p in model.named_parameters()}
     assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
     assert layer.active_adapters == ["default"]
+
+
+def test_packed_rollout_weights_give_f_linears_bf16_products_bitwise_and_are_removed():
+    """``pack=True``: on the CPU each frozen bf16 linear runs on oneDNN's prepacked weight; its output equals
+    ``F.linear`` of the merged bf16 weight (the formula above, by hand) bitwise at 1-9 rows and on 3-D input,
+    a gradient request raises, greedy rollouts give the unpacked merged rollout's tokens, and on exit no
+    packed forward is left and the parameters are the original objects."""
+    from llmtune import peft
+    from llmtune.train.precision import frozen_weights_cast, packed_linear_available
+
+    if not packed_linear_available():
+        pytest.skip("this torch build has no oneDNN prepacked bf16 linear (nothing is packed there)")
+    model = lora_model().eval()
+    before = {k: p for k, p in model.named_parameters()}
+    layer = dict(peft.lora_layers(model))["model.layers.0.self_attn.q_proj"]
+    w0, a, b = (t.detach().double() for t in (layer.base_layer.weight, layer.lora_A["default"].weight,
+                                               layer.lora_B["default"].weight))
+    want_w = (w0 + layer.scaling["default"] * (b @ a)).to(torch.bfloat16)
+    want_b = None if layer.base_layer.bias is None else layer.base_layer.bias.detach().to(torch.bfloat16)
+    ctx = dict(merge_adapters=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with frozen_weights_cast(model, torch.bfloat16, **ctx):
+            plain = generate_rollouts(model, PROMPTS, max_new_tokens=6, do_sample=False, eos_token_ids=EOS,
+                                      pad_token_id=PAD)
+        with frozen_weights_cast(model, torch.bfloat16, pack=True, **ctx):
+            assert "forward" in layer.base_layer.__dict__ and layer.active_adapters == []
+            for rows in range(1, 10):
+                x = torch.randn(rows, layer.in_features)
+                assert torch.equal(layer(x), torch.nn.functional.linear(x.to(torch.bfloat16), want_w, want_b))
+            x = torch.randn(2, 3, layer.in_features)
+            assert torch.equal(layer(x), torch.nn.functional.linear(x.to(torch.bfloat16), want_w, want_b))
+            packed = generate_rollouts(model, PROMPTS, max_new_tokens=6, do_sample=False, eos_token_ids=EOS,
+                                       pad_token_id=PAD)
+    assert torch.equal(packed.input_ids, plain.input_ids)
+    with frozen_weights_cast(model, torch.bfloat16, pack=True, **ctx), \
+            pytest.raises(RuntimeError, match="no gradient"):
+        layer.base_layer(torch.randn(2, layer.in_features, requires_grad=True))
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    after = {k: p for k, p in model.named_parameters()}
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    assert layer.active_adapters == ["default"]

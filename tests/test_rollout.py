@@ -247,3 +247,25 @@ def test_rollout_with_lora_model_matches_generate():
     ro = generate_rollouts(model, prompts, max_new_tokens=6, do_sample=False)
     for i, p in enumerate(prompts):
         assert ro.completions()[i] == generate(model, torch.tensor([p]), max_new_tokens=6)[0].tolist()
+
+
+def test_inverse_cdf_draw_frequencies_match_the_distribution_and_skip_zero_weights(monkeypatch):
+    """Inverse transform sampling (Devroye 1986, II.2): over 200,000 seeded draws each index's frequency is its
+    probability (hand-chosen weights, zeros included, rows of different sums) within 5 standard errors, a
+    zero-weight index is never drawn, and ``U`` at the top of [0, 1) maps to the last positive index."""
+    from llmtune.sampling import inverse_cdf_draw
+
+    w = torch.tensor([[0.0, 1.0, 0.0, 3.0, 6.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0, 2.0]])
+    want = w / w.sum(1, keepdim=True)
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([inverse_cdf_draw(w, g) for _ in range(n)])     # (n, 2)
+    for r in range(2):
+        freq = torch.bincount(draws[:, r], minlength=6).double() / n
+        se = (want[r].double() * (1 - want[r].double()) / n).sqrt()
+        assert ((freq - want[r]).abs() <= 5 * se + 1e-12).all(), (r, freq, want[r])
+        assert (freq[want[r] == 0] == 0).all()
+    assert torch.equal(inverse_cdf_draw(w, torch.Generator().manual_seed(3)),
+                       inverse_cdf_draw(w, torch.Generator().manual_seed(3)))
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(a[0], a[1], dtype=torch.float64))
+    assert inverse_cdf_draw(w).tolist() == [4, 5]

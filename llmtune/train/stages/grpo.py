@@ -220,6 +220,8 @@ class GRPOStage:
     cast_frozen: bool = True
     #: ... and run each LoRA layer on its merged weight (one product per layer; tokens equal up to bf16 rounding)
     merge_adapters: bool = True
+    #: ... and on the CPU run the bf16 linear layers on oneDNN-prepacked weights (bitwise the same products)
+    pack_weights: bool = True
 
     def __init__(self, config: Any, prompts: Sequence[dict], reward_funcs: list[tuple[str, RewardFunc]],
                  weights: list[float], tokenizer: Any, pad_token_id: int, stop_token_ids: Sequence[int],
@@ -338,7 +340,7 @@ class GRPOStage:
         gen = dict(max_new_tokens=int(c.max_new_tokens), do_sample=bool(c.do_sample), temperature=float(c.temperature),
                    top_k=int(c.top_k), top_p=float(c.top_p), eos_token_ids=self.stop_ids, pad_token_id=self.pad,
                    return_logps=False)
-        with trainer.autocast(), frozen_weights_cast(model, amp, self.merge_adapters), images:
+        with trainer.autocast(), frozen_weights_cast(model, amp, self.merge_adapters, self.pack_weights), images:
             if self.tools is None:
                 ro, tro = generate_rollouts(model, [r["input_ids"] for r in rows], **gen), None
             else:   # multi-turn: tool-result tokens stay in the sequence with completion_mask 0

@@ -185,7 +185,8 @@ class PPOStage:
         c = self.cfg
         model = unwrap(trainer.model)
         rows = self.next_prompts()
-        with trainer.autocast(), frozen_weights_cast(model, getattr(trainer, "amp_dtype", None), merge_adapters=True):
+        with trainer.autocast(), frozen_weights_cast(model, getattr(trainer, "amp_dtype", None), merge_adapters=True,
+                                                        pack=True):
             ro = generate_rollouts(model, [r["input_ids"] for r in rows], max_new_tokens=int(c.max_new_tokens),
                                    do_sample=bool(c.do_sample), temperature=float(c.temperature),
                                    top_k=int(c.top_k), top_p=float(c.top_p), eos_token_ids=self.stop_ids,
