@@ -128,18 +128,24 @@ def test_frozen_weights_cast_once_gives_autocasts_tokens_and_logps_bitwise_and_r
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def _layer_and_merge_by_hand(model, name):
+    """The LoRA layer ``name`` and ``bf16(W0 + s B A)`` computed in float64 (Hu et al. 2021, section 4.1)."""
+    from llmtune import peft
+
+    layer = dict(peft.lora_layers(model))[name]
+    w0, a, b = (t.detach().double() for t in (layer.base_layer.weight, layer.lora_A["default"].weight,
+                                               layer.lora_B["default"].weight))
+    return layer, (w0 + layer.scaling["default"] * (b @ a)).to(torch.bfloat16)
+
+
 def test_merged_rollout_weights_equal_the_merge_formula_and_are_restored():
     """``merge_adapters``: each LoRA layer runs on ``bf16(W0 + s B A)`` (Hu et al. 2021, section 4.1, computed by
     hand here) with its adapter path off; on exit the original parameters and active adapters are back."""
-    from llmtune import peft
     from llmtune.train.precision import frozen_weights_cast
 
     model = lora_model().eval()
     before = {k: p for k, p in model.named_parameters()}
-    layer = dict(peft.lora_layers(model))["model.layers.0.mlp.up_proj"]
-    w0, a, b = (t.detach().double() for t in (layer.base_layer.weight, layer.lora_A["default"].weight,
-                                               layer.lora_B["default"].weight))
-    want_w = (w0 + layer.scaling["default"] * (b @ a)).to(torch.bfloat16)
+    layer, want_w = _layer_and_merge_by_hand(model, "model.layers.0.mlp.up_proj")
     x = torch.randn(3, layer.in_features)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
             frozen_weights_cast(model, torch.bfloat16, merge_adapters=True):
@@ -162,17 +168,13 @@ def test_packed_rollout_weights_give_f_linears_bf16_products_bitwise_and_are_rem
     ``F.linear`` of the merged bf16 weight (the formula above, by hand) bitwise at 1-9 rows and on 3-D input,
     a gradient request raises, greedy rollouts give the unpacked merged rollout's tokens, and on exit no
     packed forward is left and the parameters are the original objects."""
-    from llmtune import peft
     from llmtune.train.precision import frozen_weights_cast, packed_linear_available
 
     if not packed_linear_available():
         pytest.skip("this torch build has no oneDNN prepacked bf16 linear (nothing is packed there)")
     model = lora_model().eval()
     before = {k: p for k, p in model.named_parameters()}
-    layer = dict(peft.lora_layers(model))["model.layers.0.self_attn.q_proj"]
-    w0, a, b = (t.detach().double() for t in (layer.base_layer.weight, layer.lora_A["default"].weight,
-                                               layer.lora_B["default"].weight))
-    want_w = (w0 + layer.scaling["default"] * (b @ a)).to(torch.bfloat16)
+    layer, want_w = _layer_and_merge_by_hand(model, "model.layers.0.self_attn.q_proj")
     want_b = None if layer.base_layer.bias is None else layer.base_layer.bias.detach().to(torch.bfloat16)
     ctx = dict(merge_adapters=True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
