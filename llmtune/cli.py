@@ -126,7 +126,8 @@ def run() -> NoReturn:
     stderr are flushed and the process ends with ``os._exit``. Every file llmtune writes is closed by then
     (``with`` blocks); when another non-daemon thread is still alive (a user's reporter), the process exits
     the ordinary way, which waits for it. An exception out of ``main`` also takes the ordinary way.
-    ``main`` itself (what tests and notebooks call) never exits.
+    ``main`` itself (what tests and notebooks call) never exits. Source: the Python documentation of
+    ``os._exit`` (no cleanup handlers, no stdio flush) and of ``atexit`` (handlers run at normal termination).
     """
     code = main()
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
