@@ -1,5 +1,5 @@
 """``python -m llmtune ...`` (also what ``torchrun -m llmtune train ...`` runs)."""
 
-from llmtune.cli import main
+from llmtune.cli import run
 
-raise SystemExit(main())
+run()

@@ -7,8 +7,11 @@ exits with status 2; no traceback.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import threading
+from typing import NoReturn
 
 from llmtune import __version__
 from llmtune.errors import LLMTuneError, Terminated
@@ -112,5 +115,32 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """Process entry point (the ``llmtune`` console script and ``python -m llmtune``): :func:`main`, then a
+    quick exit with its status.
+
+    After the command returns, the interpreter's normal shutdown walks and frees every object torch and the
+    model left (garbage-collector passes over the whole heap, then module teardown): 0.4-1.5 s of wall time
+    on this CPU after a training run, for memory the operating system reclaims anyway. So once ``main``
+    has returned, the ``atexit`` handlers run (logging, multiprocessing, reporters' own hooks), stdout and
+    stderr are flushed and the process ends with ``os._exit``. Every file llmtune writes is closed by then
+    (``with`` blocks); when another non-daemon thread is still alive (a user's reporter), the process exits
+    the ordinary way, which waits for it. An exception out of ``main`` also takes the ordinary way.
+    ``main`` itself (what tests and notebooks call) never exits. Source: the Python documentation of
+    ``os._exit`` (no cleanup handlers, no stdio flush) and of ``atexit`` (handlers run at normal termination).
+    """
+    code = main()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what the ordinary shutdown runs first (CPython's atexit module)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

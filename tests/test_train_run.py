@@ -166,6 +166,27 @@ def test_a_training_run_with_checkpoints_imports_no_dynamo(tiny_folder, data_dir
     assert (out / "checkpoint-3" / "trainer_state.json").is_file()
 
 
+def test_python_m_llmtune_train_imports_no_fsdp_and_exits_after_writing_its_outputs(tiny_folder, data_dir, tmp_path):
+    """``python -m llmtune train`` in one process (no torchrun) never imports ``torch.distributed.fsdp``
+    (DTensor, sympy: 0.3-1 s of CPU; ``is_fsdp`` used to import it on the first step), and its quick exit
+    (``llmtune.cli.run``: ``os._exit`` after the atexit handlers) leaves every output written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    flags = [a for k, v in base_cfg(tiny_folder, data_dir, out, max_steps=2).items() for a in (f"--{k}", str(v))]
+    code = ("import atexit, runpy, sys; "
+            "atexit.register(lambda: print('FSDP', 'torch.distributed.fsdp' in sys.modules, flush=True)); "
+            f"sys.argv = ['llmtune', 'train'] + {flags!r}; runpy.run_module('llmtune', run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "FSDP False", run.stdout + run.stderr
+    logged = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["current_steps"] for r in logged] == [1, 2]
+    assert json.loads((out / "all_results.json").read_text())["train_loss"] > 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "llmtune.json").is_file()
+
+
 def test_llmtune_train_stays_the_package_after_the_notebook_call():
     """``llmtune.train`` reached first through ``llmtune``'s lazy attributes is the (callable) package, so
     ``import llmtune.train.checkpoint`` keeps working in the same process (it failed with 'cannot import name

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from typing import Any, Iterator, Optional
 
 import torch
@@ -186,7 +187,13 @@ def apply_fsdp(model: torch.nn.Module, config: Any) -> torch.nn.Module:
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:
-    """True when ``model`` has been through FSDP2 ``fully_shard``."""
+    """True when ``model`` has been through FSDP2 ``fully_shard``.
+
+    A process that never imported ``torch.distributed.fsdp`` has no FSDP2 module (``fully_shard`` lives there):
+    then False without importing it (the import takes 0.3-1 s of CPU: DTensor, sympy), so a single-process run
+    never pays for it."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
