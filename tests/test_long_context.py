@@ -231,3 +231,26 @@ def test_set_mmap_threshold_refuses_bad_values_without_raising():
     assert memory.set_mmap_threshold(-1) is False
     assert memory.set_mmap_threshold(64 << 20) is False     # above glibc's 32 MiB ceiling
     assert memory.set_mmap_threshold("131072") is False
+
+
+@pytest.mark.parametrize("device,cutoff,called", [("cpu", 4096, True), ("cpu", 2049, True), ("cpu", 2048, False),
+                                                  ("cpu", 512, False), ("cuda", 8192, False)])
+def test_long_context_malloc_sets_the_threshold_only_for_long_cpu_rows(monkeypatch, device, cutoff, called):
+    """The rule measured in docs/performance.md: CPU and rows longer than one MLP tile (2048 tokens)."""
+    calls = []
+    monkeypatch.setattr(memory, "set_mmap_threshold", lambda *a: calls.append(a) or True)
+    assert memory.long_context_malloc(device, cutoff) is called
+    assert calls == ([()] if called else [])
+
+
+def test_trainer_with_gradient_checkpointing_applies_the_long_context_malloc(monkeypatch, tmp_path):
+    from llmtune.train import trainer as trainer_mod
+
+    seen = []
+    monkeypatch.setattr(trainer_mod, "long_context_malloc", lambda dev, cut: seen.append((dev, cut)) or False)
+    rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3]}]
+    for gc in (False, True):
+        trainer_mod.Trainer(_model(True), {"stage": "sft", "output_dir": str(tmp_path), "max_steps": 1,
+                                           "report_to": "none", "cutoff_len": 8192, "gradient_checkpointing": gc},
+                            rows)
+    assert seen == [("cpu", 8192)]
