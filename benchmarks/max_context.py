@@ -19,6 +19,11 @@ transformers with ``attn_implementation="sdpa"``, ``gradient_checkpointing_enabl
 ``use_cache=False``. ``logits_to_keep`` does not help here: every position has a label, so transformers needs
 all ``T`` rows of logits (it keeps by default, and its loss upcasts them to float32).
 
+Both children run with the same glibc malloc setting, ``MALLOC_MMAP_THRESHOLD_=--mmap-threshold`` in their
+environment (default 131072 bytes: every block of 128 KiB or more is its own ``mmap``, returned to the OS when
+freed, so a freed activation never sits in a fragmented heap; ``0`` leaves glibc's default, a threshold that
+rises to the largest block freed so far, up to 32 MiB). The value is recorded in the JSON.
+
 Also written: peak RSS against length for every successful trial (a plot, ``--plot``), so the curve runs from
 ``--min-len`` to each side's largest. Prints a table and writes JSON (``--out``).
 
@@ -157,7 +162,11 @@ def trial(args, impl: str, seq: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--seq", str(seq), "--model",
            args.model, "--tmp", args.tmp, "--threads", str(args.threads)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     loaded = threading.Event()
 
@@ -232,7 +241,7 @@ def write(args, trials: list, best: dict, partial: bool = False) -> None:
     """The JSON result (``partial``: written during the search; ``longest`` is empty until it ends)."""
     result = {"budget_gib": args.budget_gib, "max_len": args.max_len, "step": args.step, "longest": best,
               "ratio": (best["llmtune"] / best["hf"]) if best.get("hf") and best.get("llmtune") else None,
-              "partial": partial, "trials": trials, "threads": args.threads, "model": Path(args.model).name}
+              "partial": partial, "mmap_threshold": args.mmap_threshold, "trials": trials, "threads": args.threads, "model": Path(args.model).name}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 
@@ -271,6 +280,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "max_context.json"))
     ap.add_argument("--plot", default=str(REPO / "docs" / "images" / "max_context.png"))
     ap.add_argument("--tmp", default="/tmp/llmtune_max_context")
+    ap.add_argument("--mmap-threshold", type=int, default=131072,
+                    help="MALLOC_MMAP_THRESHOLD_ (bytes) of both children; 0 = glibc's default")
     ap.add_argument("--resume", help="a JSON result of an interrupted run at the same budget: reuse its trials")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -286,6 +297,9 @@ def main() -> None:
         old = json.loads(Path(args.resume).read_text())
         if old["budget_gib"] != args.budget_gib:
             sys.exit(f"max_context: --resume {args.resume} is for {old['budget_gib']} GiB, not {args.budget_gib}")
+        if old.get("mmap_threshold", 0) != args.mmap_threshold:
+            sys.exit(f"max_context: --resume {args.resume} ran with --mmap-threshold {old.get('mmap_threshold', 0)}, "
+                     f"not {args.mmap_threshold}")
         args.cache = {(t["impl"], t["seq"]): t for t in old["trials"]}
     trials: list = []
     best = {}

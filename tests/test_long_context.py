@@ -180,3 +180,77 @@ def test_llamafactory_keys_map_to_offloaded_checkpointing_or_explain(capsys):
     assert cfg.offload_activations is True
     err = capsys.readouterr().err
     assert "enable_liger_kernel" in err and "use_kernels" in err and "chunked loss" in err
+
+
+_MALLOC = textwrap.dedent("""
+    import ctypes, json, sys
+    import torch
+    from llmtune.models.memory import set_mmap_threshold
+    libc = ctypes.CDLL(None)
+    class Info(ctypes.Structure):   # struct mallinfo2, <malloc.h>
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                  "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc.mallinfo2.restype = Info
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    applied = set_mmap_threshold() if sys.argv[1] == "call" else None
+    libc.free(libc.malloc(8 << 20))      # a freed mmapped 8 MiB block: glibc's dynamic threshold rises to 8 MiB
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(1 << 20)
+    mapped = libc.mallinfo2().hblks - before
+    libc.free(p)
+    sums = []
+    for n in (64, 300, 1000, 300, 64):    # tensors below and above the threshold, allocated and freed in turn
+        a = torch.ones(n, n, dtype=torch.bfloat16)
+        sums.append(float((a.float() @ a.float())[0, 0]))
+    print(json.dumps({"applied": applied, "mapped": mapped, "sums": sums}))
+""")
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(__import__("ctypes").CDLL(None),
+                                                                      "gnu_get_libc_version")),
+                    reason="glibc only")
+@pytest.mark.parametrize("mode,env,applied,mapped", [
+    ("none", None, None, 0),          # glibc's default: after the 8 MiB free, 1 MiB comes from the heap
+    ("call", None, True, 1),          # threshold fixed at 128 KiB: 1 MiB is its own mmap
+    ("call", "65536", False, 1),      # the user's MALLOC_MMAP_THRESHOLD_ wins; glibc applied it at start
+], ids=["default", "set", "env-wins"])
+def test_set_mmap_threshold_makes_large_blocks_mmapped(mode, env, applied, mapped):
+    """Independent expectation from glibc's documented rules (mallopt(3), M_MMAP_THRESHOLD and the dynamic
+    threshold), observed through mallinfo2's count of mmapped blocks; tensors still compute n x n sums of ones."""
+    envs = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    if env:
+        envs["MALLOC_MMAP_THRESHOLD_"] = env
+    out = subprocess.run([sys.executable, "-c", _MALLOC, mode], capture_output=True, text=True, env=envs,
+                         timeout=300, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"applied": applied, "mapped": mapped, "sums": [64.0, 300.0, 1000.0, 300.0, 64.0]}
+
+
+def test_set_mmap_threshold_refuses_bad_values_without_raising():
+    assert memory.set_mmap_threshold(-1) is False
+    assert memory.set_mmap_threshold(64 << 20) is False     # above glibc's 32 MiB ceiling
+    assert memory.set_mmap_threshold("131072") is False
+
+
+@pytest.mark.parametrize("device,cutoff,called", [("cpu", 4096, True), ("cpu", 2049, True), ("cpu", 2048, False),
+                                                  ("cpu", 512, False), ("cuda", 8192, False)])
+def test_long_context_malloc_sets_the_threshold_only_for_long_cpu_rows(monkeypatch, device, cutoff, called):
+    """The rule measured in docs/performance.md: CPU and rows longer than one MLP tile (2048 tokens)."""
+    calls = []
+    monkeypatch.setattr(memory, "set_mmap_threshold", lambda *a: calls.append(a) or True)
+    assert memory.long_context_malloc(device, cutoff) is called
+    assert calls == ([()] if called else [])
+
+
+def test_trainer_with_gradient_checkpointing_applies_the_long_context_malloc(monkeypatch, tmp_path):
+    from llmtune.train import trainer as trainer_mod
+
+    seen = []
+    monkeypatch.setattr(trainer_mod, "long_context_malloc", lambda dev, cut: seen.append((dev, cut)) or False)
+    rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3]}]
+    for gc in (False, True):
+        trainer_mod.Trainer(_model(True), {"stage": "sft", "output_dir": str(tmp_path), "max_steps": 1,
+                                           "report_to": "none", "cutoff_len": 8192, "gradient_checkpointing": gc},
+                            rows)
+    assert seen == [("cpu", 8192)]

@@ -19,11 +19,18 @@ Three pieces, used by :class:`llmtune.models.transformer.Transformer` when gradi
 
 Tiling is active only inside a checkpointed layer (its forward and its recompute) and only for sequences longer
 than ``TILE_TOKENS`` rows; shorter batches take the plain path unchanged.
+
+And one allocator setting, :func:`set_mmap_threshold`: on Linux with glibc, CPU tensors of 128 KiB or more each
+get their own ``mmap`` (returned to the OS when freed), so the freed activations of a long step do not pile up
+as fragmented heap that the process keeps resident.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -208,3 +215,59 @@ def checkpoint_layer(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Te
         run = _tiling(lambda h: layer(h, *args))
         return _OffloadedCheckpoint.apply(run, offload, x, *_trainable(layer))
     return checkpoint(_tiling(layer), x, *args, use_reentrant=False)
+
+
+#: the M_MMAP_THRESHOLD (bytes) that :func:`set_mmap_threshold` sets by default: glibc's initial value, made fixed
+MMAP_THRESHOLD = 128 * 1024
+_M_MMAP_THRESHOLD = -3          # <malloc.h>
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit (HEAP_MAX_SIZE / 2): mallopt refuses more
+
+
+def set_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc malloc's mmap threshold at ``nbytes`` (``mallopt(M_MMAP_THRESHOLD, nbytes)``) for this process.
+
+    Every later ``malloc`` of ``nbytes`` bytes or more (a CPU tensor's storage) is then its own anonymous
+    ``mmap``, unmapped when freed. glibc's default threshold starts at 128 KiB but rises to the size of the
+    largest mmapped block freed so far (up to 32 MiB), after which the activations of a training step come from
+    the heap, whose freed middle is kept resident; a long checkpointed step (tiles and recomputes of different
+    sizes) left 0.15-0.7 MiB per token of such heap on SmolLM2-135M (docs/performance.md, "Long context").
+    The cost is a page fault per new page of each large block (measured in ``benchmarks/train_throughput.py``).
+
+    Args: nbytes: the threshold in bytes, an ``int`` in ``[0, 32 MiB]``.
+    Returns: True if glibc accepted it; False, with nothing changed, off Linux, without glibc (musl's
+    ``mallopt`` is a stub), when ``MALLOC_MMAP_THRESHOLD_`` is in the environment (the user's own setting,
+    which glibc applied at start-up, stays), or for a value glibc would refuse. Never raises.
+    Source: glibc manual, "Malloc Tunable Parameters" (``M_MMAP_THRESHOLD`` = -3, the dynamic threshold,
+    ``MALLOC_MMAP_THRESHOLD_``); mallopt(3).
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return False
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes <= _MMAP_THRESHOLD_MAX:
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):
+            return False
+        mallopt = libc.mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        return mallopt(_M_MMAP_THRESHOLD, nbytes) == 1
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+def long_context_malloc(device_type: str, cutoff_len: int) -> bool:
+    """At the start of CPU training with gradient checkpointing: :func:`set_mmap_threshold` when rows may be longer
+    than :data:`TILE_TOKENS` (``cutoff_len`` > 2048 tokens), where it pays; otherwise nothing.
+
+    Measured (SmolLM2-135M, LoRA r8, bf16, checkpointing, one thread; ``benchmarks/results/mmap_threshold_s6.json``):
+    one row of 4096 tokens, peak RSS 915 MiB instead of 1744, CPU time per step +24%; 4 rows of 512, peak RSS
+    852 MiB instead of 1068-1131 but CPU time +45% (a fresh mapping is page-faulted for every large tensor),
+    hence not applied to short rows. ``MALLOC_MMAP_THRESHOLD_`` in the environment overrides either way.
+
+    Args: device_type: the training device's type (``"cpu"``, ``"cuda"``, ...); cutoff_len: the longest row.
+    Returns: whether the threshold was set (False off the CPU, for short rows, and where
+    :func:`set_mmap_threshold` declines). Never raises.
+    """
+    if device_type != "cpu" or int(cutoff_len or 0) <= TILE_TOKENS:
+        return False
+    return set_mmap_threshold()

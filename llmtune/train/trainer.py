@@ -39,6 +39,7 @@ import torch
 
 from llmtune.data.collator import pad_collate
 from llmtune.errors import LLMTuneError, Terminated, notice
+from llmtune.models.memory import long_context_malloc
 from llmtune.train import checkpoint as ckpt
 from llmtune.train import checkpointer
 from llmtune.train import wrap as dist_hooks
@@ -169,6 +170,7 @@ class Trainer:
         if (config.gradient_checkpointing or offload) and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
             model.offload_activations = offload   # pinned CPU copies of the kept inputs on CUDA (models.memory)
+            long_context_malloc(self.device.type, getattr(config, "cutoff_len", 0))   # glibc mmap threshold
         if config.torch_compile and hasattr(model, "compile_layers"):
             model.compile_layers()   # regional compilation: each decoder layer once, dynamic sequence length
         self.model = model = dist_hooks.wrap_model(model, config)  # DDP / FSDP2 under torchrun, else as is
