@@ -122,11 +122,12 @@ class SlotKVCache:
             shape = (self.num_slots, k.shape[1], self.max_len, k.shape[3])
             # on the CPU, half-precision keys/values are held in float32 (exact): the decode attention computes in
             # float32 (llmtune.models.transformer._attend_one_query) and then reads them without a cast per step
-            dt = torch.float32 if (self.decode_shortcuts and k.device.type == "cpu"
-                                   and k.dtype in (torch.bfloat16, torch.float16)) else k.dtype
+            up = self.decode_shortcuts and k.device.type == "cpu"
             # zeros, not empty: a masked position still meets the attention's product with V, and 0 * NaN from
             # uninitialised memory would be NaN
-            buf = self.layers[layer] = (k.new_zeros(shape, dtype=dt), v.new_zeros(shape, dtype=dt))
+            buf = self.layers[layer] = tuple(
+                x.new_zeros(shape, dtype=torch.float32 if up and x.dtype in (torch.bfloat16, torch.float16) else None)
+                for x in (k, v))
         kb, vb = buf
         if self._plan[0] == "prefill":
             _, slots, pos, src = self._plan
