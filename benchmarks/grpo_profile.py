@@ -114,6 +114,7 @@ def _sdpa_one_query(q, k, v, mask):
     """A decode step's attention as before the one-query path: torch's SDPA (``"_sdpa_decode": true``)."""
     import torch.nn.functional as F
 
+    k, v = k.to(q.dtype), v.to(q.dtype)   # the CPU slot cache holds float32 keys/values
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)
 
 

@@ -42,6 +42,7 @@ PROMPTS = ["What is 17 + 25? Reply with the number only.", "What is 8 + 41? Repl
 
 def _sdpa_one_query(q, k, v, mask):
     """The decode attention before the one-query path: torch's SDPA."""
+    k, v = k.to(q.dtype), v.to(q.dtype)   # the CPU slot cache holds float32 keys/values
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)
 
 

@@ -56,6 +56,10 @@ class SlotKVCache:
     the model reads :attr:`seq_len` (cached length it sees) and :attr:`step_mask`, and calls :meth:`update` per layer.
     """
 
+    #: on the CPU: half-precision keys/values held in float32, and a decode write of rows of different lengths as
+    #: one ``index_copy_`` (False: the buffers in the keys' dtype and an advanced-index write; for A/B benchmarks)
+    decode_shortcuts = True
+
     def __init__(self, num_layers: int, num_slots: int, max_len: int) -> None:
         if num_slots < 1 or max_len < 1:
             raise ValueError(f"SlotKVCache: num_slots ({num_slots}) and max_len ({max_len}) must be >= 1")
@@ -72,6 +76,7 @@ class SlotKVCache:
         #: may set it in a prefill (``QwenVL`` stores the prompt's offset there)
         self.rope_deltas: Optional[torch.Tensor] = None
         self._plan: tuple = ()
+        self._flat: Optional[torch.Tensor] = None
 
     def prefill(self, slots: torch.Tensor, positions: torch.Tensor, sources: torch.Tensor) -> None:
         """Plan a packed prefill forward (``input_ids`` of shape ``(1, T)``): token ``sources[j]`` of it is
@@ -105,6 +110,7 @@ class SlotKVCache:
                 m = m & (cols > lengths[:, None] - window)
             self.step_mask = m[:, None, None, :]
         self._plan = ("decode", n, longest, None if uniform else lengths)
+        self._flat = None   # the step's flat write positions, made by the first layer's update
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's keys/values ``(batch, kv_heads, new, head_dim)`` of ``layer`` as planned.
@@ -114,23 +120,36 @@ class SlotKVCache:
         buf = self.layers[layer]
         if buf is None:
             shape = (self.num_slots, k.shape[1], self.max_len, k.shape[3])
+            # on the CPU, half-precision keys/values are held in float32 (exact): the decode attention computes in
+            # float32 (llmtune.models.transformer._attend_one_query) and then reads them without a cast per step
+            up = self.decode_shortcuts and k.device.type == "cpu"
             # zeros, not empty: a masked position still meets the attention's product with V, and 0 * NaN from
             # uninitialised memory would be NaN
-            buf = self.layers[layer] = (k.new_zeros(shape), v.new_zeros(shape))
+            buf = self.layers[layer] = tuple(
+                x.new_zeros(shape, dtype=torch.float32 if up and x.dtype in (torch.bfloat16, torch.float16) else None)
+                for x in (k, v))
         kb, vb = buf
         if self._plan[0] == "prefill":
             _, slots, pos, src = self._plan
-            kb[slots, :, pos] = k[0][:, src].transpose(0, 1)
-            vb[slots, :, pos] = v[0][:, src].transpose(0, 1)
+            kb[slots, :, pos] = k[0][:, src].transpose(0, 1).to(kb.dtype)
+            vb[slots, :, pos] = v[0][:, src].transpose(0, 1).to(vb.dtype)
             return k, v
         _, n, longest, lengths = self._plan
         if lengths is None:                       # all rows at the same position: one slice write
             kb[:n, :, longest:longest + 1] = k
             vb[:n, :, longest:longest + 1] = v
-        else:
+        elif not self.decode_shortcuts:
             rows = torch.arange(n, device=k.device)
             kb[rows, :, lengths] = k[:, :, 0]
             vb[rows, :, lengths] = v[:, :, 0]
+        else:
+            # one flat row per (slot, head) at that row's length: index_copy_ of (n * kv_heads, head_dim) rows
+            s, hk, cap, d = kb.shape
+            if self._flat is None or self._flat.shape[0] != n * hk:   # the same for every layer of this step
+                heads = torch.arange(n * hk, device=k.device)
+                self._flat = heads * cap + lengths.repeat_interleave(hk)
+            kb.view(s * hk * cap, d).index_copy_(0, self._flat, k.reshape(n * hk, d).to(kb.dtype))
+            vb.view(s * hk * cap, d).index_copy_(0, self._flat, v.reshape(n * hk, d).to(vb.dtype))
         return kb[:n, :, :longest + 1], vb[:n, :, :longest + 1]
 
     def move(self, dst: Sequence[int], src: Sequence[int], upto: int) -> None:

@@ -226,3 +226,26 @@ def test_real_model_engine_greedy_equals_transformers_alone(_hf_real_model, _llm
             assert toks[rid][:m] == ref[:m], (questions[i], tok.decode(toks[rid]), tok.decode(ref))
             compared += m
     assert compared >= 80
+
+
+@pytest.mark.parametrize("family,tie", [("llama", False), ("qwen3", True)])
+def test_cpu_decode_shortcuts_bitwise_equal_the_general_path(family, tie, monkeypatch):
+    """Under bf16 autocast, the CPU decode shortcuts (RoPE of q and k in one roll with tables cast once per
+    forward, normed inputs cast once, a float32 slot cache written by ``index_copy_``) give the tokens and
+    log-probs of the general per-layer path bitwise: rows of different lengths, a shared prefill, rows leaving."""
+    from llmtune import engine as engine_mod
+    from llmtune.models import transformer
+
+    _, ours = tiny_pair(family, tie)
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(transformer, "DECODE_SHORTCUTS", [on])
+        monkeypatch.setattr(engine_mod.SlotKVCache, "decode_shortcuts", on)
+        engine = Engine(ours, max_slots=4, max_len=40)
+        reqs = [Request(p, n, logprobs=True) for p, n in zip(PROMPTS[:3], (9, 5, 12))]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            res = engine.run(reqs, [2, 1, 1])
+        out[on] = [(c.tokens, c.logprobs) for c in res]
+        if on:
+            assert engine.cache.layers[0][0].dtype == torch.float32
+    assert out[True] == out[False]

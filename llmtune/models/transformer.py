@@ -87,6 +87,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+#: CPU decode steps (one query, a cache): RoPE of q and k in one rotation with tables made once per forward, and
+#: under autocast each normed input cast once; both bitwise equal to the general path ([False]: for A/B benchmarks)
+DECODE_SHORTCUTS = [True]
+_DECODE_ROPE: list = [None]   # (cos, sin, dtype, cos', sin'): the last decode forward's tables, shared by its layers
+
+
+def _decode_rope(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's RoPE tables ``(B, 1, 1, D)`` in ``dtype`` from the forward's float32 ``cos, sin``
+    ``(B, 1, D)``: ``cos`` cast, and ``sin`` cast with its first half negated, so that ``roll(x, D/2) * sin'``
+    equals ``rotate_half(x) * sin`` bitwise (``(-a) * b == a * (-b)`` in IEEE arithmetic). Computed by the first
+    layer of a forward and reused by the others (the same ``cos`` object); recomputed inside ``torch.compile``."""
+    memo = _DECODE_ROPE[0]
+    if memo is not None and memo[0] is cos and memo[1] is sin and memo[2] == dtype:
+        return memo[3], memo[4]
+    half = cos.shape[-1] // 2
+    c, s = cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+    s = torch.cat((-s[..., :half], s[..., half:]), dim=-1)
+    if not torch.compiler.is_compiling():
+        _DECODE_ROPE[0] = (cos, sin, dtype, c, s)
+    return c, s
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v(/o) bias and Qwen3's per-head q/k RMSNorm."""
 
@@ -121,6 +143,12 @@ class Attention(nn.Module):
             from llmtune.kernels.rope import apply_rope
 
             q, k = apply_rope(q, k, cos, sin)
+        elif cache is not None and t == 1 and q.device.type == "cpu" and DECODE_SHORTCUTS[0]:
+            # a decode step: q and k in one rotation, the tables cast once per forward
+            cos, sin = _decode_rope(cos, sin, q.dtype)
+            qk = torch.cat((q, k), dim=1)
+            qk = qk * cos + qk.roll(self.head_dim // 2, -1) * sin         # = rotate_half(qk) * sin, bitwise
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         else:
             cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
             q = q * cos + rotate_half(q) * sin
@@ -166,6 +194,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache):
+        if (cache is not None and x.shape[1] == 1 and x.device.type == "cpu" and DECODE_SHORTCUTS[0]
+                and torch.is_autocast_enabled("cpu")):
+            # a decode step under autocast: each normed input cast once, not once per projection (the same cast
+            # autocast, or a packed frozen linear, would make; a sparse MoE block keeps its own input)
+            ac = torch.get_autocast_dtype("cpu")
+            x = x + self.self_attn(self.input_layernorm(x).to(ac), cos, sin, mask, cache)
+            h = self.post_attention_layernorm(x)
+            return x + self.mlp(h.to(ac) if isinstance(self.mlp, MLP) else h)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
