@@ -10,8 +10,9 @@ best of ``--repeats``:
   ``torch.autocast`` as TRL's GRPOTrainer runs it;
 * ``llmtune before``: :func:`llmtune.rollout.generate_rollouts` with the frozen weights cast once but the LoRA
   products at every step and torch's SDPA for the decode attention (the code before session 5);
-* ``llmtune``: today's rollout (:func:`llmtune.train.precision.frozen_weights_cast` with ``merge_adapters``, the
-  one-query decode attention).
+* ``llmtune merged``: session 5's rollout (:func:`llmtune.train.precision.frozen_weights_cast` with
+  ``merge_adapters``, the one-query decode attention);
+* ``llmtune``: today's rollout, as GRPO and PPO run it: the merged weights also oneDNN-prepacked (``pack=True``).
 
 ``tok_s``: generated tokens (all rows) per second of the whole call, prefill included. The greedy tokens of each
 llmtune variant are compared with transformers' (``same_tokens``: the fraction of equal tokens; bf16 rounding
@@ -92,17 +93,19 @@ def main() -> None:
                               do_sample=False, pad_token_id=pad, use_cache=True)
         return out[:, p:]
 
-    def run_ours(before: bool):
+    def run_ours(before: bool, pack: bool = False):
         transformer._attend_one_query = _sdpa_one_query if before else one_query
         try:
-            with torch.autocast("cpu", dtype=torch.bfloat16), frozen_weights_cast(ours, torch.bfloat16, not before):
+            with torch.autocast("cpu", dtype=torch.bfloat16), \
+                    frozen_weights_cast(ours, torch.bfloat16, not before, pack=pack):
                 ro = generate_rollouts(ours, ids, max_new_tokens=a.new_tokens, do_sample=False,
                                        num_return_sequences=g, eos_token_ids=None, return_logps=False)
         finally:
             transformer._attend_one_query = one_query
         return ro.completion_ids
 
-    impls = {"hf": run_hf, "llmtune before": lambda: run_ours(True), "llmtune": lambda: run_ours(False)}
+    impls = {"hf": run_hf, "llmtune before": lambda: run_ours(True), "llmtune merged": lambda: run_ours(False),
+             "llmtune": lambda: run_ours(False, pack=True)}
     best = {k: float("inf") for k in impls}
     out = {}
     for _ in range(a.repeats):
