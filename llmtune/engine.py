@@ -538,9 +538,20 @@ class Engine:
 
     # -- batch calls ----------------------------------------------------------------------------------------
     def iter_steps(self) -> Iterator[list[TokenEvent]]:
-        """:meth:`step` until no work is left; yields each step's events (list of :class:`TokenEvent`)."""
-        while self.has_work():
-            yield self.step()
+        """:meth:`step` until no work is left; yields each step's events (list of :class:`TokenEvent`).
+
+        The model is put in eval mode once for the whole loop (and back in train mode when the loop ends or the
+        iterator is closed), not at every step: ``Module.train``/``eval`` walk every submodule, which cost a
+        GRPO rollout of 48 steps on the 135M LoRA model about 0.3 s."""
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()
+        try:
+            while self.has_work():
+                yield self.step()
+        finally:
+            if was_training:
+                self.model.train(True)
 
     def run(self, requests: Sequence[Request], num_return_sequences: int | Sequence[int] = 1) -> list[Completion]:
         """Generate every request to the end, ``num_return_sequences`` prefix-shared completions each (an int for

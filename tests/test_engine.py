@@ -82,6 +82,34 @@ def test_per_row_stop_ids_and_settings_in_one_batch():
     assert toks[ids[2]] == hf_greedy(hf, PROMPTS[3], 5) and reasons[ids[2]] == "length"
 
 
+def test_run_sets_eval_mode_once_and_restores_training():
+    """A model in training mode decodes in eval mode (every step) and is back in training mode afterwards, with
+    ``Module.train`` called twice for the whole run, not twice per step (a walk over every submodule)."""
+    hf, ours = tiny_pair("llama")
+    ours.train()
+    calls, seen = [], []
+    real_train, real_step = ours.train, Engine._step
+
+    def counting_train(mode=True):
+        calls.append(mode)
+        return real_train(mode)
+
+    def watching_step(self):
+        seen.append(self.model.training)
+        return real_step(self)
+
+    ours.train = counting_train
+    Engine._step = watching_step
+    try:
+        done = Engine(ours, max_slots=2, max_len=32).run([Request(PROMPTS[0], 9), Request(PROMPTS[1], 6)])
+    finally:
+        Engine._step = real_step
+        del ours.train
+    assert [c.tokens for c in done] == [hf_greedy(hf, PROMPTS[0], 9), hf_greedy(hf, PROMPTS[1], 6)]
+    assert len(seen) >= 9 and not any(seen)
+    assert calls == [False, True] and ours.training
+
+
 def full_logits(model, prompt, tokens):
     with torch.no_grad():
         ids = torch.tensor([list(prompt) + list(tokens)])
