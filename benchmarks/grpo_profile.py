@@ -19,8 +19,9 @@ one process (A, B, A, B...), for before/after figures on the same machine state;
 rollouts without :func:`llmtune.train.precision.frozen_weights_cast` (autocast casting every call), ``"_merge":
 false`` rollouts with the LoRA products at every step (no merged weights), ``"_sdpa_decode": true`` decode steps
 with torch's SDPA instead of the one-query attention, ``"_pack": false`` rollouts without oneDNN-prepacked
-weights, ``"_draw": "multinomial"`` rollout tokens drawn with ``torch.multinomial`` (generate's draw). The load
-average is recorded: on a shared machine timings are noisy.
+weights, ``"_draw": "multinomial"`` rollout tokens drawn with ``torch.multinomial`` (generate's draw),
+``"_share": false`` training forwards with a prompt copy per completion (no shared prompts). The load average is
+recorded: on a shared machine timings are noisy.
 
 Usage (from the repository root)::
 
@@ -134,6 +135,7 @@ def run_job(a: argparse.Namespace, extra: dict, t: Timers) -> list[dict[str, flo
     GRPOStage.merge_adapters = bool(extra.get("_merge", True))       # "_merge": false = LoRA products per step
     GRPOStage.pack_weights = bool(extra.get("_pack", True))          # "_pack": false = plain bf16 weights
     _DRAW[0] = extra.get("_draw")                                    # "_draw": the rollout engine's draw
+    GRPOStage.share_prompts = bool(extra.get("_share", True))        # "_share": false = a prompt copy per row
     from llmtune.models import transformer
 
     transformer._attend_one_query = _sdpa_one_query if extra.get("_sdpa_decode") else _ONE_QUERY

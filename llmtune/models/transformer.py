@@ -294,6 +294,8 @@ class SegmentSpans:
     window: Optional[int] = None
     cu_seqlens: Optional[torch.Tensor] = None
     max_len: int = 0
+    parents: Optional[list] = None   # per span: an earlier span whose keys it also sees, or -1 (shared prompts:
+    #                                  llmtune.models.shared_prefix; one packed row, no window, no cu_seqlens)
 
 
 def segment_spans(attention_mask: torch.Tensor, window: Optional[int] = None) -> Optional[SegmentSpans]:
@@ -392,6 +394,10 @@ def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: Seg
     whose count and lengths change every batch would otherwise recompile; :meth:`Transformer.compile_layers`
     wraps it in ``torch.compiler.disable`` then, not at import, which would import ``torch._dynamo``: 1.2 s of
     every command's start-up)."""
+    if segs.parents is not None:
+        from llmtune.models.shared_prefix import prefix_span_attention
+
+        return prefix_span_attention(q, k, v, segs, _CPU_FP32_SPAN)
     b, h, t, d = q.shape
     gqa = k.shape[1] != h
     if is_cuda(q) and segs.cu_seqlens is not None:
@@ -498,7 +504,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
-                use_cache: bool = False, inputs_embeds: Optional[torch.Tensor] = None, layer_hook=None):
+                use_cache: bool = False, inputs_embeds: Optional[torch.Tensor] = None, layer_hook=None,
+                spans: Optional[SegmentSpans] = None):
         """Run the decoder.
 
         Args:
@@ -514,6 +521,8 @@ class Transformer(nn.Module):
             inputs_embeds: ``(batch, seq, hidden)`` used instead of embedding ``input_ids`` (vision-language
                 models: image features placed at the image tokens). ``layer_hook(i, x) -> x``: called on the
                 output of decoder layer ``i`` (Qwen3-VL's DeepStack, :mod:`llmtune.models.qwen_vl`).
+            spans: the attention layout itself instead of ``attention_mask`` (no cache; ``position_ids`` given):
+                shared-prompt rows (:mod:`llmtune.models.shared_prefix`).
 
         Returns:
             ``hidden`` ``(batch, seq, hidden_size)`` in the model's (or autocast) dtype; with a cache,
@@ -538,7 +547,7 @@ class Transformer(nn.Module):
         window = self.config.sliding_window
         if window is not None and past + t <= window:
             window = None
-        mask = getattr(cache, "step_mask", None)      # the engine's SlotKVCache: rows of different lengths
+        mask = getattr(cache, "step_mask", None) if spans is None else spans   # engine: rows of different lengths
         if mask is None and (needs_mask or (past > 0 and t > 1) or window is not None):
             am = attention_mask if attention_mask is not None else torch.ones(
                 b, past + t, dtype=torch.long, device=input_ids.device)

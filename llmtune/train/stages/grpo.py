@@ -42,6 +42,7 @@ from torch import nn
 
 from llmtune.data.multimodal import vision_inputs
 from llmtune.errors import LLMTuneError, notice
+from llmtune.models.shared_prefix import shared_prompt_layout
 from llmtune.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, grpo_num_items
 from llmtune.rewards import RewardFunc, compute_rewards, load_reward_funcs, parse_reward_weights, reward_metrics
 from llmtune.rl_tools import ToolsTemplate, function_schema, generate_tool_rollouts, load_tools, tool_metrics
@@ -128,7 +129,8 @@ def check_grpo_config(cfg: Any, reward_funcs: Optional[Sequence[Any]] = None) ->
 
 def completion_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                        completion_mask: torch.Tensor, temperature: float = 1.0, entropy: bool = False,
-                       packed: bool = True, **vision: torch.Tensor) -> dict[str, torch.Tensor]:
+                       packed: bool = True, share_prompts: bool = True, **vision: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
     """Per-token log-probs (and entropy) of the completions of a rollout micro-batch, padding-free by default.
 
     ``packed``: the rows' real tokens (``attention_mask > 0``: the prompt without its left padding, the completion
@@ -137,6 +139,11 @@ def completion_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask
     column is computed; the log-probs are scattered back to the ``(N, C)`` completion layout. ``packed=False``:
     :func:`llmtune.train.stages.ppo.policy_forward` on the padded ``(N, P + C)`` rows. Both give the same
     values up to floating-point rounding (the same tokens attend to the same tokens).
+
+    ``share_prompts`` (with ``packed``): consecutive rows with the same prompt (a GRPO group) share one copy of it:
+    the prompt is computed once and its completions attend to it (:mod:`llmtune.models.shared_prefix`), the same
+    log-probs up to rounding for fewer tokens (a group of ``G``: ``G - 1`` prompt copies fewer). Not for sliding-
+    window attention, mixture-of-experts models (their load-balancing loss counts tokens) or vision inputs.
 
     Args:
         model: the policy (or reference) transformer with ``lm_head``.
@@ -155,6 +162,12 @@ def completion_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask
                               values=False, entropy=entropy, **vision)
     from llmtune.losses import entropy_from_hidden, token_logps
 
+    cfg = getattr(model, "config", None)
+    if share_prompts and cfg is not None and getattr(cfg, "sliding_window", None) is None \
+            and not getattr(cfg, "num_experts", 0) and getattr(model, "visual", None) is None:
+        lay = shared_prompt_layout(input_ids, attention_mask, prompt_len, completion_mask)
+        if lay is not None:
+            return _shared_prompt_forward(model, lay, completion_mask, temperature, entropy)
     keep = attention_mask > 0                                                    # (N, P + C)
     n = input_ids.shape[0]
     seg = torch.repeat_interleave(torch.arange(1, n + 1, device=input_ids.device), keep.sum(1))[None]
@@ -167,6 +180,23 @@ def completion_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask
         full = h.new_zeros(keep.shape + (h.shape[-1],)).masked_scatter(keep[..., None], h)
         out["entropy"] = entropy_from_hidden(full[:, prompt_len - 1:-1], model.lm_head.weight.detach(),
                                              mask=completion_mask.bool(), temperature=temperature)
+    return out
+
+
+def _shared_prompt_forward(model: nn.Module, lay: Any, completion_mask: torch.Tensor, temperature: float,
+                           entropy: bool) -> dict[str, torch.Tensor]:
+    """:func:`completion_forward` on a :class:`llmtune.models.shared_prefix.SharedPromptLayout`."""
+    from llmtune.kernels.cross_entropy import linear_label_logps, rows_per_chunk
+    from llmtune.losses import entropy_from_hidden
+
+    hidden = model(lay.input_ids, position_ids=lay.position_ids, spans=lay.spans)[0]     # (K, H)
+    h = hidden[lay.src]                                                                  # (M, H)
+    w = model.lm_head.weight
+    lp = linear_label_logps(h, w, lay.targets, rows_per_chunk(None, w.shape[0], h.device), temperature)
+    out = {"logps": lp.new_zeros(completion_mask.shape).index_put((lay.rows, lay.cols), lp)}
+    if entropy:
+        ent = entropy_from_hidden(h.detach()[None], w.detach(), temperature=temperature)[0]
+        out["entropy"] = ent.new_zeros(completion_mask.shape).index_put((lay.rows, lay.cols), ent)
     return out
 
 
@@ -222,6 +252,8 @@ class GRPOStage:
     merge_adapters: bool = True
     #: ... and on the CPU run the bf16 linear layers on oneDNN-prepacked weights (bitwise the same products)
     pack_weights: bool = True
+    #: the policy/reference forwards compute each group's prompt once for its completions (:func:`completion_forward`)
+    share_prompts: bool = True
 
     def __init__(self, config: Any, prompts: Sequence[dict], reward_funcs: list[tuple[str, RewardFunc]],
                  weights: list[float], tokenizer: Any, pad_token_id: int, stop_token_ids: Sequence[int],
@@ -288,14 +320,14 @@ class GRPOStage:
             with trainer.autocast():
                 if reference and self.ref_model is not None:
                     lp = completion_forward(self.ref_model, ids[sl], attn[sl], p, mask[sl], self.temperature,
-                                            packed=self.packed, **vis)
+                                            packed=self.packed, share_prompts=self.share_prompts, **vis)
                 elif reference:
                     with peft.disable_adapters(model):
                         lp = completion_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature,
-                                                packed=self.packed, **vis)
+                                                packed=self.packed, share_prompts=self.share_prompts, **vis)
                 else:
                     lp = completion_forward(model, ids[sl], attn[sl], p, mask[sl], self.temperature,
-                                            packed=self.packed, **vis)
+                                            packed=self.packed, share_prompts=self.share_prompts, **vis)
             out.append(lp["logps"].float())
         return torch.cat(out)
 
@@ -411,6 +443,7 @@ class GRPOStage:
         c = self.cfg
         out = completion_forward(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
                                  batch["completion_mask"], self.temperature, entropy=True, packed=self.packed,
+                                 share_prompts=self.share_prompts,
                                  **vision_inputs(batch))
         return grpo_loss(out["logps"], batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"],
                          batch["completion_mask"], loss_type=str(c.loss_type), epsilon=float(c.epsilon),
