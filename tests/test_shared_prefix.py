@@ -59,6 +59,10 @@ def test_layout_by_hand():
     assert lay.src[:3].tolist() == [4, 5, 6]          # prompt A's last token, then the completion's own tokens
     assert lay.src[4].item() == 4                      # row 1's only token: predicted from prompt A's last token
     assert len(lay.targets) == int(mask.sum()) and lay.targets[:4].tolist() == [40, 41, 42, 43]
+    ids3, attn3, p3, mask3 = rollout_rows([[1, 2], [1, 2]], [[], [7, 8]])     # an empty completion: no span
+    lay3 = shared_prompt_layout(ids3, attn3, p3, mask3)
+    assert lay3.input_ids[0].tolist() == [1, 2, 7, 8] and lay3.spans.parents == [-1, 0]
+    assert lay3.rows.tolist() == [1, 1] and lay3.src.tolist() == [1, 2]
     distinct = [[1, 2], [3, 4]]
     ids2, attn2, p2, mask2 = rollout_rows(distinct, [[5], [6]])
     assert shared_prompt_layout(ids2, attn2, p2, mask2) is None

@@ -63,7 +63,8 @@ def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             form one group (GRPO passes each prompt's ``num_generations`` rows together).
         prompt_len: ``P``. completion_mask: ``(N, C)``: the tokens to score (a subset of the completion's tokens).
 
-    Returns: a :class:`SharedPromptLayout` (its tensors on ``input_ids``' device). One host sync.
+    Returns: a :class:`SharedPromptLayout` (its tensors on ``input_ids``' device), or None (no two consecutive
+    rows share a prompt, or a prompt is empty). One host sync.
     """
     from llmtune.models.transformer import SegmentSpans
 
@@ -71,8 +72,8 @@ def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     keep = attention_mask > 0
     ids_l, keep_l = input_ids.tolist(), keep.tolist()
     prompts = [tuple(t for t, k in zip(ids_l[i][:prompt_len], keep_l[i][:prompt_len]) if k) for i in range(n)]
-    if all(prompts[i] != prompts[i - 1] for i in range(1, n)):
-        return None
+    if all(prompts[i] != prompts[i - 1] for i in range(1, n)) or not all(prompts):
+        return None   # nothing shared, or an empty prompt (its first completion token has no predicting position)
     score_l = completion_mask.tolist()
     flat: list[int] = []        # flat index into input_ids of each packed token
     pos: list[int] = []
@@ -94,6 +95,8 @@ def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         parents.append(-1)
         for r in range(i, j + 1):
             length = sum(keep_l[r][prompt_len:])    # the completion's tokens (right-padded, contiguous)
+            if not length:
+                continue
             s = len(flat)
             flat.extend(r * width + prompt_len + c for c in range(length))
             pos.extend(range(plen, plen + length))
