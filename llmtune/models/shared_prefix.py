@@ -170,7 +170,11 @@ def prefix_span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg
             if par < 0:
                 o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
             else:
+                g = gqa
+                if gqa and q.device.type == "cuda":   # CUDA's masked fused kernel takes no grouped heads (as attend)
+                    rep = h // ki.shape[1]
+                    ki, vi, g = ki.repeat_interleave(rep, dim=1), vi.repeat_interleave(rep, dim=1), False
                 o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=_lower_right_causal(n, ki.shape[2], q.device),
-                                                   enable_gqa=gqa)
+                                                   enable_gqa=g)
         outs.append(o.transpose(1, 2).to(q.dtype))
     return torch.cat(outs, dim=1).view(b, t, h, d)
