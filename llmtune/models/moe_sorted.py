@@ -45,11 +45,25 @@ def _blocks_lora_mm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, sb: torch
     a ``torch.mm`` on a view (LoRA, Hu et al. 2021, eq. 3, per expert)."""
     y = x.new_empty(x.shape[0], w.shape[1])
     xa = x.new_empty(x.shape[0], a.shape[1])
-    for e, lo, hi in spans:
-        torch.mm(x[lo:hi], w[e].t(), out=y[lo:hi])
-        torch.mm(x[lo:hi], a[e].t(), out=xa[lo:hi])
-        y[lo:hi].addmm_(xa[lo:hi], sb[e].t())
+    wt, at, sbt = _per_expert(w.transpose(1, 2), a.transpose(1, 2), sb.transpose(1, 2))
+    for e, xe, ye, xae in _blocks(spans, x, y, xa):
+        torch.mm(xe, wt[e], out=ye)
+        torch.mm(xe, at[e], out=xae)
+        ye.addmm_(xae, sbt[e])
     return y, xa
+
+
+def _per_expert(*stacks: torch.Tensor) -> list:
+    """Each ``(E, ...)`` stack as a tuple of its ``E`` expert views (one ``unbind`` call each, instead of an
+    indexing call per expert and product in the loops)."""
+    return [t.unbind(0) for t in stacks]
+
+
+def _blocks(spans, *rows: torch.Tensor):
+    """``(expert, block of each of rows...)`` for every span: the ``(S, ...)`` slot tensors split into the
+    experts' contiguous blocks (one ``split`` call each; the spans cover all ``S`` slots in order)."""
+    lens = [hi - lo for _, lo, hi in spans]
+    return zip([e for e, _, _ in spans], *(t.split(lens) for t in rows))
 
 
 class SortedExpertsLora(torch.autograd.Function):
@@ -76,16 +90,17 @@ class SortedExpertsLora(torch.autograd.Function):
             sb_d = b_d.to(cdt) * scale                                        # (E, H, r), times s
             xs = x.index_select(0, src)                                       # (S, H)
             gu, xa = _blocks_lora_mm(xs, w_gu, fa_gu, sb_gu, spans)           # (S, 2I), (S, 2r)
-            h = F.silu(gu[:, :inter]).mul_(gu[:, inter:]).mul_(w_slot.to(cdt)[:, None])   # (S, I)
+            act = F.silu(gu[:, :inter])                                       # (S, I), kept for the backward
+            h = torch.mul(act, gu[:, inter:]).mul_(w_slot.to(cdt)[:, None])   # (S, I)
             y, ha = _blocks_lora_mm(h, w_d, fa_d, sb_d, spans)                # (S, H), (S, r)
             out = torch.zeros_like(x).index_add_(0, src, y)
-        ctx.save_for_backward(xs, gu, xa, h, ha, w_slot, src, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d)
+        ctx.save_for_backward(xs, gu, act, xa, h, ha, w_slot, src, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d)
         ctx.scale, ctx.n, ctx.spans = scale, x.shape[0], spans
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, gu, xa, h, ha, w_slot, src, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d = ctx.saved_tensors
+        xs, gu, act, xa, h, ha, w_slot, src, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d = ctx.saved_tensors
         s, spans = ctx.scale, ctx.spans
         cdt = xs.dtype
         inter = w_d.shape[2]
@@ -99,15 +114,15 @@ class SortedExpertsLora(torch.autograd.Function):
             g_a_d = torch.zeros(a_d.shape, dtype=cdt, device=xs.device)      # (E, r, I)
             g_ha = torch.empty_like(ha)                                      # (S, r)
             g_h = torch.empty_like(h)                                        # (S, I)
-            for e, a, b in spans:   # one expert's block at a time, while its rows are in cache
-                gy_e, g_ha_e = gy[a:b], g_ha[a:b]
-                torch.mm(gy_e.t(), ha[a:b], out=g_b_d[e])
-                torch.mm(gy_e, sb_d[e], out=g_ha_e)
-                torch.mm(g_ha_e.t(), h[a:b], out=g_a_d[e])
-                torch.mm(gy_e, w_d[e], out=g_h[a:b]).addmm_(g_ha_e, fa_d[e])
+            wd_e, sbd_e, fad_e, gbd_e, gad_e = _per_expert(w_d, sb_d, fa_d, g_b_d, g_a_d)
+            # one expert's block at a time, while its rows are in cache
+            for e, gy_e, g_ha_e, ha_e, h_e, g_h_e in _blocks(spans, gy, g_ha, ha, h, g_h):
+                torch.mm(gy_e.t(), ha_e, out=gbd_e[e])
+                torch.mm(gy_e, sbd_e[e], out=g_ha_e)
+                torch.mm(g_ha_e.t(), h_e, out=gad_e[e])
+                torch.mm(gy_e, wd_e[e], out=g_h_e).addmm_(g_ha_e, fad_e[e])
             del gy
             g, u = gu[:, :inter], gu[:, inter:]
-            act = F.silu(g)
             wc = w_slot.to(cdt)[:, None]
             gu_grad = torch.empty_like(gu)
             t = g_h * u                                                       # d h / d silu(g), before w
@@ -119,12 +134,12 @@ class SortedExpertsLora(torch.autograd.Function):
             g_a_gu = torch.zeros(a_gu.shape, dtype=cdt, device=xs.device)    # (E, 2r, H)
             g_xa = torch.empty_like(xa)                                       # (S, 2r)
             g_xs = torch.empty_like(xs)                                       # (S, H)
-            for e, a, b in spans:
-                gg_e, g_xa_e = gu_grad[a:b], g_xa[a:b]
-                torch.mm(gg_e.t(), xa[a:b], out=g_b[e])
-                torch.mm(gg_e, sb_gu[e], out=g_xa_e)
-                torch.mm(g_xa_e.t(), xs[a:b], out=g_a_gu[e])
-                torch.mm(gg_e, w_gu[e], out=g_xs[a:b]).addmm_(g_xa_e, fa_gu[e])
+            wgu_e, sbgu_e, fagu_e, gb_e, gagu_e = _per_expert(w_gu, sb_gu, fa_gu, g_b, g_a_gu)
+            for e, gg_e, g_xa_e, xa_e, xs_e, g_xs_e in _blocks(spans, gu_grad, g_xa, xa, xs, g_xs):
+                torch.mm(gg_e.t(), xa_e, out=gb_e[e])
+                torch.mm(gg_e, sbgu_e[e], out=g_xa_e)
+                torch.mm(g_xa_e.t(), xs_e, out=gagu_e[e])
+                torch.mm(gg_e, wgu_e[e], out=g_xs_e).addmm_(g_xa_e, fagu_e[e])
             g_b.mul_(s)
             g_b_d.mul_(s)
             g_x = xs.new_zeros(ctx.n, xs.shape[1]).index_add_(0, src, g_xs)
