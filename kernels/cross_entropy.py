@@ -87,7 +87,8 @@ def cross_entropy_chunk_ref(logits: torch.Tensor, targets: torch.Tensor, grad_sc
 def _softmax_chunk(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int,
                    lse: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None,
                    want_grad: bool = False, has_ignored: bool = True, gdtype: Optional[torch.dtype] = None,
-                   out: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+                   out: Optional[torch.Tensor] = None
+                   ) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """The PyTorch softmax cross entropy of one chunk, with as few full ``(n, V)`` passes and live buffers as
     it can: ``logits`` is cast to float32 once (then dropped by the caller: pass a temporary), and the
     gradient ``(softmax - onehot) / T * grad_scale`` (0 for ignored rows) is made in place over the float32
@@ -219,9 +220,10 @@ def _rows_per_product(rows: int, w: torch.Tensor, hidden: torch.Tensor) -> int:
     """Rows of one vocabulary-projection product in :func:`_chunked_grads`: ``rows`` (one chunk), or on the
     CPU, when the ``(V, H)`` weight is at least 2**22 elements (8 MiB in bfloat16: larger than a core's share
     of the last-level cache, so each product streams it from memory), as many whole chunks as fit 2**23
-    logits (16 MiB in bfloat16; 256 rows at a 32,768 vocabulary). Each chunk's float32 softmax passes still run on its own ``rows``; only the
-    products (and the compute-dtype logits / gradient buffer they share) span the group. Measured at
-    Qwen3-MoE's benchmark shape (vocabulary 32,768 x 1,024, 128-row chunks, one thread): docs/performance.md."""
+    logits (16 MiB in bfloat16; 256 rows at a 32,768 vocabulary). Each chunk's float32 softmax passes still
+    run on its own ``rows``; only the products (and the compute-dtype logits / gradient buffer they share)
+    span the group. Measured at Qwen3-MoE's benchmark shape (vocabulary 32,768 x 1,024, 128-row chunks, one
+    thread): docs/performance.md."""
     if use_triton(hidden) or hidden.device.type != "cpu" or w.numel() < _GROUP_MIN_WEIGHT_CPU:
         return rows
     return max(1, _GROUP_ELEMENTS_CPU // (w.shape[0] * rows)) * rows

@@ -94,24 +94,23 @@ class SortedExpertsLora(torch.autograd.Function):
             h = torch.mul(act, gu[:, inter:]).mul_(w_slot.to(cdt)[:, None])   # (S, I)
             y, ha = _blocks_lora_mm(h, w_d, fa_d, sb_d, spans)                # (S, H), (S, r)
             out = torch.zeros_like(x).index_add_(0, src, y)
-        ctx.save_for_backward(xs, gu, act, xa, h, ha, w_slot, src, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d)
+        ctx.save_for_backward(xs, gu, act, xa, h, ha, w_slot, src, w_gu, w_d, fa_gu, sb_gu, fa_d, sb_d)
+        ctx.dtypes = (a_gu.dtype, b_g.dtype, b_u.dtype, a_d.dtype, b_d.dtype)   # of the gradients returned
         ctx.scale, ctx.n, ctx.spans = scale, x.shape[0], spans
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, gu, act, xa, h, ha, w_slot, src, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d = ctx.saved_tensors
+        # the factors as the forward cast them, B times s
+        xs, gu, act, xa, h, ha, w_slot, src, w_gu, w_d, fa_gu, sb_gu, fa_d, sb_d = ctx.saved_tensors
         s, spans = ctx.scale, ctx.spans
         cdt = xs.dtype
         inter = w_d.shape[2]
-        r = b_g.shape[2]
+        r = fa_d.shape[1]
         with torch.autocast(xs.device.type, enabled=False):
-            fa_gu, fa_d = a_gu.to(cdt), a_d.to(cdt)
-            sb_gu = _block_diag_b(b_g.to(cdt), b_u.to(cdt)).mul_(s)
-            sb_d = b_d.to(cdt) * s
             gy = grad_out.to(cdt).index_select(0, src)                        # (S, H)
-            g_b_d = torch.zeros(b_d.shape, dtype=cdt, device=xs.device)      # (E, H, r), over s
-            g_a_d = torch.zeros(a_d.shape, dtype=cdt, device=xs.device)      # (E, r, I)
+            g_b_d = torch.zeros_like(sb_d)                                   # (E, H, r), over s
+            g_a_d = torch.zeros_like(fa_d)                                   # (E, r, I)
             g_ha = torch.empty_like(ha)                                      # (S, r)
             g_h = torch.empty_like(h)                                        # (S, I)
             wd_e, sbd_e, fad_e, gbd_e, gad_e = _per_expert(w_d, sb_d, fa_d, g_b_d, g_a_d)
@@ -131,7 +130,7 @@ class SortedExpertsLora(torch.autograd.Function):
             torch.mul(g_h.mul_(wc), act, out=gu_grad[:, inter:])
             del t, act, g_h
             g_b = torch.zeros(sb_gu.shape, dtype=cdt, device=xs.device)      # (E, 2I, 2r) over s: diagonal blocks
-            g_a_gu = torch.zeros(a_gu.shape, dtype=cdt, device=xs.device)    # (E, 2r, H)
+            g_a_gu = torch.zeros_like(fa_gu)                                 # (E, 2r, H)
             g_xa = torch.empty_like(xa)                                       # (S, 2r)
             g_xs = torch.empty_like(xs)                                       # (S, H)
             wgu_e, sbgu_e, fagu_e, gb_e, gagu_e = _per_expert(w_gu, sb_gu, fa_gu, g_b, g_a_gu)
@@ -143,9 +142,9 @@ class SortedExpertsLora(torch.autograd.Function):
             g_b.mul_(s)
             g_b_d.mul_(s)
             g_x = xs.new_zeros(ctx.n, xs.shape[1]).index_add_(0, src, g_xs)
-        return (g_x, g_w.to(w_slot.dtype), None, None, None, None, g_a_gu.to(a_gu.dtype),
-                g_b[:, :inter, :r].to(b_g.dtype), g_b[:, inter:, r:].to(b_u.dtype), g_a_d.to(a_d.dtype),
-                g_b_d.to(b_d.dtype), None)
+        d_agu, d_bg, d_bu, d_ad, d_bd = ctx.dtypes
+        return (g_x, g_w.to(w_slot.dtype), None, None, None, None, g_a_gu.to(d_agu), g_b[:, :inter, :r].to(d_bg),
+                g_b[:, inter:, r:].to(d_bu), g_a_d.to(d_ad), g_b_d.to(d_bd), None)
 
 
 def slot_layout(sizes: list[int], eid: torch.Tensor, pos: torch.Tensor, align: int = 16
