@@ -271,6 +271,16 @@ def test_fused_linear_cross_entropy_grouped_products_cpu(monkeypatch, dtype):
     _close(h.grad, h64.grad, dtype, "dhidden")
     _close(w.grad, w64.grad, dtype, "dweight")
     assert torch.all(h.grad[2] == 0) and torch.all(h.grad[13] == 0)
+    # the label log-probs' recomputing backward goes through the same grouped products (a per-row gradient)
+    h.grad = w.grad = h64.grad = w64.grad = None
+    lp = ce.fused_linear_logps(h, w, labels.to(DEV), chunk_size=4, temperature=0.7)
+    go = torch.randn(n)
+    (lp * go.to(DEV)).sum().backward()
+    ref = _ce64(h64, w64, labels, 0.7)
+    (ref * go.double()).sum().backward()
+    _close(lp, ref, dtype, "logps")
+    _close(h.grad, h64.grad, dtype, "dhidden (logps)")
+    _close(w.grad, w64.grad, dtype, "dweight (logps)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
