@@ -53,6 +53,20 @@ def _blocks_lora_mm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, sb: torch
     return y, xa
 
 
+def _blocks_lora_grad(spans, gy: torch.Tensor, xa: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                      sb: torch.Tensor, a: torch.Tensor, g_b: torch.Tensor, g_a: torch.Tensor, g_xa: torch.Tensor,
+                      g_x: torch.Tensor) -> None:
+    """The backward of :func:`_blocks_lora_mm`, one expert's block at a time while its rows are in cache:
+    given ``gy = d/dy`` ``(S, out)`` and the forward's ``xa`` / ``x``, writes ``g_b[e] = gy^T xa`` (the gradient
+    of ``s B``), ``g_xa = gy (s B)``, ``g_a[e] = g_xa^T x`` and ``g_x = gy W + g_xa A`` (all in place)."""
+    w_e, sb_e, a_e, gb_e, ga_e = _per_expert(w, sb, a, g_b, g_a)
+    for e, gy_e, g_xa_e, xa_e, x_e, g_x_e in _blocks(spans, gy, g_xa, xa, x, g_x):
+        torch.mm(gy_e.t(), xa_e, out=gb_e[e])
+        torch.mm(gy_e, sb_e[e], out=g_xa_e)
+        torch.mm(g_xa_e.t(), x_e, out=ga_e[e])
+        torch.mm(gy_e, w_e[e], out=g_x_e).addmm_(g_xa_e, a_e[e])
+
+
 def _per_expert(*stacks: torch.Tensor) -> list:
     """Each ``(E, ...)`` stack as a tuple of its ``E`` expert views (one ``unbind`` call each, instead of an
     indexing call per expert and product in the loops)."""
@@ -113,13 +127,7 @@ class SortedExpertsLora(torch.autograd.Function):
             g_a_d = torch.zeros_like(fa_d)                                   # (E, r, I)
             g_ha = torch.empty_like(ha)                                      # (S, r)
             g_h = torch.empty_like(h)                                        # (S, I)
-            wd_e, sbd_e, fad_e, gbd_e, gad_e = _per_expert(w_d, sb_d, fa_d, g_b_d, g_a_d)
-            # one expert's block at a time, while its rows are in cache
-            for e, gy_e, g_ha_e, ha_e, h_e, g_h_e in _blocks(spans, gy, g_ha, ha, h, g_h):
-                torch.mm(gy_e.t(), ha_e, out=gbd_e[e])
-                torch.mm(gy_e, sbd_e[e], out=g_ha_e)
-                torch.mm(g_ha_e.t(), h_e, out=gad_e[e])
-                torch.mm(gy_e, wd_e[e], out=g_h_e).addmm_(g_ha_e, fad_e[e])
+            _blocks_lora_grad(spans, gy, ha, h, w_d, sb_d, fa_d, g_b_d, g_a_d, g_ha, g_h)
             del gy
             g, u = gu[:, :inter], gu[:, inter:]
             wc = w_slot.to(cdt)[:, None]
@@ -133,12 +141,7 @@ class SortedExpertsLora(torch.autograd.Function):
             g_a_gu = torch.zeros_like(fa_gu)                                 # (E, 2r, H)
             g_xa = torch.empty_like(xa)                                       # (S, 2r)
             g_xs = torch.empty_like(xs)                                       # (S, H)
-            wgu_e, sbgu_e, fagu_e, gb_e, gagu_e = _per_expert(w_gu, sb_gu, fa_gu, g_b, g_a_gu)
-            for e, gg_e, g_xa_e, xa_e, xs_e, g_xs_e in _blocks(spans, gu_grad, g_xa, xa, xs, g_xs):
-                torch.mm(gg_e.t(), xa_e, out=gb_e[e])
-                torch.mm(gg_e, sbgu_e[e], out=g_xa_e)
-                torch.mm(g_xa_e.t(), xs_e, out=gagu_e[e])
-                torch.mm(gg_e, wgu_e[e], out=g_xs_e).addmm_(g_xa_e, fagu_e[e])
+            _blocks_lora_grad(spans, gu_grad, xa, xs, w_gu, sb_gu, fa_gu, g_b, g_a_gu, g_xa, g_xs)
             g_b.mul_(s)
             g_b_d.mul_(s)
             g_x = xs.new_zeros(ctx.n, xs.shape[1]).index_add_(0, src, g_xs)
