@@ -365,7 +365,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     Returns: ``(B, T, H, D)`` in ``q``'s dtype (zeros at positions outside every span).
 
     Key/value heads are broadcast by SDPA's ``enable_gqa`` (no ``repeat_interleave`` copy) except for a dense
-    mask on CUDA, where the masked fused kernel does not take grouped heads. Spans run as one causal SDPA call
+    mask on CUDA, where the masked fused kernel does not take grouped heads, and except without a mask on the
+    CPU in bf16/fp16 up to 512 tokens, where a group's query heads run as one query (a stacked causal mask).
+    Spans run as one causal SDPA call
     per span on contiguous copies (measured fastest on the CPU, docs/performance.md) or, on CUDA, through
     ``torch.nn.attention.varlen.varlen_attn`` when the spans tile the batch.
     """
