@@ -25,9 +25,9 @@ nats below its log-sum-exp takes a log-softmax of that row instead) or one log-s
 (the recomputing backward reuses the forward's log-sum-exp instead), ``-1`` at the targets, a row scale only
 when one is given, and one rounding to the compute dtype into a NEW buffer. When the ``(V, H)`` weight is
 large (at least 2**22 elements), the summed loss's products span several chunks (:func:`_rows_per_product`:
-each product streams the weight from memory once, so fewer, taller products read it less often); the
-chunks' float32 passes still run one chunk at a time, each rounding its gradient over its own logits in the
-group's buffer.
+each product streams the weight from memory once, so fewer, taller products read it less often) and the
+float32 passes run on cache-sized pieces of at most 2**19 logits, each rounding its gradient over its own
+logits in the group's buffer.
 
 Dtypes: the projection runs in the autocast dtype when autocast is on for the device (as ``nn.Linear``
 would), else in ``promote(hidden.dtype, weight.dtype)``; softmax arithmetic is float32 (float64 for float64
@@ -58,6 +58,8 @@ _MIN_CHUNK_ROWS_CPU = 64
 # On the CPU, the products of several chunks run as one when the weight is this large (see _rows_per_product)
 _GROUP_MIN_WEIGHT_CPU = 2**22
 _GROUP_ELEMENTS_CPU = 2**23
+# ... and then their float32 passes run on pieces of this many logits (2 MiB float32, in a core's cache)
+_PASS_ELEMENTS_CPU = 2**19
 
 
 def cross_entropy_chunk_ref(logits: torch.Tensor, targets: torch.Tensor, grad_scale: Optional[torch.Tensor] = None,
@@ -220,10 +222,11 @@ def _rows_per_product(rows: int, w: torch.Tensor, hidden: torch.Tensor) -> int:
     """Rows of one vocabulary-projection product in :func:`_chunked_grads`: ``rows`` (one chunk), or on the
     CPU, when the ``(V, H)`` weight is at least 2**22 elements (8 MiB in bfloat16: larger than a core's share
     of the last-level cache, so each product streams it from memory), as many whole chunks as fit 2**23
-    logits (16 MiB in bfloat16; 256 rows at a 32,768 vocabulary). Each chunk's float32 softmax passes still
-    run on its own ``rows``; only the products (and the compute-dtype logits / gradient buffer they share)
-    span the group. Measured at Qwen3-MoE's benchmark shape (vocabulary 32,768 x 1,024, 128-row chunks, one
-    thread): docs/performance.md."""
+    logits (16 MiB in bfloat16; 256 rows at a 32,768 vocabulary). The float32 softmax passes then run on
+    pieces of at most 2**19 logits (2 MiB in float32: 16 rows there, in a core's cache; 128-row pieces, 16
+    MiB, took 5x as long for the same passes), each writing its gradient over its own logits in the group's
+    buffer. Measured at Qwen3-MoE's benchmark shape (vocabulary 32,768 x 1,024, 128-row chunks, one thread):
+    docs/performance.md."""
     if use_triton(hidden) or hidden.device.type != "cpu" or w.numel() < _GROUP_MIN_WEIGHT_CPU:
         return rows
     return max(1, _GROUP_ELEMENTS_CPU // (w.shape[0] * rows)) * rows
@@ -253,12 +256,13 @@ def _chunked_grads(hidden, weight, labels, rows, ignore_index, need_h, need_w, c
                 losses = [loss]
             else:   # one product for the group's logits, each chunk's gradient written over its own logits
                 g, losses = h @ w.t(), []
-                for c in range(0, h.shape[0], rows):
-                    e = slice(s + c, s + c + rows)
-                    losses.append(_softmax_chunk(g[c : c + rows], labels[e], temperature, ignore_index,
+                sub = min(rows, max(1, _PASS_ELEMENTS_CPU // w.shape[0]))
+                for c in range(0, h.shape[0], sub):
+                    e = slice(s + c, s + c + sub)
+                    losses.append(_softmax_chunk(g[c : c + sub], labels[e], temperature, ignore_index,
                                                  None if lse is None else lse[e],
                                                  None if grad_scale is None else grad_scale[e], True, has_ignored,
-                                                 out=g[c : c + rows])[0])
+                                                 out=g[c : c + sub])[0])
             if total is not None:
                 for loss in losses:
                     total += loss.sum().to(total.dtype)

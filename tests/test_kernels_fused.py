@@ -241,9 +241,9 @@ def test_fused_linear_cross_entropy_all_ignored_and_frozen_weight():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_linear_cross_entropy_grouped_products_cpu(monkeypatch, dtype):
     """The CPU path that runs the vocabulary products of several chunks as one (forced on at a small weight:
-    groups of 3 chunks of 4 rows, a ragged last group) against the float64 log-softmax reference; one row's
-    target sits 200 nats below its row's maximum (a probability under float32's range), so its loss must come
-    from the log-softmax fallback, not log(0)."""
+    groups of 3 chunks of 4 rows, a ragged last group, the float32 passes on 2-row pieces) against the float64
+    log-softmax reference; one row's target sits 200 nats below its row's maximum (a probability under
+    float32's range), so its loss must come from the log-softmax fallback, not log(0)."""
     from llmtune.kernels import cross_entropy as ce
 
     if DEV != "cpu":
@@ -251,6 +251,7 @@ def test_fused_linear_cross_entropy_grouped_products_cpu(monkeypatch, dtype):
     monkeypatch.setattr(ce, "use_triton", lambda t: False)   # this file may force Triton's interpreter on
     monkeypatch.setattr(ce, "_GROUP_MIN_WEIGHT_CPU", 0)
     monkeypatch.setattr(ce, "_GROUP_ELEMENTS_CPU", 3 * 4 * 40)
+    monkeypatch.setattr(ce, "_PASS_ELEMENTS_CPU", 2 * 40)    # float32 passes on 2-row pieces (and a 1-row tail)
     n, hdim, v = 17, 8, 40
     h, w = _leaf(torch.randn(n, hdim), dtype), torch.randn(v, hdim) * 0.5
     h5 = h[5].detach().float().cpu()
