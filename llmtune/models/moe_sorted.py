@@ -18,8 +18,9 @@ copied) and write into the block of one preallocated output; the elementwise Swi
 run on the same block right after its products (while its rows are in cache), and the outputs and input
 gradients are scattered to / from the ``(N, H)`` token rows with one ``index_add_``. Measured on this CPU at
 Qwen3-MoE shapes (one thread, bf16; docs/performance.md): a ``torch.mm`` per expert runs at the speed of one
-padded ``torch.bmm`` over all experts, so computing about the rows there are (1.06x on random-init routing, against 1.3-1.5x for the padded ``bmm`` levels, which also copy
-the crowded experts' weights) costs 0.75x the CPU time of those levels, forward and backward.
+padded ``torch.bmm`` over all experts, so computing about the rows there are (1.06x on random-init routing,
+against 1.3-1.5x for the padded ``bmm`` levels, which also copy the crowded experts' weights) costs 0.75x the
+CPU time of those levels, forward and backward.
 """
 
 from __future__ import annotations
