@@ -19,12 +19,15 @@ chunk kernel in Triton on CUDA and in PyTorch elsewhere (:func:`cross_entropy_ch
 These two autograd functions are llmtune's only chunked cross entropy: ``llmtune.losses.logps``
 (``causal_lm_loss``, ``token_logps``, ``sequence_logps``) calls :func:`linear_cross_entropy_sum` and
 :func:`linear_label_logps` after its own checks, on every device. On the CPU a chunk costs: the projection
-(compute dtype), one float32 copy of it (the compute-dtype logits then freed), one log-softmax pass (forward;
-the recomputing backward reuses the forward's log-sum-exp instead), the softmax in place over that buffer,
-``-1`` at the targets, a row scale only when one is given, and one rounding to the compute dtype into a NEW
-buffer: the same operators, allocations and values as ``losses/logps.py``'s former own chunks (the
-training step's profile in ``benchmarks/ce_step_profile.py``). Writing it back over the logits instead (as the
-Triton kernel does) would keep the logits alive through the float32 passes, one chunk more of working set.
+(compute dtype), one float32 copy of it (the compute-dtype logits then freed), one softmax pass when the
+gradient is wanted (the loss is ``-log`` of the target's probability; the rare row whose target lies over 69
+nats below its log-sum-exp takes a log-softmax of that row instead) or one log-softmax pass when it is not
+(the recomputing backward reuses the forward's log-sum-exp instead), ``-1`` at the targets, a row scale only
+when one is given, and one rounding to the compute dtype into a NEW buffer. When the ``(V, H)`` weight is
+large (at least 2**22 elements), the summed loss's products span several chunks (:func:`_rows_per_product`:
+each product streams the weight from memory once, so fewer, taller products read it less often) and the
+float32 passes run on cache-sized pieces of at most 2**19 logits, each rounding its gradient over its own
+logits in the group's buffer.
 
 Dtypes: the projection runs in the autocast dtype when autocast is on for the device (as ``nn.Linear``
 would), else in ``promote(hidden.dtype, weight.dtype)``; softmax arithmetic is float32 (float64 for float64
@@ -52,6 +55,11 @@ IGNORE_INDEX = -100
 _AUTO_CHUNK_ELEMENTS = 2**25
 _AUTO_CHUNK_ELEMENTS_CPU = 2**22
 _MIN_CHUNK_ROWS_CPU = 64
+# On the CPU, the products of several chunks run as one when the weight is this large (see _rows_per_product)
+_GROUP_MIN_WEIGHT_CPU = 2**22
+_GROUP_ELEMENTS_CPU = 2**23
+# ... and then their float32 passes run on pieces of this many logits (2 MiB float32, in a core's cache)
+_PASS_ELEMENTS_CPU = 2**19
 
 
 def cross_entropy_chunk_ref(logits: torch.Tensor, targets: torch.Tensor, grad_scale: Optional[torch.Tensor] = None,
@@ -80,13 +88,15 @@ def cross_entropy_chunk_ref(logits: torch.Tensor, targets: torch.Tensor, grad_sc
 
 def _softmax_chunk(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int,
                    lse: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None,
-                   want_grad: bool = False, has_ignored: bool = True, gdtype: Optional[torch.dtype] = None
+                   want_grad: bool = False, has_ignored: bool = True, gdtype: Optional[torch.dtype] = None,
+                   out: Optional[torch.Tensor] = None
                    ) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """The PyTorch softmax cross entropy of one chunk, with as few full ``(n, V)`` passes and live buffers as
     it can: ``logits`` is cast to float32 once (then dropped by the caller: pass a temporary), and the
     gradient ``(softmax - onehot) / T * grad_scale`` (0 for ignored rows) is made in place over the float32
-    buffer and rounded once to ``gdtype``. With ``lse`` (a recomputing backward) the log-softmax pass is
-    skipped and ``loss`` is None. Returns ``(loss (n,), lse (n,), grad (n, V) or None)``."""
+    buffer and rounded once to ``gdtype`` (into ``out`` when given, which may be ``logits`` itself). With
+    ``lse`` (a recomputing backward) the log-softmax pass is skipped and ``loss`` is None. Returns ``(loss (n,),
+    lse (n,), grad (n, V) or None)``."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     del logits
     if temperature != 1.0:
@@ -94,14 +104,25 @@ def _softmax_chunk(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     ignored = targets == ignore_index if has_ignored else None
     tgt = (targets.masked_fill(ignored, 0) if has_ignored else targets)[:, None]
     loss = None
-    if lse is None:
+    if lse is None and want_grad:
+        # one softmax pass (the loss from the target's probability) instead of log-softmax then exp: rows
+        # whose target probability is below 2**-100 (a loss over 69 nats, where float32 would lose digits
+        # or underflow) take the log-softmax of their row instead
+        g = torch.softmax(z, dim=-1)
+        lp = g.gather(1, tgt).squeeze(1).log_()
+        far = lp < -69.0 if ignored is None else (lp < -69.0) & ~ignored
+        if bool(far.any()):
+            lp[far] = torch.log_softmax(z[far], dim=-1).gather(1, tgt[far]).squeeze(1)
+        lse = z.gather(1, tgt).squeeze(1) - lp
+        loss = -lp if ignored is None else (-lp).masked_fill(ignored, 0.0)
+        del z
+    elif lse is None:
         logp = torch.log_softmax(z, dim=-1)
         lp = logp.gather(1, tgt).squeeze(1)
         lse = z.gather(1, tgt).squeeze(1) - lp
         loss = -lp if ignored is None else (-lp).masked_fill(ignored, 0.0)
-        del z   # after the small results: none of them is carved out of this freed block (glibc heap)
-        g = logp.exp_() if want_grad else None   # softmax, in place over the log-softmax buffer
-        del logp
+        del z, logp   # after the small results: none of them is carved out of this freed block (glibc heap)
+        g = None
     else:
         g = z.sub_(lse[:, None]).exp_() if want_grad else None
         del z
@@ -113,7 +134,7 @@ def _softmax_chunk(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
         g.mul_((scale if ignored is None else scale.masked_fill(ignored, 0.0))[:, None])
     elif ignored is not None and bool(ignored.any()):
         g.masked_fill_(ignored[:, None], 0.0)
-    return loss, lse, g.to(gdtype or g.dtype)
+    return loss, lse, (out.copy_(g) if out is not None else g.to(gdtype or g.dtype))
 
 
 def _chunk(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int,
@@ -197,6 +218,20 @@ def scale_saved_grads(ctx, grad_out: torch.Tensor) -> tuple:
     return gh, gw
 
 
+def _rows_per_product(rows: int, w: torch.Tensor, hidden: torch.Tensor) -> int:
+    """Rows of one vocabulary-projection product in :func:`_chunked_grads`: ``rows`` (one chunk), or on the
+    CPU, when the ``(V, H)`` weight is at least 2**22 elements (8 MiB in bfloat16: larger than a core's share
+    of the last-level cache, so each product streams it from memory), as many whole chunks as fit 2**23
+    logits (16 MiB in bfloat16; 256 rows at a 32,768 vocabulary). The float32 softmax passes then run on
+    pieces of at most 2**19 logits (2 MiB in float32: 16 rows there, in a core's cache; 128-row pieces, 16
+    MiB, took 5x as long for the same passes), each writing its gradient over its own logits in the group's
+    buffer. Measured at Qwen3-MoE's benchmark shape (vocabulary 32,768 x 1,024, 128-row chunks, one thread):
+    docs/performance.md."""
+    if use_triton(hidden) or hidden.device.type != "cpu" or w.numel() < _GROUP_MIN_WEIGHT_CPU:
+        return rows
+    return max(1, _GROUP_ELEMENTS_CPU // (w.shape[0] * rows)) * rows
+
+
 def _chunked_grads(hidden, weight, labels, rows, ignore_index, need_h, need_w, cdtype, temperature=1.0, lse=None,
                    grad_scale=None):
     """The one chunk loop with gradients: per chunk of ``rows`` rows, the logits, their cross entropy
@@ -211,15 +246,28 @@ def _chunked_grads(hidden, weight, labels, rows, ignore_index, need_h, need_w, c
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(cdtype)
-        for s in range(0, hidden.shape[0], rows):
-            h = hidden[s : s + rows].to(cdtype)
-            loss, _, g = _chunk(h, w, labels[s : s + rows], temperature, ignore_index, has_ignored,
-                                None if lse is None else lse[s : s + rows],
-                                None if grad_scale is None else grad_scale[s : s + rows], need_h or need_w)
+        step = _rows_per_product(rows, w, hidden) if need_h or need_w else rows
+        for s in range(0, hidden.shape[0], step):
+            h = hidden[s : s + step].to(cdtype)
+            if step == rows:
+                loss, _, g = _chunk(h, w, labels[s : s + rows], temperature, ignore_index, has_ignored,
+                                    None if lse is None else lse[s : s + rows],
+                                    None if grad_scale is None else grad_scale[s : s + rows], need_h or need_w)
+                losses = [loss]
+            else:   # one product for the group's logits, each chunk's gradient written over its own logits
+                g, losses = h @ w.t(), []
+                sub = min(rows, max(1, _PASS_ELEMENTS_CPU // w.shape[0]))
+                for c in range(0, h.shape[0], sub):
+                    e = slice(s + c, s + c + sub)
+                    losses.append(_softmax_chunk(g[c : c + sub], labels[e], temperature, ignore_index,
+                                                 None if lse is None else lse[e],
+                                                 None if grad_scale is None else grad_scale[e], True, has_ignored,
+                                                 out=g[c : c + sub])[0])
             if total is not None:
-                total += loss.sum().to(total.dtype)
+                for loss in losses:
+                    total += loss.sum().to(total.dtype)
             if need_h:
-                grad_h[s : s + rows] = (g @ w).to(hidden.dtype)
+                grad_h[s : s + step] = (g @ w).to(hidden.dtype)
             if need_w:
                 grad_w.add_((g.t() @ h).to(acc))
             del g

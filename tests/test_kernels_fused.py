@@ -239,6 +239,52 @@ def test_fused_linear_cross_entropy_all_ignored_and_frozen_weight():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_cross_entropy_grouped_products_cpu(monkeypatch, dtype):
+    """The CPU path that runs the vocabulary products of several chunks as one (forced on at a small weight:
+    groups of 3 chunks of 4 rows, a ragged last group, the float32 passes on 2-row pieces) against the float64
+    log-softmax reference; one row's target sits 200 nats below its row's maximum (a probability under
+    float32's range), so its loss must come from the log-softmax fallback, not log(0)."""
+    from llmtune.kernels import cross_entropy as ce
+
+    if DEV != "cpu":
+        pytest.skip("a CPU path")
+    monkeypatch.setattr(ce, "use_triton", lambda t: False)   # this file may force Triton's interpreter on
+    monkeypatch.setattr(ce, "_GROUP_MIN_WEIGHT_CPU", 0)
+    monkeypatch.setattr(ce, "_GROUP_ELEMENTS_CPU", 3 * 4 * 40)
+    monkeypatch.setattr(ce, "_PASS_ELEMENTS_CPU", 2 * 40)    # float32 passes on 2-row pieces (and a 1-row tail)
+    n, hdim, v = 17, 8, 40
+    h, w = _leaf(torch.randn(n, hdim), dtype), torch.randn(v, hdim) * 0.5
+    h5 = h[5].detach().float().cpu()
+    w[0] = -h5 * (200.0 / float(h5.norm() ** 2))   # the logit of token 0 in row 5: -200
+    w = _leaf(w, dtype)
+    labels = torch.randint(1, v, (n,))
+    labels[5], labels[2], labels[13] = 0, -100, -100
+    assert ce._rows_per_product(4, w, h) == 12
+    loss, count = ce.fused_linear_cross_entropy(h, w, labels.to(DEV), chunk_size=4)
+    assert int(count) == n - 2 and torch.isfinite(loss)
+    (loss * 0.5).backward()
+    h64, w64 = _d64(h), _d64(w)
+    per_row = -_ce64(h64, w64, labels)
+    assert float(per_row[5].detach()) > 150.0   # the case the fallback is for
+    ref = per_row.sum()
+    (ref * 0.5).backward()
+    _close(loss, ref, dtype, "loss")
+    _close(h.grad, h64.grad, dtype, "dhidden")
+    _close(w.grad, w64.grad, dtype, "dweight")
+    assert torch.all(h.grad[2] == 0) and torch.all(h.grad[13] == 0)
+    # the label log-probs' recomputing backward goes through the same grouped products (a per-row gradient)
+    h.grad = w.grad = h64.grad = w64.grad = None
+    lp = ce.fused_linear_logps(h, w, labels.to(DEV), chunk_size=4, temperature=0.7)
+    go = torch.randn(n)
+    (lp * go.to(DEV)).sum().backward()
+    ref = _ce64(h64, w64, labels, 0.7)
+    (ref * go.double()).sum().backward()
+    _close(lp, ref, dtype, "logps")
+    _close(h.grad, h64.grad, dtype, "dhidden (logps)")
+    _close(w.grad, w64.grad, dtype, "dweight (logps)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_linear_logps(dtype):
     from llmtune.kernels.cross_entropy import fused_linear_logps
 

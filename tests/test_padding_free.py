@@ -113,6 +113,25 @@ def test_short_bf16_spans_run_in_float32_on_the_cpu(monkeypatch, autocast):
         torch.testing.assert_close(a.grad.double(), r.grad, atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_grouped_query_causal_attention(dtype):
+    """No mask, grouped-query heads, bf16/fp16 on the CPU: the query heads of a group run as one query with a
+    stacked causal mask; output and gradients against the float64 reference (causal, one segment per row)."""
+    q, k, v = _qkv(2, 33, h=6, hkv=2, d=16, seed=3)
+    leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    w = torch.randn(2, 33, 6, 16)
+    out = attend(*leaves, None)
+    (out.float() * w).sum().backward()
+    ones, pos = torch.ones(2, 33, dtype=torch.long), torch.arange(33)
+    ref_leaves = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
+    ref = ref_attention(*ref_leaves, ones, ones, pos, pos)
+    (ref * w.double()).sum().backward()
+    assert out.dtype == dtype and out.shape == (2, 33, 6, 16)
+    assert torch.allclose(out.double(), ref, atol=2e-2, rtol=2e-2)
+    for got, want in zip(leaves, ref_leaves):
+        assert torch.allclose(got.grad.double(), want.grad, atol=6e-2, rtol=3e-2)
+
+
 def test_segment_with_a_gap_falls_back_to_the_dense_mask():
     seg = torch.tensor([[1, 1, 0, 1, 1, 2]])
     assert segment_spans(seg) is None
