@@ -42,8 +42,8 @@ from torch import nn
 
 from llmtune.data.multimodal import vision_inputs
 from llmtune.errors import LLMTuneError, notice
-from llmtune.models.shared_prefix import shared_prompt_layout
 from llmtune.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss, grpo_num_items
+from llmtune.models.shared_prefix import shared_prompt_layout
 from llmtune.rewards import RewardFunc, compute_rewards, load_reward_funcs, parse_reward_weights, reward_metrics
 from llmtune.rl_tools import ToolsTemplate, function_schema, generate_tool_rollouts, load_tools, tool_metrics
 from llmtune.rollout import completion_metrics, generate_rollouts
