@@ -133,9 +133,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
                 cache: Optional[KVCache]) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        qkv = self.__dict__.get("packed_qkv")   # q|k|v as one packed product: frozen_weights_cast(pack=True)
+        n, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if qkv is None else qkv(x).split((n, nk, nk), -1)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k, v = k.view(b, t, self.num_kv_heads, self.head_dim), v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -179,7 +181,9 @@ class MLP(nn.Module):
             from llmtune.kernels.swiglu import swiglu
 
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.__dict__.get("packed_gate_up")   # one packed product: frozen_weights_cast(pack=True)
+        g, u = (self.gate_proj(x), self.up_proj(x)) if gate_up is None else gate_up(x).chunk(2, -1)
+        return self.down_proj(F.silu(g) * u)
 
 
 class DecoderLayer(nn.Module):
@@ -342,7 +346,9 @@ def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q ``(B, H, 1, D)``, k/v ``(B, H_kv, L, D)``, mask None or boolean ``(B, 1, 1, L)``; returns ``(B, 1, H, D)``
     in ``q``'s dtype. Torch's CPU SDPA kernel tiles for long queries: with one query and a bfloat16 cache it
-    took 3-5x the time of these products (docs/performance.md).
+    took 3-5x the time of these products (docs/performance.md). :func:`attend` runs it with CPU autocast off
+    (autocast would cast the float32 cache to bfloat16 for each product; it still applies inside
+    ``torch.compile``).
     """
     b, h, _, d = q.shape
     hk, length = k.shape[1], k.shape[2]
@@ -372,7 +378,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     b, h, t, d = q.shape
     gqa = k.shape[1] != h
     if t == 1 and q.device.type == "cpu" and not isinstance(mask, SegmentSpans):
-        return _attend_one_query(q, k, v, mask)
+        if not torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+            return _attend_one_query(q, k, v, mask)
+        torch.set_autocast_enabled("cpu", False)   # float32 products, not autocast's recast of the cache per call
+        try:
+            return _attend_one_query(q, k, v, mask)
+        finally:
+            torch.set_autocast_enabled("cpu", True)
     if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         return out.transpose(1, 2)
