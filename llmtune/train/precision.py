@@ -150,9 +150,10 @@ def frozen_weights_cast(model: nn.Module, dtype: Optional[torch.dtype], merge_ad
     silenced: list[tuple[nn.Module, list]] = []
     packed: list[nn.Module] = []
     owners: list[tuple[nn.Module, str]] = []
+    modules = list(model.modules())   # one walk of the model for the steps below
     try:
         if merge_adapters:
-            for m in model.modules():
+            for m in modules:
                 base = getattr(m, "base_layer", None)
                 if not isinstance(m, LoraLinear) or m.adapters_disabled or m.merged_adapters \
                         or not isinstance(base, nn.Linear) or is_quantized(base) or base.weight.requires_grad \
@@ -167,7 +168,7 @@ def frozen_weights_cast(model: nn.Module, dtype: Optional[torch.dtype], merge_ad
                 silenced.append((m, m.active_adapters))
                 m.active_adapters = []
         if cast:
-            for m in model.modules():
+            for m in modules:
                 w = getattr(m, "weight", None)
                 if isinstance(m, nn.Linear) and isinstance(w, nn.Parameter) and w.dtype == torch.float32 \
                         and not w.requires_grad:
@@ -175,8 +176,8 @@ def frozen_weights_cast(model: nn.Module, dtype: Optional[torch.dtype], merge_ad
                     swapped.append((m, w))
         if pack and cast and dtype == torch.bfloat16 and packed_linear_available():
             originals = {id(m): w for m, w in swapped}
-            _fuse_projections(model, dtype, {id(m) for m, _ in silenced}, originals, packed, owners)
-            for m in model.modules():
+            _fuse_projections(modules, dtype, {id(m) for m, _ in silenced}, originals, packed, owners)
+            for m in modules:
                 if _packable(m, dtype):
                     w = m.weight
                     # the output head's own weight (tied to the embedding, frozen): packed once while unchanged
@@ -234,7 +235,7 @@ def _packable(m: nn.Module, dtype: torch.dtype) -> bool:
         and w.device.type == "cpu" and "forward" not in m.__dict__
 
 
-def _fuse_projections(model: nn.Module, dtype: torch.dtype, silenced: set, originals: dict, packed: list,
+def _fuse_projections(modules: list, dtype: torch.dtype, silenced: set, originals: dict, packed: list,
                       owners: list) -> None:
     """``pack``'s fused products: per decoder layer, q|k|v of :class:`~llmtune.models.transformer.Attention` and
     gate|up of its dense :class:`~llmtune.models.transformer.MLP` as one prepacked weight (their rows
@@ -247,13 +248,13 @@ def _fuse_projections(model: nn.Module, dtype: torch.dtype, silenced: set, origi
     ``packed_gate_up`` (its forward splits the output); each projection's linear gets a forward that slices
     its columns out of the fused product (correct if called alone) and, like a packed linear, its original
     weight back (``originals``). Appends those linears to ``packed`` and the ``(owner, attribute)`` pairs to
-    ``owners`` (the context removes both on exit).
+    ``owners`` (the context removes both on exit). ``modules``: the model's modules.
     """
     from llmtune.models.transformer import MLP, Attention
 
     kinds = {Attention: (("q_proj", "k_proj", "v_proj"), "packed_qkv"), MLP: (("gate_proj", "up_proj"),
                                                                               "packed_gate_up")}
-    for mod in model.modules():
+    for mod in modules:
         kind = kinds.get(type(mod))
         if kind is None:
             continue
