@@ -19,9 +19,11 @@ one process (A, B, A, B...), for before/after figures on the same machine state;
 rollouts without :func:`llmtune.train.precision.frozen_weights_cast` (autocast casting every call), ``"_merge":
 false`` rollouts with the LoRA products at every step (no merged weights), ``"_sdpa_decode": true`` decode steps
 with torch's SDPA instead of the one-query attention, ``"_pack": false`` rollouts without oneDNN-prepacked
-weights, ``"_draw": "multinomial"`` rollout tokens drawn with ``torch.multinomial`` (generate's draw),
-``"_share": false`` training forwards with a prompt copy per completion (no shared prompts). The load average is
-recorded: on a shared machine timings are noisy.
+weights, ``"_fuse": false`` packed rollouts with separate q/k/v and gate/up products (no fused
+``packed_qkv``/``packed_gate_up``), ``"_bf16_attend": true`` the one-query decode attention's products under
+autocast (bfloat16, the cache recast per call: before session 7), ``"_draw": "multinomial"`` rollout tokens drawn
+with ``torch.multinomial`` (generate's draw), ``"_share": false`` training forwards with a prompt copy per
+completion (no shared prompts). The load average is recorded: on a shared machine timings are noisy.
 
 Usage (from the repository root)::
 
@@ -44,6 +46,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 _ONE_QUERY = None   # llmtune's one-query decode attention, saved by main() before any variant replaces it
+_FUSE = None        # llmtune.train.precision._fuse_projections, saved by main() ("_fuse": false replaces it)
 _DRAW: list = [None]   # a variant's rollout draw ("multinomial" / "inverse_cdf"); None = llmtune's own
 PHASES = ("rollout", "prefill", "decode", "rewards", "ref_logps", "old_logps", "loss_fwd", "backward", "optimizer")
 
@@ -119,6 +122,17 @@ def _sdpa_one_query(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)
 
 
+def _bf16_one_query(q, k, v, mask):
+    """The one-query attention with autocast back on inside (``"_bf16_attend": true``): bfloat16 products."""
+    import torch
+
+    torch.set_autocast_enabled("cpu", True)
+    try:
+        return _ONE_QUERY(q, k, v, mask)
+    finally:
+        torch.set_autocast_enabled("cpu", False)
+
+
 def run_job(a: argparse.Namespace, extra: dict, t: Timers) -> list[dict[str, float]]:
     """One training run of the job; returns its per-step phase times."""
     from llmtune.train.setup import run_train
@@ -138,7 +152,11 @@ def run_job(a: argparse.Namespace, extra: dict, t: Timers) -> list[dict[str, flo
     GRPOStage.share_prompts = bool(extra.get("_share", True))        # "_share": false = a prompt copy per row
     from llmtune.models import transformer
 
-    transformer._attend_one_query = _sdpa_one_query if extra.get("_sdpa_decode") else _ONE_QUERY
+    transformer._attend_one_query = _sdpa_one_query if extra.get("_sdpa_decode") else \
+        _bf16_one_query if extra.get("_bf16_attend") else _ONE_QUERY
+    from llmtune.train import precision
+
+    precision._fuse_projections = _FUSE if extra.get("_fuse", True) else (lambda *args: None)
     cfg.update({k: v for k, v in extra.items() if not k.startswith("_")})
     n0 = len(t.steps)
     with tempfile.TemporaryDirectory() as out:
@@ -157,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grpo_profile.json"))
     a = ap.parse_args(argv)
     variants = json.loads(a.variants)
-    global _ONE_QUERY
+    global _ONE_QUERY, _FUSE
     from llmtune.models import transformer
+    from llmtune.train import precision
 
-    _ONE_QUERY = transformer._attend_one_query
+    _ONE_QUERY, _FUSE = transformer._attend_one_query, precision._fuse_projections
     t = Timers()
     install(t)
     load0 = os.getloadavg()

@@ -121,7 +121,7 @@ class SlotKVCache:
         if buf is None:
             shape = (self.num_slots, k.shape[1], self.max_len, k.shape[3])
             # on the CPU, half-precision keys/values are held in float32 (exact): the decode attention computes in
-            # float32 (llmtune.models.transformer._attend_one_query) and then reads them without a cast per step
+            # float32 (llmtune.models.decode_attention.attend_one_query) and then reads them without a cast per step
             up = self.decode_shortcuts and k.device.type == "cpu"
             # zeros, not empty: a masked position still meets the attention's product with V, and 0 * NaN from
             # uninitialised memory would be NaN

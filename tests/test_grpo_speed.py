@@ -1,6 +1,7 @@
 """GRPO step savings (issue 28): padding-free completion log-probs against per-row forwards computed by hand,
 micro-batches split by ``max_tokens_per_micro_batch`` without changing the loss or the gradients (float32,
-1e-6), and no old-policy forward when ``num_iterations`` is 1."""
+1e-6), no old-policy forward when ``num_iterations`` is 1, and the rollout weights' casts, merges, packed and
+fused products against ``F.linear`` of weights merged by hand."""
 
 from __future__ import annotations
 
@@ -198,3 +199,109 @@ def test_packed_rollout_weights_give_f_linears_bf16_products_bitwise_and_are_rem
     after = {k: p for k, p in model.named_parameters()}
     assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
     assert layer.active_adapters == ["default"]
+
+
+def _fused_test_model():
+    """A tiny tied model with q/k/v biases (Qwen2) and per-head q/k norms (Qwen3), LoRA on q, v and gate only,
+    so each fused product mixes merged and plain frozen projections."""
+    from llmtune import peft
+    from llmtune.models import ModelConfig, Transformer
+    from test_ppo import VOCAB
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, qkv_bias=True,
+                      qk_norm=True)
+    model = Transformer(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.2)
+    peft.apply_lora(model, lora_rank=4, lora_target="q_proj,v_proj,gate_proj")
+    with torch.no_grad():
+        for _, layer in peft.lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_fused_qkv_and_gate_up_products_equal_f_linear_of_the_merged_weights_and_the_unfused_rollout(monkeypatch):
+    """``pack=True`` fuses each layer's q|k|v and gate|up into one packed product: its output equals the
+    concatenated ``F.linear`` of each projection's weight (merged ``bf16(W0 + s B A)`` computed by hand in float64
+    for the LoRA layers, Hu et al. 2021 section 4.1; the bf16 weight and bias for the plain ones) bitwise, each
+    projection called alone gives its own columns, the rollout's tokens and log-probs equal those of separate
+    packed products bitwise, the greedy tokens equal the unmerged float32 policy's, and on exit nothing is left."""
+    from llmtune.train import precision
+    from llmtune.train.precision import frozen_weights_cast, packed_linear_available
+
+    if not packed_linear_available():
+        pytest.skip("this torch build has no oneDNN prepacked bf16 linear (nothing is packed there)")
+    model = _fused_test_model()
+    before = {k: p for k, p in model.named_parameters()}
+    prompts = [p for p in PROMPTS for _ in range(2)]
+
+    def want(prefix, names):
+        """Each projection's bf16 weight and bias: merged by hand for a LoRA layer, else cast."""
+        out = []
+        for n in names:
+            mod = model.get_submodule(f"{prefix}.{n}")
+            if hasattr(mod, "base_layer"):
+                mod = _layer_and_merge_by_hand(model, f"{prefix}.{n}")
+                out.append((mod[0], mod[1], mod[0].base_layer.bias))
+            else:
+                out.append((mod, mod.weight.detach().to(torch.bfloat16), mod.bias))
+        return [(m, w, None if b is None else b.detach().to(torch.bfloat16)) for m, w, b in out]
+
+    def rollout(sample):
+        torch.manual_seed(0)
+        return generate_rollouts(model, prompts, max_new_tokens=6, do_sample=sample, temperature=1.0, top_k=0,
+                                 eos_token_ids=EOS, pad_token_id=PAD, return_logps=True)
+
+    runs = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with frozen_weights_cast(model, torch.bfloat16, merge_adapters=True, pack=True):
+            for i, layer in enumerate(model.model.layers):
+                for owner, attr, names in ((layer.self_attn, "packed_qkv", ("q_proj", "k_proj", "v_proj")),
+                                           (layer.mlp, "packed_gate_up", ("gate_proj", "up_proj"))):
+                    parts = want(f"model.layers.{i}.{'self_attn' if attr == 'packed_qkv' else 'mlp'}", names)
+                    for shape in ((1, 32), (3, 32), (8, 32), (2, 3, 32)):
+                        x = torch.randn(shape).to(torch.bfloat16)
+                        ref = [torch.nn.functional.linear(x, w, b) for _, w, b in parts]
+                        assert torch.equal(owner.__dict__[attr](x), torch.cat(ref, -1))
+                        assert all(torch.equal(m(x), r) for (m, _, _), r in zip(parts, ref))
+            runs["fused"] = [rollout(False), rollout(True)]
+        monkeypatch.setattr(precision, "_fuse_projections", lambda *a: None)   # separate packed products
+        with frozen_weights_cast(model, torch.bfloat16, merge_adapters=True, pack=True):
+            assert not any("packed_qkv" in m.__dict__ for m in model.modules())
+            runs["separate"] = [rollout(False), rollout(True)]
+    for a, b in zip(runs["fused"], runs["separate"]):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.logps, b.logps)
+    with torch.no_grad():   # greedy tokens of the unmerged float32 policy (no near-ties at this size)
+        ref = generate_rollouts(model, prompts, max_new_tokens=6, do_sample=False, eos_token_ids=EOS,
+                                pad_token_id=PAD)
+    assert torch.equal(runs["fused"][0].input_ids, ref.input_ids)
+    assert not any({"forward", "packed_qkv", "packed_gate_up"} & m.__dict__.keys() for m in model.modules())
+    after = {k: p for k, p in model.named_parameters()}
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+
+
+def test_one_query_attention_under_bf16_autocast_is_float32_softmax_attention():
+    """A CPU decode step's attention under bf16 autocast keeps its documented float32 products: equal to
+    ``softmax(q k^T / sqrt(D)) v`` computed in float64 by hand to float32 rounding (bf16 products would be
+    off by ~1e-2), masked keys excluded, grouped query heads sharing their key/value head."""
+    from llmtune.models.transformer import attend
+
+    g = torch.Generator().manual_seed(0)
+    b, h, hk, length, d = 3, 4, 2, 7, 16
+    q = torch.randn(b, h, 1, d, generator=g)
+    k, v = torch.randn(b, hk, length, d, generator=g), torch.randn(b, hk, length, d, generator=g)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :3] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attend(q, k, v, mask)
+        assert torch.is_autocast_enabled("cpu")
+    kk, vv = (t.double().repeat_interleave(h // hk, dim=1) for t in (k, v))
+    s = (q.double() @ kk.transpose(-1, -2)) / d ** 0.5
+    s = s.masked_fill(~mask, float("-inf"))
+    want_out = (s.softmax(-1) @ vv).transpose(1, 2)
+    assert got.dtype == torch.float32 and got.shape == (b, 1, h, d)
+    torch.testing.assert_close(got.double(), want_out, rtol=1e-5, atol=1e-6)

@@ -24,6 +24,7 @@ from torch import nn
 from llmtune.compat import is_cuda, varlen_attention
 from llmtune.kernels import use_triton as _use_kernels
 from llmtune.models.config import ModelConfig
+from llmtune.models.decode_attention import attend_one_query as _attend_one_query
 from llmtune.models.kv_cache import KVCache
 from llmtune.models.memory import checkpoint_layer, mlp_tile_rows, tiled_mlp
 from llmtune.models.moe import SparseMoeBlock, collect_aux_loss
@@ -133,9 +134,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
                 cache: Optional[KVCache]) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        qkv = self.__dict__.get("packed_qkv")   # q|k|v as one packed product: frozen_weights_cast(pack=True)
+        n, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if qkv is None else qkv(x).split((n, nk, nk), -1)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k, v = k.view(b, t, self.num_kv_heads, self.head_dim), v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -179,7 +182,9 @@ class MLP(nn.Module):
             from llmtune.kernels.swiglu import swiglu
 
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.__dict__.get("packed_gate_up")   # one packed product: frozen_weights_cast(pack=True)
+        g, u = (self.gate_proj(x), self.up_proj(x)) if gate_up is None else gate_up(x).chunk(2, -1)
+        return self.down_proj(F.silu(g) * u)
 
 
 class DecoderLayer(nn.Module):
@@ -337,23 +342,6 @@ def _varlen(q, k, v, segs: SegmentSpans):
     return None if out is None else out.view(b, t, h, d)
 
 
-def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """:func:`attend` for one query per row on the CPU (a decode step): ``softmax(q k^T / sqrt(D)) v`` as two
-    batched float32 products, the query heads of each key/value head grouped (no repeat of K or V).
-
-    q ``(B, H, 1, D)``, k/v ``(B, H_kv, L, D)``, mask None or boolean ``(B, 1, 1, L)``; returns ``(B, 1, H, D)``
-    in ``q``'s dtype. Torch's CPU SDPA kernel tiles for long queries: with one query and a bfloat16 cache it
-    took 3-5x the time of these products (docs/performance.md).
-    """
-    b, h, _, d = q.shape
-    hk, length = k.shape[1], k.shape[2]
-    s = torch.matmul(q.float().view(b, hk, h // hk, d), k.float().transpose(-1, -2)) * (d ** -0.5)
-    if mask is not None:
-        s = s.masked_fill(~mask.reshape(mask.shape[0], 1, 1, length), float("-inf"))
-    return torch.matmul(s.softmax(-1), v.float()).to(q.dtype).view(b, 1, h, d)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al., 2017) with grouped-query heads (Ainslie et al., 2023).
 
@@ -376,7 +364,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     b, h, t, d = q.shape
     gqa = k.shape[1] != h
     if t == 1 and q.device.type == "cpu" and not isinstance(mask, SegmentSpans):
-        return _attend_one_query(q, k, v, mask)
+        if not torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+            return _attend_one_query(q, k, v, mask)
+        torch.set_autocast_enabled("cpu", False)   # float32 products, not autocast's recast of the cache per call
+        try:
+            return _attend_one_query(q, k, v, mask)
+        finally:
+            torch.set_autocast_enabled("cpu", True)
     if mask is None and gqa and 1 < t == k.shape[2] <= _CPU_GROUPED_Q and q.device.type == "cpu" \
             and q.dtype in (torch.bfloat16, torch.float16):
         # a GQA group's query heads as one (g T)-row query with the causal mask stacked g times: the CPU flash

@@ -135,7 +135,10 @@ def frozen_weights_cast(model: nn.Module, dtype: Optional[torch.dtype], merge_ad
             few rows on this CPU, which is what a rollout's decode step spends most of its time in. The packed
             copy replaces the cast or merged copy (the module keeps its original weight meanwhile); the output
             head's packed copy is kept between contexts while its weight is unchanged (one bf16 copy of it for
-            the run). Inference only: a packed layer raises ``RuntimeError`` if asked for a gradient.
+            the run). Inference only: a packed layer raises ``RuntimeError`` if asked for a gradient. Each
+            decoder layer's q|k|v and gate|up projections, when all of them are packed, run as one packed product
+            each (attributes ``packed_qkv`` / ``packed_gate_up`` of the attention / MLP module, removed on exit):
+            the same columns bitwise, fewer and wider weight reads (:func:`_fuse_projections`).
 
     Source: ``torch.autocast``'s weight-cast cache rule (leaf tensors with ``requires_grad``), PyTorch AMP docs.
     """
@@ -146,9 +149,11 @@ def frozen_weights_cast(model: nn.Module, dtype: Optional[torch.dtype], merge_ad
     swapped: list[tuple[nn.Linear, nn.Parameter]] = []
     silenced: list[tuple[nn.Module, list]] = []
     packed: list[nn.Module] = []
+    owners: list[tuple[nn.Module, str]] = []
+    modules = list(model.modules())   # one walk of the model for the steps below
     try:
         if merge_adapters:
-            for m in model.modules():
+            for m in modules:
                 base = getattr(m, "base_layer", None)
                 if not isinstance(m, LoraLinear) or m.adapters_disabled or m.merged_adapters \
                         or not isinstance(base, nn.Linear) or is_quantized(base) or base.weight.requires_grad \
@@ -163,7 +168,7 @@ def frozen_weights_cast(model: nn.Module, dtype: Optional[torch.dtype], merge_ad
                 silenced.append((m, m.active_adapters))
                 m.active_adapters = []
         if cast:
-            for m in model.modules():
+            for m in modules:
                 w = getattr(m, "weight", None)
                 if isinstance(m, nn.Linear) and isinstance(w, nn.Parameter) and w.dtype == torch.float32 \
                         and not w.requires_grad:
@@ -171,10 +176,10 @@ def frozen_weights_cast(model: nn.Module, dtype: Optional[torch.dtype], merge_ad
                     swapped.append((m, w))
         if pack and cast and dtype == torch.bfloat16 and packed_linear_available():
             originals = {id(m): w for m, w in swapped}
-            for m in model.modules():
-                w = getattr(m, "weight", None)
-                if isinstance(m, nn.Linear) and isinstance(w, nn.Parameter) and w.dtype == dtype \
-                        and not w.requires_grad and w.device.type == "cpu" and "forward" not in m.__dict__:
+            _fuse_projections(modules, dtype, {id(m) for m, _ in silenced}, originals, packed, owners)
+            for m in modules:
+                if _packable(m, dtype):
+                    w = m.weight
                     # the output head's own weight (tied to the embedding, frozen): packed once while unchanged
                     mine = id(m) not in originals and m is getattr(model, "lm_head", None)
                     hit = _PACKED.get(m) if mine else None
@@ -190,6 +195,8 @@ def frozen_weights_cast(model: nn.Module, dtype: Optional[torch.dtype], merge_ad
     finally:
         for m in packed:
             del m.forward
+        for m, name in owners:
+            delattr(m, name)
         for m, w in reversed(swapped):
             m.weight = w
         for m, names in silenced:
@@ -219,6 +226,60 @@ def packed_linear_available() -> bool:
 
 #: the packed output head weight kept between contexts (a frozen, usually tied ``lm_head`` is packed once a run)
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _packable(m: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether ``m`` is a frozen ``dtype`` CPU ``nn.Linear`` with its own forward (what ``pack`` packs)."""
+    w = getattr(m, "weight", None)
+    return isinstance(m, nn.Linear) and isinstance(w, nn.Parameter) and w.dtype == dtype and not w.requires_grad \
+        and w.device.type == "cpu" and "forward" not in m.__dict__
+
+
+def _fuse_projections(modules: list, dtype: torch.dtype, silenced: set, originals: dict, packed: list,
+                      owners: list) -> None:
+    """``pack``'s fused products: per decoder layer, q|k|v of :class:`~llmtune.models.transformer.Attention` and
+    gate|up of its dense :class:`~llmtune.models.transformer.MLP` as one prepacked weight (their rows
+    concatenated, biases too) when each projection is a packable linear (:func:`_packable`) or a LoRA layer
+    merged here (``silenced``: its base layer). Concatenating output rows leaves each output column's product
+    as it was (the same bfloat16 values bitwise, checked in tests); one wide product reads the weights at a
+    higher bandwidth than three narrow ones (30 layers at 8 rows: 20.7 -> 17.0 ms a step on this CPU).
+
+    The owner gets the fused forward ``x [..., in] -> [..., sum(out)]`` as attribute ``packed_qkv`` /
+    ``packed_gate_up`` (its forward splits the output); each projection's linear gets a forward that slices
+    its columns out of the fused product (correct if called alone) and, like a packed linear, its original
+    weight back (``originals``). Appends those linears to ``packed`` and the ``(owner, attribute)`` pairs to
+    ``owners`` (the context removes both on exit). ``modules``: the model's modules.
+    """
+    from llmtune.models.transformer import MLP, Attention
+
+    kinds = {Attention: (("q_proj", "k_proj", "v_proj"), "packed_qkv"), MLP: (("gate_proj", "up_proj"),
+                                                                              "packed_gate_up")}
+    for mod in modules:
+        kind = kinds.get(type(mod))
+        if kind is None:
+            continue
+        lins = [getattr(mod, n) for n in kind[0]]
+        lins = [m.base_layer if id(m) in silenced else m for m in lins]
+        if not all(_packable(m, dtype) for m in lins) or len({m.bias is None for m in lins}) != 1 \
+                or len({m.in_features for m in lins}) != 1:
+            continue
+        w = torch.cat([m.weight.detach() for m in lins])
+        bias = None if lins[0].bias is None else torch.cat([m.bias.detach().to(dtype) for m in lins])
+        whole = _packed_forward(torch.ops.mkldnn._reorder_linear_weight(w, 8), dtype, bias)
+        setattr(mod, kind[1], whole)
+        owners.append((mod, kind[1]))
+        start = 0
+        for m in lins:
+            m.forward = _sliced(whole, start, start + m.out_features)
+            start += m.out_features
+            packed.append(m)
+            if id(m) in originals:
+                m.weight = originals[id(m)]
+
+
+def _sliced(whole, start: int, end: int):
+    """A forward returning columns ``start:end`` of ``whole(x)`` (a fused projection called alone)."""
+    return lambda x: whole(x)[..., start:end].contiguous()
 
 
 def _merged_copy(m: nn.Module, w: torch.Tensor) -> torch.Tensor:
