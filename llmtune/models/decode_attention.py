@@ -12,12 +12,13 @@ import torch
 
 def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """:func:`llmtune.models.transformer.attend` for one query per row on the CPU (a decode step): ``softmax(q k^T / sqrt(D)) v`` as two
-    batched float32 products, the query heads of each key/value head grouped (no repeat of K or V).
+    """:func:`llmtune.models.transformer.attend` for one query per row on the CPU (a decode step):
+    ``softmax(q k^T / sqrt(D)) v`` as two batched float32 products, the query heads of each key/value head grouped
+    (no repeat of K or V).
 
     q ``(B, H, 1, D)``, k/v ``(B, H_kv, L, D)``, mask None or boolean ``(B, 1, 1, L)``; returns ``(B, 1, H, D)``
     in ``q``'s dtype. Torch's CPU SDPA kernel tiles for long queries: with one query and a bfloat16 cache it
-    took 3-5x the time of these products (docs/performance.md). :func:`~llmtune.models.transformer.attend` runs it with CPU autocast off
+    took 3-5x the time of these products (docs/performance.md). ``attend`` runs it with CPU autocast off
     (autocast would cast the float32 cache to bfloat16 for each product; it still applies inside
     ``torch.compile``).
     """
