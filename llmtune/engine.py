@@ -48,6 +48,19 @@ from llmtune.sampling import SamplingParams, select_tokens
 __all__ = ["SlotKVCache", "Request", "TokenEvent", "Completion", "Engine"]
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside, back in training mode after if it was (no module walk when already eval)."""
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train(True)
+
+
 class SlotKVCache:
     """Key/value buffers organised in slots, written in place; the cache object the engine hands the model.
 
@@ -356,15 +369,8 @@ class Engine:
         """Decode one token for every running row, admit queued rows into free slots (their prefill gives
         their first token), and retire the rows that finished. Returns one :class:`TokenEvent` per row that
         produced a token this step (running rows first, in slot order, then the admitted ones)."""
-        was_training = self.model.training
-        if was_training:
-            self.model.eval()
-        try:
-            with torch.inference_mode():
-                return self._step()
-        finally:
-            if was_training:
-                self.model.train(True)
+        with _eval_mode(self.model), torch.inference_mode():
+            return self._step()
 
     def _call(self, input_ids: torch.Tensor, adapters: list, pick: Callable[[torch.Tensor], torch.Tensor],
               **kw: Any) -> torch.Tensor:
@@ -543,15 +549,9 @@ class Engine:
         The model is put in eval mode once for the whole loop (and back in train mode when the loop ends or the
         iterator is closed), not at every step: ``Module.train``/``eval`` walk every submodule, which cost a
         GRPO rollout of 48 steps on the 135M LoRA model about 0.3 s."""
-        was_training = self.model.training
-        if was_training:
-            self.model.eval()
-        try:
+        with _eval_mode(self.model):
             while self.has_work():
                 yield self.step()
-        finally:
-            if was_training:
-                self.model.train(True)
 
     def run(self, requests: Sequence[Request], num_return_sequences: int | Sequence[int] = 1) -> list[Completion]:
         """Generate every request to the end, ``num_return_sequences`` prefix-shared completions each (an int for
