@@ -186,16 +186,23 @@ def completion_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask
 def _shared_prompt_forward(model: nn.Module, lay: Any, completion_mask: torch.Tensor, temperature: float,
                            entropy: bool) -> dict[str, torch.Tensor]:
     """:func:`completion_forward` on a :class:`llmtune.models.shared_prefix.SharedPromptLayout`."""
-    from llmtune.kernels.cross_entropy import linear_label_logps, rows_per_chunk
+    from llmtune.kernels.cross_entropy import grads_in_forward, linear_label_logps, rows_per_chunk
+    from llmtune.kernels.logps_entropy import linear_logps_entropy
     from llmtune.losses import entropy_from_hidden
 
     hidden = model(lay.input_ids, position_ids=lay.position_ids, spans=lay.spans)[0]     # (K, H)
     h = hidden[lay.src]                                                                  # (M, H)
     w = model.lm_head.weight
-    lp = linear_label_logps(h, w, lay.targets, rows_per_chunk(None, w.shape[0], h.device), temperature)
+    rows = rows_per_chunk(None, w.shape[0], h.device)
+    ent = None
+    if entropy and not w.requires_grad and grads_in_forward(h, w):   # one pass: 2 vocabulary products, not 4
+        lp, ent = linear_logps_entropy(h, w, lay.targets, rows, temperature)
+    else:
+        lp = linear_label_logps(h, w, lay.targets, rows, temperature)
+        if entropy:
+            ent = entropy_from_hidden(h.detach()[None], w.detach(), temperature=temperature)[0]
     out = {"logps": lp.new_zeros(completion_mask.shape).index_put((lay.rows, lay.cols), lp)}
-    if entropy:
-        ent = entropy_from_hidden(h.detach()[None], w.detach(), temperature=temperature)[0]
+    if ent is not None:
         out["entropy"] = ent.new_zeros(completion_mask.shape).index_put((lay.rows, lay.cols), ent)
     return out
 
