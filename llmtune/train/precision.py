@@ -169,9 +169,8 @@ def frozen_weights_cast(model: nn.Module, dtype: Optional[torch.dtype], merge_ad
                 m.active_adapters = []
         if cast:
             for m in modules:
-                w = getattr(m, "weight", None)
-                if isinstance(m, nn.Linear) and isinstance(w, nn.Parameter) and w.dtype == torch.float32 \
-                        and not w.requires_grad:
+                w = m.weight if isinstance(m, nn.Linear) else None   # (a LoRA layer's ``weight`` is computed)
+                if isinstance(w, nn.Parameter) and w.dtype == torch.float32 and not w.requires_grad:
                     m.weight = nn.Parameter(w.detach().to(dtype), requires_grad=False)
                     swapped.append((m, w))
         if pack and cast and dtype == torch.bfloat16 and packed_linear_available():
@@ -230,8 +229,10 @@ _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictiona
 
 def _packable(m: nn.Module, dtype: torch.dtype) -> bool:
     """Whether ``m`` is a frozen ``dtype`` CPU ``nn.Linear`` with its own forward (what ``pack`` packs)."""
-    w = getattr(m, "weight", None)
-    return isinstance(m, nn.Linear) and isinstance(w, nn.Parameter) and w.dtype == dtype and not w.requires_grad \
+    if not isinstance(m, nn.Linear):   # first: a LoRA layer's ``weight`` is a computed merge
+        return False
+    w = m.weight
+    return isinstance(w, nn.Parameter) and w.dtype == dtype and not w.requires_grad \
         and w.device.type == "cpu" and "forward" not in m.__dict__
 
 
