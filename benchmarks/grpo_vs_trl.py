@@ -28,7 +28,11 @@ The machine's load average at start and end is recorded: on a shared machine tim
 Usage (from the repository root)::
 
     python benchmarks/grpo_vs_trl.py [--steps 3] [--prompts 2] [--generations 4] [--max-completion-length 16]
-        [--model PATH.gguf] [--sides trl,llmtune] [--out benchmarks/results/grpo_vs_trl.json]
+        [--model PATH.gguf] [--sides trl,llmtune] [--repeats 1] [--out benchmarks/results/grpo_vs_trl.json]
+
+With ``--repeats N`` the sides run alternately N times in the one run (trl, llmtune, trl, llmtune, ...): the
+summary gives each side's median tokens/s and peak RSS, their ratio, and the ratio of each repeat, so that one
+slow moment of a shared machine does not decide the figure.
 """
 
 from __future__ import annotations
@@ -183,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--sides", default="trl,llmtune")
     ap.add_argument("--llmtune-extra", default="", help="JSON dict of extra llmtune config keys")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the sides alternately this many times (trl, llmtune, trl, ...); the summary is the "
+                         "median tokens/s of each side and their ratio")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grpo_vs_trl.json"))
     ap.add_argument("--child", choices=["trl", "llmtune"], help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -196,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     p_tokens = prompt_tokens(a.model)
     rows = []
-    for side in [s.strip() for s in a.sides.split(",") if s.strip()]:
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    for repeat, side in ((r, s) for r in range(max(1, a.repeats)) for s in sides):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--child-out", f.name,
                    "--steps", str(a.steps), "--prompts", str(a.prompts), "--generations", str(a.generations),
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, cwd=str(ROOT / "benchmarks"))  # not the root: kernels/ shadows PyPI's
             wall = time.perf_counter() - t0
-            rows.append(summarize(side, json.loads(Path(f.name).read_text()), wall, n, p_tokens))
+            rows.append(dict(summarize(side, json.loads(Path(f.name).read_text()), wall, n, p_tokens), repeat=repeat))
     print(f"\nGRPO job: {a.steps} steps x {a.prompts} prompts x {a.generations} generations x "
           f"<= {a.max_completion_length} new tokens, LoRA r16, bf16 autocast, beta {a.beta}; "
           f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
@@ -214,10 +222,25 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['side']:8} {r['process_s']:9.1f} {r['mean_step_s']:11.2f} {r['generated_tokens']:8.0f} "
               f"{r['trained_tokens']:11.0f} {r['tok_s']:7.1f} {r['peak_rss_mb']:11.0f}")
+    medians = {}
+    for side in sides:
+        v = sorted(r["tok_s"] for r in rows if r["side"] == side)
+        m = sorted(r["peak_rss_mb"] for r in rows if r["side"] == side)
+        medians[side] = {"tok_s": v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2,
+                         "peak_rss_mb": m[len(m) // 2], "runs": len(v)}
+    ratios = {}
+    if {"trl", "llmtune"} <= set(sides) and medians["trl"]["tok_s"]:
+        by = {(r["repeat"], r["side"]): r for r in rows}
+        ratios = {"median_tok_s": round(medians["llmtune"]["tok_s"] / medians["trl"]["tok_s"], 3),
+                  "peak_rss": round(medians["llmtune"]["peak_rss_mb"] / medians["trl"]["peak_rss_mb"], 3),
+                  "per_repeat_tok_s": [round(by[(i, "llmtune")]["tok_s"] / by[(i, "trl")]["tok_s"], 3)
+                                       for i in range(max(1, a.repeats))]}
+        print(f"llmtune / trl tokens/s: {ratios['median_tok_s']:.2f}x (medians of {max(1, a.repeats)} run(s) each; "
+              f"per repeat {ratios['per_repeat_tok_s']}), peak RSS {ratios['peak_rss']:.2f}x")
     result = {"benchmark": "grpo_vs_trl", "args": {k: v for k, v in vars(a).items() if not k.startswith("child")},
               "prompt_tokens_mean": p_tokens, "load_avg_start": load0, "load_avg_end": os.getloadavg(),
-              "cpus": os.cpu_count(), "platform": platform.platform(), "rows": rows,
-              "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+              "cpus": os.cpu_count(), "platform": platform.platform(), "rows": rows, "medians": medians,
+              "ratios": ratios, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {a.out}")
