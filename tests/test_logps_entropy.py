@@ -62,3 +62,28 @@ def test_a_trained_head_or_bad_shapes_are_refused():
         linear_logps_entropy(h, w, labels, 4)
     with pytest.raises(ValueError, match="expected hidden"):
         linear_logps_entropy(h, w.detach()[:, :5], labels, 4)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_token_logps_entropy_shifts_like_token_logps_and_matches_the_formulas(frozen):
+    """(B, T) log-probs and entropies aligned with the labels (position t - 1 predicts label t), 0 where a label
+    is -100 or at column 0; float64 log_softmax by hand as the reference. A trained head (frozen=False) takes the
+    separate functions and must give the same values."""
+    from llmtune.losses import token_logps_entropy
+
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 6, 16, generator=g, dtype=torch.float64)
+    w = (torch.randn(50, 16, generator=g, dtype=torch.float64) * 0.4).requires_grad_(not frozen)
+    labels = torch.randint(0, 50, (2, 6), generator=g)
+    labels[0, :3] = -100
+    labels[1, 4] = -100
+    lp, ent = token_logps_entropy(hidden, w, labels, temperature=0.9)
+    logp = torch.log_softmax((hidden.detach() @ w.detach().t()) / 0.9, -1)        # (B, T, V): row t-1 -> label t
+    want_lp = torch.zeros(2, 6, dtype=torch.float64)
+    want_ent = torch.zeros(2, 6, dtype=torch.float64)
+    for b in range(2):
+        for t in range(1, 6):
+            if labels[b, t] != -100:
+                want_lp[b, t] = logp[b, t - 1, labels[b, t]]
+                want_ent[b, t] = -(logp[b, t - 1].exp() * logp[b, t - 1]).sum()
+    assert torch.allclose(lp.detach(), want_lp, atol=1e-12) and torch.allclose(ent, want_ent, atol=1e-12)

@@ -1,7 +1,8 @@
 """Losses as pure functions on tensors, usable without the trainer (each cites its paper and equation).
 
 - :mod:`.logps`: chunked vocabulary projection: ``causal_lm_loss``, ``token_logps``, ``sequence_logps``,
-  ``entropy_from_hidden`` (never a full ``(B, T, V)`` float32 logits tensor).
+  ``entropy_from_hidden``, ``token_logps_entropy`` / ``label_logps_entropy`` (log-probs and entropy in one
+  pass) (never a full ``(B, T, V)`` float32 logits tensor).
 - :mod:`.preference`: ``dpo_loss`` (sigmoid / hinge / ipo / kto_pair), ``orpo_loss``, ``simpo_loss``.
 - :mod:`.grpo`: ``group_advantages``, ``grpo_loss`` (grpo / bnpo / dr_grpo / dapo, GSPO sequence ratios),
   ``grpo_num_items``.
@@ -14,7 +15,8 @@ See ``docs/losses.md`` for the equations and when to pick each.
 
 from llmtune.losses.grpo import GRPO_LOSS_TYPES, group_advantages, grpo_loss, grpo_num_items
 from llmtune.losses.kto import kto_loss
-from llmtune.losses.logps import IGNORE_INDEX, causal_lm_loss, entropy_from_hidden, sequence_logps, token_logps
+from llmtune.losses.logps import (IGNORE_INDEX, causal_lm_loss, entropy_from_hidden, label_logps_entropy,
+                                  sequence_logps, token_logps, token_logps_entropy)
 from llmtune.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -33,6 +35,8 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "causal_lm_loss",
     "token_logps",
+    "token_logps_entropy",
+    "label_logps_entropy",
     "sequence_logps",
     "entropy_from_hidden",
     "dpo_loss",

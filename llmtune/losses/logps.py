@@ -154,6 +154,62 @@ def token_logps(
     return out.masked_scatter(valid, logps)
 
 
+def label_logps_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    entropy: bool = True,
+    chunk_size: Optional[int] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs of ``targets`` and (``entropy``) the entropy of each row's next-token distribution, for rows
+    already selected: ``hidden`` ``(N, H)`` (row ``i`` predicts ``targets[i]``), ``targets`` ``(N,)`` int64.
+
+    ``logps[i] = log softmax(z_i)[targets[i]]``, ``entropy[i] = logsumexp(z_i) - sum_v softmax(z_i)_v z_{i,v}``,
+    ``z_i = hidden[i] @ W^T / temperature``. With a frozen head (no gradient wanted for ``lm_head_weight``) and
+    a non-float16 projection, both come from one chunked pass that also makes the hidden gradient
+    (:func:`llmtune.kernels.logps_entropy.linear_logps_entropy`: 2 vocabulary products instead of 4 with a
+    backward); otherwise :func:`llmtune.kernels.cross_entropy.linear_label_logps` and :func:`entropy_from_hidden`.
+
+    Returns: ``(logps (N,) float32, differentiable; entropy (N,) float32 without gradient, or None)``.
+
+    Raises: ValueError on mismatched shapes (from the kernels).
+
+    Source: softmax log-likelihood and Shannon entropy (module docstring).
+    """
+    from llmtune.kernels.cross_entropy import grads_in_forward
+    from llmtune.kernels.logps_entropy import linear_logps_entropy
+
+    rows = _rows_per_chunk(chunk_size, lm_head_weight.shape[0], hidden.device)
+    if entropy and not lm_head_weight.requires_grad and grads_in_forward(hidden, lm_head_weight):
+        return linear_logps_entropy(hidden, lm_head_weight, targets, rows, temperature)
+    lp = linear_label_logps(hidden, lm_head_weight, targets, rows, temperature)
+    if not entropy:
+        return lp, None
+    return lp, entropy_from_hidden(hidden.detach()[None], lm_head_weight.detach(), chunk_size=chunk_size,
+                                   temperature=temperature)[0]
+
+
+def token_logps_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logps` and, at the same positions, the entropy of the distribution that predicts each label
+    (``(B, T)`` float32 each, aligned with ``labels``, 0 where there is no label; the entropy has no gradient).
+    One pass of the vocabulary projection where :func:`label_logps_entropy` allows it.
+
+    Raises: ValueError as :func:`token_logps`.
+
+    Source: as :func:`label_logps_entropy`.
+    """
+    h_sel, targets, _, valid = _select_label_rows(hidden, lm_head_weight, labels, chunk_size)
+    lp, ent = label_logps_entropy(h_sel, lm_head_weight, targets, temperature, True, chunk_size)
+    return lp.new_zeros(labels.shape).masked_scatter(valid, lp), ent.new_zeros(labels.shape).masked_scatter(valid, ent)
+
+
 def sequence_logps(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,

@@ -160,7 +160,7 @@ def completion_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask
     if not packed or vision:   # images: the padded rows (M-RoPE positions are per row)
         return policy_forward(model, input_ids, attention_mask, prompt_len, completion_mask, temperature,
                               values=False, entropy=entropy, **vision)
-    from llmtune.losses import entropy_from_hidden, token_logps
+    from llmtune.losses import token_logps, token_logps_entropy
 
     cfg = getattr(model, "config", None)
     if share_prompts and cfg is not None and getattr(cfg, "sliding_window", None) is None \
@@ -173,34 +173,21 @@ def completion_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask
     seg = torch.repeat_interleave(torch.arange(1, n + 1, device=input_ids.device), keep.sum(1))[None]
     hidden = model(input_ids[keep][None], attention_mask=seg)                    # (1, K, H)
     labels = response_labels(input_ids, prompt_len, completion_mask)[keep][None]  # -100 on every prompt token
-    lp = token_logps(hidden, model.lm_head.weight, labels, temperature=temperature)[0]
-    out = {"logps": lp.new_zeros(keep.shape).masked_scatter(keep, lp)[:, prompt_len:]}
-    if entropy:
-        h = hidden[0].detach()
-        full = h.new_zeros(keep.shape + (h.shape[-1],)).masked_scatter(keep[..., None], h)
-        out["entropy"] = entropy_from_hidden(full[:, prompt_len - 1:-1], model.lm_head.weight.detach(),
-                                             mask=completion_mask.bool(), temperature=temperature)
-    return out
+    if not entropy:
+        lp = token_logps(hidden, model.lm_head.weight, labels, temperature=temperature)[0]
+        return {"logps": lp.new_zeros(keep.shape).masked_scatter(keep, lp)[:, prompt_len:]}
+    lp, ent = token_logps_entropy(hidden, model.lm_head.weight, labels, temperature=temperature)
+    return {"logps": lp[0].new_zeros(keep.shape).masked_scatter(keep, lp[0])[:, prompt_len:],
+            "entropy": ent[0].new_zeros(keep.shape).masked_scatter(keep, ent[0])[:, prompt_len:]}
 
 
 def _shared_prompt_forward(model: nn.Module, lay: Any, completion_mask: torch.Tensor, temperature: float,
                            entropy: bool) -> dict[str, torch.Tensor]:
     """:func:`completion_forward` on a :class:`llmtune.models.shared_prefix.SharedPromptLayout`."""
-    from llmtune.kernels.cross_entropy import grads_in_forward, linear_label_logps, rows_per_chunk
-    from llmtune.kernels.logps_entropy import linear_logps_entropy
-    from llmtune.losses import entropy_from_hidden
+    from llmtune.losses import label_logps_entropy
 
     hidden = model(lay.input_ids, position_ids=lay.position_ids, spans=lay.spans)[0]     # (K, H)
-    h = hidden[lay.src]                                                                  # (M, H)
-    w = model.lm_head.weight
-    rows = rows_per_chunk(None, w.shape[0], h.device)
-    ent = None
-    if entropy and not w.requires_grad and grads_in_forward(h, w):   # one pass: 2 vocabulary products, not 4
-        lp, ent = linear_logps_entropy(h, w, lay.targets, rows, temperature)
-    else:
-        lp = linear_label_logps(h, w, lay.targets, rows, temperature)
-        if entropy:
-            ent = entropy_from_hidden(h.detach()[None], w.detach(), temperature=temperature)[0]
+    lp, ent = label_logps_entropy(hidden[lay.src], model.lm_head.weight, lay.targets, temperature, entropy)
     out = {"logps": lp.new_zeros(completion_mask.shape).index_put((lay.rows, lay.cols), lp)}
     if ent is not None:
         out["entropy"] = ent.new_zeros(completion_mask.shape).index_put((lay.rows, lay.cols), ent)

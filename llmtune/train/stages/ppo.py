@@ -41,8 +41,9 @@ from torch import nn
 
 from llmtune.constants import IGNORE_INDEX
 from llmtune.errors import LLMTuneError
-from llmtune.losses import (AdaptiveKLController, FixedKLController, entropy_from_hidden, gae_advantages,
-                            kl_penalty_rewards, ppo_policy_loss, ppo_value_loss, token_logps, whiten)
+from llmtune.losses import (AdaptiveKLController, FixedKLController, gae_advantages,
+                            kl_penalty_rewards, ppo_policy_loss, ppo_value_loss, token_logps, token_logps_entropy,
+                            whiten)
 from llmtune.rollout import generate_rollouts
 from llmtune.train.distributed import all_reduce_sum, rank, world_size
 from llmtune.train.wrap import unwrap
@@ -83,14 +84,13 @@ def policy_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     """
     hidden = model(input_ids, attention_mask=attention_mask, **vision)
     labels = response_labels(input_ids, prompt_len, response_mask)
-    out = {"logps": token_logps(hidden, model.lm_head.weight, labels, temperature=temperature)[:, prompt_len:]}
-    state = hidden[:, prompt_len - 1:-1]
-    m = response_mask.bool()
+    if entropy:   # the entropy at the label positions = the response positions (one projection pass)
+        lp, ent = token_logps_entropy(hidden, model.lm_head.weight, labels, temperature=temperature)
+        out = {"logps": lp[:, prompt_len:], "entropy": ent[:, prompt_len:]}
+    else:
+        out = {"logps": token_logps(hidden, model.lm_head.weight, labels, temperature=temperature)[:, prompt_len:]}
     if values:
-        out["values"] = model.v_head(state).float() * m
-    if entropy:
-        out["entropy"] = entropy_from_hidden(state.detach(), model.lm_head.weight.detach(), mask=m,
-                                             temperature=temperature)
+        out["values"] = model.v_head(hidden[:, prompt_len - 1:-1]).float() * response_mask.bool()
     return out
 
 
