@@ -356,8 +356,18 @@ class GRPOStage:
         rewards (and lengths) of all processes are gathered before the group statistics, so advantages and
         metrics are those of the whole step.
         """
-        c = self.cfg
         model = unwrap(trainer.model)
+        was_training = model.training
+        model.eval()   # one switch for the rollout, the rewards and the reference/old forwards (each walks the model)
+        try:
+            return self._experience(trainer, model)
+        finally:
+            if was_training:
+                model.train()
+
+    def _experience(self, trainer: Any, model: nn.Module) -> list[OnlineStep]:
+        """:meth:`make_experience` with ``model`` (unwrapped) in eval mode."""
+        c = self.cfg
         step_rows = self.next_prompts()
         rows = [step_rows[j // self.G] for j in range(self.rank * self.local, (self.rank + 1) * self.local)]
         vision = [self._vision(r, model) for r in rows]   # per completion: its prompt's images (or {})
@@ -405,13 +415,9 @@ class GRPOStage:
                        "the loss (their tokens cannot be scored without image features)")
         cost = attn.sum(1).tolist() if self.packed else [ids.shape[1]] * ids.shape[0]
         slices = micro_batch_slices(cost, self.bs, self.max_tokens)
-        model.eval()
-        try:  # with num_iterations 1 the ratio is exp(logps - logps.detach()): no old-policy forward
-            old = (self._logps(model, ids, attn, p, mask, trainer, False, slices, vision)
-                   if self.num_iterations > 1 else None)
-            ref = self._logps(model, ids, attn, p, mask, trainer, True, slices, vision) if self.beta > 0 else None
-        finally:
-            model.train()
+        # with num_iterations 1 the ratio is exp(logps - logps.detach()): no old-policy forward
+        old = self._logps(model, ids, attn, p, mask, trainer, False, slices, vision) if self.num_iterations > 1 else None
+        ref = self._logps(model, ids, attn, p, mask, trainer, True, slices, vision) if self.beta > 0 else None
         metrics = reward_metrics(rewards, per_func, [n for n, _ in self.funcs], self.G)
         metrics.update(completion_metrics(lengths[:, 0].long(), lengths[:, 1].bool()))
         if tro is not None:
