@@ -28,6 +28,7 @@ from llmtune.models.decode_attention import attend_one_query as _attend_one_quer
 from llmtune.models.grouped_attention import grouped_causal_attention
 from llmtune.models.kv_cache import KVCache
 from llmtune.models.memory import checkpoint_layer, mlp_tile_rows, tiled_mlp
+from llmtune.models.norm import rms_norm as _rms_norm_eager
 from llmtune.models.moe import SparseMoeBlock, collect_aux_loss
 
 
@@ -48,6 +49,9 @@ class RMSNorm(nn.Module):
             from llmtune.kernels.rmsnorm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
+                and not torch.compiler.is_compiling():   # the same forward, the backward written out (models/norm.py)
+            return _rms_norm_eager(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
