@@ -1,15 +1,15 @@
 """RMSNorm with its backward written out (the eager path of :class:`llmtune.models.transformer.RMSNorm`).
 
-Source: root-mean-square layer norm (Zhang & Sennrich, 2019, eq. 4): ``y = w * x / RMS(x)`` with
-``RMS(x) = sqrt(mean(x^2) + eps)``; its input gradient with ``r = 1 / RMS(x)`` and ``g' = g * w``:
-``dx = r g' - x r^3 mean(g' x)`` (the chain rule through the mean; Zhang & Sennrich, 2019, section 3).
+Source: root-mean-square layer norm (Zhang & Sennrich, 2019): ``y = w * x / RMS(x)`` with
+``RMS(x) = sqrt(mean(x^2) + eps)``; its input gradient, by the chain rule through the mean, with
+``r = 1 / RMS(x)`` and ``g' = g * w``: ``dx = r g' - x r^3 mean(g' x)``.
 
 The forward is the same operations as before (float32 statistics, cast back, then the weight), so its output
 is bitwise unchanged; the backward is the formula above in float32 (one product-sum over the rows, one fused
 ``addcmul``) instead of autograd's gradient of each recorded op (cast, pow, mean, add, rsqrt, mul, cast, mul),
-and it saves only the input and the ``(..., 1)`` float32 ``r`` (autograd kept the float32 copy of the input). Measured on one CPU thread, bf16,
-forward + backward: ``(2, 512, 1024)`` 9.5 -> 4.0 ms, ``(2, 512, 16, 64)`` 5.3 -> 3.7 ms
-(docs/performance.md).
+and it saves only the input and the ``(..., 1)`` float32 ``r`` (autograd kept the float32 copy of the input).
+Measured on one CPU thread, bf16, forward + backward: ``(2, 512, 1024)`` 9.5 -> 4.0 ms, ``(2, 512, 16, 64)``
+5.3 -> 3.7 ms (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from llmtune.models.decode_attention import attend_one_query as _attend_one_quer
 from llmtune.models.grouped_attention import grouped_causal_attention
 from llmtune.models.kv_cache import KVCache
 from llmtune.models.memory import checkpoint_layer, mlp_tile_rows, tiled_mlp
-from llmtune.models.norm import rms_norm as _rms_norm_eager
 from llmtune.models.moe import SparseMoeBlock, collect_aux_loss
+from llmtune.models.norm import rms_norm as _rms_norm_eager
 
 
 class RMSNorm(nn.Module):
