@@ -25,9 +25,11 @@ from llmtune.compat import is_cuda, varlen_attention
 from llmtune.kernels import use_triton as _use_kernels
 from llmtune.models.config import ModelConfig
 from llmtune.models.decode_attention import attend_one_query as _attend_one_query
+from llmtune.models.grouped_attention import grouped_causal_attention
 from llmtune.models.kv_cache import KVCache
 from llmtune.models.memory import checkpoint_layer, mlp_tile_rows, tiled_mlp
 from llmtune.models.moe import SparseMoeBlock, collect_aux_loss
+from llmtune.models.norm import rms_norm as _rms_norm_eager
 
 
 class RMSNorm(nn.Module):
@@ -47,6 +49,9 @@ class RMSNorm(nn.Module):
             from llmtune.kernels.rmsnorm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
+                and not torch.compiler.is_compiling():   # the same forward, the backward written out (models/norm.py)
+            return _rms_norm_eager(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -356,7 +361,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
 
     Key/value heads are broadcast by SDPA's ``enable_gqa`` (no ``repeat_interleave`` copy) except for a dense
     mask on CUDA, where the masked fused kernel does not take grouped heads, and except without a mask on the
-    CPU in bf16/fp16 up to 512 tokens, where a group's query heads run as one query (a stacked causal mask).
+    CPU in bf16/fp16 up to 512 tokens, where a group's query heads run as one query
+    (:func:`llmtune.models.grouped_attention.grouped_causal_attention`).
     Spans run as one causal SDPA call
     per span on contiguous copies (measured fastest on the CPU, docs/performance.md) or, on CUDA, through
     ``torch.nn.attention.varlen.varlen_attn`` when the spans tile the batch.
@@ -373,12 +379,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
             torch.set_autocast_enabled("cpu", True)
     if mask is None and gqa and 1 < t == k.shape[2] <= _CPU_GROUPED_Q and q.device.type == "cpu" \
             and q.dtype in (torch.bfloat16, torch.float16):
-        # a GQA group's query heads as one (g T)-row query with the causal mask stacked g times: the CPU flash
-        # kernel takes 4x larger query blocks (measured faster up to 512 tokens; docs/performance.md)
-        hk = k.shape[1]
-        mask = _band(t, t, q.device).repeat(h // hk, 1)
-        out = F.scaled_dot_product_attention(q.reshape(b, hk, -1, d), k, v, attn_mask=mask).view(b, h, t, d)
-        return out.transpose(1, 2)
+        # a GQA group's query heads as one taller query (in chunks of positions from 768 rows): the CPU flash
+        # kernel takes larger query blocks (measured faster up to 512 tokens; docs/performance.md)
+        return grouped_causal_attention(q, k, v)
     if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         return out.transpose(1, 2)
