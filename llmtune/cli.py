@@ -54,15 +54,15 @@ _ENTRY_POINT = False
 
 @contextlib.contextmanager
 def _long_lived_imports() -> Iterator[None]:
-    """Import a command's modules (torch and llmtune: about 1,000 modules, some million objects) with the cyclic
-    garbage collector paused, then move everything alive into its permanent generation (``gc.freeze``).
+    """Import a command's modules (torch and llmtune: about 1,000 modules) with the cyclic garbage collector
+    paused, then move everything alive into its permanent generation (``gc.freeze``).
 
     Module-level objects live until the process ends, so collecting while they are made finds nothing to free:
     the full (generation 2) collections that the allocations trigger during ``import torch`` and llmtune's
     imports cost about 0.15-0.2 s of every command's start-up on this CPU, and every later full collection
     would walk them again. Only in a process started by :func:`run` (``_ENTRY_POINT``); elsewhere (a notebook
-    calling :func:`main`) the collector is left as it is. Source: the Python documentation of ``gc.freeze``
-    ("to move all objects ... to a permanent generation ... e.g. after imports") and ``gc.disable``.
+    calling :func:`main`) the collector is left as it is. Source: the Python documentation of the ``gc``
+    module (``freeze``: later collections ignore the frozen objects; ``disable``/``enable``).
     """
     if not _ENTRY_POINT:
         yield
