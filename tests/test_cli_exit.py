@@ -70,3 +70,23 @@ cli.run()
 """
     out = _run(code, tmp_path)
     assert out.returncode == 1 and "RuntimeError: boom" in out.stderr
+
+
+def test_run_freezes_a_commands_imports_for_the_collector_and_main_alone_does_not(tmp_path):
+    # python -m llmtune <command>: the command's imports are made with the collector paused, then frozen
+    # (gc.freeze; Python docs) and the collector is on again; cli.main() called from a notebook leaves it alone
+    code = """
+import gc, llmtune.cli as cli
+def main():
+    with cli._long_lived_imports():
+        paused = not gc.isenabled()
+        import json, email.parser
+    print(paused, gc.isenabled(), gc.get_freeze_count() > 1000)
+    return 0
+cli.main = main
+main()
+cli.run()
+"""
+    out = _run(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["False True False", "True True True"]

@@ -204,3 +204,48 @@ def test_seed_knowledge_mix_real(tok, cache):
     assert sum(1 for r in s.train if r.get("sft_only")) == 3 and len(s.train) == 6
     batch = get_collator("dpo", tok.pad_token_id)(s.train)
     assert batch["input_ids"].shape[0] == 6 and batch["sft_labels"].shape[0] == 3
+
+
+@pytest.mark.parametrize("name,stage,template", [("alpaca_en_demo", "sft", "default"),
+                                                 ("glaive_toolcall_en_demo", "sft", None),
+                                                 ("dpo_en_demo", "dpo", "chatml"), ("kto_en_demo", "kto", None),
+                                                 ("wiki_demo", "pt", None)])
+def test_batched_tokenization_gives_the_rows_of_one_encode_per_text(tok, tmp_path, monkeypatch, name, stage,
+                                                                    template):
+    # llmtune.data.batched: the texts go through encode_batch, the rows equal the plain pass's (one encode
+    # call per text, the tokenizer's own), every id and label
+    import llmtune.data.dataset as ds
+    from llmtune.data import batched as b
+
+    batched_texts = []
+
+    def counting(tokenizer):
+        def batch(texts, add_special_tokens):
+            batched_texts.extend(texts)
+            return tokenizer.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return batch
+
+    monkeypatch.setattr(b, "_batch_encoder", counting)
+    batched = run(tok, str(tmp_path / "a"), name, stage, template, max_samples=40, overwrite_cache=True)
+    monkeypatch.setattr(ds, "encode_in_batches", lambda fn, tpl, tk: fn(tpl, tk))
+    plain = run(tok, str(tmp_path / "b"), name, stage, template, max_samples=40, overwrite_cache=True)
+    assert batched.train == plain.train and len(plain.train) > 0
+    assert batched_texts   # the texts did go through encode_batch
+
+
+def test_batched_tokenizer_falls_back_to_encode_when_asked_for_another_text(tok, monkeypatch):
+    from llmtune.data import batched
+
+    monkeypatch.setattr(batched, "BATCH", 2)
+    sizes = []
+
+    def batch(texts, add_special_tokens):
+        sizes.append(len(texts))
+        return tok.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    texts = ["Hello world", "\n", "Assistant:", "ünïcode 漢字 <|im_end|>", "tail"]
+    pre = batched._Prefetched(tok, texts, batch)
+    asked = ["Hello world", "not recorded", "\n", "Assistant:", "ünïcode 漢字 <|im_end|>", "tail", "tail"]
+    got = [pre.encode(t, add_special_tokens=False) for t in asked]
+    assert got == [tok.backend.encode(t, add_special_tokens=False).ids for t in asked]
+    assert sizes == [2, 2, 1]   # batches of BATCH recorded texts, in order; the others encoded one by one

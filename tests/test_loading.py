@@ -130,6 +130,28 @@ def test_bfloat16_load_and_auto_dtype(checkpoints, tmp_path):
     assert load_model(tmp_path).dtype == torch.bfloat16
 
 
+def test_bfloat16_checkpoint_loaded_without_a_cast_stays_a_private_copy(checkpoints, tmp_path):
+    # a bf16 folder loaded as bf16 is memory-mapped copy-on-write (models/folder.py): the weights equal
+    # transformers', as a float32 load (read and cast) does, and writing to them never reaches the file
+    folder, ref = checkpoints["llama"]
+    ref.to(torch.bfloat16).save_pretrained(tmp_path)
+    ref.to(torch.float32)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    file = tmp_path / "model.safetensors"
+    before = file.read_bytes()
+    expect = {n: p.detach().to(torch.bfloat16) for n, p in ref.named_parameters()}
+    mapped, cast = load_model(tmp_path, dtype="bf16"), load_model(tmp_path, dtype="float32")
+    for name, p in mapped.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), expect[name]), name
+        assert torch.equal(cast.get_parameter(name).detach(), expect[name].float()), name
+    with torch.no_grad():
+        for p in mapped.parameters():
+            p.add_(1.0)   # what a full fine-tuning step or a merge does in place
+    assert file.read_bytes() == before
+    again = load_model(tmp_path, dtype="bf16")
+    assert all(torch.equal(p.detach(), expect[n]) for n, p in again.named_parameters())
+
+
 # -- errors ------------------------------------------------------------------------------------------
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from llmtune.data import cache
+from llmtune.data.batched import encode_in_batches
 from llmtune.data.encode import Encoder, pack_rows
 from llmtune.data.formats import Example, check_columns, convert, detect_format
 from llmtune.data.loaders import data_files, read_file
@@ -186,8 +187,16 @@ def _load_one(name: str, args: Any, tokenizer, template, stage: str) -> list:
     if isinstance(enc, ImageEncoder):
         enc.pairs_with_images = kind.encode is _encode_pairs
         enc.prompts_with_images = kind.keeps_columns
-    rows, stats = kind.encode(attr, examples, enc, stage, mix_sft=mix_sft, packing=opts.get("packing", True),
+
+    def encode_all(tpl: Any, tok: Any) -> tuple[Encoder, tuple[list, dict]]:
+        e = enc if tok is tokenizer else Encoder(tpl, tok, opts["cutoff_len"], opts["train_on_prompt"],
+                                                 opts["mask_history"])
+        return e, kind.encode(attr, examples, e, stage, mix_sft=mix_sft, packing=opts.get("packing", True),
                               raw_rows=kept)
+
+    # text only: the texts tokenized in batches, the rows the same (llmtune.data.batched)
+    enc, (rows, stats) = (encode_in_batches(encode_all, template, tokenizer) if type(enc) is Encoder
+                          else encode_all(template, tokenizer))
     if getattr(enc, "cut_images", 0):
         stats["notes"].append(f"dropped {enc.cut_images} example(s) whose image tokens cutoff_len="
                               f"{opts['cutoff_len']} cut through; raise cutoff_len or lower image_max_pixels.")

