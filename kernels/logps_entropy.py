@@ -14,7 +14,9 @@ backward, the entropy) besides the gradient product. Here each chunk's logits ar
 
 so the backward only scales each row of ``G`` by its incoming gradient (``logp_i`` depends on ``hidden_i``
 alone: the row scaling is exact, not an approximation). The head's weight gets no gradient here (a frozen or
-tied output head, as in LoRA); callers whose head trains use the separate functions.
+tied output head, as in LoRA); callers whose head trains use the separate functions. PyTorch only, with float32
+passes sized for a CPU core's cache: :func:`llmtune.losses.label_logps_entropy` uses it on the CPU, and keeps the
+Triton chunk kernels of :mod:`llmtune.kernels.cross_entropy` on CUDA.
 
 Source: the softmax log-likelihood and its gradient, and the Shannon entropy of a softmax distribution; the
 chunking of :mod:`llmtune.kernels.cross_entropy` (logits never stored whole).

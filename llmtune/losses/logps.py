@@ -166,10 +166,11 @@ def label_logps_entropy(
     already selected: ``hidden`` ``(N, H)`` (row ``i`` predicts ``targets[i]``), ``targets`` ``(N,)`` int64.
 
     ``logps[i] = log softmax(z_i)[targets[i]]``, ``entropy[i] = logsumexp(z_i) - sum_v softmax(z_i)_v z_{i,v}``,
-    ``z_i = hidden[i] @ W^T / temperature``. With a frozen head (no gradient wanted for ``lm_head_weight``) and
-    a non-float16 projection, both come from one chunked pass that also makes the hidden gradient
-    (:func:`llmtune.kernels.logps_entropy.linear_logps_entropy`: 2 vocabulary products instead of 4 with a
-    backward); otherwise :func:`llmtune.kernels.cross_entropy.linear_label_logps` and :func:`entropy_from_hidden`.
+    ``z_i = hidden[i] @ W^T / temperature``. On the CPU, with a frozen head (no gradient wanted for
+    ``lm_head_weight``) and a non-float16 projection, both come from one chunked pass that also makes the hidden
+    gradient (:func:`llmtune.kernels.logps_entropy.linear_logps_entropy`: 2 vocabulary products instead of 4
+    with a backward; its float32 passes run on CPU-cache-sized pieces); otherwise (CUDA: the Triton chunk
+    kernels) :func:`llmtune.kernels.cross_entropy.linear_label_logps` and :func:`entropy_from_hidden`.
 
     Returns: ``(logps (N,) float32, differentiable; entropy (N,) float32 without gradient, or None)``.
 
@@ -181,7 +182,8 @@ def label_logps_entropy(
     from llmtune.kernels.logps_entropy import linear_logps_entropy
 
     rows = _rows_per_chunk(chunk_size, lm_head_weight.shape[0], hidden.device)
-    if entropy and not lm_head_weight.requires_grad and grads_in_forward(hidden, lm_head_weight):
+    if entropy and hidden.device.type == "cpu" and not lm_head_weight.requires_grad \
+            and grads_in_forward(hidden, lm_head_weight):
         return linear_logps_entropy(hidden, lm_head_weight, targets, rows, temperature)
     lp = linear_label_logps(hidden, lm_head_weight, targets, rows, temperature)
     if not entropy:
