@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from llmtune.models.spans import SegmentSpans
+
 
 @dataclass
 class SharedPromptLayout:
@@ -35,7 +37,7 @@ class SharedPromptLayout:
 
     Attributes:
         input_ids: ``(1, K)`` int64 packed tokens; position_ids: ``(1, K)`` int64.
-        spans: the :class:`llmtune.models.transformer.SegmentSpans` of the row (``parents`` set).
+        spans: the :class:`llmtune.models.spans.SegmentSpans` of the row (``parents`` set).
         src: ``(M,)`` int64: for each scored completion token, the packed position whose hidden state predicts it
             (the prompt's last token for a completion's first token).
         rows, cols: ``(M,)`` int64: where each scored token sits in the ``(N, C)`` completion layout.
@@ -66,8 +68,6 @@ def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     Returns: a :class:`SharedPromptLayout` (its tensors on ``input_ids``' device), or None (no two consecutive
     rows share a prompt, or a prompt is empty). One host sync.
     """
-    from llmtune.models.transformer import SegmentSpans
-
     n, width = input_ids.shape
     keep = attention_mask > 0
     ids_l, keep_l = input_ids.tolist(), keep.tolist()
